@@ -1,0 +1,84 @@
+"""What every target writer shares: its description, the options it takes and the result it reports."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ondevice.errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    quants: tuple[str, ...]  # the schemes this target writes
+    default_quant: str
+    generic: dict[str, str]  # "4bit"/"8bit" -> the target's recommended scheme
+    output_is_dir: bool
+    suffix: str  # default output suffix ("" for folders)
+    description: str
+
+    def resolve_quant(self, quant: str | None) -> tuple[str, str | None]:
+        """(scheme, note): the scheme to write and, for a generic name, a note saying what it mapped to."""
+        if quant is None:
+            return self.default_quant, None
+        key = quant.lower()
+        if key in self.generic:
+            scheme = self.generic[key]
+            return scheme, f"--quant {quant} means {scheme} for {self.name}"
+        if key not in self.quants:
+            choices = ", ".join(list(self.quants) + list(self.generic))
+            raise UnsupportedError(f"--quant {quant} is not available for --to {self.name}; choose from {choices}")
+        return key, None
+
+
+@dataclass
+class ConvertOptions:
+    quant: str
+    force: bool = False
+    pre_tokenizer: str | None = None  # override llama.cpp pre-tokenizer detection
+    progress: bool = True
+
+
+@dataclass
+class ConvertResult:
+    target: str
+    quant: str
+    output: str
+    size_bytes: int
+    seconds: float
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)  # tensors that could not take the requested type
+    notes: list[str] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled or None, file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+def count_types(types: list[str]) -> dict[str, int]:
+    return dict(Counter(types).most_common())
+
+
+def default_output(source: str, target: Target, quant: str) -> Path:
+    stem = Path(source.rstrip("/")).name
+    for ext in (".gguf", ".safetensors"):
+        stem = stem.removesuffix(ext)
+    return Path(f"{stem}-{quant}{target.suffix}")

@@ -1,0 +1,112 @@
+"""Target GGUF (llama.cpp, PocketPal, ondevice's runtime): tensors streamed one at a time, atomic file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ondevice.architectures import get_architecture
+from ondevice.architectures.base import permute_for_gguf
+from ondevice.converters.base import (
+    ConvertOptions,
+    ConvertResult,
+    Target,
+    count_types,
+    peak_rss_mib,
+    progress_bar,
+)
+from ondevice.formats.gguf import PlannedTensor, TypedValue, ValueType, write_gguf
+from ondevice.model import CanonicalModel, LazyTensor
+from ondevice.quant import QuantType
+from ondevice.quant.recipes import RECIPES, choose_tensor_type
+
+TARGET = Target(
+    name="gguf",
+    quants=tuple(RECIPES),
+    default_quant="q8_0",
+    generic={"4bit": "q4_k_m", "8bit": "q8_0"},
+    output_is_dir=False,
+    suffix=".gguf",
+    description="one .gguf file for llama.cpp, PocketPal and ondevice's runtime",
+)
+
+# llama.cpp's llama_ftype, stored as general.file_type
+FILE_TYPES: dict[str, int] = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
+    "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32,
+}
+
+
+def tokenizer_fields(model: CanonicalModel, pre: str | None) -> dict[str, TypedValue]:
+    from ondevice.tokenizer import vocab_from_hf
+
+    vocab = vocab_from_hf(model.tokenizer_json, model.special, pre=pre or model.pre_tokenizer)
+    s, u32 = ValueType.STRING, ValueType.UINT32
+    fields = {
+        "tokenizer.ggml.model": TypedValue(s, vocab.model),
+        "tokenizer.ggml.pre": TypedValue(s, vocab.pre or "default"),
+        "tokenizer.ggml.tokens": TypedValue(ValueType.ARRAY, vocab.tokens, s),
+        "tokenizer.ggml.token_type": TypedValue(ValueType.ARRAY, np.asarray(vocab.token_types, np.int32),
+                                                ValueType.INT32),
+        "tokenizer.ggml.merges": TypedValue(ValueType.ARRAY, vocab.merges, s),
+    }
+    for key, value in (("bos_token_id", vocab.bos_id), ("eos_token_id", vocab.eos_id),
+                       ("unknown_token_id", vocab.unk_id), ("padding_token_id", vocab.pad_id),
+                       ("eot_token_id", vocab.eot_id)):
+        if value is not None:
+            fields[f"tokenizer.ggml.{key}"] = TypedValue(u32, value)
+    fields["tokenizer.ggml.add_bos_token"] = TypedValue(ValueType.BOOL, vocab.add_bos)
+    fields["tokenizer.ggml.add_eos_token"] = TypedValue(ValueType.BOOL, vocab.add_eos)
+    if model.chat_template:
+        fields["tokenizer.chat_template"] = TypedValue(s, model.chat_template)
+    return fields
+
+
+def _producer(tensor: LazyTensor, qtype: QuantType, heads: int | None):
+    def produce() -> np.ndarray:
+        if tensor.raw is not None:
+            src_type, rows = tensor.raw()
+            if src_type.name == qtype.name:  # same type: copy the stored rows, no requantization
+                return permute_for_gguf(rows, heads) if heads else np.asarray(rows)
+        data = tensor.load()
+        if heads:
+            data = permute_for_gguf(data, heads)
+        return qtype.quantize(data, name=tensor.name)
+
+    return produce
+
+
+def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
+    start = time.perf_counter()
+    spec = model.spec
+    arch = get_architecture(spec.arch)
+    recipe = options.quant
+    fields: dict[str, TypedValue] = {
+        "general.architecture": TypedValue(ValueType.STRING, spec.arch),
+        "general.type": TypedValue(ValueType.STRING, "model"),
+        "general.name": TypedValue(ValueType.STRING, str(model.metadata.get("general.name") or spec.name)),
+        "general.file_type": TypedValue(ValueType.UINT32, FILE_TYPES[recipe]),
+        "general.quantization_version": TypedValue(ValueType.UINT32, 2),
+    }
+    fields.update(arch.gguf_fields(spec))
+    fields.update(tokenizer_fields(model, options.pre_tokenizer))
+
+    planned, types, fallbacks = [], [], []
+    for hf_name, tensor in model.tensors.items():
+        gguf_name = arch.gguf_name(hf_name)
+        choice = choose_tensor_type(recipe, gguf_name, tensor.shape, spec.n_layers, spec.tie_embeddings, spec.arch)
+        qtype = choice.qtype if hasattr(choice, "qtype") else choice
+        if getattr(choice, "fallback_from", None):
+            fallbacks.append(f"{gguf_name}: {choice.fallback_from} -> {qtype.name} ({choice.reason})")
+        types.append(qtype.name)
+        planned.append(PlannedTensor(gguf_name, tensor.shape, qtype.ggml_type,
+                                     _producer(tensor, qtype, arch.qk_heads(spec, hf_name))))
+
+    with progress_bar(len(planned), f"gguf {recipe}", options.progress) as bar:
+        size = write_gguf(out, fields, planned, force=options.force, on_tensor=lambda _t: bar.update(1))
+    return ConvertResult(
+        target="gguf", quant=recipe, output=str(out), size_bytes=size, seconds=time.perf_counter() - start,
+        tensor_types=count_types(types), fallbacks=fallbacks, peak_rss_mib=peak_rss_mib(),
+    )

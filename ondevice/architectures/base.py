@@ -1,0 +1,243 @@
+"""What every decoder architecture shares: HF config <-> spec, tensor names in HF and GGUF, GGUF keys.
+
+An architecture file (llama.py, qwen2.py) subclasses DecoderArchitecture, sets its flags and overrides
+what differs; registering it is one line in architectures/__init__.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ondevice.errors import InvalidModelError, UnsupportedError
+from ondevice.formats.gguf import GGUFFile, TypedValue, ValueType
+from ondevice.model import ModelSpec
+
+# HF per-layer tensor suffix -> GGUF per-layer name
+_LAYER_TENSORS: dict[str, str] = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_BIAS_TENSORS: dict[str, str] = {
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+}
+_GLOBAL_TENSORS: dict[str, str] = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def _require(config: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = config.get(key)
+    if value is None:
+        raise InvalidModelError(f"{where}: config.json lacks {key!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise InvalidModelError(f"{where}: config.json {key!r} should be {kind.__name__}, got {value!r}")
+    if kind in (int, float) and value <= 0:
+        raise InvalidModelError(f"{where}: config.json {key!r} must be positive, got {value!r}")
+    return value
+
+
+def permute_for_gguf(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate-half q/k rows -> llama.cpp interleaved-pair order: per head, row i and i+D/2 become 2i, 2i+1."""
+    shape = rows.shape
+    return rows.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def unpermute_from_gguf(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    shape = rows.shape
+    return rows.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+class DecoderArchitecture:
+    name: str = ""  # GGUF general.architecture
+    hf_architectures: tuple[str, ...] = ()  # config.json "architectures" entries
+    hf_model_type: str = ""
+    neox_rope: bool = False  # qwen2: rotate-half RoPE in llama.cpp too, so no row permutation
+    qkv_bias: bool = False
+
+    # --------------------------------------------------------------------- Hugging Face config
+    def spec_from_hf(self, config: dict[str, Any], where: str) -> ModelSpec:
+        hidden = _require(config, "hidden_size", int, where)
+        n_heads = _require(config, "num_attention_heads", int, where)
+        n_kv = config.get("num_key_value_heads") or n_heads
+        head_dim = config.get("head_dim") or hidden // n_heads
+        rope = config.get("rope_parameters") or {}
+        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        self.check_rope_scaling(config, where)
+        if not isinstance(n_kv, int) or n_kv <= 0 or n_heads % n_kv:
+            raise InvalidModelError(f"{where}: num_key_value_heads={n_kv} must divide num_attention_heads={n_heads}")
+        if head_dim % 2:
+            raise InvalidModelError(f"{where}: head_dim {head_dim} must be even for RoPE")
+        return ModelSpec(
+            arch=self.name,
+            vocab_size=_require(config, "vocab_size", int, where),
+            hidden_size=hidden,
+            n_layers=_require(config, "num_hidden_layers", int, where),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            ffn_size=_require(config, "intermediate_size", int, where),
+            rope_theta=float(theta),
+            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+            context_length=int(config.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=self.qkv_bias,
+            name=str(config.get("_name_or_path") or "model").rstrip("/").split("/")[-1] or "model",
+        )
+
+    def check_rope_scaling(self, config: dict[str, Any], where: str) -> None:
+        scaling = config.get("rope_scaling")
+        rope = config.get("rope_parameters") or {}
+        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or rope.get("rope_type", "default")
+        if kind not in (None, "default"):
+            raise UnsupportedError(f"{where}: RoPE scaling {kind!r} is not supported yet (only unscaled RoPE)")
+
+    def hf_config(self, spec: ModelSpec) -> dict[str, Any]:
+        return {
+            "architectures": [self.hf_architectures[0]],
+            "model_type": self.hf_model_type,
+            "vocab_size": spec.vocab_size,
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.ffn_size,
+            "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": spec.n_heads,
+            "num_key_value_heads": spec.n_kv_heads,
+            "head_dim": spec.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": spec.context_length,
+            "rms_norm_eps": spec.rms_eps,
+            "rope_theta": spec.rope_theta,
+            "tie_word_embeddings": spec.tie_embeddings,
+            "torch_dtype": "float32",
+        }
+
+    # --------------------------------------------------------------------- GGUF metadata
+    def gguf_fields(self, spec: ModelSpec) -> dict[str, TypedValue]:
+        a = self.name
+        u32, f32 = ValueType.UINT32, ValueType.FLOAT32
+        fields = {
+            f"{a}.context_length": TypedValue(u32, spec.context_length),
+            f"{a}.embedding_length": TypedValue(u32, spec.hidden_size),
+            f"{a}.block_count": TypedValue(u32, spec.n_layers),
+            f"{a}.feed_forward_length": TypedValue(u32, spec.ffn_size),
+            f"{a}.rope.dimension_count": TypedValue(u32, spec.head_dim),
+            f"{a}.rope.freq_base": TypedValue(f32, spec.rope_theta),
+            f"{a}.attention.head_count": TypedValue(u32, spec.n_heads),
+            f"{a}.attention.head_count_kv": TypedValue(u32, spec.n_kv_heads),
+            f"{a}.attention.layer_norm_rms_epsilon": TypedValue(f32, spec.rms_eps),
+            f"{a}.vocab_size": TypedValue(u32, spec.vocab_size),
+        }
+        if spec.head_dim * spec.n_heads != spec.hidden_size:
+            fields[f"{a}.attention.key_length"] = TypedValue(u32, spec.head_dim)
+            fields[f"{a}.attention.value_length"] = TypedValue(u32, spec.head_dim)
+        return fields
+
+    def spec_from_gguf(self, gguf: GGUFFile) -> ModelSpec:
+        a = self.name
+
+        def u(key: str) -> int:
+            value = gguf.require(f"{a}.{key}", int)
+            if value <= 0:
+                raise InvalidModelError(f"{gguf.path}: metadata {a}.{key} must be positive")
+            return value
+
+        hidden, n_heads = u("embedding_length"), u("attention.head_count")
+        n_kv = gguf.get(f"{a}.attention.head_count_kv", n_heads)
+        n_kv = int(n_kv)
+        if n_kv <= 0 or n_heads % n_kv:
+            raise InvalidModelError(f"{gguf.path}: head_count_kv={n_kv} must divide head_count={n_heads}")
+        head_dim = int(gguf.get(f"{a}.attention.key_length", hidden // n_heads))
+        token_embd = gguf.tensors.get("token_embd.weight")
+        if token_embd is None:
+            raise InvalidModelError(f"{gguf.path}: token_embd.weight is missing")
+        vocab = int(gguf.get(f"{a}.vocab_size", token_embd.shape[0]))
+        return ModelSpec(
+            arch=a,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            n_layers=u("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            ffn_size=u("feed_forward_length"),
+            rope_theta=float(gguf.get(f"{a}.rope.freq_base", 10000.0)),
+            rms_eps=float(gguf.require(f"{a}.attention.layer_norm_rms_epsilon", float)),
+            context_length=int(gguf.get(f"{a}.context_length", 2048)),
+            tie_embeddings="output.weight" not in gguf.tensors,
+            qkv_bias=self.qkv_bias,
+            name=str(gguf.get("general.name", "model")),
+        )
+
+    # --------------------------------------------------------------------- tensors
+    def tensor_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        """Every tensor the architecture expects, by HF name, in HF layout."""
+        d, f, q, kv = spec.hidden_size, spec.ffn_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        layer = {
+            "input_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (q, d),
+            "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d),
+            "self_attn.o_proj.weight": (d, q),
+            "post_attention_layernorm.weight": (d,),
+            "mlp.gate_proj.weight": (f, d),
+            "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f),
+        }
+        if spec.qkv_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,)})
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d)}
+        for i in range(spec.n_layers):
+            for suffix, shape in layer.items():
+                shapes[f"model.layers.{i}.{suffix}"] = shape
+        shapes["model.norm.weight"] = (d,)
+        if not spec.tie_embeddings:
+            shapes["lm_head.weight"] = (spec.vocab_size, d)
+        return shapes
+
+    def gguf_name(self, hf_name: str) -> str:
+        if hf_name in _GLOBAL_TENSORS:
+            return _GLOBAL_TENSORS[hf_name]
+        parts = hf_name.split(".", 3)
+        if len(parts) == 4 and parts[:2] == ["model", "layers"]:
+            suffix = parts[3]
+            mapped = _LAYER_TENSORS.get(suffix) or _BIAS_TENSORS.get(suffix)
+            if mapped:
+                return f"blk.{parts[2]}.{mapped}"
+        raise UnsupportedError(f"tensor {hf_name!r} has no GGUF name for architecture {self.name}")
+
+    def hf_name(self, gguf_name: str) -> str:
+        for hf, gg in _GLOBAL_TENSORS.items():
+            if gg == gguf_name:
+                return hf
+        parts = gguf_name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "blk":
+            for table in (_LAYER_TENSORS, _BIAS_TENSORS):
+                for hf, gg in table.items():
+                    if gg == parts[2]:
+                        return f"model.layers.{parts[1]}.{hf}"
+        raise UnsupportedError(f"GGUF tensor {gguf_name!r} is not part of architecture {self.name}")
+
+    def qk_heads(self, spec: ModelSpec, hf_name: str) -> int | None:
+        """Head count for the llama.cpp q/k row permutation, or None when the tensor is not permuted."""
+        if self.neox_rope:
+            return None
+        if hf_name.endswith("self_attn.q_proj.weight") or hf_name.endswith("self_attn.q_proj.bias"):
+            return spec.n_heads
+        if hf_name.endswith("self_attn.k_proj.weight") or hf_name.endswith("self_attn.k_proj.bias"):
+            return spec.n_kv_heads
+        return None

@@ -1,0 +1,171 @@
+"""safetensors reading (mmap, validated, zero-copy) and streamed writing.
+
+Format: u64 little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} with an
+optional "__metadata__" map of strings, then the data. Offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ondevice.errors import InvalidModelError, UnsupportedError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# dtype name -> (numpy dtype of the stored bits, bytes per element)
+_DTYPES: dict[str, str] = {
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",  # no numpy bf16: kept as raw bits, widened on load
+    "F64": "<f8",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "U32": "<u4",
+    "BOOL": "u1",
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class SafeTensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute in the file
+    nbytes: int
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch does; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return np.where(np.isnan(x), 0x7FC0, rounded).astype(np.uint16)
+
+
+class SafetensorsFile:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as exc:
+            raise InvalidModelError(f"cannot open {self.path}: {exc.strerror}") from None
+        size = os.fstat(self._fh.fileno()).st_size
+        try:
+            self._parse_header(size)
+        except BaseException:
+            self._fh.close()
+            raise
+        self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def _fail(self, what: str) -> InvalidModelError:
+        return InvalidModelError(f"{self.path}: not a valid safetensors file ({what})")
+
+    def _parse_header(self, size: int) -> None:
+        head = self._fh.read(8)
+        if len(head) < 8:
+            raise self._fail("truncated header")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            raise self._fail(f"header length {hlen} is larger than the file")
+        try:
+            header = json.loads(self._fh.read(hlen))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._fail("header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = meta if isinstance(meta, dict) else {}
+        base = 8 + hlen
+        self.tensors: dict[str, SafeTensorInfo] = {}
+        for name, entry in header.items():
+            try:
+                dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise self._fail(f"bad entry for {name!r}") from None
+            if dtype not in _DTYPES:
+                raise UnsupportedError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(
+                isinstance(v, int) for v in (start, end)
+            ):
+                raise self._fail(f"bad shape or offsets for {name!r}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            if not 0 <= start <= end or end - start != nbytes or base + end > size:
+                raise self._fail(f"tensor {name!r} offsets {start}..{end} do not match its shape or the file size")
+            self.tensors[name] = SafeTensorInfo(name, dtype, shape, base + start, nbytes)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored elements as a read-only numpy view (BF16 as uint16 bits)."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return np.zeros(info.shape, dtype=_DTYPES[info.dtype])
+        arr = np.frombuffer(self._mmap, dtype=_DTYPES[info.dtype], count=info.nbytes // np.dtype(
+            _DTYPES[info.dtype]).itemsize, offset=info.offset)
+        return arr.reshape(info.shape)
+
+    def load_f32(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        if info.dtype not in FLOAT_DTYPES:
+            raise UnsupportedError(f"{self.path}: tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
+        data = self.raw(name)
+        if info.dtype == "BF16":
+            return bf16_to_f32(data)
+        return data.astype(np.float32)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass
+        self._fh.close()
+
+
+@dataclass
+class PlannedSafeTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+
+
+def write_safetensors(path: Path, tensors: Iterable[PlannedSafeTensor], metadata: dict[str, str] | None = None,
+                      on_tensor: Callable[[PlannedSafeTensor], None] | None = None) -> int:
+    """Stream tensors into a safetensors file (the caller handles atomicity); returns bytes written."""
+    planned = list(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for t in planned:
+        nbytes = int(np.prod(t.shape, dtype=np.int64)) * np.dtype(_DTYPES[t.dtype]).itemsize
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob)
+        for t in planned:
+            data = np.ascontiguousarray(t.produce(), dtype=_DTYPES[t.dtype])
+            if data.shape != tuple(t.shape):
+                raise InvalidModelError(f"tensor {t.name!r}: produced shape {data.shape}, expected {t.shape}")
+            fh.write(memoryview(data).cast("B"))
+            if on_tensor is not None:
+                on_tensor(t)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return fh.tell()

@@ -1,0 +1,121 @@
+"""GGUF file -> CanonicalModel: tensors dequantized lazily, q/k rows put back in HF order, tokenizer rebuilt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ondevice.architectures import get_architecture
+from ondevice.architectures.base import unpermute_from_gguf
+from ondevice.errors import InvalidModelError, UnsupportedError
+from ondevice.formats.gguf import GGUFFile
+from ondevice.model import CanonicalModel, LazyTensor
+from ondevice.quant import QuantType, quant_type_for_ggml
+
+
+def _vocab_from_gguf(gguf: GGUFFile):
+    from ondevice.tokenizer import GGUFVocab
+
+    def opt_id(key: str) -> int | None:
+        value = gguf.get(f"tokenizer.ggml.{key}")
+        return None if value is None else int(value)
+
+    model = gguf.get("tokenizer.ggml.model")
+    tokens = gguf.get("tokenizer.ggml.tokens")
+    if model is None or tokens is None:
+        raise InvalidModelError(f"{gguf.path}: the file has no tokenizer (tokenizer.ggml.model/tokens missing)")
+    token_types = gguf.get("tokenizer.ggml.token_type")
+    if token_types is None:
+        token_types = [1] * len(tokens)
+    if len(token_types) != len(tokens):
+        raise InvalidModelError(f"{gguf.path}: {len(token_types)} token types for {len(tokens)} tokens")
+    return GGUFVocab(
+        model=str(model),
+        pre=gguf.get("tokenizer.ggml.pre"),
+        tokens=list(tokens),
+        token_types=[int(t) for t in token_types],
+        merges=list(gguf.get("tokenizer.ggml.merges", [])),
+        bos_id=opt_id("bos_token_id"),
+        eos_id=opt_id("eos_token_id"),
+        unk_id=opt_id("unknown_token_id"),
+        pad_id=opt_id("padding_token_id"),
+        eot_id=opt_id("eot_token_id"),
+        add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos=bool(gguf.get("tokenizer.ggml.add_eos_token", False)),
+    )
+
+
+def _special_from_vocab(vocab) -> object:
+    from ondevice.tokenizer import SpecialTokens
+
+    eos_ids = [i for i in (vocab.eos_id, vocab.eot_id) if i is not None]
+    return SpecialTokens(bos_id=vocab.bos_id, eos_id=vocab.eos_id, eos_ids=sorted(set(eos_ids)), pad_id=vocab.pad_id,
+                         unk_id=vocab.unk_id, add_bos=vocab.add_bos, add_eos=vocab.add_eos)
+
+
+def open_gguf_file(path: str | Path) -> CanonicalModel:
+    from ondevice.tokenizer import hf_tokenizer_json_from_vocab
+
+    gguf = GGUFFile(path)
+    try:
+        arch_name = gguf.get("general.architecture")
+        if not isinstance(arch_name, str):
+            raise InvalidModelError(f"{gguf.path}: general.architecture is missing")
+        arch = get_architecture(arch_name)
+        spec = arch.spec_from_gguf(gguf)
+        expected = arch.tensor_shapes(spec)
+        tensors: dict[str, LazyTensor] = {}
+        for gguf_name, info in gguf.tensors.items():
+            if gguf_name == "rope_freqs.weight":
+                raise UnsupportedError(f"{gguf.path}: RoPE frequency factors (rope_freqs) are not supported yet")
+            hf_name = arch.hf_name(gguf_name)
+            if hf_name == "lm_head.weight" and spec.tie_embeddings:
+                continue
+            if expected.get(hf_name) != info.shape:
+                raise InvalidModelError(
+                    f"{gguf.path}: tensor {gguf_name!r} has shape {info.shape}, metadata implies {expected.get(hf_name)}"
+                )
+            qtype = quant_type_for_ggml(info.ggml_type)
+            heads = arch.qk_heads(spec, hf_name)
+            tensors[hf_name] = LazyTensor(
+                hf_name, info.shape, qtype.name,
+                loader=lambda n=gguf_name, q=qtype, h=heads, s=info.shape: _load(gguf, n, q, h, s),
+                raw=lambda n=gguf_name, q=qtype, h=heads: _raw(gguf, n, q, h),
+            )
+        missing = [n for n in expected if n not in tensors]
+        if missing:
+            raise InvalidModelError(f"{gguf.path}: tensor {arch.gguf_name(missing[0])!r} is missing")
+        vocab = _vocab_from_gguf(gguf)
+        if len(vocab.tokens) != spec.vocab_size:
+            raise InvalidModelError(f"{gguf.path}: {len(vocab.tokens)} tokens but vocab_size {spec.vocab_size}")
+        template = gguf.get("tokenizer.chat_template")
+        metadata = {k: tv.value for k, tv in gguf.fields.items()
+                    if k.startswith("general.") and not isinstance(tv.value, (list, np.ndarray))}
+        return CanonicalModel(
+            spec=spec,
+            tensors=tensors,
+            tokenizer_json=hf_tokenizer_json_from_vocab(vocab),
+            special=_special_from_vocab(vocab),
+            chat_template=str(template) if template is not None else None,
+            pre_tokenizer=vocab.pre,
+            metadata=metadata,
+            source_path=str(path),
+            source_format="gguf",
+            close=gguf.close,
+        )
+    except BaseException:
+        gguf.close()
+        raise
+
+
+def _raw(gguf: GGUFFile, name: str, qtype: QuantType, heads: int | None) -> tuple[QuantType, np.ndarray]:
+    rows = gguf.tensor_data(name)
+    if heads is not None:
+        rows = unpermute_from_gguf(rows, heads)
+    return qtype, rows
+
+
+def _load(gguf: GGUFFile, name: str, qtype: QuantType, heads: int | None, shape: tuple[int, ...]) -> np.ndarray:
+    _, rows = _raw(gguf, name, qtype, heads)
+    return qtype.dequantize(rows, shape[-1]).reshape(shape)
