@@ -8,9 +8,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ondevice.converters.base import (
+    ConvertOptions,
+    ConvertResult,
+    Target,
+    count_types,
+    peak_rss_mib,
+    progress_bar,
+)
 
 from ondevice.architectures import get_architecture
-from ondevice.converters.base import ConvertOptions, ConvertResult, Target, count_types, peak_rss_mib, progress_bar
 from ondevice.formats.atomic import atomic_output
 from ondevice.formats.safetensors import PlannedSafeTensor, f32_to_bf16, write_safetensors
 from ondevice.model import CanonicalModel

@@ -279,7 +279,7 @@ class GGUFFile:
             self.tensors[name] = TensorInfo(name, shape, ggml_type, start, nbytes)
             spans.append((start, start + nbytes, name))
         spans.sort()
-        for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:], strict=False):
             if start_b < end_a:
                 raise InvalidModelError(f"{self.path}: tensors {name_a!r} and {name_b!r} overlap")
 
@@ -396,7 +396,7 @@ def write_gguf(
     with atomic_output(Path(path), force=force) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(header)
-            for t, nbytes in zip(planned, sizes):
+            for t, nbytes in zip(planned, sizes, strict=True):
                 data = t.produce()
                 raw = memoryview(data.tobytes() if isinstance(data, np.ndarray) and not data.flags.c_contiguous
                                  else data).cast("B")

@@ -1,0 +1,69 @@
+"""`ondevice convert SRC --to TARGET --quant SCHEME -o OUT`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ondevice.converters import TARGET_MODULES, get_target
+from ondevice.converters.base import ConvertOptions, default_output
+from ondevice.formats.atomic import check_output_path
+
+HELP = """\
+Quantize a model and write it for a target runtime. The source is a Hugging Face folder, a GGUF file,
+a model alias or hf:org/name. Tensors are streamed one at a time; the output is written atomically
+(nothing partial is left on failure or Ctrl-C).
+
+GGUF schemes: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_m (4bit = q4_k_m, 8bit = q8_0). Rows whose
+width a K-quant cannot take (not a multiple of 256) fall back per tensor as llama.cpp does; the
+fallbacks are printed.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="quantize and convert a model for a target runtime", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SRC", help="HF folder, .gguf file, alias or hf:org/name")
+    p.add_argument("--to", required=True, choices=list(TARGET_MODULES), help="target format")
+    p.add_argument("--quant", help="scheme for the target (default: the target's default; 4bit/8bit: recommended)")
+    p.add_argument("-o", "--output", type=Path, help="output file or folder (default: derived from SRC)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--pre", dest="pre_tokenizer", metavar="NAME",
+                   help="llama.cpp pre-tokenizer name when it cannot be detected (e.g. smollm, llama-bpe, qwen2)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pytorch_model.bin pickles (they can run code: trusted sources only)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ondevice.cli import print_json
+    from ondevice.hub import resolve_model
+    from ondevice.sources import open_source
+
+    writer = get_target(args.to)
+    scheme, note = writer.TARGET.resolve_quant(args.quant)
+    out = args.output or default_output(args.source, writer.TARGET, scheme)
+    check_output_path(out, args.force)  # fail before the expensive part
+    model = open_source(resolve_model(args.source), allow_pickle=args.allow_pickle)
+    try:
+        options = ConvertOptions(quant=scheme, force=args.force, pre_tokenizer=args.pre_tokenizer,
+                                 progress=not (args.no_progress or args.json))
+        result = writer.convert(model, out, options)
+    finally:
+        model.close()
+    if note:
+        result.notes.append(note)
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    for line in result.notes:
+        print(f"note: {line}", file=sys.stderr)
+    for line in result.fallbacks:
+        print(f"fallback: {line}", file=sys.stderr)
+    mix = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
+    print(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB, {args.to} {result.quant}; tensors: {mix}) "
+          f"in {result.seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
+    return 0

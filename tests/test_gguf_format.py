@@ -1,0 +1,140 @@
+"""The GGUF reader/writer: round trip, and hostile files rejected cleanly (seeded mutation fuzzing)."""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ondevice.errors import InvalidModelError, OndeviceError, OutputExistsError
+from ondevice.formats.gguf import GGUFFile, PlannedTensor, TypedValue, ValueType, write_gguf
+
+
+def small_gguf(path: Path) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {"a.weight": rng.standard_normal((4, 64)).astype(np.float32),
+              "b.weight": rng.standard_normal((8, 32)).astype(np.float16)}
+    fields = {
+        "general.architecture": TypedValue(ValueType.STRING, "llama"),
+        "x.count": TypedValue(ValueType.UINT32, 7),
+        "x.eps": TypedValue(ValueType.FLOAT32, 1e-5),
+        "x.flag": TypedValue(ValueType.BOOL, True),
+        "x.words": TypedValue(ValueType.ARRAY, ["héllo", "wörld", ""], ValueType.STRING),
+        "x.ids": TypedValue(ValueType.ARRAY, np.arange(5, dtype=np.int32), ValueType.INT32),
+    }
+    planned = [PlannedTensor("a.weight", (4, 64), 0, lambda: arrays["a.weight"]),
+               PlannedTensor("b.weight", (8, 32), 1, lambda: arrays["b.weight"])]
+    write_gguf(path, fields, planned)
+    return arrays
+
+
+def test_round_trip_and_gguf_py_agrees(tmp_path):
+    path = tmp_path / "t.gguf"
+    arrays = small_gguf(path)
+    with GGUFFile(path) as f:
+        assert f.get("x.count") == 7 and f.get("x.flag") is True
+        assert f.get("x.words") == ["héllo", "wörld", ""]
+        assert list(f.get("x.ids")) == [0, 1, 2, 3, 4]
+        assert f.tensors["a.weight"].shape == (4, 64)
+        np.testing.assert_array_equal(f.tensor_data("a.weight").view(np.float32), arrays["a.weight"])
+        np.testing.assert_array_equal(f.tensor_data("b.weight").view(np.float16), arrays["b.weight"])
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(path)
+    by_name = {t.name: t for t in reader.tensors}
+    np.testing.assert_array_equal(np.asarray(by_name["a.weight"].data), arrays["a.weight"])
+
+
+def test_existing_output_needs_force(tmp_path):
+    path = tmp_path / "t.gguf"
+    small_gguf(path)
+    before = path.read_bytes()
+    with pytest.raises(OutputExistsError):
+        small_gguf(path)
+    assert path.read_bytes() == before
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "t.gguf"
+
+    def boom():
+        raise InvalidModelError("synthetic failure mid-write")
+
+    with pytest.raises(InvalidModelError):
+        write_gguf(path, {}, [PlannedTensor("a", (32,), 0, boom)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _mutations(data: bytes, rng: random.Random, count: int):
+    header_end = min(len(data), 600)
+    for _ in range(count):
+        buf = bytearray(data)
+        kind = rng.randrange(5)
+        if kind == 0:  # truncate
+            yield bytes(buf[: rng.randrange(len(buf))])
+            continue
+        if kind == 1:  # random byte flips in the header region
+            for _ in range(rng.randint(1, 8)):
+                buf[rng.randrange(header_end)] ^= 1 << rng.randrange(8)
+        elif kind == 2:  # an absurd u64 somewhere in the header (counts, lengths, dims, offsets)
+            pos = rng.randrange(header_end - 8)
+            buf[pos : pos + 8] = struct.pack("<Q", rng.choice([2**63 - 1, 2**64 - 1, 2**40, 2**32 + 1]))
+        elif kind == 3:  # a u32 type or count overwritten
+            pos = rng.randrange(header_end - 4)
+            buf[pos : pos + 4] = struct.pack("<I", rng.choice([9, 13, 255, 2**31, 0xFFFFFFFF]))
+        else:  # random bytes anywhere
+            for _ in range(rng.randint(1, 32)):
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+        yield bytes(buf)
+
+
+def _check_hostile(path: Path, opener) -> str:
+    start = time.perf_counter()
+    try:
+        obj = opener(path)
+    except OndeviceError as exc:
+        assert "\n" not in str(exc)
+        outcome = "rejected"
+    else:
+        outcome = "accepted"
+        close = getattr(obj, "close", None)
+        close() if close else None
+    assert time.perf_counter() - start < 5, "parsing a hostile file must not hang"
+    return outcome
+
+
+def test_fuzz_reader_rejects_hostile_files_cleanly(tmp_path):
+    original = tmp_path / "orig.gguf"
+    small_gguf(original)
+    data = original.read_bytes()
+    rng = random.Random(1234)
+    outcomes = {"rejected": 0, "accepted": 0}
+    target = tmp_path / "mut.gguf"
+    for mutated in _mutations(data, rng, 1500):
+        target.write_bytes(mutated)
+        outcome = _check_hostile(target, GGUFFile)
+        if outcome == "accepted":
+            with GGUFFile(target) as f:  # every accepted tensor must be readable in bounds
+                for name in f.tensors:
+                    f.tensor_data(name).sum()
+        outcomes[outcome] += 1
+    assert outcomes["rejected"] > 500
+
+
+def test_fuzz_model_loader_on_real_model_header(tiny_models, tmp_path):
+    """Mutations of a complete tiny model must be rejected by the model loader with a one-line error."""
+    from ondevice.cli import main as cli
+    from ondevice.sources.gguf import open_gguf_file
+
+    original = tmp_path / "m.gguf"
+    assert cli(["convert", str(tiny_models["qwen2"]), "--to", "gguf", "--quant", "q8_0", "-o", str(original),
+                "--pre", "gpt-2", "--no-progress"]) == 0
+    data = original.read_bytes()
+    rng = random.Random(99)
+    target = tmp_path / "mut.gguf"
+    for mutated in _mutations(data, rng, 300):
+        target.write_bytes(mutated)
+        _check_hostile(target, open_gguf_file)
