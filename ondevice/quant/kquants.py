@@ -1,0 +1,270 @@
+"""K-quants: Q4_K and Q6_K, 256-weight super-blocks.
+
+The quantizers follow llama.cpp's reference path (`quantize_row_q4_K_ref` with make_qkx2_quants' search
+over 21 candidate scales and a least-squares scale+min fit; `quantize_row_q6_K_ref` with make_qx_quants'
+19-candidate search), i.e. what `llama-quantize` writes when no importance matrix is given. The searches are
+vectorized across sub-blocks: arrays are laid out (weight index, sub-block) so every per-sub-block sum is an
+axis-0 reduction, which numpy accumulates in index order like the C loops, keeping the float32 results
+identical to the C code's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ondevice.quant.base import QuantType, fp16_bits, fp16_to_f32, nearest_int, pack_nibbles, sequential_sum
+
+F32 = np.float32
+QK_K = 256
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def _make_qkx2_quants(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric scale/min search for many sub-blocks at once.
+
+    x, weights: float32 (n, S), one sub-block per column. Returns (scale (S,), the_min (S,) >= 0,
+    codes (n, S) in 0..nmax) with x ~ scale * code - the_min.
+    """
+    lo = np.minimum(x.min(axis=0), F32(0))
+    hi = x.max(axis=0)
+    sum_w = sequential_sum(weights)
+    sum_x = sequential_sum(weights * x)
+    flat = hi == lo  # includes all-zero sub-blocks: codes 0, scale 0
+    span = np.where(flat, F32(1), hi - lo)
+    shifted = x - lo  # >= 0, so codes only need clamping from above
+    work = np.empty_like(x)  # scratch reused by every step: the search is bound by memory traffic
+
+    def codes_for(iscale: np.ndarray) -> np.ndarray:
+        codes = np.multiply(shifted, iscale)
+        np.rint(codes, out=codes)  # nearest_int; exact as float since |values| <= nmax + 1
+        return np.minimum(codes, F32(nmax), out=codes)
+
+    def weighted_error(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        # C: diff = scale*L + min - x; err += w*diff*diff, each step rounded to float32.
+        np.multiply(codes, scale, out=work)
+        np.add(work, offset, out=work)
+        np.subtract(work, x, out=work)
+        np.multiply(work, work, out=work)
+        np.multiply(work, weights, out=work)
+        return sequential_sum(work)
+
+    def weighted_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return sequential_sum(np.multiply(a, b, out=work))
+
+    iscale = F32(nmax) / span
+    scale = F32(1) / iscale
+    best_error = weighted_error(scale, lo, codes_for(iscale))
+    best_min = lo.copy()
+    # Codes are a function of the scale tried, so remember the winning one and rebuild them once at the end.
+    best_iscale = iscale
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in range(nstep + 1):
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
+            trial = codes_for(iscale)
+            wl = weights * trial
+            sum_l = sequential_sum(wl)
+            sum_l2 = weighted_sum(wl, trial)
+            sum_xl = weighted_sum(wl, x)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            # A positive offset is not representable (mins are subtracted): refit the scale through 0.
+            positive = this_min > 0
+            this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+            this_min = np.where(positive, F32(0), this_min)
+            error = weighted_error(this_scale, this_min, trial)
+            better = (det > 0) & (error < best_error)
+            best_error = np.where(better, error, best_error)
+            scale = np.where(better, this_scale, scale)
+            best_min = np.where(better, this_min, best_min)
+            best_iscale = np.where(better, iscale, best_iscale)
+
+    codes = codes_for(best_iscale)
+    # Constant sub-blocks (max == min, e.g. all zero): C returns codes 0, scale 0, min kept.
+    scale = np.where(flat, F32(0), scale)
+    best_min = np.where(flat, lo, best_min)
+    codes[:, flat] = 0
+    return scale.astype(F32), (-best_min).astype(F32), codes.astype(np.uint8)
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search (rmse_type 1: weights x^2) for many sub-blocks at once.
+
+    x: float32 (n, S). Returns (scale (S,), codes (n, S) in 0..2*nmax-1) with x ~ scale * (code - nmax).
+    """
+    idx = np.argmax(np.abs(x), axis=0)  # first of equal magnitudes, as the C loop's strict '>'
+    peak = np.take_along_axis(x, idx[None, :], axis=0)[0]
+    tiny = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(tiny, F32(1), peak)
+    weights = x * x
+    wx = weights * x
+    work = np.empty_like(x)
+
+    def levels_for(iscale: np.ndarray) -> np.ndarray:
+        levels = np.multiply(x, iscale)
+        np.rint(levels, out=levels)
+        return np.clip(levels, F32(-nmax), F32(nmax - 1), out=levels)
+
+    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        levels = levels_for(iscale)
+        sumlx = sequential_sum(np.multiply(wx, levels, out=work))
+        np.multiply(weights, levels, out=work)
+        suml2 = sequential_sum(np.multiply(work, levels, out=work))
+        return sumlx, suml2
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-nmax) / peak
+        sumlx, suml2 = fit(iscale)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        best = scale * sumlx
+        best_iscale = iscale  # levels depend only on the scale tried: rebuild the winner's at the end
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
+            t_sumlx, t_suml2 = fit(iscale)
+            better = (t_suml2 > 0) & (t_sumlx * t_sumlx > best * t_suml2)
+            scale = np.where(better, t_sumlx / t_suml2, scale).astype(F32)
+            best = np.where(better, scale * t_sumlx, best).astype(F32)
+            best_iscale = np.where(better, iscale, best_iscale)
+
+    codes = (levels_for(best_iscale) + F32(nmax)).astype(np.uint8)
+    codes[:, tiny] = 0  # C: all-zero sub-block -> codes 0 (not nmax), scale 0
+    scale = np.where(tiny, F32(0), scale)
+    return scale, codes
+
+
+def _to_uint8_like_c(values: np.ndarray) -> np.ndarray:
+    """`uint8_t v = nearest_int(...)`: C keeps the low 8 bits of the int."""
+    return (nearest_int(values) & 0xFF).astype(np.uint8)
+
+
+def _pack_q4k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and 8 six-bit mins per super-block -> the 12-byte field (see get_scale_min_k4)."""
+    packed = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    return packed
+
+
+def _unpack_q4k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low, mid, high = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([low & 0x3F, (high & 0x0F) | ((low >> 6) << 4)], axis=1)
+    mins = np.concatenate([mid & 0x3F, (high >> 4) | ((mid >> 6) << 4)], axis=1)
+    return scales, mins
+
+
+class Q4_K(QuantType):
+    """144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles.
+
+    Weight i of sub-block j: d * scale[j] * q - dmin * min[j].
+    """
+
+    name = "q4_k"
+    ggml_type = 12
+    block_size = QK_K
+    type_size = 4 + 12 + QK_K // 2
+    chunk_blocks = 256  # the search makes ~10 temporaries of the chunk's size: keep them in cache
+
+    def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        nb = blocks.shape[0]
+        # (32, nb*8): weight index on axis 0, one column per 32-weight sub-block.
+        x = np.ascontiguousarray(blocks.reshape(nb * 8, 32).T)
+        av_x = np.sqrt(sequential_sum(x * x) / F32(32))
+        weights = av_x + np.abs(x)
+        scales, mins, codes = _make_qkx2_quants(x, weights, 15, -1.0, 0.1, 20)
+        scales = scales.reshape(nb, 8)
+        mins = mins.reshape(nb, 8)
+
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
+        ls = np.minimum(_to_uint8_like_c(inv_scale[:, None] * scales), 63)
+        lm = np.minimum(_to_uint8_like_c(inv_min[:, None] * mins), 63)
+        d_raw = fp16_bits(max_scale / F32(63), self.name)
+        dmin_raw = fp16_bits(max_min / F32(63), self.name)
+
+        # Re-quantize every weight against the rounded (fp16 x 6-bit) scale and min actually stored.
+        d = (fp16_to_f32(d_raw)[:, None] * ls.astype(F32)).reshape(-1)
+        dm = (fp16_to_f32(dmin_raw)[:, None] * lm.astype(F32)).reshape(-1)
+        usable = d != 0  # the C code keeps the search's codes where the stored scale is 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            requant = np.clip(nearest_int((x + dm) / np.where(usable, d, F32(1))), 0, 15).astype(np.uint8)
+        codes = np.where(usable, requant, codes)
+
+        # Bytes: 32 bytes per pair of sub-blocks, first sub-block in the low nibbles.
+        per_block = codes.T.reshape(nb, 4, 2, 32)
+        qs = pack_nibbles(per_block[:, :, 0], per_block[:, :, 1]).reshape(nb, 128)
+        return np.concatenate([d_raw, dmin_raw, _pack_q4k_scales(ls, lm), qs], axis=1)
+
+    def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        nb = blocks.shape[0]
+        d = fp16_to_f32(blocks[:, 0:2])
+        dmin = fp16_to_f32(blocks[:, 2:4])
+        scales, mins = _unpack_q4k_scales(blocks[:, 4:16])
+        sub_d = (d[:, None] * scales.astype(F32))[:, :, None]
+        sub_m = (dmin[:, None] * mins.astype(F32))[:, :, None]
+        qs = blocks[:, 16:].reshape(nb, 4, 1, 32)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32).astype(F32)
+        return (sub_d * q - sub_m).reshape(nb, QK_K)
+
+
+class Q6_K(QuantType):
+    """210 bytes: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, fp16 d.
+
+    Weight i of 16-weight sub-block j: d * scale[j] * (q - 32).
+    """
+
+    name = "q6_k"
+    ggml_type = 14
+    block_size = QK_K
+    type_size = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
+    chunk_blocks = 256
+
+    def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        nb = blocks.shape[0]
+        x = np.ascontiguousarray(blocks.reshape(nb * 16, 16).T)  # (16, nb*16)
+        scales, codes = _make_qx_quants(x, 32)
+        scales = scales.reshape(nb, 16)
+
+        idx = np.argmax(np.abs(scales), axis=1)
+        max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+        empty = np.abs(max_scale) < GROUP_MAX_EPS  # whole super-block ~0: written as all zero bytes
+        with np.errstate(divide="ignore"):
+            iscale = (F32(-128) / np.where(empty, F32(1), max_scale)).astype(F32)
+            d_raw = fp16_bits(np.where(empty, F32(0), F32(1) / iscale), self.name)
+        sub_scales = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
+        sub_scales[empty] = 0
+
+        d = (fp16_to_f32(d_raw)[:, None] * sub_scales.astype(F32)).reshape(-1)
+        usable = d != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            levels = np.clip(nearest_int(x / np.where(usable, d, F32(1))), -32, 31)
+        codes = np.where(usable, (levels + 32).astype(np.uint8), codes)
+        codes = codes.T.reshape(nb, 2, 4, 32)  # (block, half of 128, quarter of 32, weight)
+        codes[empty] = 0
+
+        low = codes & 0x0F
+        ql = np.concatenate(
+            [pack_nibbles(low[:, :, 0], low[:, :, 2]), pack_nibbles(low[:, :, 1], low[:, :, 3])], axis=2
+        ).reshape(nb, 128)
+        high = codes >> 4
+        qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(nb, 64)
+        return np.concatenate([ql, qh.astype(np.uint8), sub_scales.view(np.uint8), d_raw], axis=1)
+
+    def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        nb = blocks.shape[0]
+        ql = blocks[:, 0:128].reshape(nb, 2, 2, 32)  # (block, half, first/second 32 bytes, byte)
+        qh = blocks[:, 128:192].reshape(nb, 2, 1, 32)
+        scales = blocks[:, 192:208].view(np.int8).astype(F32)
+        d = fp16_to_f32(blocks[:, 208:210])
+        low = np.stack([ql[:, :, 0] & 0x0F, ql[:, :, 1] & 0x0F, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
+        high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+        q = ((low | (high << 4)).astype(np.int8) - 32).reshape(nb, 16, 16).astype(F32)
+        return ((d[:, None] * scales)[:, :, None] * q).reshape(nb, QK_K)
