@@ -1,0 +1,237 @@
+"""The runtime's public model object: `ondevice.load(path)` -> LanguageModel.
+
+generate() streams UTF-8-safe text pieces; the KV cache keeps the tokens it holds, so a follow-up chat turn
+only evaluates what is new (the common prefix is reused).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ondevice.errors import OndeviceError
+from ondevice.formats.gguf import GGUFFile
+from ondevice.runtime.sampling import Sampler, SamplingParams
+from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
+from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
+from ondevice.runtime.weights import load_weights
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # request start -> first token sampled
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max_tokens), "context" (window full)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first generated token comes from the prefill logits; decode steps produce the rest.
+        n = self.generated_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("tokens")
+        data.update(prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s)
+        return data
+
+
+class LanguageModel:
+    def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None) -> None:
+        self.path = str(path)
+        self._gguf = GGUFFile(path)
+        try:
+            self.weights = load_weights(self._gguf)
+            self.spec = self.weights.spec
+            self.codec = TextCodec.from_gguf(self._gguf)
+            template = self._gguf.get("tokenizer.chat_template")
+            self.chat_template: str | None = str(template) if template is not None else None
+        except BaseException:
+            self._gguf.close()
+            raise
+        k = kernels()
+        if threads is not None:
+            if threads < 1:
+                raise OndeviceError(f"threads must be >= 1, got {threads}")
+            k.set_threads(threads)
+        self.threads = k.get_threads()
+        self.n_ctx = min(n_ctx or 2048, self.spec.context_length)
+        if self.n_ctx < 1:
+            raise OndeviceError(f"n_ctx must be >= 1, got {n_ctx}")
+        self.transformer = Transformer(self.weights, self.n_ctx)
+        self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self.last_stats = GenerationStats()
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.codec.encode(text, add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.codec.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from ondevice.chat_template import render_chat
+
+        if not self.chat_template:
+            raise OndeviceError(f"{self.path} has no chat template; pass a plain prompt string instead of messages")
+        bos = self.codec.token_text(self.codec.bos_id) if self.codec.bos_id is not None else ""
+        eos_id = min(self.codec.eos_ids) if self.codec.eos_ids else None
+        eos = self.codec.token_text(eos_id) if eos_id is not None else ""
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos)
+
+    def prompt_tokens(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        text = self.apply_chat_template(prompt)
+        # Templates that print the BOS themselves must not get a second one.
+        bos = self.codec.token_text(self.codec.bos_id) if self.codec.bos_id is not None else None
+        return self.tokenize(text, add_bos=False if bos and text.startswith(bos) else None)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval(self, tokens: list[int], all_logits: bool = False) -> tuple[np.ndarray, int]:
+        """Bring the cache to `tokens` reusing the common prefix; logits for the last (or all new) tokens."""
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{len(tokens)} tokens do not fit in the context window of {self.n_ctx}; shorten the prompt "
+                f"or load the model with a larger n_ctx (max {self.spec.context_length})"
+            )
+        bad = [t for t in tokens if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise OndeviceError(f"token id {bad[0]} is outside the vocabulary (size {self.spec.vocab_size})")
+        common = 0
+        for a, b in zip(self._cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # always evaluate at least one token to get logits
+        self._cached = self._cached[:common]
+        logits = self.transformer.forward(np.asarray(tokens[common:], np.int32), common, all_logits=all_logits)
+        self._cached = list(tokens)
+        return logits, common
+
+    def _step(self, token: int) -> np.ndarray:
+        """Decode one token after the cached ones (the hot path: no prefix matching)."""
+        pos = len(self._cached)
+        logits = self.transformer.forward(np.asarray([token], np.int32), pos)
+        self._cached.append(token)
+        return logits
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits (len(tokens), vocab) for every position, for evaluation (perplexity, KL)."""
+        if not tokens:
+            raise OndeviceError("logits() needs at least one token")
+        self._cached = []
+        logits, _ = self._eval(list(tokens), all_logits=True)
+        return logits
+
+    def reset(self) -> None:
+        self._cached = []
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompt: str | list[dict[str, str]],
+        max_tokens: int = 128,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | str | None = None,
+        token_filter: Any = None,
+    ) -> Iterator[str]:
+        """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
+
+        `token_filter`, when given, is an object with allowed(history) -> bool mask | None and
+        accept(token) -> None (structured output); see ondevice.structured.
+        """
+        if max_tokens < 0:
+            raise OndeviceError(f"max_tokens must be >= 0, got {max_tokens}")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        tokens = self.prompt_tokens(prompt)
+        return self._generate(tokens, max_tokens, sampler, stops, token_filter)
+
+    def _generate(self, tokens: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
+                  token_filter: Any) -> Iterator[str]:
+        stats = GenerationStats(prompt_tokens=len(tokens))
+        self.last_stats = stats
+        if max_tokens == 0:
+            stats.finish_reason = "length"
+            return
+        start = time.perf_counter()
+        logits, stats.cached_tokens = self._eval(tokens)
+        stats.prefill_s = time.perf_counter() - start
+        decoder = StreamDecoder(self.codec)
+        matcher = StopMatcher(stops)
+        history = list(tokens)
+        decode_start = 0.0
+        stopped_by_string = False
+        while True:
+            mask = token_filter.allowed() if token_filter is not None else None
+            token = sampler.sample(logits, history, mask)
+            if stats.generated_tokens == 0:
+                stats.ttft_s = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            stats.generated_tokens += 1
+            stats.tokens.append(token)
+            if token in self.codec.eos_ids:
+                stats.finish_reason = "stop"
+                break
+            if token_filter is not None:
+                token_filter.accept(token)
+            history.append(token)
+            text, stopped = matcher.feed(decoder.push(token))
+            if text:
+                yield text
+            if stopped:
+                stats.finish_reason = "stop"
+                stopped_by_string = True
+                break
+            if token_filter is not None and token_filter.is_finished():
+                stats.finish_reason = "stop"
+                break
+            if stats.generated_tokens >= max_tokens:
+                stats.finish_reason = "length"
+                break
+            if len(history) >= self.n_ctx:
+                stats.finish_reason = "context"
+                break
+            logits = self._step(token)
+        if not stopped_by_string:
+            tail = matcher.feed(decoder.flush())[0] + matcher.flush()
+            if tail:
+                yield tail
+        stats.decode_s = time.perf_counter() - decode_start if decode_start else 0.0
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        """Generate a whole reply (non-streaming convenience)."""
+        return "".join(self.generate(messages, **kwargs))
+
+    def close(self) -> None:
+        self.transformer = None  # type: ignore[assignment]
+        self.weights = None  # type: ignore[assignment]
+        self._gguf.close()
+
+    def __enter__(self) -> LanguageModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""Token sampling: repetition penalty, temperature, top-k, top-p, min-p (llama.cpp's order), greedy at temp 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ondevice.errors import OndeviceError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise OndeviceError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise OndeviceError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise OndeviceError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise OndeviceError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repeat_penalty > 0:
+            raise OndeviceError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        params.validate()
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray, history: list[int], allowed: np.ndarray | None = None) -> int:
+        """Pick the next token. `allowed` is an optional boolean mask (structured output)."""
+        p = self.params
+        logits = logits.astype(np.float32, copy=True)
+        if allowed is not None:
+            logits[~allowed] = -np.inf
+        if p.repeat_penalty != 1.0 and history:
+            recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        candidates = np.flatnonzero(np.isfinite(logits))
+        if candidates.size == 0:
+            raise OndeviceError("no token is allowed at this step")
+        scores = logits[candidates]
+        if p.top_k and p.top_k < candidates.size:
+            keep = np.argpartition(-scores, p.top_k - 1)[: p.top_k]
+            candidates, scores = candidates[keep], scores[keep]
+        order = np.argsort(-scores, kind="stable")
+        candidates, scores = candidates[order], scores[order]
+        probs = np.exp(scores - scores[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+            candidates, scores = candidates[:cut], scores[:cut]
+        if p.min_p > 0:
+            keep = np.exp(scores - scores[0]) >= p.min_p
+            candidates, scores = candidates[keep], scores[keep]
+        scaled = (scores - scores[0]) / p.temperature
+        probs = np.exp(scaled)
+        probs /= probs.sum()
+        return int(self.rng.choice(candidates, p=probs))

@@ -1,0 +1,96 @@
+"""Tokenizer built from GGUF metadata, a UTF-8-safe streaming detokenizer and stop-string handling."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from ondevice.formats.gguf import GGUFFile
+
+
+class TextCodec:
+    def __init__(self, tokenizer: Tokenizer, bos_id: int | None, eos_ids: list[int], add_bos: bool) -> None:
+        self.tokenizer = tokenizer
+        self.bos_id = bos_id
+        self.eos_ids = set(eos_ids)
+        self.add_bos = add_bos
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> TextCodec:
+        from ondevice.sources.gguf import _special_from_vocab, _vocab_from_gguf
+        from ondevice.tokenizer import hf_tokenizer_json_from_vocab
+
+        vocab = _vocab_from_gguf(gguf)
+        special = _special_from_vocab(vocab)
+        tokenizer = Tokenizer.from_str(hf_tokenizer_json_from_vocab(vocab))
+        return cls(tokenizer, vocab.bos_id, list(special.eos_ids), vocab.add_bos)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids as llama.cpp gives them with special-token parsing on (chat markup becomes single tokens)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces, never emitting half of a multi-byte character."""
+
+    def __init__(self, codec: TextCodec) -> None:
+        self.codec = codec
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.codec.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.codec.decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            piece = text[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        prefix = self.codec.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.codec.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop string; reports when one is complete."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text safe to emit, stopped?)."""
+        self.pending += piece
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                out = self.pending[:at]
+                self.pending = ""
+                return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,119 @@
+"""The decoder forward pass (llama and qwen2) over C kernels, with a preallocated KV cache.
+
+Shapes: M tokens in a chunk, D width, H/Hkv heads, Dh head dim, F ffn width, C context length.
+llama's q/k rows are stored permuted for interleaved RoPE (llama.cpp's layout); qwen2 uses NEOX RoPE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ondevice.errors import OndeviceError
+from ondevice.runtime.weights import Matrix, ModelWeights
+
+try:
+    from ondevice import _kernels as K
+except ImportError:  # pragma: no cover - only on a broken install
+    K = None
+
+
+def kernels():
+    if K is None:
+        raise OndeviceError("the C kernels are not built; reinstall ondevice (pip install .) with a C compiler")
+    return K
+
+
+class ContextOverflowError(OndeviceError):
+    """The tokens do not fit in the context window."""
+
+
+class Transformer:
+    def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256) -> None:
+        kernels()
+        spec = weights.spec
+        self.w = weights
+        self.spec = spec
+        self.n_ctx = n_ctx
+        self.max_batch = max_batch
+        self.neox = spec.arch == "qwen2"
+        self.scale = 1.0 / float(np.sqrt(spec.head_dim))
+        kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
+        self.k_cache = np.zeros(kv_shape, dtype=np.float32)
+        self.v_cache = np.zeros(kv_shape, dtype=np.float32)
+        d, f = spec.hidden_size, spec.ffn_size
+        q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        b = max_batch
+        self._x = np.empty((b, d), np.float32)
+        self._h = np.empty((b, d), np.float32)
+        self._q = np.empty((b, q), np.float32)
+        self._k = np.empty((b, kv), np.float32)
+        self._v = np.empty((b, kv), np.float32)
+        self._attn = np.empty((b, q), np.float32)
+        self._proj = np.empty((b, d), np.float32)
+        self._gate = np.empty((b, f), np.float32)
+        self._up = np.empty((b, f), np.float32)
+        self._logits = np.empty((b, spec.vocab_size), np.float32)
+
+    @staticmethod
+    def _matmul(out: np.ndarray, w: Matrix, x: np.ndarray) -> np.ndarray:
+        K.matmul(out, w.data, w.ggml_type, x, w.cols)
+        return out
+
+    def forward(self, tokens: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions pos0.. through the model; logits of the last (or every) token."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        n = len(tokens)
+        if pos0 < 0 or pos0 + n > self.n_ctx:
+            raise ContextOverflowError(f"{pos0 + n} tokens do not fit in the context of {self.n_ctx}")
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        outs = []
+        for start in range(0, n, self.max_batch):
+            chunk = tokens[start : start + self.max_batch]
+            last_chunk = start + len(chunk) == n
+            rows = "all" if all_logits else ("last" if last_chunk else "none")
+            logits = self._forward_chunk(chunk, pos0 + start, rows)
+            if logits is not None:
+                outs.append(logits)
+        return np.concatenate(outs) if all_logits else outs[-1][0]
+
+    def _forward_chunk(self, tokens: np.ndarray, pos0: int, rows: str) -> np.ndarray | None:
+        spec, w = self.spec, self.w
+        m = len(tokens)
+        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        positions = np.arange(pos0, pos0 + m, dtype=np.int32)
+        x, h = self._x[:m], self._h[:m]
+        q, k, v = self._q[:m], self._k[:m], self._v[:m]
+        attn, proj, gate, up = self._attn[:m], self._proj[:m], self._gate[:m], self._up[:m]
+        K.get_rows(x, w.token_embd.data, w.token_embd.ggml_type, tokens, spec.hidden_size)
+        for li, layer in enumerate(w.layers):
+            K.rmsnorm(h, x, layer.attn_norm, spec.rms_eps)
+            self._matmul(q, layer.wq, h)
+            self._matmul(k, layer.wk, h)
+            self._matmul(v, layer.wv, h)
+            if layer.bq is not None:
+                q += layer.bq
+                k += layer.bk
+                v += layer.bv
+            q3, k3 = q.reshape(m, nh, hd), k.reshape(m, nkv, hd)
+            K.rope(q3, positions, spec.rope_theta, self.neox)
+            K.rope(k3, positions, spec.rope_theta, self.neox)
+            self.k_cache[li, :, pos0 : pos0 + m, :] = k3.transpose(1, 0, 2)
+            self.v_cache[li, :, pos0 : pos0 + m, :] = v.reshape(m, nkv, hd).transpose(1, 0, 2)
+            K.attention(attn, q3, self.k_cache[li], self.v_cache[li], pos0, self.scale)
+            self._matmul(proj, layer.wo, attn)
+            x += proj
+            K.rmsnorm(h, x, layer.ffn_norm, spec.rms_eps)
+            self._matmul(gate, layer.w_gate, h)
+            self._matmul(up, layer.w_up, h)
+            K.silu_mul(gate, gate, up)
+            self._matmul(proj, layer.w_down, gate)
+            x += proj
+        if rows == "none":
+            return None
+        if rows == "last":  # prompt processing needs only the last row: skip the vocab-sized matmul for the rest
+            x, h = x[m - 1 :], h[m - 1 :]
+        K.rmsnorm(h, x, w.output_norm, spec.rms_eps)
+        logits = self._logits[: len(x)]
+        self._matmul(logits, w.output, h)
+        return logits.copy()
