@@ -120,7 +120,8 @@ def fp16_bits(values: np.ndarray, what: str) -> np.ndarray:
 
     A finite scale that overflows fp16 would decode as Inf: refuse instead of writing a broken block.
     """
-    half = values.astype(np.float16)
+    with np.errstate(over="ignore"):  # reported below
+        half = values.astype(np.float16)
     if not np.isfinite(half).all():
         raise UnsupportedError(
             f"weights are too large for the fp16 block scales of {what} (largest |scale| "

@@ -39,7 +39,8 @@ class F16(QuantType):
     type_size = 2
 
     def _quantize_rows(self, rows: np.ndarray) -> np.ndarray:
-        half = rows.astype("<f2")  # IEEE round to nearest even, as ggml's fp32->fp16
+        with np.errstate(over="ignore"):  # overflow is reported below, with its position
+            half = rows.astype("<f2")  # IEEE round to nearest even, as ggml's fp32->fp16
         _refuse_overflow(half, rows, "f16")
         return half.view(np.uint8)
 

