@@ -1,0 +1,85 @@
+"""`ondevice run [MODEL] -p PROMPT`: stream a reply, then a timing line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = """\
+Generate a reply with ondevice's own runtime (C kernels). MODEL is a .gguf file or an alias; without it the
+bundled default (SmolLM2-135M-Instruct) is used. The prompt is wrapped in the model's chat template unless
+--raw is given. The reply streams to stdout; a timing line (time to first token, prefill and decode speed,
+peak RSS) goes to stderr.
+
+example: ondevice run -p "Name three uses of a paperclip." -n 64 --temp 0
+"""
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="default 40 (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    p.add_argument("--min-p", type=float, default=0.05, help="default 0.05")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 (off)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
+    p.add_argument("--system", help="system prompt")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate a reply with the built-in runtime", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL", help="GGUF file or alias (default: smollm2-135m-instruct)")
+    p.add_argument("-p", "--prompt", help="the prompt (default: read standard input)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the reply and the timings as one JSON object")
+    add_sampling_args(p)
+    p.set_defaults(handler=run)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def timing_line(stats, rss_mib: float) -> str:
+    return (f"ttft {stats.ttft_s * 1000:.0f} ms | prefill {stats.prefill_tok_s:.1f} tok/s "
+            f"({stats.prompt_tokens - stats.cached_tokens} tokens) | decode {stats.decode_tok_s:.1f} tok/s "
+            f"({stats.generated_tokens} tokens) | peak RSS {rss_mib:.0f} MiB")
+
+
+def run(args: argparse.Namespace) -> int:
+    import ondevice
+    from ondevice.cli import print_json
+    from ondevice.converters.base import peak_rss_mib
+    from ondevice.errors import OndeviceError
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise OndeviceError("empty prompt: pass -p TEXT or pipe text on standard input")
+    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
+    if args.raw:
+        request: str | list[dict[str, str]] = prompt
+    else:
+        request = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        if not model.chat_template:
+            request = prompt
+    pieces = []
+    for piece in model.generate(request, stop=args.stop, **sampling_kwargs(args)):
+        if args.json:
+            pieces.append(piece)
+        else:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    stats = model.last_stats
+    if args.json:
+        print_json({"text": "".join(pieces), "model": model.path, "threads": model.threads,
+                    **stats.to_json(), "peak_rss_mib": peak_rss_mib()})
+    else:
+        sys.stdout.write("\n")
+        print(timing_line(stats, peak_rss_mib()), file=sys.stderr)
+    return 0
