@@ -1,0 +1,187 @@
+"""ondevice's runtime against the oracles: transformers (tiny models) and llama.cpp (SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ondevice
+from ondevice.cli import main as cli
+from ondevice.errors import OndeviceError
+
+TOKENS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a CPU cache is in two sentences.",
+    "List three fruits that are red.",
+    "How do I reverse a list in Python?",
+    "What is 12 times 13?",
+    "Give me a name for a friendly robot.",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+]
+
+
+def to_gguf(src: Path, out: Path, quant: str, *extra: str) -> Path:
+    if not out.exists():
+        assert cli(["convert", str(src), "--to", "gguf", "--quant", quant, "-o", str(out), "--no-progress",
+                    *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol_variants(smollm2, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("smol")
+    out = {"q4_1": smollm2}
+    for quant in ("q8_0", "q4_0", "q4_k_m"):
+        out[quant] = to_gguf(smollm2, root / f"smol-{quant}.gguf", quant)
+    return out
+
+
+def hf_logits(folder: Path, tokens: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2"])
+def test_tiny_f32_logits_match_transformers(tiny_models, tmp_path, arch):
+    path = to_gguf(tiny_models[arch], tmp_path / "m.gguf", "f32", "--pre", "gpt-2")
+    ref = hf_logits(tiny_models[arch], TOKENS)
+    with ondevice.load(path, n_ctx=64) as model:
+        got = model.logits(TOKENS)
+        assert np.abs(got - ref).max() < 1e-4
+        # Incremental decoding through the KV cache gives the same last-position logits.
+        model.reset()
+        model._eval(TOKENS[:5])
+        for token in TOKENS[5:]:
+            step = model._step(token)
+        assert np.abs(step - ref[-1]).max() < 1e-4
+
+
+def llama_cpp_model(path: Path, n_ctx: int = 512, logits_all: bool = False):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=logits_all, verbose=False)
+
+
+def test_tokenizer_matches_llama_cpp(smollm2):
+    text = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\ndef f(x):\n    return x**2  # 😀 "
+            "café naïve Ünïcödé 東京 1234567 \t\t  spaces   \n\n<|im_end|>\n<|im_start|>assistant\n")
+    llm = llama_cpp_model(smollm2)
+    try:
+        want = llm.tokenize(text.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+    with ondevice.load(smollm2, n_ctx=64) as model:
+        assert model.tokenize(text) == want
+
+
+@pytest.mark.parametrize("quant,tol", [("q4_1", 0.05), ("q8_0", 0.05), ("q4_0", 0.05), ("q4_k_m", 0.05)])
+def test_smollm2_logits_match_llama_cpp(smol_variants, quant, tol):
+    """Same file, two runtimes: logits agree to a small fraction of their spread (q8 activations in both)."""
+    path = smol_variants[quant]
+    with ondevice.load(path, n_ctx=128) as model:
+        tokens = model.prompt_tokens([{"role": "user", "content": PROMPTS[2]}])
+        ours = model.logits(tokens)
+    llm = llama_cpp_model(path, n_ctx=128, logits_all=True)
+    try:
+        llm.eval(tokens)
+        theirs = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+    rel = np.abs(ours - theirs).max(axis=-1) / theirs.std(axis=-1)
+    assert rel.max() < tol, f"max relative logit difference {rel.max():.4f}"
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+
+
+def _greedy_llama_cpp(llm, tokens: list[int], n: int, eos: set[int]) -> list[int]:
+    llm.reset()
+    out = []
+    for token in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        if token in eos or len(out) >= n:
+            break
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m"])
+def test_greedy_replies_identical_to_llama_cpp(smol_variants, quant):
+    path = smol_variants[quant]
+    llm = llama_cpp_model(path)
+    report = []
+    try:
+        with ondevice.load(path, n_ctx=512) as model:
+            eos = model.codec.eos_ids
+            for prompt in PROMPTS:
+                tokens = model.prompt_tokens([{"role": "user", "content": prompt}])
+                list(model.generate([{"role": "user", "content": prompt}], max_tokens=64, temperature=0))
+                ours = [t for t in model.last_stats.tokens if t not in eos]
+                theirs = _greedy_llama_cpp(llm, tokens, 64, eos)
+                if ours != theirs:
+                    # A divergence is acceptable only at a near-tie of the top two logits in the reference.
+                    at = next(i for i, (a, b) in enumerate(zip(ours + [-1], theirs + [-1], strict=False)) if a != b)
+                    logits = model.logits(tokens + theirs[:at])[-1]
+                    top2 = np.sort(logits)[-2:]
+                    report.append((prompt, at, float(top2[1] - top2[0])))
+                    assert top2[1] - top2[0] < 0.05 * logits.std(), f"{prompt!r}: diverged at {at} without a tie"
+    finally:
+        llm.close()
+    assert len(report) <= 2, report
+
+
+def test_streaming_is_utf8_safe_and_stops(smollm2):
+    with ondevice.load(smollm2, n_ctx=256) as model:
+        messages = [{"role": "user", "content": "Write three emoji and the word café."}]
+        pieces = list(model.generate(messages, max_tokens=40, temperature=0))
+        assert all("\ufffd" not in p for p in pieces)
+        ids = [t for t in model.last_stats.tokens if t not in model.codec.eos_ids]
+        assert "".join(pieces) == model.detokenize(ids)
+        full = "".join(pieces)
+        if len(full) > 10:
+            stop = full[5:9]
+            cut = "".join(model.generate(messages, max_tokens=40, temperature=0, stop=[stop]))
+            assert cut == full[: full.find(stop)]
+            assert model.last_stats.finish_reason == "stop"
+
+
+def test_kv_cache_reuse_across_turns(smollm2):
+    with ondevice.load(smollm2, n_ctx=512) as model:
+        messages = [{"role": "user", "content": "Name a color."}]
+        reply = model.chat(messages, max_tokens=16, temperature=0)
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And another one?"}]
+        second = model.chat(messages, max_tokens=16, temperature=0)
+        assert model.last_stats.cached_tokens > 10
+    with ondevice.load(smollm2, n_ctx=512) as fresh:
+        assert fresh.chat(messages, max_tokens=16, temperature=0) == second
+
+
+def test_context_overflow_is_a_clear_error(smollm2):
+    with ondevice.load(smollm2, n_ctx=32) as model:
+        with pytest.raises(OndeviceError, match="context window"):
+            list(model.generate("word " * 100, max_tokens=4))
+        # Generation that reaches the window stops with finish_reason "context", never garbage.
+        list(model.generate("Hello", max_tokens=100, temperature=0))
+        assert model.last_stats.finish_reason in ("context", "stop")
+
+
+def test_cli_run_json(smollm2, capsys):
+    assert cli(["run", str(smollm2), "-p", "Say hi.", "-n", "8", "--temp", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["generated_tokens"] >= 1 and data["text"]
+    assert data["peak_rss_mib"] > 0
+
+
+def test_load_rejects_non_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(OndeviceError):
+        ondevice.load(bad)
