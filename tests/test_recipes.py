@@ -1,0 +1,158 @@
+"""Per-tensor type choice (ondevice.quant.recipes) against llama.cpp's rules and llama.cpp itself."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ondevice.errors import UnsupportedError
+from ondevice.quant import QUANT_TYPES, QuantType
+from ondevice.quant.recipes import (
+    RECIPES,
+    TensorTypeChoice,
+    choose_tensor_type,
+    describe_fallbacks,
+    plan_tensor_type,
+    use_more_bits,
+)
+
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down")
+
+
+def dense_model(width: int, ffn: int, kv_width: int, n_layers: int, vocab: int, tied: bool,
+                biases: bool = False) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor names and numpy shapes (rows, width) of a llama/qwen2-style decoder."""
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, width), "output_norm.weight": (width,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, width)
+    for i in range(n_layers):
+        shapes.update({
+            f"blk.{i}.attn_norm.weight": (width,), f"blk.{i}.ffn_norm.weight": (width,),
+            f"blk.{i}.attn_q.weight": (width, width), f"blk.{i}.attn_k.weight": (kv_width, width),
+            f"blk.{i}.attn_v.weight": (kv_width, width), f"blk.{i}.attn_output.weight": (width, width),
+            f"blk.{i}.ffn_gate.weight": (ffn, width), f"blk.{i}.ffn_up.weight": (ffn, width),
+            f"blk.{i}.ffn_down.weight": (width, ffn),
+        })
+        if biases:
+            shapes.update({f"blk.{i}.attn_q.bias": (width,), f"blk.{i}.attn_k.bias": (kv_width,),
+                           f"blk.{i}.attn_v.bias": (kv_width,)})
+    return shapes
+
+
+SMOLLM2 = dense_model(576, 1536, 192, 30, 49152, tied=True)
+SMOLLM2_MORE_BITS = [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+
+
+def plan(recipe: str, shapes: dict[str, tuple[int, ...]], n_layers: int, tied: bool, arch: str = "llama"):
+    return {name: plan_tensor_type(recipe, name, shape, n_layers, tied, arch) for name, shape in shapes.items()}
+
+
+def test_recipe_names_and_bad_input():
+    assert RECIPES[:9] == ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m")
+    with pytest.raises(UnsupportedError, match="q4_k_m") as err:
+        choose_tensor_type("q3_k_m", "blk.0.attn_q.weight", (576, 576), 30, True, "llama")
+    assert "q8_0" in str(err.value)
+    assert choose_tensor_type("Q4_K_M", "blk.0.ffn_down.weight", (576, 1536), 30, True, "llama").name == "q6_k"
+    with pytest.raises(UnsupportedError, match="layer"):
+        choose_tensor_type("q4_k_m", "blk.30.ffn_down.weight", (576, 1536), 30, True, "llama")
+
+
+def test_use_more_bits_layers():
+    assert [i for i in range(30) if use_more_bits(i, 30)] == SMOLLM2_MORE_BITS
+    assert [i for i in range(16) if use_more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_norms_and_biases_stay_f32(recipe: str):
+    shapes = dense_model(896, 4864, 128, 2, 1000, tied=True, biases=True)
+    for name, choice in plan(recipe, shapes, 2, True, "qwen2").items():
+        if len(shapes[name]) == 1:
+            assert choice.name == "f32" and not choice.fell_back, name
+
+
+@pytest.mark.parametrize("recipe", ["f32", "f16", "bf16"])
+def test_float_recipes_store_every_matrix_in_their_type(recipe: str):
+    for name, choice in plan(recipe, SMOLLM2, 30, True).items():
+        assert choice.name == (recipe if len(SMOLLM2[name]) == 2 else "f32"), name
+        assert not choice.fell_back
+
+
+def test_smollm2_q4_k_m_matches_llama_cpp_rules():
+    choices = plan("q4_k_m", SMOLLM2, 30, True)
+    # Tied embeddings of width 576 (not a multiple of 256): Q8_0 by the output rule, not a fallback.
+    assert choices["token_embd.weight"].name == "q8_0" and not choices["token_embd.weight"].fell_back
+    for i in range(30):
+        more = i in SMOLLM2_MORE_BITS
+        v = choices[f"blk.{i}.attn_v.weight"]
+        assert (v.name, v.fallback_from) == (("q8_0", "q6_k") if more else ("q5_0", "q4_k"))
+        down = choices[f"blk.{i}.ffn_down.weight"]  # width 1536 fits K-quants
+        assert (down.name, down.fell_back) == ("q6_k" if more else "q4_k", False)
+        for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            c = choices[f"blk.{i}.{t}.weight"]
+            assert (c.name, c.fallback_from) == ("q5_0", "q4_k"), c.describe()
+    counts = Counter(c.name for c in choices.values())
+    assert counts == {"f32": 61, "q5_0": 166, "q8_0": 15, "q6_k": 14, "q4_k": 16}
+    lines = describe_fallbacks(choices.values())
+    assert len(lines) == 180
+    assert "blk.0.attn_q.weight: q4_k -> q5_0 (row width 576 is not a multiple of 256)" in lines
+
+
+def test_wide_model_q4_k_m_needs_no_fallback():
+    """Llama-3.2-1B-like: width 2048, 16 layers, tied: token_embd Q6_K, no fallbacks."""
+    shapes = dense_model(2048, 8192, 512, 16, 128256, tied=True)
+    choices = plan("q4_k_m", shapes, 16, True)
+    assert not describe_fallbacks(choices.values())
+    assert choices["token_embd.weight"].name == "q6_k"
+    assert [i for i in range(16) if choices[f"blk.{i}.attn_v.weight"].name == "q6_k"] == [0, 1, 4, 7, 10, 13, 14,
+                                                                                          15]
+    assert {choices[f"blk.{i}.attn_q.weight"].name for i in range(16)} == {"q4_k"}
+    untied = plan("q4_k_m", dense_model(2048, 8192, 512, 16, 128256, tied=False), 16, False)
+    assert untied["output.weight"].name == "q6_k" and untied["token_embd.weight"].name == "q4_k"
+
+
+@pytest.mark.parametrize("recipe", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_legacy_recipes_output_rule(recipe: str):
+    tied = plan(recipe, SMOLLM2, 30, True)
+    # The output rule asks for Q6_K, which 576 cannot take: falls back to Q8_0 (reported, as llama.cpp warns).
+    embd = tied["token_embd.weight"]
+    assert (embd.name, embd.fallback_from) == ("q8_0", "q6_k")
+    assert Counter(c.name for c in tied.values()) == {recipe: 210, "f32": 61, "q8_0": 1}
+    untied = plan(recipe, dense_model(576, 1536, 192, 30, 49152, tied=False), 30, False)
+    assert untied["token_embd.weight"].name == recipe and untied["output.weight"].name == "q8_0"
+    wide = plan(recipe, dense_model(2048, 8192, 512, 16, 1000, tied=True), 16, True)
+    assert wide["token_embd.weight"].name == "q6_k" and not wide["token_embd.weight"].fell_back
+
+
+def test_q8_0_and_q6_k_recipes():
+    q8 = plan("q8_0", SMOLLM2, 30, True)
+    assert Counter(c.name for c in q8.values()) == {"q8_0": 211, "f32": 61}
+    q6 = plan("q6_k", SMOLLM2, 30, True)
+    assert Counter(c.name for c in q6.values()) == {"q6_k": 30, "q8_0": 181, "f32": 61}
+    assert q6["blk.3.attn_q.weight"].fallback_from == "q6_k"
+
+
+def test_widths_no_block_fits_fall_back_to_f16():
+    odd = choose_tensor_type("q4_k_m", "blk.0.ffn_gate.weight", (64, 100), 30, True, "llama")
+    assert (odd.name, odd.fallback_from) == ("f16", "q4_k")
+    odd = choose_tensor_type("q8_0", "blk.0.ffn_gate.weight", (64, 100), 30, True, "llama")
+    assert (odd.name, odd.fallback_from) == ("f16", "q8_0")
+    assert "row width 100" in describe_fallbacks([odd])[0]
+
+
+def test_choice_is_a_usable_quant_type():
+    choice = choose_tensor_type("q4_k_m", "blk.4.ffn_down.weight", (576, 1536), 30, True, "llama")
+    assert isinstance(choice, TensorTypeChoice) and isinstance(choice, QuantType)
+    assert choice == QUANT_TYPES["q4_k"] and choice.qtype is QUANT_TYPES["q4_k"]
+    assert (choice.ggml_type, choice.block_size, choice.type_size) == (12, 256, 144)
+    x = np.random.default_rng(0).standard_normal((4, 1536)).astype(np.float32)
+    assert np.array_equal(choice.quantize(x), QUANT_TYPES["q4_k"].quantize(x))
+    assert choice.row_nbytes(1536) == 864
+
+
+def test_unimplemented_type_wanted_is_an_error_not_a_silent_swap():
+    # Falcon's q4_k_m wants Q5_K for some ffn_down layers; ondevice has no Q5_K.
+    with pytest.raises(UnsupportedError, match="q5_k"):
+        choose_tensor_type("q4_k_m", "blk.6.ffn_down.weight", (4544, 18176), 32, False, "falcon")
