@@ -256,3 +256,95 @@ def test_kquant_speed_is_reported(smollm2_reader, capsys):
         assert seconds_per_mw < 2.0, lines[-1]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- llama.cpp as the oracle
+
+# llama.h's llama_ftype values for the recipes compared here.
+LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15,
+               "q6_k": 18, "bf16": 32}
+
+
+def write_llama_f32_gguf(path: Path, tensors: dict[str, np.ndarray], n_layers: int, width: int, ffn: int,
+                         heads: int = 9, kv_heads: int = 3) -> None:
+    """A minimal `llama` GGUF with float32 tensors: the keys llama.cpp's loader needs to quantize it."""
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(width)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(width // heads)
+    writer.add_file_type(0)
+    for name, array in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_quantize(src: Path, dst: Path, recipe: str, pure: bool = False):
+    """Quantize `src` with llama.cpp's own llama_model_quantize; returns a GGUFReader of the result."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPE[recipe]
+    params.nthread = 2
+    params.pure = pure
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert status == 0, f"llama_model_quantize failed ({status})"
+    return gguf.GGUFReader(dst)
+
+
+def smollm2_tensor(reader, name: str) -> np.ndarray:
+    tensor = next(t for t in reader.tensors if t.name == name)
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,recipe", [("q4_k", "q4_k_m"), ("q6_k", "q6_k")])
+def test_kquants_match_llama_cpp_on_real_tensors(smollm2_reader, tmp_path, capsys, name: str, recipe: str):
+    """Real SmolLM2 weights: the 30 ffn_down matrices (576 x 1536) and attn_q matrices re-rowed to width 2304.
+
+    llama.cpp quantizes them with `pure` (every matrix gets the recipe's base type); ondevice must write the
+    same bytes, or at least no larger error.
+    """
+    pytest.importorskip("llama_cpp")
+    tensors = {f"blk.{i}.ffn_down.weight": smollm2_tensor(smollm2_reader, f"blk.{i}.ffn_down.weight")
+               for i in range(30)}
+    for i in range(0, 30, 3):
+        tensors[f"blk.{i}.attn_q.weight"] = smollm2_tensor(smollm2_reader, f"blk.{i}.attn_q.weight").reshape(-1, 2304)
+    src = tmp_path / "f32.gguf"
+    write_llama_f32_gguf(src, tensors, n_layers=30, width=576, ffn=1536)
+    reference = llama_cpp_quantize(src, tmp_path / f"{name}.gguf", recipe, pure=True)
+
+    qtype = get_quant_type(name)
+    total_blocks = same_blocks = 0
+    err_ours = err_llama = signal = 0.0
+    seconds = 0.0
+    for tensor in reference.tensors:
+        x = tensors[tensor.name]
+        assert quant_type_for_ggml(int(tensor.tensor_type)) is qtype, tensor.name
+        theirs = np.asarray(tensor.data).view(np.uint8).reshape(x.shape[0], -1)
+        start = time.perf_counter()
+        ours = qtype.quantize(x)
+        seconds += time.perf_counter() - start
+        blocks_equal = (ours.reshape(-1, qtype.type_size) == theirs.reshape(-1, qtype.type_size)).all(axis=1)
+        total_blocks += blocks_equal.size
+        same_blocks += int(blocks_equal.sum())
+        err_ours += float(np.sum((qtype.dequantize(ours, x.shape[1]).astype(np.float64) - x) ** 2))
+        err_llama += float(np.sum((qtype.dequantize(theirs, x.shape[1]).astype(np.float64) - x) ** 2))
+        signal += float(np.sum(x.astype(np.float64) ** 2))
+    n_weights = sum(x.size for x in tensors.values())
+    rel_ours, rel_llama = np.sqrt(err_ours / signal), np.sqrt(err_llama / signal)
+    with capsys.disabled():
+        print(f"\n{name}: {same_blocks}/{total_blocks} blocks byte-identical to llama.cpp; relative RMSE "
+              f"ondevice {rel_ours:.6f} vs llama.cpp {rel_llama:.6f}; {n_weights / 1e6:.1f}M weights in "
+              f"{seconds:.2f} s ({seconds / n_weights * 1e6:.3f} s per million)")
+    assert rel_ours <= rel_llama * (1 + 1e-6)
+    assert same_blocks >= 0.999 * total_blocks

@@ -156,3 +156,41 @@ def test_unimplemented_type_wanted_is_an_error_not_a_silent_swap():
     # Falcon's q4_k_m wants Q5_K for some ffn_down layers; ondevice has no Q5_K.
     with pytest.raises(UnsupportedError, match="q5_k"):
         choose_tensor_type("q4_k_m", "blk.6.ffn_down.weight", (4544, 18176), 32, False, "falcon")
+
+
+@pytest.mark.parametrize(
+    "width,ffn,kv_width,n_layers,tied,heads",
+    [(576, 1536, 192, 30, True, 9), (576, 1536, 192, 30, False, 9), (512, 1024, 128, 16, False, 8),
+     (768, 2048, 256, 12, True, 12)],
+    ids=["smollm2-tied", "smollm2-untied", "wide-untied", "wide-tied"],
+)
+def test_types_match_llama_cpp_quantize(tmp_path, width, ffn, kv_width, n_layers, tied, heads):
+    """llama.cpp's own llama_model_quantize on an f32 GGUF picks the same type per tensor, every recipe.
+
+    Type choice depends on names, widths and layer count only, so the matrices keep the model's widths and
+    layer count but only 8 rows each (random values).
+    """
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from test_quant import llama_cpp_quantize, write_llama_f32_gguf
+
+    rng = np.random.default_rng(0)
+    shapes = dense_model(width, ffn, kv_width, n_layers, 49152, tied=tied)
+    tensors = {name: (np.ones(shape) if len(shape) == 1 else rng.standard_normal((8, shape[1])) * 0.05)
+               for name, shape in shapes.items()}
+    src = tmp_path / "f32.gguf"
+    write_llama_f32_gguf(src, tensors, n_layers=n_layers, width=width, ffn=ffn, heads=heads,
+                         kv_heads=heads * kv_width // width)
+    mismatches = []
+    for recipe in RECIPES:
+        reader = llama_cpp_quantize(src, tmp_path / f"{recipe}.gguf", recipe)
+        theirs = {t.name: QUANT_TYPES_BY_ID[int(t.tensor_type)] for t in reader.tensors}
+        assert set(theirs) == set(shapes)
+        for name, shape in shapes.items():
+            ours = choose_tensor_type(recipe, name, shape, n_layers, tied, "llama").name
+            if ours != theirs[name]:
+                mismatches.append(f"{recipe} {name}: ondevice {ours}, llama.cpp {theirs[name]}")
+    assert not mismatches, "\n".join(mismatches[:20])
+
+
+QUANT_TYPES_BY_ID = {q.ggml_type: q.name for q in QUANT_TYPES.values()}
