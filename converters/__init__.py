@@ -10,6 +10,7 @@ from ondevice.errors import UnsupportedError
 TARGET_MODULES: dict[str, str] = {
     "gguf": "ondevice.converters.gguf",
     "hf": "ondevice.converters.hf",
+    "mlx": "ondevice.converters.mlx",
 }
 
 
