@@ -36,7 +36,9 @@ def transformers_logits(folder: Path, tokens: list[int]) -> np.ndarray:
 
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    # f32 KV cache: llama.cpp defaults to f16, which alone costs ~2e-3 of logit precision.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False, type_k=0,
+                          type_v=0)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)
@@ -56,15 +58,17 @@ def test_tiny_f32_gguf_matches_transformers(tiny_models, tmp_path, arch):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("quant,bound", [("f16", 0.02), ("q8_0", 0.05), ("q4_0", 0.5), ("q4_1", 0.5), ("q5_0", 0.3),
-                                         ("q5_1", 0.3), ("q4_k_m", 0.5)])
+# Bounds on the RMS logit error relative to the logits' spread, for a tiny random model (width 64, the worst case
+# for block quantization); measured here: f16 0.001, q8_0 0.023, q5 0.13-0.14, q4_k_m 0.13, q4 0.26-0.28.
+@pytest.mark.parametrize("quant,bound", [("f16", 0.005), ("q8_0", 0.05), ("q4_0", 0.4), ("q4_1", 0.4), ("q5_0", 0.25),
+                                         ("q5_1", 0.25), ("q4_k_m", 0.25)])
 def test_tiny_quantized_gguf_loads_and_tracks_reference(tiny_models, tmp_path, quant, bound):
     out = tmp_path / f"model-{quant}.gguf"
     convert(tiny_models["qwen2"], out, quant, "--pre", "gpt-2")
     ref = transformers_logits(tiny_models["qwen2"], TOKENS)
     got = llama_cpp_logits(out, TOKENS)
-    # Quantization noise, bounded relative to the logits' spread.
-    assert np.abs(got - ref).max() / ref.std() < bound
+    rel_rms = np.sqrt(np.mean((got - ref) ** 2)) / ref.std()
+    assert rel_rms < bound
 
 
 def test_gguf_to_hf_loads_in_transformers(tiny_models, tmp_path):
