@@ -1,0 +1,192 @@
+/*
+ * GGML/GGUF block layouts (as written by llama.cpp and gguf-py) and the fp16/bf16 helpers.
+ *
+ * Layouts follow ggml-common.h byte for byte: the structs are read straight out of mmapped GGUF
+ * tensor data, so every size is pinned by a static assertion. All structs contain only 1- and
+ * 2-byte members, so they have 2-byte alignment and can be read from any even offset; GGUF
+ * aligns tensor data to 32 bytes anyway. Readers must still use memcpy-free, byte-wise or
+ * unaligned loads for the fp16 fields when a tensor starts at an odd address (the binding
+ * rejects nothing there: unaligned 16-bit loads are fine on x86 and aarch64).
+ */
+#ifndef ONDEVICE_BLOCKS_H
+#define ONDEVICE_BLOCKS_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t od_half; /* IEEE binary16 bits */
+typedef uint16_t od_bf16; /* bfloat16 bits */
+
+/* GGML type ids (enum ggml_type). Only the ones the kernels understand are listed. */
+enum od_type {
+    OD_TYPE_F32 = 0,
+    OD_TYPE_F16 = 1,
+    OD_TYPE_Q4_0 = 2,
+    OD_TYPE_Q4_1 = 3,
+    OD_TYPE_Q5_0 = 6,
+    OD_TYPE_Q5_1 = 7,
+    OD_TYPE_Q8_0 = 8,
+    OD_TYPE_Q4_K = 12,
+    OD_TYPE_Q6_K = 14,
+    OD_TYPE_BF16 = 30,
+};
+
+#define OD_QK 32   /* weights per block in the 32-element formats */
+#define OD_QK_K 256 /* weights per super-block in the K formats */
+#define OD_K_SCALE_SIZE 12
+
+/* x = (q - 8) * d, q in [0, 15]; element j in the low nibble of qs[j], j+16 in the high nibble. */
+typedef struct {
+    od_half d;
+    uint8_t qs[OD_QK / 2];
+} block_q4_0;
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 must be 18 bytes");
+
+/* x = q * d + m, q in [0, 15]; nibble order as q4_0. */
+typedef struct {
+    od_half d;
+    od_half m;
+    uint8_t qs[OD_QK / 2];
+} block_q4_1;
+_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 must be 20 bytes");
+
+/* x = (q - 16) * d, q in [0, 31]: low 4 bits as q4_0, bit 4 of element j is bit j of qh. */
+typedef struct {
+    od_half d;
+    uint8_t qh[4];
+    uint8_t qs[OD_QK / 2];
+} block_q5_0;
+_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 must be 22 bytes");
+
+/* x = q * d + m, q in [0, 31]; bits as q5_0. */
+typedef struct {
+    od_half d;
+    od_half m;
+    uint8_t qh[4];
+    uint8_t qs[OD_QK / 2];
+} block_q5_1;
+_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 must be 24 bytes");
+
+/* x = q * d, q in [-127, 127] (-128 is tolerated). */
+typedef struct {
+    od_half d;
+    int8_t qs[OD_QK];
+} block_q8_0;
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must be 34 bytes");
+
+/*
+ * 256 weights in 8 sub-blocks of 32. Sub-block s has a 6-bit scale sc[s] and 6-bit min m[s]
+ * packed in `scales`; x = d * sc[s] * q - dmin * m[s], q in [0, 15]. qs holds 4 chunks of 32
+ * bytes: chunk c's low nibbles are sub-block 2c, its high nibbles sub-block 2c+1.
+ */
+typedef struct {
+    od_half d;
+    od_half dmin;
+    uint8_t scales[OD_K_SCALE_SIZE];
+    uint8_t qs[OD_QK_K / 2];
+} block_q4_K;
+_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K must be 144 bytes");
+
+/*
+ * 256 weights, 16 int8 scales (one per 16 weights); x = d * scales[i/16] * (q - 32), q in [0, 63].
+ * Two halves of 128: in half h, for l < 32 the four weights l, l+32, l+64, l+96 take their low
+ * 4 bits from ql[64h+l] & 15, ql[64h+l+32] & 15, ql[64h+l] >> 4, ql[64h+l+32] >> 4 and their
+ * top 2 bits from qh[32h+l] bits 0-1, 2-3, 4-5, 6-7.
+ */
+typedef struct {
+    uint8_t ql[OD_QK_K / 2];
+    uint8_t qh[OD_QK_K / 4];
+    int8_t scales[OD_QK_K / 16];
+    od_half d;
+} block_q6_K;
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K must be 210 bytes");
+
+/*
+ * Activations quantized on the fly (our own format, never stored in files): for each row of x and
+ * each block of 32, d = absmax / 127, q = round-half-even(x / d) in [-127, 127], and
+ * s = d * sum(q) so that the min/offset term of q4_1-like weights costs one multiply per block.
+ * Kept as separate arrays (structure of arrays) so SIMD code loads 32 quants with one load.
+ */
+typedef struct {
+    int64_t m;        /* rows */
+    int64_t k;        /* elements per row (multiple of 32) */
+    int64_t nb;       /* blocks per row = k / 32 */
+    int8_t *qs;       /* [m][k] */
+    float *d;         /* [m][nb] */
+    float *s;         /* [m][nb] */
+} od_q8_act;
+
+/* ---- scalar fp16 / bf16 conversion (bit exact, round to nearest even) ---- */
+
+static inline float od_bits_to_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t od_f32_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float od_fp16_to_fp32(od_half h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1Fu;
+    const uint32_t mantissa = h & 0x3FFu;
+    if (exponent == 0) {
+        /* zero or subnormal: mantissa * 2^-24, exact in float */
+        const float magnitude = (float)mantissa * (1.0f / 16777216.0f);
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 31) return od_bits_to_f32(sign | 0x7F800000u | (mantissa << 13));
+    return od_bits_to_f32(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+static inline od_half od_fp32_to_fp16(float f) {
+    const uint32_t bits = od_f32_to_bits(f);
+    const uint32_t sign = (bits >> 16) & 0x8000u;
+    const uint32_t abs_bits = bits & 0x7FFFFFFFu;
+    if (abs_bits > 0x7F800000u) return (od_half)(sign | 0x7E00u); /* NaN */
+    if (abs_bits >= 0x47800000u) return (od_half)(sign | 0x7C00u); /* overflow to inf */
+    if (abs_bits < 0x38800000u) {
+        /* result is subnormal or zero: scale so that the fp16 ulp (2^-24) becomes 1 and round */
+        const float scaled = od_bits_to_f32(abs_bits) * 16777216.0f;
+        /* adding 2^23 makes the float's rounding do round-half-even to an integer */
+        const float rounded = (scaled + 8388608.0f) - 8388608.0f;
+        return (od_half)(sign | (uint32_t)rounded);
+    }
+    /* normal: drop 13 mantissa bits with round to nearest even, rebias exponent */
+    const uint32_t round_bit = (abs_bits >> 13) & 1u;
+    const uint32_t biased = abs_bits + 0xFFFu + round_bit;
+    return (od_half)(sign | ((biased - 0x38000000u) >> 13));
+}
+
+static inline float od_bf16_to_fp32(od_bf16 h) {
+    return od_bits_to_f32((uint32_t)h << 16);
+}
+
+static inline uint16_t od_read_u16(const void *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+static inline uint32_t od_read_u32(const void *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Q4_K scale/min unpacking for sub-block j (0..7), ggml's get_scale_min_k4. */
+static inline void od_q4k_scale_min(int j, const uint8_t *packed, uint8_t *scale, uint8_t *min) {
+    if (j < 4) {
+        *scale = packed[j] & 63;
+        *min = packed[j + 4] & 63;
+    } else {
+        *scale = (uint8_t)((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4));
+        *min = (uint8_t)((packed[j + 4] >> 4) | ((packed[j] >> 6) << 4));
+    }
+}
+
+#endif /* ONDEVICE_BLOCKS_H */

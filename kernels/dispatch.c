@@ -1,0 +1,644 @@
+/*
+ * Public entry points: argument checks, run-time ISA selection, work splitting over the thread
+ * pool, and the per-thread scratch memory. The arithmetic lives in the per-ISA files.
+ */
+#if defined(__linux__)
+#define _GNU_SOURCE
+#endif
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "od_internal.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+/* ------------------------------------------------------------------ CPU features and ISA choice */
+
+static int cpu_has_avx2_fma_f16c(void) {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+int od_cpu_has_dotprod(void) {
+#if defined(__aarch64__) && defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__aarch64__) && defined(__APPLE__)
+    return 1; /* every Apple arm64 core has the dot-product instructions */
+#else
+    return 0;
+#endif
+}
+
+static const od_isa_ops *ops_by_name(const char *name) {
+    if (!name) return NULL;
+    if (strcmp(name, "scalar") == 0) return &od_ops_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (strcmp(name, "avx2") == 0) return cpu_has_avx2_fma_f16c() ? &od_ops_avx2 : NULL;
+#endif
+#if defined(__aarch64__)
+    if (strcmp(name, "neon") == 0) return &od_ops_neon;
+#endif
+    return NULL;
+}
+
+static const od_isa_ops *best_ops(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx2_fma_f16c()) return &od_ops_avx2;
+#endif
+#if defined(__aarch64__)
+    return &od_ops_neon;
+#endif
+    return &od_ops_scalar;
+}
+
+static _Atomic(const od_isa_ops *) g_ops = NULL;
+
+const od_isa_ops *od_ops(void) {
+    const od_isa_ops *ops = atomic_load_explicit(&g_ops, memory_order_acquire);
+    if (ops) return ops;
+    const od_isa_ops *chosen = NULL;
+    const char *env = getenv("ONDEVICE_ISA");
+    if (env && *env) chosen = ops_by_name(env); /* an unavailable request falls back to the best */
+    if (!chosen) chosen = best_ops();
+    atomic_store_explicit(&g_ops, chosen, memory_order_release);
+    return chosen;
+}
+
+const char *od_isa(void) { return od_ops()->name; }
+
+int od_set_isa(const char *name) {
+    const od_isa_ops *ops = ops_by_name(name);
+    if (!ops) return OD_EISA;
+    atomic_store_explicit(&g_ops, ops, memory_order_release);
+    return OD_OK;
+}
+
+static char g_features[160];
+static pthread_once_t g_features_once = PTHREAD_ONCE_INIT;
+
+static void append_feature(const char *name) {
+    if (g_features[0]) strncat(g_features, " ", sizeof(g_features) - strlen(g_features) - 1);
+    strncat(g_features, name, sizeof(g_features) - strlen(g_features) - 1);
+}
+
+static void detect_features(void) {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2")) append_feature("sse4.2");
+    if (__builtin_cpu_supports("avx")) append_feature("avx");
+    if (__builtin_cpu_supports("avx2")) append_feature("avx2");
+    if (__builtin_cpu_supports("fma")) append_feature("fma");
+    if (__builtin_cpu_supports("f16c")) append_feature("f16c");
+    if (__builtin_cpu_supports("avx512f")) append_feature("avx512f");
+#endif
+#if defined(__aarch64__)
+    append_feature("neon");
+    if (od_cpu_has_dotprod()) append_feature("dotprod");
+#endif
+}
+
+const char *od_cpu_features(void) {
+    pthread_once(&g_features_once, detect_features);
+    return g_features;
+}
+
+/* ------------------------------------------------------------------ scratch memory */
+
+typedef struct {
+    void *ptr[2];
+    size_t cap[2];
+} scratch_slots;
+
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *arg) {
+    scratch_slots *s = arg;
+    free(s->ptr[0]);
+    free(s->ptr[1]);
+    free(s);
+}
+
+static void scratch_key_init(void) { pthread_key_create(&g_scratch_key, scratch_free); }
+
+void *od_scratch(int slot, size_t bytes) {
+    pthread_once(&g_scratch_once, scratch_key_init);
+    scratch_slots *s = pthread_getspecific(g_scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof(*s));
+        if (!s || pthread_setspecific(g_scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (bytes <= s->cap[slot]) return s->ptr[slot];
+    size_t cap = s->cap[slot] ? s->cap[slot] : 4096;
+    while (cap < bytes) cap *= 2;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, cap + 64) != 0) return NULL; /* +64: SIMD tails may over-read */
+    free(s->ptr[slot]);
+    s->ptr[slot] = p;
+    s->cap[slot] = cap;
+    return p;
+}
+
+/* ------------------------------------------------------------------ types */
+
+typedef struct {
+    int block_elems;
+    int block_bytes;
+    const char *name;
+} type_info;
+
+static type_info get_type_info(int type) {
+    switch (type) {
+    case OD_TYPE_F32: return (type_info){1, 4, "F32"};
+    case OD_TYPE_F16: return (type_info){1, 2, "F16"};
+    case OD_TYPE_BF16: return (type_info){1, 2, "BF16"};
+    case OD_TYPE_Q4_0: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0"};
+    case OD_TYPE_Q4_1: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1"};
+    case OD_TYPE_Q5_0: return (type_info){32, (int)sizeof(block_q5_0), "Q5_0"};
+    case OD_TYPE_Q5_1: return (type_info){32, (int)sizeof(block_q5_1), "Q5_1"};
+    case OD_TYPE_Q8_0: return (type_info){32, (int)sizeof(block_q8_0), "Q8_0"};
+    case OD_TYPE_Q4_K: return (type_info){256, (int)sizeof(block_q4_K), "Q4_K"};
+    case OD_TYPE_Q6_K: return (type_info){256, (int)sizeof(block_q6_K), "Q6_K"};
+    default: return (type_info){0, 0, NULL};
+    }
+}
+
+size_t od_row_nbytes(int type, int64_t k) {
+    const type_info ti = get_type_info(type);
+    if (!ti.block_elems || k < 0 || k % ti.block_elems != 0) return 0;
+    return (size_t)(k / ti.block_elems) * (size_t)ti.block_bytes;
+}
+
+const char *od_type_name(int type) { return get_type_info(type).name; }
+
+static int is_float_type(int type) {
+    return type == OD_TYPE_F32 || type == OD_TYPE_F16 || type == OD_TYPE_BF16;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* ------------------------------------------------------------------ matmul */
+
+typedef struct {
+    od_mm_args args;
+    od_mm_fn fn;
+    int64_t chunk;
+} mm_job;
+
+static void mm_task(void *ctx, int64_t t) {
+    const mm_job *job = ctx;
+    const int64_t n0 = t * job->chunk;
+    const int64_t n1 = n0 + job->chunk < job->args.n ? n0 + job->chunk : job->args.n;
+    job->fn(&job->args, n0, n1);
+}
+
+typedef struct {
+    const float *x;
+    od_q8_act *act;
+    od_quantize_act_fn fn;
+    int64_t rows_per_task, m;
+} quant_job;
+
+static void quant_task(void *ctx, int64_t t) {
+    const quant_job *job = ctx;
+    const int64_t r0 = t * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    job->fn(job->x, job->act, r0, r1);
+}
+
+/* Work below this many multiply-adds is not worth waking the pool for. */
+#define OD_MIN_PARALLEL_MACS (1 << 16)
+/* Rows of W per task are a multiple of this (the widest SIMD row tile). */
+#define OD_ROW_ALIGN 16
+
+int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, int64_t n, int64_t k,
+              int accumulate) {
+    if (wtype < 0 || wtype >= OD_MAX_TYPE_ID) return OD_ETYPE;
+    const od_isa_ops *ops = od_ops();
+    const od_mm_fn fn = ops->matmul[wtype];
+    if (!fn) return OD_ETYPE;
+    if (m < 0 || n < 0 || k <= 0 || od_row_nbytes(wtype, k) == 0) return OD_EINVAL;
+    if (m == 0 || n == 0) return OD_OK;
+
+    mm_job job = {.fn = fn};
+    od_mm_args *a = &job.args;
+    a->out = out;
+    a->ldo = n;
+    a->w = w;
+    a->row_bytes = od_row_nbytes(wtype, k);
+    a->wtype = wtype;
+    a->m = m;
+    a->n = n;
+    a->k = k;
+    a->accumulate = accumulate;
+
+    const int threads = od_pool_threads();
+    const int parallel = threads > 1 && m * n * k >= OD_MIN_PARALLEL_MACS;
+
+    od_q8_act act;
+    if (is_float_type(wtype)) {
+        a->x = x;
+    } else {
+        const int64_t nb = k / OD_QK;
+        act.m = m;
+        act.k = k;
+        act.nb = nb;
+        const size_t qs_bytes = ((size_t)(m * k) + 63) & ~(size_t)63;
+        uint8_t *buf = od_scratch(0, qs_bytes + 2 * (size_t)(m * nb) * sizeof(float));
+        if (!buf) return OD_ENOMEM;
+        act.qs = (int8_t *)buf;
+        act.d = (float *)(buf + qs_bytes);
+        act.s = act.d + m * nb;
+        quant_job qj = {.x = x, .act = &act, .fn = ops->quantize_act, .m = m};
+        if (parallel && m * k >= 32768) {
+            qj.rows_per_task = ceil_div(m, threads * 4);
+            od_pool_run(quant_task, &qj, ceil_div(m, qj.rows_per_task));
+        } else {
+            ops->quantize_act(x, &act, 0, m);
+        }
+        a->act = &act;
+    }
+
+    if (!parallel) {
+        fn(a, 0, n);
+        return OD_OK;
+    }
+    int64_t chunk = ceil_div(n, (int64_t)threads * 4);
+    chunk = ceil_div(chunk, OD_ROW_ALIGN) * OD_ROW_ALIGN;
+    job.chunk = chunk;
+    od_pool_run(mm_task, &job, ceil_div(n, chunk));
+    return OD_OK;
+}
+
+/* ------------------------------------------------------------------ get_rows */
+
+typedef struct {
+    float *out;
+    const uint8_t *table;
+    size_t row_bytes;
+    const int32_t *ids;
+    int64_t k, rows_per_task, m;
+    od_dequant_row_fn fn;
+} rows_job;
+
+static void rows_task(void *ctx, int64_t t) {
+    const rows_job *job = ctx;
+    const int64_t r0 = t * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    for (int64_t r = r0; r < r1; r++)
+        job->fn(job->table + (size_t)job->ids[r] * job->row_bytes, job->out + r * job->k, job->k);
+}
+
+int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,
+                int64_t k) {
+    if (ttype < 0 || ttype >= OD_MAX_TYPE_ID) return OD_ETYPE;
+    const od_isa_ops *ops = od_ops();
+    if (!ops->dequant_row[ttype]) return OD_ETYPE;
+    if (m < 0 || k <= 0 || n_rows < 0 || od_row_nbytes(ttype, k) == 0) return OD_EINVAL;
+    for (int64_t r = 0; r < m; r++)
+        if (ids[r] < 0 || ids[r] >= n_rows) return OD_ERANGE;
+    rows_job job = {.out = out, .table = table, .row_bytes = od_row_nbytes(ttype, k), .ids = ids, .k = k,
+                    .m = m, .fn = ops->dequant_row[ttype]};
+    const int threads = od_pool_threads();
+    if (threads > 1 && m * k >= (1 << 17)) {
+        job.rows_per_task = ceil_div(m, threads * 4);
+        od_pool_run(rows_task, &job, ceil_div(m, job.rows_per_task));
+    } else {
+        job.rows_per_task = m;
+        if (m > 0) rows_task(&job, 0);
+    }
+    return OD_OK;
+}
+
+/* ------------------------------------------------------------------ rmsnorm */
+
+typedef struct {
+    float *out;
+    const float *x, *weight;
+    int64_t k, rows_per_task, m;
+    float eps;
+    void (*fn)(float *, const float *, const float *, int64_t, float);
+} norm_job;
+
+static void norm_task(void *ctx, int64_t t) {
+    const norm_job *job = ctx;
+    const int64_t r0 = t * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    for (int64_t r = r0; r < r1; r++) job->fn(job->out + r * job->k, job->x + r * job->k, job->weight, job->k, job->eps);
+}
+
+int od_rmsnorm(float *out, const float *x, const float *weight, int64_t m, int64_t k, float eps) {
+    if (m < 0 || k <= 0 || !(eps >= 0.0f)) return OD_EINVAL;
+    norm_job job = {.out = out, .x = x, .weight = weight, .k = k, .m = m, .eps = eps, .fn = od_ops()->rmsnorm_row};
+    const int threads = od_pool_threads();
+    if (threads > 1 && m * k >= (1 << 17)) {
+        job.rows_per_task = ceil_div(m, threads * 4);
+        od_pool_run(norm_task, &job, ceil_div(m, job.rows_per_task));
+    } else if (m > 0) {
+        job.rows_per_task = m;
+        norm_task(&job, 0);
+    }
+    return OD_OK;
+}
+
+/* ------------------------------------------------------------------ rope */
+
+/*
+ * cos/sin tables per (theta, head dim), grown to the largest position seen, so the 2 x n_layers
+ * rope calls of a step share one computation. Angles are computed in double: pos * theta^(-2j/D)
+ * loses nothing at long positions. The lock is held for the whole call so a concurrent call can
+ * never see a table being replaced.
+ */
+#define ROPE_SLOTS 4
+#define ROPE_CACHE_MAX_BYTES (16u << 20)
+
+typedef struct {
+    float theta;
+    int64_t d;
+    int64_t n_pos;
+    float *table; /* [n_pos][d]: d/2 cosines then d/2 sines */
+} rope_slot;
+
+static rope_slot g_rope_slots[ROPE_SLOTS];
+static int g_rope_next_victim;
+static pthread_mutex_t g_rope_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void rope_fill(float *cs, int64_t pos, int64_t d, float theta, const float *freq_factors) {
+    const int64_t half = d / 2;
+    for (int64_t j = 0; j < half; j++) {
+        double inv_freq = pow((double)theta, -2.0 * (double)j / (double)d);
+        if (freq_factors) inv_freq /= (double)freq_factors[j];
+        const double angle = (double)pos * inv_freq;
+        cs[j] = (float)cos(angle);
+        cs[half + j] = (float)sin(angle);
+    }
+}
+
+/* Returns a table covering positions [0, max_pos], or NULL if it would be too big. */
+static const float *rope_table(float theta, int64_t d, int64_t max_pos) {
+    if ((size_t)(max_pos + 1) * (size_t)d * sizeof(float) > ROPE_CACHE_MAX_BYTES) return NULL;
+    rope_slot *slot = NULL;
+    for (int i = 0; i < ROPE_SLOTS; i++)
+        if (g_rope_slots[i].table && g_rope_slots[i].theta == theta && g_rope_slots[i].d == d) slot = &g_rope_slots[i];
+    if (slot && slot->n_pos > max_pos) return slot->table;
+    if (!slot) {
+        slot = &g_rope_slots[g_rope_next_victim];
+        g_rope_next_victim = (g_rope_next_victim + 1) % ROPE_SLOTS;
+        free(slot->table);
+        *slot = (rope_slot){.theta = theta, .d = d};
+    }
+    int64_t n_pos = slot->n_pos ? slot->n_pos * 2 : 1024;
+    while (n_pos <= max_pos) n_pos *= 2;
+    const int64_t cap = (int64_t)(ROPE_CACHE_MAX_BYTES / ((size_t)d * sizeof(float)));
+    if (n_pos > cap) n_pos = cap;
+    float *table = realloc(slot->table, (size_t)n_pos * (size_t)d * sizeof(float));
+    if (!table) return NULL;
+    for (int64_t p = slot->n_pos; p < n_pos; p++) rope_fill(table + p * d, p, d, theta, NULL);
+    slot->table = table;
+    slot->n_pos = n_pos;
+    return table;
+}
+
+typedef struct {
+    float *x;
+    int64_t h, d, rows_per_task, m;
+    const int32_t *positions;
+    const float *table; /* NULL: compute per row */
+    float theta;
+    const float *freq_factors;
+    int neox;
+    void (*fn)(float *, int64_t, int64_t, const float *, int);
+} rope_job;
+
+static void rope_task(void *ctx, int64_t t) {
+    const rope_job *job = ctx;
+    const int64_t r0 = t * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
+    float *own = NULL;
+    if (!job->table) {
+        own = od_scratch(1, (size_t)job->d * sizeof(float));
+        if (!own) return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const float *cs;
+        if (job->table) {
+            cs = job->table + (int64_t)job->positions[r] * job->d;
+        } else {
+            rope_fill(own, job->positions[r], job->d, job->theta, job->freq_factors);
+            cs = own;
+        }
+        job->fn(job->x + r * job->h * job->d, job->h, job->d, cs, job->neox);
+    }
+}
+
+int od_rope(float *x, int64_t m, int64_t h, int64_t d, const int32_t *positions, float theta, int neox,
+            const float *freq_factors) {
+    if (m < 0 || h <= 0 || d <= 0 || d % 2 != 0 || !(theta > 0.0f) || !isfinite(theta)) return OD_EINVAL;
+    int64_t max_pos = 0;
+    for (int64_t r = 0; r < m; r++) {
+        if (positions[r] < 0) return OD_EINVAL;
+        if (positions[r] > max_pos) max_pos = positions[r];
+    }
+    if (m == 0) return OD_OK;
+    rope_job job = {.x = x, .h = h, .d = d, .m = m, .positions = positions, .theta = theta,
+                    .freq_factors = freq_factors, .neox = neox, .fn = od_ops()->rope_row};
+    pthread_mutex_lock(&g_rope_lock);
+    if (!freq_factors) job.table = rope_table(theta, d, max_pos);
+    const int threads = od_pool_threads();
+    if (threads > 1 && m * h * d >= (1 << 16)) {
+        job.rows_per_task = ceil_div(m, threads * 4);
+        od_pool_run(rope_task, &job, ceil_div(m, job.rows_per_task));
+    } else {
+        job.rows_per_task = m;
+        rope_task(&job, 0);
+    }
+    pthread_mutex_unlock(&g_rope_lock);
+    return OD_OK;
+}
+
+/* ------------------------------------------------------------------ attention */
+
+#define ATTN_ROW_BLOCK 16
+
+size_t od_attn_scratch_floats(const od_attn_args *args, int64_t rows) {
+    /* scores for each row plus one output accumulator per row, padded for SIMD */
+    return (size_t)rows * (size_t)(args->c + args->d + 16) + 64;
+}
+
+typedef struct {
+    od_attn_args args;
+    od_attn_fn fn;
+    int64_t row_block, n_blocks;
+} attn_job;
+
+static void attn_task(void *ctx, int64_t t) {
+    const attn_job *job = ctx;
+    const int64_t head = t % job->args.h;
+    /* later rows attend to more keys: hand them out first for better balance */
+    const int64_t block = job->n_blocks - 1 - t / job->args.h;
+    const int64_t r0 = block * job->row_block;
+    const int64_t r1 = r0 + job->row_block < job->args.m ? r0 + job->row_block : job->args.m;
+    float *scratch = od_scratch(1, od_attn_scratch_floats(&job->args, r1 - r0) * sizeof(float));
+    if (!scratch) return;
+    job->fn(&job->args, head, r0, r1, scratch);
+}
+
+int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_f16, int64_t m,
+                 int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale) {
+    if (m < 0 || h <= 0 || hkv <= 0 || h % hkv != 0 || d <= 0 || c <= 0 || pos0 < 0 || pos0 + m > c ||
+        !isfinite(scale))
+        return OD_EINVAL;
+    if (m == 0) return OD_OK;
+    attn_job job = {.fn = od_ops()->attention};
+    job.args = (od_attn_args){.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .kv_f16 = kv_f16,
+                              .m = m, .h = h, .hkv = hkv, .c = c, .d = d, .pos0 = pos0, .scale = scale};
+    job.row_block = m < ATTN_ROW_BLOCK ? m : ATTN_ROW_BLOCK;
+    job.n_blocks = ceil_div(m, job.row_block);
+    const int64_t n_tasks = job.n_blocks * h;
+    const int64_t work = h * d * (pos0 + m) * m;
+    if (od_pool_threads() > 1 && work >= OD_MIN_PARALLEL_MACS) {
+        od_pool_run(attn_task, &job, n_tasks);
+    } else {
+        for (int64_t t = 0; t < n_tasks; t++) attn_task(&job, t);
+    }
+    return OD_OK;
+}
+
+/* ------------------------------------------------------------------ element-wise */
+
+typedef struct {
+    float *out;
+    const float *a, *b;
+    int64_t n, per_task;
+    int op; /* 0 silu_mul, 1 add */
+} ew_job;
+
+static void ew_task(void *ctx, int64_t t) {
+    const ew_job *job = ctx;
+    const int64_t i0 = t * job->per_task;
+    const int64_t len = i0 + job->per_task < job->n ? job->per_task : job->n - i0;
+    if (job->op == 0) od_ops()->silu_mul(job->out + i0, job->a + i0, job->b + i0, len);
+    else od_ops()->add(job->out + i0, job->b + i0, len);
+}
+
+static void run_elementwise(ew_job *job) {
+    const int threads = od_pool_threads();
+    if (threads > 1 && job->n >= (1 << 16)) {
+        job->per_task = ceil_div(ceil_div(job->n, threads * 4), 64) * 64;
+        od_pool_run(ew_task, job, ceil_div(job->n, job->per_task));
+    } else if (job->n > 0) {
+        job->per_task = job->n;
+        ew_task(job, 0);
+    }
+}
+
+void od_silu_mul(float *out, const float *gate, const float *up, int64_t n) {
+    ew_job job = {.out = out, .a = gate, .b = up, .n = n, .op = 0};
+    run_elementwise(&job);
+}
+
+void od_add_inplace(float *x, const float *y, int64_t n) {
+    ew_job job = {.out = x, .a = x, .b = y, .n = n, .op = 1};
+    run_elementwise(&job);
+}
+
+/* ------------------------------------------------------------------ argmax / top-k */
+
+int64_t od_argmax(const float *x, int64_t n) {
+    int64_t best = -1;
+    float best_value = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        if (v != v) continue; /* NaN */
+        if (best < 0 || v > best_value) {
+            best = i;
+            best_value = v;
+        }
+    }
+    return best;
+}
+
+/* heap entry a ranks below b (is a worse candidate) */
+static int ranks_below(float va, int32_t ia, float vb, int32_t ib) { return va < vb || (va == vb && ia > ib); }
+
+/* min-heap on rank: the root is the worst kept candidate */
+static void heap_sift_down(float *v, int32_t *idx, int64_t size, int64_t i) {
+    for (;;) {
+        const int64_t l = 2 * i + 1, r = l + 1;
+        int64_t worst = i;
+        if (l < size && ranks_below(v[l], idx[l], v[worst], idx[worst])) worst = l;
+        if (r < size && ranks_below(v[r], idx[r], v[worst], idx[worst])) worst = r;
+        if (worst == i) return;
+        const float tv = v[i];
+        v[i] = v[worst];
+        v[worst] = tv;
+        const int32_t ti = idx[i];
+        idx[i] = idx[worst];
+        idx[worst] = ti;
+        i = worst;
+    }
+}
+
+int64_t od_topk(const float *x, int64_t n, int64_t k, float *values, int32_t *indices) {
+    if (k < 0 || n < 0 || n > INT32_MAX) return OD_EINVAL;
+    if (k > n) k = n;
+    int64_t size = 0;
+    for (int64_t i = 0; i < n && k > 0; i++) {
+        const float v = x[i];
+        if (v != v) continue;
+        if (size < k) {
+            /* sift up */
+            int64_t j = size++;
+            values[j] = v;
+            indices[j] = (int32_t)i;
+            while (j > 0) {
+                const int64_t parent = (j - 1) / 2;
+                if (!ranks_below(values[j], indices[j], values[parent], indices[parent])) break;
+                const float tv = values[j];
+                values[j] = values[parent];
+                values[parent] = tv;
+                const int32_t ti = indices[j];
+                indices[j] = indices[parent];
+                indices[parent] = ti;
+                j = parent;
+            }
+        } else if (ranks_below(values[0], indices[0], v, (int32_t)i)) {
+            values[0] = v;
+            indices[0] = (int32_t)i;
+            heap_sift_down(values, indices, size, 0);
+        }
+    }
+    /* heap sort: repeatedly move the worst to the end -> best first */
+    for (int64_t end = size - 1; end > 0; end--) {
+        const float tv = values[0];
+        values[0] = values[end];
+        values[end] = tv;
+        const int32_t ti = indices[0];
+        indices[0] = indices[end];
+        indices[end] = ti;
+        heap_sift_down(values, indices, end, 0);
+    }
+    return size;
+}
+
+/* ------------------------------------------------------------------ threads */
+
+void od_set_threads(int n) { od_pool_set_threads(n); }
+int od_get_threads(void) { return od_pool_threads(); }
+int od_physical_cores(void) { return od_detect_physical_cores(); }

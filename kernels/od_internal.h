@@ -1,0 +1,128 @@
+/*
+ * Internal interface between the drivers (dispatch.c), the thread pool and the per-ISA kernels
+ * (*_scalar.c, *_avx2.c, *_neon.c). Not installed, not part of the public API.
+ */
+#ifndef ONDEVICE_INTERNAL_H
+#define ONDEVICE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "blocks.h"
+#include "ondevice_kernels.h"
+
+#define OD_MAX_TYPE_ID 31
+
+#if defined(__GNUC__)
+#define OD_INLINE static inline __attribute__((always_inline))
+#define OD_RESTRICT __restrict__
+#else
+#define OD_INLINE static inline
+#define OD_RESTRICT
+#endif
+
+/* ---------------------------------------------------------------- matmul */
+
+typedef struct {
+    float *out;            /* [m][ldo] */
+    int64_t ldo;
+    const uint8_t *w;      /* [n][row_bytes] */
+    size_t row_bytes;
+    int wtype;
+    int64_t m, n, k;
+    const od_q8_act *act;  /* quantized activations (quantized weight types) */
+    const float *x;        /* f32 activations [m][k] (F32/F16/BF16 weights) */
+    int accumulate;        /* out += instead of out = */
+} od_mm_args;
+
+/* Computes out[0..m)[n0..n1). Called concurrently from several threads on disjoint n ranges. */
+typedef void (*od_mm_fn)(const od_mm_args *args, int64_t n0, int64_t n1);
+
+/* Quantizes rows [m0, m1) of x[m][k] into act (arrays already sized for all rows). */
+typedef void (*od_quantize_act_fn)(const float *x, od_q8_act *act, int64_t m0, int64_t m1);
+
+/* Dequantizes one row of k weights to f32. */
+typedef void (*od_dequant_row_fn)(const uint8_t *row, float *out, int64_t k);
+
+/* ---------------------------------------------------------------- attention */
+
+typedef struct {
+    float *out;            /* [m][h*d] */
+    const float *q;        /* [m][h][d] */
+    const void *k_cache;   /* [hkv][c][d] f32 or f16 */
+    const void *v_cache;
+    int kv_f16;
+    int64_t m, h, hkv, c, d, pos0;
+    float scale;
+} od_attn_args;
+
+/* Computes the output of query head `head` for query rows [r0, r1). scratch holds at least
+ * od_attn_scratch_floats(args, r1 - r0) floats, 64-byte aligned. */
+typedef void (*od_attn_fn)(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
+
+/* ---------------------------------------------------------------- the per-ISA table */
+
+typedef struct {
+    const char *name;
+    od_quantize_act_fn quantize_act;
+    od_mm_fn matmul[OD_MAX_TYPE_ID];            /* NULL: type unsupported */
+    od_dequant_row_fn dequant_row[OD_MAX_TYPE_ID];
+    void (*rmsnorm_row)(float *out, const float *x, const float *weight, int64_t k, float eps);
+    /* Rotates one row of h heads of d dims; cs holds d/2 cosines then d/2 sines. */
+    void (*rope_row)(float *x, int64_t h, int64_t d, const float *cs, int neox);
+    od_attn_fn attention;
+    void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
+    void (*add)(float *x, const float *y, int64_t n);
+} od_isa_ops;
+
+extern const od_isa_ops od_ops_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const od_isa_ops od_ops_avx2;
+/* element-wise AVX2 kernels (ops_avx2.c), collected into od_ops_avx2 by quant_avx2.c */
+void od_rmsnorm_row_avx2(float *out, const float *x, const float *weight, int64_t k, float eps);
+void od_rope_row_avx2(float *x, int64_t h, int64_t d, const float *cs, int neox);
+void od_attention_avx2(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
+void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
+void od_add_avx2(float *x, const float *y, int64_t n);
+#endif
+#if defined(__aarch64__)
+extern const od_isa_ops od_ops_neon;
+#endif
+
+/* Currently selected table (set by dispatch.c). */
+const od_isa_ops *od_ops(void);
+
+/* ---------------------------------------------------------------- helpers shared by the kernels */
+
+/* Thread-local scratch buffer, 64-byte aligned, grown on demand; slot 0 is used by drivers for
+ * the whole call, slot 1 by tasks (kernels). Returns NULL on allocation failure. */
+void *od_scratch(int slot, size_t bytes);
+
+/* Scratch floats an attention task needs for `rows` query rows. */
+size_t od_attn_scratch_floats(const od_attn_args *args, int64_t rows);
+
+/* Scalar reference pieces reused by the SIMD tables for the less common types. */
+void od_quantize_act_scalar(const float *x, od_q8_act *act, int64_t m0, int64_t m1);
+void od_dequant_f32_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_f16_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_bf16_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q4_0_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q4_1_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q5_0_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q5_1_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q8_0_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q4_k_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q6_k_scalar(const uint8_t *row, float *out, int64_t k);
+int od_cpu_has_dotprod(void);
+
+/* ---------------------------------------------------------------- thread pool */
+
+/* Runs task(ctx, i) for i in [0, n_tasks) on the pool (the caller participates) and returns when
+ * all are done. Falls back to the calling thread alone when the pool is busy or has 1 thread. */
+typedef void (*od_task_fn)(void *ctx, int64_t task);
+void od_pool_run(od_task_fn task, void *ctx, int64_t n_tasks);
+int od_pool_threads(void);
+void od_pool_set_threads(int n);
+int od_detect_physical_cores(void);
+
+#endif /* ONDEVICE_INTERNAL_H */

@@ -1,0 +1,111 @@
+/*
+ * ondevice kernels: the compute primitives of a llama/qwen2-style decoder, over GGUF weights.
+ *
+ * Conventions
+ *  - All float arrays are float32, C-contiguous (row-major), and must not overlap unless a
+ *    function says it works in place.
+ *  - Weight matrices W are [N rows][K columns] in a GGML type (see enum od_type in blocks.h):
+ *    each row is od_row_nbytes(type, K) bytes, rows back to back, exactly as a 2-D GGUF tensor
+ *    with dims (K, N). Quantized rows need K to be a multiple of the type's block size
+ *    (32, or 256 for Q4_K / Q6_K).
+ *  - Functions returning int return OD_OK (0) or a negative OD_E* code and never touch memory
+ *    when they fail. They do not know the size of the caller's buffers beyond the dimensions
+ *    passed; callers (like the Python binding) check those.
+ *  - Multi-threaded functions use one process-wide pool (od_set_threads). Calls from several
+ *    threads at once are safe: a call that finds the pool busy runs on its own thread.
+ *  - SIMD code is chosen at run time from the CPU (AVX2+FMA+F16C on x86-64, NEON on aarch64,
+ *    plain C elsewhere); the environment variable ONDEVICE_ISA=scalar|avx2|neon overrides it.
+ */
+#ifndef ONDEVICE_KERNELS_H
+#define ONDEVICE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define OD_OK 0
+#define OD_EINVAL (-1)  /* bad dimension or parameter */
+#define OD_ETYPE (-2)   /* GGML type not supported by this function */
+#define OD_ERANGE (-3)  /* an index (token id) outside the table */
+#define OD_ENOMEM (-4)  /* scratch allocation failed */
+#define OD_EISA (-5)    /* requested ISA not available on this CPU/build */
+
+/* Bytes of one row of K weights of GGML type `type`; 0 if the type is unsupported or K is not a
+ * multiple of its block size. */
+size_t od_row_nbytes(int type, int64_t k);
+
+/* Human-readable name of a supported GGML type ("Q4_1"), or NULL. */
+const char *od_type_name(int type);
+
+/*
+ * out[M][N] = x[M][K] @ W^T (or out += ... when accumulate != 0).
+ * For quantized W, each row of x is quantized to 8-bit blocks of 32 (float scale per block) and
+ * the dot products run on integers, like llama.cpp's q8_0/q8_1 path; the result differs from an
+ * exact f32 product by that activation rounding (relative error ~0.3% of the row norm product).
+ * F32/F16/BF16 weights use f32 arithmetic. Threads split the N rows.
+ */
+int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, int64_t n, int64_t k,
+              int accumulate);
+
+/* out[M][K] = rows ids[0..M) of table (n_rows rows of K elements of GGML type ttype), in f32. */
+int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,
+                int64_t k);
+
+/* out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight, per row of K. out may equal x. */
+int od_rmsnorm(float *out, const float *x, const float *weight, int64_t m, int64_t k, float eps);
+
+/*
+ * Rotary position embedding, in place, on x[M][H][D] with row i at position positions[i].
+ * neox == 0: llama.cpp "normal" mode, rotates pairs (x[2j], x[2j+1]);
+ * neox != 0: NEOX / rotate-half mode, rotates pairs (x[j], x[j + D/2]).
+ * Angle of pair j is pos * theta^(-2j/D), divided by freq_factors[j] when freq_factors != NULL
+ * (llama 3 style rope_freqs). D must be even; positions must be >= 0.
+ */
+int od_rope(float *x, int64_t m, int64_t h, int64_t d, const int32_t *positions, float theta, int neox,
+            const float *freq_factors);
+
+/*
+ * Causal multi-head attention with grouped KV heads.
+ * q[M][H][D]; k_cache, v_cache: [Hkv][C][D] in f32 (kv_f16 == 0) or IEEE fp16 (kv_f16 != 0);
+ * query row i sits at position pos0 + i and attends to cache entries 0..pos0+i, which the
+ * caller has already written. Query head h uses KV head h / (H / Hkv). out[M][H*D].
+ * Requires H % Hkv == 0 and pos0 + M <= C. Threads split heads x query rows.
+ */
+int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_f16, int64_t m,
+                 int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale);
+
+/* out[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up. out may equal gate or up. */
+void od_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+
+/* x[i] += y[i]. */
+void od_add_inplace(float *x, const float *y, int64_t n);
+
+/* Index of the largest element (the first one on ties; NaNs are skipped); -1 if n == 0. */
+int64_t od_argmax(const float *x, int64_t n);
+
+/* The k largest elements, sorted descending (ties: lower index first), NaNs skipped.
+ * Writes min(k, count of non-NaN) entries and returns that count, or a negative error code. */
+int64_t od_topk(const float *x, int64_t n, int64_t k, float *values, int32_t *indices);
+
+/* Thread pool: n <= 0 selects the default (physical cores). Not to be called while another
+ * thread is inside a kernel. */
+void od_set_threads(int n);
+int od_get_threads(void);
+/* Physical cores available to this process (SMT siblings counted once). */
+int od_physical_cores(void);
+
+/* Name of the code path in use: "scalar", "avx2" or "neon". */
+const char *od_isa(void);
+/* Force a code path ("scalar", "avx2", "neon"); OD_EISA if the CPU or build lacks it. */
+int od_set_isa(const char *name);
+/* Space-separated list of the relevant CPU features detected ("avx2 fma f16c", "neon dotprod"...). */
+const char *od_cpu_features(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ONDEVICE_KERNELS_H */

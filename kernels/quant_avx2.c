@@ -1,0 +1,605 @@
+/*
+ * AVX2 + FMA + F16C matmul kernels (x86-64). Every function carries the target attribute, so this
+ * file is compiled without -mavx2 and only runs after dispatch.c has checked the CPU.
+ *
+ * Quantized weights meet 8-bit activations (od_q8_act) in integer dot products:
+ *   - unsigned codes (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K) go straight into vpmaddubsw as the unsigned
+ *     operand; the format's offset (-8d, -16d, m, -dmin*m) becomes one float multiply-add per block
+ *     with the activation block sum s = d_x * sum(q_x);
+ *   - signed codes (Q8_0, Q6_K) use the sign trick: |w| * sign(x, w).
+ *
+ * Two schedules:
+ *   - GEMV (few rows of x, i.e. decode): blocks are decoded straight from the GGUF bytes and dotted
+ *     with up to 4 activation rows while in registers. This is memory-bound; it only has to keep up
+ *     with DRAM.
+ *   - GEMM (prefill): 8 weight rows are decoded once into an L1-resident panel, interleaved so that
+ *     one 32-byte vector holds 4 consecutive codes of each of the 8 rows. A 4-byte group of one
+ *     activation row is broadcast against it, so vpmaddubsw works on 8 output columns at once and the
+ *     16-bit partial sums of a whole 32-block can be added before a single vpmaddwd; each block then
+ *     costs one convert and two FMAs per activation row for 8 outputs, and results land in 8
+ *     consecutive output columns (no horizontal sums). The panel is reused for all rows of x.
+ */
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "od_internal.h"
+
+#define OD_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define OD_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+/* Below this many activation rows the GEMV schedule wins (measured: see benchmarks/kernels_bench.py). */
+#define GEMM_MIN_M 4
+#define PANEL_ROWS 8
+
+OD_AVX2_INLINE float half_to_f32(const void *p) { return _cvtsh_ss(od_read_u16(p)); }
+
+OD_AVX2_INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+OD_AVX2_INLINE int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ------------------------------------------------------------------ activation quantization */
+
+OD_AVX2 static void quantize_act_avx2(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
+    const int64_t k = act->k, nb = act->nb;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t r = m0; r < m1; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + r * k + b * OD_QK;
+            __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+            __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
+                                      _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            const float amax = _mm_cvtss_f32(m4);
+            const float d = amax / 127.0f;
+            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            const __m256 vid = _mm256_set1_ps(id);
+            const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rounding));
+            const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rounding));
+            const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rounding));
+            const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rounding));
+            const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+            const int sum = _mm_cvtsi128_si32(t4);
+            /* packs interleave 128-bit lanes; the permute restores element order */
+            __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            packed = _mm256_permutevar8x32_epi32(packed, order);
+            _mm256_storeu_si256((__m256i *)(act->qs + r * k + b * OD_QK), packed);
+            act->d[r * nb + b] = d;
+            act->s[r * nb + b] = d * (float)sum;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ block decoding */
+
+/* 16 bytes of nibbles -> 32 codes in element order (low nibbles are elements 0..15). */
+OD_AVX2_INLINE __m256i nibbles_32(const uint8_t *qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+}
+
+/* bit e of qh -> 0x10 in byte e */
+OD_AVX2_INLINE __m256i fifth_bits_32(uint32_t qh) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                            3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+/*
+ * Block b (32 weights) of a row: returns the codes (unsigned for the offset formats, signed for
+ * Q8_0/Q6_K), the scale dw and offset mw with w = dw * code + mw, and for Q6_K the two integer
+ * sub-scales (w = dw * sc * code).
+ */
+OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b, float *dw, float *mw, int *sc_lo,
+                                  int *sc_hi) {
+    switch (type) {
+    case OD_TYPE_Q4_0: {
+        const block_q4_0 *blk = (const block_q4_0 *)row + b;
+        *dw = half_to_f32(&blk->d);
+        *mw = -8.0f * *dw;
+        return nibbles_32(blk->qs);
+    }
+    case OD_TYPE_Q4_1: {
+        const block_q4_1 *blk = (const block_q4_1 *)row + b;
+        *dw = half_to_f32(&blk->d);
+        *mw = half_to_f32(&blk->m);
+        return nibbles_32(blk->qs);
+    }
+    case OD_TYPE_Q5_0: {
+        const block_q5_0 *blk = (const block_q5_0 *)row + b;
+        *dw = half_to_f32(&blk->d);
+        *mw = -16.0f * *dw;
+        return _mm256_or_si256(nibbles_32(blk->qs), fifth_bits_32(od_read_u32(blk->qh)));
+    }
+    case OD_TYPE_Q5_1: {
+        const block_q5_1 *blk = (const block_q5_1 *)row + b;
+        *dw = half_to_f32(&blk->d);
+        *mw = half_to_f32(&blk->m);
+        return _mm256_or_si256(nibbles_32(blk->qs), fifth_bits_32(od_read_u32(blk->qh)));
+    }
+    case OD_TYPE_Q8_0: {
+        const block_q8_0 *blk = (const block_q8_0 *)row + b;
+        *dw = half_to_f32(&blk->d);
+        *mw = 0.0f;
+        return _mm256_loadu_si256((const __m256i *)blk->qs);
+    }
+    case OD_TYPE_Q4_K: {
+        const block_q4_K *blk = (const block_q4_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        uint8_t sc, mn;
+        od_q4k_scale_min(sub, blk->scales, &sc, &mn);
+        *dw = half_to_f32(&blk->d) * (float)sc;
+        *mw = -(half_to_f32(&blk->dmin) * (float)mn);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + (sub / 2) * 32));
+        if (sub & 1) v = _mm256_srli_epi16(v, 4);
+        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    }
+    case OD_TYPE_Q6_K: {
+        const block_q6_K *blk = (const block_q6_K *)row + b / 8;
+        const int sub = (int)(b % 8), half = sub / 4, part = sub % 4;
+        *dw = half_to_f32(&blk->d);
+        *mw = 0.0f;
+        *sc_lo = blk->scales[sub * 2];
+        *sc_hi = blk->scales[sub * 2 + 1];
+        __m256i low = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * half + (part & 1) * 32));
+        __m256i high = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * half));
+        low = _mm256_and_si256(_mm256_srli_epi16(low, (part >> 1) * 4), _mm256_set1_epi8(0x0F));
+        high = _mm256_and_si256(_mm256_srli_epi16(high, part * 2), _mm256_set1_epi8(0x03));
+        const __m256i q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+        return _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+    }
+    default:
+        *dw = 0.0f;
+        *mw = 0.0f;
+        return _mm256_setzero_si256();
+    }
+}
+
+#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K)
+
+/* ------------------------------------------------------------------ GEMV schedule */
+
+/* Output columns [n0, n1) for activation rows j0 .. j0+G-1. */
+OD_AVX2_INLINE void gemv_group(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1,
+                               int64_t j0) {
+    const od_q8_act *act = a->act;
+    const int64_t k = a->k, nb = act->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xq[4];
+    const float *xd[4], *xs[4];
+    for (int g = 0; g < G; g++) {
+        xq[g] = act->qs + (j0 + g) * k;
+        xd[g] = act->d + (j0 + g) * nb;
+        xs[g] = act->s + (j0 + g) * nb;
+    }
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = a->w + (size_t)n * a->row_bytes;
+        __m256 acc[4];
+        float acc_offset[4];
+        for (int g = 0; g < G; g++) {
+            acc[g] = _mm256_setzero_ps();
+            acc_offset[g] = 0.0f;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            float dw, mw;
+            int sc_lo = 0, sc_hi = 0;
+            const __m256i q = load_block(type, row, b, &dw, &mw, &sc_lo, &sc_hi);
+            __m256i mul16 = ones;
+            if (type == OD_TYPE_Q6_K) mul16 = _mm256_set_m128i(_mm_set1_epi16((short)sc_hi), _mm_set1_epi16((short)sc_lo));
+            const __m256i qa = IS_SIGNED_TYPE(type) ? _mm256_sign_epi8(q, q) : q;
+            for (int g = 0; g < G; g++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[g] + b * OD_QK));
+                if (IS_SIGNED_TYPE(type)) xv = _mm256_sign_epi8(xv, q);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xv), mul16);
+                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[g][b]), acc[g]);
+                if (!IS_SIGNED_TYPE(type)) acc_offset[g] += mw * xs[g][b];
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float *dst = a->out + (j0 + g) * a->ldo + n;
+            const float v = hsum_ps(acc[g]) + acc_offset[g];
+            *dst = a->accumulate ? *dst + v : v;
+        }
+    }
+}
+
+OD_AVX2_INLINE void gemv_quant(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
+    int64_t j = 0;
+    for (; j + 4 <= a->m; j += 4) gemv_group(type, 4, a, n0, n1, j);
+    switch (a->m - j) {
+    case 3: gemv_group(type, 3, a, n0, n1, j); break;
+    case 2: gemv_group(type, 2, a, n0, n1, j); break;
+    case 1: gemv_group(type, 1, a, n0, n1, j); break;
+    default: break;
+    }
+}
+
+/* ------------------------------------------------------------------ GEMM schedule */
+
+/* r[i] holds 8 dwords of row i; afterwards r[s] holds dword s of rows 0..7. */
+OD_AVX2_INLINE void transpose8_epi32(__m256i r[8]) {
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+    r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+    r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+    r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+    r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+    r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+    r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+    r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+typedef struct {
+    uint8_t *codes;  /* [nb][8 steps][8 rows][4]: |w| codes for signed types */
+    uint8_t *signs;  /* same layout, signed codes (signed types only) */
+    float *dw;       /* [nb][8] */
+    float *mw;       /* [nb][8] */
+    int16_t *scales; /* Q6_K: [nb][2 halves][8 rows][2] sub-scales, duplicated for vpmaddwd */
+} panel_t;
+
+/* Decodes rows [n, n+rows) (rows <= 8; missing rows are zero) into the interleaved panel. */
+OD_AVX2_INLINE void pack_panel(const int type, const od_mm_args *a, int64_t n, int rows, const panel_t *p) {
+    const int64_t nb = a->k / OD_QK;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i codes[8], signs[8];
+        for (int i = 0; i < PANEL_ROWS; i++) {
+            float dw = 0.0f, mw = 0.0f;
+            int sc_lo = 0, sc_hi = 0;
+            __m256i q = _mm256_setzero_si256();
+            if (i < rows) q = load_block(type, a->w + (size_t)(n + i) * a->row_bytes, b, &dw, &mw, &sc_lo, &sc_hi);
+            if (IS_SIGNED_TYPE(type)) {
+                codes[i] = _mm256_sign_epi8(q, q);
+                signs[i] = q;
+            } else {
+                codes[i] = q;
+            }
+            p->dw[b * 8 + i] = dw;
+            p->mw[b * 8 + i] = mw;
+            if (type == OD_TYPE_Q6_K) {
+                int16_t *s = p->scales + b * 32;
+                s[2 * i] = s[2 * i + 1] = (int16_t)sc_lo;
+                s[16 + 2 * i] = s[16 + 2 * i + 1] = (int16_t)sc_hi;
+            }
+        }
+        transpose8_epi32(codes);
+        for (int s = 0; s < 8; s++) _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32), codes[s]);
+        if (IS_SIGNED_TYPE(type)) {
+            transpose8_epi32(signs);
+            for (int s = 0; s < 8; s++) _mm256_store_si256((__m256i *)(p->signs + b * 256 + s * 32), signs[s]);
+        }
+    }
+}
+
+OD_AVX2_INLINE void store_tile_row(float *dst, __m256 v, int nvalid, int accumulate) {
+    if (nvalid == 8) {
+        if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(dst));
+        _mm256_storeu_ps(dst, v);
+    } else {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        for (int i = 0; i < nvalid; i++) dst[i] = accumulate ? dst[i] + tmp[i] : tmp[i];
+    }
+}
+
+/* 8 panel rows x RM activation rows starting at j0. */
+OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, const od_mm_args *a, int64_t j0,
+                              int64_t n, int nvalid) {
+    const od_q8_act *act = a->act;
+    const int64_t k = a->k, nb = act->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xq[4];
+    const float *xd[4], *xs[4];
+    __m256 acc[4];
+    for (int j = 0; j < RM; j++) {
+        xq[j] = act->qs + (j0 + j) * k;
+        xd[j] = act->d + (j0 + j) * nb;
+        xs[j] = act->s + (j0 + j) * nb;
+        acc[j] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *codes = p->codes + b * 256;
+        __m256i isum[4];
+        if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q4_K) {
+            /* 4-bit codes: |pair sum| <= 2*15*127, so all 8 steps fit in int16 */
+            __m256i s16[4];
+            for (int j = 0; j < RM; j++) s16[j] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
+                for (int j = 0; j < RM; j++) {
+                    const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + b * OD_QK + s * 4));
+                    s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(w, xb));
+                }
+            }
+            for (int j = 0; j < RM; j++) isum[j] = _mm256_madd_epi16(s16[j], ones);
+        } else if (type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1) {
+            /* 5-bit codes: 4 steps fit in int16 */
+            for (int j = 0; j < RM; j++) isum[j] = _mm256_setzero_si256();
+            for (int half = 0; half < 2; half++) {
+                __m256i s16[4];
+                for (int j = 0; j < RM; j++) s16[j] = _mm256_setzero_si256();
+                for (int s = half * 4; s < half * 4 + 4; s++) {
+                    const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
+                    for (int j = 0; j < RM; j++) {
+                        const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + b * OD_QK + s * 4));
+                        s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(w, xb));
+                    }
+                }
+                for (int j = 0; j < RM; j++) isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(s16[j], ones));
+            }
+        } else {
+            /* signed codes: sign trick, one vpmaddwd per step (Q6_K: with its sub-scales) */
+            const uint8_t *signs = p->signs + b * 256;
+            for (int j = 0; j < RM; j++) isum[j] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
+                const __m256i sg = _mm256_load_si256((const __m256i *)(signs + s * 32));
+                const __m256i mul16 = type == OD_TYPE_Q6_K
+                                          ? _mm256_loadu_si256((const __m256i *)(p->scales + b * 32 + (s / 4) * 16))
+                                          : ones;
+                for (int j = 0; j < RM; j++) {
+                    const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + b * OD_QK + s * 4));
+                    const __m256i prod = _mm256_maddubs_epi16(w, _mm256_sign_epi8(xb, sg));
+                    isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(prod, mul16));
+                }
+            }
+        }
+        const __m256 dw = _mm256_load_ps(p->dw + b * 8);
+        for (int j = 0; j < RM; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b])), acc[j]);
+        if (!IS_SIGNED_TYPE(type)) {
+            const __m256 mw = _mm256_load_ps(p->mw + b * 8);
+            for (int j = 0; j < RM; j++) acc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[j][b]), acc[j]);
+        }
+    }
+    for (int j = 0; j < RM; j++) store_tile_row(a->out + (j0 + j) * a->ldo + n, acc[j], nvalid, a->accumulate);
+}
+
+OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
+    const int64_t nb = a->k / OD_QK;
+    const size_t code_bytes = (size_t)nb * 256;
+    const size_t bytes = code_bytes * 2 + (size_t)nb * 8 * sizeof(float) * 2 + (size_t)nb * 32 * sizeof(int16_t);
+    uint8_t *buf = od_scratch(1, bytes);
+    if (!buf) return;
+    panel_t p = {.codes = buf, .signs = buf + code_bytes, .dw = (float *)(buf + 2 * code_bytes)};
+    p.mw = p.dw + nb * 8;
+    p.scales = (int16_t *)(p.mw + nb * 8);
+    for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
+        const int rows = (int)(n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS);
+        pack_panel(type, a, n, rows, &p);
+        int64_t j = 0;
+        for (; j + 4 <= a->m; j += 4) gemm_tile(type, 4, &p, a, j, n, rows);
+        switch (a->m - j) {
+        case 3: gemm_tile(type, 3, &p, a, j, n, rows); break;
+        case 2: gemm_tile(type, 2, &p, a, j, n, rows); break;
+        case 1: gemm_tile(type, 1, &p, a, j, n, rows); break;
+        default: break;
+        }
+    }
+}
+
+#define DEFINE_QUANT_MATMUL(NAME, TYPE)                                          \
+    OD_AVX2 static void NAME(const od_mm_args *a, int64_t n0, int64_t n1) {     \
+        if (a->m < GEMM_MIN_M) gemv_quant(TYPE, a, n0, n1);                      \
+        else gemm_quant(TYPE, a, n0, n1);                                        \
+    }
+
+DEFINE_QUANT_MATMUL(matmul_q4_0_avx2, OD_TYPE_Q4_0)
+DEFINE_QUANT_MATMUL(matmul_q4_1_avx2, OD_TYPE_Q4_1)
+DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
+DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
+DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
+DEFINE_QUANT_MATMUL(matmul_q4_k_avx2, OD_TYPE_Q4_K)
+DEFINE_QUANT_MATMUL(matmul_q6_k_avx2, OD_TYPE_Q6_K)
+
+/* ------------------------------------------------------------------ float weights */
+
+OD_AVX2_INLINE __m256 load_w8(const int type, const uint8_t *row, int64_t i) {
+    if (type == OD_TYPE_F32) return _mm256_loadu_ps((const float *)row + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * i));
+    if (type == OD_TYPE_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+OD_AVX2_INLINE float load_w1(const int type, const uint8_t *row, int64_t i) {
+    if (type == OD_TYPE_F32) return ((const float *)row)[i];
+    if (type == OD_TYPE_F16) return half_to_f32(row + 2 * i);
+    return od_bf16_to_fp32(od_read_u16(row + 2 * i));
+}
+
+OD_AVX2_INLINE void gemv_float_group(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1,
+                                     int64_t j0) {
+    const int64_t k = a->k, k8 = k & ~(int64_t)7;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = a->w + (size_t)n * a->row_bytes;
+        __m256 acc[4][2];
+        for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= k8; i += 16) {
+            const __m256 w0 = load_w8(type, row, i), w1 = load_w8(type, row, i + 8);
+            for (int g = 0; g < G; g++) {
+                const float *xr = a->x + (j0 + g) * k + i;
+                acc[g][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[g][0]);
+                acc[g][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[g][1]);
+            }
+        }
+        for (; i < k8; i += 8) {
+            const __m256 w0 = load_w8(type, row, i);
+            for (int g = 0; g < G; g++)
+                acc[g][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a->x + (j0 + g) * k + i), acc[g][0]);
+        }
+        for (int g = 0; g < G; g++) {
+            const float *xr = a->x + (j0 + g) * k;
+            float v = hsum_ps(_mm256_add_ps(acc[g][0], acc[g][1]));
+            for (int64_t t = k8; t < k; t++) v += load_w1(type, row, t) * xr[t];
+            float *dst = a->out + (j0 + g) * a->ldo + n;
+            *dst = a->accumulate ? *dst + v : v;
+        }
+    }
+}
+
+/* Float GEMM: 16 weight rows transposed into a [K][16] f32 panel, 6 x 16 register tile. */
+#define FPANEL_ROWS 16
+#define FTILE_M 6
+
+OD_AVX2_INLINE void transpose8_ps(__m256 r[8]) {
+    __m256i v[8];
+    for (int i = 0; i < 8; i++) v[i] = _mm256_castps_si256(r[i]);
+    transpose8_epi32(v);
+    for (int i = 0; i < 8; i++) r[i] = _mm256_castsi256_ps(v[i]);
+}
+
+OD_AVX2_INLINE void pack_float_panel(const int type, const od_mm_args *a, int64_t n, int rows, float *panel) {
+    const int64_t k = a->k, k8 = k & ~(int64_t)7;
+    for (int half = 0; half < 2; half++) {
+        for (int64_t i = 0; i < k8; i += 8) {
+            __m256 v[8];
+            for (int r = 0; r < 8; r++) {
+                const int row = half * 8 + r;
+                v[r] = row < rows ? load_w8(type, a->w + (size_t)(n + row) * a->row_bytes, i) : _mm256_setzero_ps();
+            }
+            transpose8_ps(v);
+            for (int t = 0; t < 8; t++) _mm256_store_ps(panel + (i + t) * FPANEL_ROWS + half * 8, v[t]);
+        }
+        for (int64_t t = k8; t < k; t++)
+            for (int r = 0; r < 8; r++) {
+                const int row = half * 8 + r;
+                panel[t * FPANEL_ROWS + row] = row < rows ? load_w1(type, a->w + (size_t)(n + row) * a->row_bytes, t) : 0.0f;
+            }
+    }
+}
+
+OD_AVX2_INLINE void gemm_float_tile(const int RM, const float *panel, const od_mm_args *a, int64_t j0, int64_t n,
+                                    int nvalid) {
+    const int64_t k = a->k;
+    __m256 acc[FTILE_M][2];
+    for (int j = 0; j < RM; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    const float *x0 = a->x + j0 * k;
+    for (int64_t t = 0; t < k; t++) {
+        const __m256 w0 = _mm256_load_ps(panel + t * FPANEL_ROWS), w1 = _mm256_load_ps(panel + t * FPANEL_ROWS + 8);
+        for (int j = 0; j < RM; j++) {
+            const __m256 xb = _mm256_broadcast_ss(x0 + j * k + t);
+            acc[j][0] = _mm256_fmadd_ps(w0, xb, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w1, xb, acc[j][1]);
+        }
+    }
+    for (int j = 0; j < RM; j++) {
+        float *dst = a->out + (j0 + j) * a->ldo + n;
+        store_tile_row(dst, acc[j][0], nvalid < 8 ? nvalid : 8, a->accumulate);
+        if (nvalid > 8) store_tile_row(dst + 8, acc[j][1], nvalid - 8, a->accumulate);
+    }
+}
+
+OD_AVX2_INLINE void matmul_float(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
+    if (a->m < GEMM_MIN_M) {
+        int64_t j = 0;
+        for (; j + 2 <= a->m; j += 2) gemv_float_group(type, 2, a, n0, n1, j);
+        if (j < a->m) gemv_float_group(type, 1, a, n0, n1, j);
+        return;
+    }
+    float *panel = od_scratch(1, (size_t)a->k * FPANEL_ROWS * sizeof(float));
+    if (!panel) return;
+    for (int64_t n = n0; n < n1; n += FPANEL_ROWS) {
+        const int rows = (int)(n1 - n < FPANEL_ROWS ? n1 - n : FPANEL_ROWS);
+        pack_float_panel(type, a, n, rows, panel);
+        int64_t j = 0;
+        for (; j + FTILE_M <= a->m; j += FTILE_M) gemm_float_tile(FTILE_M, panel, a, j, n, rows);
+        switch (a->m - j) {
+        case 5: gemm_float_tile(5, panel, a, j, n, rows); break;
+        case 4: gemm_float_tile(4, panel, a, j, n, rows); break;
+        case 3: gemm_float_tile(3, panel, a, j, n, rows); break;
+        case 2: gemm_float_tile(2, panel, a, j, n, rows); break;
+        case 1: gemm_float_tile(1, panel, a, j, n, rows); break;
+        default: break;
+        }
+    }
+}
+
+OD_AVX2 static void matmul_f32_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_float(OD_TYPE_F32, a, n0, n1); }
+OD_AVX2 static void matmul_f16_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_float(OD_TYPE_F16, a, n0, n1); }
+OD_AVX2 static void matmul_bf16_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_float(OD_TYPE_BF16, a, n0, n1); }
+
+/* ------------------------------------------------------------------ dequantization (get_rows) */
+
+OD_AVX2 static void dequant_q8_0_avx2(const uint8_t *row, float *out, int64_t k) {
+    for (int64_t b = 0; b < k / OD_QK; b++) {
+        const block_q8_0 *blk = (const block_q8_0 *)row + b;
+        const __m256 d = _mm256_set1_ps(half_to_f32(&blk->d));
+        for (int i = 0; i < 32; i += 8) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk->qs + i)));
+            _mm256_storeu_ps(out + b * OD_QK + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+        }
+    }
+}
+
+OD_AVX2 static void dequant_f16_avx2(const uint8_t *row, float *out, int64_t k) {
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(out + i, load_w8(OD_TYPE_F16, row, i));
+    for (; i < k; i++) out[i] = half_to_f32(row + 2 * i);
+}
+
+const od_isa_ops od_ops_avx2 = {
+    .name = "avx2",
+    .quantize_act = quantize_act_avx2,
+    .matmul =
+        {
+            [OD_TYPE_F32] = matmul_f32_avx2,
+            [OD_TYPE_F16] = matmul_f16_avx2,
+            [OD_TYPE_BF16] = matmul_bf16_avx2,
+            [OD_TYPE_Q4_0] = matmul_q4_0_avx2,
+            [OD_TYPE_Q4_1] = matmul_q4_1_avx2,
+            [OD_TYPE_Q5_0] = matmul_q5_0_avx2,
+            [OD_TYPE_Q5_1] = matmul_q5_1_avx2,
+            [OD_TYPE_Q8_0] = matmul_q8_0_avx2,
+            [OD_TYPE_Q4_K] = matmul_q4_k_avx2,
+            [OD_TYPE_Q6_K] = matmul_q6_k_avx2,
+        },
+    /* get_rows runs once per step on a handful of rows: only the common table types are vectorized */
+    .dequant_row =
+        {
+            [OD_TYPE_F32] = od_dequant_f32_scalar,
+            [OD_TYPE_F16] = dequant_f16_avx2,
+            [OD_TYPE_BF16] = od_dequant_bf16_scalar,
+            [OD_TYPE_Q4_0] = od_dequant_q4_0_scalar,
+            [OD_TYPE_Q4_1] = od_dequant_q4_1_scalar,
+            [OD_TYPE_Q5_0] = od_dequant_q5_0_scalar,
+            [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
+            [OD_TYPE_Q8_0] = dequant_q8_0_avx2,
+            [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
+            [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,
+        },
+    .rmsnorm_row = od_rmsnorm_row_avx2,
+    .rope_row = od_rope_row_avx2,
+    .attention = od_attention_avx2,
+    .silu_mul = od_silu_mul_avx2,
+    .add = od_add_avx2,
+};
+
+#endif /* x86-64 */

@@ -1,0 +1,168 @@
+"""Numpy reference implementations for the C kernels in ondevice._kernels (test oracles).
+
+Weights are dequantized with gguf-py (`gguf.quants.dequantize`), an implementation independent of
+ours. Activation quantization is emulated exactly (same float32 arithmetic and rounding) so the
+quantized-matmul check can be tight; `activation_error_bound` bounds what that rounding costs
+against the unquantized product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+QK = 32
+
+# GGML type id -> (block elements, block bytes)
+TYPE_LAYOUT: dict[int, tuple[int, int]] = {
+    QT.F32: (1, 4),
+    QT.F16: (1, 2),
+    QT.BF16: (1, 2),
+    QT.Q4_0: (32, 18),
+    QT.Q4_1: (32, 20),
+    QT.Q5_0: (32, 22),
+    QT.Q5_1: (32, 24),
+    QT.Q8_0: (32, 34),
+    QT.Q4_K: (256, 144),
+    QT.Q6_K: (256, 210),
+}
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+QUANT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)
+ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
+
+
+def row_nbytes(wtype: int, k: int) -> int:
+    elems, nbytes = TYPE_LAYOUT[wtype]
+    return k // elems * nbytes
+
+
+def make_weights(wtype: int, n: int, k: int, rng: np.random.Generator, random_bytes: bool = False) -> np.ndarray:
+    """Weights of type `wtype` as raw GGUF bytes, uint8 [n, row_nbytes].
+
+    Float types and the 32-element formats come from gguf-py's quantizer on random normal data;
+    with random_bytes=True (and always for Q4_K/Q6_K, which gguf-py cannot quantize) every quant
+    byte is random (so extreme codes such as q8 = -128 appear) and only the fp16 scales are set to
+    sane magnitudes.
+    """
+    dense = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    if wtype in FLOAT_TYPES:
+        if wtype == QT.F32:
+            return dense.view(np.uint8).reshape(n, -1)
+        if wtype == QT.F16:
+            return dense.astype(np.float16).view(np.uint8).reshape(n, -1)
+        return quants.quantize(dense, QT.BF16).reshape(n, -1)
+    if not random_bytes and wtype not in (QT.Q4_K, QT.Q6_K):
+        return quants.quantize(dense, wtype).reshape(n, -1)
+    elems, nbytes = TYPE_LAYOUT[wtype]
+    blocks = rng.integers(0, 256, size=(n * k // elems, nbytes), dtype=np.uint8)
+
+    def half_field(offset: int, lo: float, hi: float) -> None:
+        values = (rng.uniform(lo, hi, size=len(blocks)) * rng.choice([-1, 1], size=len(blocks))).astype(np.float16)
+        blocks[:, offset : offset + 2] = values.view(np.uint8).reshape(-1, 2)
+
+    if wtype == QT.Q6_K:
+        half_field(208, 1e-4, 1e-3)
+    elif wtype == QT.Q4_K:
+        half_field(0, 1e-4, 2e-3)
+        half_field(2, 1e-4, 2e-3)
+    else:
+        half_field(0, 1e-3, 1e-2)
+        if wtype in (QT.Q4_1, QT.Q5_1):
+            half_field(2, 1e-3, 5e-2)
+    return blocks.reshape(n, -1)
+
+
+def dequantize(w: np.ndarray, wtype: int, k: int) -> np.ndarray:
+    """float32 [n, k] from raw rows."""
+    n = w.shape[0]
+    if wtype == QT.F32:
+        return w.reshape(-1).view(np.float32).reshape(n, k)
+    if wtype == QT.F16:
+        return w.reshape(-1).view(np.float16).astype(np.float32).reshape(n, k)
+    return np.asarray(quants.dequantize(w.reshape(n, -1), wtype), dtype=np.float32).reshape(n, k)
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """x [m, k] float32 -> the float32 values the kernels' 8-bit activation blocks represent."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // QK, QK).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.rint(blocks * inv)  # half to even, like the kernels
+    return (q * d).reshape(m, k).astype(np.float32)
+
+
+def matmul(x: np.ndarray, w_dense: np.ndarray, quantized: bool) -> np.ndarray:
+    """Exact (float64) product of what the kernel should compute."""
+    xs = quantize_activations(x) if quantized else x
+    return (xs.astype(np.float64) @ w_dense.astype(np.float64).T).astype(np.float64)
+
+
+def magnitude(x: np.ndarray, w_dense: np.ndarray) -> np.ndarray:
+    """|x| @ |W|^T: the scale against which float rounding error is measured."""
+    return np.abs(x.astype(np.float64)) @ np.abs(w_dense.astype(np.float64)).T
+
+
+def activation_error_bound(x: np.ndarray, w_dense: np.ndarray) -> np.ndarray:
+    """Max |x@W^T - xq@W^T|: each activation moves by at most half its block's step d = amax/127."""
+    m, k = x.shape
+    step = np.abs(x.reshape(m, k // QK, QK)).max(axis=-1) / 127.0  # [m, nb]
+    w_block_abs = np.abs(w_dense.astype(np.float64)).reshape(w_dense.shape[0], k // QK, QK).sum(axis=-1)  # [n, nb]
+    return 0.5 * step @ w_block_abs.T * (1 + 1e-5)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    inv = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + eps)
+    return x64 * inv * weight.astype(np.float64)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """x [m, h, d] -> rotated copy (float64)."""
+    m, h, d = x.shape
+    inv_freq = theta ** (-2.0 * np.arange(d // 2) / d)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float64)
+    angle = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [m, d/2]
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    x64 = x.astype(np.float64)
+    if neox:
+        a, b = x64[..., : d // 2], x64[..., d // 2 :]
+    else:
+        a, b = x64[..., 0::2], x64[..., 1::2]
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = np.empty_like(x64)
+    if neox:
+        out[..., : d // 2], out[..., d // 2 :] = ra, rb
+    else:
+        out[..., 0::2], out[..., 1::2] = ra, rb
+    return out
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float) -> np.ndarray:
+    """q [m, h, d], caches [hkv, c, d] -> [m, h*d] (float64)."""
+    m, h, d = q.shape
+    hkv = k_cache.shape[0]
+    group = h // hkv
+    n_keys = pos0 + m
+    kc = k_cache[:, :n_keys].astype(np.float64)
+    vc = v_cache[:, :n_keys].astype(np.float64)
+    out = np.empty((m, h, d))
+    causal = np.arange(n_keys)[None, :] <= (pos0 + np.arange(m))[:, None]  # [m, n_keys]
+    for head in range(h):
+        kvh = head // group
+        scores = q[:, head].astype(np.float64) @ kc[kvh].T * scale
+        scores = np.where(causal, scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[:, head] = p @ vc[kvh]
+    return out.reshape(m, h * d)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = gate.astype(np.float64)
+    return g / (1.0 + np.exp(-g)) * up.astype(np.float64)

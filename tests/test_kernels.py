@@ -1,0 +1,353 @@
+"""Tests of the C kernels (ondevice._kernels) against numpy references, on every ISA path.
+
+Tolerances (all relative to |x| @ |W|^T, the sum of absolute products, so they hold for any data):
+- quantized weights: the kernel must equal x_q @ W^T, where x_q is the exactly emulated 8-bit
+  activation rounding (kernel_ref.quantize_activations) and W the gguf-py dequantization, to
+  1e-5 (float summation order only); and it must stay within activation_error_bound (half a
+  quantization step per activation, summed) of the unquantized x @ W^T.
+- float weights (F32/F16/BF16): 1e-5 of the exact product.
+- SIMD paths vs the scalar path: 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import kernel_ref as ref
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+K = pytest.importorskip("ondevice._kernels")
+
+DEFAULT_ISA = K.isa()
+
+
+def _available_isas() -> list[str]:
+    found = []
+    for name in ("scalar", "avx2", "neon"):
+        try:
+            K._set_isa(name)
+            found.append(name)
+        except ValueError:
+            pass
+    K._set_isa(DEFAULT_ISA)
+    return found
+
+
+ISAS = _available_isas()
+SIMD_ISAS = [name for name in ISAS if name != "scalar"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    K._set_isa(request.param)
+    yield request.param
+    K._set_isa(DEFAULT_ISA)
+
+
+def _run_matmul(w: np.ndarray, wtype: int, x: np.ndarray, n: int, accumulate_into: np.ndarray | None = None) -> np.ndarray:
+    m, k = x.shape
+    out = np.zeros((m, n), np.float32) if accumulate_into is None else accumulate_into.copy()
+    K.matmul(out, w, int(wtype), x, k, accumulate_into is not None)
+    return out
+
+
+def _activations(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, 5] *= 30.0  # an outlier channel, like real residual streams
+    if m > 2:
+        x[1, :64] = 0.0  # an all-zero block (scale 0)
+    return x
+
+
+MATMUL_SHAPES = [(1, 19, 576), (7, 70, 576), (1, 33, 1536), (7, 45, 256), (33, 40, 1536), (5, 130, 256)]
+
+
+def _check_matmul(out: np.ndarray, x: np.ndarray, w_dense: np.ndarray, wtype: int) -> None:
+    quantized = wtype not in ref.FLOAT_TYPES
+    mag = ref.magnitude(x, w_dense) + 1e-30
+    expected = ref.matmul(x, w_dense, quantized)
+    err = np.abs(out - expected) / mag
+    assert err.max() < 1e-5, f"max relative error {err.max():.3g} vs emulated reference"
+    if quantized:
+        exact = ref.matmul(x, w_dense, False)
+        bound = ref.activation_error_bound(x, w_dense) + 1e-5 * mag
+        assert np.all(np.abs(out - exact) <= bound)
+
+
+@pytest.mark.parametrize("wtype", ref.ALL_TYPES, ids=lambda t: QT(t).name)
+@pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matmul_matches_reference(isa, wtype, shape):
+    m, n, k = shape
+    if k % ref.TYPE_LAYOUT[wtype][0]:
+        pytest.skip("K-quants need K % 256 == 0")
+    rng = np.random.default_rng(hash((int(wtype), shape)) % 2**32)
+    w = ref.make_weights(wtype, n, k, rng)
+    x = _activations(rng, m, k)
+    out = _run_matmul(w, wtype, x, n)
+    _check_matmul(out, x, ref.dequantize(w, wtype, k), wtype)
+
+
+@pytest.mark.parametrize("wtype", ref.QUANT_TYPES, ids=lambda t: QT(t).name)
+def test_matmul_random_bytes(isa, wtype):
+    """Every bit pattern of the quant bytes (q8 = -128, all nibbles 15, all high bits set...)."""
+    rng = np.random.default_rng(7 + int(wtype))
+    for m, n, k in [(1, 37, 512), (9, 37, 512)]:
+        w = ref.make_weights(wtype, n, k, rng, random_bytes=True)
+        x = _activations(rng, m, k)
+        _check_matmul(_run_matmul(w, wtype, x, n), x, ref.dequantize(w, wtype, k), wtype)
+
+
+@pytest.mark.parametrize("wtype", [QT.Q4_1, QT.F16], ids=lambda t: QT(t).name)
+def test_matmul_accumulate(isa, wtype):
+    rng = np.random.default_rng(3)
+    m, n, k = 3, 50, 256
+    w = ref.make_weights(wtype, n, k, rng)
+    x = _activations(rng, m, k)
+    base = rng.standard_normal((m, n)).astype(np.float32)
+    plain = _run_matmul(w, wtype, x, n)
+    summed = _run_matmul(w, wtype, x, n, accumulate_into=base)
+    np.testing.assert_allclose(summed, base + plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("simd", SIMD_ISAS)
+@pytest.mark.parametrize("wtype", ref.ALL_TYPES, ids=lambda t: QT(t).name)
+def test_matmul_simd_matches_scalar(simd, wtype):
+    rng = np.random.default_rng(11 + int(wtype))
+    for m, n, k in [(1, 67, 1536), (4, 16, 256), (13, 83, 512), (64, 48, 256)]:
+        w = ref.make_weights(wtype, n, k, rng)
+        x = _activations(rng, m, k)
+        try:
+            K._set_isa("scalar")
+            expected = _run_matmul(w, wtype, x, n)
+            K._set_isa(simd)
+            got = _run_matmul(w, wtype, x, n)
+        finally:
+            K._set_isa(DEFAULT_ISA)
+        mag = ref.magnitude(x, ref.dequantize(w, wtype, k)) + 1e-30
+        assert (np.abs(got - expected) / mag).max() < 1e-5, (m, n, k)
+
+
+def test_matmul_thread_counts_agree():
+    rng = np.random.default_rng(5)
+    w = ref.make_weights(QT.Q4_1, 301, 576, rng)
+    x = _activations(rng, 5, 576)
+    before = K.get_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            K.set_threads(threads)
+            assert K.get_threads() == threads
+            results.append(_run_matmul(w, QT.Q4_1, x, 301))
+    finally:
+        K.set_threads(before)
+    # same per-row arithmetic whatever the split: bit-identical
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+# ------------------------------------------------------------------ other kernels
+
+
+@pytest.mark.parametrize("ttype", ref.ALL_TYPES, ids=lambda t: QT(t).name)
+def test_get_rows(isa, ttype):
+    rng = np.random.default_rng(int(ttype))
+    k = 512
+    table = ref.make_weights(ttype, 23, k, rng)
+    dense = ref.dequantize(table, ttype, k)
+    ids = np.array([0, 22, 5, 5, 17], np.int32)
+    out = np.empty((len(ids), k), np.float32)
+    K.get_rows(out, table, int(ttype), ids, k)
+    np.testing.assert_allclose(out, dense[ids], rtol=1e-6, atol=1e-9)
+
+
+def test_rmsnorm(isa):
+    rng = np.random.default_rng(1)
+    for m, k in [(1, 576), (7, 1536), (3, 100)]:
+        x = rng.standard_normal((m, k)).astype(np.float32) * 3
+        weight = rng.standard_normal(k).astype(np.float32)
+        out = np.empty_like(x)
+        K.rmsnorm(out, x, weight, 1e-5)
+        np.testing.assert_allclose(out, ref.rmsnorm(x, weight, 1e-5), rtol=2e-5, atol=2e-5)
+        K.rmsnorm(x, x, weight, 1e-5)  # in place
+        np.testing.assert_allclose(x, out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope(isa, neox):
+    rng = np.random.default_rng(2)
+    for m, h, d, positions in [
+        (1, 9, 64, [37]),
+        (7, 3, 64, list(range(100, 107))),
+        (4, 2, 128, [0, 5000, 3, 70000]),  # 70000 exceeds the cached table: computed on the fly
+        (3, 1, 6, [1, 2, 3]),
+    ]:
+        x = rng.standard_normal((m, h, d)).astype(np.float32)
+        pos = np.array(positions, np.int32)
+        expected = ref.rope(x, pos, 100000.0, neox)
+        K.rope(x, pos, 100000.0, neox)
+        np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_freq_factors(isa):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 4, 64)).astype(np.float32)
+    pos = np.arange(10, 15, dtype=np.int32)
+    factors = rng.uniform(1.0, 8.0, 32).astype(np.float32)
+    expected = ref.rope(x, pos, 500000.0, False, factors)
+    K.rope(x, pos, 500000.0, False, factors)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+def test_attention(isa, kv_dtype):
+    rng = np.random.default_rng(6)
+    h, hkv, d, c = 9, 3, 64, 300
+    k_cache = rng.standard_normal((hkv, c, d)).astype(kv_dtype)
+    v_cache = rng.standard_normal((hkv, c, d)).astype(kv_dtype)
+    for m, pos0 in [(1, 0), (1, 200), (7, 0), (20, 5), (37, 263)]:
+        q = (rng.standard_normal((m, h, d)) * 2).astype(np.float32)
+        out = np.empty((m, h * d), np.float32)
+        K.attention(out, q, k_cache, v_cache, pos0, 1 / 8)
+        expected = ref.attention(q, k_cache, v_cache, pos0, 1 / 8)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_attention_extreme_scores_are_stable(isa):
+    """Large logits must not overflow: softmax is computed relative to the row maximum."""
+    h, hkv, d, c = 2, 1, 16, 8
+    k_cache = np.zeros((hkv, c, d), np.float32)
+    k_cache[0, :, 0] = np.arange(c) * 100.0
+    v_cache = np.arange(hkv * c * d, dtype=np.float32).reshape(hkv, c, d)
+    q = np.ones((4, h, d), np.float32)
+    out = np.empty((4, h * d), np.float32)
+    K.attention(out, q, k_cache, v_cache, 4, 1.0)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref.attention(q, k_cache, v_cache, 4, 1.0), rtol=1e-5, atol=1e-4)
+
+
+def test_silu_mul_and_add(isa):
+    rng = np.random.default_rng(8)
+    for n in (1, 7, 1536, 100003):
+        gate = (rng.standard_normal(n) * 4).astype(np.float32)
+        gate[0] = -100.0  # exp overflow region
+        up = rng.standard_normal(n).astype(np.float32)
+        out = np.empty_like(gate)
+        K.silu_mul(out, gate, up)
+        np.testing.assert_allclose(out, ref.silu_mul(gate, up), rtol=2e-6, atol=1e-6)
+        x = gate.copy()
+        K.add_inplace(x, up)
+        np.testing.assert_array_equal(x, gate + up)
+
+
+def test_argmax_and_topk():
+    x = np.array([1.0, 5.0, np.nan, 5.0, -2.0, 3.0], np.float32)
+    assert K.argmax(x) == 1
+    values, indices = K.topk(x, 3)
+    assert indices.tolist() == [1, 3, 5] and values.tolist() == [5.0, 5.0, 3.0]
+    assert values.dtype == np.float32 and indices.dtype == np.int32
+    values, indices = K.topk(x, 10)  # k > count of non-NaN: 5 results
+    assert indices.tolist() == [1, 3, 5, 0, 4]
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal(49152).astype(np.float32)
+    assert K.argmax(logits) == int(np.argmax(logits))
+    values, indices = K.topk(logits, 40)
+    order = np.argsort(-logits, kind="stable")[:40]
+    assert indices.tolist() == order.tolist()
+    np.testing.assert_array_equal(values, logits[order])
+
+
+# ------------------------------------------------------------------ argument checking
+
+
+def test_bad_arguments_raise_value_error():
+    rng = np.random.default_rng(10)
+    w = ref.make_weights(QT.Q4_1, 8, 64, rng)
+    x = np.ones((2, 64), np.float32)
+    out = np.empty((2, 8), np.float32)
+    K.matmul(out, w, int(QT.Q4_1), x, 64)  # the valid call
+    cases = [
+        lambda: K.matmul(out, w, 99, x, 64),  # unknown type id
+        lambda: K.matmul(out, w, 4, x, 64),  # removed type id
+        lambda: K.matmul(out, w, -1, x, 64),
+        lambda: K.matmul(out, w, int(QT.Q4_1), x, 48),  # K not a block multiple
+        lambda: K.matmul(out, w[:7], int(QT.Q4_1), x, 64),  # too few weight bytes
+        lambda: K.matmul(out, w, int(QT.Q4_K), x, 64),  # K-quant with K % 256
+        lambda: K.matmul(np.empty((2, 9), np.float32), w, int(QT.Q4_1), x, 64),  # N mismatch
+        lambda: K.matmul(out, w, int(QT.Q4_1), np.ones((2, 65), np.float32), 64),  # x not a multiple of K
+        lambda: K.matmul(out, w, int(QT.Q4_1), x.astype(np.float64), 64),  # dtype
+        lambda: K.matmul(out, w, int(QT.Q4_1), np.ones((64, 4), np.float32).T, 64),  # non-contiguous
+        lambda: K.matmul(out.astype(np.int32), w, int(QT.Q4_1), x, 64),  # int32 out (itemsize 4)
+        lambda: K.matmul(np.frombuffer(bytes(64), np.float32).reshape(2, 8), w, int(QT.Q4_1), x, 64),  # read-only
+        lambda: K.matmul(x[:, :8], w, int(QT.Q4_1), x, 64),  # non-contiguous out
+        lambda: K.get_rows(np.empty((1, 64), np.float32), w, int(QT.Q4_1), np.array([8], np.int32), 64),
+        lambda: K.get_rows(np.empty((1, 64), np.float32), w, int(QT.Q4_1), np.array([-1], np.int32), 64),
+        lambda: K.get_rows(np.empty((1, 64), np.float32), w, int(QT.Q4_1), np.array([0], np.int64), 64),
+        lambda: K.get_rows(np.empty((2, 64), np.float32), w, int(QT.Q4_1), np.array([0], np.int32), 64),
+        lambda: K.rmsnorm(np.empty(63, np.float32), x, np.ones(64, np.float32), 1e-5),
+        lambda: K.rmsnorm(np.empty_like(x), x, np.ones(63, np.float32), 1e-5),
+        lambda: K.rmsnorm(x[:, 1:], x[:, :63], np.ones(63, np.float32), 1e-5),
+        lambda: K.rope(np.ones((2, 3, 5), np.float32), np.zeros(2, np.int32), 1e4, False),  # odd D
+        lambda: K.rope(np.ones((2, 3, 4), np.float32), np.zeros(3, np.int32), 1e4, False),
+        lambda: K.rope(np.ones((2, 3, 4), np.float32), np.array([0, -1], np.int32), 1e4, False),
+        lambda: K.rope(np.ones((2, 12), np.float32), np.zeros(2, np.int32), 1e4, False),  # not 3-D
+        lambda: K.rope(np.ones((2, 3, 4), np.float32), np.zeros(2, np.int32), 1e4, False, np.ones(3, np.float32)),
+        lambda: K.silu_mul(np.empty(3, np.float32), np.ones(4, np.float32), np.ones(4, np.float32)),
+        lambda: K.add_inplace(np.ones(4, np.float32), np.ones(5, np.float32)),
+        lambda: K.topk(np.ones(4, np.float32), 0),
+        lambda: K.argmax(np.ones(0, np.float32)),
+        lambda: K._set_isa("sparc"),
+        lambda: K.set_threads(-1),
+    ]
+    buf = np.zeros((2, 64), np.float32)
+    cases.append(lambda: K.matmul(buf.reshape(-1)[:16], w, int(QT.Q4_1), buf, 64))  # out overlaps x
+    q = np.ones((2, 4, 8), np.float32)
+    kc = np.ones((2, 10, 8), np.float32)
+    attn_out = np.empty((2, 32), np.float32)
+    K.attention(attn_out, q, kc, kc, 8, 0.3)  # the valid call
+    cases += [
+        lambda: K.attention(attn_out, q, kc, kc, 9, 0.3),  # pos0 + M > C
+        lambda: K.attention(attn_out, q, kc, kc, -1, 0.3),
+        lambda: K.attention(attn_out, np.ones((2, 3, 8), np.float32), kc, kc, 0, 0.3),  # H % Hkv
+        lambda: K.attention(attn_out, q, kc, kc.astype(np.float16), 0, 0.3),  # dtype mismatch
+        lambda: K.attention(attn_out, q, kc[:, :, :4].copy(), kc[:, :, :4].copy(), 0, 0.3),  # D mismatch
+        lambda: K.attention(np.empty((2, 31), np.float32), q, kc, kc, 0, 0.3),
+        lambda: K.attention(attn_out, q.reshape(2, 32), kc, kc, 0, 0.3),  # q not 3-D
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(ValueError):
+            case()
+        assert i >= 0
+    with pytest.raises(TypeError):
+        K.matmul(out, [1, 2, 3], int(QT.Q4_1), x, 64)
+
+
+def test_accepts_mmap_and_memoryview(tmp_path):
+    """Weights straight from a read-only mapping, as the runtime does with GGUF files."""
+    import mmap
+
+    rng = np.random.default_rng(12)
+    w = ref.make_weights(QT.Q8_0, 16, 256, rng)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 32 + w.tobytes())
+    x = _activations(rng, 2, 256)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)[32:]
+        out = np.empty((2, 16), np.float32)
+        K.matmul(out, view, int(QT.Q8_0), x, 256)
+        view.release()
+    np.testing.assert_array_equal(out, _run_matmul(w, QT.Q8_0, x, 16))
+
+
+def test_config_and_env_override():
+    assert K.physical_cores() >= 1
+    assert K.get_threads() >= 1
+    assert K.isa() in ("scalar", "avx2", "neon")
+    assert isinstance(K.cpu_features(), str)
+    assert K.row_nbytes(int(QT.Q4_1), 576) == 18 * 20
+    env = dict(os.environ, ONDEVICE_ISA="scalar", ONDEVICE_THREADS="3")
+    code = "import ondevice._kernels as k; print(k.isa(), k.get_threads())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["scalar", "3"]
