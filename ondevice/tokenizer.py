@@ -748,7 +748,10 @@ def vocab_from_gguf_metadata(metadata: Mapping[str, Any]) -> GGUFVocab:
     if raw_types is None:
         types = [TOKEN_NORMAL] * n_tokens
     else:
-        types = [_as_int(t, _K + "token_type") for t in raw_types]
+        if hasattr(raw_types, "dtype") and getattr(raw_types.dtype, "kind", "") in "iu":
+            types = [int(t) for t in raw_types.tolist()]  # numpy array from a GGUF reader
+        else:
+            types = [_as_int(t, _K + "token_type") for t in raw_types]
         if len(types) < n_tokens:
             raise InvalidModelError(f"GGUF has {len(types)} token types for {n_tokens} tokens")
         types = types[:n_tokens]
@@ -996,15 +999,21 @@ def tokenizer_config_json(
         if special is None:
             special = SpecialTokens(bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                                     unk_id=vocab.unk_id, add_bos=vocab.add_bos, add_eos=vocab.add_eos)
-        data = _as_tokenizer_dict(hf_tokenizer_json_from_vocab(vocab))
+        id_to_text = dict(enumerate(vocab.tokens))
+        # the same added tokens hf_tokenizer_json_from_vocab() declares
+        added_decoder = {
+            str(tid): {"content": vocab.tokens[tid], "lstrip": False, "normalized": False, "rstrip": False,
+                       "single_word": False, "special": ttype != TOKEN_USER_DEFINED}
+            for tid, ttype in enumerate(llama_cpp_token_types(vocab))
+            if ttype in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
+        }
     else:
         data = _as_tokenizer_dict(tokenizer)
         if special is None:
             raise TypeError("tokenizer_config_json needs the SpecialTokens of a tokenizer.json")
-    id_to_text: dict[int, str] = {tid: text for text, tid in (data["model"].get("vocab") or {}).items()
-                                  if isinstance(tid, int)}
-    added_decoder = _added_tokens_decoder_from_json(data)
-    id_to_text.update({int(tid): entry["content"] for tid, entry in added_decoder.items()})
+        id_to_text = {tid: text for text, tid in (data["model"].get("vocab") or {}).items() if isinstance(tid, int)}
+        added_decoder = _added_tokens_decoder_from_json(data)
+        id_to_text.update({int(tid): entry["content"] for tid, entry in added_decoder.items()})
 
     def text_of(tid: int | None) -> str | None:
         return id_to_text.get(tid) if tid is not None else None
