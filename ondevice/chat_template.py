@@ -504,6 +504,9 @@ def render_chat(
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, Mapping) for m in messages):
         raise InvalidModelError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
     context = {
+        # transformers always passes these two (as None when absent): `tools is not none` must be false
+        "tools": None,
+        "documents": None,
         **{key: _plain(value) for key, value in extra.items()},
         "messages": _plain(list(messages)),
         "add_generation_prompt": bool(add_generation_prompt),
