@@ -182,7 +182,9 @@ def test_types_match_llama_cpp_quantize(tmp_path, width, ffn, kv_width, n_layers
     write_llama_f32_gguf(src, tensors, n_layers=n_layers, width=width, ffn=ffn, heads=heads,
                          kv_heads=heads * kv_width // width)
     mismatches = []
-    for recipe in RECIPES:
+    # f32 is left out: llama.cpp (llama-cpp-python 0.3.36) dies with SIGBUS when asked to "quantize" an
+    # f32 file to ALL_F32; the f32 recipe's rule (every tensor f32) is covered above.
+    for recipe in (r for r in RECIPES if r != "f32"):
         reader = llama_cpp_quantize(src, tmp_path / f"{recipe}.gguf", recipe)
         theirs = {t.name: QUANT_TYPES_BY_ID[int(t.tensor_type)] for t in reader.tensors}
         assert set(theirs) == set(shapes)

@@ -26,23 +26,26 @@ def _make_qkx2_quants(
 
     x, weights: float32 (n, S), one sub-block per column. Returns (scale (S,), the_min (S,) >= 0,
     codes (n, S) in 0..nmax) with x ~ scale * code - the_min.
+
+    As in the C code, each candidate scale is laid over the best min found so far (the search is
+    sequential per sub-block), so the codes of step k depend on the steps before it.
     """
     lo = np.minimum(x.min(axis=0), F32(0))
     hi = x.max(axis=0)
     sum_w = sequential_sum(weights)
     sum_x = sequential_sum(weights * x)
     flat = hi == lo  # includes all-zero sub-blocks: codes 0, scale 0
-    span = np.where(flat, F32(1), hi - lo)
-    shifted = x - lo  # >= 0, so codes only need clamping from above
     work = np.empty_like(x)  # scratch reused by every step: the search is bound by memory traffic
+    shifted = np.empty_like(x)
 
-    def codes_for(iscale: np.ndarray) -> np.ndarray:
+    def codes_for(iscale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        np.subtract(x, offset, out=shifted)
         codes = np.multiply(shifted, iscale)
-        np.rint(codes, out=codes)  # nearest_int; exact as float since |values| <= nmax + 1
-        return np.minimum(codes, F32(nmax), out=codes)
+        np.rint(codes, out=codes)  # nearest_int(); exact as a float for these magnitudes
+        return np.clip(codes, F32(0), F32(nmax), out=codes)
 
     def weighted_error(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        # C: diff = scale*L + min - x; err += w*diff*diff, each step rounded to float32.
+        # C: diff = scale*L + min - x; err += w*diff*diff, each operation rounded to float32.
         np.multiply(codes, scale, out=work)
         np.add(work, offset, out=work)
         np.subtract(work, x, out=work)
@@ -53,17 +56,16 @@ def _make_qkx2_quants(
     def weighted_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return sequential_sum(np.multiply(a, b, out=work))
 
-    iscale = F32(nmax) / span
-    scale = F32(1) / iscale
-    best_error = weighted_error(scale, lo, codes_for(iscale))
-    best_min = lo.copy()
-    # Codes are a function of the scale tried, so remember the winning one and rebuild them once at the end.
-    best_iscale = iscale
-
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cur_min = lo
+        iscale = F32(nmax) / np.where(flat, F32(1), hi - lo)
+        scale = F32(1) / iscale
+        best_error = weighted_error(scale, cur_min, codes_for(iscale, cur_min))
+        # Codes are a function of (iscale, min) at the step that won: keep those, rebuild the codes once.
+        code_iscale, code_min = iscale, cur_min
         for step in range(nstep + 1):
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
-            trial = codes_for(iscale)
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - cur_min)
+            trial = codes_for(iscale, cur_min)
             wl = weights * trial
             sum_l = sequential_sum(wl)
             sum_l2 = weighted_sum(wl, trial)
@@ -76,18 +78,19 @@ def _make_qkx2_quants(
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
             this_min = np.where(positive, F32(0), this_min)
             error = weighted_error(this_scale, this_min, trial)
-            better = (det > 0) & (error < best_error)
-            best_error = np.where(better, error, best_error)
-            scale = np.where(better, this_scale, scale)
-            best_min = np.where(better, this_min, best_min)
-            best_iscale = np.where(better, iscale, best_iscale)
+            better = (det > 0) & (error < best_error) & ~flat
+            if better.any():
+                best_error = np.where(better, error, best_error)
+                scale = np.where(better, this_scale, scale)
+                code_iscale = np.where(better, iscale, code_iscale)
+                code_min = np.where(better, cur_min, code_min)
+                cur_min = np.where(better, this_min, cur_min)
+        codes = codes_for(code_iscale, code_min)
 
-    codes = codes_for(best_iscale)
     # Constant sub-blocks (max == min, e.g. all zero): C returns codes 0, scale 0, min kept.
     scale = np.where(flat, F32(0), scale)
-    best_min = np.where(flat, lo, best_min)
     codes[:, flat] = 0
-    return scale.astype(F32), (-best_min).astype(F32), codes.astype(np.uint8)
+    return scale.astype(F32), (-cur_min).astype(F32), codes.astype(np.uint8)
 
 
 def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
