@@ -15,42 +15,26 @@ from ondevice.quant import QuantType, quant_type_for_ggml
 
 
 def _vocab_from_gguf(gguf: GGUFFile):
-    from ondevice.tokenizer import GGUFVocab
+    from ondevice.tokenizer import vocab_from_gguf_metadata
 
-    def opt_id(key: str) -> int | None:
-        value = gguf.get(f"tokenizer.ggml.{key}")
-        return None if value is None else int(value)
-
-    model = gguf.get("tokenizer.ggml.model")
-    tokens = gguf.get("tokenizer.ggml.tokens")
-    if model is None or tokens is None:
+    if gguf.get("tokenizer.ggml.model") is None or gguf.get("tokenizer.ggml.tokens") is None:
         raise InvalidModelError(f"{gguf.path}: the file has no tokenizer (tokenizer.ggml.model/tokens missing)")
-    token_types = gguf.get("tokenizer.ggml.token_type")
-    if token_types is None:
-        token_types = [1] * len(tokens)
-    if len(token_types) != len(tokens):
-        raise InvalidModelError(f"{gguf.path}: {len(token_types)} token types for {len(tokens)} tokens")
-    return GGUFVocab(
-        model=str(model),
-        pre=gguf.get("tokenizer.ggml.pre"),
-        tokens=list(tokens),
-        token_types=[int(t) for t in token_types],
-        merges=list(gguf.get("tokenizer.ggml.merges", [])),
-        bos_id=opt_id("bos_token_id"),
-        eos_id=opt_id("eos_token_id"),
-        unk_id=opt_id("unknown_token_id"),
-        pad_id=opt_id("padding_token_id"),
-        eot_id=opt_id("eot_token_id"),
-        add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token", False)),
-        add_eos=bool(gguf.get("tokenizer.ggml.add_eos_token", False)),
-    )
+    metadata = {}
+    for key, field in gguf.fields.items():
+        if key.startswith("tokenizer.ggml."):
+            value = field.value
+            metadata[key] = value.tolist() if isinstance(value, np.ndarray) else value
+    try:
+        return vocab_from_gguf_metadata(metadata)
+    except InvalidModelError as exc:
+        raise InvalidModelError(f"{gguf.path}: {exc}") from None
 
 
 def _special_from_vocab(vocab) -> object:
-    from ondevice.tokenizer import SpecialTokens
+    """Special ids as llama.cpp uses them: generation ends on every end-of-generation token, not only EOS."""
+    from ondevice.tokenizer import SpecialTokens, eog_ids
 
-    eos_ids = [i for i in (vocab.eos_id, vocab.eot_id) if i is not None]
-    return SpecialTokens(bos_id=vocab.bos_id, eos_id=vocab.eos_id, eos_ids=sorted(set(eos_ids)), pad_id=vocab.pad_id,
+    return SpecialTokens(bos_id=vocab.bos_id, eos_id=vocab.eos_id, eos_ids=eog_ids(vocab), pad_id=vocab.pad_id,
                          unk_id=vocab.unk_id, add_bos=vocab.add_bos, add_eos=vocab.add_eos)
 
 
