@@ -11,6 +11,7 @@ TARGET_MODULES: dict[str, str] = {
     "gguf": "ondevice.converters.gguf",
     "hf": "ondevice.converters.hf",
     "mlx": "ondevice.converters.mlx",
+    "onnx": "ondevice.converters.onnx",
 }
 
 

@@ -1,0 +1,178 @@
+"""ONNX graph building blocks for the ONNX target: a node/initializer builder that streams weights into an
+external-data file, and the weight quantizers whose layouts onnxruntime's kernels read.
+
+Weight layouts:
+- int4: com.microsoft MatMulNBits. For a linear layer with weight W (N outputs, K inputs), blocks of `block`
+  consecutive inputs of one output: B is uint8 (N, K/block, block/2) with element 2i in the low nibble of byte i;
+  scales float32 (N, K/block); weight = (code - zero_point) * scale. Symmetric (no zero points, zero point 8)
+  or asymmetric (uint8 zero points, two per byte, low nibble first). Byte-identical to onnxruntime's own RTN
+  quantizer (quantize_matmul_4bits, used by onnxruntime-genai's model builder).
+- int8: standard ai.onnx MatMulInteger. W^T (K, N) as uint8 = q + 128 with a per-output-column zero point of 128
+  and float32 scale absmax/127 (symmetric). uint8 rather than int8 weights because x86 CPUs without VNNI
+  compute uint8 x int8 products with a saturating 16-bit intermediate (wrong results); uint8 x uint8 is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+INLINE_MAX_BYTES = 1024  # smaller initializers (shapes, scalars) stay inside model.onnx
+LARGE_ALIGN = 1 << 16  # big tensors start on 64 KiB boundaries so runtimes can mmap them
+SMALL_ALIGN = 64
+
+
+class ExternalData:
+    """Appends initializer bytes to one external-data file and returns TensorProtos that point into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = path.name
+        self._fh = open(path, "wb")
+        self.offset = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes <= INLINE_MAX_BYTES:
+            return numpy_helper.from_array(array, name)
+        align = LARGE_ALIGN if array.nbytes >= (1 << 20) else SMALL_ALIGN
+        pad = -self.offset % align
+        if pad:
+            self._fh.write(b"\0" * pad)
+            self.offset += pad
+        self._fh.write(memoryview(array).cast("B"))
+        proto = TensorProto()
+        proto.name = name
+        proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        proto.dims.extend(array.shape)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)),
+                           ("length", str(array.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += array.nbytes
+        return proto
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; every value gets a readable unique name."""
+
+    def __init__(self, data: ExternalData) -> None:
+        self.data = data
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._names: dict[str, int] = {}
+        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+
+    def fresh(self, base: str) -> str:
+        count = self._names.get(base, 0)
+        self._names[base] = count + 1
+        return base if count == 0 else f"{base}_{count}"
+
+    def node(self, op_type: str, inputs: list[str], name: str, outputs: list[str] | int = 1, domain: str = "",
+             **attrs: object) -> list[str]:
+        """Add a node; returns its output names (given ones name graph outputs)."""
+        node_name = self.fresh(name)
+        if isinstance(outputs, int):
+            outputs = [f"{node_name}/out{i}" for i in range(outputs)] if outputs > 1 else [f"{node_name}/out"]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, domain=domain or None, **attrs))
+        return outputs
+
+    def op(self, op_type: str, inputs: list[str], name: str, out: str | None = None, domain: str = "",
+           **attrs: object) -> str:
+        """A single-output node; `out` names a graph output."""
+        return self.node(op_type, inputs, name, [out] if out else 1, domain, **attrs)[0]
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """An initializer streamed to the external-data file (the array can be freed afterwards)."""
+        name = self.fresh(name)
+        self.initializers.append(self.data.tensor(name, array))
+        return name
+
+    def const(self, values: object, dtype: type = np.int64) -> str:
+        """A small constant initializer, shared between uses."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.tobytes(), array.shape)
+        if key not in self._consts:
+            self._consts[key] = self.weight(f"const/{array.dtype.name}_{len(self._consts)}", array)
+        return self._consts[key]
+
+
+# ------------------------------------------------------------------------------------------------ quantizers
+def quantize_int4_blocks(w: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray,
+                                                                                 np.ndarray | None]:
+    """MatMulNBits 4-bit RTN of a (N, K) weight: (B uint8 (N, K/block, block/2), scales (N, K/block),
+    zero points uint8 (N, ceil(K/block/2)) or None). K is zero-padded to a multiple of `block`.
+
+    symmetric: scale = (value of largest magnitude) / -8, code = clip(rint(x / scale) + 8, 0, 15).
+    asymmetric: the block's range widened to include 0, scale = (max - min) / 15,
+    zero point = clip(rint(-min / scale), 0, 15), code = clip(rint(x / scale + zero point), 0, 15).
+    """
+    n, k = w.shape
+    w = w.astype(np.float32, copy=False)
+    if k % block:
+        w = np.pad(w, ((0, 0), (0, -k % block)))
+    x = w.reshape(n, -1, block)
+    if symmetric:
+        pick = np.abs(x).argmax(axis=-1)[..., None]
+        scales = np.take_along_axis(x, pick, axis=-1)[..., 0] / np.float32(-8)
+        zero = np.float32(8)
+    else:
+        low = np.minimum(x.min(axis=-1), np.float32(0))
+        high = np.maximum(x.max(axis=-1), np.float32(0))
+        scales = (high - low) / np.float32(15)
+        has_range = scales != 0
+        zero_f = np.where(has_range, -low / np.where(has_range, scales, np.float32(1)), low)
+        zero = np.clip(np.rint(zero_f), 0, 15).astype(np.float32)
+    nonzero = scales != 0
+    inverse = np.where(nonzero, np.float32(1) / np.where(nonzero, scales, np.float32(1)), np.float32(0))
+    zero_b = zero if np.ndim(zero) == 0 else zero[..., None]
+    codes = np.clip(np.rint(x * inverse[..., None] + zero_b), 0, 15).astype(np.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    zero_points = None
+    if not symmetric:
+        z = zero.astype(np.uint8)
+        if z.shape[1] % 2:
+            z = np.pad(z, ((0, 0), (0, 1)))
+        zero_points = z[:, 0::2] | (z[:, 1::2] << 4)
+    return packed, scales.astype(np.float32), zero_points
+
+
+def dequantize_int4_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+                           k: int) -> np.ndarray:
+    """The (N, K) float32 weight a MatMulNBits triple stands for (for tests)."""
+    n, blocks, _ = packed.shape
+    codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
+    if zero_points is None:
+        zero = np.full((n, blocks), 8, np.float32)
+    else:
+        zero = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    return ((codes - zero[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
+
+
+def quantize_int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-row symmetric int8 of a (N, K) weight, stored as uint8 = q + 128: (codes (N, K), scales (N,))."""
+    w = w.astype(np.float32, copy=False)
+    scales = np.abs(w).max(axis=1) / np.float32(127)
+    inverse = np.where(scales > 0, np.float32(1) / np.where(scales > 0, scales, np.float32(1)), np.float32(0))
+    q = np.clip(np.rint(w * inverse[:, None]), -127, 127)
+    return (q + 128).astype(np.uint8), scales.astype(np.float32)
+
+
+def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position * inverse frequency, (positions, head_dim / 2), computed in float32 as
+    transformers' default rotary embedding does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1) / np.power(np.float32(theta), exponents, dtype=np.float32)).astype(np.float32)
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
