@@ -38,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def summarize_fallbacks(fallbacks: list[str]) -> list[str]:
+    """Group per-tensor fallback lines ("name: a -> b (reason)") into one line per kind (--json keeps all)."""
+    groups: dict[str, list[str]] = {}
+    for line in fallbacks:
+        name, _, what = line.partition(": ")
+        groups.setdefault(what, []).append(name)
+    return [f"{len(names)} tensors {what}, e.g. {names[0]}" if len(names) > 1 else f"{names[0]}: {what}"
+            for what, names in groups.items()]
+
+
 def run(args: argparse.Namespace) -> int:
     from ondevice.cli import print_json
     from ondevice.hub import resolve_model
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for line in result.notes:
         print(f"note: {line}", file=sys.stderr)
-    for line in result.fallbacks:
+    for line in summarize_fallbacks(result.fallbacks):
         print(f"fallback: {line}", file=sys.stderr)
     mix = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
     print(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB, {args.to} {result.quant}; tensors: {mix}) "
