@@ -1,0 +1,228 @@
+"""Benchmark inputs: what kind of artifact a path is, the facts the harness records about it, and sources
+converted on the fly (cached under the user cache dir, keyed by the source's content hash and the settings)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ondevice.bench.backends.base import GGUF, HF, MLX, ONNX, PTE
+from ondevice.errors import InvalidModelError, OndeviceError
+
+# llama.cpp's llama_ftype numbers (general.file_type) -> scheme names.
+FTYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+               11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
+               17: "q5_k_m", 18: "q6_k", 32: "bf16"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture facts a memory/bandwidth estimate needs."""
+
+    n_params: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+
+    def kv_bytes_per_position(self, bytes_per_element: int = 2) -> int:
+        """K and V of one token across all layers (f16 cache by default, as llama.cpp keeps it)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    kind: str
+    model: str  # the model's label in the results (same for every quantization of one model)
+    quant: str
+    size_bytes: int
+    weight_bytes_per_token: int  # weight bytes one decoded token reads (the roofline's numerator)
+    shape: ModelShape | None = None
+    source: str | None = None  # what it was converted from, when converted on the fly
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def artifact_kind(path: Path) -> str:
+    """gguf | mlx | pte | onnx | hf, or an error naming what was expected."""
+    if path.is_file():
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"GGUF":
+            return GGUF
+        if path.suffix == ".pte":
+            return PTE
+        if path.suffix == ".onnx":
+            return ONNX
+    elif path.is_dir():
+        config = path / "config.json"
+        if config.exists():
+            import json
+
+            try:
+                data = json.loads(config.read_text())
+            except (OSError, ValueError):
+                data = {}
+            return MLX if "quantization" in data and not (path / "quantize_config.json").exists() else HF
+        if any(path.glob("*.onnx")):
+            return ONNX
+        if any(path.glob("*.pte")):
+            return PTE
+    raise InvalidModelError(f"{path}: not a model artifact (expected a .gguf file, an MLX or Hugging Face folder, "
+                            f"a .pte or an .onnx file)")
+
+
+def disk_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _gguf_facts(path: Path) -> tuple[str, str, int, ModelShape | None]:
+    """(label, quant, weight bytes per token, shape) from a GGUF's metadata and tensor table."""
+    from ondevice.formats.gguf import GGUFFile
+
+    with GGUFFile(path) as gguf:
+        arch = str(gguf.get("general.architecture", ""))
+        basename, size_label = gguf.get("general.basename"), gguf.get("general.size_label")
+        label = f"{basename}-{size_label}" if basename and size_label else str(gguf.get("general.name") or path.stem)
+        ftype = gguf.get("general.file_type")
+        quant = FTYPE_NAMES.get(int(ftype), f"ftype{int(ftype)}") if ftype is not None else "unknown"
+        total = sum(info.nbytes for info in gguf.tensors.values())
+        embed = gguf.tensors.get("token_embd.weight")
+        if embed is not None and "output.weight" in gguf.tensors:
+            # Untied: the embedding table is only looked up (one row per token), never streamed whole.
+            total -= embed.nbytes - embed.nbytes // embed.shape[0]
+
+        def meta(key: str, default: int = 0) -> int:
+            value = gguf.get(f"{arch}.{key}")
+            return int(value) if value is not None else default
+
+        shape = None
+        if meta("block_count"):
+            heads = meta("attention.head_count", 1)
+            width = meta("embedding_length")
+            vocab = meta("vocab_size") or len(gguf.get("tokenizer.ggml.tokens", []) or [])
+            shape = ModelShape(
+                n_params=sum(_numel(info.shape) for info in gguf.tensors.values()),
+                n_layers=meta("block_count"), n_kv_heads=meta("attention.head_count_kv", heads),
+                head_dim=meta("attention.key_length") or width // max(heads, 1), hidden_size=width,
+                vocab_size=vocab, context_length=meta("context_length"))
+    return label, quant, total, shape
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _hf_facts(path: Path) -> tuple[str, str, int, ModelShape | None]:
+    from ondevice.sources import open_source
+
+    model = open_source(path)
+    try:
+        spec = model.spec
+        dtypes = {t.source_dtype for t in model.tensors.values()}
+        n_params = sum(t.numel for t in model.tensors.values())
+        weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) or n_params * 4
+        shape = ModelShape(n_params=n_params, n_layers=spec.n_layers, n_kv_heads=spec.n_kv_heads,
+                           head_dim=spec.head_dim, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
+                           context_length=spec.context_length)
+    finally:
+        model.close()
+    return path.name, "+".join(sorted(dtypes)).lower(), weights, shape
+
+
+def describe_artifact(path: Path, *, label: str | None = None, quant: str | None = None,
+                      source: str | None = None) -> Artifact:
+    path = Path(path)
+    kind = artifact_kind(path)
+    size = disk_size(path)
+    if kind == GGUF:
+        found_label, found_quant, weights, shape = _gguf_facts(path)
+    elif kind == HF:
+        found_label, found_quant, weights, shape = _hf_facts(path)
+    else:  # other targets: weights ~ the artifact's size, no architecture facts read (yet)
+        found_label, found_quant, weights, shape = path.stem, "unknown", size, None
+    return Artifact(path=path, kind=kind, model=label or found_label, quant=quant or found_quant, size_bytes=size,
+                    weight_bytes_per_token=weights, shape=shape, source=source)
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 over a file, or over a folder's files (relative names and contents, in name order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _label_for(name: str, path: Path) -> str | None:
+    """An alias labels itself; a path gets its label from the file's own metadata."""
+    from ondevice.hub import MODELS
+
+    return name.lower() if name.lower() in MODELS else None
+
+
+def converted_artifact(source_name: str, to: str, quant: str, *, progress: bool = True,
+                       label: str | None = None) -> Artifact:
+    """The source converted to `to`/`quant`, from the cache or converted now (atomically) into it."""
+    from ondevice.converters import get_target
+    from ondevice.converters.base import ConvertOptions
+    from ondevice.hub import cache_dir, resolve_model
+    from ondevice.sources import open_source
+
+    writer = get_target(to)
+    scheme, _note = writer.TARGET.resolve_quant(quant)
+    src = resolve_model(source_name)
+    key = content_hash(src)[:16]
+    out = cache_dir() / "bench" / "artifacts" / f"{src.name.removesuffix('.gguf')}-{key}-{to}-{scheme}" \
+        f"{writer.TARGET.suffix}"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"ondevice bench: converting {source_name} to {to} {scheme} (cached as {out})", file=sys.stderr)
+        model = open_source(src)
+        try:
+            writer.convert(model, out, ConvertOptions(quant=scheme, progress=progress))
+        finally:
+            model.close()
+    source_label = label or _label_for(source_name, src) or describe_artifact(src).model
+    return describe_artifact(out, label=source_label, quant=scheme, source=str(src))
+
+
+def resolve_artifacts(models: list[str], *, to: str | None = None, quants: list[str] | None = None,
+                      progress: bool = True, label: str | None = None) -> list[Artifact]:
+    """MODEL arguments -> artifacts: as given, or converted to each of `quants` when `to` is set."""
+    from ondevice.hub import resolve_model
+
+    if quants and not to:
+        raise OndeviceError("--quant needs --to (the target format to convert the sources to)")
+    out: list[Artifact] = []
+    for name in models:
+        if to:
+            for quant in quants or [None]:  # type: ignore[list-item]
+                if quant is None:
+                    from ondevice.converters import get_target
+
+                    quant = get_target(to).TARGET.default_quant
+                out.append(converted_artifact(name, to, quant, progress=progress, label=label))
+        else:
+            path = resolve_model(name)
+            out.append(describe_artifact(path, label=label or _label_for(name, path)))
+    return out

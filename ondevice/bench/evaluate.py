@@ -1,0 +1,120 @@
+"""`ondevice eval`: perplexity of an artifact on the bundled text, and the KL divergence / top-1 agreement of its
+next-token distributions against a reference (a Hugging Face folder through transformers, or another artifact).
+Both models see the very same token ids, cut into windows of `ctx` tokens (each opened by the BOS if the
+tokenizer adds one)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ondevice.bench.artifacts import Artifact
+from ondevice.bench.backends import Backend, backend_class, default_backends
+from ondevice.bench.prompt import bundled_text
+from ondevice.bench.quality import QualityTotals
+from ondevice.errors import OndeviceError, UnsupportedError
+
+
+def pick_logits_backend(kind: str, wanted: str | None = None, prefer: str | None = None) -> str:
+    """The backend that computes logits for an artifact kind: the one asked for, else `prefer`, else the first
+    available one (ondevice's runtime before llama.cpp)."""
+    if wanted:
+        cls = backend_class(wanted)
+        if not cls.returns_logits:
+            raise UnsupportedError(f"backend {wanted} does not return logits, so it cannot be evaluated")
+        if not cls.accepts(kind):
+            raise UnsupportedError(f"backend {wanted} does not run {kind} artifacts")
+        reason = cls.unavailable_reason()
+        if reason:
+            raise OndeviceError(f"backend {wanted} is not available: {reason}")
+        return wanted
+    candidates = ([prefer] if prefer else []) + default_backends()
+    reasons = []
+    for name in candidates:
+        cls = backend_class(name)
+        if cls.returns_logits and cls.accepts(kind):
+            reason = cls.unavailable_reason()
+            if reason is None:
+                return name
+            reasons.append(f"{name}: {reason}")
+    raise OndeviceError(f"no available backend returns logits for {kind} artifacts"
+                        + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+@dataclass
+class EvalWindowing:
+    ctx: int = 256  # tokens per window, BOS included
+    max_tokens: int = 1024  # text tokens evaluated at most (the bundled text has about 1,400)
+
+
+def windows(backend: Backend, text: str, setup: EvalWindowing) -> list[list[int]]:
+    prefix = backend.tokenize("")  # the BOS, when the tokenizer adds one
+    body = backend.tokenize(text)[len(prefix):][: setup.max_tokens]
+    step = setup.ctx - len(prefix)
+    if step < 2:
+        raise OndeviceError(f"--ctx {setup.ctx} is too small for evaluation")
+    out = [prefix + body[i:i + step] for i in range(0, len(body), step)]
+    return [w for w in out if len(w) >= 2]
+
+
+def _load(name: str, artifact: Artifact, threads: int, n_ctx: int) -> Backend:
+    backend = backend_class(name)()
+    backend.import_runtime()
+    backend.load(artifact.path, threads=threads, n_ctx=n_ctx, logits=True)
+    return backend
+
+
+def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = None, ref_backend: str | None = None,
+             threads: int = 2, setup: EvalWindowing | None = None, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    setup = setup or EvalWindowing()
+    name = pick_logits_backend(artifact.kind, backend)
+    ref_name = pick_logits_backend(reference.kind, ref_backend, prefer=name if reference.kind == artifact.kind
+                                   else None)
+    test = _load(name, artifact, threads, setup.ctx)
+    try:
+        ref = _load(ref_name, reference, threads, setup.ctx)
+        try:
+            if test.vocab_size != ref.vocab_size:
+                raise OndeviceError(f"the artifact's vocabulary ({test.vocab_size}) differs from the reference's "
+                                    f"({ref.vocab_size}): they are not the same model")
+            chunks = windows(test, bundled_text(), setup)
+            totals = QualityTotals()
+            for window in tqdm(chunks, desc="eval", unit="window", file=sys.stderr,
+                               disable=not progress or None, leave=False):
+                test_logits = test.logits(window)
+                ref_logits = ref.logits(window)
+                totals.add(ref_logits[:-1], test_logits[:-1], np.asarray(window[1:]))
+            sample = bundled_text()[:400]
+            same_tokens = test.tokenize(sample) == ref.tokenize(sample)
+        finally:
+            ref.close()
+    finally:
+        test.close()
+    result = totals.result()
+    return {**result, "backend": name, "ref_backend": ref_name, "backend_version": backend_class(name).version(),
+            "ctx": setup.ctx, "max_tokens": setup.max_tokens, "windows": len(chunks),
+            "tokenizers_agree": same_tokens}
+
+
+def quality_row(artifact: Artifact, reference: Artifact, result: dict[str, Any],
+                environment: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "quality", "status": "ok", "backend": result["backend"], "backend_version": result["backend_version"],
+        "model": artifact.model, "quant": artifact.quant, "artifact": str(artifact.path),
+        "artifact_kind": artifact.kind, "artifact_size_bytes": artifact.size_bytes,
+        "weight_bytes_per_token": artifact.weight_bytes_per_token,
+        "reference": f"{reference.path} ({result['ref_backend']}, {reference.quant})",
+        "eval_tokens": result["tokens"], "perplexity": result["perplexity"],
+        "ref_perplexity": result["ref_perplexity"], "kl_mean": result["kl_mean"], "kl_max": result["kl_max"],
+        "top1_agreement": result["top1_agreement"],
+        "settings": {"ctx": result["ctx"], "max_tokens": result["max_tokens"], "windows": result["windows"],
+                     "ref_backend": result["ref_backend"], "text": "ondevice/data/eval_text.txt",
+                     "kl_p99": result["kl_p99"], "tokenizers_agree": result["tokenizers_agree"],
+                     "source": artifact.source},
+        "environment": environment,
+    }

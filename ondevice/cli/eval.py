@@ -1,0 +1,89 @@
+"""`ondevice eval ARTIFACT --ref SOURCE`: perplexity, KL divergence and top-1 agreement against a reference."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = """\
+Measure what quantization cost: perplexity of ARTIFACT on a bundled public-domain text, and the KL divergence
+of its next-token distributions from the reference's (KL(reference || artifact), nats per token) with the
+top-1 agreement. SOURCE is a Hugging Face folder (run with transformers, float32) or another artifact (e.g. an
+f32 GGUF). Both see the very same token ids. Needs a backend that returns logits: ondevice's runtime or
+llama.cpp for GGUF. Results go to the benchmark store, next to the speed figures (`ondevice bench report`).
+
+examples:
+  ondevice eval smol-q4_0.gguf --ref ./SmolLM2-135M-Instruct
+  ondevice eval ./SmolLM2-135M-Instruct --to gguf --quant q4_0,q8_0 --ref ./SmolLM2-135M-Instruct
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="quality of a quantized model against its reference (PPL, KL, top-1)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact or alias (or a source with --to)")
+    p.add_argument("--ref", required=True, metavar="SOURCE", help="reference: Hugging Face folder or artifact")
+    p.add_argument("--to", help="convert ARTIFACT(s) to this target first (e.g. gguf)")
+    p.add_argument("--quant", help="comma-separated schemes for --to")
+    p.add_argument("--label", help="model name to record")
+    p.add_argument("--backend", help="backend for the artifact (default: the first available that returns logits)")
+    p.add_argument("--ref-backend", help="backend for the reference (default: transformers for a Hugging Face "
+                                         "folder, else the artifact's backend)")
+    p.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="text tokens evaluated at most (default 1024)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--db", help="results database (default: the user data dir's ondevice/bench.sqlite)")
+    p.add_argument("--no-store", action="store_true", help="do not record the results")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ondevice.bench.artifacts import describe_artifact, resolve_artifacts
+    from ondevice.bench.evaluate import EvalWindowing, evaluate, quality_row
+    from ondevice.bench.fingerprint import fingerprint
+    from ondevice.bench.store import Store
+    from ondevice.cli import print_json
+    from ondevice.errors import OndeviceError
+    from ondevice.hub import resolve_model
+
+    if args.ctx < 8 or args.max_tokens < 8:
+        raise OndeviceError("--ctx and --max-tokens must be at least 8")
+    progress = not (args.no_progress or args.json)
+    quants = [q.strip() for q in args.quant.split(",") if q.strip()] if args.quant else None
+    artifacts = resolve_artifacts(args.artifacts, to=args.to, quants=quants, progress=progress, label=args.label)
+    reference = describe_artifact(resolve_model(args.ref))
+    fp = fingerprint(measure_bandwidth=False)
+    threads = args.threads or fp["hardware"]["cores_physical"]
+    setup = EvalWindowing(ctx=args.ctx, max_tokens=args.max_tokens)
+    results = []
+    store = None if args.no_store else Store(args.db)
+    try:
+        device_id = store.ensure_device(fp) if store else None
+        for artifact in artifacts:
+            result = evaluate(artifact, reference, backend=args.backend, ref_backend=args.ref_backend,
+                              threads=threads, setup=setup, progress=progress)
+            result.update(model=artifact.model, quant=artifact.quant, artifact=str(artifact.path),
+                          reference=str(reference.path), threads=threads)
+            results.append(result)
+            if store:
+                environment = {"os": fp["software"]["os"], "python": fp["software"]["python"],
+                               "ondevice": fp["software"]["ondevice"]}
+                row = quality_row(artifact, reference, result, environment)
+                store.add_measurement({**row, "device_id": device_id, "threads": threads})
+            if not args.json:
+                print(f"{artifact.model} {artifact.quant} ({result['backend']}) vs {reference.path.name} "
+                      f"({result['ref_backend']}): PPL {result['perplexity']:.3f} (reference "
+                      f"{result['ref_perplexity']:.3f}), KL {result['kl_mean']:.5f} nats/token "
+                      f"(p99 {result['kl_p99']:.4f}, max {result['kl_max']:.4f}), top-1 agreement "
+                      f"{result['top1_agreement']:.1%} over {result['tokens']} tokens")
+                if not result["tokenizers_agree"]:
+                    print("note: the two tokenizers split the text differently; both were fed the artifact's "
+                          "token ids", file=sys.stderr)
+    finally:
+        if store:
+            store.close()
+    if args.json:
+        print_json(results)
+    return 0
