@@ -35,14 +35,24 @@ def _make_qkx2_quants(
     sum_w = sequential_sum(weights)
     sum_x = sequential_sum(weights * x)
     flat = hi == lo  # includes all-zero sub-blocks: codes 0, scale 0
-    work = np.empty_like(x)  # scratch reused by every step: the search is bound by memory traffic
-    shifted = np.empty_like(x)
+    # Scratch arrays reused by every step: the search is bound by memory traffic, and fresh arrays of this
+    # size would cost page faults on every allocation.
+    work = np.empty_like(x)
+    trial = np.empty_like(x)
+    wl = np.empty_like(x)
+    # Full-size bounds: numpy's minimum/maximum against an array run several times faster than against
+    # a scalar (or clip).
+    ceiling = np.full_like(x, nmax)
+    floor = np.zeros_like(x)
 
-    def codes_for(iscale: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        np.subtract(x, offset, out=shifted)
-        codes = np.multiply(shifted, iscale)
+    def codes_for(iscale: np.ndarray, offset: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        np.subtract(x, offset, out=codes)
+        np.multiply(codes, iscale, out=codes)
         np.rint(codes, out=codes)  # nearest_int(); exact as a float for these magnitudes
-        return np.clip(codes, F32(0), F32(nmax), out=codes)
+        np.minimum(codes, ceiling, out=codes)
+        if (offset > lo).any():  # x - offset >= 0 while the offset is the sub-block's minimum
+            np.maximum(codes, floor, out=codes)
+        return codes
 
     def weighted_error(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray) -> np.ndarray:
         # C: diff = scale*L + min - x; err += w*diff*diff, each operation rounded to float32.
@@ -60,13 +70,13 @@ def _make_qkx2_quants(
         cur_min = lo
         iscale = F32(nmax) / np.where(flat, F32(1), hi - lo)
         scale = F32(1) / iscale
-        best_error = weighted_error(scale, cur_min, codes_for(iscale, cur_min))
+        best_error = weighted_error(scale, cur_min, codes_for(iscale, cur_min, trial))
         # Codes are a function of (iscale, min) at the step that won: keep those, rebuild the codes once.
         code_iscale, code_min = iscale, cur_min
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - cur_min)
-            trial = codes_for(iscale, cur_min)
-            wl = weights * trial
+            codes_for(iscale, cur_min, trial)
+            np.multiply(weights, trial, out=wl)
             sum_l = sequential_sum(wl)
             sum_l2 = weighted_sum(wl, trial)
             sum_xl = weighted_sum(wl, x)
@@ -85,7 +95,7 @@ def _make_qkx2_quants(
                 code_iscale = np.where(better, iscale, code_iscale)
                 code_min = np.where(better, cur_min, code_min)
                 cur_min = np.where(better, this_min, cur_min)
-        codes = codes_for(code_iscale, code_min)
+        codes = codes_for(code_iscale, code_min, np.empty_like(x))
 
     # Constant sub-blocks (max == min, e.g. all zero): C returns codes 0, scale 0, min kept.
     scale = np.where(flat, F32(0), scale)
@@ -105,14 +115,19 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     weights = x * x
     wx = weights * x
     work = np.empty_like(x)
+    ceiling = np.full_like(x, nmax - 1)  # array bounds: much faster than scalar ones in numpy
+    floor = np.full_like(x, -nmax)
 
-    def levels_for(iscale: np.ndarray) -> np.ndarray:
-        levels = np.multiply(x, iscale)
+    trial = np.empty_like(x)
+
+    def levels_for(iscale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        np.multiply(x, iscale, out=levels)
         np.rint(levels, out=levels)
-        return np.clip(levels, F32(-nmax), F32(nmax - 1), out=levels)
+        np.minimum(levels, ceiling, out=levels)
+        return np.maximum(levels, floor, out=levels)
 
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        levels = levels_for(iscale)
+        levels = levels_for(iscale, trial)
         sumlx = sequential_sum(np.multiply(wx, levels, out=work))
         np.multiply(weights, levels, out=work)
         suml2 = sequential_sum(np.multiply(work, levels, out=work))
@@ -134,7 +149,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             best = np.where(better, scale * t_sumlx, best).astype(F32)
             best_iscale = np.where(better, iscale, best_iscale)
 
-    codes = (levels_for(best_iscale) + F32(nmax)).astype(np.uint8)
+    codes = (levels_for(best_iscale, trial) + F32(nmax)).astype(np.uint8)
     codes[:, tiny] = 0  # C: all-zero sub-block -> codes 0 (not nmax), scale 0
     scale = np.where(tiny, F32(0), scale)
     return scale, codes
