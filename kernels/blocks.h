@@ -112,8 +112,7 @@ typedef struct {
     int64_t k;        /* elements per row (multiple of 32) */
     int64_t nb;       /* blocks per row = k / 32 */
     int8_t *qs;       /* [m][k] */
-    float *d;         /* [m][nb] */
-    float *s;         /* [m][nb] */
+    float *ds;        /* [m][nb][2]: d, then s = d * sum(q); adjacent so one load gets both */
 } od_q8_act;
 
 /* ---- scalar fp16 / bf16 conversion (bit exact, round to nearest even) ---- */

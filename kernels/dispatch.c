@@ -263,8 +263,7 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
         uint8_t *buf = od_scratch(0, qs_bytes + 2 * (size_t)(m * nb) * sizeof(float));
         if (!buf) return OD_ENOMEM;
         act.qs = (int8_t *)buf;
-        act.d = (float *)(buf + qs_bytes);
-        act.s = act.d + m * nb;
+        act.ds = (float *)(buf + qs_bytes);
         quant_job qj = {.x = x, .act = &act, .fn = ops->quantize_act, .m = m};
         if (parallel && m * k >= 32768) {
             qj.rows_per_task = ceil_div(m, threads * 4);

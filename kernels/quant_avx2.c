@@ -29,6 +29,20 @@
 #define OD_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define OD_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 
+/* Small fixed-count loops over registers must be unrolled early so the accumulator arrays live in
+ * registers (otherwise GCC mirrors them on the stack every iteration). */
+#if defined(__clang__)
+#define OD_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define OD_UNROLL _Pragma("GCC unroll 16")
+#else
+#define OD_UNROLL
+#endif
+
+/* Empty asm that claims to modify v: stops the compiler from re-associating an accumulation chain
+ * into a tree (which needs more registers than we have and spills). Emits no instruction. */
+#define OD_KEEP(v) __asm__("" : "+x"(v))
+
 /* Below this many activation rows the GEMV schedule wins (measured: see benchmarks/kernels_bench.py). */
 #define GEMM_MIN_M 4
 #define PANEL_ROWS 8
@@ -82,8 +96,8 @@ OD_AVX2 static void quantize_act_avx2(const float *x, od_q8_act *act, int64_t m0
             __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
             packed = _mm256_permutevar8x32_epi32(packed, order);
             _mm256_storeu_si256((__m256i *)(act->qs + r * k + b * OD_QK), packed);
-            act->d[r * nb + b] = d;
-            act->s[r * nb + b] = d * (float)sum;
+            act->ds[(r * nb + b) * 2] = d;
+            act->ds[(r * nb + b) * 2 + 1] = d * (float)sum;
         }
     }
 }
@@ -180,57 +194,167 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
 
 /* ------------------------------------------------------------------ GEMV schedule */
 
-/* Output columns [n0, n1) for activation rows j0 .. j0+G-1. */
-OD_AVX2_INLINE void gemv_group(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1,
-                               int64_t j0) {
+/* Output columns [n, n+R) for activation rows j0 .. j0+G-1. R weight rows are walked together so
+ * that R*G independent FMA chains hide the FMA latency (one chain would cost ~5 cycles a block). */
+OD_AVX2_INLINE void gemv_tile(const int type, const int R, const int G, const od_mm_args *a, int64_t n, int64_t j0) {
     const od_q8_act *act = a->act;
     const int64_t k = a->k, nb = act->nb;
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *xq[4];
-    const float *xd[4], *xs[4];
+    const float *xds[4];
+    const uint8_t *rows[4];
+    __m256 acc[4][4];
+    float acc_offset[4][4];
+    OD_UNROLL
     for (int g = 0; g < G; g++) {
         xq[g] = act->qs + (j0 + g) * k;
-        xd[g] = act->d + (j0 + g) * nb;
-        xs[g] = act->s + (j0 + g) * nb;
+        xds[g] = act->ds + (j0 + g) * nb * 2;
     }
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = a->w + (size_t)n * a->row_bytes;
-        __m256 acc[4];
-        float acc_offset[4];
+    OD_UNROLL
+    for (int r = 0; r < R; r++) {
+        rows[r] = a->w + (size_t)(n + r) * a->row_bytes;
+        OD_UNROLL
         for (int g = 0; g < G; g++) {
-            acc[g] = _mm256_setzero_ps();
-            acc_offset[g] = 0.0f;
+            acc[r][g] = _mm256_setzero_ps();
+            acc_offset[r][g] = 0.0f;
         }
-        for (int64_t b = 0; b < nb; b++) {
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        OD_UNROLL
+        for (int r = 0; r < R; r++) {
             float dw, mw;
             int sc_lo = 0, sc_hi = 0;
-            const __m256i q = load_block(type, row, b, &dw, &mw, &sc_lo, &sc_hi);
+            const __m256i q = load_block(type, rows[r], b, &dw, &mw, &sc_lo, &sc_hi);
             __m256i mul16 = ones;
             if (type == OD_TYPE_Q6_K) mul16 = _mm256_set_m128i(_mm_set1_epi16((short)sc_hi), _mm_set1_epi16((short)sc_lo));
             const __m256i qa = IS_SIGNED_TYPE(type) ? _mm256_sign_epi8(q, q) : q;
+            OD_UNROLL
             for (int g = 0; g < G; g++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[g] + b * OD_QK));
                 if (IS_SIGNED_TYPE(type)) xv = _mm256_sign_epi8(xv, q);
                 const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xv), mul16);
-                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[g][b]), acc[g]);
-                if (!IS_SIGNED_TYPE(type)) acc_offset[g] += mw * xs[g][b];
+                acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xds[g][2 * b]), acc[r][g]);
+                if (!IS_SIGNED_TYPE(type)) acc_offset[r][g] += mw * xds[g][2 * b + 1];
             }
         }
+    }
+    OD_UNROLL
+    for (int r = 0; r < R; r++) {
+        OD_UNROLL
         for (int g = 0; g < G; g++) {
-            float *dst = a->out + (j0 + g) * a->ldo + n;
-            const float v = hsum_ps(acc[g]) + acc_offset[g];
+            float *dst = a->out + (j0 + g) * a->ldo + n + r;
+            const float v = hsum_ps(acc[r][g]) + acc_offset[r][g];
             *dst = a->accumulate ? *dst + v : v;
         }
     }
 }
 
+/* Bytes of one 32-weight block of the simple formats. */
+#define BLOCK32_BYTES(t)                                                                                 \
+    ((t) == OD_TYPE_Q4_0 ? 18 : (t) == OD_TYPE_Q4_1 ? 20 : (t) == OD_TYPE_Q5_0 ? 22 : (t) == OD_TYPE_Q5_1 ? 24 : 34)
+#define HAS_MIN_FIELD(t) ((t) == OD_TYPE_Q4_1 || (t) == OD_TYPE_Q5_1)
+/* w = d * (code - bias) for the formats without a min field */
+#define CODE_BIAS(t) ((t) == OD_TYPE_Q4_0 ? 8.0f : (t) == OD_TYPE_Q5_0 ? 16.0f : 0.0f)
+
+/* Codes of a simple 32-weight block (unsigned, or signed for Q8_0). */
+OD_AVX2_INLINE __m256i block32_codes(const int type, const uint8_t *blk) {
+    switch (type) {
+    case OD_TYPE_Q4_0: return nibbles_32(blk + 2);
+    case OD_TYPE_Q4_1: return nibbles_32(blk + 4);
+    case OD_TYPE_Q5_0: return _mm256_or_si256(nibbles_32(blk + 6), fifth_bits_32(od_read_u32(blk + 2)));
+    case OD_TYPE_Q5_1: return _mm256_or_si256(nibbles_32(blk + 8), fifth_bits_32(od_read_u32(blk + 4)));
+    default: return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    }
+}
+
+/*
+ * GEMV for the simple 32-weight formats. One vcvtph2ps turns the block's (d, m) - or (d, d) - into
+ * floats and one multiply by the activation pair (d_x, s_x) yields both the scale of the integer dot
+ * (lane 0) and the offset term (lane 1), which accumulates in its own register.
+ */
+OD_AVX2_INLINE void gemv32_tile(const int type, const int R, const int G, const od_mm_args *a, int64_t n, int64_t j0) {
+    const od_q8_act *act = a->act;
+    const int64_t k = a->k, nb = act->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xq[4];
+    const float *xds[4];
+    const uint8_t *rows[4];
+    __m256 acc[4][4];
+    __m128 acc_offset[4][4];
+    OD_UNROLL
+    for (int g = 0; g < G; g++) {
+        xq[g] = act->qs + (j0 + g) * k;
+        xds[g] = act->ds + (j0 + g) * nb * 2;
+    }
+    OD_UNROLL
+    for (int r = 0; r < R; r++) {
+        rows[r] = a->w + (size_t)(n + r) * a->row_bytes;
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            acc[r][g] = _mm256_setzero_ps();
+            acc_offset[r][g] = _mm_setzero_ps();
+        }
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        OD_UNROLL
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = rows[r] + b * BLOCK32_BYTES(type);
+            const __m128 dm = HAS_MIN_FIELD(type) ? _mm_cvtph_ps(_mm_cvtsi32_si128(load_i32(blk)))
+                                                  : _mm_cvtph_ps(_mm_set1_epi16((short)od_read_u16(blk)));
+            const __m256i q = block32_codes(type, blk);
+            const __m256i qa = type == OD_TYPE_Q8_0 ? _mm256_sign_epi8(q, q) : q;
+            OD_UNROLL
+            for (int g = 0; g < G; g++) {
+                const __m128 scales = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd((const double *)(xds[g] + 2 * b))));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[g] + b * OD_QK));
+                if (type == OD_TYPE_Q8_0) xv = _mm256_sign_epi8(xv, q);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xv), ones);
+                acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc[r][g]);
+                if (type != OD_TYPE_Q8_0) acc_offset[r][g] = _mm_add_ps(acc_offset[r][g], scales);
+            }
+        }
+    }
+    OD_UNROLL
+    for (int r = 0; r < R; r++) {
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            float *dst = a->out + (j0 + g) * a->ldo + n + r;
+            float v = hsum_ps(acc[r][g]);
+            if (type != OD_TYPE_Q8_0) {
+                const float offset = _mm_cvtss_f32(_mm_shuffle_ps(acc_offset[r][g], acc_offset[r][g], 1));
+                v += HAS_MIN_FIELD(type) ? offset : -CODE_BIAS(type) * offset;
+            }
+            *dst = a->accumulate ? *dst + v : v;
+        }
+    }
+}
+
+OD_AVX2_INLINE void gemv_cols(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1, int64_t j0) {
+    /* keep R*G at 4..6 accumulator chains */
+    int64_t n = n0;
+    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) {
+        if (G == 1) {
+            for (; n + 4 <= n1; n += 4) gemv_tile(type, 4, 1, a, n, j0);
+        } else if (G == 2) {
+            for (; n + 2 <= n1; n += 2) gemv_tile(type, 2, 2, a, n, j0);
+        }
+        for (; n < n1; n++) gemv_tile(type, 1, G, a, n, j0);
+    } else {
+        if (G == 1) {
+            for (; n + 4 <= n1; n += 4) gemv32_tile(type, 4, 1, a, n, j0);
+        } else if (G == 2) {
+            for (; n + 2 <= n1; n += 2) gemv32_tile(type, 2, 2, a, n, j0);
+        }
+        for (; n < n1; n++) gemv32_tile(type, 1, G, a, n, j0);
+    }
+}
+
 OD_AVX2_INLINE void gemv_quant(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
     int64_t j = 0;
-    for (; j + 4 <= a->m; j += 4) gemv_group(type, 4, a, n0, n1, j);
+    for (; j + 3 <= a->m; j += 3) gemv_cols(type, 3, a, n0, n1, j);
     switch (a->m - j) {
-    case 3: gemv_group(type, 3, a, n0, n1, j); break;
-    case 2: gemv_group(type, 2, a, n0, n1, j); break;
-    case 1: gemv_group(type, 1, a, n0, n1, j); break;
+    case 2: gemv_cols(type, 2, a, n0, n1, j); break;
+    case 1: gemv_cols(type, 1, a, n0, n1, j); break;
     default: break;
     }
 }
@@ -270,6 +394,7 @@ OD_AVX2_INLINE void pack_panel(const int type, const od_mm_args *a, int64_t n, i
     const int64_t nb = a->k / OD_QK;
     for (int64_t b = 0; b < nb; b++) {
         __m256i codes[8], signs[8];
+        OD_UNROLL
         for (int i = 0; i < PANEL_ROWS; i++) {
             float dw = 0.0f, mw = 0.0f;
             int sc_lo = 0, sc_hi = 0;
@@ -290,9 +415,11 @@ OD_AVX2_INLINE void pack_panel(const int type, const od_mm_args *a, int64_t n, i
             }
         }
         transpose8_epi32(codes);
+        OD_UNROLL
         for (int s = 0; s < 8; s++) _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32), codes[s]);
         if (IS_SIGNED_TYPE(type)) {
             transpose8_epi32(signs);
+            OD_UNROLL
             for (int s = 0; s < 8; s++) _mm256_store_si256((__m256i *)(p->signs + b * 256 + s * 32), signs[s]);
         }
     }
@@ -316,12 +443,12 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
     const int64_t k = a->k, nb = act->nb;
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *xq[4];
-    const float *xd[4], *xs[4];
+    const float *xds[4];
     __m256 acc[4];
+    OD_UNROLL
     for (int j = 0; j < RM; j++) {
         xq[j] = act->qs + (j0 + j) * k;
-        xd[j] = act->d + (j0 + j) * nb;
-        xs[j] = act->s + (j0 + j) * nb;
+        xds[j] = act->ds + (j0 + j) * nb * 2;
         acc[j] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
@@ -330,55 +457,74 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
         if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q4_K) {
             /* 4-bit codes: |pair sum| <= 2*15*127, so all 8 steps fit in int16 */
             __m256i s16[4];
+            OD_UNROLL
             for (int j = 0; j < RM; j++) s16[j] = _mm256_setzero_si256();
+            OD_UNROLL
             for (int s = 0; s < 8; s++) {
                 const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
+                OD_UNROLL
                 for (int j = 0; j < RM; j++) {
                     const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + b * OD_QK + s * 4));
                     s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(w, xb));
+                    OD_KEEP(s16[j]);
                 }
             }
+            OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_madd_epi16(s16[j], ones);
         } else if (type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1) {
             /* 5-bit codes: 4 steps fit in int16 */
+            OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_setzero_si256();
+            OD_UNROLL
             for (int half = 0; half < 2; half++) {
                 __m256i s16[4];
+                OD_UNROLL
                 for (int j = 0; j < RM; j++) s16[j] = _mm256_setzero_si256();
+                OD_UNROLL
                 for (int s = half * 4; s < half * 4 + 4; s++) {
                     const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
+                    OD_UNROLL
                     for (int j = 0; j < RM; j++) {
                         const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + b * OD_QK + s * 4));
                         s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(w, xb));
+                        OD_KEEP(s16[j]);
                     }
                 }
+                OD_UNROLL
                 for (int j = 0; j < RM; j++) isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(s16[j], ones));
             }
         } else {
             /* signed codes: sign trick, one vpmaddwd per step (Q6_K: with its sub-scales) */
             const uint8_t *signs = p->signs + b * 256;
+            OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_setzero_si256();
+            OD_UNROLL
             for (int s = 0; s < 8; s++) {
                 const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
                 const __m256i sg = _mm256_load_si256((const __m256i *)(signs + s * 32));
                 const __m256i mul16 = type == OD_TYPE_Q6_K
                                           ? _mm256_loadu_si256((const __m256i *)(p->scales + b * 32 + (s / 4) * 16))
                                           : ones;
+                OD_UNROLL
                 for (int j = 0; j < RM; j++) {
                     const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + b * OD_QK + s * 4));
                     const __m256i prod = _mm256_maddubs_epi16(w, _mm256_sign_epi8(xb, sg));
                     isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(prod, mul16));
+                    OD_KEEP(isum[j]);
                 }
             }
         }
         const __m256 dw = _mm256_load_ps(p->dw + b * 8);
+        OD_UNROLL
         for (int j = 0; j < RM; j++)
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b])), acc[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xds[j][2 * b])), acc[j]);
         if (!IS_SIGNED_TYPE(type)) {
             const __m256 mw = _mm256_load_ps(p->mw + b * 8);
-            for (int j = 0; j < RM; j++) acc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[j][b]), acc[j]);
+            OD_UNROLL
+            for (int j = 0; j < RM; j++) acc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xds[j][2 * b + 1]), acc[j]);
         }
     }
+    OD_UNROLL
     for (int j = 0; j < RM; j++) store_tile_row(a->out + (j0 + j) * a->ldo + n, acc[j], nvalid, a->accumulate);
 }
 
@@ -440,10 +586,12 @@ OD_AVX2_INLINE void gemv_float_group(const int type, const int G, const od_mm_ar
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = a->w + (size_t)n * a->row_bytes;
         __m256 acc[4][2];
+        OD_UNROLL
         for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 16 <= k8; i += 16) {
             const __m256 w0 = load_w8(type, row, i), w1 = load_w8(type, row, i + 8);
+            OD_UNROLL
             for (int g = 0; g < G; g++) {
                 const float *xr = a->x + (j0 + g) * k + i;
                 acc[g][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[g][0]);
@@ -452,9 +600,11 @@ OD_AVX2_INLINE void gemv_float_group(const int type, const int G, const od_mm_ar
         }
         for (; i < k8; i += 8) {
             const __m256 w0 = load_w8(type, row, i);
+            OD_UNROLL
             for (int g = 0; g < G; g++)
                 acc[g][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a->x + (j0 + g) * k + i), acc[g][0]);
         }
+        OD_UNROLL
         for (int g = 0; g < G; g++) {
             const float *xr = a->x + (j0 + g) * k;
             float v = hsum_ps(_mm256_add_ps(acc[g][0], acc[g][1]));
@@ -478,6 +628,7 @@ OD_AVX2_INLINE void transpose8_ps(__m256 r[8]) {
 
 OD_AVX2_INLINE void pack_float_panel(const int type, const od_mm_args *a, int64_t n, int rows, float *panel) {
     const int64_t k = a->k, k8 = k & ~(int64_t)7;
+    OD_UNROLL
     for (int half = 0; half < 2; half++) {
         for (int64_t i = 0; i < k8; i += 8) {
             __m256 v[8];
@@ -500,16 +651,19 @@ OD_AVX2_INLINE void gemm_float_tile(const int RM, const float *panel, const od_m
                                     int nvalid) {
     const int64_t k = a->k;
     __m256 acc[FTILE_M][2];
+    OD_UNROLL
     for (int j = 0; j < RM; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
     const float *x0 = a->x + j0 * k;
     for (int64_t t = 0; t < k; t++) {
         const __m256 w0 = _mm256_load_ps(panel + t * FPANEL_ROWS), w1 = _mm256_load_ps(panel + t * FPANEL_ROWS + 8);
+        OD_UNROLL
         for (int j = 0; j < RM; j++) {
             const __m256 xb = _mm256_broadcast_ss(x0 + j * k + t);
             acc[j][0] = _mm256_fmadd_ps(w0, xb, acc[j][0]);
             acc[j][1] = _mm256_fmadd_ps(w1, xb, acc[j][1]);
         }
     }
+    OD_UNROLL
     for (int j = 0; j < RM; j++) {
         float *dst = a->out + (j0 + j) * a->ldo + n;
         store_tile_row(dst, acc[j][0], nvalid < 8 ? nvalid : 8, a->accumulate);

@@ -32,8 +32,8 @@ void od_quantize_act_scalar(const float *x, od_q8_act *act, int64_t m0, int64_t 
                 qr[b * OD_QK + j] = (int8_t)q;
                 sum += q;
             }
-            act->d[r * nb + b] = d;
-            act->s[r * nb + b] = d * (float)sum;
+            act->ds[(r * nb + b) * 2] = d;
+            act->ds[(r * nb + b) * 2 + 1] = d * (float)sum;
         }
     }
 }
@@ -191,12 +191,12 @@ static void matmul_quant_scalar(const od_mm_args *a, int64_t n0, int64_t n1) {
         for (int64_t b = 0; b < nb; b++) unpack_block32(a->wtype, row, b, qv + b * OD_QK, &dw[b], &mw[b]);
         for (int64_t r = 0; r < a->m; r++) {
             const int8_t *xq = act->qs + r * k;
-            const float *xd = act->d + r * nb, *xs = act->s + r * nb;
+            const float *xds = act->ds + r * nb * 2;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 int32_t isum = 0;
                 for (int j = 0; j < OD_QK; j++) isum += (int32_t)qv[b * OD_QK + j] * xq[b * OD_QK + j];
-                sum += dw[b] * xd[b] * (float)isum + mw[b] * xs[b];
+                sum += dw[b] * xds[2 * b] * (float)isum + mw[b] * xds[2 * b + 1];
             }
             float *dst = a->out + r * a->ldo + n;
             *dst = a->accumulate ? *dst + sum : sum;
