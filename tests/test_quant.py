@@ -227,6 +227,7 @@ def test_kquants_keep_constant_and_zero_blocks_exact():
 # ----------------------------------------------------------------------------- the real model
 
 
+@pytest.mark.slow
 def test_smollm2_dequantize_and_requantize_reproduce_the_file(smollm2_reader):
     """Every tensor decodes as gguf-py decodes it, and re-quantizing gives the file's bytes back."""
     checked = {"q4_1": 0, "q8_0": 0, "f32": 0}
@@ -243,10 +244,9 @@ def test_smollm2_dequantize_and_requantize_reproduce_the_file(smollm2_reader):
     assert checked == {"q4_1": 210, "q8_0": 1, "f32": 61}
 
 
-def test_kquant_speed_is_reported(smollm2_reader, capsys):
-    """Quantize speed per million weights on a real tensor (measured, printed; loose sanity bound)."""
-    tensor = next(t for t in smollm2_reader.tensors if t.name == "blk.0.ffn_down.weight")
-    x = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+def test_quantize_speed_is_reported(capsys):
+    """Quantize speed per million weights, heavy-tailed rows of 1536 (printed; loose sanity bound)."""
+    x = (np.random.default_rng(8).standard_t(5, (576, 1536)) * 0.02).astype(np.float32)
     lines = []
     for qtype in QUANT_TYPES.values():
         start = time.perf_counter()
