@@ -329,16 +329,139 @@ OD_AVX2_INLINE void gemv32_tile(const int type, const int R, const int G, const 
     }
 }
 
+/* lane s of the result = sum of the 8 int32 lanes of p[s] */
+OD_AVX2_INLINE __m256i reduce8_epi32(const __m256i p[8]) {
+    const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i x = _mm256_hadd_epi32(h01, h23), y = _mm256_hadd_epi32(h45, h67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(x, y, 0x20), _mm256_permute2x128_si256(x, y, 0x31));
+}
+
+/* activation scales d and sums s of the 8 blocks of a super-block, deinterleaved */
+OD_AVX2_INLINE void load_ds8(const float *ds, __m256 *d, __m256 *s) {
+    const __m256 lo = _mm256_loadu_ps(ds), hi = _mm256_loadu_ps(ds + 8);
+    *d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
+    *s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
+}
+
+/*
+ * GEMV for Q4_K and Q6_K. Per super-block and weight row the scales are decoded once into 8-lane
+ * float vectors (one lane per 32-weight sub-block); the 8 integer sub-block dots are reduced into
+ * one vector with a hadd tree, so each super-block ends in a single convert and FMA.
+ */
+OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const od_mm_args *a, int64_t n, int64_t j0) {
+    const od_q8_act *act = a->act;
+    const int64_t k = a->k, nsb = k / OD_QK_K;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+    const int8_t *xq[4];
+    const float *xds[4];
+    const uint8_t *rows[4];
+    __m256 acc[4][4], acc_offset[4][4];
+    OD_UNROLL
+    for (int g = 0; g < G; g++) {
+        xq[g] = act->qs + (j0 + g) * k;
+        xds[g] = act->ds + (j0 + g) * act->nb * 2;
+    }
+    OD_UNROLL
+    for (int r = 0; r < R; r++) {
+        rows[r] = a->w + (size_t)(n + r) * a->row_bytes;
+        OD_UNROLL
+        for (int g = 0; g < G; g++) acc[r][g] = acc_offset[r][g] = _mm256_setzero_ps();
+    }
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256 xd[4], xs[4];
+        OD_UNROLL
+        for (int g = 0; g < G; g++) load_ds8(xds[g] + sb * 16, &xd[g], &xs[g]);
+        OD_UNROLL
+        for (int r = 0; r < R; r++) {
+            if (type == OD_TYPE_Q4_K) {
+                const block_q4_K *blk = (const block_q4_K *)rows[r] + sb;
+                const uint32_t w0 = od_read_u32(blk->scales), w1 = od_read_u32(blk->scales + 4);
+                const uint32_t w2 = od_read_u32(blk->scales + 8);
+                const uint32_t sc_lo = w0 & 0x3F3F3F3Fu, sc_hi = (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u);
+                const uint32_t m_lo = w1 & 0x3F3F3F3Fu, m_hi = ((w2 >> 4) & 0x0F0F0F0Fu) | ((w1 >> 2) & 0x30303030u);
+                const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+                const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
+                const __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(half_to_f32(&blk->d)));
+                const __m256 minv = _mm256_mul_ps(mn, _mm256_set1_ps(half_to_f32(&blk->dmin)));
+                __m256i codes[8];
+                OD_UNROLL
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+                    codes[2 * c] = _mm256_and_si256(v, low4);
+                    codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+                OD_UNROLL
+                for (int g = 0; g < G; g++) {
+                    __m256i p[8];
+                    const int8_t *x = xq[g] + sb * OD_QK_K;
+                    OD_UNROLL
+                    for (int t = 0; t < 8; t++)
+                        p[t] = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(codes[t], _mm256_loadu_si256((const __m256i *)(x + 32 * t))), ones);
+                    acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8_epi32(p)), _mm256_mul_ps(scale, xd[g]), acc[r][g]);
+                    acc_offset[r][g] = _mm256_fmadd_ps(minv, xs[g], acc_offset[r][g]);
+                }
+            } else { /* Q6_K */
+                const block_q6_K *blk = (const block_q6_K *)rows[r] + sb;
+                /* int16 scales: even ones in the low lane, odd ones in the high lane, so one vpshufb
+                 * per sub-block spreads (scale[2t], scale[2t+1]) over the two 16-weight halves */
+                const __m128i sc8 = _mm_loadu_si128((const __m128i *)blk->scales);
+                const __m128i even_odd = _mm_shuffle_epi8(sc8, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+                const __m256i sc16 = _mm256_set_m128i(_mm_cvtepi8_epi16(_mm_srli_si128(even_odd, 8)), _mm_cvtepi8_epi16(even_odd));
+                const __m256 d = _mm256_set1_ps(half_to_f32(&blk->d));
+                __m256i codes[8];
+                OD_UNROLL
+                for (int h = 0; h < 2; h++) {
+                    const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h));
+                    const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h + 32));
+                    const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
+                    const __m256i two = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+                    codes[4 * h + 0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql0, low4),
+                                                                       _mm256_slli_epi16(_mm256_and_si256(qh, two), 4)), bias);
+                    codes[4 * h + 1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql1, low4),
+                                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4)), bias);
+                    codes[4 * h + 2] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4)), bias);
+                    codes[4 * h + 3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4)), bias);
+                }
+                OD_UNROLL
+                for (int g = 0; g < G; g++) {
+                    __m256i p[8];
+                    const int8_t *x = xq[g] + sb * OD_QK_K;
+                    OD_UNROLL
+                    for (int t = 0; t < 8; t++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * t));
+                        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(codes[t], codes[t]), _mm256_sign_epi8(xv, codes[t]));
+                        const __m256i spread = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * t)));
+                        p[t] = _mm256_madd_epi16(prod, spread);
+                    }
+                    acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8_epi32(p)), _mm256_mul_ps(d, xd[g]), acc[r][g]);
+                }
+            }
+        }
+    }
+    OD_UNROLL
+    for (int r = 0; r < R; r++) {
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            float *dst = a->out + (j0 + g) * a->ldo + n + r;
+            float v = hsum_ps(acc[r][g]);
+            if (type == OD_TYPE_Q4_K) v -= hsum_ps(acc_offset[r][g]);
+            *dst = a->accumulate ? *dst + v : v;
+        }
+    }
+}
+
 OD_AVX2_INLINE void gemv_cols(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1, int64_t j0) {
     /* keep R*G at 4..6 accumulator chains */
     int64_t n = n0;
     if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) {
         if (G == 1) {
-            for (; n + 4 <= n1; n += 4) gemv_tile(type, 4, 1, a, n, j0);
-        } else if (G == 2) {
-            for (; n + 2 <= n1; n += 2) gemv_tile(type, 2, 2, a, n, j0);
+            for (; n + 2 <= n1; n += 2) gemv_k_tile(type, 2, 1, a, n, j0);
         }
-        for (; n < n1; n++) gemv_tile(type, 1, G, a, n, j0);
+        for (; n < n1; n++) gemv_k_tile(type, 1, G, a, n, j0);
     } else {
         if (G == 1) {
             for (; n + 4 <= n1; n += 4) gemv32_tile(type, 4, 1, a, n, j0);
