@@ -121,7 +121,7 @@ def fp16_bits(values: np.ndarray, what: str) -> np.ndarray:
     A finite scale that overflows fp16 would decode as Inf: refuse instead of writing a broken block.
     """
     with np.errstate(over="ignore"):  # reported below
-        half = values.astype(np.float16)
+        half = values.astype("<f2")
     if not np.isfinite(half).all():
         raise UnsupportedError(
             f"weights are too large for the fp16 block scales of {what} (largest |scale| "
@@ -132,7 +132,7 @@ def fp16_bits(values: np.ndarray, what: str) -> np.ndarray:
 
 def fp16_to_f32(raw: np.ndarray) -> np.ndarray:
     """uint8 (..., 2) little-endian fp16 -> float32 (...)."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:

@@ -115,10 +115,9 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     weights = x * x
     wx = weights * x
     work = np.empty_like(x)
+    trial = np.empty_like(x)
     ceiling = np.full_like(x, nmax - 1)  # array bounds: much faster than scalar ones in numpy
     floor = np.full_like(x, -nmax)
-
-    trial = np.empty_like(x)
 
     def levels_for(iscale: np.ndarray, levels: np.ndarray) -> np.ndarray:
         np.multiply(x, iscale, out=levels)
