@@ -10,11 +10,16 @@ real decode step does with a whole model. M=256 (prefill) is compute-bound, so o
     python benchmarks/kernels_bench.py                       # everything (a few minutes)
     python benchmarks/kernels_bench.py --types Q4_1 Q8_0 --m 1 --threads 2
     python benchmarks/kernels_bench.py --overhead            # per-call binding overhead only
+    python benchmarks/kernels_bench.py --act-experiment      # q8 activations vs f32 dequant-dot (M=1)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
 import time
 import timeit
 
@@ -97,6 +102,119 @@ def per_call_overhead() -> None:
           f"add_inplace(576) {add * 1e6:.2f} us, get_threads() {noop * 1e6:.2f} us (bare call)")
 
 
+# The alternative to quantizing activations: dequantize each Q4_1 block to f32 and FMA it with f32
+# activations. Compiled here (not part of the library) and timed in C against the library's own
+# od_matmul, single thread, thread CPU time, 4 weight rows in flight in both.
+F32ACT_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void gemv_q4_1_f32act(float *out, const uint8_t *w, const float *x, int64_t n, int64_t k, float *xsum) {
+    const int64_t nb = k / 32;
+    for (int64_t b = 0; b < nb; b++) {
+        float s = 0;
+        for (int i = 0; i < 32; i++) s += x[32 * b + i];
+        xsum[b] = s;
+    }
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t r = 0; r < n; r += 4) {
+        __m256 acc[4];
+        float off[4] = {0, 0, 0, 0};
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256 x0 = _mm256_loadu_ps(x + 32 * b), x1 = _mm256_loadu_ps(x + 32 * b + 8);
+            const __m256 x2 = _mm256_loadu_ps(x + 32 * b + 16), x3 = _mm256_loadu_ps(x + 32 * b + 24);
+            for (int i = 0; i < 4; i++) {
+                const uint8_t *blk = w + ((r + i) * nb + b) * 20;
+                const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int *)blk));
+                const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+                const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0);
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, t);
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, t);
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, t);
+                acc[i] = _mm256_fmadd_ps(t, _mm256_broadcastss_ps(dm), acc[i]);
+                off[i] += _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)) * xsum[b];
+            }
+        }
+        for (int i = 0; i < 4; i++) out[r + i] = hsum(acc[i]) + off[i];
+    }
+}
+
+typedef int (*matmul_fn)(float *, const void *, int, const float *, int64_t, int64_t, int64_t, int);
+
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* seconds per call; variant 0 = library (q8 activations), 1 = f32 dequant-dot */
+double time_variant(int variant, matmul_fn lib, const uint8_t **copies, int n_copies, const float *x, float *out,
+                    int64_t n, int64_t k, int reps) {
+    float *xsum = malloc(sizeof(float) * (k / 32));
+    double best = 1e30;
+    for (int trial = 0; trial < 5; trial++) {
+        const double t0 = cpu_now();
+        for (int i = 0; i < reps; i++) {
+            const uint8_t *w = copies[i % n_copies];
+            if (variant == 0) lib(out, w, 3, x, 1, n, k, 0);
+            else gemv_q4_1_f32act(out, w, x, n, k, xsum);
+        }
+        const double dt = (cpu_now() - t0) / reps;
+        best = dt < best ? dt : best;
+    }
+    free(xsum);
+    return best;
+}
+"""
+
+
+def activation_experiment() -> None:
+    """Q4_1 GEMV (M=1, 1 thread): q8 activations + integer dots vs f32 dequantize-and-FMA."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib_path = os.path.join(tmp, "f32act.c"), os.path.join(tmp, "f32act.so")
+        with open(src, "w") as f:
+            f.write(F32ACT_SOURCE)
+        subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", src, "-o", lib_path], check=True)
+        exp = ctypes.CDLL(lib_path)
+        kernels = ctypes.CDLL(K.__file__)
+        exp.time_variant.restype = ctypes.c_double
+        exp.time_variant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        matmul_ptr = ctypes.cast(kernels.od_matmul, ctypes.c_void_p)
+        K.set_threads(1)
+        rng = np.random.default_rng(0)
+        print("activation format experiment, Q4_1, M=1, 1 thread (GB/s of weights; higher is better)")
+        for n, k in [(576, 576), (1536, 576), (576, 1536)]:
+            w = make_weights("Q4_1", n, k, rng)
+            x = rng.standard_normal(k).astype(np.float32)
+            out = np.empty(n, np.float32)
+            check = np.empty(n, np.float32)
+            for cold in (False, True):
+                copies = [w] + ([w.copy() for _ in range(COLD_BYTES // w.nbytes)] if cold else [])
+                ptrs = (ctypes.c_void_p * len(copies))(*[c.ctypes.data for c in copies])
+                reps = max(len(copies), 2000 if not cold else len(copies))
+                rates = []
+                for variant in (0, 1):
+                    dest = out if variant == 0 else check
+                    seconds = exp.time_variant(variant, matmul_ptr, ptrs, len(copies), x.ctypes.data, dest.ctypes.data,
+                                               n, k, reps)
+                    rates.append(w.nbytes / seconds / 1e9)
+                assert np.allclose(out, check, rtol=2e-2, atol=2e-2 * np.abs(check).max())
+                print(f"  {n:>5}x{k:<5} {'cold' if cold else 'hot ':4}  q8-activations {rates[0]:6.2f} GB/s   "
+                      f"f32-dequant {rates[1]:6.2f} GB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=TYPES)
@@ -105,7 +223,11 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="NxK, e.g. 576x1536")
     parser.add_argument("--overhead", action="store_true", help="only measure per-call overhead")
     parser.add_argument("--no-cold", action="store_true", help="skip the DRAM-streaming M=1 runs")
+    parser.add_argument("--act-experiment", action="store_true", help="q8 activations vs f32 dequant-dot")
     args = parser.parse_args()
+    if args.act_experiment:
+        activation_experiment()
+        return
     print(f"isa={K.isa()} features='{K.cpu_features()}' physical_cores={K.physical_cores()}")
     per_call_overhead()
     if args.overhead:

@@ -295,7 +295,13 @@ OD_AVX2_INLINE void gemv32_tile(const int type, const int R, const int G, const 
             acc_offset[r][g] = _mm_setzero_ps();
         }
     }
+    /* the R rows are contiguous: prefetch the next R rows linearly while walking these */
+    const uint8_t *next_tile = rows[0] + (size_t)R * a->row_bytes;
+    const size_t step_bytes = (size_t)R * BLOCK32_BYTES(type);
     for (int64_t b = 0; b < nb; b++) {
+        OD_UNROLL
+        for (size_t off = 0; off < step_bytes + 63; off += 64)
+            _mm_prefetch((const char *)next_tile + b * step_bytes + off, _MM_HINT_T0);
         OD_UNROLL
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = rows[r] + b * BLOCK32_BYTES(type);
@@ -368,7 +374,11 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         OD_UNROLL
         for (int g = 0; g < G; g++) acc[r][g] = acc_offset[r][g] = _mm256_setzero_ps();
     }
+    const uint8_t *next_tile = rows[0] + (size_t)R * a->row_bytes;
+    const size_t step_bytes = (size_t)R * (type == OD_TYPE_Q4_K ? sizeof(block_q4_K) : sizeof(block_q6_K));
     for (int64_t sb = 0; sb < nsb; sb++) {
+        for (size_t off = 0; off < step_bytes + 63; off += 64)
+            _mm_prefetch((const char *)next_tile + sb * step_bytes + off, _MM_HINT_T0);
         __m256 xd[4], xs[4];
         OD_UNROLL
         for (int g = 0; g < G; g++) load_ds8(xds[g] + sb * 16, &xd[g], &xs[g]);
@@ -713,6 +723,7 @@ OD_AVX2_INLINE void gemv_float_group(const int type, const int G, const od_mm_ar
         for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 16 <= k8; i += 16) {
+            _mm_prefetch((const char *)row + a->row_bytes + i * (type == OD_TYPE_F32 ? 4 : 2), _MM_HINT_T0);
             const __m256 w0 = load_w8(type, row, i), w1 = load_w8(type, row, i + 8);
             OD_UNROLL
             for (int g = 0; g < G; g++) {
