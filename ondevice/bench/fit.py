@@ -120,8 +120,14 @@ def _bytes_per_token(weights: int, kv_per_position: int, position: float) -> flo
 def calibrate(rows: list[dict[str, Any]], device_id: str) -> dict[str, Calibration]:
     """Per backend: the median over (model, quant) of the best efficiency across thread counts, from the ok speed
     measurements taken on `device_id`."""
+    from ondevice.bench.backends import BACKEND_MODULES, backend_class
+
+    # Unlisted backends (the null one) are not runtimes; backends unknown here (imported rows) still count.
+    skip = {name for name in BACKEND_MODULES if not backend_class(name).listed}
     best: dict[tuple[str, str, str], tuple[float, float]] = {}
     for r in rows:
+        if r["backend"] in skip:
+            continue
         env, settings = r.get("environment") or {}, r.get("settings") or {}
         bandwidth = env.get("mem_read_gbs")
         if (r["kind"] != "speed" or r["status"] != "ok" or r["device_id"] != device_id or not bandwidth

@@ -275,7 +275,7 @@ def _grouped_bars(ax: Any, groups: list[str], series: dict[str, dict[str, float]
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(groups))
     for i, name in enumerate(names):
-        values = [series[name].get(g, np.nan) for g in groups]
+        values = [float(v) if (v := series[name].get(g)) is not None else np.nan for g in groups]
         bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name)
         ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in values], fontsize=7, padding=1)
     ax.set_xticks(x, groups, fontsize=8)
@@ -311,7 +311,7 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for backend in sorted({r["backend"] for r in rows}):
-            mine = [r for r in rows if r["backend"] == backend and r.get("peak_rss_mib")]
+            mine = [r for r in rows if r["backend"] == backend and r.get("peak_rss_mib") and r.get("decode_tok_s")]
             ax.scatter([r["peak_rss_mib"] for r in mine], [r["decode_tok_s"] for r in mine], label=backend, s=40)
             for r in mine:
                 ax.annotate(f"{r['quant']} t{r['threads']}", (r["peak_rss_mib"], r["decode_tok_s"]), fontsize=7,

@@ -194,23 +194,31 @@ class Store:
 
     def add_measurement(self, row: dict[str, Any]) -> str:
         """Insert one measurement (a dict of column values; JSON columns may be dicts). Returns its uid."""
-        data = dict(row)
-        data.setdefault("uid", uuid.uuid4().hex)
-        data.setdefault("recorded_at", now_iso())
-        for column in JSON_COLUMNS:
-            if column in data and not isinstance(data[column], (str, type(None))):
-                data[column] = json.dumps(data[column], sort_keys=True)
-        data.setdefault("settings", "{}")
-        data.setdefault("environment", "{}")
-        unknown = set(data) - set(self.columns()) - {"id"}
-        if unknown:
-            raise OndeviceError(f"unknown measurement fields: {', '.join(sorted(unknown))}")
-        data.pop("id", None)
-        names = list(data)
+        return self.add_measurements([row])[0]
+
+    def add_measurements(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Insert measurements in one transaction: all of them or, if anything fails or the process dies, none."""
+        columns = set(self.columns()) - {"id"}
+        prepared = []
+        for row in rows:
+            data = {k: v for k, v in row.items() if k != "id"}
+            data.setdefault("uid", uuid.uuid4().hex)
+            data.setdefault("recorded_at", now_iso())
+            for column in JSON_COLUMNS:
+                if column in data and not isinstance(data[column], (str, type(None))):
+                    data[column] = json.dumps(data[column], sort_keys=True)
+            data.setdefault("settings", "{}")
+            data.setdefault("environment", "{}")
+            unknown = set(data) - columns
+            if unknown:
+                raise OndeviceError(f"unknown measurement fields: {', '.join(sorted(unknown))}")
+            prepared.append(data)
         with self.transaction() as conn:
-            conn.execute(f"INSERT INTO measurements ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                         [data[n] for n in names])
-        return data["uid"]
+            for data in prepared:
+                names = list(data)
+                conn.execute(f"INSERT INTO measurements ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                             [data[n] for n in names])
+        return [data["uid"] for data in prepared]
 
     # ------------------------------------------------------------------ reads
     def devices(self) -> list[dict[str, Any]]:
