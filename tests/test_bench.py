@@ -335,9 +335,9 @@ def test_bench_cli_end_to_end_then_report_and_fit(tiny_gguf, tmp_path, capsys):
         assert cli(["fit", tiny_gguf.as_posix(), "--device", "pixel-8", "--db", str(db), "--json"]) == 0
         est = json.loads(capsys.readouterr().out)
         assert est["estimate"] is True and est["fits"] is True
-        assert {d["backend"] for d in est["decode"]} == set(RUNTIMES)
-        assert all(d["calibrated"] and d["tok_s"] > 0 for d in est["decode"])
-        assert est["ram_need_bytes"][RUNTIMES[0]] > tiny_gguf.stat().st_size
+        assert {b["backend"] for b in est["backends"]} == set(RUNTIMES)
+        for b in est["backends"]:
+            assert b["calibrated"] and b["tok_s"] > 0 and b["ram_need_bytes"] > tiny_gguf.stat().st_size
 
 
 def test_ctrl_c_keeps_what_was_measured(tiny_gguf, tmp_path):
@@ -422,9 +422,10 @@ def test_calibration_and_roofline_arithmetic(tmp_path):
     board = fitmod.load_profiles([profile])["my-board"]
     est = fitmod.estimate(_artifact(100_000_000, 150_000_000), board, {"llama.cpp": cal}, ctx=1000,
                           prompt_tokens=0, gen_tokens=0)
-    assert est.speeds[0]["tok_s"] == pytest.approx(0.5 * 20e9 / 100e6)  # 100 tok/s
+    [b] = est.per_backend
+    assert b["tok_s"] == pytest.approx(0.5 * 20e9 / 100e6)  # 100 tok/s
     assert est.ceiling_tok_s == pytest.approx(40e9 / 100e6)
-    assert est.ram_need_bytes["llama.cpp"] == pytest.approx(150e6 + 100 * 2**20)
+    assert b["ram_need_bytes"] == pytest.approx(150e6 + 100 * 2**20)
     assert est.fits is True  # 255 MB of 500 MB usable
     assert "ESTIMATE" in fitmod.render_text(est)
 
@@ -444,3 +445,14 @@ def test_bad_profile_files_are_rejected(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(OndeviceError, match="JSON"):
         fitmod.load_profiles([bad])
+
+
+def test_cli_usage_errors_are_one_line(tmp_path, capsys):
+    assert cli(["bench"]) == 2  # no MODEL: the help, not a traceback
+    assert cli(["bench", "report", "--db", str(tmp_path / "empty.sqlite")]) == 1
+    assert "no measurements" in capsys.readouterr().err
+    assert cli(["bench", str(tmp_path / "missing.gguf"), "--db", str(tmp_path / "x.sqlite")]) == 1
+    assert cli(["fit", "--list"]) == 0 and "raspberry-pi-5" in capsys.readouterr().out
+    assert cli(["fit", "smollm2-135m-instruct", "--device", "nokia"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no device profile" in err

@@ -156,74 +156,79 @@ class FitEstimate:
     model: str
     quant: str
     device: DeviceProfile
-    weights_bytes: int
+    weights_bytes: int  # read per decoded token
     file_bytes: int
-    kv_bytes_per_position: int
     ctx: int
-    position: float
-    ram_need_bytes: dict[str, float]
+    position: float  # average KV cache fill while decoding
     usable_ram_bytes: float
-    speeds: list[dict[str, Any]]
-    ceiling_tok_s: float
+    per_backend: list[dict[str, Any]]  # backend, tok_s, ram_need_bytes, kv_bytes_per_position, efficiency, ...
+    ceiling_tok_s: float  # weights + f16 KV at the published peak bandwidth, efficiency 1
 
     @property
     def fits(self) -> bool:
-        return max(self.ram_need_bytes.values()) <= self.usable_ram_bytes
+        return all(b["fits"] for b in self.per_backend)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "estimate": True, "model": self.model, "quant": self.quant, "device": self.device.name,
             "device_title": self.device.title, "ram_gb": self.device.ram_gb,
-            "usable_ram_bytes": self.usable_ram_bytes, "ram_need_bytes": self.ram_need_bytes, "fits": self.fits,
-            "weights_bytes_per_token": self.weights_bytes, "file_bytes": self.file_bytes,
-            "kv_bytes_per_position": self.kv_bytes_per_position, "ctx": self.ctx,
-            "memory_bandwidth_gbs": self.device.memory_bandwidth_gbs,
+            "usable_ram_bytes": self.usable_ram_bytes, "fits": self.fits,
+            "weights_bytes_per_token": self.weights_bytes, "file_bytes": self.file_bytes, "ctx": self.ctx,
+            "kv_fill_tokens": self.position, "memory_bandwidth_gbs": self.device.memory_bandwidth_gbs,
             "sustained_bandwidth_gbs": self.device.sustained_gbs, "ceiling_tok_s": self.ceiling_tok_s,
-            "decode": self.speeds, "sources": self.device.data.get("sources", []),
+            "backends": self.per_backend, "sources": self.device.data.get("sources", []),
         }
+
+
+def _kv_element_bytes(backend: str) -> int:
+    from ondevice.bench.backends import BACKEND_MODULES, backend_class
+
+    return backend_class(backend).kv_bytes_per_element if backend in BACKEND_MODULES else 2
 
 
 def estimate(artifact: Artifact, profile: DeviceProfile, calibrations: dict[str, Calibration], *, ctx: int = 2048,
              prompt_tokens: int = 512, gen_tokens: int = 128, backends: list[str] | None = None) -> FitEstimate:
-    kv = artifact.shape.kv_bytes_per_position() if artifact.shape else 0
     position = prompt_tokens + gen_tokens / 2  # the average cache fill while generating
-    per_token = _bytes_per_token(artifact.weight_bytes_per_token, kv, position)
-    wanted = backends or list(calibrations) or ["any backend"]
-    speeds, ram = [], {}
-    for name in wanted:
+    usable = profile.ram_gb * 1e9 * profile.usable_ram_fraction
+    rows = []
+    for name in backends or list(calibrations) or ["llama.cpp"]:
         cal = calibrations.get(name) or Calibration(name, DEFAULT_EFFICIENCY, DEFAULT_OVERHEAD_MIB, 0, False)
-        speeds.append({"backend": name, "tok_s": cal.efficiency * profile.sustained_gbs * 1e9 / per_token,
-                       "efficiency": cal.efficiency, "calibrated": cal.measured, "measurements": cal.measurements})
-        ram[name] = artifact.size_bytes + kv * ctx + cal.overhead_mib * 2**20
+        kv = artifact.shape.kv_bytes_per_position(_kv_element_bytes(name)) if artifact.shape else 0
+        per_token = _bytes_per_token(artifact.weight_bytes_per_token, kv, position)
+        ram = artifact.size_bytes + kv * ctx + cal.overhead_mib * 2**20
+        rows.append({"backend": name, "tok_s": cal.efficiency * profile.sustained_gbs * 1e9 / per_token,
+                     "bytes_per_token": per_token, "kv_bytes_per_position": kv, "kv_cache_bytes": kv * ctx,
+                     "overhead_bytes": cal.overhead_mib * 2**20, "ram_need_bytes": ram, "fits": ram <= usable,
+                     "efficiency": cal.efficiency, "calibrated": cal.measured, "measurements": cal.measurements})
+    kv_f16 = artifact.shape.kv_bytes_per_position(2) if artifact.shape else 0
+    ceiling = profile.memory_bandwidth_gbs * 1e9 / _bytes_per_token(artifact.weight_bytes_per_token, kv_f16, position)
     return FitEstimate(artifact.model, artifact.quant, profile, artifact.weight_bytes_per_token, artifact.size_bytes,
-                       kv, ctx, position, ram, profile.ram_gb * 1e9 * profile.usable_ram_fraction, speeds,
-                       profile.memory_bandwidth_gbs * 1e9 / per_token)
+                       ctx, position, usable, rows, ceiling)
 
 
 def render_text(est: FitEstimate) -> str:
     p = est.device
     mb = 1e6
-    lines = [f"{est.model} {est.quant} on {p.title}: an ESTIMATE from a roofline model, not a measurement", ""]
-    need = max(est.ram_need_bytes.values())
-    verdict = "fits" if est.fits else "does NOT fit"
-    lines.append(f"RAM: about {need / 1e9:.2f} GB needed (model file {est.file_bytes / mb:.0f} MB + KV cache for "
-                 f"{est.ctx} tokens {est.kv_bytes_per_position * est.ctx / mb:.0f} MB + runtime overhead) of "
-                 f"{p.ram_gb:g} GB, about {est.usable_ram_bytes / 1e9:.1f} GB usable by one app: {verdict}")
-    lines.append(f"decode, with the cache {est.position:.0f} tokens full "
-                 f"(roofline ceiling at peak bandwidth {est.ceiling_tok_s:.0f} tok/s):")
-    for s in est.speeds:
-        how = (f"efficiency {s['efficiency']:.2f} calibrated on {s['measurements']} measurement(s) on this machine"
-               if s["calibrated"] else f"efficiency {s['efficiency']:.2f} ASSUMED (no {s['backend']} measurement on "
-               "this machine in the store; run `ondevice bench` first)")
-        lines.append(f"  {s['backend']:<12} ~{s['tok_s']:.0f} tok/s  ({how})")
+    lines = [f"{est.model} {est.quant} on {p.title}: an ESTIMATE from a roofline model, not a measurement", "",
+             f"{p.ram_gb:g} GB RAM, about {est.usable_ram_bytes / 1e9:.1f} GB usable by one app; context {est.ctx} "
+             f"tokens; decode speed with the cache {est.position:.0f} tokens full (roofline ceiling at peak "
+             f"bandwidth: {est.ceiling_tok_s:.0f} tok/s)"]
+    for b in est.per_backend:
+        verdict = "fits" if b["fits"] else "does NOT fit"
+        how = (f"efficiency {b['efficiency']:.2f} calibrated on {b['measurements']} measurement(s) on this machine"
+               if b["calibrated"] else f"efficiency {b['efficiency']:.2f} ASSUMED: no {b['backend']} measurement of "
+               "this machine in the store (run `ondevice bench` first)")
+        lines.append(f"  {b['backend']:<12} ~{b['tok_s']:.0f} tok/s; RAM ~{b['ram_need_bytes'] / 1e9:.2f} GB "
+                     f"(file {est.file_bytes / mb:.0f} MB + KV cache {b['kv_cache_bytes'] / mb:.0f} MB + runtime "
+                     f"{b['overhead_bytes'] / mb:.0f} MB): {verdict}; {how}")
     basis = p.data.get("bandwidth_basis", "")
     sustained = (f"{p.sustained_gbs:g} GB/s sustained" if p.sustained_bandwidth_gbs else
                  f"{p.memory_bandwidth_gbs:g} GB/s peak x {SUSTAINED_FRACTION} sustained = {p.sustained_gbs:.1f} GB/s")
-    lines += ["", f"how: bytes read per token = weights {est.weights_bytes / mb:.1f} MB + KV "
-                  f"{est.kv_bytes_per_position * est.position / mb:.1f} MB; bandwidth {sustained}"
-                  + (f" ({basis})" if basis else "") + ".",
-              "The efficiency measured here carries over only roughly to another CPU (different cores, SIMD, "
-              "thermal limits); small models are also limited by compute and per-token overheads."]
+    lines += ["", f"how: tok/s = efficiency x bandwidth / bytes read per token (weights {est.weights_bytes / mb:.1f} MB"
+                  f" + the KV cache read); bandwidth {sustained}" + (f" ({basis})" if basis else "") + ".",
+              "The efficiency measured here carries over only roughly to another CPU (other cores, SIMD, thermal "
+              "limits); small models are also limited by compute and per-token overheads. The runtime overhead is "
+              "what a Python process needed here; a native app needs less."]
     sources = p.data.get("sources", [])
     if sources:
         lines.append("profile sources:")

@@ -96,14 +96,16 @@ def run_worker(job: Job, *, timeout_s: float | None = None) -> WorkerResult:
         proc.stdin.close()
         deadline = time.monotonic() + timeout_s if timeout_s else None
         try:
-            _collect(lines, result, deadline, proc)
-        except KeyboardInterrupt:
-            result.interrupted = True
-            _stop_worker(proc)
-            _collect(lines, result, time.monotonic() + 15, proc)
-        if proc.poll() is None:
-            proc.kill()
-        result.returncode = proc.wait()
+            try:
+                _collect(lines, result, deadline, proc)
+            except KeyboardInterrupt:
+                result.interrupted = True
+                _stop_worker(proc)
+                _collect(lines, result, time.monotonic() + 15, proc)
+        finally:  # whatever happens here (even a second Ctrl-C), no worker outlives its job
+            if proc.poll() is None:
+                proc.kill()
+            result.returncode = proc.wait()
         stderr.seek(0)
         tail = [line.strip() for line in stderr.read().splitlines() if line.strip()]
         result.stderr_tail = tail[-1] if tail else ""
@@ -149,18 +151,18 @@ def measurement_row(job: Job, result: WorkerResult, environment: dict[str, Any])
     error_event = result.first("error")
     if error_event:
         status, error = error_event.get("status", "error"), f"{error_event.get('stage')}: {error_event['error']}"
+    elif result.first("done"):
+        status, error = "ok", None
     elif result.interrupted or result.first("interrupted"):
         if not repeats:
             return None
         status, error = "interrupted", f"interrupted after {len(repeats)} of {s.repeat} repeats"
     elif result.timed_out:
         status, error = "error", f"timed out after {len(repeats)} of {s.repeat} repeats"
-    elif not result.first("done"):
+    else:
         code = result.returncode or 0
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         status, error = "error", f"the worker died ({how}): {result.stderr_tail or 'no message'}"
-    else:
-        status, error = "ok", None
     started = result.first("started") or {}
     loaded = result.first("loaded") or {}
     finished = result.first("done") or result.first("interrupted") or {}
@@ -184,7 +186,8 @@ def measurement_row(job: Job, result: WorkerResult, environment: dict[str, Any])
         "peak_rss_mib": peak, "baseline_rss_mib": baseline,
         "rss_growth_mib": peak - baseline if peak is not None and baseline is not None else None,
         "settings": {**asdict(s), "sampling": "greedy, end-of-text ignored", "source": artifact.source,
-                     "kv_bytes_per_position": artifact.shape.kv_bytes_per_position() if artifact.shape else None},
+                     "kv_bytes_per_position": artifact.shape.kv_bytes_per_position(
+                         backend_class(job.backend).kv_bytes_per_element) if artifact.shape else None},
         "environment": {**environment, "backend_version": started.get("backend_version")},
         "samples": [{k: e[k] for k in ("ttft_s", "prefill_tok_s", "decode_s", "decode_tok_s")} for e in repeats],
     }

@@ -15,6 +15,7 @@ a native library prints goes to stderr: the protocol has stdout to itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,7 +117,8 @@ def run_job(job: dict[str, Any], out: TextIO) -> int:
             backend.generate(prompt, gen_tokens, clock)
             emit("repeat", index=index, warmup=index < warmup, **repeat_timing(clock, len(prompt.ids), gen_tokens))
         emit("done", peak_rss_mib=peak_rss_mib(), rss_mib=current_rss_mib())
-        backend.close()
+        with contextlib.suppress(Exception):  # the measurement is complete; the process ends anyway
+            backend.close()
         return 0
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short

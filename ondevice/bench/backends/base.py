@@ -56,6 +56,7 @@ class Backend(ABC):
     distribution: ClassVar[str] = ""  # PyPI distribution, for the version
     install_hint: ClassVar[str] = ""
     listed: ClassVar[bool] = True  # part of the default `--backend` set (the null backend is not)
+    kv_bytes_per_element: ClassVar[int] = 2  # KV cache precision (f16 in llama.cpp), for memory estimates
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -37,6 +37,7 @@ class OndeviceBackend(Backend):
     module = "ondevice._kernels"
     distribution = "ondevice"
     install_hint = "the C extension is built by `pip install -e .`"
+    kv_bytes_per_element = 4  # float32 K/V cache
 
     def __init__(self) -> None:
         self.model: Any = None

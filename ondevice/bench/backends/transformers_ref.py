@@ -18,6 +18,7 @@ class TransformersBackend(Backend):
     module = "transformers"
     distribution = "transformers"
     install_hint = "pip install transformers (and torch)"
+    kv_bytes_per_element = 4  # float32 model, float32 cache
 
     def __init__(self) -> None:
         self.model: Any = None
