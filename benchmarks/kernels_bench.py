@@ -11,6 +11,7 @@ real decode step does with a whole model. M=256 (prefill) is compute-bound, so o
     python benchmarks/kernels_bench.py --types Q4_1 Q8_0 --m 1 --threads 2
     python benchmarks/kernels_bench.py --overhead            # per-call binding overhead only
     python benchmarks/kernels_bench.py --act-experiment      # q8 activations vs f32 dequant-dot (M=1)
+    python benchmarks/kernels_bench.py --model-sim           # SmolLM2-135M-shaped decode/prefill step
 """
 
 from __future__ import annotations
@@ -215,6 +216,79 @@ def activation_experiment() -> None:
                       f"f32-dequant {rates[1]:6.2f} GB/s")
 
 
+def model_simulation(threads_list: list[int]) -> None:
+    """Kernel-only tok/s ceiling: SmolLM2-135M shapes (Q4_1 layers, Q8_0 tied embedding/output), the
+    call sequence of a llama decoder step with numpy glue as thin as a runtime's. Random weights."""
+    rng = np.random.default_rng(0)
+    d_model, n_head, n_kv, head_dim, ffn, vocab, n_layer, ctx = 576, 9, 3, 64, 1536, 49152, 30, 1024
+    q41, q80 = int(QT.Q4_1), int(QT.Q8_0)
+    proto = {name: make_weights("Q4_1", n, k, rng) for name, (n, k) in {
+        "wq": (576, 576), "wk": (192, 576), "wv": (192, 576), "wo": (576, 576),
+        "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}.items()}
+    layers = [{name: w.copy() for name, w in proto.items()} for _ in range(n_layer)]  # distinct memory, like a model
+    embd = make_weights("Q8_0", vocab, d_model, rng)
+    norm = np.ones(d_model, np.float32)
+    k_cache = np.zeros((n_layer, n_kv, ctx, head_dim), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    total = sum(w.nbytes for layer in layers for w in layer.values()) + embd.nbytes
+    print(f"model-sim: {total / 1e6:.0f} MB of weights, {n_layer} layers")
+
+    def step(tokens: np.ndarray, pos0: int, last_only: bool) -> int:
+        m = len(tokens)
+        x = np.empty((m, d_model), np.float32)
+        h = np.empty_like(x)
+        q = np.empty((m, n_head * head_dim), np.float32)
+        kk = np.empty((m, n_kv * head_dim), np.float32)
+        vv = np.empty_like(kk)
+        attn = np.empty_like(q)
+        gate = np.empty((m, ffn), np.float32)
+        up = np.empty_like(gate)
+        pos = np.arange(pos0, pos0 + m, dtype=np.int32)
+        K.get_rows(x, embd, q80, tokens, d_model)
+        for li, layer in enumerate(layers):
+            K.rmsnorm(h, x, norm, 1e-5)
+            K.matmul(q, layer["wq"], q41, h, d_model)
+            K.matmul(kk, layer["wk"], q41, h, d_model)
+            K.matmul(vv, layer["wv"], q41, h, d_model)
+            q3, k3 = q.reshape(m, n_head, head_dim), kk.reshape(m, n_kv, head_dim)
+            K.rope(q3, pos, 100000.0, False)
+            K.rope(k3, pos, 100000.0, False)
+            k_cache[li, :, pos0 : pos0 + m] = k3.transpose(1, 0, 2)
+            v_cache[li, :, pos0 : pos0 + m] = vv.reshape(m, n_kv, head_dim).transpose(1, 0, 2)
+            K.attention(attn, q3, k_cache[li], v_cache[li], pos0, 0.125)
+            K.matmul(x, layer["wo"], q41, attn, d_model, True)
+            K.rmsnorm(h, x, norm, 1e-5)
+            K.matmul(gate, layer["gate"], q41, h, d_model)
+            K.matmul(up, layer["up"], q41, h, d_model)
+            K.silu_mul(gate, gate, up)
+            K.matmul(x, layer["down"], q41, gate, ffn, True)
+        rows = h[m - 1 :] if last_only else h
+        K.rmsnorm(rows, x[m - 1 :] if last_only else x, norm, 1e-5)
+        logits = np.empty((len(rows), vocab), np.float32)
+        K.matmul(logits, embd, q80, rows, d_model)
+        return K.argmax(logits[-1])
+
+    for threads in threads_list:
+        K.set_threads(threads)
+        prompt = rng.integers(0, vocab, 256).astype(np.int32)
+        step(prompt[:8], 0, True)  # warm-up
+        best_prefill = 1e9
+        for _ in range(3):
+            start = time.perf_counter()
+            token = step(prompt, 0, True)
+            best_prefill = min(best_prefill, time.perf_counter() - start)
+        n_decode = 64
+        times = []
+        for i in range(n_decode):
+            start = time.perf_counter()
+            token = step(np.array([token], np.int32), 256 + i, True)
+            times.append(time.perf_counter() - start)
+        median = float(np.median(times))
+        print(f"  threads={threads}: prefill 256 tokens {best_prefill * 1e3:.0f} ms = {256 / best_prefill:.0f} tok/s; "
+              f"decode at pos 256-320: median {median * 1e3:.2f} ms = {1 / median:.1f} tok/s "
+              f"(best {1 / min(times):.1f}), {total / median / 1e9:.1f} GB/s of weights")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=TYPES)
@@ -224,7 +298,11 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true", help="only measure per-call overhead")
     parser.add_argument("--no-cold", action="store_true", help="skip the DRAM-streaming M=1 runs")
     parser.add_argument("--act-experiment", action="store_true", help="q8 activations vs f32 dequant-dot")
+    parser.add_argument("--model-sim", action="store_true", help="SmolLM2-135M-shaped decode and prefill")
     args = parser.parse_args()
+    if args.model_sim:
+        model_simulation(args.threads)
+        return
     if args.act_experiment:
         activation_experiment()
         return

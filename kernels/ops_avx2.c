@@ -12,6 +12,14 @@
 #define OD_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define OD_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 
+#if defined(__clang__)
+#define OD_UNROLL_ATTN _Pragma("unroll")
+#elif defined(__GNUC__)
+#define OD_UNROLL_ATTN _Pragma("GCC unroll 8")
+#else
+#define OD_UNROLL_ATTN
+#endif
+
 OD_AVX2_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -21,11 +29,13 @@ OD_AVX2_INLINE float hsum_ps(__m256 v) {
 
 /*
  * exp(x) for 8 floats: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by a degree-6
- * polynomial (Cephes expf coefficients), 2^n through the exponent bits. ~1 ulp on the clamped
- * range; inputs below -87.3 return ~1e-38 instead of 0 and above 88.37 saturate near FLT_MAX,
- * which is what softmax (x <= 0) and silu need.
+ * polynomial (Cephes expf coefficients), 2^n through the exponent bits. ~1 ulp; inputs below
+ * -87.34 (including -inf) return 0 and above 88.37 saturate near FLT_MAX, which is what softmax
+ * (x <= 0) and silu need.
  */
 OD_AVX2_INLINE __m256 exp_ps(__m256 x) {
+    /* below ln(2^-126) the result is flushed to 0: no subnormal products downstream */
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_GE_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -44,7 +54,7 @@ OD_AVX2_INLINE __m256 exp_ps(__m256 x) {
     const __m256 pow_a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half_n, _mm256_set1_epi32(127)), 23));
     const __m256 pow_b = _mm256_castsi256_ps(
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half_n), _mm256_set1_epi32(127)), 23));
-    return _mm256_mul_ps(_mm256_mul_ps(p, pow_a), pow_b);
+    return _mm256_and_ps(_mm256_mul_ps(_mm256_mul_ps(p, pow_a), pow_b), keep);
 }
 
 /* ------------------------------------------------------------------ rmsnorm */
@@ -130,7 +140,8 @@ OD_AVX2_INLINE __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch) {
+/* One query row at a time; used when the head dim is not a multiple of 8. */
+OD_AVX2 static void attention_rows_avx2(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch) {
     const int64_t d = a->d, d8 = d & ~(int64_t)7, group = a->h / a->hkv, kvh = head / group;
     const size_t kv_base = (size_t)kvh * a->c * d;
     const int f16 = a->kv_f16;
@@ -210,6 +221,148 @@ OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, 
                     acc_mem[i] += scores[t] * load_kv1(a->v_cache, f16, kv_base + (size_t)t * d + i);
             for (int64_t i = d8; i < d; i++) o[i] = acc_mem[i] * inv;
         }
+    }
+}
+
+/* lane j of the result = sum of the lanes of v[j] */
+OD_AVX2_INLINE __m256 reduce8_ps(const __m256 v[8]) {
+    const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 x = _mm256_hadd_ps(h01, h23), y = _mm256_hadd_ps(h45, h67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+}
+
+
+/* outacc[R][d] (c0 .. c0 + 8*CG) = P[R][n_max] @ V[n_max][d]: R rows x CG 8-dim chunks of accumulators
+ * in registers (R*CG ~ 8 independent FMA chains), each V row chunk loaded once per pass. */
+OD_AVX2_INLINE void attention_pv_chunks(const int R, const int CG, const od_attn_args *a, const float *scores,
+                                        int64_t stride, float *outacc, size_t kv_base, int64_t n_max, int64_t c0,
+                                        const int f16) {
+    const int64_t d = a->d;
+    __m256 acc[8][8];
+    OD_UNROLL_ATTN
+    for (int r = 0; r < R; r++) {
+        OD_UNROLL_ATTN
+        for (int g = 0; g < CG; g++) acc[r][g] = _mm256_setzero_ps();
+    }
+    for (int64_t t = 0; t < n_max; t++) {
+        const size_t row = kv_base + (size_t)t * d + c0;
+        __m256 vv[8];
+        OD_UNROLL_ATTN
+        for (int g = 0; g < CG; g++) vv[g] = load_kv8(a->v_cache, f16, row + 8 * g);
+        OD_UNROLL_ATTN
+        for (int r = 0; r < R; r++) {
+            const __m256 p = _mm256_broadcast_ss(scores + r * stride + t);
+            OD_UNROLL_ATTN
+            for (int g = 0; g < CG; g++) acc[r][g] = _mm256_fmadd_ps(p, vv[g], acc[r][g]);
+        }
+    }
+    OD_UNROLL_ATTN
+    for (int r = 0; r < R; r++) {
+        OD_UNROLL_ATTN
+        for (int g = 0; g < CG; g++) _mm256_storeu_ps(outacc + r * d + c0 + 8 * g, acc[r][g]);
+    }
+}
+
+OD_AVX2_INLINE void attention_pv(const int R, const od_attn_args *a, const float *scores, int64_t stride, float *outacc,
+                                 size_t kv_base, int64_t n_max, const int f16) {
+    /* chunks per pass: 8 for one row, down to 1 for 8 rows */
+    const int CG = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
+    int64_t c = 0;
+    for (; c + 8 * CG <= a->d; c += 8 * CG) attention_pv_chunks(R, CG, a, scores, stride, outacc, kv_base, n_max, c, f16);
+    for (; c < a->d; c += 8) attention_pv_chunks(R, 1, a, scores, stride, outacc, kv_base, n_max, c, f16);
+}
+
+/*
+ * Query rows [r0, r1) of one head, processed together so every K and V row is loaded once per row
+ * block instead of once per query row:
+ *   1. scores S[r][t] = scale * q_r . k_t for t < n_max, 8 keys at a time (8 register accumulators,
+ *      one hadd-tree reduction), then the causal mask (-inf) for keys a row may not see;
+ *   2. per row: max, exp, sum (vectorized over keys);
+ *   3. O = P V by 8 output dims at a time, R accumulators in registers (V rows come from L1/L2;
+ *      K/V of one head are read once per row block instead of once per row).
+ * Needs d % 8 == 0 and r1 - r0 <= 8 (8 accumulators in registers).
+ */
+OD_AVX2_INLINE void attention_block(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch,
+                                    const int f16) {
+    const int64_t d = a->d, group = a->h / a->hkv, kvh = head / group;
+    const int R = (int)(r1 - r0);
+    const size_t kv_base = (size_t)kvh * a->c * d;
+    const int64_t n_max = a->pos0 + r1; /* keys seen by the last row */
+    const int64_t stride = (n_max + 7) & ~(int64_t)7;
+    float *scores = scratch;            /* [R][stride] */
+    float *outacc = scratch + R * stride; /* [R][d] */
+    const __m256 vscale = _mm256_set1_ps(a->scale);
+
+    /* 1. scores: key blocks outer so the 8 keys stay in L1 across the rows */
+    for (int64_t t = 0; t < n_max; t += 8) {
+        const int nk = (int)(n_max - t < 8 ? n_max - t : 8);
+        size_t key_at[8];
+        OD_UNROLL_ATTN
+        for (int j = 0; j < 8; j++) key_at[j] = kv_base + (size_t)(j < nk ? t + j : t) * d; /* pad: repeat a valid key */
+        for (int r = 0; r < R; r++) {
+            const float *qr = a->q + ((r0 + r) * a->h + head) * d;
+            __m256 acc[8];
+            OD_UNROLL_ATTN
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < d; c += 8) {
+                const __m256 qv = _mm256_loadu_ps(qr + c);
+                OD_UNROLL_ATTN
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, load_kv8(a->k_cache, f16, key_at[j] + c), acc[j]);
+            }
+            _mm256_storeu_ps(scores + r * stride + t, _mm256_mul_ps(reduce8_ps(acc), vscale));
+        }
+    }
+    /* causal mask (and the padding up to the stride) */
+    for (int r = 0; r < R; r++)
+        for (int64_t t = a->pos0 + r0 + r + 1; t < stride; t++) scores[r * stride + t] = -INFINITY;
+
+    /* 2. softmax numerators; remember 1/sum per row */
+    float inv_sum[8];
+    for (int r = 0; r < R; r++) {
+        float *srow = scores + r * stride;
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < stride; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(srow + t));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const __m256 vm = _mm256_set1_ps(_mm_cvtss_f32(m4));
+        __m256 vsum = _mm256_setzero_ps();
+        for (int64_t t = 0; t < stride; t += 8) {
+            const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), vm));
+            _mm256_storeu_ps(srow + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        inv_sum[r] = 1.0f / hsum_ps(vsum);
+    }
+
+    /* 3. O = P V */
+    switch (R) {
+    case 1: attention_pv(1, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    case 2: attention_pv(2, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    case 3: attention_pv(3, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    case 4: attention_pv(4, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    case 5: attention_pv(5, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    case 6: attention_pv(6, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    case 7: attention_pv(7, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    default: attention_pv(8, a, scores, stride, outacc, kv_base, n_max, f16); break;
+    }
+    for (int r = 0; r < R; r++) {
+        float *o = a->out + (r0 + r) * a->h * d + head * d;
+        const __m256 vinv = _mm256_set1_ps(inv_sum[r]);
+        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(outacc + r * d + c), vinv));
+    }
+}
+
+OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch) {
+    if (a->d % 8 != 0) {
+        attention_rows_avx2(a, head, r0, r1, scratch);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r += 8) {
+        const int64_t end = r + 8 < r1 ? r + 8 : r1;
+        if (a->kv_f16) attention_block(a, head, r, end, scratch, 1);
+        else attention_block(a, head, r, end, scratch, 0);
     }
 }
 
