@@ -116,7 +116,8 @@ def build_report(store: Any, *, device: str | None = None, model: str | None = N
     for dev in devices:
         mine = [r for r in speed_rows if r["device_id"] == dev["device_id"]]
         latest = sorted(_latest(mine, SPEED_KEY), key=_sort_key)
-        overhead = [r for r in latest if r["backend"] == "null" and r.get("decode_tok_s")]
+        overhead = _latest([r for r in latest if r["backend"] == "null" and r.get("decode_tok_s")],
+                           ("threads", "prompt_tokens", "gen_tokens"))
         latest = [r for r in latest if r["backend"] != "null"]  # the harness measuring itself, shown apart
         measured = [r for r in latest if r["status"] in ("ok", "interrupted") and r.get("decode_tok_s") is not None]
         failed = [r for r in latest if r not in measured]
@@ -163,11 +164,11 @@ def quality_table(report: Report) -> Table | None:
 
 
 # ---------------------------------------------------------------------- renderers
-def _md_table(table: Table) -> str:
+def _md_table(table: Table, level: int = 3) -> str:
     def esc(cell: str) -> str:
         return cell.replace("|", "\\|")
 
-    lines = [f"### {table.title}", ""]
+    lines = [f"{'#' * level} {table.title}", ""]
     lines.append("| " + " | ".join(table.headers) + " |")
     lines.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(table.headers))) + "|")
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in table.rows]
@@ -190,7 +191,7 @@ def render_markdown(report: Report) -> str:
             out += ["", _md_table(table)]
     quality = quality_table(report)
     if quality:
-        out += ["", "## Quality", "", _md_table(quality)]
+        out += ["", _md_table(quality, level=2)]
     return "\n".join(out) + "\n"
 
 
@@ -217,7 +218,7 @@ def render_html(report: Report) -> str:
         parts += [_html_table(t) for t in section.tables]
     quality = quality_table(report)
     if quality:
-        parts.append("<h2>Quality</h2>" + _html_table(quality))
+        parts.append(_html_table(quality).replace("<h3>", "<h2>").replace("</h3>", "</h2>"))
     return "\n".join(parts) + "\n"
 
 
@@ -268,15 +269,26 @@ def _varying(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
     return out or ["quant"]
 
 
-def _grouped_bars(ax: Any, groups: list[str], series: dict[str, dict[str, float]], ylabel: str, title: str) -> None:
+def _grouped_bars(ax: Any, groups: list[str], series: dict[str, dict[str, Any]], ylabel: str, title: str) -> None:
+    """Bars per group and series; a value is a number or (median, min, max), drawn with a min-max whisker."""
     import numpy as np
+
+    def parts(value: Any) -> tuple[float, float, float]:
+        if value is None:
+            return np.nan, np.nan, np.nan
+        mid, low, high = value if isinstance(value, tuple) else (value, value, value)
+        mid = float(mid)
+        return mid, float(low if low is not None else mid), float(high if high is not None else mid)
 
     names = list(series)
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(groups))
     for i, name in enumerate(names):
-        values = [float(v) if (v := series[name].get(g)) is not None else np.nan for g in groups]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+        triples = np.array([parts(series[name].get(g)) for g in groups]).reshape(len(groups), 3)
+        values = triples[:, 0]
+        whiskers = np.nan_to_num(np.stack([values - triples[:, 1], triples[:, 2] - values]))
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, yerr=whiskers,
+                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
         ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in values], fontsize=7, padding=1)
     ax.set_xticks(x, groups, fontsize=8)
     ax.set_ylabel(ylabel)
@@ -298,10 +310,12 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
         groups = list(dict.fromkeys(_group_label(r, varying) for r in rows))
         fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(groups) + 4), 4.5))
         for ax, column, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
-            series: dict[str, dict[str, float]] = defaultdict(dict)
+            series: dict[str, dict[str, Any]] = defaultdict(dict)
             for r in rows:
-                series[r["backend"]][_group_label(r, varying)] = r[column]
-            _grouped_bars(ax, groups, series, "tokens/s (median)", f"{title} speed, higher is better")
+                series[r["backend"]][_group_label(r, varying)] = (r[column], r.get(f"{column}_min"),
+                                                                  r.get(f"{column}_max"))
+            _grouped_bars(ax, groups, series, "tokens/s (median; whiskers: min-max)",
+                          f"{title} speed, higher is better")
         fig.suptitle(section.label, fontsize=10)
         fig.tight_layout()
         name = f"speed{suffix}.png"
@@ -316,8 +330,8 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
             for r in mine:
                 ax.annotate(f"{r['quant']} t{r['threads']}", (r["peak_rss_mib"], r["decode_tok_s"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
-        ax.set_xlim(left=0)  # from zero: distances on the chart stay proportional to the numbers
-        ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0, right=max(r["peak_rss_mib"] for r in rows if r.get("peak_rss_mib")) * 1.2)
+        ax.set_ylim(bottom=0)  # from zero: distances on the chart stay proportional to the numbers
         ax.set_xlabel("peak RSS (MiB), lower is better")
         ax.set_ylabel("decode tokens/s, higher is better")
         ax.set_title("memory against speed", fontsize=11)
@@ -350,11 +364,12 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
     if report.quality:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(report.quality) + 3), 4))
         labels = [f"{q['quant']}\n{q['backend']}" for q in report.quality]
-        bars = ax.bar(range(len(labels)), [max(q["kl_mean"], 1e-9) for q in report.quality], color="tab:red")
-        ax.bar_label(bars, labels=[f"{q['kl_mean']:.4f}" for q in report.quality], fontsize=7)
-        ax.set_yscale("log")
+        bars = ax.bar(range(len(labels)), [q["kl_mean"] for q in report.quality], color="tab:red")
+        ax.bar_label(bars, labels=[f"{q['kl_mean']:.4f}\ntop-1 {q['top1_agreement']:.0%}" for q in report.quality],
+                     fontsize=7)
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_ylabel("KL divergence from reference (nats/token, log)")
+        ax.set_ylabel("KL divergence from reference (nats/token)")
+        ax.margins(y=0.15)
         ax.set_title("quality lost to quantization, lower is better", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
