@@ -49,7 +49,10 @@ static const od_isa_ops *ops_by_name(const char *name) {
     if (strcmp(name, "avx2") == 0) return cpu_has_avx2_fma_f16c() ? &od_ops_avx2 : NULL;
 #endif
 #if defined(__aarch64__)
-    if (strcmp(name, "neon") == 0) return &od_ops_neon;
+    /* "neon" uses the dot-product instructions when the CPU has them; "neon-nodotprod" is a test
+     * hook forcing the plain ARMv8 path */
+    if (strcmp(name, "neon") == 0) return od_cpu_has_dotprod() ? &od_ops_neon_dotprod : &od_ops_neon;
+    if (strcmp(name, "neon-nodotprod") == 0) return &od_ops_neon;
 #endif
     return NULL;
 }
@@ -59,7 +62,7 @@ static const od_isa_ops *best_ops(void) {
     if (cpu_has_avx2_fma_f16c()) return &od_ops_avx2;
 #endif
 #if defined(__aarch64__)
-    return &od_ops_neon;
+    return od_cpu_has_dotprod() ? &od_ops_neon_dotprod : &od_ops_neon;
 #endif
     return &od_ops_scalar;
 }

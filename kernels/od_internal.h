@@ -86,7 +86,13 @@ void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n)
 void od_add_avx2(float *x, const float *y, int64_t n);
 #endif
 #if defined(__aarch64__)
-extern const od_isa_ops od_ops_neon;
+extern const od_isa_ops od_ops_neon;         /* plain ARMv8 NEON */
+extern const od_isa_ops od_ops_neon_dotprod; /* with the dot-product extension */
+void od_rmsnorm_row_neon(float *out, const float *x, const float *weight, int64_t k, float eps);
+void od_rope_row_neon(float *x, int64_t h, int64_t d, const float *cs, int neox);
+void od_attention_neon(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
+void od_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n);
+void od_add_neon(float *x, const float *y, int64_t n);
 #endif
 
 /* Currently selected table (set by dispatch.c). */

@@ -12,8 +12,11 @@ Tolerances (all relative to |x| @ |W|^T, the sum of absolute products, so they h
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import kernel_ref as ref
 import numpy as np
@@ -351,3 +354,28 @@ def test_config_and_env_override():
     code = "import ondevice._kernels as k; print(k.isa(), k.get_threads())"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["scalar", "3"]
+
+
+# ------------------------------------------------------------------ NEON (aarch64) under emulation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_neon_matches_scalar_under_qemu(tmp_path):
+    """Builds kernels/*.c + tests/kernels_neon_check.c for aarch64 and runs it: every kernel on the
+    NEON paths (with and without the dot-product extension) must match the scalar path."""
+    native = platform.machine() in ("aarch64", "arm64") and sys.platform == "linux"
+    cc = shutil.which("cc") if native else shutil.which("aarch64-linux-gnu-gcc")
+    qemu = None if native else shutil.which("qemu-aarch64")
+    if cc is None or (not native and qemu is None):
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    exe = tmp_path / "kernels_neon_check"
+    sources = [str(p) for p in sorted((REPO / "kernels").glob("*.c"))] + [str(REPO / "tests" / "kernels_neon_check.c")]
+    subprocess.run([cc, "-O1", "-static", "-pthread", "-std=c11", f"-I{REPO / 'kernels'}", *sources, "-lm", "-o", str(exe)],
+                   check=True, timeout=600)
+    runs = [[str(exe)]] if native else [[qemu, str(exe)], [qemu, "-cpu", "cortex-a53", str(exe)]]
+    for command in runs:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and "PASSED" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+        if "cortex-a53" in command:  # no dot-product extension on that core: HWCAP must say so
+            assert "dotprod" not in result.stdout.splitlines()[0]
