@@ -274,9 +274,9 @@ def _grouped_bars(ax: Any, groups: list[str], series: dict[str, dict[str, Any]],
     import numpy as np
 
     def parts(value: Any) -> tuple[float, float, float]:
-        if value is None:
-            return np.nan, np.nan, np.nan
         mid, low, high = value if isinstance(value, tuple) else (value, value, value)
+        if mid is None:
+            return np.nan, np.nan, np.nan
         mid = float(mid)
         return mid, float(low if low is not None else mid), float(high if high is not None else mid)
 
