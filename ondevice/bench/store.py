@@ -6,6 +6,16 @@
 - Every write is one transaction (BEGIN IMMEDIATE ... COMMIT): a run killed at any instant leaves every row
   either fully there or not there at all.
 - Export/import as JSON (EXPORT_FORMAT) to merge results measured elsewhere, e.g. by an app on a phone.
+
+The exchange file, as an app writes it (every measurement column of the schema is accepted; these are needed):
+
+    {"format": "ondevice-bench-results", "version": 1,
+     "devices": [{"device_id": "any-stable-id", "label": "Pixel 8 (Tensor G3)",
+                  "hardware": {"cpu_model": ..., "arch": ..., "cores_physical": ..., "ram_gib": ...}}],
+     "measurements": [{"uid": "unique-per-measurement", "device_id": "any-stable-id", "kind": "speed",
+                       "status": "ok", "backend": "llama.cpp", "model": "smollm2-135m-instruct", "quant": "q4_0",
+                       "recorded_at": "2025-01-01T12:00:00+00:00", "threads": 4, "prompt_tokens": 128,
+                       "gen_tokens": 128, "decode_tok_s": 31.0, "prefill_tok_s": 120.0, "peak_rss_mib": 150.0}]}
 """
 
 from __future__ import annotations
