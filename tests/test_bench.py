@@ -386,7 +386,8 @@ def test_harness_overhead_is_under_one_percent_of_a_128_token_decode(smollm2, tm
         pytest.skip("no real runtime to compare with")
     artifact = describe_artifact(smollm2)
     null = run_worker(Job("null", artifact, Settings(1, 16, 128, 5, 0)))
-    null_decode_s = max(e["decode_s"] for e in null.events if e["event"] == "repeat")
+    # The median of the repeats, as the harness reports it (a preempted repeat on a busy machine is an outlier).
+    null_decode_s = float(np.median([e["decode_s"] for e in null.events if e["event"] == "repeat"]))
     real = run_worker(Job(RUNTIMES[0], artifact, Settings(2, 16, 16, 1, 0)))
     [repeat] = [e for e in real.events if e["event"] == "repeat"]
     real_decode_128_s = repeat["decode_s"] / 15 * 127  # 15 measured intervals -> 127
