@@ -66,7 +66,7 @@ def _activations(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
     return x
 
 
-MATMUL_SHAPES = [(1, 19, 576), (7, 70, 576), (1, 33, 1536), (7, 45, 256), (33, 40, 1536), (5, 130, 256)]
+MATMUL_SHAPES = [(1, 19, 576), (7, 70, 576), (1, 33, 1536), (7, 45, 256), (33, 40, 1536), (5, 130, 256), (6, 3, 256)]
 
 
 def _check_matmul(out: np.ndarray, x: np.ndarray, w_dense: np.ndarray, wtype: int) -> None:
@@ -101,6 +101,16 @@ def test_matmul_random_bytes(isa, wtype):
     for m, n, k in [(1, 37, 512), (9, 37, 512)]:
         w = ref.make_weights(wtype, n, k, rng, random_bytes=True)
         x = _activations(rng, m, k)
+        _check_matmul(_run_matmul(w, wtype, x, n), x, ref.dequantize(w, wtype, k), wtype)
+
+
+@pytest.mark.parametrize("wtype", ref.FLOAT_TYPES, ids=lambda t: QT(t).name)
+def test_matmul_float_odd_k(isa, wtype):
+    """Float weights allow any K: vector tails must be handled."""
+    rng = np.random.default_rng(21)
+    for m, n, k in [(1, 9, 100), (6, 17, 37), (2, 5, 7)]:
+        w = ref.make_weights(wtype, n, k, rng)
+        x = _activations(rng, m, k) if k >= 6 else rng.standard_normal((m, k)).astype(np.float32)
         _check_matmul(_run_matmul(w, wtype, x, n), x, ref.dequantize(w, wtype, k), wtype)
 
 
@@ -216,6 +226,18 @@ def test_attention(isa, kv_dtype):
         K.attention(out, q, k_cache, v_cache, pos0, 1 / 8)
         expected = ref.attention(q, k_cache, v_cache, pos0, 1 / 8)
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_attention_odd_head_dim(isa):
+    rng = np.random.default_rng(13)
+    h, hkv, d, c = 4, 2, 20, 40
+    k_cache = rng.standard_normal((hkv, c, d)).astype(np.float32)
+    v_cache = rng.standard_normal((hkv, c, d)).astype(np.float32)
+    for m, pos0 in [(1, 9), (11, 3)]:
+        q = rng.standard_normal((m, h, d)).astype(np.float32)
+        out = np.empty((m, h * d), np.float32)
+        K.attention(out, q, k_cache, v_cache, pos0, 0.2)
+        np.testing.assert_allclose(out, ref.attention(q, k_cache, v_cache, pos0, 0.2), rtol=1e-4, atol=2e-5)
 
 
 def test_attention_extreme_scores_are_stable(isa):
@@ -361,7 +383,38 @@ def test_config_and_env_override():
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_neon_matches_scalar_under_qemu(tmp_path):
+def _build_neon_check(cc: str) -> Path:
+    """Cross-compiles the check once per source content (cached in the temp dir: the build takes
+    most of this test's time), objects in parallel."""
+    import hashlib
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = sorted((REPO / "kernels").glob("*.c")) + [REPO / "tests" / "kernels_neon_check.c"]
+    digest = hashlib.sha256(cc.encode())
+    for path in sources + sorted((REPO / "kernels").glob("*.h")):
+        digest.update(path.name.encode() + path.read_bytes())
+    out_dir = Path(tempfile.gettempdir()) / f"ondevice-neon-check-{digest.hexdigest()[:16]}"
+    exe = out_dir / "kernels_neon_check"
+    if exe.exists():
+        return exe
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flags = ["-O1", "-pthread", "-std=c11", f"-I{REPO / 'kernels'}"]
+
+    def compile_one(src: Path) -> Path:
+        obj = out_dir / (src.stem + ".o")
+        subprocess.run([cc, *flags, "-c", str(src), "-o", str(obj)], check=True, timeout=600)
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objects = list(pool.map(compile_one, sources))
+    partial = out_dir / "kernels_neon_check.partial"
+    subprocess.run([cc, "-static", "-pthread", *map(str, objects), "-lm", "-o", str(partial)], check=True, timeout=600)
+    partial.rename(exe)  # atomic: a concurrent run never sees a half-written binary
+    return exe
+
+
+def test_neon_matches_scalar_under_qemu():
     """Builds kernels/*.c + tests/kernels_neon_check.c for aarch64 and runs it: every kernel on the
     NEON paths (with and without the dot-product extension) must match the scalar path."""
     native = platform.machine() in ("aarch64", "arm64") and sys.platform == "linux"
@@ -369,10 +422,7 @@ def test_neon_matches_scalar_under_qemu(tmp_path):
     qemu = None if native else shutil.which("qemu-aarch64")
     if cc is None or (not native and qemu is None):
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
-    exe = tmp_path / "kernels_neon_check"
-    sources = [str(p) for p in sorted((REPO / "kernels").glob("*.c"))] + [str(REPO / "tests" / "kernels_neon_check.c")]
-    subprocess.run([cc, "-O1", "-static", "-pthread", "-std=c11", f"-I{REPO / 'kernels'}", *sources, "-lm", "-o", str(exe)],
-                   check=True, timeout=600)
+    exe = _build_neon_check(cc)
     runs = [[str(exe)]] if native else [[qemu, str(exe)], [qemu, "-cpu", "cortex-a53", str(exe)]]
     for command in runs:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
