@@ -70,7 +70,8 @@ def load_schema(schema: dict | str | Path) -> dict:
     """A JSON Schema from a dict, a JSON string, or a path to a .json file (clear errors otherwise)."""
     if isinstance(schema, dict):
         return schema
-    if isinstance(schema, Path) or (isinstance(schema, str) and not schema.lstrip().startswith("{")):
+    looks_like_json = isinstance(schema, str) and schema.lstrip()[:1] in ("{", "[")
+    if isinstance(schema, Path) or not looks_like_json:
         path = Path(schema)
         if not path.is_file():
             raise StructuredOutputError(f"JSON schema file not found: {path}")
@@ -124,8 +125,8 @@ def compile_grammar(*, json_schema: dict | str | Path | None = None, regex: str 
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(compiled)
     if is_error:
         kind = given[0].replace("_", " ")
-        first = messages[0].splitlines()[0] if messages else "unknown error"
-        raise StructuredOutputError(f"unsupported or invalid {kind}: {first}")
+        detail = " ".join(messages[0].split())[:300] if messages else "unknown error"  # one line
+        raise StructuredOutputError(f"unsupported or invalid {kind}: {detail}")
     return compiled
 
 
