@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print the reply and the timings as one JSON object")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the reply to JSON valid against this JSON Schema file (structured output)")
     add_sampling_args(p)
     p.set_defaults(handler=run)
 
@@ -60,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise OndeviceError("empty prompt: pass -p TEXT or pipe text on standard input")
+    if args.json_schema:  # a bad schema fails before the model is loaded
+        from ondevice.structured import compile_grammar
+
+        compile_grammar(json_schema=args.json_schema)
     model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
     if args.raw:
         request: str | list[dict[str, str]] = prompt
@@ -68,14 +74,24 @@ def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}]
         if not model.chat_template:
             request = prompt
+    token_filter = None
+    if args.json_schema:
+        from ondevice.structured import TokenFilter
+
+        token_filter = TokenFilter(model, json_schema=args.json_schema)
     pieces = []
-    for piece in model.generate(request, stop=args.stop, **sampling_kwargs(args)):
+    for piece in model.generate(request, stop=args.stop, token_filter=token_filter, **sampling_kwargs(args)):
         if args.json:
             pieces.append(piece)
         else:
             sys.stdout.write(piece)
             sys.stdout.flush()
     stats = model.last_stats
+    if token_filter is not None and not token_filter.is_accepting():
+        from ondevice.structured import StructuredOutputError
+
+        raise StructuredOutputError(f"the reply stopped before the JSON was complete ({stats.finish_reason}); "
+                                    "raise -n/--max-tokens or bound the schema (maxLength, maxItems, enum)")
     if args.json:
         print_json({"text": "".join(pieces), "model": model.path, "threads": model.threads,
                     **stats.to_json(), "peak_rss_mib": peak_rss_mib()})
