@@ -1,0 +1,89 @@
+"""`ondevice serve [MODEL]`: a local OpenAI-compatible server with a browser chat page at /."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+HELP = """\
+Serve a model over an OpenAI-compatible HTTP API: POST /v1/chat/completions (streaming SSE or not),
+POST /v1/completions, GET /v1/models, GET /health, and a chat page at / for the browser.
+
+One model instance answers one request at a time; other requests wait in a bounded first-come-first-served
+queue (--max-queue), and get HTTP 429 when it is full. A client that disconnects stops its generation.
+Binds to 127.0.0.1 by default; use --host 0.0.0.0 to listen on the network, preferably with --api-key
+(or the ONDEVICE_API_KEY environment variable).
+
+example:
+  ondevice serve smollm2-135m-instruct --port 8080
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible local server + browser chat page", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL", help="GGUF file or alias (default: smollm2-135m-instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("ONDEVICE_API_KEY"),
+                   help="require Authorization: Bearer KEY on /v1 routes (default: $ONDEVICE_API_KEY)")
+    p.add_argument("--model-id", help="model name reported by /v1/models (default: the file name)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (default 16; then 429)")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections (default 64; then 503)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a request may wait for its turn before a 503 (default 300)")
+    p.add_argument("--web-dir", help="folder served at / (default: apps/web of the ondevice checkout)")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.set_defaults(handler=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import ondevice
+    from ondevice.errors import OndeviceError
+    from ondevice.server import Limits, create_server
+    from ondevice.server.app import DEFAULT_WEB_DIR
+
+    for name in ("max_queue", "max_connections", "max_tokens_limit", "max_body"):
+        if getattr(args, name) < 1:
+            raise OndeviceError(f"--{name.replace('_', '-')} must be >= 1")
+    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
+    limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=min(256, args.max_tokens_limit),
+                    max_body_bytes=args.max_body)
+    try:
+        server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
+                               limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,
+                               queue_timeout_s=args.queue_timeout, web_dir=args.web_dir or DEFAULT_WEB_DIR,
+                               verbose=args.verbose)
+    except OSError as exc:
+        raise OndeviceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
+                            "pick another --port") from None
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"ondevice: warning: listening on {args.host} without an API key: anyone on the network can use "
+              "this model (pass --api-key)", file=sys.stderr)
+    print(f"serving {server.model_id} on {server.url} (OpenAI API at {server.url}/v1, chat page at "
+          f"{server.url}/); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.engine.stop()
+        server.server_close()
+    return 0

@@ -1,0 +1,335 @@
+"""The HTTP layer: stdlib ThreadingHTTPServer, one thread per connection, generation on the engine's worker.
+
+No web framework: the API is four routes, SSE is plain chunked writes, and the standard library keeps the
+runtime dependency-free. Handler threads only parse, validate, wait and write; the model runs on one worker.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import mimetypes
+import queue
+import select
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from ondevice.errors import OndeviceError
+from ondevice.server.engine import Engine, EngineStopped, Job, QueueFull
+from ondevice.server.protocol import (
+    Limits,
+    ParsedRequest,
+    RequestError,
+    chunk_body,
+    completion_body,
+    error_body,
+    parse_request,
+    usage_chunk,
+)
+
+DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "apps" / "web"
+_BUSY_BODY = json.dumps(error_body("too many open connections; retry shortly", kind="server_error",
+                                  code="overloaded")).encode()
+_RAW_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class OndeviceServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog: bursts of clients connect before threads pick them up
+
+    def __init__(self, address: tuple[str, int], model: Any, *, model_id: str, api_key: str | None = None,
+                 limits: Limits | None = None, max_queue: int = 16, max_connections: int = 64,
+                 queue_timeout_s: float = 300.0, web_dir: Path | None = DEFAULT_WEB_DIR,
+                 verbose: bool = False) -> None:
+        self.model = model
+        self.model_id = model_id
+        self.api_key = api_key
+        self.limits = limits or Limits()
+        self.queue_timeout_s = queue_timeout_s
+        self.web_dir = Path(web_dir).resolve() if web_dir else None
+        self.verbose = verbose
+        self.started_at = int(time.time())
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, Handler)
+        self.engine = Engine(model, max_queue=max_queue)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):  # bounded threads: refuse, don't pile up
+            try:
+                request.sendall(_RAW_503)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        """Stop accepting, cancel generation, release the socket (call from another thread than serve_forever)."""
+        self.shutdown()
+        self.engine.stop()
+        self.server_close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: OndeviceServer
+    timeout = 60  # idle keep-alive connections give their slot back
+    server_version = "ondevice"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # ------------------------------------------------------------------ plumbing
+    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, exc: RequestError, headers: dict[str, str] | None = None) -> None:
+        self._send_json(exc.status, exc.body(), headers)
+
+    def _authorized(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        given = self.headers.get("Authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if hmac.compare_digest(token.encode(), key.encode()):
+            return True
+        self._send_error(RequestError("invalid or missing API key (send Authorization: Bearer KEY)",
+                                      status=401, code="invalid_api_key"))
+        return False
+
+    def _read_json(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+            self.close_connection = True
+            raise RequestError("send the body with a Content-Length header", status=411)
+        try:
+            size = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise RequestError("bad Content-Length header") from None
+        if size > self.server.limits.max_body_bytes:
+            self.close_connection = True  # the unread body would corrupt the next request on this connection
+            raise RequestError(f"request body of {size} bytes exceeds the limit of "
+                               f"{self.server.limits.max_body_bytes}", status=413, code="request_too_large")
+        raw = self.rfile.read(size)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"the request body is not valid JSON: {exc}") from None
+
+    def _client_gone(self) -> bool:
+        """True if the peer closed its end (readable socket with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _write_chunk(self, data: bytes) -> None:
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise ClientGone from exc
+
+    def _sse(self, payload: dict[str, Any] | str) -> None:
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        self._write_chunk(f"data: {text}\n\n".encode())
+
+    # ------------------------------------------------------------------ routes
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            engine = self.server.engine
+            self._send_json(200, {"status": "ok", "model": self.server.model_id, "waiting": engine.waiting(),
+                                  "busy": engine.running is not None, "served": engine.served})
+        elif path in ("/v1/models", f"/v1/models/{self.server.model_id}"):
+            if not self._authorized():
+                return
+            card = {"id": self.server.model_id, "object": "model", "created": self.server.started_at,
+                    "owned_by": "ondevice"}
+            self._send_json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
+        elif path.startswith("/v1/models/"):
+            if self._authorized():
+                self._send_error(RequestError(f"model '{path[11:]}' does not exist; this server serves "
+                                              f"'{self.server.model_id}'", status=404, code="model_not_found"))
+        else:
+            self._static(path)
+
+    def _static(self, path: str) -> None:
+        web = self.server.web_dir
+        rel = "index.html" if path in ("/", "") else path.lstrip("/")
+        target = (web / rel).resolve() if web else None
+        if target is None or not target.is_file() or web not in target.parents:
+            self._send_error(RequestError(f"no route for GET {path}", status=404, code="not_found"))
+            return
+        data = target.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        path = self.path.split("?", 1)[0]
+        kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}.get(path)
+        try:
+            if kind is None:
+                self.close_connection = True
+                raise RequestError(f"no route for POST {path}", status=404, code="not_found")
+            if not self._authorized():
+                self.close_connection = True
+                return
+            body = self._read_json()
+            self._model_check(body)
+            req = parse_request(body, kind, self.server.limits)
+            self._precheck(req)
+            job = self.server.engine.submit(Job(req.prompt, req.generate_kwargs, req.json_schema))
+        except RequestError as exc:
+            self._send_error(exc)
+            return
+        except QueueFull as exc:
+            self._send_error(RequestError(str(exc), status=429, code="rate_limit_exceeded",
+                                          kind="rate_limit_error"), {"Retry-After": "1"})
+            return
+        except EngineStopped as exc:
+            self._send_error(RequestError(str(exc), status=503, code="unavailable", kind="server_error"))
+            return
+        try:
+            if req.stream:
+                self._respond_stream(req, job)
+            else:
+                self._respond_whole(req, job)
+        except ClientGone:
+            job.cancelled.set()
+            self.close_connection = True
+
+    def _model_check(self, body: Any) -> None:
+        name = body.get("model") if isinstance(body, dict) else None
+        if name not in (None, "", self.server.model_id):
+            raise RequestError(f"model '{name}' does not exist; this server serves '{self.server.model_id}'",
+                               status=404, param="model", code="model_not_found")
+
+    def _precheck(self, req: ParsedRequest) -> None:
+        """Errors we can find before queueing: prompt too long, bad schema, no chat template."""
+        model = self.server.model
+        try:
+            n_prompt = len(model.prompt_tokens(req.prompt))
+            if req.json_schema is not None:
+                from ondevice.structured import compile_grammar
+
+                try:
+                    compile_grammar(json_schema=req.json_schema)
+                except OndeviceError as exc:
+                    raise RequestError(str(exc), param="response_format") from None
+        except RequestError:
+            raise
+        except OndeviceError as exc:
+            raise RequestError(str(exc)) from None
+        if n_prompt >= model.n_ctx:
+            raise RequestError(f"the prompt is {n_prompt} tokens; the context window is {model.n_ctx}",
+                               param="messages" if req.kind == "chat" else "prompt",
+                               code="context_length_exceeded")
+
+    def _next_event(self, job: Job) -> tuple:
+        """Wait for the job's next event, watching for a vanished client and for queue timeouts."""
+        deadline = job.submitted_at + self.server.queue_timeout_s
+        while True:
+            try:
+                return job.events.get(timeout=0.2)
+            except queue.Empty:
+                pass
+            if self._client_gone():
+                raise ClientGone
+            if not job.started.is_set() and time.monotonic() > deadline:
+                job.cancelled.set()
+                return ("error", 503, f"timed out after {self.server.queue_timeout_s:.0f} s waiting in the queue")
+
+    def _error_event(self, status: int, message: str) -> RequestError:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return RequestError(message, status=status, kind=kind)
+
+    def _respond_whole(self, req: ParsedRequest, job: Job) -> None:
+        pieces: list[str] = []
+        while True:
+            event = self._next_event(job)
+            if event[0] == "delta":
+                pieces.append(event[1])
+            elif event[0] == "error":
+                self._send_error(self._error_event(event[1], event[2]))
+                return
+            else:
+                _, finish, n_prompt, n_completion = event
+                self._send_json(200, completion_body(req, job.id, self.server.model_id, "".join(pieces), finish,
+                                                     n_prompt, n_completion))
+                return
+
+    def _respond_stream(self, req: ParsedRequest, job: Job) -> None:
+        event = self._next_event(job)
+        if event[0] == "error":  # nothing sent yet: a proper HTTP error
+            self._send_error(self._error_event(event[1], event[2]))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        model_id, created = self.server.model_id, int(time.time())
+        if req.kind == "chat":
+            self._sse(chunk_body(req, job.id, model_id, created, text="", first=True))
+        while True:
+            if event[0] == "delta":
+                self._sse(chunk_body(req, job.id, model_id, created, text=event[1]))
+            elif event[0] == "error":  # mid-stream: an error event the openai client raises as APIError
+                self._sse(error_body(event[2], kind="server_error" if event[1] >= 500 else
+                                     "invalid_request_error"))
+                break
+            else:
+                _, finish, n_prompt, n_completion = event
+                self._sse(chunk_body(req, job.id, model_id, created, finish_reason=finish))
+                if req.include_usage:
+                    self._sse(usage_chunk(req, job.id, model_id, created, n_prompt, n_completion))
+                break
+            event = self._next_event(job)
+        self._sse("[DONE]")
+        self._write_chunk(b"")  # end of the chunked body
+
+
+def create_server(model: Any, host: str = "127.0.0.1", port: int = 8080, *, model_id: str | None = None,
+                  **options: Any) -> OndeviceServer:
+    """A ready-to-run server around a loaded model (port 0 picks a free port); call serve_forever()."""
+    name = model_id or Path(model.path).stem
+    return OndeviceServer((host, port), model, model_id=name, **options)

@@ -1,0 +1,205 @@
+"""OpenAI request validation and response bodies (chat.completion, text_completion, their stream chunks)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestError(Exception):
+    """A client error: HTTP status plus an OpenAI-style error body."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return error_body(str(self), kind=self.kind, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 1024  # hard cap per request
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_stop: int = 4
+
+
+@dataclass
+class ParsedRequest:
+    kind: str  # "chat" or "completion"
+    prompt: str | list[dict[str, str]]
+    stream: bool
+    include_usage: bool
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    json_schema: dict | None = None
+
+
+# Parameters we accept but that only have one meaningful value here.
+_ONLY_DEFAULT = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False,
+                 "best_of": 1, "suffix": None, "logit_bias": None, "tools": None, "functions": None}
+
+
+def _number(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"'{name}' must be a number", param=name)
+    if not lo <= value <= hi:
+        raise RequestError(f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer", param=name)
+    if not lo <= value <= hi:
+        raise RequestError(f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
+    return value
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("'messages' must be a non-empty array", param="messages")
+    messages = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
+            raise RequestError(f"messages[{i}] needs a role of system, user or assistant", param="messages")
+        content = msg.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(f"messages[{i}]: only text content parts are supported", param="messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string", param="messages")
+        role = "system" if msg["role"] == "developer" else msg["role"]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _response_format(raw: Any) -> dict | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RequestError("'response_format' must be an object", param="response_format")
+    kind = raw.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise RequestError("response_format.json_schema.schema must be a JSON Schema object",
+                               param="response_format")
+        return spec["schema"]
+    raise RequestError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                       param="response_format")
+
+
+def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
+    """Validate an OpenAI chat/completions body; RequestError (400) for anything malformed or unsupported."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for name, only in _ONLY_DEFAULT.items():
+        value = body.get(name)
+        if value is None or value == only or value in ([], {}):
+            continue
+        raise RequestError(f"'{name}' is not supported by this server (only {only!r})", param=name)
+    if kind == "chat":
+        prompt: str | list[dict[str, str]] = _messages(body.get("messages"))
+    else:
+        raw = body.get("prompt")
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+            raw = raw[0]
+        if not isinstance(raw, str) or not raw:
+            raise RequestError("'prompt' must be a non-empty string", param="prompt")
+        prompt = raw
+    max_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > limits.max_stop
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise RequestError(f"'stop' must be a string or up to {limits.max_stop} non-empty strings", param="stop")
+    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object", param="stream_options")
+    kwargs = dict(
+        max_tokens=max_tokens or limits.default_max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        # llama.cpp-server-style extensions.
+        top_k=int(_number(body, "top_k", 40, 0, 1 << 20)),
+        min_p=_number(body, "min_p", 0.05, 0.0, 0.999),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.01, 10.0),
+        seed=None if seed is None else seed % (2**63),
+        stop=stop or [],
+    )
+    return ParsedRequest(kind=kind, prompt=prompt, stream=stream,
+                         include_usage=bool(options.get("include_usage")), generate_kwargs=kwargs,
+                         json_schema=_response_format(body.get("response_format")))
+
+
+# ---------------------------------------------------------------------- responses
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    finish = "length" if finish_reason in ("length", "context") else "stop"
+    if req.kind == "chat":
+        return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_id, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(prompt_tokens, completion_tokens)}
+    return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_body(req: ParsedRequest, job_id: str, model_id: str, created: int, *, text: str | None = None,
+               first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+    finish = None if finish_reason is None else ("length" if finish_reason in ("length", "context") else "stop")
+    if req.kind == "chat":
+        delta: dict[str, str] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        return {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": created,
+                "model": model_id, "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created, "model": model_id,
+            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(req: ParsedRequest, job_id: str, model_id: str, created: int, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    prefix, obj = ("chatcmpl", "chat.completion.chunk") if req.kind == "chat" else ("cmpl", "text_completion")
+    return {"id": f"{prefix}-{job_id}", "object": obj, "created": created, "model": model_id, "choices": [],
+            "usage": _usage(prompt_tokens, completion_tokens)}
