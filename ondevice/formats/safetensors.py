@@ -47,7 +47,9 @@ class SafeTensorInfo:
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: one tensor-sized buffer, not two
+    return wide.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -55,6 +57,24 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return np.where(np.isnan(x), 0x7FC0, rounded).astype(np.uint16)
+
+
+def release_pages(mapping: mmap.mmap | None, offset: int, nbytes: int) -> None:
+    """Drop a consumed range of a read-only file mapping from our resident set.
+
+    The pages stay in the OS page cache; they just stop counting toward this process's RSS, so streaming a
+    model tensor by tensor keeps peak RSS near one tensor instead of growing to the file size.
+    """
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page
+    end = (offset + nbytes) // page * page
+    if end > start:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 class SafetensorsFile:
@@ -122,9 +142,9 @@ class SafetensorsFile:
         if info.dtype not in FLOAT_DTYPES:
             raise UnsupportedError(f"{self.path}: tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
         data = self.raw(name)
-        if info.dtype == "BF16":
-            return bf16_to_f32(data)
-        return data.astype(np.float32)
+        out = bf16_to_f32(data) if info.dtype == "BF16" else data.astype(np.float32)
+        release_pages(self._mmap, info.offset, info.nbytes)
+        return out
 
     def close(self) -> None:
         if self._mmap is not None:

@@ -10,6 +10,7 @@ from ondevice.architectures import get_architecture
 from ondevice.architectures.base import unpermute_from_gguf
 from ondevice.errors import InvalidModelError, UnsupportedError
 from ondevice.formats.gguf import GGUFFile
+from ondevice.formats.safetensors import release_pages
 from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.quant import QuantType, quant_type_for_ggml
 
@@ -102,4 +103,7 @@ def _raw(gguf: GGUFFile, name: str, qtype: QuantType, heads: int | None) -> tupl
 
 def _load(gguf: GGUFFile, name: str, qtype: QuantType, heads: int | None, shape: tuple[int, ...]) -> np.ndarray:
     _, rows = _raw(gguf, name, qtype, heads)
-    return qtype.dequantize(rows, shape[-1]).reshape(shape)
+    out = qtype.dequantize(rows, shape[-1]).reshape(shape)
+    info = gguf.tensors[name]
+    release_pages(gguf._mmap, info.offset, info.nbytes)
+    return out
