@@ -95,6 +95,7 @@ class Handler(BaseHTTPRequestHandler):
     server: OndeviceServer
     timeout = 60  # idle keep-alive connections give their slot back
     server_version = "ondevice"
+    _last_probe = 0.0
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         if self.server.verbose:
@@ -267,12 +268,17 @@ class Handler(BaseHTTPRequestHandler):
         """Wait for the job's next event, watching for a vanished client and for queue timeouts."""
         deadline = job.submitted_at + self.server.queue_timeout_s
         while True:
+            # Check the socket at most every 0.2 s, also while events keep arriving (non-stream replies
+            # write nothing until the end, so only this check notices a client that left).
+            now = time.monotonic()
+            if now - self._last_probe > 0.2:
+                self._last_probe = now
+                if self._client_gone():
+                    raise ClientGone
             try:
                 return job.events.get(timeout=0.2)
             except queue.Empty:
                 pass
-            if self._client_gone():
-                raise ClientGone
             if not job.started.is_set() and time.monotonic() > deadline:
                 job.cancelled.set()
                 return ("error", 503, f"timed out after {self.server.queue_timeout_s:.0f} s waiting in the queue")
