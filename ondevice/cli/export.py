@@ -1,0 +1,59 @@
+"""`ondevice export MODEL --app {pocketpal,ios,android} -o DIR`: a model bundle for a phone app."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = """\
+Write a folder an app can load: the model file, its tokenizer and chat template, and manifest.json (context
+length, stop tokens, recommended sampling, RAM estimate from `ondevice fit`). The manifest follows a versioned
+JSON Schema (ondevice/data/schemas/app-bundle-manifest.v1.schema.json) and is validated before the folder
+appears.
+
+  pocketpal  the GGUF + manifest, for PocketPal AI and other llama.cpp-based apps
+  ios        the GGUF for llama.cpp-based iOS apps + tokenizer.json + chat template (Swift sample: apps/ios)
+  android    --format gguf (default): the GGUF for llama.cpp on Android; --format pte: an ExecuTorch .pte
+             (XNNPACK) with its tokenizer and runtime manifest (Kotlin sample: apps/android)
+
+examples:
+  ondevice export smollm2-135m-instruct --app pocketpal -o smol-pocketpal
+  ondevice export model.gguf --app android --format pte -o smol-android
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ondevice.export_bundle import APPS
+
+    p = sub.add_parser("export", help="bundle a model for a phone app (PocketPal, iOS, Android)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="GGUF file or alias")
+    p.add_argument("--app", required=True, choices=APPS, help="the kind of app")
+    p.add_argument("-o", "--output", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--format", dest="model_format", choices=("gguf", "pte"),
+                   help="model file format (android: gguf or pte; others: gguf)")
+    p.add_argument("--quant", help="scheme for --format pte (default 8da4w)")
+    p.add_argument("--device", help="device profile for the RAM estimate (see `ondevice fit --list`)")
+    p.add_argument("--ctx", type=int, help="context the RAM estimate is sized for (default 2048)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ondevice.cli import print_json
+    from ondevice.export_bundle import export_bundle
+
+    result = export_bundle(args.model, args.app, args.output, model_format=args.model_format,
+                           device=args.device, ctx=args.ctx, quant=args.quant, force=args.force,
+                           progress=not args.json)
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    m, ram = result.manifest["model"], result.manifest["ram"]
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {result.output}/ for {args.app}: {m['file']} ({m['format']} {m['quantization']}), manifest.json "
+          f"(validated); RAM ~{ram['estimate_bytes'] / 1e6:.0f} MB at context {ram['context']} on {ram['device']}")
+    return 0

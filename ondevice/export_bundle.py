@@ -1,0 +1,272 @@
+"""Phone-app bundles: `ondevice export MODEL --app {pocketpal,ios,android} -o DIR`.
+
+A bundle is a folder an app can ship or side-load: the model file, the tokenizer and chat template, and
+manifest.json (format: ondevice/data/schemas/app-bundle-manifest.v1.schema.json) with the context length, stop
+tokens, recommended sampling and a RAM estimate from `ondevice fit`. The manifest is validated against the
+schema before the bundle appears; the folder is built beside DIR and renamed into place, so a failed export
+leaves nothing behind.
+
+What each app gets:
+- pocketpal: the GGUF (PocketPal AI and other llama.cpp apps read the chat template from it) + manifest.
+- ios: the GGUF for llama.cpp-based apps (llama.cpp's Swift package; see apps/ios), tokenizer.json and the
+  chat template beside it. ondevice has no Core ML target yet, so no .mlpackage is produced.
+- android: with --format pte, an ExecuTorch .pte (ondevice's executorch target: XNNPACK, its own runtime
+  manifest and tokenizer.json beside it, see apps/android); by default the GGUF for llama.cpp on Android.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ondevice import __version__
+from ondevice.errors import InvalidModelError, MissingExtraError, OndeviceError, UnsupportedError
+from ondevice.formats.atomic import atomic_output, check_output_path
+
+MANIFEST_VERSION = 1
+SCHEMA_PATH = Path(__file__).parent / "data" / "schemas" / "app-bundle-manifest.v1.schema.json"
+APPS = ("pocketpal", "ios", "android")
+FORMATS = {"pocketpal": ("gguf",), "ios": ("gguf",), "android": ("gguf", "pte")}
+DEFAULT_DEVICE = {"pocketpal": "pixel-8", "ios": "iphone-15-pro", "android": "pixel-8"}
+# What `ondevice run` samples with; used when the GGUF carries no general.sampling.* keys.
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+                      "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+                      "repeat_penalty": "general.sampling.penalty_repeat"}
+
+
+@dataclass
+class BundleResult:
+    app: str
+    output: Path
+    manifest: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app": self.app, "output": str(self.output), "manifest": self.manifest, "notes": self.notes}
+
+
+def load_manifest_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def validate_manifest(manifest: dict[str, Any]) -> None:
+    """Raise InvalidModelError naming the first problem if the manifest does not match schema v1."""
+    try:
+        import jsonschema
+    except ImportError as exc:
+        raise MissingExtraError("validating bundle manifests needs jsonschema: pip install 'ondevice[apps]'") \
+            from exc
+    validator = jsonschema.Draft202012Validator(load_manifest_schema(),
+                                                format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].path) or "(root)"
+        raise InvalidModelError(f"bundle manifest invalid at {where}: {errors[0].message.splitlines()[0]}")
+
+
+def validate_bundle(folder: Path) -> dict[str, Any]:
+    """Check a bundle on disk: manifest against the schema, every listed file present with its size and hash."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise InvalidModelError(f"{folder} is not a bundle: manifest.json is missing")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    validate_manifest(manifest)
+    for entry in manifest["files"]:
+        file = folder / entry["path"]
+        if not file.is_file():
+            raise InvalidModelError(f"bundle file {entry['path']} is missing")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise InvalidModelError(f"bundle file {entry['path']} does not match its size/sha256 in the manifest")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sampling(gguf: Any) -> dict[str, Any]:
+    found = {name: gguf.get(key) for name, key in GGUF_SAMPLING_KEYS.items() if gguf.get(key) is not None}
+    values = {**DEFAULT_SAMPLING, **{k: (int(v) if k == "top_k" else float(v)) for k, v in found.items()}}
+    return {**values, "max_tokens": 512, "source": "gguf" if found else "ondevice-defaults"}
+
+
+def _ram_estimate(model_file: Path, device: str, ctx: int) -> dict[str, Any]:
+    """RAM need from `ondevice fit` (file + KV cache for ctx + runtime overhead) on a device profile."""
+    from ondevice.bench.artifacts import describe_artifact
+    from ondevice.bench.fit import estimate, find_profile, load_profiles
+
+    profile = find_profile(load_profiles(), device)
+    est = estimate(describe_artifact(model_file), profile, {}, ctx=ctx, backends=["llama.cpp"])
+    row = est.per_backend[0]
+    return {"estimate_bytes": int(row["ram_need_bytes"]), "model_bytes": int(est.file_bytes),
+            "kv_cache_bytes": int(row["kv_cache_bytes"]), "overhead_bytes": int(row["overhead_bytes"]),
+            "context": ctx, "device": profile.name, "fits": bool(row["fits"]),
+            "decode_tok_s_estimate": round(float(row["tok_s"]), 1),
+            "method": "ondevice fit: model file + f16 KV cache for the context + runtime overhead (an estimate)"}
+
+
+def _readme(manifest: dict[str, Any]) -> str:
+    m, ram, s = manifest["model"], manifest["ram"], manifest["sampling"]
+    stops = ", ".join(f"`{t}`" for t in manifest["chat"]["stop"]) or "(none)"
+    return f"""# {m['name']} for {manifest['app']}
+
+Written by {manifest['created_by']}. Load `{m['file']}` with {manifest['runtime']}.
+
+- Format: {m['format']}, quantization {m['quantization']}, vocabulary {m['vocab_size']}
+- Context: trained for {m['context_length']} tokens; RAM estimate sized for {ram['context']}
+- RAM: about {ram['estimate_bytes'] / 1e6:.0f} MB on {ram['device']} ({'fits' if ram['fits'] else 'does NOT fit'};
+  model {ram['model_bytes'] / 1e6:.0f} MB + KV cache {ram['kv_cache_bytes'] / 1e6:.0f} MB + runtime
+  {ram['overhead_bytes'] / 1e6:.0f} MB), an estimate from `ondevice fit`
+- Stop tokens: {stops}
+- Sampling: temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}, min_p {s['min_p']},
+  repeat penalty {s['repeat_penalty']} ({s['source']})
+
+manifest.json follows the schema `app-bundle-manifest.v1.schema.json` shipped with ondevice
+(ondevice/data/schemas); every file is listed there with its size and SHA-256.
+"""
+
+
+def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_format: str | None = None,
+                  device: str | None = None, ctx: int | None = None, quant: str | None = None,
+                  force: bool = False, progress: bool = False) -> BundleResult:
+    """Write a validated bundle for `app` into `out_dir` (see the module docstring)."""
+    from ondevice.formats.gguf import GGUFFile
+    from ondevice.hub import resolve_model
+    from ondevice.runtime.text import TextCodec
+
+    if app not in APPS:
+        raise UnsupportedError(f"--app {app} is not supported; choose from {', '.join(APPS)}")
+    model_format = model_format or FORMATS[app][0]
+    if model_format not in FORMATS[app]:
+        raise UnsupportedError(f"--format {model_format} is not available for --app {app} "
+                               f"(choose {', '.join(FORMATS[app])})")
+    if quant is not None and model_format != "pte":
+        raise UnsupportedError("--quant applies to --format pte only; quantize a GGUF with `ondevice convert`")
+    if ctx is not None and ctx < 1:
+        raise OndeviceError(f"--ctx must be >= 1, got {ctx}")
+    out_dir = Path(out_dir)
+    check_output_path(out_dir, force)  # before any work
+    source = resolve_model(None if model is None else str(model))
+    if not _is_gguf(source):
+        raise InvalidModelError(f"{source}: export bundles are built from a GGUF file; convert it first "
+                                f"(ondevice convert {source} --to gguf -o model.gguf)")
+
+    gguf = GGUFFile(source)
+    try:
+        arch = str(gguf.require("general.architecture", str))
+        context_length = int(gguf.require(f"{arch}.context_length", int))
+        codec = TextCodec.from_gguf(gguf)
+        template = gguf.get("tokenizer.chat_template")
+        template = str(template) if template is not None else None
+        vocab_size = int(codec.tokenizer.get_vocab_size(with_added_tokens=True))
+        name = str(gguf.get("general.name") or source.stem)
+        license_name = gguf.get("general.license")
+        sampling = _sampling(gguf)
+        tokenizer_json = codec.tokenizer.to_str()
+    finally:
+        gguf.close()
+    eos = [{"id": int(i), "text": codec.token_text(int(i))} for i in sorted(codec.eos_ids)]
+    bos = codec.token_text(codec.bos_id) if codec.bos_id is not None else None
+    ctx = min(ctx or 2048, context_length)
+    device = device or DEFAULT_DEVICE[app]
+    notes: list[str] = []
+
+    with atomic_output(out_dir, force=force, directory=True) as tmp:
+        files: list[tuple[str, str]] = []  # (relative path, role)
+        if model_format == "gguf":
+            model_file = tmp / source.name
+            shutil.copyfile(source, model_file)
+            files.append((model_file.name, "model"))
+            runtime = "llama.cpp"
+            quantization = _gguf_quant(source)
+            if app == "ios":
+                notes.append("GGUF for llama.cpp-based iOS apps: ondevice has no Core ML target yet")
+        else:
+            model_file, quantization = _export_pte(source, tmp, quant or "8da4w", min(ctx, 2048), progress)
+            from ondevice.converters.executorch import manifest_path, tokenizer_path
+
+            files += [(model_file.name, "model"), (manifest_path(model_file).name, "runtime_manifest"),
+                      (tokenizer_path(model_file).name, "tokenizer")]
+            runtime = "executorch"
+            notes.append("the .pte has no chat template: apply manifest.json chat.template before tokenizing")
+        if model_format == "gguf" and app in ("ios", "android"):
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            files.append(("tokenizer.json", "tokenizer"))
+        if template is not None:
+            (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+            files.append(("chat_template.jinja", "chat_template"))
+
+        ram = _ram_estimate(model_file if model_format == "gguf" else source, device, ctx)
+        if model_format != "gguf":
+            ram["model_bytes"] = model_file.stat().st_size
+            ram["estimate_bytes"] = ram["model_bytes"] + ram["kv_cache_bytes"] + ram["overhead_bytes"]
+            ram["method"] += "; weights sized by the .pte file"
+        manifest: dict[str, Any] = {
+            "$schema": "app-bundle-manifest.v1.schema.json",
+            "manifest_version": MANIFEST_VERSION,
+            "app": app,
+            "runtime": runtime,
+            "created_by": f"ondevice {__version__}",
+            "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "model": {"name": name, "architecture": arch, "format": model_format, "file": model_file.name,
+                      "quantization": quantization, "context_length": context_length, "recommended_context": ctx,
+                      "vocab_size": vocab_size, "source": str(model)},
+            "files": [],
+            "chat": {"template": template, "bos_token": bos, "add_bos": bool(codec.add_bos), "eos_tokens": eos,
+                     "stop": [e["text"] for e in eos if e["text"]]},
+            "sampling": sampling,
+            "ram": ram,
+            "notes": notes,
+        }
+        if license_name:
+            manifest["model"]["license"] = str(license_name)
+        if template is not None:
+            manifest["chat"]["template_file"] = "chat_template.jinja"
+        (tmp / "README.md").write_text(_readme(manifest), encoding="utf-8")
+        files.append(("README.md", "readme"))
+        manifest["files"] = [{"path": rel, "role": role, "bytes": (tmp / rel).stat().st_size,
+                              "sha256": _sha256(tmp / rel)} for rel, role in files]
+        validate_manifest(manifest)  # a bundle with an invalid manifest never appears
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return BundleResult(app=app, output=out_dir, manifest=manifest, notes=notes)
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _gguf_quant(path: Path) -> str:
+    from ondevice.bench.artifacts import describe_artifact
+
+    return describe_artifact(path).quant
+
+
+def _export_pte(source: Path, folder: Path, quant: str, max_seq: int, progress: bool) -> tuple[Path, str]:
+    """The ExecuTorch program (and its runtime manifest + tokenizer) through ondevice's executorch target."""
+    from ondevice.converters import get_target
+    from ondevice.sources import open_source
+
+    writer = get_target("executorch")
+    scheme, _ = writer.TARGET.resolve_quant(quant)
+    options = writer.ExecuTorchOptions(quant=scheme, force=True, progress=progress, max_seq_len=max_seq)
+    out = folder / f"{source.stem}.{scheme}.pte"
+    canonical = open_source(source)
+    try:
+        writer.convert(canonical, out, options)
+    finally:
+        canonical.close()
+    return out, scheme
