@@ -13,7 +13,7 @@ from typing import Any
 from ondevice import __version__
 from ondevice.errors import OndeviceError
 
-COMMANDS = ("convert", "inspect", "run", "chat", "models", "bench", "eval", "fit", "serve")
+COMMANDS = ("convert", "inspect", "run", "chat", "models", "bench", "eval", "fit", "serve", "export")
 
 EPILOG = """\
 examples:
