@@ -380,6 +380,11 @@ typedef struct {
 static rope_slot g_rope_slots[ROPE_SLOTS];
 static int g_rope_next_victim;
 static pthread_mutex_t g_rope_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t g_rope_once = PTHREAD_ONCE_INIT;
+
+/* a fork while another thread held the lock would leave it locked forever in the child */
+static void rope_after_fork_child(void) { pthread_mutex_init(&g_rope_lock, NULL); }
+static void rope_register_fork_handler(void) { pthread_atfork(NULL, NULL, rope_after_fork_child); }
 
 static void rope_fill(float *cs, int64_t pos, int64_t d, float theta, const float *freq_factors) {
     const int64_t half = d / 2;
@@ -460,6 +465,7 @@ int od_rope(float *x, int64_t m, int64_t h, int64_t d, const int32_t *positions,
     if (m == 0) return OD_OK;
     rope_job job = {.x = x, .h = h, .d = d, .m = m, .positions = positions, .theta = theta,
                     .freq_factors = freq_factors, .neox = neox, .fn = od_ops()->rope_row};
+    pthread_once(&g_rope_once, rope_register_fork_handler);
     pthread_mutex_lock(&g_rope_lock);
     if (!freq_factors) job.table = rope_table(theta, d, max_pos);
     const int threads = od_pool_threads();

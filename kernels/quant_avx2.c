@@ -194,61 +194,6 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
 
 /* ------------------------------------------------------------------ GEMV schedule */
 
-/* Output columns [n, n+R) for activation rows j0 .. j0+G-1. R weight rows are walked together so
- * that R*G independent FMA chains hide the FMA latency (one chain would cost ~5 cycles a block). */
-OD_AVX2_INLINE void gemv_tile(const int type, const int R, const int G, const od_mm_args *a, int64_t n, int64_t j0) {
-    const od_q8_act *act = a->act;
-    const int64_t k = a->k, nb = act->nb;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int8_t *xq[4];
-    const float *xds[4];
-    const uint8_t *rows[4];
-    __m256 acc[4][4];
-    float acc_offset[4][4];
-    OD_UNROLL
-    for (int g = 0; g < G; g++) {
-        xq[g] = act->qs + (j0 + g) * k;
-        xds[g] = act->ds + (j0 + g) * nb * 2;
-    }
-    OD_UNROLL
-    for (int r = 0; r < R; r++) {
-        rows[r] = a->w + (size_t)(n + r) * a->row_bytes;
-        OD_UNROLL
-        for (int g = 0; g < G; g++) {
-            acc[r][g] = _mm256_setzero_ps();
-            acc_offset[r][g] = 0.0f;
-        }
-    }
-    for (int64_t b = 0; b < nb; b++) {
-        OD_UNROLL
-        for (int r = 0; r < R; r++) {
-            float dw, mw;
-            int sc_lo = 0, sc_hi = 0;
-            const __m256i q = load_block(type, rows[r], b, &dw, &mw, &sc_lo, &sc_hi);
-            __m256i mul16 = ones;
-            if (type == OD_TYPE_Q6_K) mul16 = _mm256_set_m128i(_mm_set1_epi16((short)sc_hi), _mm_set1_epi16((short)sc_lo));
-            const __m256i qa = IS_SIGNED_TYPE(type) ? _mm256_sign_epi8(q, q) : q;
-            OD_UNROLL
-            for (int g = 0; g < G; g++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[g] + b * OD_QK));
-                if (IS_SIGNED_TYPE(type)) xv = _mm256_sign_epi8(xv, q);
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xv), mul16);
-                acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xds[g][2 * b]), acc[r][g]);
-                if (!IS_SIGNED_TYPE(type)) acc_offset[r][g] += mw * xds[g][2 * b + 1];
-            }
-        }
-    }
-    OD_UNROLL
-    for (int r = 0; r < R; r++) {
-        OD_UNROLL
-        for (int g = 0; g < G; g++) {
-            float *dst = a->out + (j0 + g) * a->ldo + n + r;
-            const float v = hsum_ps(acc[r][g]) + acc_offset[r][g];
-            *dst = a->accumulate ? *dst + v : v;
-        }
-    }
-}
-
 /* Bytes of one 32-weight block of the simple formats. */
 #define BLOCK32_BYTES(t)                                                                                 \
     ((t) == OD_TYPE_Q4_0 ? 18 : (t) == OD_TYPE_Q4_1 ? 20 : (t) == OD_TYPE_Q5_0 ? 22 : (t) == OD_TYPE_Q5_1 ? 24 : 34)
@@ -268,7 +213,9 @@ OD_AVX2_INLINE __m256i block32_codes(const int type, const uint8_t *blk) {
 }
 
 /*
- * GEMV for the simple 32-weight formats. One vcvtph2ps turns the block's (d, m) - or (d, d) - into
+ * GEMV for the simple 32-weight formats, R weight rows x G activation rows at a time so that R*G
+ * independent FMA chains hide the FMA latency (one chain would cost ~5 cycles a block). One
+ * vcvtph2ps turns the block's (d, m) - or (d, d) - into
  * floats and one multiply by the activation pair (d_x, s_x) yields both the scale of the integer dot
  * (lane 0) and the offset term (lane 1), which accumulates in its own register.
  */

@@ -183,6 +183,34 @@ static void pool_start_workers(od_pool *p, int n_threads) {
 
 static pthread_once_t g_pool_once = PTHREAD_ONCE_INIT;
 
+/* After fork() the child has only the forking thread: forget the workers (they do not exist there)
+ * and respawn them on the next call. Spawning threads inside the handler itself is not allowed. */
+static _Atomic int g_respawn_threads = 0;
+
+static void pool_after_fork_child(void) {
+    const int wanted = g_pool.n_threads;
+    pthread_mutex_init(&g_pool.busy, NULL);
+#if !defined(__linux__)
+    pthread_mutex_init(&g_pool.sleep_lock, NULL);
+    pthread_cond_init(&g_pool.sleep_cond, NULL);
+#endif
+    g_pool.n_workers = 0;
+    g_pool.n_threads = 1;
+    atomic_store(&g_pool.n_sleeping, 0);
+    atomic_store(&g_pool.stop, 0);
+    atomic_store(&g_pool.state, 0);
+    atomic_store(&g_respawn_threads, wanted);
+}
+
+static void pool_respawn_if_forked(void) {
+    const int wanted = atomic_exchange(&g_respawn_threads, 0);
+    if (wanted > 1) {
+        pthread_mutex_lock(&g_pool.busy);
+        if (g_pool.n_workers == 0) pool_start_workers(&g_pool, wanted);
+        pthread_mutex_unlock(&g_pool.busy);
+    }
+}
+
 static void pool_default_init(void) {
     const char *spin = getenv("ONDEVICE_SPIN_US");
     if (spin && *spin) {
@@ -200,11 +228,13 @@ static void pool_default_init(void) {
         pool_start_workers(&g_pool, n);
     }
     pthread_mutex_unlock(&g_pool.busy);
+    pthread_atfork(NULL, NULL, pool_after_fork_child);
 }
 
 void od_pool_run(od_task_fn fn, void *ctx, int64_t n_tasks) {
     od_pool *p = &g_pool;
     pthread_once(&g_pool_once, pool_default_init);
+    if (atomic_load_explicit(&g_respawn_threads, memory_order_relaxed)) pool_respawn_if_forked();
     if (n_tasks <= 0) return;
     if (p->n_threads <= 1 || n_tasks == 1 || pthread_mutex_trylock(&p->busy) != 0) {
         /* single-threaded, trivial, or another thread owns the pool: do it here */
@@ -225,18 +255,20 @@ void od_pool_run(od_task_fn fn, void *ctx, int64_t n_tasks) {
     atomic_fetch_or_explicit(&p->state, STATE_CLOSED, memory_order_acq_rel);
     for (unsigned iter = 1; atomic_load_explicit(&p->state, memory_order_acquire) & STATE_ACTIVE_MASK; iter++) {
         cpu_relax();
-        if ((iter & 4095) == 0) sched_yield(); /* a worker was preempted mid-task */
+        if ((iter & 1023) == 0) sched_yield(); /* a worker was preempted mid-task: let it run */
     }
     pthread_mutex_unlock(&p->busy);
 }
 
 int od_pool_threads(void) {
     pthread_once(&g_pool_once, pool_default_init);
+    if (atomic_load_explicit(&g_respawn_threads, memory_order_relaxed)) pool_respawn_if_forked();
     return g_pool.n_threads;
 }
 
 void od_pool_set_threads(int n) {
     pthread_once(&g_pool_once, pool_default_init);
+    atomic_store(&g_respawn_threads, 0);
     if (n <= 0) n = od_detect_physical_cores();
     pthread_mutex_lock(&g_pool.busy);
     if (n != g_pool.n_threads) {

@@ -161,6 +161,32 @@ def test_matmul_thread_counts_agree():
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_kernels_work_after_fork():
+    """multiprocessing's fork start method: the child has no pool threads; they must be respawned."""
+    import signal
+
+    rng = np.random.default_rng(14)
+    w = ref.make_weights(QT.Q4_1, 300, 576, rng)
+    x = _activations(rng, 3, 576)
+    K.set_threads(2)
+    expected = _run_matmul(w, QT.Q4_1, x, 300)
+    pos = np.arange(3, dtype=np.int32)
+    q = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    pid = os.fork()
+    if pid == 0:  # child: any failure, exception or hang -> non-zero exit
+        code = 1
+        try:
+            signal.alarm(60)
+            got = _run_matmul(w, QT.Q4_1, x, 300)
+            K.rope(q, pos, 10000.0, False)
+            code = 0 if np.array_equal(got, expected) and K.get_threads() == 2 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 # ------------------------------------------------------------------ other kernels
 
 
