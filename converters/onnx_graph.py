@@ -6,10 +6,9 @@ Weight layouts:
   consecutive inputs of one output: B is uint8 (N, K/block, block/2) with element 2i in the low nibble of byte i;
   scales float32 (N, K/block); weight = (code - zero_point) * scale. Symmetric (no zero points, zero point 8)
   or asymmetric (uint8 zero points, two per byte, low nibble first). Byte-identical to onnxruntime's own RTN
-  quantizer (quantize_matmul_4bits, used by onnxruntime-genai's model builder).
-- int8: standard ai.onnx MatMulInteger. W^T (K, N) as uint8 = q + 128 with a per-output-column zero point of 128
-  and float32 scale absmax/127 (symmetric). uint8 rather than int8 weights because x86 CPUs without VNNI
-  compute uint8 x int8 products with a saturating 16-bit intermediate (wrong results); uint8 x uint8 is exact.
+  quantizer (quantize_matmul_4bits, which onnxruntime-genai's model builder uses).
+- int8: the same op with bits=8, one code per byte (onnxruntime-genai's int8). The embedding is gathered from
+  the same layout with standard ops (GatherBlockQuantized takes 4-bit data only).
 """
 
 from __future__ import annotations
@@ -109,64 +108,69 @@ class GraphBuilder:
 
 
 # ------------------------------------------------------------------------------------------------ quantizers
-def quantize_int4_blocks(w: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray,
-                                                                                 np.ndarray | None]:
-    """MatMulNBits 4-bit RTN of a (N, K) weight: (B uint8 (N, K/block, block/2), scales (N, K/block),
-    zero points uint8 (N, ceil(K/block/2)) or None). K is zero-padded to a multiple of `block`.
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """roundf() for v >= 0 (what onnxruntime's quantizer uses; negative values are clipped to 0 afterwards)."""
+    low = np.floor(v)
+    return low + (v - low >= 0.5)
 
-    symmetric: scale = (value of largest magnitude) / -8, code = clip(rint(x / scale) + 8, 0, 15).
-    asymmetric: the block's range widened to include 0, scale = (max - min) / 15,
-    zero point = clip(rint(-min / scale), 0, 15), code = clip(rint(x / scale + zero point), 0, 15).
+
+def quantize_blocks(w: np.ndarray, block: int, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray | None]:
+    """MatMulNBits round-to-nearest quantization of a (N, K) weight, byte-identical to onnxruntime's
+    quantize_matmul_4bits / quantize_matmul_8bits: (B uint8 (N, K/block, block*bits/8), scales float32
+    (N, K/block), zero points uint8 or None). K is zero-padded to a multiple of `block`.
+
+    symmetric: scale = (value of largest magnitude) / -2^(bits-1), zero point 2^(bits-1) (implicit).
+    asymmetric: the block's range widened to include 0, scale = (max - min) / (2^bits - 1),
+    zero point = round(-min / scale). code = clip(round(x / scale + zero point), 0, 2^bits - 1).
+    4-bit codes and zero points are packed two per byte, the first in the low nibble.
     """
     n, k = w.shape
+    top = np.float32((1 << bits) - 1)
     w = w.astype(np.float32, copy=False)
     if k % block:
         w = np.pad(w, ((0, 0), (0, -k % block)))
     x = w.reshape(n, -1, block)
     if symmetric:
         pick = np.abs(x).argmax(axis=-1)[..., None]
-        scales = np.take_along_axis(x, pick, axis=-1)[..., 0] / np.float32(-8)
-        zero = np.float32(8)
+        scales = np.take_along_axis(x, pick, axis=-1)[..., 0] / np.float32(-(1 << (bits - 1)))
+        zero = np.full(scales.shape, 1 << (bits - 1), np.float32)
     else:
         low = np.minimum(x.min(axis=-1), np.float32(0))
         high = np.maximum(x.max(axis=-1), np.float32(0))
-        scales = (high - low) / np.float32(15)
+        scales = (high - low) / top
         has_range = scales != 0
         zero_f = np.where(has_range, -low / np.where(has_range, scales, np.float32(1)), low)
-        zero = np.clip(np.rint(zero_f), 0, 15).astype(np.float32)
+        zero = np.clip(_round_half_away(zero_f), 0, top).astype(np.float32)
     nonzero = scales != 0
     inverse = np.where(nonzero, np.float32(1) / np.where(nonzero, scales, np.float32(1)), np.float32(0))
-    zero_b = zero if np.ndim(zero) == 0 else zero[..., None]
-    codes = np.clip(np.rint(x * inverse[..., None] + zero_b), 0, 15).astype(np.uint8)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    zero_points = None
-    if not symmetric:
-        z = zero.astype(np.uint8)
-        if z.shape[1] % 2:
-            z = np.pad(z, ((0, 0), (0, 1)))
-        zero_points = z[:, 0::2] | (z[:, 1::2] << 4)
-    return packed, scales.astype(np.float32), zero_points
+    codes = np.clip(_round_half_away(x * inverse[..., None] + zero[..., None]), 0, top).astype(np.uint8)
+    zero_points = None if symmetric else zero.astype(np.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        if zero_points is not None:
+            if zero_points.shape[1] % 2:
+                zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
+            zero_points = zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
+    return codes, scales.astype(np.float32), zero_points
 
 
-def dequantize_int4_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
-                           k: int) -> np.ndarray:
-    """The (N, K) float32 weight a MatMulNBits triple stands for (for tests)."""
+def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                      k: int) -> np.ndarray:
+    """The (N, K) float32 weight a MatMulNBits (B, scales, zero points) triple stands for."""
     n, blocks, _ = packed.shape
-    codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
-    if zero_points is None:
-        zero = np.full((n, blocks), 8, np.float32)
+    if bits == 4:
+        codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, -1)
     else:
-        zero = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
-    return ((codes - zero[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
-
-
-def quantize_int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-row symmetric int8 of a (N, K) weight, stored as uint8 = q + 128: (codes (N, K), scales (N,))."""
-    w = w.astype(np.float32, copy=False)
-    scales = np.abs(w).max(axis=1) / np.float32(127)
-    inverse = np.where(scales > 0, np.float32(1) / np.where(scales > 0, scales, np.float32(1)), np.float32(0))
-    q = np.clip(np.rint(w * inverse[:, None]), -127, 127)
-    return (q + 128).astype(np.uint8), scales.astype(np.float32)
+        codes = packed
+    if zero_points is None:
+        zero = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    elif bits == 4:
+        zero = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        zero = zero_points
+    centered = codes.astype(np.float32) - zero.astype(np.float32)[..., None]
+    return (centered * scales[..., None]).reshape(n, -1)[:, :k]
 
 
 def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -93,7 +93,6 @@ class ONNXRunner(ArtifactRunner):
         feeds = {
             "input_ids": np.asarray([tokens], np.int64),
             "attention_mask": np.ones((1, self._length + n), np.int64),
-            "position_ids": np.arange(self._length, self._length + n, dtype=np.int64)[None],
             **self._past,
         }
         results = self.session.run(None, feeds)
