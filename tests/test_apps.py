@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -182,3 +183,23 @@ def test_browser_chat_streams_a_reply(served: Any, tmp_path: Path) -> None:
         browser.screenshot(screenshot_dir(tmp_path) / "web-chat.png")
     finally:
         browser.close()
+
+
+# ---------------------------------------------------------------------- desktop app, offscreen
+@pytest.mark.slow
+def test_desktop_app_streams_schema_valid_json_offscreen(smollm2: Path, tmp_path: Path) -> None:
+    pytest.importorskip("PySide6")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema_path = ROOT / "examples" / "github_issue.schema.json"
+    shot = screenshot_dir(tmp_path) / "desktop-chat.png"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "apps" / "desktop" / "ondevice_chat.py"), str(smollm2),
+         "--schema", str(schema_path), "--prompt", "The app crashes when I upload a photo larger than 10 MB.",
+         "--screenshot", str(shot), "--timeout", "150"],
+        capture_output=True, text=True, timeout=200, env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome["finish"] == "stop" and outcome["tokens"] > 5
+    jsonschema.validate(json.loads(outcome["reply"]), json.loads(schema_path.read_text()))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
