@@ -113,3 +113,21 @@ def test_mask_cost_is_small_next_to_decode(model) -> None:
     assert token_filter.steps == stats.generated_tokens
     # Goal from the issue: masking under 10% of decode time on SmolLM2-135M (measured ~1-2%).
     assert mask_per_token < 0.10 * decode_per_token, (mask_per_token, decode_per_token)
+
+
+@pytest.mark.slow
+def test_cli_run_json_schema(smollm2: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    schema = EXAMPLES / "github_issue.schema.json"
+    run = subprocess.run([sys.executable, "-m", "ondevice", "run", str(smollm2), "-p", COMPLAINTS[5], "-n", "120",
+                          "--json-schema", str(schema), "--json", "--temp", "0.8", "--seed", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    jsonschema.validate(json.loads(json.loads(run.stdout)["text"]), ISSUE_SCHEMA)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object", "properties": {"a": {"not": {}}}}')
+    run = subprocess.run([sys.executable, "-m", "ondevice", "run", str(smollm2), "-p", "x", "--json-schema",
+                          str(bad)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Unimplemented" in run.stderr and run.stderr.count("\n") == 1
