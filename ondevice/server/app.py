@@ -338,4 +338,16 @@ def create_server(model: Any, host: str = "127.0.0.1", port: int = 8080, *, mode
                   **options: Any) -> OndeviceServer:
     """A ready-to-run server around a loaded model (port 0 picks a free port); call serve_forever()."""
     name = model_id or Path(model.path).stem
-    return OndeviceServer((host, port), model, model_id=name, **options)
+    server = OndeviceServer((host, port), model, model_id=name, **options)
+    threading.Thread(target=_warm_structured_output, args=(model,), daemon=True).start()
+    return server
+
+
+def _warm_structured_output(model: Any) -> None:
+    """Build the llguidance tokenizer (~2 s) now rather than on the first response_format request."""
+    try:
+        from ondevice.structured import ll_tokenizer
+
+        ll_tokenizer(model)
+    except Exception:  # llguidance missing: response_format requests will say so
+        pass
