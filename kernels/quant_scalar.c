@@ -27,8 +27,10 @@ void od_quantize_act_scalar(const float *x, od_q8_act *act, int64_t m0, int64_t 
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             int sum = 0;
             for (int j = 0; j < OD_QK; j++) {
-                /* nearbyintf rounds half to even, like the SIMD paths' round instruction */
-                const int q = (int)nearbyintf(xb[j] * id);
+                /* nearbyintf rounds half to even, like the SIMD paths' round instruction; the
+                 * clamp only matters for inf/NaN inputs (keeps the conversion defined) */
+                const float v = xb[j] * id;
+                const int q = v == v ? (int)nearbyintf(fminf(fmaxf(v, -127.0f), 127.0f)) : 0;
                 qr[b * OD_QK + j] = (int8_t)q;
                 sum += q;
             }
