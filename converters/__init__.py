@@ -12,6 +12,8 @@ TARGET_MODULES: dict[str, str] = {
     "hf": "ondevice.converters.hf",
     "mlx": "ondevice.converters.mlx",
     "onnx": "ondevice.converters.onnx",
+    "executorch": "ondevice.converters.executorch",
+    "coreml": "ondevice.converters.coreml",
 }
 
 

@@ -1,0 +1,338 @@
+"""Target ExecuTorch (`--to executorch`): a `.pte` program lowered to XNNPACK, with a manifest beside it.
+
+The program has one method, forward(tokens (1, S) int64, input_pos (1,) int64) -> logits (1, S, vocab), with S
+dynamic in 1..max_chunk (prefill takes chunks, decode takes one token). The KV cache is static, held in mutable
+buffers of max_seq_len positions: new K/V rows are written at input_pos.., and a position mask hides the rows
+beyond, so resetting the cache is just starting again at position 0.
+
+Schemes: fp32; 8da4w (torchao: int8 dynamic per-token activations, int4 symmetric weights in groups of 32/64);
+int8 (8-bit dynamic activations, int8 per-channel weights). Every linear layer takes the scheme or the export
+fails: a group size that does not divide a layer's input width is refused, never silently skipped (torchao's
+own filter in ExecuTorch's llama export leaves such layers float). The embedding is int8 per row in quantized
+schemes (gathered rows are dequantized, never the whole table).
+
+A .pte cannot carry the chat template, so `<stem>.json` (the manifest: spec, special ids, chat template,
+generation settings, per-layer schemes) and `<stem>.tokenizer.json` are written beside it, before the .pte
+itself; every file is written atomically and the .pte last, so a .pte on disk always has its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ondevice.converters.base import (
+    ConvertOptions,
+    ConvertResult,
+    Target,
+    count_types,
+    peak_rss_mib,
+    progress_bar,
+)
+
+from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
+from ondevice.formats.atomic import atomic_output, check_output_path
+from ondevice.model import CanonicalModel, ModelSpec
+
+TARGET = Target(
+    name="executorch",
+    quants=("fp32", "8da4w", "int8"),
+    default_quant="8da4w",
+    generic={"4bit": "8da4w", "8bit": "int8", "f32": "fp32"},
+    output_is_dir=False,
+    suffix=".pte",
+    description="an ExecuTorch .pte program (XNNPACK) with a static KV cache, manifest and tokenizer beside it",
+)
+
+MANIFEST_FORMAT = "ondevice-executorch/1"
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP = 32
+DEFAULT_MAX_SEQ = 2048
+MAX_CHUNK = 128  # the largest S of one forward call (prefill goes in chunks of this many tokens)
+
+
+@dataclass
+class ExecuTorchOptions(ConvertOptions):
+    group_size: int | None = None  # 8da4w weight group; None = 32
+    max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
+
+
+def manifest_path(pte: Path) -> Path:
+    return pte.with_suffix(".json")
+
+
+def tokenizer_path(pte: Path) -> Path:
+    return pte.with_suffix(".tokenizer.json")
+
+
+def require_torch_stack() -> None:
+    try:
+        import executorch  # noqa: F401
+        import torch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("--to executorch needs the executorch extra: pip install 'ondevice[executorch]'") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the torch module
+
+
+def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
+    """A torch decoder (float32) holding the model's weights and a zeroed static KV cache."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    spec = model.spec
+    d, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    group = nh // nkv
+
+    def load(name: str) -> Any:
+        if bar is not None:
+            bar.update(1)
+        return torch.from_numpy(model.tensors[name].load())
+
+    def linear(prefix: str, bias: bool = False) -> nn.Linear:
+        w = load(f"{prefix}.weight")
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        if bias:
+            layer.bias = nn.Parameter(load(f"{prefix}.bias"), requires_grad=False)
+        return layer
+
+    class RMSNorm(nn.Module):
+        def __init__(self, weight: Any) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(weight, requires_grad=False)
+
+        def forward(self, x: Any) -> Any:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec.rms_eps) * self.weight
+
+    def rope(x: Any, cos: Any, sin: Any) -> Any:  # rotate-half, x (1, heads, S, d), cos/sin (S, d/2)
+        first, second = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+    class Block(nn.Module):
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            p = f"model.layers.{i}"
+            self.input_layernorm = RMSNorm(load(f"{p}.input_layernorm.weight"))
+            self.q_proj = linear(f"{p}.self_attn.q_proj", spec.qkv_bias)
+            self.k_proj = linear(f"{p}.self_attn.k_proj", spec.qkv_bias)
+            self.v_proj = linear(f"{p}.self_attn.v_proj", spec.qkv_bias)
+            self.o_proj = linear(f"{p}.self_attn.o_proj")
+            self.post_attention_layernorm = RMSNorm(load(f"{p}.post_attention_layernorm.weight"))
+            self.gate_proj = linear(f"{p}.mlp.gate_proj")
+            self.up_proj = linear(f"{p}.mlp.up_proj")
+            self.down_proj = linear(f"{p}.mlp.down_proj")
+            self.register_buffer("k_cache", torch.zeros(1, nkv, max_seq, d), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(1, nkv, max_seq, d), persistent=False)
+
+        def forward(self, x: Any, pos: Any, cos: Any, sin: Any, mask: Any, written: Any) -> Any:
+            s = x.shape[1]
+            h = self.input_layernorm(x)
+            q = rope(self.q_proj(h).view(1, s, nh, d).transpose(1, 2), cos, sin)
+            k = rope(self.k_proj(h).view(1, s, nkv, d).transpose(1, 2), cos, sin)
+            v = self.v_proj(h).view(1, s, nkv, d).transpose(1, 2)
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+            # GQA: each KV head serves `group` query heads (a broadcast view, no stored copies).
+            # Rows never written hold whatever the runtime's planned memory held (ExecuTorch does not zero
+            # mutable buffers): zero them on read, or a NaN there would leak through the masked softmax.
+            keys = torch.where(written, self.k_cache, 0.0)
+            values = torch.where(written, self.v_cache, 0.0)
+            keys = keys[:, :, None].expand(1, nkv, group, max_seq, d).reshape(1, nh, max_seq, d)
+            values = values[:, :, None].expand(1, nkv, group, max_seq, d).reshape(1, nh, max_seq, d)
+            ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = x + self.o_proj(ctx.transpose(1, 2).reshape(1, s, nh * d))
+            h = self.post_attention_layernorm(x)
+            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            table = load("model.embed_tokens.weight")
+            self.embed_tokens = nn.Embedding(table.shape[0], table.shape[1])
+            self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
+            self.layers = nn.ModuleList([Block(i) for i in range(spec.n_layers)])
+            self.norm = RMSNorm(load("model.norm.weight"))
+            # Tied: the output layer starts from the same table (quantization gives it its own copy).
+            head = table if spec.tie_embeddings else load("lm_head.weight")
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head.weight = nn.Parameter(head.clone() if spec.tie_embeddings else head, requires_grad=False)
+            inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+            angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
+            self.register_buffer("rope_cos", torch.from_numpy(np.cos(angles).astype(np.float32)), persistent=False)
+            self.register_buffer("rope_sin", torch.from_numpy(np.sin(angles).astype(np.float32)), persistent=False)
+            self.register_buffer("key_pos", torch.arange(max_seq, dtype=torch.int64), persistent=False)
+
+        def forward(self, tokens: Any, input_pos: Any) -> Any:
+            s = tokens.shape[1]
+            pos = input_pos + torch.arange(s, dtype=torch.int64)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            mask = self.key_pos[None, :] <= pos[:, None]  # (S, max_seq): causal, and hides unwritten rows
+            written = (self.key_pos <= pos[-1])[:, None]  # (max_seq, 1): rows holding this sequence's K/V
+            x = self.embed_tokens(tokens)
+            for block in self.layers:
+                x = block(x, pos, cos, sin, mask, written)
+            return self.lm_head(self.norm(x))
+
+    return Decoder().eval()
+
+
+class QuantizedEmbedding:
+    """Factory for an int8 per-row embedding module: gathers code rows and their scales, then dequantizes."""
+
+    @staticmethod
+    def create(table: Any) -> Any:
+        import torch
+        from torch import nn
+
+        class Int8Embedding(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                scale = table.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+                self.register_buffer("codes", torch.round(table / scale).clamp(-127, 127).to(torch.int8))
+                self.register_buffer("scales", scale.to(torch.float32))
+
+            def forward(self, tokens: Any) -> Any:
+                return self.codes[tokens].to(torch.float32) * self.scales[tokens]
+
+        return Int8Embedding()
+
+
+def quantize_module(module: Any, quant: str, group: int) -> dict[str, str]:
+    """Quantize every linear layer (and the embedding) in place; the scheme of each layer, checked afterwards."""
+    import torch
+    from torch import nn
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    if quant == "8da4w":
+        bad = [f"{name} (width {m.in_features})" for name, m in linears.items() if m.in_features % group]
+        if bad:
+            raise UnsupportedError(f"--group-size {group} does not divide the input width of {len(bad)} linear "
+                                   f"layers, e.g. {bad[0]}; choose a group size that divides "
+                                   f"{min(m.in_features for m in linears.values())}")
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group))
+        scheme = f"8da4w-g{group}"
+    else:
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+        scheme = "8da8w-per-channel"
+    with torch.no_grad():
+        quantize_(module, config, lambda m, fqn: isinstance(m, nn.Linear))
+        module.embed_tokens = QuantizedEmbedding.create(module.embed_tokens.weight.data)
+    schemes: dict[str, str] = {"embed_tokens": "int8-per-row"}
+    # Check the result rather than trust the filter: a linear whose weight is still a plain tensor was skipped.
+    for name, m in linears.items():
+        if type(m.weight.data) is torch.Tensor:
+            raise OndeviceError(f"torchao left {name} unquantized; please report this")
+        schemes[name] = scheme
+    return schemes
+
+
+def export_program(module: Any, max_seq: int, max_chunk: int) -> bytes:
+    """torch.export with a dynamic sequence length, XNNPACK lowering, ExecuTorch program bytes."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torchao.utils import unwrap_tensor_subclass
+
+    module = unwrap_tensor_subclass(module)
+    seq = torch.export.Dim("seq", min=1, max=max_chunk)
+    example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    with torch.no_grad():
+        exported = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    ))
+    return program.buffer
+
+
+def make_manifest(model: CanonicalModel, quant: str, group: int | None, max_seq: int, max_chunk: int,
+                  schemes: dict[str, str], pte: Path) -> dict[str, Any]:
+    spec, special = model.spec, model.special
+    generation = {k: v for k, v in model.generation_config.items() if v is not None}
+    return {
+        "format": MANIFEST_FORMAT,
+        "program": pte.name,
+        "tokenizer": tokenizer_path(pte).name,
+        "method": "forward",
+        "inputs": ["tokens (1, S) int64", "input_pos (1,) int64"],
+        "max_seq_len": max_seq,
+        "max_chunk": max_chunk,
+        "quant": quant,
+        "group_size": group,
+        "spec": {k: getattr(spec, k) for k in ModelSpec.__dataclass_fields__},
+        "special": {"bos_id": special.bos_id, "eos_id": special.eos_id, "eos_ids": list(special.eos_ids),
+                    "pad_id": special.pad_id, "add_bos": special.add_bos},
+        "chat_template": model.chat_template,
+        "generation": generation,
+        "layers": schemes,
+    }
+
+
+def _write_text(path: Path, text: str, force: bool) -> None:
+    with atomic_output(path, force=force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
+    require_torch_stack()
+    start = time.perf_counter()
+    quant = options.quant
+    spec = model.spec
+    group = getattr(options, "group_size", None)
+    if group is not None and quant != "8da4w":
+        raise UnsupportedError(f"--group-size applies to --quant 8da4w only, not {quant}")
+    if quant == "8da4w":
+        group = DEFAULT_GROUP if group is None else group
+        if group not in GROUP_SIZES:
+            raise UnsupportedError(f"--group-size {group} is not supported; choose 32, 64, 128 or 256")
+    max_seq = getattr(options, "max_seq_len", None) or min(spec.context_length, DEFAULT_MAX_SEQ)
+    if max_seq < 2:
+        raise UnsupportedError(f"max_seq_len {max_seq} is too small")
+    max_chunk = min(MAX_CHUNK, max_seq - 1)
+    out = Path(out)
+    sidecars = [manifest_path(out), tokenizer_path(out)]
+    for path in [out, *sidecars]:
+        check_output_path(path, options.force)  # fail before minutes of export
+
+    with progress_bar(len(model.tensors), f"executorch {quant}", options.progress) as bar:
+        module = build_module(model, max_seq, bar)
+    if quant == "fp32":
+        schemes = {name: "fp32" for name, _ in module.named_modules() if name and not list(_.children())
+                   and hasattr(_, "weight")}
+    else:
+        schemes = quantize_module(module, quant, group or 0)
+    buffer = export_program(module, max_seq, max_chunk)
+    del module
+
+    manifest = make_manifest(model, quant, group if quant == "8da4w" else None, max_seq, max_chunk, schemes, out)
+    _write_text(tokenizer_path(out), model.tokenizer_json, options.force)
+    _write_text(manifest_path(out), json.dumps(manifest, indent=1) + "\n", options.force)
+    with atomic_output(out, force=options.force) as tmp:
+        tmp.write_bytes(buffer)
+    size = len(buffer)
+    types = [s for name, s in schemes.items() if name != "embed_tokens"]
+    notes = [f"executorch {quant}: XNNPACK, static KV cache of {max_seq} positions, prefill chunks of "
+             f"{max_chunk}; manifest {manifest_path(out).name}, tokenizer {tokenizer_path(out).name}"]
+    if quant != "fp32":
+        notes.append("embedding: int8 per row" + (" (own copy; the output layer is quantized separately)"
+                                                 if spec.tie_embeddings else ""))
+    return ConvertResult(target="executorch", quant=quant, output=str(out), size_bytes=size,
+                         seconds=time.perf_counter() - start, tensor_types=count_types(types), notes=notes,
+                         peak_rss_mib=peak_rss_mib())
