@@ -169,7 +169,8 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
         codec = TextCodec.from_gguf(gguf)
         template = gguf.get("tokenizer.chat_template")
         template = str(template) if template is not None else None
-        vocab_size = int(codec.tokenizer.get_vocab_size(with_added_tokens=True))
+        tokens = gguf.get("tokenizer.ggml.tokens") or []
+        vocab_size = int(gguf.get(f"{arch}.vocab_size") or len(tokens))  # the logits' width
         name = str(gguf.get("general.name") or source.stem)
         license_name = gguf.get("general.license")
         sampling = _sampling(gguf)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -139,3 +140,31 @@ def test_cli_export(smollm2: Path, tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "ondevice", "export", str(smollm2), "--app", "pocketpal", "-o",
                             str(out)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "--force" in again.stderr and again.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ONDEVICE_PTE_EXPORT_TESTS"),
+                    reason="minutes of torch.export on 2 cores: set ONDEVICE_PTE_EXPORT_TESTS=1")
+def test_android_pte_bundle_runs_in_executorch(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+    from ondevice.converters import get_target
+    from ondevice.converters.base import ConvertOptions
+
+    from ondevice.sources import open_source
+
+    source = open_source(tiny_models["llama"])
+    try:
+        get_target("gguf").convert(source, tmp_path / "tiny.gguf",
+                                   ConvertOptions(quant="f32", progress=False, pre_tokenizer="gpt-2"))
+    finally:
+        source.close()
+    result = export_bundle(tmp_path / "tiny.gguf", "android", tmp_path / "bundle", model_format="pte")
+    manifest = validate_bundle(tmp_path / "bundle")
+    assert manifest["runtime"] == "executorch" and manifest["model"]["format"] == "pte"
+    assert {f["role"] for f in manifest["files"]} >= {"model", "tokenizer", "runtime_manifest"}
+    assert any("chat template" in n for n in result.notes)
+    method = Runtime.get().load_program(str(tmp_path / "bundle" / manifest["model"]["file"])).load_method("forward")
+    logits = method.execute([torch.tensor([[1, 5, 7]], dtype=torch.long), torch.tensor([0], dtype=torch.long)])[0]
+    assert tuple(logits.shape) == (1, 3, manifest["model"]["vocab_size"])
