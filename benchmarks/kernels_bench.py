@@ -12,6 +12,8 @@ real decode step does with a whole model. M=256 (prefill) is compute-bound, so o
     python benchmarks/kernels_bench.py --overhead            # per-call binding overhead only
     python benchmarks/kernels_bench.py --act-experiment      # q8 activations vs f32 dequant-dot (M=1)
     python benchmarks/kernels_bench.py --model-sim           # SmolLM2-135M-shaped decode/prefill step
+    python benchmarks/kernels_bench.py --model-sim --llama-gguf SmolLM2-135M-Instruct.Q4_1.gguf
+        # ... interleaved with llama-cpp-python on the real file, same threads (same machine state)
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ def activation_experiment() -> None:
                       f"f32-dequant {rates[1]:6.2f} GB/s")
 
 
-def model_simulation(threads_list: list[int]) -> None:
+def model_simulation(threads_list: list[int], llama_gguf: str | None = None) -> None:
     """Kernel-only tok/s ceiling: SmolLM2-135M shapes (Q4_1 layers, Q8_0 tied embedding/output), the
     call sequence of a llama decoder step with numpy glue as thin as a runtime's. Random weights."""
     rng = np.random.default_rng(0)
@@ -268,7 +270,7 @@ def model_simulation(threads_list: list[int]) -> None:
         K.matmul(logits, embd, q80, rows, d_model)
         return K.argmax(logits[-1])
 
-    for threads in threads_list:
+    def run_ours(threads: int) -> tuple[float, list[float]]:
         K.set_threads(threads)
         prompt = rng.integers(0, vocab, 256).astype(np.int32)
         step(prompt[:8], 0, True)  # warm-up
@@ -277,16 +279,49 @@ def model_simulation(threads_list: list[int]) -> None:
             start = time.perf_counter()
             token = step(prompt, 0, True)
             best_prefill = min(best_prefill, time.perf_counter() - start)
-        n_decode = 64
         times = []
-        for i in range(n_decode):
+        for i in range(64):
             start = time.perf_counter()
             token = step(np.array([token], np.int32), 256 + i, True)
             times.append(time.perf_counter() - start)
+        return best_prefill, times
+
+    def report(name: str, threads: int, prefill: float, times: list[float]) -> None:
         median = float(np.median(times))
-        print(f"  threads={threads}: prefill 256 tokens {best_prefill * 1e3:.0f} ms = {256 / best_prefill:.0f} tok/s; "
-              f"decode at pos 256-320: median {median * 1e3:.2f} ms = {1 / median:.1f} tok/s "
-              f"(best {1 / min(times):.1f}), {total / median / 1e9:.1f} GB/s of weights")
+        print(f"  {name:9} threads={threads}: prefill 256 tokens {prefill * 1e3:5.0f} ms = {256 / prefill:4.0f} tok/s; "
+              f"decode at pos 256-320: median {median * 1e3:6.2f} ms = {1 / median:5.1f} tok/s (best {1 / min(times):5.1f})",
+              flush=True)
+
+    for threads in threads_list:
+        for _round in range(2 if llama_gguf else 1):
+            prefill, times = run_ours(threads)
+            report("kernels", threads, prefill, times)
+            if llama_gguf:
+                prefill, times = run_llama_cpp(llama_gguf, threads, rng)
+                report("llama.cpp", threads, prefill, times)
+
+
+def run_llama_cpp(path: str, threads: int, rng: np.random.Generator) -> tuple[float, list[float]]:
+    """Same measurement with llama-cpp-python on a real GGUF: 256-token prompt (best of 3), then 64
+    single-token evals (logits of the last token only, like the simulation; no sampling, where the
+    simulation adds an argmax of ~0.05 ms)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=256, verbose=False)
+    prompt = [int(t) for t in rng.integers(3, llm.n_vocab(), 256)]
+    best_prefill = 1e9
+    for _ in range(3):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        best_prefill = min(best_prefill, time.perf_counter() - start)
+    times = []
+    for token in rng.integers(3, llm.n_vocab(), 64):  # the token value does not change the cost
+        start = time.perf_counter()
+        llm.eval([int(token)])
+        times.append(time.perf_counter() - start)
+    del llm
+    return best_prefill, times
 
 
 def main() -> None:
@@ -299,9 +334,10 @@ def main() -> None:
     parser.add_argument("--no-cold", action="store_true", help="skip the DRAM-streaming M=1 runs")
     parser.add_argument("--act-experiment", action="store_true", help="q8 activations vs f32 dequant-dot")
     parser.add_argument("--model-sim", action="store_true", help="SmolLM2-135M-shaped decode and prefill")
+    parser.add_argument("--llama-gguf", default=None, help="with --model-sim: also time llama-cpp-python on this file")
     args = parser.parse_args()
     if args.model_sim:
-        model_simulation(args.threads)
+        model_simulation(args.threads, args.llama_gguf)
         return
     if args.act_experiment:
         activation_experiment()
