@@ -190,3 +190,14 @@ def test_load_rejects_non_gguf(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
     with pytest.raises(OndeviceError):
         ondevice.load(bad)
+
+
+def test_generate_with_json_schema_always_validates(smollm2):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    with ondevice.load(smollm2, n_ctx=512) as model:
+        for seed in range(3):
+            text = "".join(model.generate([{"role": "user", "content": "Invent a person."}], json_schema=schema,
+                                          max_tokens=60, temperature=1.0, seed=seed))
+            jsonschema.validate(json.loads(text), schema)

@@ -156,12 +156,23 @@ class LanguageModel:
         seed: int | None = None,
         stop: list[str] | str | None = None,
         token_filter: Any = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> Iterator[str]:
         """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
 
-        `token_filter`, when given, is an object with allowed(history) -> bool mask | None and
-        accept(token) -> None (structured output); see ondevice.structured.
+        Structured output: `json_schema` (dict, JSON text or path), `regex` or `grammar` (Lark) constrain every
+        sampled token, at any temperature, so the reply always parses (ondevice.structured, llguidance).
+        `token_filter` is the lower-level hook: an object with allowed() -> bool mask, accept(token),
+        is_finished().
         """
+        if json_schema is not None or regex is not None or grammar is not None:
+            if token_filter is not None:
+                raise OndeviceError("give either token_filter or json_schema/regex/grammar, not both")
+            from ondevice.structured import TokenFilter
+
+            token_filter = TokenFilter(self, json_schema=json_schema, regex=regex, grammar=grammar)
         if max_tokens < 0:
             raise OndeviceError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
