@@ -230,7 +230,7 @@ def count_weight_ops(package: Path) -> dict[str, int]:
     producers = {op.outputs[0].name: op.op_type for op in program.functions["main"].operations}
     counts: dict[str, int] = {}
     for op in program.functions["main"].operations:
-        if op.op_type == "linear" or (op.op_type == "gather" and op.name == "embed"):
+        if op.op_type == "linear" or (op.op_type == "gather" and "embed_tokens" in op.inputs["x"].name):
             source = op.inputs["weight" if op.op_type == "linear" else "x"].name
             kind = producers.get(source, "const")
             counts[kind] = counts.get(kind, 0) + 1
