@@ -6,7 +6,9 @@
  * spinning see it within ~100 ns, tasks are handed out with an atomic counter (so a worker that the
  * OS delays just takes fewer tasks), and the caller runs tasks too. Idle workers spin for a while
  * (ONDEVICE_SPIN_US, default 1000 us: longer than the gap between kernel calls of a decode step)
- * and then block on a futex (condition variable off Linux) so an idle process costs no CPU.
+ * and then block on a futex (condition variable off Linux) so an idle process costs no CPU. When
+ * the cores are oversubscribed the pool temporarily runs jobs on the caller alone (see
+ * note_job).
  *
  * Joining is tracked in one 64-bit word: generation in the high 32 bits, a "closed" flag and the
  * number of workers inside the job in the low bits. The caller closes the job once every task has
@@ -108,11 +110,45 @@ static void wake_sleepers(od_pool *p) {
 #endif
 }
 
-static void run_tasks(od_task_fn fn, void *ctx, int64_t n_tasks, _Atomic int64_t *next) {
-    for (;;) {
+static int64_t run_tasks(od_task_fn fn, void *ctx, int64_t n_tasks, _Atomic int64_t *next) {
+    int64_t done = 0;
+    for (;; done++) {
         const int64_t t = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
         if (t >= n_tasks) break;
         fn(ctx, t);
+    }
+    return done;
+}
+
+/*
+ * Oversubscription guard. When other processes compete for the cores, workers are often not on a
+ * CPU when a job is published (the caller ends up doing everything while spinning workers only burn
+ * CPU share) or get preempted mid-task (the caller then waits a whole scheduler slice): two threads
+ * run slower than one. The caller knows how long its own tasks take, so it can estimate what each
+ * job would have cost serially and compare with what it actually took. When the average gain over
+ * recent jobs drops below 15%, jobs run on the caller alone for a while (20 ms, doubling while the
+ * gain stays low, up to 1 s) and then parallel execution is tried again. On an idle machine the gain
+ * is ~40-50% and this never triggers. ONDEVICE_POOL_ADAPTIVE=0 disables it.
+ */
+static int g_adaptive = 1;
+static double g_gain_avg = 0.5;   /* moving average of (serial estimate - actual) / serial estimate */
+static int g_jobs_seen;           /* jobs since the last (re)start of parallel execution */
+static int64_t g_solo_until_ns;   /* run on the caller alone until then */
+static int64_t g_solo_window_ns = 20 * 1000 * 1000;
+/* all of the above are touched only by the owner of the pool's `busy` mutex */
+
+static void note_job(int64_t own_ns, int64_t own_tasks, int64_t n_tasks, int64_t job_ns, int64_t now) {
+    if (own_tasks <= 0 || own_ns <= 0) return; /* workers did everything: fine, nothing to learn */
+    const double serial = (double)own_ns / (double)own_tasks * (double)n_tasks;
+    const double gain = (serial - (double)job_ns) / serial;
+    g_gain_avg += (gain - g_gain_avg) / 16.0;
+    if (++g_jobs_seen >= 32 && g_gain_avg < 0.15) {
+        g_solo_until_ns = now + g_solo_window_ns;
+        if (g_solo_window_ns < 1000 * 1000 * 1000) g_solo_window_ns *= 2;
+        g_gain_avg = 0.5;
+        g_jobs_seen = 0;
+    } else if (g_gain_avg > 0.2) {
+        g_solo_window_ns = 20 * 1000 * 1000;
     }
 }
 
@@ -212,6 +248,8 @@ static void pool_respawn_if_forked(void) {
 }
 
 static void pool_default_init(void) {
+    const char *adaptive = getenv("ONDEVICE_POOL_ADAPTIVE");
+    if (adaptive && strcmp(adaptive, "0") == 0) g_adaptive = 0;
     const char *spin = getenv("ONDEVICE_SPIN_US");
     if (spin && *spin) {
         const long us = strtol(spin, NULL, 10);
@@ -241,6 +279,12 @@ void od_pool_run(od_task_fn fn, void *ctx, int64_t n_tasks) {
         for (int64_t t = 0; t < n_tasks; t++) fn(ctx, t);
         return;
     }
+    const int64_t start = g_adaptive ? now_ns() : 0;
+    if (g_adaptive && start < g_solo_until_ns) {
+        pthread_mutex_unlock(&p->busy);
+        for (int64_t t = 0; t < n_tasks; t++) fn(ctx, t);
+        return;
+    }
     p->fn = fn;
     p->ctx = ctx;
     p->n_tasks = n_tasks;
@@ -250,12 +294,19 @@ void od_pool_run(od_task_fn fn, void *ctx, int64_t n_tasks) {
     atomic_store(&p->generation, gen); /* seq_cst: see worker_main */
     if (atomic_load(&p->n_sleeping) > 0) wake_sleepers(p);
 
-    run_tasks(fn, ctx, n_tasks, &p->next_task);
+    const int64_t own_tasks = run_tasks(fn, ctx, n_tasks, &p->next_task);
 
     atomic_fetch_or_explicit(&p->state, STATE_CLOSED, memory_order_acq_rel);
+    const int64_t own_done = g_adaptive ? now_ns() : 0;
+    int waited = 0;
     for (unsigned iter = 1; atomic_load_explicit(&p->state, memory_order_acquire) & STATE_ACTIVE_MASK; iter++) {
+        waited = 1;
         cpu_relax();
         if ((iter & 1023) == 0) sched_yield(); /* a worker was preempted mid-task: let it run */
+    }
+    if (g_adaptive) {
+        const int64_t end = waited ? now_ns() : own_done;
+        note_job(own_done - start, own_tasks, n_tasks, end - start, end);
     }
     pthread_mutex_unlock(&p->busy);
 }
