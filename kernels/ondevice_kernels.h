@@ -13,8 +13,14 @@
  *    passed; callers (like the Python binding) check those.
  *  - Multi-threaded functions use one process-wide pool (od_set_threads). Calls from several
  *    threads at once are safe: a call that finds the pool busy runs on its own thread.
- *  - SIMD code is chosen at run time from the CPU (AVX2+FMA+F16C on x86-64, NEON on aarch64,
- *    plain C elsewhere); the environment variable ONDEVICE_ISA=scalar|avx2|neon overrides it.
+ *  - SIMD code is chosen at run time from the CPU (AVX2+FMA+F16C on x86-64, NEON on aarch64 with
+ *    the dot-product instructions when present, plain C elsewhere).
+ *
+ * Environment variables (read once, at first use):
+ *    ONDEVICE_ISA=scalar|avx2|neon   force a code path (an unavailable one falls back to the best)
+ *    ONDEVICE_THREADS=n              initial pool size (default: physical cores)
+ *    ONDEVICE_SPIN_US=us             how long idle workers spin before sleeping (default 1000)
+ *    ONDEVICE_POOL_ADAPTIVE=0        disable the oversubscription guard (see od_set_threads)
  */
 #ifndef ONDEVICE_KERNELS_H
 #define ONDEVICE_KERNELS_H
@@ -91,7 +97,10 @@ int64_t od_argmax(const float *x, int64_t n);
 int64_t od_topk(const float *x, int64_t n, int64_t k, float *values, int32_t *indices);
 
 /* Thread pool: n <= 0 selects the default (physical cores). Not to be called while another
- * thread is inside a kernel. */
+ * thread is inside a kernel. The caller's thread always takes part. When the cores are
+ * oversubscribed by other processes (a second thread measurably stops paying off), jobs run on the
+ * calling thread alone for a while and parallelism is retried later. Safe across fork(): the child
+ * respawns its workers on first use. */
 void od_set_threads(int n);
 int od_get_threads(void);
 /* Physical cores available to this process (SMT siblings counted once). */
