@@ -60,7 +60,7 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     try:
         import jsonschema
     except ImportError as exc:
-        raise MissingExtraError("validating bundle manifests needs jsonschema: pip install 'ondevice[apps]'") \
+        raise MissingExtraError("validating bundle manifests needs jsonschema (an ondevice dependency): pip install jsonschema") \
             from exc
     validator = jsonschema.Draft202012Validator(load_manifest_schema(),
                                                 format_checker=jsonschema.FormatChecker())

@@ -44,7 +44,7 @@ def _llguidance():
     try:
         import llguidance
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingExtraError("structured output needs llguidance: pip install 'ondevice[structured]'") from exc
+        raise MissingExtraError("structured output needs llguidance (an ondevice dependency): pip install llguidance") from exc
     return llguidance
 
 
