@@ -119,3 +119,15 @@ def test_group_size_that_does_not_divide_is_refused(tiny_models, tmp_path):
     with pytest.raises(UnsupportedError, match="does not divide"):
         export(tiny_models["llama"], tmp_path / "x.pte", "8da4w", group_size=128)
     assert not list(tmp_path.iterdir())
+
+
+def test_ondevice_load_runs_pte_in_the_generate_loop(tiny_models, llama_fp32):
+    """`ondevice.load("model.pte")` gives the same API as the native runtime, logits and all."""
+    import ondevice
+
+    tokens = [5, 17, 42, 99, 3, 250, 7]
+    ref = transformers_logits(tiny_models["llama"], tokens)
+    with ondevice.load(llama_fp32, n_ctx=64) as model:
+        assert np.abs(model.logits(tokens) - ref).max() < 1e-4
+        pieces = list(model.generate("hello", max_tokens=8, temperature=0))
+        assert model.last_stats.generated_tokens >= 1 and isinstance("".join(pieces), str)

@@ -16,10 +16,17 @@ import numpy as np
 
 from ondevice.errors import OndeviceError
 from ondevice.formats.gguf import GGUFFile
+from ondevice.model import ModelSpec
 from ondevice.runtime.sampling import Sampler, SamplingParams
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
+
+
+def _context_size(requested: int | None, limit: int) -> int:
+    if requested is not None and requested < 1:
+        raise OndeviceError(f"n_ctx must be >= 1, got {requested}")
+    return min(requested or 2048, limit)
 
 
 @dataclass
@@ -52,28 +59,51 @@ class GenerationStats:
 
 
 class LanguageModel:
+    """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
+    such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
+
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None) -> None:
-        self.path = str(path)
-        self._gguf = GGUFFile(path)
+        gguf = GGUFFile(path)
         try:
-            self.weights = load_weights(self._gguf)
-            self.spec = self.weights.spec
-            self.codec = TextCodec.from_gguf(self._gguf)
-            template = self._gguf.get("tokenizer.chat_template")
-            self.chat_template: str | None = str(template) if template is not None else None
+            weights = load_weights(gguf)
+            codec = TextCodec.from_gguf(gguf)
+            template = gguf.get("tokenizer.chat_template")
         except BaseException:
-            self._gguf.close()
+            gguf.close()
             raise
         k = kernels()
         if threads is not None:
             if threads < 1:
+                gguf.close()
                 raise OndeviceError(f"threads must be >= 1, got {threads}")
             k.set_threads(threads)
-        self.threads = k.get_threads()
-        self.n_ctx = min(n_ctx or 2048, self.spec.context_length)
-        if self.n_ctx < 1:
-            raise OndeviceError(f"n_ctx must be >= 1, got {n_ctx}")
-        self.transformer = Transformer(self.weights, self.n_ctx)
+        n_ctx = _context_size(n_ctx, weights.spec.context_length)
+        self._setup(str(path), weights.spec, codec, str(template) if template is not None else None,
+                    Transformer(weights, n_ctx), n_ctx, k.get_threads())
+        self.weights = weights
+        self._gguf: GGUFFile | None = gguf
+
+    @classmethod
+    def from_backend(cls, path: str | Path, transformer: Any, spec: ModelSpec, codec: TextCodec,
+                     chat_template: str | None, *, n_ctx: int | None = None, threads: int = 0) -> LanguageModel:
+        """A model whose forward pass runs elsewhere (e.g. ExecuTorch); tokenizer, template and generation loop
+        are ondevice's own, so the API and the outputs' handling are identical."""
+        self = cls.__new__(cls)
+        self._setup(str(path), spec, codec, chat_template, transformer,
+                    _context_size(n_ctx, min(spec.context_length, transformer.n_ctx)), threads)
+        self.weights = None
+        self._gguf = None
+        return self
+
+    def _setup(self, path: str, spec: ModelSpec, codec: TextCodec, chat_template: str | None, transformer: Any,
+               n_ctx: int, threads: int) -> None:
+        self.path = path
+        self.spec = spec
+        self.codec = codec
+        self.chat_template = chat_template
+        self.transformer = transformer
+        self.n_ctx = n_ctx
+        self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self.last_stats = GenerationStats()
 
@@ -237,9 +267,10 @@ class LanguageModel:
         return "".join(self.generate(messages, **kwargs))
 
     def close(self) -> None:
-        self.transformer = None  # type: ignore[assignment]
-        self.weights = None  # type: ignore[assignment]
-        self._gguf.close()
+        self.transformer = None
+        self.weights = None
+        if self._gguf is not None:
+            self._gguf.close()
 
     def __enter__(self) -> LanguageModel:
         return self
