@@ -120,7 +120,8 @@ def quantize_blocks(w: np.ndarray, block: int, bits: int, symmetric: bool) -> tu
     quantize_matmul_4bits / quantize_matmul_8bits: (B uint8 (N, K/block, block*bits/8), scales float32
     (N, K/block), zero points uint8 or None). K is zero-padded to a multiple of `block`.
 
-    symmetric: scale = (value of largest magnitude) / -2^(bits-1), zero point 2^(bits-1) (implicit).
+    symmetric: scale = (the block's max or min, whichever is larger in magnitude) / -2^(bits-1), zero point
+    2^(bits-1) (implicit).
     asymmetric: the block's range widened to include 0, scale = (max - min) / (2^bits - 1),
     zero point = round(-min / scale). code = clip(round(x / scale + zero point), 0, 2^bits - 1).
     4-bit codes and zero points are packed two per byte, the first in the low nibble.
@@ -132,8 +133,9 @@ def quantize_blocks(w: np.ndarray, block: int, bits: int, symmetric: bool) -> tu
         w = np.pad(w, ((0, 0), (0, -k % block)))
     x = w.reshape(n, -1, block)
     if symmetric:
-        pick = np.abs(x).argmax(axis=-1)[..., None]
-        scales = np.take_along_axis(x, pick, axis=-1)[..., 0] / np.float32(-(1 << (bits - 1)))
+        low, high = x.min(axis=-1), x.max(axis=-1)
+        edge = np.where(np.abs(high) > np.abs(low), high, low)  # on a tie of magnitudes the minimum wins
+        scales = edge / np.float32(-(1 << (bits - 1)))
         zero = np.full(scales.shape, 1 << (bits - 1), np.float32)
     else:
         low = np.minimum(x.min(axis=-1), np.float32(0))
