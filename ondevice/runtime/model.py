@@ -105,6 +105,7 @@ class LanguageModel:
         self.n_ctx = n_ctx
         self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._prompt_logits: tuple[int, np.ndarray] | None = None  # (prompt length, its last logits)
         self.last_stats = GenerationStats()
 
     # ------------------------------------------------------------------ text
@@ -149,10 +150,17 @@ class LanguageModel:
             if a != b:
                 break
             common += 1
+        memo = self._prompt_logits
+        if not all_logits and common >= len(tokens) and memo is not None and memo[0] == len(tokens):
+            # The same prompt again (a retry, a regenerate): reuse its logits instead of re-evaluating the last
+            # token alone, which would round differently from the batched prefill and could flip a near-tie.
+            self._cached = list(tokens)
+            return memo[1], len(tokens)
         common = min(common, len(tokens) - 1)  # always evaluate at least one token to get logits
         self._cached = self._cached[:common]
         logits = self.transformer.forward(np.asarray(tokens[common:], np.int32), common, all_logits=all_logits)
         self._cached = list(tokens)
+        self._prompt_logits = None if all_logits else (len(tokens), logits)
         return logits, common
 
     def _step(self, token: int) -> np.ndarray:
@@ -166,12 +174,13 @@ class LanguageModel:
         """Logits (len(tokens), vocab) for every position, for evaluation (perplexity, KL)."""
         if not tokens:
             raise OndeviceError("logits() needs at least one token")
-        self._cached = []
+        self.reset()
         logits, _ = self._eval(list(tokens), all_logits=True)
         return logits
 
     def reset(self) -> None:
         self._cached = []
+        self._prompt_logits = None
 
     # ------------------------------------------------------------------ generation
     def generate(
