@@ -8,8 +8,8 @@ grouped heads, causal mask; what onnxruntime-genai's builder emits too), SwiGLU;
 are fused into one matmul each. A graph of standard ops only (explicit RoPE, mask and broadcasting GQA) ran
 2-3x slower at decode on onnxruntime's CPU provider: ~50 small nodes per layer instead of ~13.
 Weights: f32; f16 (stored half, cast to float32 once when onnxruntime loads the model); int4 and int8 through
-the com.microsoft MatMulNBits op (what onnxruntime-genai's builder writes; int4 in asymmetric blocks of 32, int8
-in symmetric blocks of 16 by default, see DEFAULTS); the embedding is quantized the same way and, when tied,
+the com.microsoft MatMulNBits op (what onnxruntime-genai's builder writes; asymmetric blocks, of 32 for int4
+and 16 for int8 by default, see DEFAULTS); the embedding is quantized the same way and, when tied,
 shares the output layer's bytes (GatherBlockQuantized for int4).
 Why not MatMulInteger + DynamicQuantizeLinear for int8: they quantize activations per tensor, and the
 activation outliers of small LLMs ruin it (SmolLM2-135M: top-1 agreement 53% on a 256-token prefill, 87% token
@@ -64,12 +64,12 @@ class ONNXOptions(ConvertOptions):
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (fast on CPU; the builder's default)
 
 
-# Measured on SmolLM2-135M against the f32 model (KL / top-1 on the bundled text, 1020 tokens):
-# int4: asymmetric 0.59 / 60% beats symmetric 0.65 / 57% for 2.4% more bytes.
-# int8: blocks of 16 keep top-1 at 97.1% (KL 0.005); blocks of 32 give 94.1% (KL 0.009) because with
-# accuracy_level 4 the kernel quantizes activations per block too. accuracy_level 0 (float activations, 97.5%)
-# decodes ~10x slower on the CPU provider (no packed 8-bit float kernel), so it is not the default.
-DEFAULTS: dict[str, tuple[int, bool]] = {"int4": (32, False), "int8": (16, True)}  # (block, symmetric)
+# Measured on SmolLM2-135M (from its Q4_1 GGUF) against the f32 model, KL / top-1 on the bundled text:
+# int4 block 32: asymmetric 0.59 / 60% beats symmetric 0.65 / 56% (the builder's default) for 2.4% more bytes.
+# int8 with accuracy_level 4 (int8 activations, per block, inside the kernel): asymmetric block 16 0.0046 / 96.8%,
+# symmetric 16 0.0053 / 96.3%, symmetric 32 0.0077 / 94.8%. accuracy_level 0 (float activations) reaches
+# 0.0017 / 98.4% but onnxruntime's CPU provider has no packed 8-bit float kernel: ~10x slower decoding.
+DEFAULTS: dict[str, tuple[int, bool]] = {"int4": (32, False), "int8": (16, False)}  # (block, symmetric)
 
 
 @dataclass

@@ -184,6 +184,31 @@ def test_tiny_quantized_artifacts_run_as_written(tiny_models, tmp_path, arch, qu
     assert np.abs(got - ref).max() / ref.std() < bound
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tensors_identical_to_mlx_lm_convert(tiny_models, tmp_path, arch, bits):
+    """The same safetensors tensors, byte for byte, as `mlx_lm.convert --dtype float16 -q --q-bits B`."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    src = tiny_models[arch]
+    theirs = tmp_path / "theirs"
+    mlx_lm_convert(str(src), str(theirs), quantize=True, q_group_size=64, q_bits=bits, dtype="float16")
+    ours = tmp_path / "ours"
+    convert(src, ours, f"int{bits}")
+    a, b = SafetensorsFile(ours / "model.safetensors"), SafetensorsFile(theirs / "model.safetensors")
+    try:
+        assert set(a.tensors) == set(b.tensors)
+        for name in a.tensors:
+            assert a.tensors[name].dtype == b.tensors[name].dtype, name
+            np.testing.assert_array_equal(a.raw(name), b.raw(name), err_msg=name)
+        assert a.metadata == b.metadata == {"format": "mlx"}
+    finally:
+        a.close()
+        b.close()
+    config, their_config = (json.loads((f / "config.json").read_text()) for f in (ours, theirs))
+    assert config["quantization"] == their_config["quantization"]
+
+
 def test_group_fallbacks_are_reported_and_loadable(tmp_path):
     """Width 96 takes group 32 (not 64); width 80 takes neither and stays f16, said so, per layer in config."""
     pytest.importorskip("transformers")
