@@ -6,6 +6,8 @@ llama's q/k rows are stored permuted for interleaved RoPE (llama.cpp's layout); 
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from ondevice.errors import OndeviceError
@@ -23,6 +25,18 @@ def kernels():
     return K
 
 
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array whose pages become resident only when written.
+
+    The KV cache is laid out (layer, head, position, dim), so a short context touches a little of every
+    (layer, head) slab. numpy backs large arrays with transparent huge pages, and one touched byte then commits
+    2 MiB: the whole cache became resident on the first token (+80 MiB at n_ctx 2048). An anonymous mmap keeps
+    4 KiB granularity, so RSS grows with the context actually used.
+    """
+    nbytes = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+
+
 class ContextOverflowError(OndeviceError):
     """The tokens do not fit in the context window."""
 
@@ -38,8 +52,8 @@ class Transformer:
         self.neox = spec.arch == "qwen2"
         self.scale = 1.0 / float(np.sqrt(spec.head_dim))
         kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
-        self.k_cache = np.zeros(kv_shape, dtype=np.float32)
-        self.v_cache = np.zeros(kv_shape, dtype=np.float32)
+        self.k_cache = lazy_zeros(kv_shape)
+        self.v_cache = lazy_zeros(kv_shape)
         d, f = spec.hidden_size, spec.ffn_size
         q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
         b = max_batch
