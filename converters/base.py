@@ -44,6 +44,9 @@ class ConvertOptions:
     force: bool = False
     pre_tokenizer: str | None = None  # override llama.cpp pre-tokenizer detection
     progress: bool = True
+    group_size: int | None = None  # MLX / ExecuTorch weight groups (None: the target's default)
+    block_size: int | None = None  # ONNX MatMulNBits / Core ML blockwise int4 blocks
+    max_seq_len: int | None = None  # static KV cache length of ExecuTorch / Core ML programs
 
 
 @dataclass

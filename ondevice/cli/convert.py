@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--pre", dest="pre_tokenizer", metavar="NAME",
                    help="llama.cpp pre-tokenizer name when it cannot be detected (e.g. smollm, llama-bpe, qwen2)")
+    p.add_argument("--group-size", type=int, metavar="N",
+                   help="quantization group (mlx: 32/64/128; executorch 8da4w: 32/64); must divide every width")
+    p.add_argument("--block-size", type=int, metavar="N", help="int4 block (onnx MatMulNBits, coreml; default 32)")
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="KV cache length of executorch/coreml programs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin pickles (they can run code: trusted sources only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     model = open_source(resolve_model(args.source), allow_pickle=args.allow_pickle)
     try:
         options = ConvertOptions(quant=scheme, force=args.force, pre_tokenizer=args.pre_tokenizer,
-                                 progress=not (args.no_progress or args.json))
+                                 progress=not (args.no_progress or args.json), group_size=args.group_size,
+                                 block_size=args.block_size, max_seq_len=args.max_seq_len)
         result = writer.convert(model, out, options)
     finally:
         model.close()
