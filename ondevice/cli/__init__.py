@@ -23,6 +23,10 @@ examples:
   ondevice convert ./SmolLM2-135M-Instruct --to gguf --quant 4bit
   ondevice convert smol.gguf --to hf -o ./smol-hf
   ondevice inspect smol.gguf --json
+  ondevice run -p "Name three uses of a paperclip." -n 64 --temp 0
+  ondevice chat smol.gguf
+  ondevice bench smollm2-135m-instruct --to gguf --quant 4bit,8bit --backend ondevice,llama.cpp
+  ondevice serve smol.gguf --port 8080
   ondevice models list
 
 MODEL may be a path (Hugging Face folder or .gguf file), an alias from `ondevice models list`,
