@@ -353,8 +353,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     start = time.perf_counter()
     block, symmetric, accuracy = _check_options(options)
     spec = model.spec
-    if spec.head_dim % 2:
-        raise UnsupportedError(f"head_dim {spec.head_dim} must be even for RoPE")
+    if spec.head_dim % 16:
+        raise UnsupportedError(f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's "
+                               "GroupQueryAttention needs")
 
     with atomic_output(out, force=options.force, directory=True) as tmp:
         data = ExternalData(tmp / DATA_FILE)

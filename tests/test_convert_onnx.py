@@ -226,6 +226,21 @@ def test_tiny_quantized_runs_as_written(tiny_models, tmp_path, arch, quant, bits
     assert np.abs(runner(out).logits(TOKENS) - ref).max() / ref.std() < {"int4": 2.5, "int8": 0.25}[quant]
 
 
+@pytest.mark.parametrize("quant,bits", [("int4", 4), ("int8", 8)])
+def test_widths_that_are_not_a_multiple_of_the_block_are_padded(tmp_path, quant, bits):
+    """FFN width 80 with blocks of 32: down_proj's inputs are zero-padded to 96 (MatMulNBits handles K % block)."""
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "odd", "llama", tie=True, seed=5, hidden=96, heads=3, kv_heads=1, ffn=80)
+    out = tmp_path / quant
+    convert(src, out, quant, block_size=32, accuracy_level=0)
+    assert initializers(out)["model.layers.0.mlp.down_proj.weight_scales"].shape == (96, 3)
+    reference = hf_model(src)
+    load_stored_weights_into(reference, out, bits)
+    assert np.abs(runner(out).logits(TOKENS) - hf_logits(reference, TOKENS)).max() <= 1e-3
+
+
 def test_folder_layout_and_onnxruntime_genai(tiny_models, tmp_path):
     src = tiny_models["llama"]
     out = tmp_path / "m"
@@ -273,13 +288,18 @@ def test_bad_input_fails_cleanly(tiny_models, tmp_path):
         convert(src, tmp_path / "b", "f32", block_size=32)
     with pytest.raises(UnsupportedError, match="not a multiple of the block size"):
         convert(src, tmp_path / "c", "int4", block_size=128)  # width 64
+    from tiny_models import make_tiny_model
+
+    odd_heads = make_tiny_model(tmp_path / "src24", "llama", seed=6, hidden=96, heads=4, kv_heads=2)  # head_dim 24
+    with pytest.raises(UnsupportedError, match="multiple of 16"):
+        convert(odd_heads, tmp_path / "d", "f32")
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError):
         convert(src, existing, "int4")
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no partial folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "src24"]  # no partial folders left behind
     convert(src, existing, "int4", force=True)
     assert (existing / "model.onnx").exists() and not (existing / "keep.txt").exists()
 
