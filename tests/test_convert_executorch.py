@@ -131,3 +131,13 @@ def test_ondevice_load_runs_pte_in_the_generate_loop(tiny_models, llama_fp32):
         assert np.abs(model.logits(tokens) - ref).max() < 1e-4
         pieces = list(model.generate("hello", max_tokens=8, temperature=0))
         assert model.last_stats.generated_tokens >= 1 and isinstance("".join(pieces), str)
+
+
+def test_bench_measures_pte_with_the_executorch_backend(llama_fp32, tmp_path, capsys):
+    from ondevice.cli import main as cli
+
+    assert cli(["bench", str(llama_fp32), "--backend", "executorch", "--prompt", "16", "--gen", "8", "--threads", "1",
+                "--repeat", "1", "--warmup", "0", "--db", str(tmp_path / "b.db"), "--json"]) == 0
+    measurement = json.loads(capsys.readouterr().out)["measurements"][0]
+    assert measurement["status"] == "ok" and measurement["artifact_kind"] == "pte"
+    assert measurement["decode_tok_s"] > 0 and measurement["prefill_tok_s"] > 0

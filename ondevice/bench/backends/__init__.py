@@ -14,6 +14,7 @@ BACKEND_MODULES: dict[str, str] = {
     "ondevice": "ondevice.bench.backends.ondevice_runtime",
     "llama.cpp": "ondevice.bench.backends.llama_cpp",
     "transformers": "ondevice.bench.backends.transformers_ref",
+    "executorch": "ondevice.bench.backends.executorch",
     "null": "ondevice.bench.backends.null",
 }
 
