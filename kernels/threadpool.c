@@ -127,7 +127,7 @@ static int64_t run_tasks(od_task_fn fn, void *ctx, int64_t n_tasks, _Atomic int6
  * run slower than one. The caller knows how long its own tasks take, so it can estimate what each
  * job would have cost serially and compare with what it actually took. When the average gain over
  * recent jobs drops below 15%, jobs run on the caller alone for a while (20 ms, doubling while the
- * gain stays low, up to 1 s) and then parallel execution is tried again. On an idle machine the gain
+ * gain stays low, up to ~0.3 s) and then parallel execution is tried again. On an idle machine the gain
  * is ~40-50% and this never triggers. ONDEVICE_POOL_ADAPTIVE=0 disables it.
  */
 static int g_adaptive = 1;
@@ -144,7 +144,7 @@ static void note_job(int64_t own_ns, int64_t own_tasks, int64_t n_tasks, int64_t
     g_gain_avg += (gain - g_gain_avg) / 16.0;
     if (++g_jobs_seen >= 32 && g_gain_avg < 0.15) {
         g_solo_until_ns = now + g_solo_window_ns;
-        if (g_solo_window_ns < 1000 * 1000 * 1000) g_solo_window_ns *= 2;
+        if (g_solo_window_ns < 250 * 1000 * 1000) g_solo_window_ns *= 2;
         g_gain_avg = 0.5;
         g_jobs_seen = 0;
     } else if (g_gain_avg > 0.2) {
