@@ -63,7 +63,6 @@ class Transformer:
         self._k = np.empty((b, kv), np.float32)
         self._v = np.empty((b, kv), np.float32)
         self._attn = np.empty((b, q), np.float32)
-        self._proj = np.empty((b, d), np.float32)
         self._gate = np.empty((b, f), np.float32)
         self._up = np.empty((b, f), np.float32)
         self._logits = np.empty((b, spec.vocab_size), np.float32)
@@ -98,7 +97,7 @@ class Transformer:
         positions = np.arange(pos0, pos0 + m, dtype=np.int32)
         x, h = self._x[:m], self._h[:m]
         q, k, v = self._q[:m], self._k[:m], self._v[:m]
-        attn, proj, gate, up = self._attn[:m], self._proj[:m], self._gate[:m], self._up[:m]
+        attn, gate, up = self._attn[:m], self._gate[:m], self._up[:m]
         K.get_rows(x, w.token_embd.data, w.token_embd.ggml_type, tokens, spec.hidden_size)
         for li, layer in enumerate(w.layers):
             K.rmsnorm(h, x, layer.attn_norm, spec.rms_eps)
@@ -115,14 +114,12 @@ class Transformer:
             self.k_cache[li, :, pos0 : pos0 + m, :] = k3.transpose(1, 0, 2)
             self.v_cache[li, :, pos0 : pos0 + m, :] = v.reshape(m, nkv, hd).transpose(1, 0, 2)
             K.attention(attn, q3, self.k_cache[li], self.v_cache[li], pos0, self.scale)
-            self._matmul(proj, layer.wo, attn)
-            x += proj
+            K.matmul(x, layer.wo.data, layer.wo.ggml_type, attn, layer.wo.cols, True)  # accumulate: x += attn @ Wo^T
             K.rmsnorm(h, x, layer.ffn_norm, spec.rms_eps)
             self._matmul(gate, layer.w_gate, h)
             self._matmul(up, layer.w_up, h)
             K.silu_mul(gate, gate, up)
-            self._matmul(proj, layer.w_down, gate)
-            x += proj
+            K.matmul(x, layer.w_down.data, layer.w_down.ggml_type, gate, layer.w_down.cols, True)
         if rows == "none":
             return None
         if rows == "last":  # prompt processing needs only the last row: skip the vocab-sized matmul for the rest
