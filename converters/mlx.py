@@ -50,11 +50,6 @@ DEFAULT_GROUP = 64  # mlx's default; 32 where the width is not a multiple of 64
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # quantize big matrices in row chunks to bound the float32 temporaries
 
 
-@dataclass
-class MLXOptions(ConvertOptions):
-    group_size: int | None = None  # None: 64 where the layer width allows, else 32
-
-
 # ---------------------------------------------------------------------------------------------------- quantization
 def affine_quantize(w: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """mx.quantize(w, group_size, bits) in "affine" mode, bit for bit (mlx's CPU kernel, in float32 arithmetic).
@@ -205,7 +200,7 @@ class _QuantizedLayer:
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
     start = time.perf_counter()
     quant = options.quant
-    requested = getattr(options, "group_size", None)
+    requested = options.group_size  # None: 64 where the layer width allows, else 32
     plans = plan_layers(model, requested if quant in QUANT_BITS else None)
     check_group_size(requested, quant, plans)
     bits = QUANT_BITS.get(quant)

@@ -59,7 +59,8 @@ DATA_FILE = "model.onnx.data"
 
 @dataclass
 class ONNXOptions(ConvertOptions):
-    block_size: int | None = None  # MatMulNBits block; None = the scheme's default (DEFAULTS)
+    """ConvertOptions plus MatMulNBits details the CLI does not expose (block_size None: DEFAULTS)."""
+
     symmetric: bool | None = None  # None = the scheme's default
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (fast on CPU; the builder's default)
 
@@ -325,7 +326,7 @@ def genai_config(model: CanonicalModel) -> dict[str, Any]:
 
 
 def _check_options(options: ConvertOptions) -> tuple[int, bool, int]:
-    block = getattr(options, "block_size", None)
+    block = options.block_size
     symmetric = getattr(options, "symmetric", None)
     if options.quant not in DEFAULTS:
         if block is not None:
