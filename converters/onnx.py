@@ -55,6 +55,7 @@ MS_DOMAIN = "com.microsoft"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+ROWS_PER_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -122,7 +123,13 @@ class _Weights:
         from ondevice.converters.onnx_graph import quantize_blocks
 
         assert self.bits is not None
-        packed, scales, zero_points = quantize_blocks(w, self.block, self.bits, self.symmetric)
+        # Row chunks bound the float32 temporaries (a 150k-token embedding would need several GB at once).
+        step = max(1, ROWS_PER_CHUNK_ELEMENTS // w.shape[1])
+        parts = [quantize_blocks(w[i:i + step], self.block, self.bits, self.symmetric)
+                 for i in range(0, w.shape[0], step)]
+        packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        zero_points = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        del parts
         names = [self.g.weight(f"{name}.weight_q{self.bits}", packed),
                  self.g.weight(f"{name}.weight_scales", scales)]
         if zero_points is not None:
