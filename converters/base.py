@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 from collections import Counter
@@ -12,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ondevice.errors import UnsupportedError
+from ondevice.model import CanonicalModel
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,39 @@ def default_output(source: str, target: Target, quant: str) -> Path:
     for ext in (".gguf", ".safetensors"):
         stem = stem.removesuffix(ext)
     return Path(f"{stem}-{quant}{target.suffix}")
+
+
+def write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def hf_model_config(model: CanonicalModel, torch_dtype: str) -> dict[str, Any]:
+    """The Hugging Face config.json of the model (transformers and mlx-lm build their module tree from it)."""
+    from ondevice.architectures import get_architecture
+
+    config = get_architecture(model.spec.arch).hf_config(model.spec)
+    config["torch_dtype"] = torch_dtype
+    if model.special.bos_id is not None:
+        config["bos_token_id"] = model.special.bos_id
+    if model.special.eos_id is not None:
+        config["eos_token_id"] = model.special.eos_id
+    return config
+
+
+def write_tokenizer_files(model: CanonicalModel, folder: Path) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template), chat_template.jinja, generation_config.json:
+    what transformers' AutoTokenizer, mlx-lm and onnxruntime-genai read beside the weights."""
+    from ondevice.tokenizer import tokenizer_config_json
+
+    special = model.special
+    (folder / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
+    write_json(folder / "tokenizer_config.json",
+               tokenizer_config_json(model.tokenizer_json, special, model.chat_template, model.spec.context_length))
+    if model.chat_template:
+        (folder / "chat_template.jinja").write_text(model.chat_template, encoding="utf-8")
+    generation = dict(model.generation_config)
+    generation.setdefault("bos_token_id", special.bos_id)
+    eos = special.eos_ids or ([special.eos_id] if special.eos_id is not None else [])
+    if eos:
+        generation.setdefault("eos_token_id", eos[0] if len(eos) == 1 else eos)
+    write_json(folder / "generation_config.json", {k: v for k, v in generation.items() if v is not None})

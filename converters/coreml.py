@@ -32,7 +32,7 @@ from ondevice.converters.base import (
 )
 
 from ondevice.errors import MissingExtraError, UnsupportedError
-from ondevice.formats.atomic import atomic_output, check_output_path
+from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
 
 TARGET = Target(
@@ -259,11 +259,6 @@ def make_manifest(model: CanonicalModel, quant: str, block: int | None, max_seq:
     }
 
 
-def _write_text(path: Path, text: str, force: bool) -> None:
-    with atomic_output(path, force=force) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
     ct = require_coremltools()
     start = time.perf_counter()
@@ -296,9 +291,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         mlmodel = quantize(mlmodel, quant, block or 0, names)
     mlmodel.short_description = f"{spec.arch} decoder ({spec.name}), {quant}, stateful KV cache of {max_seq}"
 
-    _write_text(tokenizer_path(out), model.tokenizer_json, options.force)
+    write_text_atomic(tokenizer_path(out), model.tokenizer_json, force=options.force)
     manifest = make_manifest(model, quant, block, max_seq, names, out)
-    _write_text(manifest_path(out), json.dumps(manifest, indent=1) + "\n", options.force)
+    write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n", force=options.force)
     with atomic_output(out, force=options.force, directory=True) as tmp:
         staging = tmp / "model.mlpackage"  # coremltools wants the suffix; move its contents up after saving
         mlmodel.save(str(staging))

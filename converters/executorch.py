@@ -35,7 +35,7 @@ from ondevice.converters.base import (
 )
 
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
-from ondevice.formats.atomic import atomic_output, check_output_path
+from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
 
 TARGET = Target(
@@ -285,11 +285,6 @@ def make_manifest(model: CanonicalModel, quant: str, group: int | None, max_seq:
     }
 
 
-def _write_text(path: Path, text: str, force: bool) -> None:
-    with atomic_output(path, force=force) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
     require_torch_stack()
     start = time.perf_counter()
@@ -322,8 +317,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     del module
 
     manifest = make_manifest(model, quant, group if quant == "8da4w" else None, max_seq, max_chunk, schemes, out)
-    _write_text(tokenizer_path(out), model.tokenizer_json, options.force)
-    _write_text(manifest_path(out), json.dumps(manifest, indent=1) + "\n", options.force)
+    write_text_atomic(tokenizer_path(out), model.tokenizer_json, force=options.force)
+    write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n", force=options.force)
     with atomic_output(out, force=options.force) as tmp:
         tmp.write_bytes(buffer)
     size = len(buffer)

@@ -12,7 +12,6 @@ tied embeddings the quantized embedding also serves as the output layer (mlx-lm'
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,13 @@ from ondevice.converters.base import (
     ConvertResult,
     Target,
     count_types,
+    hf_model_config,
     peak_rss_mib,
     progress_bar,
+    write_json,
+    write_tokenizer_files,
 )
 
-from ondevice.architectures import get_architecture
 from ondevice.errors import UnsupportedError
 from ondevice.formats.atomic import atomic_output
 from ondevice.formats.safetensors import PlannedSafeTensor, f32_to_bf16, write_safetensors
@@ -142,40 +143,6 @@ def check_group_size(group_size: int | None, quant: str, plans: list[LayerPlan])
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def write_tokenizer_files(model: CanonicalModel, folder: Path) -> None:
-    """tokenizer.json, tokenizer_config.json (with the chat template), chat_template.jinja, generation_config.json:
-    what transformers' AutoTokenizer (mlx-lm) and onnxruntime-genai read beside the weights."""
-    from ondevice.tokenizer import tokenizer_config_json
-
-    special = model.special
-    (folder / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json",
-                tokenizer_config_json(model.tokenizer_json, special, model.chat_template, model.spec.context_length))
-    if model.chat_template:
-        (folder / "chat_template.jinja").write_text(model.chat_template, encoding="utf-8")
-    generation = dict(model.generation_config)
-    generation.setdefault("bos_token_id", special.bos_id)
-    eos = special.eos_ids or ([special.eos_id] if special.eos_id is not None else [])
-    if eos:
-        generation.setdefault("eos_token_id", eos[0] if len(eos) == 1 else eos)
-    _write_json(folder / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
-
-
-def model_config(model: CanonicalModel, torch_dtype: str) -> dict[str, Any]:
-    """The Hugging Face config.json of the model (mlx-lm builds its module tree from it)."""
-    config = get_architecture(model.spec.arch).hf_config(model.spec)
-    config["torch_dtype"] = torch_dtype
-    if model.special.bos_id is not None:
-        config["bos_token_id"] = model.special.bos_id
-    if model.special.eos_id is not None:
-        config["eos_token_id"] = model.special.eos_id
-    return config
-
-
 def _float_tensor(name: str, tensor: LazyTensor, dtype: str) -> PlannedSafeTensor:
     if dtype == "BF16":
         return PlannedSafeTensor(name, "BF16", tensor.shape, lambda: f32_to_bf16(tensor.load()))
@@ -239,7 +206,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
                                          lambda layer=layer: layer.part("biases")))
         types.append(f"{quant}-g{group}")
 
-    config = model_config(model, {"bf16": "bfloat16"}.get(quant, "float16"))
+    config = hf_model_config(model, {"bf16": "bfloat16"}.get(quant, "float16"))
     if bits is not None:
         default_group = requested or max(group_counts, key=lambda g: (group_counts[g], g), default=DEFAULT_GROUP)
         quantization: dict[str, Any] = {"group_size": default_group, "bits": bits, "mode": "affine"}
@@ -257,7 +224,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         with progress_bar(len(planned), f"mlx {quant}", options.progress) as bar:
             write_safetensors(tmp / "model.safetensors", planned, metadata={"format": "mlx"},
                               on_tensor=lambda _t: bar.update(1))
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
         write_tokenizer_files(model, tmp)
         size = sum(p.stat().st_size for p in tmp.iterdir())
     return ConvertResult(

@@ -34,6 +34,7 @@ from ondevice.converters.base import (
     count_types,
     peak_rss_mib,
     progress_bar,
+    write_tokenizer_files,
 )
 
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
@@ -355,7 +356,6 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         from onnx import helper
     except ImportError:
         raise MissingExtraError("--to onnx needs the onnx package: pip install onnx") from None
-    from ondevice.converters.mlx import write_tokenizer_files
     from ondevice.converters.onnx_graph import ExternalData, GraphBuilder
 
     start = time.perf_counter()

@@ -58,3 +58,9 @@ def atomic_output(path: Path, *, force: bool = False, directory: bool = False) -
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str, *, force: bool = False) -> None:
+    """A small text file (manifest, tokenizer) written whole or not at all."""
+    with atomic_output(path, force=force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
