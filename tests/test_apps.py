@@ -1,5 +1,6 @@
-"""Apps: the browser chat page in headless Chromium against a real `ondevice serve`, the desktop app offscreen,
-and the phone samples' manifest fields against the manifest schema.
+"""Apps: the browser chat page in headless Chromium against a real `ondevice serve`, the in-browser page running an
+ONNX export with onnxruntime-web (network blocked but for loopback), the desktop app offscreen, and the phone
+samples' manifest fields against the manifest schema.
 
 Screenshots go to a temporary folder, or to $ONDEVICE_SCREENSHOTS when set (docs/img/ is made that way).
 """
@@ -17,6 +18,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,7 +75,11 @@ class Chromium:
              "--disable-component-update", "--disable-sync", "--remote-debugging-pipe", "--window-size=1000,700",
              "--hide-scrollbars"]
 
-    def __init__(self, binary: str) -> None:
+    # No network but loopback: every other host fails to resolve, and IP literals go to a dead proxy.
+    OFFLINE = ["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9"]
+
+    def __init__(self, binary: str, extra_flags: tuple[str, ...] | list[str] = ()) -> None:
+        self.events: list[dict[str, Any]] = []  # CDP events seen while waiting for replies
         self.profile = tempfile.mkdtemp(prefix="ondevice-chromium-")
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
@@ -82,7 +90,7 @@ class Chromium:
             os.dup2(high_w, 4)
 
         self.proc = subprocess.Popen(
-            [binary, *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            [binary, *self.FLAGS, *extra_flags, f"--user-data-dir={self.profile}", "about:blank"],
             pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pipe_fds,
         )
         os.close(to_chrome_r)
@@ -107,6 +115,8 @@ class Chromium:
                 self._buffer += chunk
             raw, self._buffer = self._buffer.split(b"\0", 1)
             reply = json.loads(raw)
+            if "method" in reply and len(self.events) < 10_000:
+                self.events.append(reply)
             if reply.get("id") == self._next_id:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
@@ -154,10 +164,7 @@ def served(smollm2: Path) -> Iterator[Any]:
 
 @pytest.mark.slow
 def test_browser_chat_streams_a_reply(served: Any, tmp_path: Path) -> None:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    browser = Chromium(binary)
+    browser = Chromium(chromium_binary())
     try:
         browser.page("Page.navigate", url=f"{served.url}/?q=Write%20a%20short%20poem%20about%20the%20sea.")
         bubble = "document.querySelector('.msg.assistant')"
@@ -183,6 +190,146 @@ def test_browser_chat_streams_a_reply(served: Any, tmp_path: Path) -> None:
         browser.screenshot(screenshot_dir(tmp_path) / "web-chat.png")
     finally:
         browser.close()
+
+
+def chromium_binary() -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return binary
+
+
+# ---------------------------------------------------------------------- in-browser mode (onnxruntime-web)
+WEB = ROOT / "apps" / "web"
+
+
+def test_vendored_web_runtime_is_what_fetch_sh_recorded() -> None:
+    record = json.loads((WEB / "vendor" / "VENDORED.json").read_text())
+    import hashlib
+
+    for rel, digest in record["files"].items():
+        assert hashlib.sha256((WEB / "vendor" / rel).read_bytes()).hexdigest() == digest, rel
+    assert {"onnxruntime-web/LICENSE", "tokenizers/LICENSE", "jinja/LICENSE"} <= set(record["files"])
+    size = sum((WEB / "vendor" / rel).stat().st_size for rel in record["files"])
+    assert size < 30e6, f"vendored web runtime grew to {size / 1e6:.1f} MB"
+    # The pages load only what is shipped: no absolute URLs to other hosts.
+    for page in ("index.html", "inbrowser.html", "onnx-chat.js"):
+        assert not re.search(r"""(?:src|href|from|import|fetch)\s*\(?\s*["']https?://""", (WEB / page).read_text()), page
+
+
+def serve_onnx_only(folder: Path) -> Any:
+    from ondevice.server import create_server
+
+    server = create_server(None, "127.0.0.1", 0, onnx_dir=folder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def run_in_browser_page(url: str, tmp_path: Path, *, timeout: float, shot: str | None = None) -> tuple[dict, list]:
+    """Open the in-browser page offline, wait for its reply; returns (window.ondevice, URLs requested)."""
+    browser = Chromium(chromium_binary(), Chromium.OFFLINE)
+    try:
+        browser.page("Network.enable")
+        browser.page("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = browser.evaluate("window.ondevice ? JSON.parse(JSON.stringify(window.ondevice)) : null") or {}
+            if state.get("last") or state.get("error"):
+                break
+            time.sleep(0.1)
+        if shot:
+            browser.screenshot(screenshot_dir(tmp_path) / shot)
+        state["status"] = browser.evaluate("document.getElementById('status').textContent")
+        state["meta"] = browser.evaluate("(document.querySelector('.msg.assistant .meta') || {}).textContent")
+        urls = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
+        return state, urls
+    finally:
+        browser.close()
+
+
+def test_in_browser_chat_matches_onnxruntime_greedy(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The tiny model's int4 ONNX export, run in headless Chromium by onnxruntime-web with the network blocked:
+    the streamed reply equals onnxruntime's (Python) greedy continuation, token for token."""
+    pytest.importorskip("onnxruntime")
+    from ondevice.converters import onnx as onnx_target
+
+    from ondevice.runners.onnx_runner import ONNXRunner
+    from ondevice.sources import open_source
+
+    binary_needed = chromium_binary()  # skip early, before converting
+    assert binary_needed
+    folder = tmp_path / "tiny-onnx"
+    source = open_source(tiny_models["llama"])
+    try:
+        onnx_target.convert(source, folder, onnx_target.ONNXOptions(quant="int4", progress=False))
+    finally:
+        source.close()
+    question, n = "Hello, how are you?", 24
+    runner = ONNXRunner(folder, threads=2)
+    prompt = runner.chat_tokens([{"role": "user", "content": question}])
+    expected = runner.greedy(prompt, n, stop_ids=runner.eos_ids)
+    if expected and expected[-1] in runner.eos_ids:
+        expected = expected[:-1]
+    expected_text = runner.decode(expected)
+    assert len(expected) >= 10, expected  # a reply long enough to stream
+
+    server = serve_onnx_only(folder)
+    try:
+        # Server side of the in-browser mode: no server-side model, the folder under /model/, the page at /.
+        with urllib.request.urlopen(f"{server.url}/") as resp:
+            assert b"onnx-chat.js" in resp.read() and resp.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        with urllib.request.urlopen(f"{server.url}/model/genai_config.json") as resp:
+            assert json.loads(resp.read())["model"]["decoder"]["filename"] == "model.onnx"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{server.url}/v1/models")
+        assert err.value.code == 404 and "in the browser" in json.loads(err.value.read())["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{server.url}/model/../../etc/passwd")
+
+        query = urllib.parse.urlencode({"q": question, "max_tokens": n, "temperature": 0, "repeat_penalty": 1})
+        state, urls = run_in_browser_page(f"{server.url}/?{query}", tmp_path, timeout=120)
+    finally:
+        server.close()
+    assert not state.get("error"), state
+    assert state.get("last"), f"no reply in time: {state}"
+    assert state["last"]["prompt"] == prompt, "tokenizers.js + jinja built another prompt than Python"
+    assert state["last"]["ids"] == expected, (state["last"]["ids"], expected)
+    assert state["last"]["reply"] == expected_text
+    assert state["updates"] >= 3, "the reply did not stream"
+    assert re.match(r"\d+ tokens, [\d.]+ s", state["meta"] or ""), state["meta"]
+    foreign = [u for u in urls if not u.startswith(server.url) and not u.startswith(("data:", "blob:"))]
+    assert urls and not foreign, f"the page fetched from elsewhere than the server: {foreign}"
+
+
+@pytest.mark.slow
+def test_in_browser_chat_smollm2_int4_screenshot(smollm2: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct int4 ONNX in the browser (offline): a coherent streamed reply, and the screenshot
+    docs/img/web-inbrowser.png (ONDEVICE_SCREENSHOTS=docs/img)."""
+    pytest.importorskip("onnx")
+    chromium_binary()
+    from ondevice.converters import onnx as onnx_target
+
+    from ondevice.sources import open_source
+
+    folder = tmp_path / "SmolLM2-135M-Instruct-int4-onnx"
+    source = open_source(smollm2)
+    try:
+        onnx_target.convert(source, folder, onnx_target.ONNXOptions(quant="int4", progress=False))
+    finally:
+        source.close()
+    server = serve_onnx_only(folder)
+    try:
+        query = urllib.parse.urlencode({"q": "Give me three tips for staying healthy.", "max_tokens": 96,
+                                        "temperature": 0})
+        state, urls = run_in_browser_page(f"{server.url}/?{query}", tmp_path, timeout=400,
+                                          shot="web-inbrowser.png")
+    finally:
+        server.close()
+    assert not state.get("error"), state
+    reply = state["last"]["reply"]
+    assert any(w in reply.lower() for w in ("exercise", "water", "sleep", "diet", "healthy")), reply
+    assert all(u.startswith(server.url) or u.startswith(("data:", "blob:")) for u in urls)
 
 
 # ---------------------------------------------------------------------- desktop app, offscreen

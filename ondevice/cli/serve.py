@@ -1,4 +1,5 @@
-"""`ondevice serve [MODEL]`: a local OpenAI-compatible server with a browser chat page at /."""
+"""`ondevice serve [MODEL] [--onnx DIR]`: a local OpenAI-compatible server with a browser chat page at /, and/or
+the in-browser chat page that runs an ONNX export in the browser (onnxruntime-web)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 
 HELP = """\
 Serve a model over an OpenAI-compatible HTTP API: POST /v1/chat/completions (streaming SSE or not),
@@ -16,17 +18,28 @@ queue (--max-queue), and get HTTP 429 when it is full. A client that disconnects
 Binds to 127.0.0.1 by default; use --host 0.0.0.0 to listen on the network, preferably with --api-key
 (or the ONDEVICE_API_KEY environment variable).
 
-example:
+In-browser mode: --onnx DIR (a folder from `ondevice convert MODEL --to onnx`) serves that folder under /model/
+and a page, /inbrowser.html, that runs it inside the browser tab with onnxruntime-web (WebAssembly) and
+tokenizers.js, both shipped with ondevice: the page fetches nothing from the internet, and once loaded it keeps
+chatting if the server goes away. With --onnx and no MODEL, no model is loaded server-side (/ is that page and
+the /v1 routes answer 404); with both, / is the server-backed page and links to the in-browser one.
+
+examples:
   ondevice serve smollm2-135m-instruct --port 8080
   curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
+  ondevice convert smollm2-135m-instruct --to onnx --quant int4 -o smol-onnx
+  ondevice serve --onnx smol-onnx          # open http://127.0.0.1:8080/: the model runs in the browser
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible local server + browser chat page", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", metavar="MODEL", help="GGUF file or alias (default: smollm2-135m-instruct)")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="GGUF file or alias (default: smollm2-135m-instruct; none with --onnx alone)")
+    p.add_argument("--onnx", metavar="DIR", help="also serve this ONNX folder (`ondevice convert --to onnx`) to the "
+                   "in-browser chat page, which runs it with onnxruntime-web")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get("ONDEVICE_API_KEY"),
@@ -40,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--queue-timeout", type=float, default=300.0,
                    help="seconds a request may wait for its turn before a 503 (default 300)")
-    p.add_argument("--web-dir", help="folder served at / (default: apps/web of the ondevice checkout)")
+    p.add_argument("--web-dir", help="folder served at / (default: the chat pages shipped with ondevice, apps/web)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     p.set_defaults(handler=run)
 
@@ -63,27 +76,40 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_queue", "max_connections", "max_tokens_limit", "max_body"):
         if getattr(args, name) < 1:
             raise OndeviceError(f"--{name.replace('_', '-')} must be >= 1")
-    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
+    onnx_dir = None
+    if args.onnx:
+        onnx_dir = Path(args.onnx)
+        if not (onnx_dir / "genai_config.json").is_file() or not (onnx_dir / "tokenizer.json").is_file():
+            raise OndeviceError(f"--onnx {onnx_dir}: not an ONNX folder from `ondevice convert --to onnx` "
+                                "(genai_config.json and tokenizer.json are needed)")
+    # --onnx alone: nothing runs server-side, the page runs the ONNX folder in the browser.
+    model = None if onnx_dir and not args.model else ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
     limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=min(256, args.max_tokens_limit),
                     max_body_bytes=args.max_body)
     try:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,
                                queue_timeout_s=args.queue_timeout, web_dir=args.web_dir or DEFAULT_WEB_DIR,
-                               verbose=args.verbose)
+                               onnx_dir=onnx_dir, verbose=args.verbose)
     except OSError as exc:
         raise OndeviceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
                             "pick another --port") from None
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ondevice: warning: listening on {args.host} without an API key: anyone on the network can use "
               "this model (pass --api-key)", file=sys.stderr)
-    print(f"serving {server.model_id} on {server.url} (OpenAI API at {server.url}/v1, chat page at "
-          f"{server.url}/); Ctrl-C stops", file=sys.stderr, flush=True)
+    if model is None:
+        print(f"serving {onnx_dir} to the in-browser chat page at {server.url}/ (the model runs in the browser; "
+              "no server-side model); Ctrl-C stops", file=sys.stderr, flush=True)
+    else:
+        extra = f", in-browser page at {server.url}/inbrowser.html" if onnx_dir else ""
+        print(f"serving {server.model_id} on {server.url} (OpenAI API at {server.url}/v1, chat page at "
+              f"{server.url}/{extra}); Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.engine.stop()
+        if server.engine is not None:
+            server.engine.stop()
         server.server_close()
     return 0

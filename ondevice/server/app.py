@@ -11,6 +11,7 @@ import json
 import mimetypes
 import queue
 import select
+import shutil
 import socket
 import threading
 import time
@@ -31,7 +32,18 @@ from ondevice.server.protocol import (
     usage_chunk,
 )
 
-DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "apps" / "web"
+
+def _default_web_dir() -> Path:
+    """apps/web as installed in the wheel (ondevice/web), else the checkout's apps/web (editable installs)."""
+    installed = Path(__file__).resolve().parents[1] / "web"
+    return installed if (installed / "index.html").is_file() else Path(__file__).resolve().parents[2] / "apps" / "web"
+
+
+DEFAULT_WEB_DIR = _default_web_dir()
+ONNX_ROUTE = "/model/"  # where --onnx DIR is served, for the in-browser page
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
+                  ".css": "text/css", ".wasm": "application/wasm", ".json": "application/json",
+                  ".jinja": "text/plain; charset=utf-8", ".png": "image/png"}
 _BUSY_BODY = json.dumps(error_body("too many open connections; retry shortly", kind="server_error",
                                   code="overloaded")).encode()
 _RAW_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -49,18 +61,21 @@ class OndeviceServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], model: Any, *, model_id: str, api_key: str | None = None,
                  limits: Limits | None = None, max_queue: int = 16, max_connections: int = 64,
                  queue_timeout_s: float = 300.0, web_dir: Path | None = DEFAULT_WEB_DIR,
-                 verbose: bool = False) -> None:
+                 onnx_dir: Path | None = None, verbose: bool = False) -> None:
         self.model = model
         self.model_id = model_id
         self.api_key = api_key
         self.limits = limits or Limits()
         self.queue_timeout_s = queue_timeout_s
         self.web_dir = Path(web_dir).resolve() if web_dir else None
+        self.onnx_dir = Path(onnx_dir).resolve() if onnx_dir else None
         self.verbose = verbose
         self.started_at = int(time.time())
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, Handler)
-        self.engine = Engine(model, max_queue=max_queue)
+        # model None: no server-side model (`ondevice serve --onnx DIR`): static files only, the page runs the
+        # ONNX folder in the browser and the /v1 routes answer 404.
+        self.engine = Engine(model, max_queue=max_queue) if model is not None else None
 
     @property
     def url(self) -> str:
@@ -86,7 +101,8 @@ class OndeviceServer(ThreadingHTTPServer):
     def close(self) -> None:
         """Stop accepting, cancel generation, release the socket (call from another thread than serve_forever)."""
         self.shutdown()
-        self.engine.stop()
+        if self.engine is not None:
+            self.engine.stop()
         self.server_close()
 
 
@@ -171,10 +187,21 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ routes
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         path = self.path.split("?", 1)[0]
+        engine = self.server.engine
         if path == "/health":
-            engine = self.server.engine
+            if engine is None:
+                self._send_json(200, {"status": "ok", "model": None, "onnx_model": self._onnx_name()})
+                return
             self._send_json(200, {"status": "ok", "model": self.server.model_id, "waiting": engine.waiting(),
                                   "busy": engine.running is not None, "served": engine.served})
+        elif path == "/web-config.json":  # what the pages need to know: which modes this server offers
+            self._send_json(200, {"api_model": self.server.model_id if engine else None,
+                                  "onnx_model": self._onnx_name(),
+                                  "onnx_base": ONNX_ROUTE.lstrip("/") if self.server.onnx_dir else None})
+        elif path.startswith("/v1/") and engine is None:
+            self._send_error(self._no_model_error(path))
+        elif path.startswith(ONNX_ROUTE) and self.server.onnx_dir:
+            self._send_file(self.server.onnx_dir, path[len(ONNX_ROUTE):])
         elif path in ("/v1/models", f"/v1/models/{self.server.model_id}"):
             if not self._authorized():
                 return
@@ -188,25 +215,48 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._static(path)
 
+    def _onnx_name(self) -> str | None:
+        return self.server.onnx_dir.name if self.server.onnx_dir else None
+
+    def _no_model_error(self, path: str) -> RequestError:
+        return RequestError(f"this server has no server-side model (started with --onnx only: the page at / runs "
+                            f"the model in the browser); no route for {path}", status=404, code="model_not_found")
+
     def _static(self, path: str) -> None:
-        web = self.server.web_dir
-        rel = "index.html" if path in ("/", "") else path.lstrip("/")
-        target = (web / rel).resolve() if web else None
-        if target is None or not target.is_file() or web not in target.parents:
-            self._send_error(RequestError(f"no route for GET {path}", status=404, code="not_found"))
+        if path in ("/", ""):  # the server-backed page, or the in-browser one when there is no server-side model
+            path = "/index.html" if self.server.engine is not None else "/inbrowser.html"
+        self._send_file(self.server.web_dir, path.lstrip("/"))
+
+    def _send_file(self, root: Path | None, rel: str) -> None:
+        """A file under root, streamed; 404 for anything outside it. COOP/COEP make the page cross-origin
+        isolated, which onnxruntime-web needs for WebAssembly threads (everything it loads is same-origin)."""
+        target = (root / rel).resolve() if root and rel else None
+        if target is None or not target.is_file() or root not in target.parents:
+            self._send_error(RequestError(f"no route for GET /{rel}", status=404, code="not_found"))
             return
-        data = target.read_bytes()
+        size = target.stat().st_size
         self.send_response(200)
-        self.send_header("Content-Type", mimetypes.guess_type(target.name)[0] or "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", _CONTENT_TYPES.get(target.suffix)
+                         or mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(size))
         self.send_header("Cache-Control", "no-cache")
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            with open(target, "rb") as fh:
+                shutil.copyfileobj(fh, self.wfile, 1 << 20)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         path = self.path.split("?", 1)[0]
         kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}.get(path)
         try:
+            if kind is not None and self.server.engine is None:
+                self.close_connection = True
+                raise self._no_model_error(path)
             if kind is None:
                 self.close_connection = True
                 raise RequestError(f"no route for POST {path}", status=404, code="not_found")
@@ -336,10 +386,16 @@ class Handler(BaseHTTPRequestHandler):
 
 def create_server(model: Any, host: str = "127.0.0.1", port: int = 8080, *, model_id: str | None = None,
                   **options: Any) -> OndeviceServer:
-    """A ready-to-run server around a loaded model (port 0 picks a free port); call serve_forever()."""
-    name = model_id or Path(model.path).stem
+    """A ready-to-run server around a loaded model (port 0 picks a free port); call serve_forever().
+
+    model may be None with onnx_dir=FOLDER (an `ondevice convert --to onnx` folder): then the server only hands
+    out the in-browser chat page and that folder under /model/, and the model runs in the browser."""
+    if model is None and not options.get("onnx_dir"):
+        raise OndeviceError("create_server needs a model, or onnx_dir for the in-browser page")
+    name = model_id or (Path(model.path).stem if model is not None else Path(options["onnx_dir"]).name)
     server = OndeviceServer((host, port), model, model_id=name, **options)
-    threading.Thread(target=_warm_structured_output, args=(model,), daemon=True).start()
+    if model is not None:
+        threading.Thread(target=_warm_structured_output, args=(model,), daemon=True).start()
     return server
 
 
