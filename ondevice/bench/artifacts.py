@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ondevice.bench.backends.base import GGUF, HF, MLX, ONNX, PTE
+from ondevice.bench.backends.base import COREML, GGUF, HF, MLX, ONNX, PTE
 from ondevice.errors import InvalidModelError, OndeviceError
 
 # llama.cpp's llama_ftype numbers (general.file_type) -> scheme names.
@@ -53,7 +53,9 @@ class Artifact:
 
 
 def artifact_kind(path: Path) -> str:
-    """gguf | mlx | pte | onnx | hf, or an error naming what was expected."""
+    """gguf | mlx | pte | onnx | coreml | hf, or an error naming what was expected."""
+    if path.is_dir() and (path.suffix == ".mlpackage" or (path / "Manifest.json").is_file()):
+        return COREML
     if path.is_file():
         with open(path, "rb") as fh:
             magic = fh.read(4)
@@ -72,13 +74,30 @@ def artifact_kind(path: Path) -> str:
                 data = json.loads(config.read_text())
             except (OSError, ValueError):
                 data = {}
-            return MLX if "quantization" in data and not (path / "quantize_config.json").exists() else HF
+            if "quantization" in data and not (path / "quantize_config.json").exists():
+                return MLX
+            return MLX if _mlx_safetensors(path) else HF
+        if (path / "genai_config.json").is_file():
+            return ONNX
         if any(path.glob("*.onnx")):
             return ONNX
         if any(path.glob("*.pte")):
             return PTE
     raise InvalidModelError(f"{path}: not a model artifact (expected a .gguf file, an MLX or Hugging Face folder, "
-                            f"a .pte or an .onnx file)")
+                            f"a .pte, an ONNX folder or .onnx file, or an .mlpackage)")
+
+
+def _mlx_safetensors(folder: Path) -> bool:
+    """An unquantized MLX folder looks like a Hugging Face one but for its safetensors metadata {"format": "mlx"}."""
+    from ondevice.inspectors.mlx import safetensors_header
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return False
+    try:
+        return (safetensors_header(files[0]).get("__metadata__") or {}).get("format") == "mlx"
+    except InvalidModelError:
+        return False
 
 
 def disk_size(path: Path) -> int:
@@ -144,17 +163,34 @@ def _hf_facts(path: Path) -> tuple[str, str, int, ModelShape | None]:
     return path.name, "+".join(sorted(dtypes)).lower(), weights, shape
 
 
+def _target_facts(path: Path) -> tuple[str, str, int, ModelShape | None]:
+    """(label, quant, weight bytes per token, shape) of an MLX / ONNX / .pte / Core ML artifact, from its inspector."""
+    from ondevice.inspectors import inspect_artifact
+
+    info = inspect_artifact(path)
+    spec = info.get("spec") or {}
+    shape = None
+    if all(spec.get(k) for k in ("n_layers", "n_kv_heads", "head_dim", "hidden_size", "vocab_size")):
+        shape = ModelShape(n_params=int(info.get("parameters") or 0), n_layers=spec["n_layers"],
+                           n_kv_heads=spec["n_kv_heads"], head_dim=spec["head_dim"], hidden_size=spec["hidden_size"],
+                           vocab_size=spec["vocab_size"], context_length=int(spec.get("context_length") or 0))
+    label = path.stem if path.suffix in (".pte", ".mlpackage", ".onnx") else path.name
+    return label, str(info.get("quant") or "unknown"), int(info.get("weight_bytes") or info["size_bytes"]), shape
+
+
 def describe_artifact(path: Path, *, label: str | None = None, quant: str | None = None,
                       source: str | None = None) -> Artifact:
     path = Path(path)
     kind = artifact_kind(path)
+    if kind == ONNX and path.is_file() and (path.parent / "genai_config.json").is_file():
+        path = path.parent  # the graph's folder is the artifact (external weights, config, tokenizer)
     size = disk_size(path)
     if kind == GGUF:
         found_label, found_quant, weights, shape = _gguf_facts(path)
     elif kind == HF:
         found_label, found_quant, weights, shape = _hf_facts(path)
-    else:  # other targets: weights ~ the artifact's size, no architecture facts read (yet)
-        found_label, found_quant, weights, shape = path.stem, "unknown", size, None
+    else:
+        found_label, found_quant, weights, shape = _target_facts(path)
     return Artifact(path=path, kind=kind, model=label or found_label, quant=quant or found_quant, size_bytes=size,
                     weight_bytes_per_token=weights, shape=shape, source=source)
 

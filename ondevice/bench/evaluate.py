@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ondevice.bench.artifacts import Artifact
-from ondevice.bench.backends import Backend, backend_class, default_backends
+from ondevice.bench.backends import BACKEND_MODULES, Backend, backend_class
 from ondevice.bench.prompt import bundled_text
 from ondevice.bench.quality import QualityTotals
 from ondevice.errors import OndeviceError, UnsupportedError
@@ -20,7 +20,8 @@ from ondevice.errors import OndeviceError, UnsupportedError
 
 def pick_logits_backend(kind: str, wanted: str | None = None, prefer: str | None = None) -> str:
     """The backend that computes logits for an artifact kind: the one asked for, else `prefer`, else the first
-    available one (ondevice's runtime before llama.cpp)."""
+    available one in registry order (ondevice's runtime before llama.cpp; Core ML itself before its numpy
+    interpreter, which is not in the default bench set)."""
     if wanted:
         cls = backend_class(wanted)
         if not cls.returns_logits:
@@ -31,7 +32,7 @@ def pick_logits_backend(kind: str, wanted: str | None = None, prefer: str | None
         if reason:
             raise OndeviceError(f"backend {wanted} is not available: {reason}")
         return wanted
-    candidates = ([prefer] if prefer else []) + default_backends()
+    candidates = ([prefer] if prefer else []) + list(BACKEND_MODULES)
     reasons = []
     for name in candidates:
         cls = backend_class(name)

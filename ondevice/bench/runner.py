@@ -69,6 +69,9 @@ def plan_jobs(artifacts: Iterable[Artifact], backends: list[str], *, threads: li
             if not cls.accepts(artifact.kind):
                 notes.append(f"{name} does not run {artifact.kind} artifacts: skipped {artifact.path.name}")
                 continue
+            if not cls.timed:
+                notes.append(f"{name} is for quality (ondevice eval), not speed: skipped {artifact.path.name}")
+                continue
             for n_threads in threads:
                 for n_prompt in prompts:
                     jobs.append(Job(name, artifact, Settings(n_threads, n_prompt, gen_tokens, repeat, warmup)))

@@ -154,7 +154,7 @@ def run_bench(args: argparse.Namespace) -> int:
         threads = args.threads or [fp["hardware"]["cores_physical"]]
         jobs, notes = plan_jobs(artifacts, backends, threads=threads, prompts=args.prompt, gen_tokens=args.gen,
                                 repeat=args.repeat, warmup=args.warmup)
-        for note in notes:
+        for note in notes if args.backend else []:  # default set: each artifact simply goes to the backends that run it
             print(f"note: {note}", file=sys.stderr)
         if not jobs:
             raise OndeviceError("nothing to run: no chosen backend runs these artifacts")

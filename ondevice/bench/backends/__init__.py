@@ -15,6 +15,11 @@ BACKEND_MODULES: dict[str, str] = {
     "llama.cpp": "ondevice.bench.backends.llama_cpp",
     "transformers": "ondevice.bench.backends.transformers_ref",
     "executorch": "ondevice.bench.backends.executorch",
+    "mlx": "ondevice.bench.backends.mlx",
+    "onnxruntime": "ondevice.bench.backends.onnxruntime",
+    "onnxruntime-plain": "ondevice.bench.backends.onnxruntime_plain",
+    "coreml": "ondevice.bench.backends.coreml",
+    "coreml-interpreter": "ondevice.bench.backends.coreml_interpreter",
     "null": "ondevice.bench.backends.null",
 }
 

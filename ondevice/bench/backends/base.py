@@ -19,10 +19,11 @@ from typing import ClassVar
 import numpy as np
 
 from ondevice.errors import UnsupportedError
+from ondevice.runners import ArtifactRunner
 
 # Artifact kinds (see ondevice.bench.artifacts.artifact_kind).
-GGUF, MLX, PTE, ONNX, HF = "gguf", "mlx", "pte", "onnx", "hf"
-ARTIFACT_KINDS = (GGUF, MLX, PTE, ONNX, HF)
+GGUF, MLX, PTE, ONNX, HF, COREML = "gguf", "mlx", "pte", "onnx", "hf", "coreml"
+ARTIFACT_KINDS = (GGUF, MLX, PTE, ONNX, HF, COREML)
 
 
 class TokenClock:
@@ -56,6 +57,7 @@ class Backend(ABC):
     distribution: ClassVar[str] = ""  # PyPI distribution, for the version
     install_hint: ClassVar[str] = ""
     listed: ClassVar[bool] = True  # part of the default `--backend` set (the null backend is not)
+    timed: ClassVar[bool] = True  # False: its speed means nothing (an interpreter used for quality only)
     kv_bytes_per_element: ClassVar[int] = 2  # KV cache precision (f16 in llama.cpp), for memory estimates
 
     @classmethod
@@ -110,3 +112,47 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional hook: most adapters have something to free, some do not)
         """Free the model."""
+
+
+class ArtifactRunnerBackend(Backend):
+    """A backend over an ondevice.runners.ArtifactRunner (tokenizer, KV cache, logits): a subclass opens the runner;
+    generation is the runner's greedy loop (one prefill, then one cached step per token), end-of-text ignored."""
+
+    def __init__(self) -> None:
+        self.runner: ArtifactRunner | None = None
+        self.prefix_ids: list[int] = []  # what the artifact's tokenizer adds before any text (a BOS, if it adds one)
+
+    @abstractmethod
+    def open_runner(self, artifact: Path, *, threads: int, n_ctx: int) -> ArtifactRunner:
+        """The runner for the artifact (and set self.prefix_ids)."""
+
+    def load(self, artifact: Path, *, threads: int, n_ctx: int, logits: bool = False) -> None:
+        self.runner = self.open_runner(artifact, threads=threads, n_ctx=n_ctx)
+
+    def _loaded(self) -> ArtifactRunner:
+        if self.runner is None:
+            raise RuntimeError(f"backend {self.name}: load() first")
+        return self.runner
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.prefix_ids + self._loaded().encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._loaded().decode(list(ids))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._loaded().vocab_size)
+
+    def generate(self, prompt: Prompt, n_gen: int, clock: TokenClock) -> None:
+        runner = self._loaded()
+        clock.start()
+        runner.greedy(prompt.ids, n_gen, on_token=lambda _token: clock.tick())
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return self._loaded().logits(list(tokens))
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
