@@ -228,6 +228,40 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(quantize_activations_doc,
+             "_quantize_activations(qs, ds, x, wtype, K)\n--\n\n"
+             "Test hook: the 8-bit activations matmul uses for weights of type wtype. qs: int8[M*K] (out),\n"
+             "ds: float32[M*K/32*2] (out, d and s per block of 32), x: float32[M*K].");
+
+static PyObject *py_quantize_activations(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!check_nargs(nargs, 5, 5, "_quantize_activations")) return NULL;
+    long long wtype, k;
+    if (!get_i64(args[3], &wtype, "wtype") || !get_i64(args[4], &k, "K")) return NULL;
+    if (k <= 0 || k % 32 != 0) return PyErr_Format(PyExc_ValueError, "_quantize_activations: K=%lld", k);
+    arg_buf b[3];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (!get_buffer(args[0], &b[0], "qs", KIND_BYTES, 1) || !get_buffer(args[1], &b[1], "ds", KIND_F32, 1) ||
+        !get_buffer(args[2], &b[2], "x", KIND_F32, 0))
+        goto done;
+    const Py_ssize_t x_items = n_items(&b[2]);
+    const long long m = x_items / k;
+    if (x_items % k != 0 || b[0].view.len != x_items || n_items(&b[1]) != x_items / 32 * 2) {
+        PyErr_SetString(PyExc_ValueError, "_quantize_activations: qs, ds and x sizes do not agree with K");
+        goto done;
+    }
+    const int rc = od_quantize_activations(b[0].view.buf, b[1].view.buf, b[2].view.buf, (int)wtype, m, k);
+    if (rc != OD_OK) {
+        raise_code(rc, "_quantize_activations");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(b, 3);
+    return result;
+}
+
 /* ------------------------------------------------------------------ get_rows */
 
 PyDoc_STRVAR(get_rows_doc,
@@ -644,6 +678,8 @@ static PyObject *py_row_nbytes(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, matmul_doc},
+    {"_quantize_activations", (PyCFunction)(void (*)(void))py_quantize_activations, METH_FASTCALL,
+     quantize_activations_doc},
     {"get_rows", (PyCFunction)(void (*)(void))py_get_rows, METH_FASTCALL, get_rows_doc},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, rmsnorm_doc},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, rope_doc},

@@ -102,17 +102,26 @@ typedef struct {
 _Static_assert(sizeof(block_q6_K) == 210, "block_q6_K must be 210 bytes");
 
 /*
- * Activations quantized on the fly (our own format, never stored in files): for each row of x and
- * each block of 32, d = absmax / 127, q = round-half-even(x / d) in [-127, 127], and
- * s = d * sum(q) so that the min/offset term of q4_1-like weights costs one multiply per block.
+ * Activations quantized on the fly (our own layout, never stored in files), with the same values
+ * llama.cpp's CPU backend computes for the weight type, so that both runtimes make the same
+ * rounding decisions (token-identical greedy output, not just close logits):
+ *   q = round-half-even(x * id), id = 127 / absmax over the scale group, q in [-127, 127];
+ *   OD_ACT_Q8_0 (Q4_0, Q5_0, Q8_0 weights): group of 32, d = fp16(absmax / 127), s = d * sum(q);
+ *   OD_ACT_Q8_1 (Q4_1, Q5_1): as q8_0, but s = fp16(absmax / 127 * sum(q)) is rounded on its own;
+ *   OD_ACT_Q8_K (Q4_K, Q6_K): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
+ * d and s are stored per block of 32 as f32 (the rounding is done when they are computed), s being
+ * what the min/offset term of q4_1-like weights needs: one multiply per block.
  * Kept as separate arrays (structure of arrays) so SIMD code loads 32 quants with one load.
  */
+enum { OD_ACT_Q8_0 = 0, OD_ACT_Q8_1 = 1, OD_ACT_Q8_K = 2 };
+
 typedef struct {
     int64_t m;        /* rows */
     int64_t k;        /* elements per row (multiple of 32) */
     int64_t nb;       /* blocks per row = k / 32 */
+    int scheme;       /* OD_ACT_* */
     int8_t *qs;       /* [m][k] */
-    float *ds;        /* [m][nb][2]: d, then s = d * sum(q); adjacent so one load gets both */
+    float *ds;        /* [m][nb][2]: d, then s; adjacent so one load gets both */
 } od_q8_act;
 
 /* ---- scalar fp16 / bf16 conversion (bit exact, round to nearest even) ---- */

@@ -225,6 +225,20 @@ static void quant_task(void *ctx, int64_t t) {
     job->fn(job->x, job->act, r0, r1);
 }
 
+/* The activation rounding llama.cpp's CPU backend pairs with each weight type (see od_q8_act). */
+static int activation_scheme(int wtype) {
+    switch (wtype) {
+    case OD_TYPE_Q4_1:
+    case OD_TYPE_Q5_1:
+        return OD_ACT_Q8_1;
+    case OD_TYPE_Q4_K:
+    case OD_TYPE_Q6_K:
+        return OD_ACT_Q8_K;
+    default:
+        return OD_ACT_Q8_0;
+    }
+}
+
 /* Work below this many multiply-adds is not worth waking the pool for. */
 #define OD_MIN_PARALLEL_MACS (1 << 16)
 /* Rows of W per task are a multiple of this (the widest SIMD row tile). */
@@ -262,6 +276,7 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
         act.m = m;
         act.k = k;
         act.nb = nb;
+        act.scheme = activation_scheme(wtype);
         const size_t qs_bytes = ((size_t)(m * k) + 63) & ~(size_t)63;
         uint8_t *buf = od_scratch(0, qs_bytes + 2 * (size_t)(m * nb) * sizeof(float));
         if (!buf) return OD_ENOMEM;
@@ -285,6 +300,14 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
     chunk = ceil_div(chunk, OD_ROW_ALIGN) * OD_ROW_ALIGN;
     job.chunk = chunk;
     od_pool_run(mm_task, &job, ceil_div(n, chunk));
+    return OD_OK;
+}
+
+int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k) {
+    if (wtype < 0 || wtype >= OD_MAX_TYPE_ID || is_float_type(wtype) || !od_ops()->matmul[wtype]) return OD_ETYPE;
+    if (m < 0 || k <= 0 || k % OD_QK != 0) return OD_EINVAL;
+    od_q8_act act = {.m = m, .k = k, .nb = k / OD_QK, .scheme = activation_scheme(wtype), .qs = qs, .ds = ds};
+    od_ops()->quantize_act(x, &act, 0, m);
     return OD_OK;
 }
 
@@ -513,6 +536,14 @@ int od_attention(float *out, const float *q, const void *k_cache, const void *v_
         !isfinite(scale))
         return OD_EINVAL;
     if (m == 0) return OD_OK;
+    if (kv_f16) {
+        /* llama.cpp multiplies an fp16 copy of the query with the fp16 keys (see od_attn_probabilities) */
+        const size_t n = (size_t)(m * h * d);
+        float *q16 = od_scratch(0, n * sizeof(float));
+        if (!q16) return OD_ENOMEM;
+        for (size_t i = 0; i < n; i++) q16[i] = od_fp16_to_fp32(od_fp32_to_fp16(q[i]));
+        q = q16;
+    }
     attn_job job = {.fn = od_ops()->attention};
     job.args = (od_attn_args){.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .kv_f16 = kv_f16,
                               .m = m, .h = h, .hkv = hkv, .c = c, .d = d, .pos0 = pos0, .scale = scale};

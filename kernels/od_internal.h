@@ -38,6 +38,60 @@ typedef struct {
 /* Computes out[0..m)[n0..n1). Called concurrently from several threads on disjoint n ranges. */
 typedef void (*od_mm_fn)(const od_mm_args *args, int64_t n0, int64_t n1);
 
+/* Blocks of 32 that share one activation step under act->scheme (8 for q8_K rows of 256). */
+static inline int64_t od_act_group_blocks(const od_q8_act *act) {
+    return act->scheme == OD_ACT_Q8_K && act->k % 256 == 0 ? 8 : 1;
+}
+
+static inline float od_act_inverse_step(float amax) { return amax != 0.0f ? 127.0f / amax : 0.0f; }
+
+/* d and s of one block of 32 with integer sum `sum`, in a group of absolute maximum amax. */
+static inline void od_act_block_scales(int scheme, float amax, float id, int sum, float *ds) {
+    if (scheme == OD_ACT_Q8_K) {
+        ds[0] = id != 0.0f ? 1.0f / id : 0.0f;
+        ds[1] = ds[0] * (float)sum;
+        return;
+    }
+    const float d = amax / 127.0f;
+    ds[0] = od_fp16_to_fp32(od_fp32_to_fp16(d));
+    ds[1] = scheme == OD_ACT_Q8_1 ? od_fp16_to_fp32(od_fp32_to_fp16(d * (float)sum)) : ds[0] * (float)sum;
+}
+
+/*
+ * With an fp16 KV cache, attention follows llama.cpp's CPU graph (f16 K/V, no flash attention): the
+ * query is rounded to fp16 before q.k (done once in od_attention) and the normalized probabilities are
+ * rounded to fp16 before P.V. Called after the exps: scores[0..n) hold exp(s - max), total their sum;
+ * returns the factor the P.V sums still need (1/total for f32 caches, where normalizing last is exact-er).
+ */
+static inline float od_attn_probabilities(float *scores, int64_t n, float total, int kv_f16) {
+    const float inv = 1.0f / total;
+    if (!kv_f16) return inv;
+    for (int64_t t = 0; t < n; t++) scores[t] = od_fp16_to_fp32(od_fp32_to_fp16(scores[t] * inv));
+    return 1.0f;
+}
+
+/* The row loop shared by every ISA's activation quantizer; block_amax and quantize_block are the ISA's
+ * vector code (inlined: they are constants at every call site). quantize_block returns the codes' sum. */
+OD_INLINE void od_quantize_act_rows(const float *x, od_q8_act *act, int64_t m0, int64_t m1,
+                                    float (*block_amax)(const float *xb),
+                                    int (*quantize_block)(const float *xb, float id, int8_t *qb)) {
+    const int64_t k = act->k, nb = act->nb, group = od_act_group_blocks(act);
+    for (int64_t r = m0; r < m1; r++) {
+        for (int64_t g0 = 0; g0 < nb; g0 += group) {
+            float amax = 0.0f;
+            for (int64_t b = g0; b < g0 + group; b++) {
+                const float a = block_amax(x + r * k + b * OD_QK);
+                amax = a > amax ? a : amax;
+            }
+            const float id = od_act_inverse_step(amax);
+            for (int64_t b = g0; b < g0 + group; b++) {
+                const int sum = quantize_block(x + r * k + b * OD_QK, id, act->qs + r * k + b * OD_QK);
+                od_act_block_scales(act->scheme, amax, id, sum, act->ds + (r * nb + b) * 2);
+            }
+        }
+    }
+}
+
 /* Quantizes rows [m0, m1) of x[m][k] into act (arrays already sized for all rows). */
 typedef void (*od_quantize_act_fn)(const float *x, od_q8_act *act, int64_t m0, int64_t m1);
 

@@ -56,6 +56,10 @@ const char *od_type_name(int type);
 int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, int64_t n, int64_t k,
               int accumulate);
 
+/* The 8-bit activations od_matmul computes for weights of type wtype (test hook and for native callers
+ * that want to inspect them): qs[M][K] codes, ds[M][K/32][2] = (d, s) per block of 32, x[M][K] f32. */
+int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k);
+
 /* out[M][K] = rows ids[0..M) of table (n_rows rows of K elements of GGML type ttype), in f32. */
 int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,
                 int64_t k);

@@ -195,7 +195,7 @@ OD_AVX2 static void attention_rows_avx2(const od_attn_args *a, int64_t head, int
             scores[t] = expf(scores[t] - maxv);
             total += scores[t];
         }
-        const float inv = 1.0f / total;
+        const float inv = od_attn_probabilities(scores, n_keys, total, f16);
         /* weighted sum of values, 64 dims (8 registers) per pass */
         float *o = a->out + r * a->h * d + head * d;
         for (int64_t i0 = 0; i0 < d8; i0 += 64) {
@@ -333,7 +333,7 @@ OD_AVX2_INLINE void attention_block(const od_attn_args *a, int64_t head, int64_t
             _mm256_storeu_ps(srow + t, e);
             vsum = _mm256_add_ps(vsum, e);
         }
-        inv_sum[r] = 1.0f / hsum_ps(vsum);
+        inv_sum[r] = od_attn_probabilities(srow, n_max, hsum_ps(vsum), f16);
     }
 
     /* 3. O = P V */

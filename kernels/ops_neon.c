@@ -120,7 +120,7 @@ void od_attention_neon(const od_attn_args *a, int64_t head, int64_t r0, int64_t 
             scores[t] = expf(scores[t] - maxv);
             total += scores[t];
         }
-        const float inv = 1.0f / total;
+        const float inv = od_attn_probabilities(scores, n_keys, total, f16);
         float *o = a->out + r * a->h * d + head * d;
         /* 16 output dims (4 registers) per pass over the keys */
         int64_t c = 0;

@@ -64,42 +64,39 @@ OD_AVX2_INLINE int32_t load_i32(const void *p) {
 
 /* ------------------------------------------------------------------ activation quantization */
 
-OD_AVX2 static void quantize_act_avx2(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
-    const int64_t k = act->k, nb = act->nb;
+OD_AVX2_INLINE float block_amax_avx2(const float *xb) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int64_t r = m0; r < m1; r++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const float *xb = x + r * k + b * OD_QK;
-            __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
-            __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
-                                      _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float amax = _mm_cvtss_f32(m4);
-            const float d = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            const __m256 vid = _mm256_set1_ps(id);
-            const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-            const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rounding));
-            const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rounding));
-            const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rounding));
-            const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rounding));
-            const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
-            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
-            const int sum = _mm_cvtsi128_si32(t4);
-            /* packs interleave 128-bit lanes; the permute restores element order */
-            __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-            packed = _mm256_permutevar8x32_epi32(packed, order);
-            _mm256_storeu_si256((__m256i *)(act->qs + r * k + b * OD_QK), packed);
-            act->ds[(r * nb + b) * 2] = d;
-            act->ds[(r * nb + b) * 2 + 1] = d * (float)sum;
-        }
-    }
+    const __m256 mx = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb), abs_mask), _mm256_and_ps(_mm256_loadu_ps(xb + 8), abs_mask)),
+        _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + 16), abs_mask),
+                      _mm256_and_ps(_mm256_loadu_ps(xb + 24), abs_mask)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    return _mm_cvtss_f32(m4);
+}
+
+/* 32 activations -> int8 codes round-half-even(x * id); returns their sum. */
+OD_AVX2_INLINE int quantize_block_avx2(const float *xb, float id, int8_t *qb) {
+    const __m256 vid = _mm256_set1_ps(id);
+    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb), vid), rounding));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8), vid), rounding));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 16), vid), rounding));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 24), vid), rounding));
+    const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+    /* packs interleave 128-bit lanes; the permute restores element order */
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)qb, packed);
+    return _mm_cvtsi128_si32(t4);
+}
+
+OD_AVX2 static void quantize_act_avx2(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
+    od_quantize_act_rows(x, act, m0, m1, block_amax_avx2, quantize_block_avx2);
 }
 
 /* ------------------------------------------------------------------ block decoding */

@@ -22,35 +22,30 @@
 
 /* ------------------------------------------------------------------ activation quantization */
 
-static void quantize_act_neon(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
-    const int64_t k = act->k, nb = act->nb;
-    for (int64_t r = m0; r < m1; r++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const float *xb = x + r * k + b * OD_QK;
-            float32x4_t v[8];
-            float32x4_t mx = vdupq_n_f32(0.0f);
-            for (int i = 0; i < 8; i++) {
-                v[i] = vld1q_f32(xb + 4 * i);
-                mx = vmaxq_f32(mx, vabsq_f32(v[i]));
-            }
-            const float d = vmaxvq_f32(mx) / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            int32x4_t total = vdupq_n_s32(0);
-            int16x8_t halves[4];
-            for (int i = 0; i < 4; i++) {
-                /* vcvtnq rounds to nearest, ties to even, like the scalar nearbyintf */
-                const int32x4_t q0 = vcvtnq_s32_f32(vmulq_n_f32(v[2 * i], id));
-                const int32x4_t q1 = vcvtnq_s32_f32(vmulq_n_f32(v[2 * i + 1], id));
-                total = vaddq_s32(total, vaddq_s32(q0, q1));
-                halves[i] = vcombine_s16(vmovn_s32(q0), vmovn_s32(q1));
-            }
-            int8_t *dst = act->qs + r * k + b * OD_QK;
-            vst1q_s8(dst, vcombine_s8(vmovn_s16(halves[0]), vmovn_s16(halves[1])));
-            vst1q_s8(dst + 16, vcombine_s8(vmovn_s16(halves[2]), vmovn_s16(halves[3])));
-            act->ds[(r * nb + b) * 2] = d;
-            act->ds[(r * nb + b) * 2 + 1] = d * (float)vaddvq_s32(total);
-        }
+static float block_amax_neon(const float *xb) {
+    float32x4_t mx = vdupq_n_f32(0.0f);
+    for (int i = 0; i < 8; i++) mx = vmaxq_f32(mx, vabsq_f32(vld1q_f32(xb + 4 * i)));
+    return vmaxvq_f32(mx);
+}
+
+/* 32 activations -> int8 codes round-half-even(x * id); returns their sum. */
+static int quantize_block_neon(const float *xb, float id, int8_t *qb) {
+    int32x4_t total = vdupq_n_s32(0);
+    int16x8_t halves[4];
+    for (int i = 0; i < 4; i++) {
+        /* vcvtnq rounds to nearest, ties to even, like the scalar nearbyintf */
+        const int32x4_t q0 = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + 8 * i), id));
+        const int32x4_t q1 = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + 8 * i + 4), id));
+        total = vaddq_s32(total, vaddq_s32(q0, q1));
+        halves[i] = vcombine_s16(vmovn_s32(q0), vmovn_s32(q1));
     }
+    vst1q_s8(qb, vcombine_s8(vmovn_s16(halves[0]), vmovn_s16(halves[1])));
+    vst1q_s8(qb + 16, vcombine_s8(vmovn_s16(halves[2]), vmovn_s16(halves[3])));
+    return vaddvq_s32(total);
+}
+
+static void quantize_act_neon(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
+    od_quantize_act_rows(x, act, m0, m1, block_amax_neon, quantize_block_neon);
 }
 
 /* ------------------------------------------------------------------ block decoding */

@@ -11,33 +11,30 @@
 
 /* ------------------------------------------------------------------ activations */
 
-void od_quantize_act_scalar(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
-    const int64_t k = act->k, nb = act->nb;
-    for (int64_t r = m0; r < m1; r++) {
-        const float *xr = x + r * k;
-        int8_t *qr = act->qs + r * k;
-        for (int64_t b = 0; b < nb; b++) {
-            const float *xb = xr + b * OD_QK;
-            float amax = 0.0f;
-            for (int j = 0; j < OD_QK; j++) {
-                const float a = fabsf(xb[j]);
-                amax = a > amax ? a : amax;
-            }
-            const float d = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            int sum = 0;
-            for (int j = 0; j < OD_QK; j++) {
-                /* nearbyintf rounds half to even, like the SIMD paths' round instruction; the
-                 * clamp only matters for inf/NaN inputs (keeps the conversion defined) */
-                const float v = xb[j] * id;
-                const int q = v == v ? (int)nearbyintf(fminf(fmaxf(v, -127.0f), 127.0f)) : 0;
-                qr[b * OD_QK + j] = (int8_t)q;
-                sum += q;
-            }
-            act->ds[(r * nb + b) * 2] = d;
-            act->ds[(r * nb + b) * 2 + 1] = d * (float)sum;
-        }
+static float block_amax_scalar(const float *xb) {
+    float amax = 0.0f;
+    for (int j = 0; j < OD_QK; j++) {
+        const float a = fabsf(xb[j]);
+        amax = a > amax ? a : amax;
     }
+    return amax;
+}
+
+static int quantize_block_scalar(const float *xb, float id, int8_t *qb) {
+    int sum = 0;
+    for (int j = 0; j < OD_QK; j++) {
+        /* nearbyintf rounds half to even, like the SIMD paths' round instruction; the clamp only
+         * matters for inf/NaN inputs (keeps the conversion defined) */
+        const float v = xb[j] * id;
+        const int q = v == v ? (int)nearbyintf(fminf(fmaxf(v, -127.0f), 127.0f)) : 0;
+        qb[j] = (int8_t)q;
+        sum += q;
+    }
+    return sum;
+}
+
+void od_quantize_act_scalar(const float *x, od_q8_act *act, int64_t m0, int64_t m1) {
+    od_quantize_act_rows(x, act, m0, m1, block_amax_scalar, quantize_block_scalar);
 }
 
 /* ------------------------------------------------------------------ generic block unpacking */
@@ -278,13 +275,13 @@ static void attention_scalar(const od_attn_args *a, int64_t head, int64_t r0, in
             scores[t] = expf(scores[t] - maxv);
             total += scores[t];
         }
+        const float inv = od_attn_probabilities(scores, n_keys, total, a->kv_f16);
         float *o = a->out + r * a->h * d + head * d;
         for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
         for (int64_t t = 0; t < n_keys; t++) {
             const float p = scores[t];
             for (int64_t i = 0; i < d; i++) o[i] += p * kv_value(a->v_cache, a->kv_f16, kv_base + t * d + i);
         }
-        const float inv = 1.0f / total;
         for (int64_t i = 0; i < d; i++) o[i] *= inv;
     }
 }

@@ -83,22 +83,73 @@ def dequantize(w: np.ndarray, wtype: int, k: int) -> np.ndarray:
     return np.asarray(quants.dequantize(w.reshape(n, -1), wtype), dtype=np.float32).reshape(n, k)
 
 
-def quantize_activations(x: np.ndarray) -> np.ndarray:
-    """x [m, k] float32 -> the float32 values the kernels' 8-bit activation blocks represent."""
+# Block layouts of the weight types whose blocks carry a min m (w = d * q + m): offset of m in bytes.
+MIN_FIELD_OFFSET = {QT.Q4_1: 2, QT.Q5_1: 2}
+
+
+def activation_scheme(wtype: int) -> str:
+    """The 8-bit activation rounding llama.cpp's CPU backend (and so our kernels) pairs with wtype."""
+    if wtype in (QT.Q4_1, QT.Q5_1):
+        return "q8_1"
+    if wtype in (QT.Q4_K, QT.Q6_K):
+        return "q8_K"
+    return "q8_0"
+
+
+def _fp16(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).astype(np.float32)
+
+
+def quantize_activations(x: np.ndarray, wtype: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [m, k] float32 -> (values q*d [m, k], s_excess [m, k/32], step [m, k/32]), emulating the kernels.
+
+    q = round-half-even(x * 127 / amax) with amax over 32 values (over 256 for q8_K); d is amax / 127
+    rounded to fp16 (q8_0, q8_1) or 1 / (127 / amax) in f32 (q8_K). s_excess is what the block's stored
+    sum s adds beyond d * sum(q) (q8_1 rounds s to fp16 on its own); step is the block's d before rounding.
+    """
+    scheme = activation_scheme(wtype)
     m, k = x.shape
-    blocks = x.reshape(m, k // QK, QK).astype(np.float32)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    d = amax / np.float32(127.0)
+    group = 256 if scheme == "q8_K" and k % 256 == 0 else QK
+    groups = x.reshape(m, k // group, group).astype(np.float32)
+    amax = np.abs(groups).max(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
-    q = np.rint(blocks * inv)  # half to even, like the kernels
-    return (q * d).reshape(m, k).astype(np.float32)
+        inv = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.rint(groups * inv).reshape(m, k // QK, QK)  # half to even, like the kernels
+    per_block = group // QK
+    amax_blocks = np.repeat(amax.reshape(m, -1), per_block, axis=1)  # [m, nb]
+    if scheme == "q8_K":
+        with np.errstate(divide="ignore"):
+            d = np.where(inv != 0, np.float32(1.0) / inv, np.float32(0.0)).astype(np.float32)
+        d = np.repeat(d.reshape(m, -1), per_block, axis=1)
+    else:
+        d = _fp16(amax_blocks / np.float32(127.0))
+    s_excess = np.zeros_like(d)
+    if scheme == "q8_1":
+        sums = q.sum(axis=-1).astype(np.float32)
+        s = _fp16((amax_blocks / np.float32(127.0)) * sums)
+        s_excess = s.astype(np.float64) - d.astype(np.float64) * sums
+    values = (q * d[..., None]).reshape(m, k).astype(np.float32)
+    return values, s_excess, amax_blocks / 127.0
 
 
-def matmul(x: np.ndarray, w_dense: np.ndarray, quantized: bool) -> np.ndarray:
-    """Exact (float64) product of what the kernel should compute."""
-    xs = quantize_activations(x) if quantized else x
-    return (xs.astype(np.float64) @ w_dense.astype(np.float64).T).astype(np.float64)
+def block_mins(w: np.ndarray, wtype: int, k: int) -> np.ndarray:
+    """[n, k/32] per-block min m of Q4_1/Q5_1 rows (zeros for every other type)."""
+    n = w.shape[0]
+    if wtype not in MIN_FIELD_OFFSET:
+        return np.zeros((n, k // QK))
+    nbytes = TYPE_LAYOUT[wtype][1]
+    blocks = np.ascontiguousarray(w).reshape(n, k // QK, nbytes)
+    offset = MIN_FIELD_OFFSET[wtype]
+    return blocks[:, :, offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+
+
+def matmul(x: np.ndarray, w: np.ndarray, wtype: int, k: int, quantized: bool) -> np.ndarray:
+    """Exact (float64) product of what the kernel should compute, from the raw weight rows w."""
+    w_dense = dequantize(w, wtype, k).astype(np.float64)
+    if not quantized:
+        return x.astype(np.float64) @ w_dense.T
+    xs, s_excess, _ = quantize_activations(x, wtype)
+    return xs.astype(np.float64) @ w_dense.T + s_excess @ block_mins(w, wtype, k).T
 
 
 def magnitude(x: np.ndarray, w_dense: np.ndarray) -> np.ndarray:
@@ -106,12 +157,16 @@ def magnitude(x: np.ndarray, w_dense: np.ndarray) -> np.ndarray:
     return np.abs(x.astype(np.float64)) @ np.abs(w_dense.astype(np.float64)).T
 
 
-def activation_error_bound(x: np.ndarray, w_dense: np.ndarray) -> np.ndarray:
-    """Max |x@W^T - xq@W^T|: each activation moves by at most half its block's step d = amax/127."""
-    m, k = x.shape
-    step = np.abs(x.reshape(m, k // QK, QK)).max(axis=-1) / 127.0  # [m, nb]
-    w_block_abs = np.abs(w_dense.astype(np.float64)).reshape(w_dense.shape[0], k // QK, QK).sum(axis=-1)  # [n, nb]
-    return 0.5 * step @ w_block_abs.T * (1 + 1e-5)
+def activation_error_bound(x: np.ndarray, w: np.ndarray, wtype: int, k: int) -> np.ndarray:
+    """Max |x@W^T - kernel|: each activation moves by at most half its step d (plus the fp16 rounding of
+    d: 127 steps times 2^-11 relative), and a q8_1 block sum s by its own fp16 rounding."""
+    m = x.shape[0]
+    _, s_excess, step = quantize_activations(x, wtype)
+    w_dense = dequantize(w, wtype, k).astype(np.float64)
+    w_block_abs = np.abs(w_dense).reshape(w_dense.shape[0], k // QK, QK).sum(axis=-1)  # [n, nb]
+    per_activation = step.reshape(m, -1) * (0.5 + 127 * 2.0**-11)
+    s_bound = np.abs(step * 127 * QK * 2.0**-11) @ np.abs(block_mins(w, wtype, k)).T
+    return (per_activation @ w_block_abs.T + s_bound) * (1 + 1e-5)
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -143,7 +198,13 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, freq_fa
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float) -> np.ndarray:
-    """q [m, h, d], caches [hkv, c, d] -> [m, h*d] (float64)."""
+    """q [m, h, d], caches [hkv, c, d] -> [m, h*d] (float64).
+
+    fp16 caches follow llama.cpp: q is rounded to fp16 before q.k and the probabilities before P.V.
+    """
+    f16 = k_cache.dtype == np.float16
+    if f16:
+        q = q.astype(np.float16)
     m, h, d = q.shape
     hkv = k_cache.shape[0]
     group = h // hkv
@@ -159,6 +220,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
+        if f16:
+            p = p.astype(np.float32).astype(np.float16).astype(np.float64)
         out[:, head] = p @ vc[kvh]
     return out.reshape(m, h * d)
 
