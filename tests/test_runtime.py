@@ -57,7 +57,7 @@ def hf_logits(folder: Path, tokens: list[int]) -> np.ndarray:
 def test_tiny_f32_logits_match_transformers(tiny_models, tmp_path, arch):
     path = to_gguf(tiny_models[arch], tmp_path / "m.gguf", "f32", "--pre", "gpt-2")
     ref = hf_logits(tiny_models[arch], TOKENS)
-    with ondevice.load(path, n_ctx=64) as model:
+    with ondevice.load(path, n_ctx=64, kv_cache="f32") as model:  # f16 would round K/V: ~1e-3, not 1e-4
         got = model.logits(TOKENS)
         assert np.abs(got - ref).max() < 1e-4
         # Incremental decoding through the KV cache gives the same last-position logits.

@@ -6,17 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ondevice.errors import InvalidModelError
+from ondevice.errors import InvalidModelError, OndeviceError
 
 
-def _load_gguf(path: Path, threads: int | None, n_ctx: int | None) -> Any:
+def _load_gguf(path: Path, threads: int | None, n_ctx: int | None, kv_cache: str | None) -> Any:
     from ondevice.runtime.model import LanguageModel
 
-    return LanguageModel(path, threads=threads, n_ctx=n_ctx)
+    return LanguageModel(path, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache or "f16")
 
 
-def _load_pte(path: Path, threads: int | None, n_ctx: int | None) -> Any:
+def _load_pte(path: Path, threads: int | None, n_ctx: int | None, kv_cache: str | None) -> Any:
     """An ExecuTorch program: its manifest and tokenizer sit beside it (a .pte carries neither)."""
+    if kv_cache is not None:
+        raise OndeviceError(f"{path}: an ExecuTorch program's KV cache type is fixed when it is exported")
     from tokenizers import Tokenizer
 
     from ondevice.model import ModelSpec
@@ -42,20 +44,25 @@ def _is_gguf(path: Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
-# (matches(path), loader(path, threads, n_ctx)) in order of precedence
-LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, int | None, int | None], Any]]] = [
+# (matches(path), loader(path, threads, n_ctx, kv_cache)) in order of precedence
+LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, int | None, int | None, str | None], Any]]] = [
     (lambda p: p.is_file() and _is_gguf(p), _load_gguf),
     (lambda p: p.is_file() and p.suffix == ".pte", _load_pte),
 ]
 
 
-def load(model: str | Path | None = None, *, threads: int | None = None, n_ctx: int | None = None):
-    """Load a model for generation. `model` is a path (.gguf, .pte), an alias, or None for the bundled default."""
+def load(model: str | Path | None = None, *, threads: int | None = None, n_ctx: int | None = None,
+         kv_cache: str | None = None):
+    """Load a model for generation. `model` is a path (.gguf, .pte), an alias, or None for the bundled default.
+
+    threads: default the physical cores; n_ctx: default the model's context length, capped (see LanguageModel);
+    kv_cache: "f16" (default for GGUF: half the memory, and the numerics of llama.cpp's default) or "f32".
+    """
     from ondevice.hub import resolve_model
 
     path = resolve_model(None if model is None else str(model))
     for matches, loader in LOADERS:
         if matches(path):
-            return loader(path, threads, n_ctx)
+            return loader(path, threads, n_ctx, kv_cache)
     raise InvalidModelError(f"{path}: the runtime loads GGUF files and ExecuTorch .pte programs (convert it "
                             f"first: ondevice convert {path} --to gguf)")

@@ -19,7 +19,7 @@ from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.sampling import Sampler, SamplingParams
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
-from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
+from ondevice.runtime.transformer import KV_CACHE_DTYPES, ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
 
 
@@ -62,7 +62,10 @@ class LanguageModel:
     """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
+                 kv_cache: str = "f16") -> None:
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise OndeviceError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
         gguf = GGUFFile(path)
         try:
             weights = load_weights(gguf)
@@ -79,7 +82,7 @@ class LanguageModel:
             k.set_threads(threads)
         n_ctx = _context_size(n_ctx, weights.spec.context_length)
         self._setup(str(path), weights.spec, codec, str(template) if template is not None else None,
-                    Transformer(weights, n_ctx), n_ctx, k.get_threads())
+                    Transformer(weights, n_ctx, kv_dtype=KV_CACHE_DTYPES[kv_cache]), n_ctx, k.get_threads())
         self.weights = weights
         self._gguf: GGUFFile | None = gguf
 

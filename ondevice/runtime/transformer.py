@@ -25,16 +25,21 @@ def kernels():
     return K
 
 
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """A zeroed float32 array whose pages become resident only when written.
+def lazy_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """A zeroed array whose pages become resident only when written.
 
     The KV cache is laid out (layer, head, position, dim), so a short context touches a little of every
     (layer, head) slab. numpy backs large arrays with transparent huge pages, and one touched byte then commits
     2 MiB: the whole cache became resident on the first token (+80 MiB at n_ctx 2048). An anonymous mmap keeps
     4 KiB granularity, so RSS grows with the context actually used.
     """
-    nbytes = int(np.prod(shape)) * 4
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+    count = int(np.prod(shape))
+    nbytes = count * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=count).reshape(shape)
+
+
+# user-facing KV cache types -> element type of the cache arrays
+KV_CACHE_DTYPES: dict[str, type] = {"f16": np.float16, "f32": np.float32}
 
 
 class ContextOverflowError(OndeviceError):
@@ -42,7 +47,7 @@ class ContextOverflowError(OndeviceError):
 
 
 class Transformer:
-    def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256) -> None:
+    def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256, kv_dtype: type = np.float16) -> None:
         kernels()
         spec = weights.spec
         self.w = weights
@@ -52,8 +57,9 @@ class Transformer:
         self.neox = spec.arch == "qwen2"
         self.scale = 1.0 / float(np.sqrt(spec.head_dim))
         kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
-        self.k_cache = lazy_zeros(kv_shape)
-        self.v_cache = lazy_zeros(kv_shape)
+        # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
+        self.k_cache = lazy_zeros(kv_shape, kv_dtype)
+        self.v_cache = lazy_zeros(kv_shape, kv_dtype)
         d, f = spec.hidden_size, spec.ffn_size
         q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
         b = max_batch
