@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ondevice.converters.base import peak_rss_mib
     from ondevice.errors import OndeviceError
 
-    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
+    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache)
     if not model.chat_template:
         raise OndeviceError(f"{model.path} has no chat template; use `ondevice run --raw` instead")
     system = [{"role": "system", "content": args.system}] if args.system else []

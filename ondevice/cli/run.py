@@ -25,6 +25,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
+    p.add_argument("--kv-cache", choices=("f16", "f32"),
+                   help="KV cache precision for GGUF models: f16 (default: half the memory, llama.cpp's numerics) "
+                        "or f32")
     p.add_argument("--system", help="system prompt")
 
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from ondevice.structured import compile_grammar
 
         compile_grammar(json_schema=args.json_schema)
-    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
+    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache)
     if args.raw:
         request: str | list[dict[str, str]] = prompt
     else:
