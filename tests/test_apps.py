@@ -25,10 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parent.parent
-SCHEMA = json.loads((ROOT / "ondevice" / "data" / "schemas" / "app-bundle-manifest.v1.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "ondevice" / "data" / "schemas" / "app-bundle-manifest.v2.schema.json").read_text())
 
 
 def screenshot_dir(tmp_path: Path) -> Path:
@@ -266,16 +267,26 @@ def test_in_browser_chat_matches_onnxruntime_greedy(tiny_models: dict[str, Path]
     finally:
         source.close()
     question, n = "Hello, how are you?", 24
-    runner = ONNXRunner(folder, threads=2)
-    prompt = runner.chat_tokens([{"role": "user", "content": question}])
-    expected = runner.greedy(prompt, n, stop_ids=runner.eos_ids)
-    if expected and expected[-1] in runner.eos_ids:
-        expected = expected[:-1]
-    expected_text = runner.decode(expected)
-    assert len(expected) >= 10, expected  # a reply long enough to stream
-
     server = serve_onnx_only(folder)
     try:
+        # The reference: onnxruntime (Python) on exactly the graph the page gets (MatMulNBits rewritten to a
+        # float Gemm for onnxruntime-web, see ondevice/server/browser_onnx.py), greedy.
+        served = tmp_path / "served"
+        shutil.copytree(folder, served)
+        with urllib.request.urlopen(f"{server.url}/model/model.onnx") as resp:
+            graph = resp.read()
+        assert graph != (folder / "model.onnx").read_bytes() and b"MatMulNBits" not in graph
+        (served / "model.onnx").write_bytes(graph)
+        runner = ONNXRunner(served, threads=2)
+        prompt = runner.chat_tokens([{"role": "user", "content": question}])
+        expected = runner.greedy(prompt, n, stop_ids=runner.eos_ids)
+        if expected and expected[-1] in runner.eos_ids:
+            expected = expected[:-1]
+        expected_text = runner.decode(expected)
+        assert len(expected) >= 10, expected  # a reply long enough to stream
+        original = ONNXRunner(folder, threads=2).logits(prompt)  # the rewrite computes the same function
+        assert np.abs(runner.logits(prompt) - original).max() < 0.25 * original.std()
+
         # Server side of the in-browser mode: no server-side model, the folder under /model/, the page at /.
         with urllib.request.urlopen(f"{server.url}/") as resp:
             assert b"onnx-chat.js" in resp.read() and resp.headers["Cross-Origin-Embedder-Policy"] == "require-corp"

@@ -69,6 +69,7 @@ class OndeviceServer(ThreadingHTTPServer):
         self.queue_timeout_s = queue_timeout_s
         self.web_dir = Path(web_dir).resolve() if web_dir else None
         self.onnx_dir = Path(onnx_dir).resolve() if onnx_dir else None
+        self.onnx_graph = _browser_graph(self.onnx_dir) if self.onnx_dir else None  # (file name, bytes) or None
         self.verbose = verbose
         self.started_at = int(time.time())
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -201,7 +202,12 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/v1/") and engine is None:
             self._send_error(self._no_model_error(path))
         elif path.startswith(ONNX_ROUTE) and self.server.onnx_dir:
-            self._send_file(self.server.onnx_dir, path[len(ONNX_ROUTE):])
+            rel = path[len(ONNX_ROUTE):]
+            graph = self.server.onnx_graph
+            if graph is not None and rel == graph[0]:  # the decoder graph, rewritten for onnxruntime-web
+                self._send_body(graph[1], "application/octet-stream")
+            else:
+                self._send_file(self.server.onnx_dir, rel)
         elif path in ("/v1/models", f"/v1/models/{self.server.model_id}"):
             if not self._authorized():
                 return
@@ -234,21 +240,30 @@ class Handler(BaseHTTPRequestHandler):
         if target is None or not target.is_file() or root not in target.parents:
             self._send_error(RequestError(f"no route for GET /{rel}", status=404, code="not_found"))
             return
-        size = target.stat().st_size
+        self._static_headers(target.stat().st_size, _CONTENT_TYPES.get(target.suffix)
+                             or mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+        try:
+            with open(target, "rb") as fh:
+                shutil.copyfileobj(fh, self.wfile, 1 << 20)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _send_body(self, data: bytes, content_type: str) -> None:
+        self._static_headers(len(data), content_type)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _static_headers(self, size: int, content_type: str) -> None:
         self.send_response(200)
-        self.send_header("Content-Type", _CONTENT_TYPES.get(target.suffix)
-                         or mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(size))
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Cross-Origin-Opener-Policy", "same-origin")
         self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
         self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.end_headers()
-        try:
-            with open(target, "rb") as fh:
-                shutil.copyfileobj(fh, self.wfile, 1 << 20)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         path = self.path.split("?", 1)[0]
@@ -397,6 +412,19 @@ def create_server(model: Any, host: str = "127.0.0.1", port: int = 8080, *, mode
     if model is not None:
         threading.Thread(target=_warm_structured_output, args=(model,), daemon=True).start()
     return server
+
+
+def _browser_graph(folder: Path) -> tuple[str, bytes] | None:
+    """The folder's decoder graph with MatMulNBits rewritten for onnxruntime-web (see browser_onnx), or None
+    when there is nothing to rewrite or the onnx package is missing (the graph is then served as it is)."""
+    from ondevice.server.browser_onnx import browser_graph
+
+    try:
+        name = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]["filename"]
+        data, replaced = browser_graph(folder / name)
+    except Exception:  # noqa: BLE001 - any graph we cannot rewrite (or no onnx package) is served as it is
+        return None
+    return (name, data) if replaced else None
 
 
 def _warm_structured_output(model: Any) -> None:
