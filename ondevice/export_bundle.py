@@ -1,15 +1,18 @@
 """Phone-app bundles: `ondevice export MODEL --app {pocketpal,ios,android} -o DIR`.
 
-A bundle is a folder an app can ship or side-load: the model file, the tokenizer and chat template, and
-manifest.json (format: ondevice/data/schemas/app-bundle-manifest.v1.schema.json) with the context length, stop
-tokens, recommended sampling and a RAM estimate from `ondevice fit`. The manifest is validated against the
+A bundle is a folder an app can ship or side-load: the model file (or package folder), the tokenizer and chat
+template, and manifest.json (format: ondevice/data/schemas/app-bundle-manifest.v2.schema.json; version 1 bundles
+still validate against the v1 schema) with the context length, stop tokens, recommended sampling and a RAM
+estimate from `ondevice fit`. The manifest is validated against the
 schema before the bundle appears; the folder is built beside DIR and renamed into place, so a failed export
 leaves nothing behind.
 
 What each app gets:
 - pocketpal: the GGUF (PocketPal AI and other llama.cpp apps read the chat template from it) + manifest.
-- ios: the GGUF for llama.cpp-based apps (llama.cpp's Swift package; see apps/ios), tokenizer.json and the
-  chat template beside it. ondevice has no Core ML target yet, so no .mlpackage is produced.
+- ios: by default the GGUF for llama.cpp-based apps (llama.cpp's Swift package; see apps/ios), tokenizer.json and
+  the chat template beside it; with --format coreml a Core ML .mlpackage (ondevice's coreml target: mlprogram
+  for iOS 18 with a stateful KV cache, int4 by default) with its tokenizer and runtime manifest beside it, the
+  manifest's coreml block saying how to drive it.
 - android: with --format pte, an ExecuTorch .pte (ondevice's executorch target: XNNPACK, its own runtime
   manifest and tokenizer.json beside it, see apps/android); by default the GGUF for llama.cpp on Android.
 """
@@ -28,10 +31,13 @@ from ondevice import __version__
 from ondevice.errors import InvalidModelError, MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path
 
-MANIFEST_VERSION = 1
-SCHEMA_PATH = Path(__file__).parent / "data" / "schemas" / "app-bundle-manifest.v1.schema.json"
+MANIFEST_VERSION = 2  # what export writes; validation accepts every version in SCHEMAS
+SCHEMA_DIR = Path(__file__).parent / "data" / "schemas"
+SCHEMAS = {1: "app-bundle-manifest.v1.schema.json", 2: "app-bundle-manifest.v2.schema.json"}
+SCHEMA_PATH = SCHEMA_DIR / SCHEMAS[MANIFEST_VERSION]
 APPS = ("pocketpal", "ios", "android")
-FORMATS = {"pocketpal": ("gguf",), "ios": ("gguf",), "android": ("gguf", "pte")}
+FORMATS = {"pocketpal": ("gguf",), "ios": ("gguf", "coreml"), "android": ("gguf", "pte")}
+CONVERTED = {"pte": ("executorch", "8da4w"), "coreml": ("coreml", "int4")}  # format -> (target, default quant)
 DEFAULT_DEVICE = {"pocketpal": "pixel-8", "ios": "iphone-15-pro", "android": "pixel-8"}
 # What `ondevice run` samples with; used when the GGUF carries no general.sampling.* keys.
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
@@ -51,18 +57,22 @@ class BundleResult:
         return {"app": self.app, "output": str(self.output), "manifest": self.manifest, "notes": self.notes}
 
 
-def load_manifest_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+def load_manifest_schema(version: int = MANIFEST_VERSION) -> dict[str, Any]:
+    return json.loads((SCHEMA_DIR / SCHEMAS[version]).read_text(encoding="utf-8"))
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
-    """Raise InvalidModelError naming the first problem if the manifest does not match schema v1."""
+    """Raise InvalidModelError naming the first problem if the manifest does not match the schema of its
+    manifest_version (1 or 2)."""
     try:
         import jsonschema
     except ImportError as exc:
         raise MissingExtraError("validating bundle manifests needs jsonschema (an ondevice dependency): pip install jsonschema") \
             from exc
-    validator = jsonschema.Draft202012Validator(load_manifest_schema(),
+    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
+    if version not in SCHEMAS:  # validate against the current schema: its error names the field
+        version = MANIFEST_VERSION
+    validator = jsonschema.Draft202012Validator(load_manifest_schema(version),
                                                 format_checker=jsonschema.FormatChecker())
     errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
@@ -84,6 +94,18 @@ def validate_bundle(folder: Path) -> dict[str, Any]:
             raise InvalidModelError(f"bundle file {entry['path']} is missing")
         if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
             raise InvalidModelError(f"bundle file {entry['path']} does not match its size/sha256 in the manifest")
+    primary = folder / manifest["model"]["file"]
+    if manifest["model"].get("file_type") == "directory":  # a package: exactly the files listed, nothing else
+        listed = {e["path"] for e in manifest["files"]}
+        inside = {p.relative_to(folder).as_posix() for p in primary.rglob("*") if p.is_file()} if primary.is_dir() \
+            else set()
+        if not inside:
+            raise InvalidModelError(f"bundle model package {manifest['model']['file']} is missing or empty")
+        if inside - listed:
+            raise InvalidModelError(f"bundle model package has files the manifest does not list: "
+                                    f"{sorted(inside - listed)[0]}")
+    elif not primary.is_file():
+        raise InvalidModelError(f"bundle model file {manifest['model']['file']} is missing")
     return manifest
 
 
@@ -132,7 +154,7 @@ Written by {manifest['created_by']}. Load `{m['file']}` with {manifest['runtime'
 - Sampling: temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}, min_p {s['min_p']},
   repeat penalty {s['repeat_penalty']} ({s['source']})
 
-manifest.json follows the schema `app-bundle-manifest.v1.schema.json` shipped with ondevice
+manifest.json follows the schema `{SCHEMAS[manifest['manifest_version']]}` shipped with ondevice
 (ondevice/data/schemas); every file is listed there with its size and SHA-256.
 """
 
@@ -151,8 +173,9 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
     if model_format not in FORMATS[app]:
         raise UnsupportedError(f"--format {model_format} is not available for --app {app} "
                                f"(choose {', '.join(FORMATS[app])})")
-    if quant is not None and model_format != "pte":
-        raise UnsupportedError("--quant applies to --format pte only; quantize a GGUF with `ondevice convert`")
+    if quant is not None and model_format not in CONVERTED:
+        raise UnsupportedError("--quant applies to --format pte and coreml only; quantize a GGUF with "
+                               "`ondevice convert`")
     if ctx is not None and ctx < 1:
         raise OndeviceError(f"--ctx must be >= 1, got {ctx}")
     out_dir = Path(out_dir)
@@ -192,15 +215,21 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
             runtime = "llama.cpp"
             quantization = _gguf_quant(source)
             if app == "ios":
-                notes.append("GGUF for llama.cpp-based iOS apps: ondevice has no Core ML target yet")
+                notes.append("GGUF for llama.cpp-based iOS apps (--format coreml gives a Core ML package)")
         else:
-            model_file, quantization = _export_pte(source, tmp, quant or "8da4w", min(ctx, 2048), progress)
-            from ondevice.converters.executorch import manifest_path, tokenizer_path
-
-            files += [(model_file.name, "model"), (manifest_path(model_file).name, "runtime_manifest"),
-                      (tokenizer_path(model_file).name, "tokenizer")]
-            runtime = "executorch"
-            notes.append("the .pte has no chat template: apply manifest.json chat.template before tokenizing")
+            target, default_quant = CONVERTED[model_format]
+            model_file, quantization, writer = _export_converted(source, tmp, target, quant or default_quant,
+                                                                 min(ctx, 2048), progress)
+            if model_format == "coreml":  # a package folder: every file inside it is part of the model
+                files += [(f.relative_to(tmp).as_posix(), "model") for f in sorted(model_file.rglob("*"))
+                          if f.is_file()]
+            else:
+                files.append((model_file.name, "model"))
+            files += [(writer.manifest_path(model_file).name, "runtime_manifest"),
+                      (writer.tokenizer_path(model_file).name, "tokenizer")]
+            runtime = target
+            notes.append(f"the {model_file.suffix} has no chat template: apply manifest.json chat.template "
+                         "before tokenizing")
         if model_format == "gguf" and app in ("ios", "android"):
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
             files.append(("tokenizer.json", "tokenizer"))
@@ -210,17 +239,21 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
 
         ram = _ram_estimate(model_file if model_format == "gguf" else source, device, ctx)
         if model_format != "gguf":
-            ram["model_bytes"] = model_file.stat().st_size
+            ram["model_bytes"] = sum(f.stat().st_size for f in model_file.rglob("*") if f.is_file()) \
+                if model_file.is_dir() else model_file.stat().st_size
             ram["estimate_bytes"] = ram["model_bytes"] + ram["kv_cache_bytes"] + ram["overhead_bytes"]
-            ram["method"] += "; weights sized by the .pte file"
+            ram["method"] += f"; weights sized by the {model_file.suffix} " + \
+                ("package" if model_file.is_dir() else "file")
         manifest: dict[str, Any] = {
-            "$schema": "app-bundle-manifest.v1.schema.json",
+            "$schema": SCHEMAS[MANIFEST_VERSION],
             "manifest_version": MANIFEST_VERSION,
             "app": app,
             "runtime": runtime,
             "created_by": f"ondevice {__version__}",
             "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "model": {"name": name, "architecture": arch, "format": model_format, "file": model_file.name,
+            "model": {"name": name, "architecture": arch, "format": "mlpackage" if model_format == "coreml"
+                      else model_format, "file": model_file.name,
+                      "file_type": "directory" if model_file.is_dir() else "file",
                       "quantization": quantization, "context_length": context_length, "recommended_context": ctx,
                       "vocab_size": vocab_size, "source": str(model)},
             "files": [],
@@ -232,6 +265,8 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
         }
         if license_name:
             manifest["model"]["license"] = str(license_name)
+        if model_format == "coreml":
+            manifest["coreml"] = _coreml_block(model_file)
         if template is not None:
             manifest["chat"]["template_file"] = "chat_template.jinja"
         (tmp / "README.md").write_text(_readme(manifest), encoding="utf-8")
@@ -256,18 +291,32 @@ def _gguf_quant(path: Path) -> str:
     return describe_artifact(path).quant
 
 
-def _export_pte(source: Path, folder: Path, quant: str, max_seq: int, progress: bool) -> tuple[Path, str]:
-    """The ExecuTorch program (and its runtime manifest + tokenizer) through ondevice's executorch target."""
+def _export_converted(source: Path, folder: Path, target: str, quant: str, max_seq: int,
+                      progress: bool) -> tuple[Path, str, Any]:
+    """The ExecuTorch .pte or the Core ML .mlpackage (each with its runtime manifest + tokenizer beside it)
+    through ondevice's own target; returns (model path, scheme, the target module)."""
     from ondevice.converters import get_target
     from ondevice.sources import open_source
 
-    writer = get_target("executorch")
+    writer = get_target(target)
     scheme, _ = writer.TARGET.resolve_quant(quant)
-    options = writer.ExecuTorchOptions(quant=scheme, force=True, progress=progress, max_seq_len=max_seq)
-    out = folder / f"{source.stem}.{scheme}.pte"
+    options_class = writer.ExecuTorchOptions if target == "executorch" else writer.CoreMLOptions
+    options = options_class(quant=scheme, force=True, progress=progress, max_seq_len=max_seq)
+    out = folder / f"{source.stem}.{scheme}{writer.TARGET.suffix}"
     canonical = open_source(source)
     try:
         writer.convert(canonical, out, options)
     finally:
         canonical.close()
-    return out, scheme
+    return out, scheme, writer
+
+
+def _coreml_block(package: Path) -> dict[str, Any]:
+    """manifest.json's coreml block, from the converter's runtime manifest beside the package."""
+    from ondevice.converters.coreml import manifest_path
+
+    runtime = json.loads(manifest_path(package).read_text(encoding="utf-8"))
+    return {"package": package.name, "runtime_manifest": manifest_path(package).name, "inputs": runtime["inputs"],
+            "states": runtime["states"], "outputs": ["logits (1, S, vocab) fp16"],
+            "max_seq_len": int(runtime["max_seq_len"]), "minimum_deployment_target": "iOS18",
+            "compute_precision": "fp16", "block_size": runtime.get("block_size")}

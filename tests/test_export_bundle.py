@@ -16,17 +16,21 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from ondevice.errors import InvalidModelError, OndeviceError, OutputExistsError, UnsupportedError  # noqa: E402
 from ondevice.export_bundle import (  # noqa: E402
+    SCHEMA_DIR,
     SCHEMA_PATH,
+    SCHEMAS,
     export_bundle,
     validate_bundle,
     validate_manifest,
 )
 
 
-def test_schema_is_valid_json_schema() -> None:
-    schema = json.loads(SCHEMA_PATH.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    assert schema["properties"]["manifest_version"] == {"const": 1}
+def test_schemas_are_valid_json_schema() -> None:
+    for version, name in SCHEMAS.items():
+        schema = json.loads((SCHEMA_DIR / name).read_text())
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["properties"]["manifest_version"] == {"const": version}
+    assert SCHEMA_PATH.name == SCHEMAS[max(SCHEMAS)]  # export writes the newest
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +94,10 @@ def test_tampered_bundles_are_rejected(bundles: dict[str, Path], tmp_path: Path)
     manifest = json.loads((bundles["pocketpal"] / "manifest.json").read_text())
     for mutate, where in [
         (lambda m: m.pop("ram"), "(root)"),
-        (lambda m: m.update(manifest_version=2), "manifest_version"),
+        (lambda m: m.update(manifest_version=3), "manifest_version"),
+        (lambda m: m["model"].pop("file_type"), "model"),
+        (lambda m: m.update(coreml={}), "(root)"),  # a coreml block on a GGUF bundle
+        (lambda m: m["files"][0].update(path="../outside"), "files/0/path"),
         (lambda m: m["sampling"].update(top_p=0), "sampling/top_p"),
         (lambda m: m["files"][0].update(sha256="xyz"), "files/0/sha256"),
         (lambda m: m.update(app="windows-phone"), "app"),
@@ -149,18 +156,8 @@ def test_android_pte_bundle_runs_in_executorch(tiny_models: dict[str, Path], tmp
     torch = pytest.importorskip("torch")
     pytest.importorskip("executorch")
     from executorch.runtime import Runtime
-    from ondevice.converters import get_target
-    from ondevice.converters.base import ConvertOptions
 
-    from ondevice.sources import open_source
-
-    source = open_source(tiny_models["llama"])
-    try:
-        get_target("gguf").convert(source, tmp_path / "tiny.gguf",
-                                   ConvertOptions(quant="f32", progress=False, pre_tokenizer="gpt-2"))
-    finally:
-        source.close()
-    result = export_bundle(tmp_path / "tiny.gguf", "android", tmp_path / "bundle", model_format="pte")
+    result = export_bundle(tiny_gguf(tiny_models, tmp_path), "android", tmp_path / "bundle", model_format="pte")
     manifest = validate_bundle(tmp_path / "bundle")
     assert manifest["runtime"] == "executorch" and manifest["model"]["format"] == "pte"
     assert {f["role"] for f in manifest["files"]} >= {"model", "tokenizer", "runtime_manifest"}
@@ -168,3 +165,70 @@ def test_android_pte_bundle_runs_in_executorch(tiny_models: dict[str, Path], tmp
     method = Runtime.get().load_program(str(tmp_path / "bundle" / manifest["model"]["file"])).load_method("forward")
     logits = method.execute([torch.tensor([[1, 5, 7]], dtype=torch.long), torch.tensor([0], dtype=torch.long)])[0]
     assert tuple(logits.shape) == (1, 3, manifest["model"]["vocab_size"])
+
+
+def tiny_gguf(tiny_models: dict[str, Path], folder: Path) -> Path:
+    from ondevice.converters import get_target
+    from ondevice.converters.base import ConvertOptions
+
+    from ondevice.sources import open_source
+
+    source = open_source(tiny_models["llama"])
+    try:
+        get_target("gguf").convert(source, folder / "tiny.gguf",
+                                   ConvertOptions(quant="f32", progress=False, pre_tokenizer="gpt-2"))
+    finally:
+        source.close()
+    return folder / "tiny.gguf"
+
+
+def test_ios_coreml_bundle_validates_and_runs(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """--app ios --format coreml: the .mlpackage folder, its tokenizer and runtime manifest, a v2 manifest with a
+    coreml block; the package (run by the numpy MIL interpreter, Core ML itself needs macOS) agrees with our
+    runtime on the GGUF it came from."""
+    pytest.importorskip("coremltools")
+    import numpy as np
+
+    import ondevice
+    from ondevice.runners.coreml_interpreter import CoreMLInterpreterRunner
+
+    gguf = tiny_gguf(tiny_models, tmp_path)
+    out = tmp_path / "ios"
+    result = export_bundle(gguf, "ios", out, model_format="coreml", quant="fp16")
+    manifest = validate_bundle(out)
+    jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
+    assert manifest == result.manifest and manifest["manifest_version"] == 2
+    model = manifest["model"]
+    assert (manifest["runtime"], model["format"], model["file_type"], model["quantization"]) == \
+        ("coreml", "mlpackage", "directory", "fp16")
+    assert (out / model["file"]).is_dir() and model["file"].endswith(".mlpackage")
+    assert manifest["coreml"]["package"] == model["file"] and manifest["coreml"]["max_seq_len"] == 256
+    roles = [f["role"] for f in manifest["files"]]
+    assert roles.count("model") >= 2 and {"tokenizer", "runtime_manifest", "chat_template", "readme"} <= set(roles)
+    assert all(f["path"].startswith(model["file"] + "/") for f in manifest["files"] if f["role"] == "model")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folders left
+
+    tokens = [1, 5, 17, 42, 99, 3, 250, 7]
+    runner = CoreMLInterpreterRunner(out / model["file"])
+    package_logits = runner.logits(tokens)
+    with ondevice.load(gguf, n_ctx=64) as reference:
+        expected = reference.logits(tokens)
+    assert package_logits.shape == expected.shape == (len(tokens), model["vocab_size"])
+    assert np.abs(package_logits - expected).max() < 0.5 * expected.std()  # fp16 compute vs the f32 runtime
+    assert (package_logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.75
+
+    # A file added to or removed from the package is caught; version 1 manifests still validate.
+    extra = out / model["file"] / "extra.bin"
+    extra.write_bytes(b"x")
+    with pytest.raises(InvalidModelError, match="does not list"):
+        validate_bundle(out)
+    extra.unlink()
+    listed = next(f for f in manifest["files"] if f["role"] == "model")
+    (out / listed["path"]).unlink()
+    with pytest.raises(InvalidModelError, match="is missing"):
+        validate_bundle(out)
+    v1 = export_bundle(gguf, "pocketpal", tmp_path / "pp").manifest
+    v1 = {**v1, "manifest_version": 1, "model": {k: v for k, v in v1["model"].items() if k != "file_type"}}
+    validate_manifest(v1)
+    with pytest.raises(UnsupportedError, match="--format coreml is not available"):
+        export_bundle(gguf, "android", tmp_path / "x", model_format="coreml")

@@ -9,17 +9,20 @@ from pathlib import Path
 HELP = """\
 Write a folder an app can load: the model file, its tokenizer and chat template, and manifest.json (context
 length, stop tokens, recommended sampling, RAM estimate from `ondevice fit`). The manifest follows a versioned
-JSON Schema (ondevice/data/schemas/app-bundle-manifest.v1.schema.json) and is validated before the folder
+JSON Schema (ondevice/data/schemas/app-bundle-manifest.v2.schema.json) and is validated before the folder
 appears.
 
   pocketpal  the GGUF + manifest, for PocketPal AI and other llama.cpp-based apps
-  ios        the GGUF for llama.cpp-based iOS apps + tokenizer.json + chat template (Swift sample: apps/ios)
+  ios        --format gguf (default): the GGUF for llama.cpp-based iOS apps + tokenizer.json + chat template
+             (Swift sample: apps/ios); --format coreml: a Core ML .mlpackage (iOS 18 mlprogram, stateful KV
+             cache; --quant int4 (default), int8 or fp16) with its tokenizer and runtime manifest
   android    --format gguf (default): the GGUF for llama.cpp on Android; --format pte: an ExecuTorch .pte
              (XNNPACK) with its tokenizer and runtime manifest (Kotlin sample: apps/android)
 
 examples:
   ondevice export smollm2-135m-instruct --app pocketpal -o smol-pocketpal
   ondevice export model.gguf --app android --format pte -o smol-android
+  ondevice export smollm2-135m-instruct --app ios --format coreml -o smol-ios-coreml
 """
 
 
@@ -31,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="GGUF file or alias")
     p.add_argument("--app", required=True, choices=APPS, help="the kind of app")
     p.add_argument("-o", "--output", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--format", dest="model_format", choices=("gguf", "pte"),
-                   help="model file format (android: gguf or pte; others: gguf)")
-    p.add_argument("--quant", help="scheme for --format pte (default 8da4w)")
+    p.add_argument("--format", dest="model_format", choices=("gguf", "pte", "coreml"),
+                   help="model format (ios: gguf or coreml; android: gguf or pte; pocketpal: gguf)")
+    p.add_argument("--quant", help="scheme for --format pte (default 8da4w) or coreml (int4, int8, fp16; default int4)")
     p.add_argument("--device", help="device profile for the RAM estimate (see `ondevice fit --list`)")
     p.add_argument("--ctx", type=int, help="context the RAM estimate is sized for (default 2048)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

@@ -1,4 +1,5 @@
-// The manifest.json written by `ondevice export MODEL --app ios -o DIR` (schema: app-bundle-manifest.v1).
+// The manifest.json written by `ondevice export MODEL --app ios -o DIR` (schema: app-bundle-manifest.v2;
+// version 1 bundles read the same way).
 // Only the fields the app needs are decoded; unknown fields are ignored, so newer minor additions load fine.
 import Foundation
 
@@ -6,8 +7,8 @@ struct BundleManifest: Decodable {
     struct Model: Decodable {
         let name: String
         let architecture: String
-        let format: String          // "gguf" for llama.cpp
-        let file: String            // relative to the bundle folder
+        let format: String          // "gguf" for llama.cpp, "mlpackage" for Core ML
+        let file: String            // relative to the bundle folder (a folder for "mlpackage")
         let quantization: String
         let context_length: Int
         let recommended_context: Int?
@@ -41,9 +42,13 @@ struct BundleManifest: Decodable {
     static func load(bundleFolder: URL) throws -> BundleManifest {
         let data = try Data(contentsOf: bundleFolder.appendingPathComponent("manifest.json"))
         let manifest = try JSONDecoder().decode(BundleManifest.self, from: data)
-        guard manifest.manifest_version == 1 else {
+        guard (1...2).contains(manifest.manifest_version) else {
             throw NSError(domain: "ondevice", code: 1, userInfo: [NSLocalizedDescriptionKey:
-                "manifest version \(manifest.manifest_version) is newer than this app understands (1)"])
+                "manifest version \(manifest.manifest_version) is newer than this app understands (2)"])
+        }
+        guard manifest.model.format == "gguf" else {  // this sample drives llama.cpp; see README for Core ML
+            throw NSError(domain: "ondevice", code: 2, userInfo: [NSLocalizedDescriptionKey:
+                "this sample runs GGUF bundles; \(manifest.model.format) needs the Core ML path (apps/ios/README.md)"])
         }
         return manifest
     }

@@ -1,5 +1,5 @@
 // The manifest.json written by `ondevice export MODEL --app android --format pte -o DIR`
-// (schema: app-bundle-manifest.v1). Parsed with org.json, which ships with Android.
+// (schema: app-bundle-manifest.v2; v1 bundles read the same way). Parsed with org.json, which ships with Android.
 package dev.ondevice.chat
 
 import org.json.JSONObject
@@ -31,7 +31,7 @@ data class BundleManifest(
         fun load(folder: File): BundleManifest {
             val json = JSONObject(File(folder, "manifest.json").readText())
             val version = json.getInt("manifest_version")
-            require(version == 1) { "manifest version $version is newer than this app understands (1)" }
+            require(version in 1..2) { "manifest version $version is newer than this app understands (2)" }
             val model = json.getJSONObject("model")
             val chat = json.getJSONObject("chat")
             val s = json.getJSONObject("sampling")
