@@ -1,7 +1,8 @@
 """Build glue for the C kernels; all metadata lives in pyproject.toml.
 
 `converters/` sits at the top level of the repository (one writer per target) but installs as
-`ondevice.converters`, so it never pollutes the global import namespace.
+`ondevice.converters`, so it never pollutes the global import namespace. `apps/web/` (the browser chat pages and
+their vendored onnxruntime-web) installs as data under `ondevice/web/`, where `ondevice serve` finds it.
 """
 
 import glob
@@ -24,7 +25,7 @@ kernels = Extension(
 )
 
 setup(
-    packages=find_packages(include=["ondevice", "ondevice.*"]) + ["ondevice.converters"],
-    package_dir={"ondevice.converters": "converters"},
+    packages=find_packages(include=["ondevice", "ondevice.*"]) + ["ondevice.converters", "ondevice.web"],
+    package_dir={"ondevice.converters": "converters", "ondevice.web": "apps/web"},
     ext_modules=[kernels] if glob.glob("bindings/*.c") else [],
 )

@@ -218,6 +218,19 @@ def test_vendored_web_runtime_is_what_fetch_sh_recorded() -> None:
         assert not re.search(r"""(?:src|href|from|import|fetch)\s*\(?\s*["']https?://""", (WEB / page).read_text()), page
 
 
+def test_wheel_ships_every_web_file() -> None:
+    """apps/web installs as ondevice/web (setup.py maps it); pyproject's package-data globs must cover every file
+    the pages load, or a non-editable install serves a broken page (checked by hand with a venv, see README)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ondevice.web"]
+    assert '"ondevice.web": "apps/web"' in (ROOT / "setup.py").read_text()
+    files = [p.relative_to(WEB).as_posix() for p in WEB.rglob("*") if p.is_file() and p.name != "fetch.sh"]
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert files and not missing, missing
+
+
 def serve_onnx_only(folder: Path) -> Any:
     from ondevice.server import create_server
 
