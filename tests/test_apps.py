@@ -231,6 +231,13 @@ def test_wheel_ships_every_web_file() -> None:
     assert files and not missing, missing
 
 
+def test_serve_onnx_rejects_a_folder_that_is_not_an_export(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"not a graph")
+    run = subprocess.run([sys.executable, "-m", "ondevice", "serve", "--onnx", str(tmp_path), "--port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "not an ONNX folder" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
 def serve_onnx_only(folder: Path) -> Any:
     from ondevice.server import create_server
 
