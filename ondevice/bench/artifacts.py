@@ -244,20 +244,23 @@ def converted_artifact(source_name: str, to: str, quant: str, *, progress: bool 
 
 def resolve_artifacts(models: list[str], *, to: str | None = None, quants: list[str] | None = None,
                       progress: bool = True, label: str | None = None) -> list[Artifact]:
-    """MODEL arguments -> artifacts: as given, or converted to each of `quants` when `to` is set."""
+    """MODEL arguments -> artifacts: as given, or converted to each target of `to` ("gguf,mlx,onnx") at each of
+    `quants` (generic names like 4bit/8bit mean each target's own scheme) when `to` is set."""
+    from ondevice.converters import get_target
     from ondevice.hub import resolve_model
 
     if quants and not to:
         raise OndeviceError("--quant needs --to (the target format to convert the sources to)")
+    targets = list(dict.fromkeys(t.strip() for t in (to or "").split(",") if t.strip()))
+    for target in targets:
+        for quant in quants or []:
+            get_target(target).TARGET.resolve_quant(quant)  # every pair checked before the first conversion
     out: list[Artifact] = []
     for name in models:
-        if to:
-            for quant in quants or [None]:  # type: ignore[list-item]
-                if quant is None:
-                    from ondevice.converters import get_target
-
-                    quant = get_target(to).TARGET.default_quant
-                out.append(converted_artifact(name, to, quant, progress=progress, label=label))
+        if targets:
+            for target in targets:
+                for quant in quants or [get_target(target).TARGET.default_quant]:
+                    out.append(converted_artifact(name, target, quant, progress=progress, label=label))
         else:
             path = resolve_model(name)
             out.append(describe_artifact(path, label=label or _label_for(name, path)))

@@ -25,6 +25,7 @@ installed or fails is recorded with its error; Ctrl-C keeps what was measured. O
 
 examples:
   ondevice bench smollm2-135m-instruct --to gguf --quant 4bit,8bit --backend ondevice,llama.cpp
+  ondevice bench smollm2-135m-instruct --to gguf,mlx,onnx,executorch --quant 4bit,8bit
   ondevice bench smol-q8_0.gguf --prompt 256 --gen 64 --threads 1,2 --repeat 3
   ondevice bench report -o bench-report
 """
@@ -85,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("models", nargs="+", metavar="MODEL", help="artifact, alias, or source (with --to/--quant)")
     r.add_argument("--backend", help="comma-separated backends (default: every installed one that runs the artifact; "
                                      "`null` measures the harness itself)")
-    r.add_argument("--to", help="convert MODEL(s) to this target first (e.g. gguf)")
+    r.add_argument("--to", help="convert MODEL(s) to these targets first, comma-separated (e.g. gguf or "
+                                "gguf,mlx,onnx,executorch); each artifact goes to the backends that run its kind")
     r.add_argument("--quant", help="comma-separated schemes for --to (e.g. q4_0,q8_0 or 4bit,8bit)")
     r.add_argument("--label", help="model name to record (default: the alias or the file's own name)")
     r.add_argument("--prompt", type=_int_list, default=[128], help="prompt length(s) in tokens (default 128)")

@@ -10,11 +10,14 @@ Measure what quantization cost: perplexity of ARTIFACT on a bundled public-domai
 of its next-token distributions from the reference's (KL(reference || artifact), nats per token) with the
 top-1 agreement. SOURCE is a Hugging Face folder (run with transformers, float32) or another artifact (e.g. an
 f32 GGUF). Both see the very same token ids. Needs a backend that returns logits: ondevice's runtime or
-llama.cpp for GGUF. Results go to the benchmark store, next to the speed figures (`ondevice bench report`).
+llama.cpp for GGUF, mlx for MLX folders, onnxruntime for ONNX folders, executorch for .pte, and for .mlpackage
+Core ML on macOS or else ondevice's numpy interpreter of the package (coreml-interpreter: quality, not speed).
+Results go to the benchmark store, next to the speed figures (`ondevice bench report`).
 
 examples:
   ondevice eval smol-q4_0.gguf --ref ./SmolLM2-135M-Instruct
   ondevice eval ./SmolLM2-135M-Instruct --to gguf --quant q4_0,q8_0 --ref ./SmolLM2-135M-Instruct
+  ondevice eval ./SmolLM2-135M-Instruct --to mlx,onnx,coreml --quant 4bit --ref ./SmolLM2-135M-Instruct
 """
 
 
@@ -23,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact or alias (or a source with --to)")
     p.add_argument("--ref", required=True, metavar="SOURCE", help="reference: Hugging Face folder or artifact")
-    p.add_argument("--to", help="convert ARTIFACT(s) to this target first (e.g. gguf)")
+    p.add_argument("--to", help="convert ARTIFACT(s) to these targets first, comma-separated (e.g. gguf,mlx)")
     p.add_argument("--quant", help="comma-separated schemes for --to")
     p.add_argument("--label", help="model name to record")
     p.add_argument("--backend", help="backend for the artifact (default: the first available that returns logits)")
