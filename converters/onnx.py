@@ -10,7 +10,8 @@ are fused into one matmul each. A graph of standard ops only (explicit RoPE, mas
 Weights: f32; f16 (stored half, cast to float32 once when onnxruntime loads the model); int4 and int8 through
 the com.microsoft MatMulNBits op (what onnxruntime-genai's builder writes; asymmetric blocks, of 32 for int4
 and 16 for int8 by default, see DEFAULTS); the embedding is quantized the same way and, when tied,
-shares the output layer's bytes (GatherBlockQuantized for int4).
+shares the output layer's bytes (GatherBlockQuantized for int4). int8 keeps a few sensitive layers in f16
+(see FLOAT_LAYERS).
 Why not MatMulInteger + DynamicQuantizeLinear for int8: they quantize activations per tensor, and the
 activation outliers of small LLMs ruin it (SmolLM2-135M: top-1 agreement 53% on a 256-token prefill, 87% token
 by token, against 96-98% for MatMulNBits 8-bit blocks).
@@ -65,6 +66,7 @@ class ONNXOptions(ConvertOptions):
 
     symmetric: bool | None = None  # None = the scheme's default
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (fast on CPU; the builder's default)
+    float_layers: bool = True  # keep the layers FLOAT_LAYERS names for this quant in f16 (False: quantize all)
 
 
 # Measured on SmolLM2-135M (from its Q4_1 GGUF) against the f32 model, KL / top-1 on the bundled text:
@@ -73,6 +75,18 @@ class ONNXOptions(ConvertOptions):
 # symmetric 16 0.0053 / 96.3%, symmetric 32 0.0077 / 94.8%. accuracy_level 0 (float activations) reaches
 # 0.0017 / 98.4% but onnxruntime's CPU provider has no packed 8-bit float kernel: ~10x slower decoding.
 DEFAULTS: dict[str, tuple[int, bool]] = {"int4": (32, False), "int8": (16, False)}  # (block, symmetric)
+
+# Linear layers kept in f16 (stored half, float32 at run time) inside a quantized artifact: (layer kinds in every
+# block, number of last blocks kept whole). Why, for int8: with int8 activations the kernel quantizes its input in
+# blocks of 16, and the inputs of q|k|v (an RMSNorm output) carry outlier channels, as do all activations of the
+# last blocks (SmolLM2-135M: one channel 56x the median at gate|up and 125x at down_proj in block 29). Measured on
+# SmolLM2-135M, KL / top-1 on the bundled text (held-out text in parentheses), decode tok/s relative to all-int8
+# (2 threads, onnxruntime-genai; prefill about the same): all int8 0.0046 / 96.8% (0.0059 / 96.0%), 180.6 MB;
+# q|k|v f16 0.0029 / 96.6% (0.0037 / 96.9%), 194.3 MB, -11%; q|k|v + last 2 blocks f16 0.0024 / 97.4%
+# (0.0033 / 97.2%), 198.5 MB, -18%; q|k|v + gate|up f16 0.0018 / 98.1% (0.0026 / 97.9%), 229.8 MB, -38%.
+# lm_head or q|k|v at accuracy_level 0 instead: 3-9x slower decoding (no fast 8-bit kernel with float activations).
+# Reproduce: benchmarks/onnx_int8_schemes.py (docs/BENCHMARKS.md section 5).
+FLOAT_LAYERS: dict[str, tuple[tuple[str, ...], int]] = {"int8": (("qkv_proj",), 2)}
 
 
 @dataclass
@@ -85,36 +99,50 @@ class _Head:
 class _Weights:
     """Emits linear layers and embeddings in the chosen scheme, writing each weight as soon as it is loaded."""
 
-    def __init__(self, g: Any, quant: str, block: int, symmetric: bool, accuracy_level: int) -> None:
+    def __init__(self, g: Any, quant: str, block: int, symmetric: bool, accuracy_level: int,
+                 float_layers: tuple[tuple[str, ...], int] = ((), 0), n_layers: int = 0) -> None:
         from onnx import TensorProto
 
         self.g, self.quant, self.block = g, quant, block
         self.bits = {"int4": 4, "int8": 8}.get(quant)
         self.symmetric, self.accuracy_level = symmetric, accuracy_level
+        self.float_kinds, self.float_tail, self.n_layers = float_layers[0], float_layers[1], n_layers
         self.FLOAT = TensorProto.FLOAT
         self.types: list[str] = []
+        self.kept_float: list[str] = []
 
     @property
     def type_name(self) -> str:
         return f"{self.quant}-b{self.block}" if self.bits else self.quant
 
     # ---- float helpers
-    def float_weight(self, name: str, array: np.ndarray) -> str:
-        """A float tensor as float32 in the graph; stored half in f16 artifacts."""
-        if self.quant == "f16":
+    def float_weight(self, name: str, array: np.ndarray, half: bool = False) -> str:
+        """A float tensor as float32 in the graph; stored half in f16 artifacts (or when `half`)."""
+        if half or self.quant == "f16":
             stored = self.g.weight(name, array.astype(np.float16))
             return self.g.op("Cast", [stored], f"{name}/cast", to=self.FLOAT)
         return self.g.weight(name, array.astype(np.float32))
 
+    def keeps_float(self, name: str, block: int) -> bool:
+        """Whether quantized artifacts keep this linear layer of this block in f16 (FLOAT_LAYERS)."""
+        if self.bits is None:
+            return False
+        in_tail = self.float_tail > 0 and block >= self.n_layers - self.float_tail
+        return in_tail or name.rsplit(".", 1)[-1] in self.float_kinds
+
     # ---- linear layers: w is (N outputs, K inputs) as in Hugging Face
-    def linear(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+    def linear(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None, block: int = -1) -> str:
+        """x @ w.T (+ bias); `block` is the decoder block the layer belongs to (-1: none)."""
         g = self.g
         n, k = w.shape
-        if self.bits is None:
-            out = g.op("MatMul", [x, self.float_weight(f"{name}.weight", np.ascontiguousarray(w.T))], name)
+        half = block >= 0 and self.keeps_float(name, block)
+        if self.bits is None or half:
+            out = g.op("MatMul", [x, self.float_weight(f"{name}.weight", np.ascontiguousarray(w.T), half)], name)
         else:
             out = self._matmul_nbits(x, self._quantized(w, name), k, n, name)
-        self.types.append(self.type_name)
+        self.types.append("f16" if half else self.type_name)
+        if half:
+            self.kept_float.append(name)
         if bias is not None:
             out = g.op("Add", [out, g.weight(f"{name}.bias", bias.astype(np.float32))], f"{name}/bias")
         return out
@@ -249,25 +277,26 @@ def _build_graph(model: CanonicalModel, g: Any, weights: _Weights, bar: Any) -> 
         b_qkv = None
         if spec.qkv_bias:
             b_qkv = np.concatenate([load(f"{a}.q_proj.bias"), load(f"{a}.k_proj.bias"), load(f"{a}.v_proj.bias")])
-        qkv = weights.linear(x, w_qkv, f"{a}.qkv_proj", b_qkv)
+        qkv = weights.linear(x, w_qkv, f"{a}.qkv_proj", b_qkv, block=i)
         del w_qkv
         # Packed q|k|v in; rotate-half RoPE, the KV cache append, grouped heads and the causal mask inside.
         ctx = g.node("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache],
                      f"{a}/attention", [f"{a}/attention/out", f"present.{i}.key", f"present.{i}.value"],
                      domain=MS_DOMAIN, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
                      scale=float(1.0 / np.sqrt(d)))[0]
-        hidden = g.op("Add", [hidden, weights.linear(ctx, load(f"{a}.o_proj.weight"), f"{a}.o_proj")],
+        hidden = g.op("Add", [hidden, weights.linear(ctx, load(f"{a}.o_proj.weight"), f"{a}.o_proj", block=i)],
                       f"{p}/attn_residual")
 
         x = rms_norm(hidden, f"{p}.post_attention_layernorm.weight")
         m = f"{p}.mlp"
         ffn = spec.ffn_size
         w_gate_up = np.concatenate([load(f"{m}.gate_proj.weight"), load(f"{m}.up_proj.weight")])
-        gate_up = weights.linear(x, w_gate_up, f"{m}.gate_up_proj")
+        gate_up = weights.linear(x, w_gate_up, f"{m}.gate_up_proj", block=i)
         del w_gate_up
         gate, up = g.node("Split", [gate_up, g.const([ffn, ffn])], f"{m}/split", 2, axis=-1)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{m}/sigmoid")], f"{m}/silu")
-        down = weights.linear(g.op("Mul", [act, up], f"{m}/gated"), load(f"{m}.down_proj.weight"), f"{m}.down_proj")
+        down = weights.linear(g.op("Mul", [act, up], f"{m}/gated"), load(f"{m}.down_proj.weight"), f"{m}.down_proj",
+                              block=i)
         hidden = g.op("Add", [hidden, down], f"{p}/mlp_residual")
 
     x = rms_norm(hidden, "model.norm.weight")
@@ -369,7 +398,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         data = ExternalData(tmp / DATA_FILE)
         try:
             g = GraphBuilder(data)
-            weights = _Weights(g, options.quant, block, symmetric, accuracy)
+            keep = FLOAT_LAYERS.get(options.quant, ((), 0)) if getattr(options, "float_layers", True) else ((), 0)
+            weights = _Weights(g, options.quant, block, symmetric, accuracy, keep, spec.n_layers)
             with progress_bar(len(model.tensors), f"onnx {options.quant}", options.progress) as bar:
                 inputs, outputs = _build_graph(model, g, weights, bar)
         finally:
@@ -397,6 +427,10 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     if weights.bits:
         kind = "symmetric" if symmetric else "asymmetric"
         notes.append(f"onnx {options.quant}: MatMulNBits, block {block}, {kind}, accuracy_level {accuracy}")
+        if weights.kept_float:
+            kinds = "/".join(weights.float_kinds) or "none"
+            notes.append(f"onnx {options.quant}: {len(weights.kept_float)} sensitive linear layers kept in f16 "
+                         f"({kinds} in every block, all of the last {weights.float_tail}; see FLOAT_LAYERS)")
     return ConvertResult(
         target="onnx", quant=options.quant, output=str(out), size_bytes=size, seconds=time.perf_counter() - start,
         tensor_types=count_types(weights.types), notes=notes, peak_rss_mib=peak_rss_mib(),

@@ -7,6 +7,8 @@ Tolerances (logits of the tiny models have a standard deviation of ~0.85):
   weights, which checks that MatMulNBits/GatherBlockQuantized read our bytes as written. With the default
   accuracy_level 4 (int8 activations inside the kernel) the error against the float model stays under
   0.25 (int8) and 2.5 (int4) logit standard deviations on these random tiny models.
+- int8 keeps q|k|v and the last two blocks in f16 by default (FLOAT_LAYERS); float_layers=False quantizes all,
+  which the byte-level checks use.
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ def test_tiny_f16_and_greedy_continuations(tiny_models, tmp_path, arch):
 def test_tiny_quantized_runs_as_written(tiny_models, tmp_path, arch, quant, bits):
     src = tiny_models[arch]
     exact = tmp_path / "exact"
-    convert(src, exact, quant, accuracy_level=0)
+    convert(src, exact, quant, accuracy_level=0, float_layers=False)
     reference = hf_model(src)
     load_stored_weights_into(reference, exact, bits)
     got = runner(exact).logits(TOKENS)
@@ -220,7 +222,8 @@ def test_tiny_quantized_runs_as_written(tiny_models, tmp_path, arch, quant, bits
     out = tmp_path / "default"
     result = convert(src, out, quant)
     block = 32 if quant == "int4" else 16
-    assert result.tensor_types == {f"{quant}-b{block}": 10}
+    # 2 blocks: int8 keeps all 8 of their linear layers (the last two blocks) in f16
+    assert result.tensor_types == ({f"{quant}-b{block}": 10} if quant == "int4" else {"int8-b16": 2, "f16": 8})
     assert f"block {block}" in result.notes[0]
     ref = hf_logits(hf_model(src), TOKENS)
     assert np.abs(runner(out).logits(TOKENS) - ref).max() / ref.std() < {"int4": 2.5, "int8": 0.25}[quant]
@@ -234,7 +237,7 @@ def test_widths_that_are_not_a_multiple_of_the_block_are_padded(tmp_path, quant,
 
     src = make_tiny_model(tmp_path / "odd", "llama", tie=True, seed=5, hidden=96, heads=3, kv_heads=1, ffn=80)
     out = tmp_path / quant
-    convert(src, out, quant, block_size=32, accuracy_level=0)
+    convert(src, out, quant, block_size=32, accuracy_level=0, float_layers=False)
     assert initializers(out)["model.layers.0.mlp.down_proj.weight_scales"].shape == (96, 3)
     reference = hf_model(src)
     load_stored_weights_into(reference, out, bits)
@@ -311,7 +314,8 @@ def test_smollm2_runs_in_onnxruntime_and_answers(smollm2, tmp_path, quant, bits)
 
     out = tmp_path / quant
     result = convert(smollm2, out, quant)
-    assert result.tensor_types == {f"{quant}-b{32 if bits == 4 else 16}": 122}
+    # int8: q|k|v of the 30 blocks and the other 3 layers of the last 2 blocks stay f16 (FLOAT_LAYERS)
+    assert result.tensor_types == ({"int4-b32": 122} if bits == 4 else {"int8-b16": 86, "f16": 36})
     # every weight's bytes are what onnxruntime's own quantizer (the genai model builder's) makes of it
     inits = initializers(out)
     block, symmetric = onnx_target.DEFAULTS[quant]
@@ -327,6 +331,10 @@ def test_smollm2_runs_in_onnxruntime_and_answers(smollm2, tmp_path, quant, bits)
             layers[f"{m}.gate_up_proj"] = [t[f"{m}.gate_proj.weight"], t[f"{m}.up_proj.weight"]]
             layers[f"{m}.down_proj"] = t[f"{m}.down_proj.weight"]
         for name, parts in layers.items():
+            if f"{name}.weight" in inits:  # kept in f16
+                w = np.concatenate([p.load() for p in parts]) if isinstance(parts, list) else parts.load()
+                np.testing.assert_array_equal(inits[f"{name}.weight"], w.T.astype(np.float16), err_msg=name)
+                continue
             w = np.concatenate([p.load() for p in parts]) if isinstance(parts, list) else parts.load()
             n, k = w.shape
             ref = np.zeros((n, k // block, block * bits // 8), np.uint8)
