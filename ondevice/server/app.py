@@ -77,6 +77,7 @@ class OndeviceServer(ThreadingHTTPServer):
         # model None: no server-side model (`ondevice serve --onnx DIR`): static files only, the page runs the
         # ONNX folder in the browser and the /v1 routes answer 404.
         self.engine = Engine(model, max_queue=max_queue) if model is not None else None
+        self.warm_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -98,6 +99,13 @@ class OndeviceServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def server_close(self) -> None:
+        # A daemon thread still inside llguidance's native code when the interpreter finalizes is torn down by a
+        # forced unwind through Rust frames: a segfault at exit (seen on Ctrl-C right after start). Wait for it.
+        if self.warm_thread is not None:
+            self.warm_thread.join(timeout=120)
+        super().server_close()
 
     def close(self) -> None:
         """Stop accepting, cancel generation, release the socket (call from another thread than serve_forever)."""
@@ -410,7 +418,8 @@ def create_server(model: Any, host: str = "127.0.0.1", port: int = 8080, *, mode
     name = model_id or (Path(model.path).stem if model is not None else Path(options["onnx_dir"]).name)
     server = OndeviceServer((host, port), model, model_id=name, **options)
     if model is not None:
-        threading.Thread(target=_warm_structured_output, args=(model,), daemon=True).start()
+        server.warm_thread = threading.Thread(target=_warm_structured_output, args=(model,), daemon=True)
+        server.warm_thread.start()
     return server
 
 
