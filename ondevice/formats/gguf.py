@@ -291,6 +291,12 @@ class GGUFFile:
             raise InvalidModelError(f"{self.path}: metadata {key!r} must be a number")
         return field.value
 
+    def drop_fields(self, prefix: str) -> None:
+        """Forget the parsed values of the keys starting with prefix (a runtime that keeps the file open for its
+        mapped weights does not need the ~10 MB of vocabulary strings once its tokenizer is built)."""
+        for key in [key for key in self.fields if key.startswith(prefix)]:
+            del self.fields[key]
+
     def get(self, key: str, default: Any = None) -> Any:
         """The plain value of a metadata key (numpy array for numeric arrays, list for string arrays)."""
         field = self.fields.get(key)

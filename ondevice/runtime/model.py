@@ -58,6 +58,18 @@ class GenerationStats:
         return data
 
 
+def _return_free_heap() -> None:
+    """Give the heap freed by the tokenizer build (Python strings, JSON, ~10 MB) back to the OS (glibc only)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl and others: nothing to do
+            pass
+
+
 class LanguageModel:
     """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
@@ -74,6 +86,8 @@ class LanguageModel:
         except BaseException:
             gguf.close()
             raise
+        gguf.drop_fields("tokenizer.ggml.")
+        _return_free_heap()
         k = kernels()
         if threads is not None:
             if threads < 1:
