@@ -2,8 +2,13 @@
 
 The program has one method, forward(tokens (1, S) int64, input_pos (1,) int64) -> logits (1, S, vocab), with S
 dynamic in 1..max_chunk (prefill takes chunks, decode takes one token). The KV cache is static, held in mutable
-buffers of max_seq_len positions: new K/V rows are written at input_pos.., and a position mask hides the rows
-beyond, so resetting the cache is just starting again at position 0.
+buffers of max_seq_len positions, and handled by ExecuTorch's own LLM kernels as in its llama example:
+llama::update_cache writes the new K/V rows at input_pos.. in place, llama::custom_sdpa attends causally to rows
+0..input_pos+S-1 only (GQA inside the kernel), so resetting the cache is just starting again at position 0. Each
+block is then one XNNPACK partition from its o_proj to the next block's q/k/v (RMSNorm's mean is a product with a
+constant row so it stays inside): n_layers + 1 delegates, and lowering SmolLM2-135M takes ~12 min instead of
+not finishing in 46 (the old index_copy_/masked-SDPA graph split into many more partitions). The runner loads the
+same kernel library before the program.
 
 Schemes: fp32; 8da4w (torchao: int8 dynamic per-token activations, int4 symmetric weights in groups of 32/64);
 int8 (8-bit dynamic activations, int8 per-channel weights). Every linear layer takes the scheme or the export
@@ -78,6 +83,12 @@ def require_torch_stack() -> None:
         raise MissingExtraError("--to executorch needs the executorch extra: pip install 'ondevice[executorch]'") from None
 
 
+def load_llm_ops() -> None:
+    """Register ExecuTorch's LLM ops (llama::update_cache, llama::custom_sdpa) with torch, and their kernels with
+    the ExecuTorch runtime in this process (both come from the library this import loads)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the torch module
 
@@ -88,9 +99,10 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
     from torch import nn
     from torch.nn import functional as F
 
+    load_llm_ops()
+
     spec = model.spec
     d, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
-    group = nh // nkv
 
     def load(name: str) -> Any:
         if bar is not None:
@@ -110,10 +122,15 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
             super().__init__()
             self.weight = nn.Parameter(weight, requires_grad=False)
 
-        def forward(self, x: Any) -> Any:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec.rms_eps) * self.weight
+            # The mean of squares as a product with a constant 1/width row: XNNPACK lowers mean.dim only over
+            # the inner dims of a 4-D tensor, so a plain mean(-1) would split every block's partition in three.
+            self.register_buffer("mean_row", torch.full((1, weight.shape[0]), 1.0 / weight.shape[0]),
+                                 persistent=False)
 
-    def rope(x: Any, cos: Any, sin: Any) -> Any:  # rotate-half, x (1, heads, S, d), cos/sin (S, d/2)
+        def forward(self, x: Any) -> Any:
+            return x * torch.rsqrt(F.linear(x * x, self.mean_row) + spec.rms_eps) * self.weight
+
+    def rope(x: Any, cos: Any, sin: Any) -> Any:  # rotate-half, x (1, S, heads, d), cos/sin (S, 1, d/2)
         first, second = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
@@ -130,26 +147,23 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
             self.gate_proj = linear(f"{p}.mlp.gate_proj")
             self.up_proj = linear(f"{p}.mlp.up_proj")
             self.down_proj = linear(f"{p}.mlp.down_proj")
-            self.register_buffer("k_cache", torch.zeros(1, nkv, max_seq, d), persistent=False)
-            self.register_buffer("v_cache", torch.zeros(1, nkv, max_seq, d), persistent=False)
+            # (1, positions, kv heads, head dim): the layout of ExecuTorch's llama::update_cache / custom_sdpa.
+            self.register_buffer("k_cache", torch.zeros(1, max_seq, nkv, d), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(1, max_seq, nkv, d), persistent=False)
 
-        def forward(self, x: Any, pos: Any, cos: Any, sin: Any, mask: Any, written: Any) -> Any:
+        def forward(self, x: Any, start: Any, cos: Any, sin: Any) -> Any:
             s = x.shape[1]
             h = self.input_layernorm(x)
-            q = rope(self.q_proj(h).view(1, s, nh, d).transpose(1, 2), cos, sin)
-            k = rope(self.k_proj(h).view(1, s, nkv, d).transpose(1, 2), cos, sin)
-            v = self.v_proj(h).view(1, s, nkv, d).transpose(1, 2)
-            self.k_cache.index_copy_(2, pos, k)
-            self.v_cache.index_copy_(2, pos, v)
-            # GQA: each KV head serves `group` query heads (a broadcast view, no stored copies).
-            # Rows never written hold whatever the runtime's planned memory held (ExecuTorch does not zero
-            # mutable buffers): zero them on read, or a NaN there would leak through the masked softmax.
-            keys = torch.where(written, self.k_cache, 0.0)
-            values = torch.where(written, self.v_cache, 0.0)
-            keys = keys[:, :, None].expand(1, nkv, group, max_seq, d).reshape(1, nh, max_seq, d)
-            values = values[:, :, None].expand(1, nkv, group, max_seq, d).reshape(1, nh, max_seq, d)
-            ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + self.o_proj(ctx.transpose(1, 2).reshape(1, s, nh * d))
+            q = rope(self.q_proj(h).view(1, s, nh, d), cos, sin)
+            k = rope(self.k_proj(h).view(1, s, nkv, d), cos, sin)
+            v = self.v_proj(h).view(1, s, nkv, d)
+            # ExecuTorch's own LLM kernels (the ones its llama example uses): the cache rows start.. are written in
+            # place, and the causal attention reads rows 0..start+S-1 only (never an unwritten row), with GQA
+            # handled inside the kernel. Everything between two of these is one XNNPACK partition.
+            torch.ops.llama.update_cache(k, self.k_cache, start)
+            torch.ops.llama.update_cache(v, self.v_cache, start)
+            ctx = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
+            x = x + self.o_proj(ctx.reshape(1, s, nh * d))
             h = self.post_attention_layernorm(x)
             return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -166,20 +180,19 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight = nn.Parameter(head.clone() if spec.tie_embeddings else head, requires_grad=False)
             inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-            angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
+            angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)[:, None, :]  # (max_seq, 1, d/2)
             self.register_buffer("rope_cos", torch.from_numpy(np.cos(angles).astype(np.float32)), persistent=False)
             self.register_buffer("rope_sin", torch.from_numpy(np.sin(angles).astype(np.float32)), persistent=False)
-            self.register_buffer("key_pos", torch.arange(max_seq, dtype=torch.int64), persistent=False)
 
         def forward(self, tokens: Any, input_pos: Any) -> Any:
             s = tokens.shape[1]
-            pos = input_pos + torch.arange(s, dtype=torch.int64)
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            mask = self.key_pos[None, :] <= pos[:, None]  # (S, max_seq): causal, and hides unwritten rows
-            written = (self.key_pos <= pos[-1])[:, None]  # (max_seq, 1): rows holding this sequence's K/V
+            start = input_pos[0].item()
+            torch._check_is_size(start)
+            torch._check(start + s <= max_seq)
+            cos, sin = self.rope_cos.narrow(0, start, s), self.rope_sin.narrow(0, start, s)
             x = self.embed_tokens(tokens)
             for block in self.layers:
-                x = block(x, pos, cos, sin, mask, written)
+                x = block(x, start, cos, sin)
             return self.lm_head(self.norm(x))
 
     return Decoder().eval()

@@ -39,6 +39,7 @@ class ExecuTorchTransformer:
     def __init__(self, pte: str | Path) -> None:
         try:
             import torch
+            from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 (llama:: kernels the .pte uses)
             from executorch.runtime import Runtime
         except ImportError:
             raise MissingExtraError("running .pte files needs the executorch extra: "
