@@ -4,11 +4,10 @@ The program has one method, forward(tokens (1, S) int64, input_pos (1,) int64) -
 dynamic in 1..max_chunk (prefill takes chunks, decode takes one token). The KV cache is static, held in mutable
 buffers of max_seq_len positions, and handled by ExecuTorch's own LLM kernels as in its llama example:
 llama::update_cache writes the new K/V rows at input_pos.. in place, llama::custom_sdpa attends causally to rows
-0..input_pos+S-1 only (GQA inside the kernel), so resetting the cache is just starting again at position 0. Each
-block is then one XNNPACK partition from its o_proj to the next block's q/k/v (RMSNorm's mean is a product with a
-constant row so it stays inside): n_layers + 1 delegates, and lowering SmolLM2-135M takes ~12 min instead of
-not finishing in 46 (the old index_copy_/masked-SDPA graph split into many more partitions). The runner loads the
-same kernel library before the program.
+0..input_pos+S-1 only (GQA inside the kernel), so resetting the cache is just starting again at position 0. The
+graph breaks only at those kernels (RMSNorm's mean is a product with a constant row, so XNNPACK takes it too): 5
+delegates instead of 22 on a 2-block model, and SmolLM2-135M exports in ~12 min where the old index_copy_ /
+masked-SDPA graph had not finished after 46. The runner loads the same kernel library before the program.
 
 Schemes: fp32; 8da4w (torchao: int8 dynamic per-token activations, int4 symmetric weights in groups of 32/64);
 int8 (8-bit dynamic activations, int8 per-channel weights). Every linear layer takes the scheme or the export
