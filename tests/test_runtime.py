@@ -85,12 +85,19 @@ def test_tokenizer_matches_llama_cpp(smollm2):
         assert model.tokenize(text) == want
 
 
-# Both runtimes quantize activations to 8 bits, in different block formats, so their logits differ by about as
-# much as each differs from an exact f32 evaluation of the same weights. Measured on SmolLM2 Q4_1, RMS logit
-# difference / logit std per position, mean (max): ondevice vs exact 0.065 (0.17), llama.cpp vs exact 0.080 (0.36),
-# ondevice vs llama.cpp 0.079 (0.31). Tolerance: mean < 0.12, every position < 0.4, top-1 agreement >= 90%.
+# The oracle is transformers in float64 on the file's own weights, dequantized (`convert --to hf`): the exact
+# evaluation that both runtimes approximate by quantizing activations to 8 bits (ondevice the same way as llama.cpp,
+# but float sums in a different order, and an 8-bit rounding that flips amplifies through 30 layers). Measured on
+# SmolLM2, RMS logit error / logit std per position, mean: Q4_1 ondevice 0.069, llama.cpp 0.069; Q4_K_M 0.119 and
+# 0.109. llama.cpp moves by 0.04-0.09 between its own batched and token-by-token paths, so the two runtimes differ
+# from each other by about sqrt(2) x their error (0.08-0.13). Tolerance: ondevice's error at most 1.25 x
+# llama.cpp's + 0.01, worst position at most 1.5 x llama.cpp's worst + 0.05 (on Q4_0 both have one position near
+# 1.0: 1.02 and 0.85); ondevice vs llama.cpp mean < 0.2 and top-1 agreement >= 90%.
 @pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m"])
-def test_smollm2_logits_match_llama_cpp(smol_variants, quant):
+def test_smollm2_logits_as_close_to_exact_as_llama_cpp(smol_variants, tmp_path, quant):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     path = smol_variants[quant]
     with ondevice.load(path, n_ctx=128) as model:
         tokens = model.prompt_tokens([{"role": "user", "content": PROMPTS[2]}])
@@ -101,9 +108,20 @@ def test_smollm2_logits_match_llama_cpp(smol_variants, quant):
         theirs = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     finally:
         llm.close()
-    spread = theirs.std(axis=-1)
-    rms = np.sqrt(((ours - theirs) ** 2).mean(axis=-1)) / spread
-    assert rms.mean() < 0.12 and rms.max() < 0.4, f"RMS relative logit difference {rms.mean():.4f} ({rms.max():.4f})"
+    assert cli(["convert", str(path), "--to", "hf", "-o", str(tmp_path / "hf"), "--no-progress"]) == 0
+    exact_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    with torch.no_grad():
+        exact = exact_model(torch.tensor([tokens])).logits[0].numpy()
+
+    def error(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        return np.sqrt(((logits - ref) ** 2).mean(axis=-1)) / ref.std(axis=-1)
+
+    ours_err, theirs_err, between = error(ours, exact), error(theirs, exact), error(ours, theirs)
+    print(f"\nSmolLM2 {quant}: error vs exact ondevice {ours_err.mean():.4f} (max {ours_err.max():.4f}), "
+          f"llama.cpp {theirs_err.mean():.4f} (max {theirs_err.max():.4f}); between {between.mean():.4f}")
+    assert ours_err.mean() <= 1.25 * theirs_err.mean() + 0.01
+    assert ours_err.max() <= 1.5 * theirs_err.max() + 0.05
+    assert between.mean() < 0.2
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
 
 
