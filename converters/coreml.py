@@ -4,9 +4,11 @@ own weights (no torch), with a stateful fp16 KV cache.
 Program "main": input_ids (1, S) int32 with S flexible in 1..max_seq, position (1,) int32 (the first token's
 position); states key_cache / value_cache (n_layers, kv_heads, max_seq, head_dim) fp16; output logits (1, S,
 vocab). Everything computes in fp16. New K/V rows are written at position.. with slice_update, keys past the
-query's position are masked. Weights: fp16; int8 per output channel; int4 symmetric in blocks of 32 along the
-input (constexpr_blockwise_shift_scale, iOS 18). Every linear weight and the embedding table are quantized by
-name (the tied output layer reuses the embedding's const, so its bytes are stored once).
+query's position are masked. Weights: fp16; int8 per output channel; int4 in blocks of 32 along the input
+(constexpr_blockwise_shift_scale, iOS 18): a weight the source already stores as Q4_0/Q4_1 in such blocks keeps its
+own grid (codes copied, fp16 scale and offset: lossless), any other is quantized symmetric by coremltools. Every
+linear weight and the embedding table are quantized (the tied output layer reuses the embedding's, so its bytes
+are stored once).
 
 The package cannot be run on Linux; ondevice.runners.coreml_interpreter evaluates the saved program with numpy,
 which is how the tests prove it. `<stem>.json` (manifest) and `<stem>.tokenizer.json` are written beside it.
@@ -84,8 +86,41 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     return np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
 
 
-def build_program(model: CanonicalModel, max_seq: int, bar: Any = None) -> tuple[Any, list[str]]:
-    """The MIL program (fp16) and the names of the weight consts to quantize (linears and the embedding)."""
+def source_grid(model: CanonicalModel, name: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The source's own 4-bit grid for `name` as Core ML's scale * (code - offset): (uint8 codes (N, K), fp16 scale,
+    fp16 offset (N, K / block)), when the tensor is stored as Q4_0/Q4_1 in blocks of `block`; else None.
+
+    Re-quantizing an already 4-bit weight onto a second 4-bit grid doubles its error (SmolLM2 Q4_1 -> symmetric int4:
+    top-1 55%); the Q4_1 grid (weight = d * code + m) is exactly a blockwise shift-scale with offset -m / d."""
+    tensor = model.tensors[name]
+    if tensor.raw is None or len(tensor.shape) != 2:
+        return None
+    qtype, rows = tensor.raw()
+    if qtype.block_size != block:
+        return None
+    grid = qtype.affine_codes(rows, tensor.shape[-1])
+    if grid is None:
+        return None
+    codes, scale, bias = grid
+    flat = scale == 0  # a constant block: code 1 times its value
+    codes = np.where(np.repeat(flat, block, axis=1), np.uint8(1), codes)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        offset = np.where(flat, 0.0, -bias / np.where(flat, 1.0, scale)).astype(np.float16)
+    scale16 = np.where(flat, bias, scale).astype(np.float16)
+    want = (codes.reshape(*scale.shape, block) * scale[..., None] + bias[..., None]).reshape(codes.shape)
+    got = ((codes.reshape(*scale.shape, block) - offset[..., None].astype(np.float32))
+           * scale16[..., None].astype(np.float32)).reshape(codes.shape)
+    # fp16 offsets round -m/d by <= 2^-11 relative: far below a code step; refuse anything else (overflow, inf)
+    step = np.repeat(np.abs(np.where(flat, bias, scale)), block, axis=1)  # Q4_0 scales can be negative
+    if not (np.isfinite(got).all() and (np.abs(got - want) <= step / 64 + 1e-7).all()):
+        return None
+    return codes, scale16, offset
+
+
+def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
+                  grid_block: int | None = None) -> tuple[Any, list[str], list[str]]:
+    """The MIL program (fp16), the names of the weight consts still to quantize (linears and the embedding) and the
+    names whose source 4-bit grid was copied as int4 blocks of `grid_block` (None: copy nothing)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import get_new_symbol, types
@@ -95,6 +130,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None) -> tuple
     group = nh // nkv
     fp16 = np.float16
     weight_names: list[str] = []
+    copied_names: list[str] = []
 
     def load(name: str) -> np.ndarray:
         if bar is not None:
@@ -117,8 +153,19 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None) -> tuple
                 weight_names.append(name)
             return mb.const(val=value.astype(fp16), name=mil_name(name))
 
+        def quantized_weight(name: str) -> Any:
+            grid = source_grid(model, name, grid_block) if grid_block else None
+            if grid is None:
+                return weight(name, load(name), True)
+            if bar is not None:
+                bar.update(1)
+            codes, grid_scale, offset = grid
+            copied_names.append(name)
+            return mb.constexpr_blockwise_shift_scale(data=codes.astype(types.np_uint4_dtype), scale=grid_scale,
+                                                      offset=offset, name=mil_name(name))
+
         def linear(x: Any, prefix: str, bias: bool = False) -> Any:
-            w = weight(f"{prefix}.weight", load(f"{prefix}.weight"), True)
+            w = quantized_weight(f"{prefix}.weight")
             b = mb.const(val=load(f"{prefix}.bias").astype(fp16), name=mil_name(f"{prefix}.bias")) if bias else None
             return mb.linear(x=x, weight=w, bias=b, name=f"{prefix}/out") if b is not None else \
                 mb.linear(x=x, weight=w, name=f"{prefix}/out")
@@ -156,9 +203,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None) -> tuple
             return mb.transpose(x=mb.reshape(x=x, shape=[-1, n, d], name=f"{name}/split"), perm=[1, 0, 2],
                                 name=f"{name}/heads")
 
-        table = load("model.embed_tokens.weight")
-        embed = weight("model.embed_tokens.weight", table, True)
-        del table
+        embed = quantized_weight("model.embed_tokens.weight")
         hidden = mb.gather(x=embed, indices=input_ids, axis=0, name="embed")  # (1, S, hidden)
         scale = fp16(1.0 / np.sqrt(d))
         for i in range(n_layers):
@@ -203,10 +248,10 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None) -> tuple
         if spec.tie_embeddings:
             head = embed
         else:
-            head = weight("lm_head.weight", load("lm_head.weight"), True)
+            head = quantized_weight("lm_head.weight")
         return mb.linear(x=x, weight=head, name="logits")
 
-    return main, weight_names
+    return main, weight_names, copied_names
 
 
 def quantize(mlmodel: Any, quant: str, block: int, names: list[str]) -> Any:
@@ -238,9 +283,10 @@ def count_weight_ops(package: Path) -> dict[str, int]:
 
 
 def make_manifest(model: CanonicalModel, quant: str, block: int | None, max_seq: int, names: list[str],
-                  package: Path) -> dict[str, Any]:
+                  package: Path, copied: list[str] | None = None) -> dict[str, Any]:
     spec, special = model.spec, model.special
     scheme = {"fp16": "fp16", "int8": "int8-per-channel", "int4": f"int4-block{block}"}[quant]
+    layers = dict.fromkeys(names, scheme) | dict.fromkeys(copied or [], f"int4-block{block}-source-grid")
     return {
         "format": MANIFEST_FORMAT,
         "package": package.name,
@@ -255,7 +301,7 @@ def make_manifest(model: CanonicalModel, quant: str, block: int | None, max_seq:
                     "pad_id": special.pad_id, "add_bos": special.add_bos},
         "chat_template": model.chat_template,
         "generation": {k: v for k, v in model.generation_config.items() if v is not None},
-        "layers": dict.fromkeys(names, scheme),
+        "layers": layers,
     }
 
 
@@ -281,18 +327,18 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         check_output_path(path, options.force)
 
     with progress_bar(len(model.tensors), f"coreml {quant}", options.progress) as bar:
-        program, names = build_program(model, max_seq, bar)
+        program, names, copied = build_program(model, max_seq, bar, grid_block=block if quant == "int4" else None)
     inputs = [ct.TensorType(name="input_ids", shape=(1, ct.RangeDim(1, max_seq, default=1)), dtype=np.int32),
               ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
     mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, inputs=inputs,
                          compute_precision=ct.precision.FLOAT16, skip_model_load=True)
     del program
-    if quant != "fp16":
+    if quant != "fp16" and names:
         mlmodel = quantize(mlmodel, quant, block or 0, names)
     mlmodel.short_description = f"{spec.arch} decoder ({spec.name}), {quant}, stateful KV cache of {max_seq}"
 
     write_text_atomic(tokenizer_path(out), model.tokenizer_json, force=options.force)
-    manifest = make_manifest(model, quant, block, max_seq, names, out)
+    manifest = make_manifest(model, quant, block, max_seq, names, out, copied)
     write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n", force=options.force)
     with atomic_output(out, force=options.force, directory=True) as tmp:
         staging = tmp / "model.mlpackage"  # coremltools wants the suffix; move its contents up after saving
@@ -302,7 +348,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         staging.rmdir()
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     ops = count_weight_ops(out)
-    types = [manifest["layers"][n] for n in names]
+    types = list(manifest["layers"].values())
     notes = [f"coreml {quant}: mlprogram iOS18, fp16 state KV cache of {max_seq}; weight producers {ops}; "
              f"manifest {manifest_path(out).name}"]
     return ConvertResult(target="coreml", quant=quant, output=str(out), size_bytes=size,

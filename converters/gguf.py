@@ -14,13 +14,13 @@ from ondevice.converters.base import (
     peak_rss_mib,
     progress_bar,
 )
-from ondevice.quant.recipes import RECIPES, choose_tensor_type
 
 from ondevice.architectures import get_architecture
 from ondevice.architectures.base import permute_for_gguf
 from ondevice.formats.gguf import PlannedTensor, TypedValue, ValueType, write_gguf
 from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.quant import QuantType
+from ondevice.quant.recipes import RECIPES, choose_tensor_type
 
 TARGET = Target(
     name="gguf",

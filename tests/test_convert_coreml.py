@@ -85,3 +85,42 @@ def test_block_size_that_does_not_divide_is_refused(tiny_models, tmp_path):
     with pytest.raises(UnsupportedError, match="does not divide"):
         convert(tiny_models["llama"], tmp_path / "x.mlpackage", "int4", block_size=128)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("source_quant", ["q4_1", "q4_0"])
+def test_int4_from_a_4bit_gguf_keeps_the_source_grid(tiny_models, tmp_path, source_quant):
+    from ondevice.converters.coreml import count_weight_ops, mil_name
+
+    from ondevice.cli import main as cli
+    from ondevice.runners.coreml_interpreter import load_program
+    from ondevice.sources import open_source
+
+    gguf = tmp_path / f"qwen2-{source_quant}.gguf"
+    assert cli(["convert", str(tiny_models["qwen2"]), "--to", "gguf", "--quant", source_quant, "-o", str(gguf),
+                "--pre", "gpt-2", "--no-progress"]) == 0
+    out = tmp_path / "m.mlpackage"
+    convert(gguf, out, "int4")
+    layers = json.loads(out.with_suffix(".json").read_text())["layers"]
+    copied = [name for name, scheme in layers.items() if scheme == "int4-block32-source-grid"]
+    assert count_weight_ops(out) == {"constexpr_blockwise_shift_scale": 16}
+    # The saved package's weights are the GGUF's, up to the fp16 rounding of the offset (< 1/64 of a code step).
+    program = load_program(out)
+    ops = {op.name: op for op in program.functions["main"].operations}
+    source = open_source(str(gguf))
+    try:
+        # every weight the GGUF holds at 4 bits (the 14 linears and the embedding; its output layer is 8-bit and
+        # is quantized to int4 as before)
+        held = sorted(n for n in layers if source.tensors[n].source_dtype == source_quant)
+        assert sorted(copied) == held and len(held) == 15 and layers["lm_head.weight"] == "int4-block32", layers
+        for name in copied:
+            op = ops[mil_name(name)]
+            data = op.inputs["data"].val.astype(np.float32)
+            scale, offset = (op.inputs[k].val.astype(np.float32) for k in ("scale", "offset"))
+            saved = ((data.reshape(*scale.shape, 32) - offset[..., None]) * scale[..., None]).reshape(data.shape)
+            step = np.repeat(np.abs(scale), 32, axis=1)
+            assert (np.abs(saved - source.tensors[name].load()) <= step / 64 + 1e-7).all(), name
+    finally:
+        source.close()
+    ref = transformers_logits(tiny_models["qwen2"], TOKENS)
+    got = interpreted(out, TOKENS, split=4)
+    assert np.sqrt(np.mean((got - ref) ** 2)) / ref.std() < 0.35

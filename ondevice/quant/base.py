@@ -61,6 +61,12 @@ class QuantType(ABC):
         rows = np.ascontiguousarray(data).reshape(-1, nbytes)
         return self._dequantize_rows(rows, n).reshape(*data.shape[:-1], n)
 
+    def affine_codes(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The stored 4-bit grid as (codes uint8 (rows, n) in 0..15, scale, bias float32 (rows, n / block_size)),
+        with weight = scale * code + bias exactly; None for types that are not a 4-bit affine grid. Writers whose
+        target format is affine 4-bit in the same blocks copy the grid instead of re-quantizing onto a second one."""
+        return None
+
     # Subclasses with per-block formats implement _quantize_blocks/_dequantize_blocks; the row methods
     # split the work into bounded chunks of independent blocks.
     chunk_blocks: int = 32768

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ondevice.errors import InvalidModelError
 from ondevice.quant.base import QuantType, fp16_bits, fp16_to_f32, pack_nibbles
 
 F32 = np.float32
@@ -54,6 +55,23 @@ def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
     return (((mask >> np.arange(QK, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
 
 
+def _affine_blocks(qtype: QuantType, data: np.ndarray, n: int) -> np.ndarray:
+    """Validated raw rows -> one block per row (the checks of QuantType.dequantize)."""
+    data = np.asarray(data)
+    nbytes = qtype.row_nbytes(n)
+    if data.dtype != np.uint8 or data.ndim == 0 or data.shape[-1] != nbytes:
+        raise InvalidModelError(f"{qtype.name} data of shape {data.shape} does not hold rows of {n} weights")
+    return np.ascontiguousarray(data).reshape(-1, qtype.type_size)
+
+
+def _affine_result(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, data: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = int(np.prod(data.shape[:-1], dtype=np.int64))
+    per_row = n // QK
+    return (codes.reshape(rows, n), scale.reshape(rows, per_row).astype(F32),
+            bias.reshape(rows, per_row).astype(F32))
+
+
 class Q8_0(QuantType):
     name = "q8_0"
     ggml_type = 8
@@ -88,6 +106,11 @@ class Q4_0(QuantType):
         q = _unpack_nibbles(blocks[:, 2:]).astype(np.int8) - 8
         return q.astype(F32) * d[:, None]
 
+    def affine_codes(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        blocks = _affine_blocks(self, data, n)
+        d = fp16_to_f32(blocks[:, :2])
+        return _affine_result(_unpack_nibbles(blocks[:, 2:]), d, d * F32(-8), data, n)
+
 
 class Q4_1(QuantType):
     name = "q4_1"
@@ -109,6 +132,11 @@ class Q4_1(QuantType):
         m = fp16_to_f32(blocks[:, 2:4])
         q = _unpack_nibbles(blocks[:, 4:]).astype(F32)
         return q * d[:, None] + m[:, None]
+
+    def affine_codes(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        blocks = _affine_blocks(self, data, n)
+        d, m = fp16_to_f32(blocks[:, 0:2]), fp16_to_f32(blocks[:, 2:4])
+        return _affine_result(_unpack_nibbles(blocks[:, 4:]), d, m, data, n)
 
 
 class Q5_0(QuantType):
