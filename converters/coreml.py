@@ -5,8 +5,9 @@ Program "main": input_ids (1, S) int32 with S flexible in 1..max_seq, position (
 position); states key_cache / value_cache (n_layers, kv_heads, max_seq, head_dim) fp16; output logits (1, S,
 vocab). Everything computes in fp16. New K/V rows are written at position.. with slice_update, keys past the
 query's position are masked. Weights: fp16; int8 per output channel; int4 in blocks of 32 along the input
-(constexpr_blockwise_shift_scale, iOS 18): a weight the source already stores as Q4_0/Q4_1 in such blocks keeps its
-own grid (codes copied, fp16 scale and offset: lossless), any other is quantized symmetric by coremltools. Every
+(constexpr_blockwise_shift_scale, iOS 18): symmetric, by coremltools, except from a source that stores weights as
+Q4_0/Q4_1 in such blocks: those keep their own grid (codes copied, fp16 scale and offset: lossless) and the source's
+other weights are quantized the way Q4_1 is (asymmetric, offset beside the scale: 5 bits per weight). Every
 linear weight and the embedding table are quantized (the tied output layer reuses the embedding's, so its bytes
 are stored once).
 
@@ -86,6 +87,9 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     return np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
 
 
+GRID_TYPES = ("q4_0", "q4_1")  # source types whose 4-bit blocks of 32 an int4 package can hold as they are
+
+
 def source_grid(model: CanonicalModel, name: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The source's own 4-bit grid for `name` as Core ML's scale * (code - offset): (uint8 codes (N, K), fp16 scale,
     fp16 offset (N, K / block)), when the tensor is stored as Q4_0/Q4_1 in blocks of `block`; else None.
@@ -93,15 +97,26 @@ def source_grid(model: CanonicalModel, name: str, block: int) -> tuple[np.ndarra
     Re-quantizing an already 4-bit weight onto a second 4-bit grid doubles its error (SmolLM2 Q4_1 -> symmetric int4:
     top-1 55%); the Q4_1 grid (weight = d * code + m) is exactly a blockwise shift-scale with offset -m / d."""
     tensor = model.tensors[name]
-    if tensor.raw is None or len(tensor.shape) != 2:
+    if tensor.raw is None or len(tensor.shape) != 2 or tensor.source_dtype not in GRID_TYPES:
         return None
     qtype, rows = tensor.raw()
     if qtype.block_size != block:
         return None
-    grid = qtype.affine_codes(rows, tensor.shape[-1])
-    if grid is None:
-        return None
-    codes, scale, bias = grid
+    return shift_scale(*qtype.affine_codes(rows, tensor.shape[-1]), block)
+
+
+def asymmetric_grid(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`values` quantized the way Q4_1 is (per block of 32: d = (max - min) / 15, m = min), as a shift-scale."""
+    from ondevice.quant import get_quant_type
+
+    q4_1 = get_quant_type("q4_1")
+    return shift_scale(*q4_1.affine_codes(q4_1.quantize(values), values.shape[-1]), 32)
+
+
+def shift_scale(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """weight = scale * code + bias (float32 per block) -> (codes, fp16 scale, fp16 offset) with weight = scale *
+    (code - offset), checked to within 1/64 of a code step; None where fp16 cannot hold it (then re-quantize)."""
     flat = scale == 0  # a constant block: code 1 times its value
     codes = np.where(np.repeat(flat, block, axis=1), np.uint8(1), codes)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -118,9 +133,9 @@ def source_grid(model: CanonicalModel, name: str, block: int) -> tuple[np.ndarra
 
 
 def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
-                  grid_block: int | None = None) -> tuple[Any, list[str], list[str]]:
-    """The MIL program (fp16), the names of the weight consts still to quantize (linears and the embedding) and the
-    names whose source 4-bit grid was copied as int4 blocks of `grid_block` (None: copy nothing)."""
+                  grid_block: int | None = None) -> tuple[Any, list[str], dict[str, list[str]]]:
+    """The MIL program (fp16), the names of the weight consts still to quantize (linears and the embedding) and
+    those already in int4 blocks of `grid_block` (None: none), by kind ("source-grid", "asymmetric")."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import get_new_symbol, types
@@ -131,6 +146,10 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
     fp16 = np.float16
     weight_names: list[str] = []
     copied_names: list[str] = []
+    asymmetric_names: list[str] = []
+    # A source stored as Q4_0/Q4_1 gives an asymmetric 5-bit package: its grids are copied and the weights it holds
+    # otherwise (SmolLM2: the 8-bit embedding / output layer) get the same form rather than symmetric int4.
+    follow_source = grid_block == 32 and any(t.source_dtype in GRID_TYPES for t in model.tensors.values())
 
     def load(name: str) -> np.ndarray:
         if bar is not None:
@@ -155,12 +174,17 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
 
         def quantized_weight(name: str) -> Any:
             grid = source_grid(model, name, grid_block) if grid_block else None
+            if grid is not None:
+                if bar is not None:
+                    bar.update(1)
+                copied_names.append(name)
+            elif follow_source:  # the rest in the same asymmetric form as the copied weights
+                grid = asymmetric_grid(load(name))
+                if grid is not None:
+                    asymmetric_names.append(name)
             if grid is None:
                 return weight(name, load(name), True)
-            if bar is not None:
-                bar.update(1)
             codes, grid_scale, offset = grid
-            copied_names.append(name)
             return mb.constexpr_blockwise_shift_scale(data=codes.astype(types.np_uint4_dtype), scale=grid_scale,
                                                       offset=offset, name=mil_name(name))
 
@@ -251,7 +275,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
             head = quantized_weight("lm_head.weight")
         return mb.linear(x=x, weight=head, name="logits")
 
-    return main, weight_names, copied_names
+    return main, weight_names, {"source-grid": copied_names, "asymmetric": asymmetric_names}
 
 
 def quantize(mlmodel: Any, quant: str, block: int, names: list[str]) -> Any:
@@ -283,10 +307,12 @@ def count_weight_ops(package: Path) -> dict[str, int]:
 
 
 def make_manifest(model: CanonicalModel, quant: str, block: int | None, max_seq: int, names: list[str],
-                  package: Path, copied: list[str] | None = None) -> dict[str, Any]:
+                  package: Path, prequantized: dict[str, list[str]] | None = None) -> dict[str, Any]:
     spec, special = model.spec, model.special
     scheme = {"fp16": "fp16", "int8": "int8-per-channel", "int4": f"int4-block{block}"}[quant]
-    layers = dict.fromkeys(names, scheme) | dict.fromkeys(copied or [], f"int4-block{block}-source-grid")
+    layers = dict.fromkeys(names, scheme)
+    for kind, kind_names in (prequantized or {}).items():
+        layers |= dict.fromkeys(kind_names, f"int4-block{block}-{kind}")
     return {
         "format": MANIFEST_FORMAT,
         "package": package.name,
@@ -327,7 +353,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         check_output_path(path, options.force)
 
     with progress_bar(len(model.tensors), f"coreml {quant}", options.progress) as bar:
-        program, names, copied = build_program(model, max_seq, bar, grid_block=block if quant == "int4" else None)
+        program, names, prequantized = build_program(model, max_seq, bar, grid_block=block if quant == "int4" else None)
     inputs = [ct.TensorType(name="input_ids", shape=(1, ct.RangeDim(1, max_seq, default=1)), dtype=np.int32),
               ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
     mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, inputs=inputs,
@@ -338,7 +364,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     mlmodel.short_description = f"{spec.arch} decoder ({spec.name}), {quant}, stateful KV cache of {max_seq}"
 
     write_text_atomic(tokenizer_path(out), model.tokenizer_json, force=options.force)
-    manifest = make_manifest(model, quant, block, max_seq, names, out, copied)
+    manifest = make_manifest(model, quant, block, max_seq, names, out, prequantized)
     write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n", force=options.force)
     with atomic_output(out, force=options.force, directory=True) as tmp:
         staging = tmp / "model.mlpackage"  # coremltools wants the suffix; move its contents up after saving

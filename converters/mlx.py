@@ -5,7 +5,8 @@ model.safetensors (metadata {"format": "mlx"}) with HF tensor names, tokenizer f
 A quantized layer `<path>` is stored as `<path>.weight` (uint32, 32/bits codes per word, lowest bits first),
 `<path>.scales` and `<path>.biases` (one each per group of `group_size` inputs, float16); a weight is
 `scale * code + bias`. The codes, scales and biases are bit-identical to `mx.quantize` on the float16 weight,
-which is what `mlx_lm.convert --dtype float16 -q` stores. Linear layers and the embedding are quantized; a layer
+which is what `mlx_lm.convert --dtype float16 -q` stores, except for int4 in groups of 32 from a source that
+already stores the weight as Q4_0/Q4_1: that grid is the same affine form and is copied exactly (lossless). Linear layers and the embedding are quantized; a layer
 whose input width the group size does not divide stays float16 (as mlx_lm.convert does) and is reported. With
 tied embeddings the quantized embedding also serves as the output layer (mlx-lm's `as_linear`).
 """
@@ -158,10 +159,34 @@ class _QuantizedLayer:
 
     def part(self, which: str) -> np.ndarray:
         if not self.parts:
-            w16 = self.tensor.load().astype(np.float16)  # mlx_lm.convert casts to the model dtype first
-            packed, scales, biases = _quantize_rows(w16, self.group_size, self.bits)
-            self.parts = {"weight": packed, "scales": scales, "biases": biases}
+            grid = source_grid(self.tensor, self.group_size, self.bits)
+            if grid is None:
+                w16 = self.tensor.load().astype(np.float16)  # mlx_lm.convert casts to the model dtype first
+                grid = _quantize_rows(w16, self.group_size, self.bits)
+            self.parts = dict(zip(("weight", "scales", "biases"), grid, strict=True))
         return self.parts.pop(which)  # each part is written once; drop it as soon as it is
+
+
+def keeps_source_grid(tensor: LazyTensor, group_size: int, bits: int) -> bool:
+    """Whether the source stores this weight on a grid mlx can hold as is (Q4_0/Q4_1: 4 bits in blocks of 32)."""
+    return bits == 4 and group_size == 32 and tensor.raw is not None and tensor.source_dtype in ("q4_0", "q4_1")
+
+
+def source_grid(tensor: LazyTensor, group_size: int, bits: int) -> tuple[np.ndarray, ...] | None:
+    """The source's own 4-bit grid in mlx's layout (packed codes, fp16 scales, fp16 biases), or None.
+
+    Q4_1's weight = d * code + m is mlx's affine scale * code + bias with the same fp16 numbers (Q4_0: bias -8 d),
+    so the copy is exact, where mx.quantize would put the weights on a second grid and double their error."""
+    if not keeps_source_grid(tensor, group_size, bits):
+        return None
+    qtype, rows = tensor.raw()
+    codes, scale, bias = qtype.affine_codes(rows, tensor.shape[-1])
+    scales, biases = scale.astype(np.float16), bias.astype(np.float16)
+    if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
+        return None
+    shifts = np.arange(8, dtype=np.uint32) * np.uint32(4)
+    packed = np.bitwise_or.reduce(codes.astype(np.uint32).reshape(codes.shape[0], -1, 8) << shifts, axis=-1)
+    return packed, scales, biases
 
 
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
@@ -179,6 +204,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     layer_entries: dict[str, Any] = {}
     plan_by_tensor = {id(p.tensor): p for p in plans}
     group_counts: dict[int, int] = {}
+    offered_grid = 0  # layers stored as Q4_0/Q4_1 that --group-size 32 would copy instead of re-quantize
     for name, tensor in model.tensors.items():
         plan = plan_by_tensor.get(id(tensor))
         if bits is None or plan is None:
@@ -204,7 +230,10 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
                                          lambda layer=layer: layer.part("scales")))
         planned.append(PlannedSafeTensor(f"{plan.module}.biases", "F16", (rows, width // group),
                                          lambda layer=layer: layer.part("biases")))
-        types.append(f"{quant}-g{group}")
+        copied = keeps_source_grid(tensor, group, bits)
+        types.append(f"{quant}-g{group}" + ("-source-grid" if copied else ""))
+        if bits == 4 and group != 32 and keeps_source_grid(tensor, 32, bits):
+            offered_grid += 1
 
     config = hf_model_config(model, {"bf16": "bfloat16"}.get(quant, "float16"))
     if bits is not None:
@@ -219,6 +248,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         if requested is None:
             used = ", ".join(f"group {g} for {n} layers" for g, n in sorted(group_counts.items(), reverse=True))
             notes.append(f"mlx {quant}: {used} (64 where the layer width allows it, else 32)")
+        if offered_grid:
+            notes.append(f"mlx {quant}: the source stores {offered_grid} of these weights as 4-bit blocks of 32; "
+                         f"--group-size 32 keeps that grid exactly instead of re-quantizing onto a second one")
 
     with atomic_output(out, force=options.force, directory=True) as tmp:
         with progress_bar(len(planned), f"mlx {quant}", options.progress) as bar:

@@ -108,10 +108,11 @@ def test_int4_from_a_4bit_gguf_keeps_the_source_grid(tiny_models, tmp_path, sour
     ops = {op.name: op for op in program.functions["main"].operations}
     source = open_source(str(gguf))
     try:
-        # every weight the GGUF holds at 4 bits (the 14 linears and the embedding; its output layer is 8-bit and
-        # is quantized to int4 as before)
+        # every weight the GGUF holds at 4 bits (the 14 linears and the embedding); its 8-bit output layer is
+        # quantized in the same asymmetric form (Q4_1's rule), not symmetric
         held = sorted(n for n in layers if source.tensors[n].source_dtype == source_quant)
-        assert sorted(copied) == held and len(held) == 15 and layers["lm_head.weight"] == "int4-block32", layers
+        assert sorted(copied) == held and len(held) == 15, layers
+        assert layers["lm_head.weight"] == "int4-block32-asymmetric", layers
         for name in copied:
             op = ops[mil_name(name)]
             data = op.inputs["data"].val.astype(np.float32)
@@ -121,6 +122,10 @@ def test_int4_from_a_4bit_gguf_keeps_the_source_grid(tiny_models, tmp_path, sour
             assert (np.abs(saved - source.tensors[name].load()) <= step / 64 + 1e-7).all(), name
     finally:
         source.close()
-    ref = transformers_logits(tiny_models["qwen2"], TOKENS)
+    # Against the GGUF's own weights only the output layer's 4-bit rounding and fp16 arithmetic remain: RMS 0.08 of
+    # the logit spread, worst logit 0.38 (with that layer symmetric int4: worst 0.68).
+    exact = tmp_path / "exact-hf"
+    assert cli(["convert", str(gguf), "--to", "hf", "-o", str(exact), "--no-progress"]) == 0
+    ref = transformers_logits(exact, TOKENS)
     got = interpreted(out, TOKENS, split=4)
-    assert np.sqrt(np.mean((got - ref) ** 2)) / ref.std() < 0.35
+    assert np.sqrt(np.mean((got - ref) ** 2)) / ref.std() < 0.15 and np.abs(got - ref).max() / ref.std() < 0.5

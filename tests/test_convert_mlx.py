@@ -281,3 +281,34 @@ def test_smollm2_loads_in_mlx_lm_and_answers(smollm2, tmp_path, quant):
     prompt = run.chat_tokens([{"role": "user", "content": "Explain what a CPU does in one sentence."}])
     reply = run.decode(run.greedy(prompt, 24, stop_ids=run.eos_ids))
     assert "CPU" in reply and ("instructions" in reply or "computer" in reply), reply
+
+
+@pytest.mark.parametrize("source_quant", ["q4_1", "q4_0"])
+def test_int4_g32_from_a_4bit_gguf_copies_the_grid(tiny_models, tmp_path, source_quant):
+    from ondevice.cli import main as cli
+
+    gguf = tmp_path / f"m-{source_quant}.gguf"
+    assert cli(["convert", str(tiny_models["qwen2"]), "--to", "gguf", "--quant", source_quant, "-o", str(gguf),
+                "--pre", "gpt-2", "--no-progress"]) == 0
+    result = convert(gguf, tmp_path / "default", "int4")
+    assert any("--group-size 32 keeps that grid" in note for note in result.notes), result.notes
+    out = tmp_path / "g32"
+    result = convert(gguf, out, "int4", group_size=32)
+    source = open_source(gguf)
+    try:
+        held = {n for n, t in source.tensors.items() if t.source_dtype == source_quant}
+        assert result.tensor_types["int4-g32-source-grid"] == len(held) == 15
+        st = SafetensorsFile(out / "model.safetensors")
+        for name in held:  # exact: the same fp16 scales and offsets, the same codes
+            module = name.removesuffix(".weight")
+            saved = mlx_target.affine_dequantize(*(st.raw(f"{module}.{k}") for k in ("weight", "scales", "biases")),
+                                                 4)
+            assert np.array_equal(saved, source.tensors[name].load()), name
+        st.close()
+    finally:
+        source.close()
+    exact = tmp_path / "exact-hf"
+    assert cli(["convert", str(gguf), "--to", "hf", "-o", str(exact), "--no-progress"]) == 0
+    reference = hf_model(exact)
+    load_dequantized_into(reference, out)  # the one 8-bit tensor of the GGUF is re-quantized by mlx's rule
+    assert np.abs(runner(out).logits(TOKENS) - hf_logits(reference, TOKENS)).max() <= F16_TOL
