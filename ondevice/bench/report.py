@@ -269,6 +269,17 @@ def _varying(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
     return out or ["quant"]
 
 
+# One colour per backend in every chart, so a reader matches bars and points at a glance.
+BACKEND_COLORS = {"ondevice": "tab:blue", "llama.cpp": "tab:orange", "mlx": "tab:green", "onnxruntime": "tab:red",
+                  "onnxruntime-plain": "tab:pink", "executorch": "tab:purple", "coreml": "tab:brown",
+                  "coreml-interpreter": "tab:olive", "transformers": "tab:gray"}
+BACKEND_ORDER = list(BACKEND_COLORS)
+
+
+def _backend_key(name: str) -> tuple[int, str]:
+    return (BACKEND_ORDER.index(name) if name in BACKEND_ORDER else len(BACKEND_ORDER), name)
+
+
 def _grouped_bars(ax: Any, groups: list[str], series: dict[str, dict[str, Any]], ylabel: str, title: str) -> None:
     """Bars per group and series; a value is a number or (median, min, max), drawn with a min-max whisker."""
     import numpy as np
@@ -288,13 +299,15 @@ def _grouped_bars(ax: Any, groups: list[str], series: dict[str, dict[str, Any]],
         values = triples[:, 0]
         whiskers = np.nan_to_num(np.stack([values - triples[:, 1], triples[:, 2] - values]))
         bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name, yerr=whiskers,
-                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
+                      color=BACKEND_COLORS.get(name), error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
         ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in values], fontsize=7, padding=1)
     ax.set_xticks(x, groups, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    top = np.nanmax([np.nanmax([parts(v)[2] for v in s.values()] or [np.nan]) for s in series.values()] or [1.0])
+    ax.set_ylim(0, (top if np.isfinite(top) and top > 0 else 1.0) * 1.3)  # headroom: the legend sits above the bars
+    ax.legend(fontsize=8, loc="upper left", ncol=min(3, max(1, len(names))))
 
 
 def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
@@ -307,11 +320,12 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
             continue
         suffix = "" if len(report.sections) == 1 else f"-{section.device_id[:8]}"
         varying = _varying(rows, ("model", "quant", "threads", "prompt_tokens", "gen_tokens"))
-        groups = list(dict.fromkeys(_group_label(r, varying) for r in rows))
+        groups = list(dict.fromkeys(_group_label(r, varying) for r in sorted(rows, key=lambda r: _backend_key(
+            r["backend"]))))
         fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(groups) + 4), 4.5))
         for ax, column, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
             series: dict[str, dict[str, Any]] = defaultdict(dict)
-            for r in rows:
+            for r in sorted(rows, key=lambda r: _backend_key(r["backend"])):
                 series[r["backend"]][_group_label(r, varying)] = (r[column], r.get(f"{column}_min"),
                                                                   r.get(f"{column}_max"))
             _grouped_bars(ax, groups, series, "tokens/s (median; whiskers: min-max)",
@@ -324,9 +338,10 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
         charts[f"Decode and prefill speed, {section.label}"] = name
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for backend in sorted({r["backend"] for r in rows}):
+        for backend in sorted({r["backend"] for r in rows}, key=_backend_key):
             mine = [r for r in rows if r["backend"] == backend and r.get("peak_rss_mib") and r.get("decode_tok_s")]
-            ax.scatter([r["peak_rss_mib"] for r in mine], [r["decode_tok_s"] for r in mine], label=backend, s=40)
+            ax.scatter([r["peak_rss_mib"] for r in mine], [r["decode_tok_s"] for r in mine], label=backend, s=40,
+                       color=BACKEND_COLORS.get(backend))
             for r in mine:
                 ax.annotate(f"{r['quant']} t{r['threads']}", (r["peak_rss_mib"], r["decode_tok_s"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
