@@ -105,7 +105,7 @@ def test_8da4w_every_linear_quantized_and_close(tiny_models, qwen2_8da4w):
     manifest = json.loads(out.with_suffix(".json").read_text())
     layers = manifest["layers"]
     n_linear = 2 * 7 + 1  # 7 per block, 2 blocks, plus lm_head
-    assert sum(1 for scheme in layers.values() if scheme == "8da4w-g32") == n_linear
+    assert sum(1 for scheme in layers.values() if scheme == "8da4w-g32-asym") == n_linear
     assert layers["embed_tokens"] == "int8-per-row"
     ref = transformers_logits(tiny_models["qwen2"], TOKENS)
     got = ExecuTorchRunner(out).logits(TOKENS)
@@ -141,3 +141,38 @@ def test_bench_measures_pte_with_the_executorch_backend(llama_fp32, tmp_path, ca
     measurement = json.loads(capsys.readouterr().out)["measurements"][0]
     assert measurement["status"] == "ok" and measurement["artifact_kind"] == "pte"
     assert measurement["decode_tok_s"] > 0 and measurement["prefill_tok_s"] > 0
+
+
+def test_8da4w_from_a_q4_1_gguf_keeps_its_asymmetric_grid(tiny_models, tmp_path):
+    """Q4_1's d * code + m as 8da4w's symmetric int4 d * (code - 8) plus a float offset per block: on the GGUF's
+    own weights only the int8 activations and the output layer (Q8_0 in the file) are left as error."""
+    from ondevice.converters.executorch import AsymmetricInt4
+
+    from ondevice.cli import main as cli
+    from ondevice.runners.executorch_runner import ExecuTorchRunner
+    from ondevice.sources import open_source
+
+    gguf = tmp_path / "q4_1.gguf"
+    assert cli(["convert", str(tiny_models["qwen2"]), "--to", "gguf", "--quant", "q4_1", "-o", str(gguf),
+                "--pre", "gpt-2", "--no-progress"]) == 0
+    source = open_source(str(gguf))
+    try:  # the split is exact on the file's own grid
+        weight = source.tensors["model.layers.0.mlp.down_proj.weight"].load()
+        symmetric, offsets = AsymmetricInt4.split(weight)
+        rebuilt = (symmetric.reshape(*offsets.shape, 32) + offsets[..., None]).reshape(weight.shape)
+        assert np.abs(rebuilt - weight).max() <= 1e-6 * np.abs(weight).max()
+        blocks = symmetric.reshape(*offsets.shape, 32)  # codes -8..7 times one scale: -8 d is the block's minimum
+        scale = -blocks.min(-1, keepdims=True) / 8
+        assert np.array_equal(blocks / scale, np.round(blocks / scale)) and (np.abs(blocks / scale) <= 8).all()
+    finally:
+        source.close()
+    exact = tmp_path / "exact-hf"
+    assert cli(["convert", str(gguf), "--to", "hf", "-o", str(exact), "--no-progress"]) == 0
+    out = tmp_path / "m.pte"
+    export(gguf, out, "8da4w")
+    assert set(json.loads(out.with_suffix(".json").read_text())["layers"].values()) == {"8da4w-g32-asym",
+                                                                                        "int8-per-row"}
+    ref = transformers_logits(exact, TOKENS)
+    got = ExecuTorchRunner(out).logits(TOKENS)
+    # measured 0.075 (symmetric int4 in groups of 64 on the same file: 0.25; int8 weights: 0.023)
+    assert np.sqrt(np.mean((got - ref) ** 2)) / ref.std() < 0.15
