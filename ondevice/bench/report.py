@@ -379,7 +379,8 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
     if report.quality:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(report.quality) + 3), 4))
         labels = [f"{q['quant']}\n{q['backend']}" for q in report.quality]
-        bars = ax.bar(range(len(labels)), [q["kl_mean"] for q in report.quality], color="tab:red")
+        bars = ax.bar(range(len(labels)), [q["kl_mean"] for q in report.quality],
+                      color=[BACKEND_COLORS.get(q["backend"], "tab:gray") for q in report.quality])
         ax.bar_label(bars, labels=[f"{q['kl_mean']:.4f}\ntop-1 {q['top1_agreement']:.0%}" for q in report.quality],
                      fontsize=7)
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
