@@ -251,20 +251,21 @@ class AsymmetricInt4:
         symmetric, offsets = AsymmetricInt4.split(linear.weight.data.numpy())
 
         class OffsetLinear(nn.Module):
-            def __init__(self) -> None:
+            # Everything comes in as arguments: a closure over `linear` would keep its float32 weight alive.
+            def __init__(self, symmetric: Any, offsets: Any, bias: Any, block_sums: Any) -> None:
                 super().__init__()
-                self.symmetric = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-                self.symmetric.weight = nn.Parameter(torch.from_numpy(symmetric), requires_grad=False)
-                if linear.bias is not None:
-                    self.symmetric.bias = linear.bias
+                self.symmetric = nn.Linear(symmetric.shape[1], symmetric.shape[0], bias=bias is not None)
+                self.symmetric.weight = nn.Parameter(symmetric, requires_grad=False)
+                if bias is not None:
+                    self.symmetric.bias = bias
                 # A parameter, not an nn.Linear: torchao's filter quantizes `symmetric` only.
-                self.offsets = nn.Parameter(torch.from_numpy(offsets), requires_grad=False)
+                self.offsets = nn.Parameter(offsets, requires_grad=False)
                 self.register_buffer("block_sums", block_sums, persistent=False)
 
             def forward(self, x: Any) -> Any:
                 return self.symmetric(x) + F.linear(F.linear(x, self.block_sums), self.offsets)
 
-        return OffsetLinear()
+        return OffsetLinear(torch.from_numpy(symmetric), torch.from_numpy(offsets), linear.bias, block_sums)
 
 
 def _replace_with_asymmetric(module: Any, linears: dict[str, Any]) -> None:
