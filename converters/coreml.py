@@ -37,6 +37,7 @@ from ondevice.converters.base import (
 from ondevice.errors import MissingExtraError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
+from ondevice.quant import AFFINE_4BIT_TYPES
 
 TARGET = Target(
     name="coreml",
@@ -87,9 +88,6 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     return np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
 
 
-GRID_TYPES = ("q4_0", "q4_1")  # source types whose 4-bit blocks of 32 an int4 package can hold as they are
-
-
 def source_grid(model: CanonicalModel, name: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The source's own 4-bit grid for `name` as Core ML's scale * (code - offset): (uint8 codes (N, K), fp16 scale,
     fp16 offset (N, K / block)), when the tensor is stored as Q4_0/Q4_1 in blocks of `block`; else None.
@@ -97,7 +95,7 @@ def source_grid(model: CanonicalModel, name: str, block: int) -> tuple[np.ndarra
     Re-quantizing an already 4-bit weight onto a second 4-bit grid doubles its error (SmolLM2 Q4_1 -> symmetric int4:
     top-1 55%); the Q4_1 grid (weight = d * code + m) is exactly a blockwise shift-scale with offset -m / d."""
     tensor = model.tensors[name]
-    if tensor.raw is None or len(tensor.shape) != 2 or tensor.source_dtype not in GRID_TYPES:
+    if tensor.raw is None or len(tensor.shape) != 2 or tensor.source_dtype not in AFFINE_4BIT_TYPES:
         return None
     qtype, rows = tensor.raw()
     if qtype.block_size != block:
@@ -149,7 +147,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
     asymmetric_names: list[str] = []
     # A source stored as Q4_0/Q4_1 gives an asymmetric 5-bit package: its grids are copied and the weights it holds
     # otherwise (SmolLM2: the 8-bit embedding / output layer) get the same form rather than symmetric int4.
-    follow_source = grid_block == 32 and any(t.source_dtype in GRID_TYPES for t in model.tensors.values())
+    follow_source = grid_block == 32 and any(t.source_dtype in AFFINE_4BIT_TYPES for t in model.tensors.values())
 
     def load(name: str) -> np.ndarray:
         if bar is not None:
@@ -178,12 +176,12 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None,
                 if bar is not None:
                     bar.update(1)
                 copied_names.append(name)
-            elif follow_source:  # the rest in the same asymmetric form as the copied weights
-                grid = asymmetric_grid(load(name))
-                if grid is not None:
-                    asymmetric_names.append(name)
-            if grid is None:
-                return weight(name, load(name), True)
+            else:
+                values = load(name)
+                grid = asymmetric_grid(values) if follow_source else None  # the same form as the copied weights
+                if grid is None:
+                    return weight(name, values, True)
+                asymmetric_names.append(name)
             codes, grid_scale, offset = grid
             return mb.constexpr_blockwise_shift_scale(data=codes.astype(types.np_uint4_dtype), scale=grid_scale,
                                                       offset=offset, name=mil_name(name))

@@ -35,6 +35,7 @@ from ondevice.errors import UnsupportedError
 from ondevice.formats.atomic import atomic_output
 from ondevice.formats.safetensors import PlannedSafeTensor, f32_to_bf16, write_safetensors
 from ondevice.model import CanonicalModel, LazyTensor
+from ondevice.quant import AFFINE_4BIT_TYPES
 
 TARGET = Target(
     name="mlx",
@@ -75,10 +76,14 @@ def affine_quantize(w: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarr
     scale = np.where(on_code, edge / np.where(on_code, q0, np.float32(1)), scale)
     bias = np.where(on_code, edge, np.float32(0))
     codes = np.clip(np.rint((x - bias) / scale), 0, n_bins).astype(np.uint32)
+    return _pack_codes(codes.reshape(rows, width), bits), _cast_like(scale[..., 0], w), _cast_like(bias[..., 0], w)
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (rows, width) -> uint32 words (rows, width * bits / 32), lowest bits first."""
     per_word = 32 // bits
     shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(bits)
-    packed = np.bitwise_or.reduce(codes.reshape(rows, -1, per_word) << shifts, axis=-1)
-    return packed.reshape(rows, width * bits // 32), _cast_like(scale[..., 0], w), _cast_like(bias[..., 0], w)
+    return np.bitwise_or.reduce(codes.astype(np.uint32).reshape(codes.shape[0], -1, per_word) << shifts, axis=-1)
 
 
 def _cast_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -169,7 +174,7 @@ class _QuantizedLayer:
 
 def keeps_source_grid(tensor: LazyTensor, group_size: int, bits: int) -> bool:
     """Whether the source stores this weight on a grid mlx can hold as is (Q4_0/Q4_1: 4 bits in blocks of 32)."""
-    return bits == 4 and group_size == 32 and tensor.raw is not None and tensor.source_dtype in ("q4_0", "q4_1")
+    return bits == 4 and group_size == 32 and tensor.raw is not None and tensor.source_dtype in AFFINE_4BIT_TYPES
 
 
 def source_grid(tensor: LazyTensor, group_size: int, bits: int) -> tuple[np.ndarray, ...] | None:
@@ -184,9 +189,7 @@ def source_grid(tensor: LazyTensor, group_size: int, bits: int) -> tuple[np.ndar
     scales, biases = scale.astype(np.float16), bias.astype(np.float16)
     if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
         return None
-    shifts = np.arange(8, dtype=np.uint32) * np.uint32(4)
-    packed = np.bitwise_or.reduce(codes.astype(np.uint32).reshape(codes.shape[0], -1, 8) << shifts, axis=-1)
-    return packed, scales, biases
+    return _pack_codes(codes, 4), scales, biases
 
 
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:

@@ -320,12 +320,12 @@ def make_charts(report: Report, out_dir: Path) -> dict[str, str]:
             continue
         suffix = "" if len(report.sections) == 1 else f"-{section.device_id[:8]}"
         varying = _varying(rows, ("model", "quant", "threads", "prompt_tokens", "gen_tokens"))
-        groups = list(dict.fromkeys(_group_label(r, varying) for r in sorted(rows, key=lambda r: _backend_key(
-            r["backend"]))))
+        ordered = sorted(rows, key=lambda r: _backend_key(r["backend"]))
+        groups = list(dict.fromkeys(_group_label(r, varying) for r in ordered))
         fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(groups) + 4), 4.5))
         for ax, column, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
             series: dict[str, dict[str, Any]] = defaultdict(dict)
-            for r in sorted(rows, key=lambda r: _backend_key(r["backend"])):
+            for r in ordered:
                 series[r["backend"]][_group_label(r, varying)] = (r[column], r.get(f"{column}_min"),
                                                                   r.get(f"{column}_max"))
             _grouped_bars(ax, groups, series, "tokens/s (median; whiskers: min-max)",

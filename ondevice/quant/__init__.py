@@ -23,6 +23,9 @@ QUANT_TYPES: dict[str, QuantType] = {
     for qtype in (F32(), F16(), BF16(), Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q4_K(), Q6_K())
 }
 _BY_GGML_ID: dict[int, QuantType] = {qtype.ggml_type: qtype for qtype in QUANT_TYPES.values()}
+# Types whose stored blocks are a 4-bit affine grid (they implement affine_codes): writers can copy them as they are.
+AFFINE_4BIT_TYPES = frozenset(name for name, qtype in QUANT_TYPES.items()
+                              if type(qtype).affine_codes is not QuantType.affine_codes)
 
 
 def get_quant_type(name: str) -> QuantType:
@@ -58,6 +61,7 @@ def tensor_nbytes(qtype: QuantType | str, shape: Sequence[int]) -> int:
 
 
 __all__ = [
+    "AFFINE_4BIT_TYPES",
     "QUANT_TYPES",
     "QuantType",
     "get_quant_type",

@@ -50,6 +50,11 @@ class QuantType(ABC):
     def dequantize(self, data: np.ndarray, n: int) -> np.ndarray:
         """uint8 (..., row_nbytes(n)) -> float32 (..., n)."""
         data = np.asarray(data)
+        return self._dequantize_rows(self.checked_rows(data, n), n).reshape(*data.shape[:-1], n)
+
+    def checked_rows(self, data: np.ndarray, n: int) -> np.ndarray:
+        """Stored rows of `n` weights, validated -> contiguous uint8 (rows, row_nbytes(n))."""
+        data = np.asarray(data)
         nbytes = self.row_nbytes(n)
         if data.dtype != np.uint8:
             raise InvalidModelError(f"{self.name} data must be raw bytes (uint8), got dtype {data.dtype}")
@@ -58,8 +63,7 @@ class QuantType(ABC):
                 f"{self.name} data of shape {data.shape} does not hold rows of {n} weights "
                 f"(expected a last axis of {nbytes} bytes); the file is truncated or its shape is wrong"
             )
-        rows = np.ascontiguousarray(data).reshape(-1, nbytes)
-        return self._dequantize_rows(rows, n).reshape(*data.shape[:-1], n)
+        return np.ascontiguousarray(data).reshape(-1, nbytes)
 
     def affine_codes(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """The stored 4-bit grid as (codes uint8 (rows, n) in 0..15, scale, bias float32 (rows, n / block_size)),

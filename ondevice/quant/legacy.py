@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ondevice.errors import InvalidModelError
 from ondevice.quant.base import QuantType, fp16_bits, fp16_to_f32, pack_nibbles
 
 F32 = np.float32
@@ -55,21 +54,10 @@ def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
     return (((mask >> np.arange(QK, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
 
 
-def _affine_blocks(qtype: QuantType, data: np.ndarray, n: int) -> np.ndarray:
-    """Validated raw rows -> one block per row (the checks of QuantType.dequantize)."""
-    data = np.asarray(data)
-    nbytes = qtype.row_nbytes(n)
-    if data.dtype != np.uint8 or data.ndim == 0 or data.shape[-1] != nbytes:
-        raise InvalidModelError(f"{qtype.name} data of shape {data.shape} does not hold rows of {n} weights")
-    return np.ascontiguousarray(data).reshape(-1, qtype.type_size)
-
-
-def _affine_result(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, data: np.ndarray,
-                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = int(np.prod(data.shape[:-1], dtype=np.int64))
-    per_row = n // QK
-    return (codes.reshape(rows, n), scale.reshape(rows, per_row).astype(F32),
-            bias.reshape(rows, per_row).astype(F32))
+def _affine_grid(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                 rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-block codes/scale/bias -> (codes (rows, n), scale and bias float32 (rows, n / 32))."""
+    return codes.reshape(rows, -1), scale.reshape(rows, -1).astype(F32), bias.reshape(rows, -1).astype(F32)
 
 
 class Q8_0(QuantType):
@@ -107,9 +95,10 @@ class Q4_0(QuantType):
         return q.astype(F32) * d[:, None]
 
     def affine_codes(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        blocks = _affine_blocks(self, data, n)
+        rows = self.checked_rows(data, n)
+        blocks = rows.reshape(-1, self.type_size)
         d = fp16_to_f32(blocks[:, :2])
-        return _affine_result(_unpack_nibbles(blocks[:, 2:]), d, d * F32(-8), data, n)
+        return _affine_grid(_unpack_nibbles(blocks[:, 2:]), d, d * F32(-8), len(rows))
 
 
 class Q4_1(QuantType):
@@ -134,9 +123,10 @@ class Q4_1(QuantType):
         return q * d[:, None] + m[:, None]
 
     def affine_codes(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        blocks = _affine_blocks(self, data, n)
+        rows = self.checked_rows(data, n)
+        blocks = rows.reshape(-1, self.type_size)
         d, m = fp16_to_f32(blocks[:, 0:2]), fp16_to_f32(blocks[:, 2:4])
-        return _affine_result(_unpack_nibbles(blocks[:, 4:]), d, m, data, n)
+        return _affine_grid(_unpack_nibbles(blocks[:, 4:]), d, m, len(rows))
 
 
 class Q5_0(QuantType):
