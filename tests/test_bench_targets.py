@@ -200,10 +200,12 @@ def test_inspect_mlpackage(artifacts, capsys):
     info = _inspect_json(capsys, _artifact(artifacts, "tiny-int4.mlpackage"))
     program = info["program"]
     assert info["format"] == "coreml" and info["quant"] == "int4 (block 32)"
-    assert program["blockwise_int4"] == 15 and program["linear_ops"] == 14 + 1  # 14 linears + the tied head
-    assert program["linear_with_compressed_weight"] == program["linear_ops"]
+    # 14 linears + the tied head, each also applying its int8 block offsets (the embedding's offsets are gathered)
+    assert program["blockwise_int4"] == 15 and program["blockwise_int8"] == 15
+    assert program["linear_ops"] == 2 * (14 + 1) and program["linear_with_compressed_weight"] == program["linear_ops"]
     assert program["states"] == ["key_cache", "value_cache"] and program["operations"] == sum(program["ops"].values())
-    assert info["layer_schemes"] == {"int4-block32": 15} and info["max_seq_len"] == 64
+    assert info["layer_schemes"] == {"int4-block32-asymmetric": 14, "int4-block32-gptq": 1}
+    assert info["max_seq_len"] == 64
     f16 = _inspect_json(capsys, artifacts["tiny-f16.mlpackage"])
     assert f16["program"]["blockwise_int4"] == 0 and f16["quant"] == "fp16"
-    assert "blockwise int4 weights 15" in _inspect_text(capsys, artifacts["tiny-int4.mlpackage"])
+    assert "blockwise int4 weights 15, int8 15" in _inspect_text(capsys, artifacts["tiny-int4.mlpackage"])

@@ -66,19 +66,88 @@ def test_fp16_package_matches_transformers(tiny_models, tmp_path, arch):
     assert out.with_suffix(".tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize(("quant", "op", "bound"), [("int4", "constexpr_blockwise_shift_scale", 0.35),
-                                                     ("int8", "constexpr_blockwise_shift_scale", 0.03)])
-def test_quantized_package_every_linear_in_a_quantized_op(tiny_models, tmp_path, quant, op, bound):
+INT4_OPS = {"constexpr_blockwise_shift_scale:int4": 16, "offsets constexpr_blockwise_shift_scale:int8": 16}
+
+
+@pytest.mark.parametrize(("quant", "ops", "bound"), [("int4", INT4_OPS, 0.35),
+                                                     ("int8", {"constexpr_blockwise_shift_scale:int8": 16}, 0.03)])
+def test_quantized_package_every_linear_in_a_quantized_op(tiny_models, tmp_path, quant, ops, bound):
     from ondevice.converters.coreml import count_weight_ops
 
     out = tmp_path / f"qwen2-{quant}.mlpackage"
     convert(tiny_models["qwen2"], out, quant)
-    # 2 blocks x 7 linears + untied lm_head + embedding table, all fed by a dequantizing op in the saved spec.
-    assert count_weight_ops(out) == {op: 16}
+    # 2 blocks x 7 linears + untied lm_head + embedding table, all fed by a dequantizing op in the saved spec; at
+    # int4 each also has its int8 block offsets. Measured RMS error / logit spread: int4 0.24 (random weights), int8 0.01.
+    assert count_weight_ops(out) == ops
     ref = transformers_logits(tiny_models["qwen2"], TOKENS)
     got = interpreted(out, TOKENS)
     rel = np.sqrt(np.mean((got - ref) ** 2)) / ref.std()
     assert rel < bound, rel
+    if quant == "int4":
+        layers = json.loads(out.with_suffix(".json").read_text())["layers"]
+        assert layers["lm_head.weight"] == "int4-block32-gptq"
+        assert {v for k, v in layers.items() if k != "lm_head.weight"} == {"int4-block32-asymmetric"}
+
+
+def package_weights(package: Path) -> dict[str, np.ndarray]:
+    """Every linear/embedding weight as the saved program computes it: int4 part + block offsets, and for a rotated
+    output layer (rows of W R) times R^T, R read from the program's own sign and Hadamard consts."""
+    from ondevice.runners.coreml_interpreter import load_program
+
+    ops = {op.name: op for op in load_program(package).functions["main"].operations}
+    weights = {}
+    for name, op in ops.items():
+        if op.op_type != "constexpr_blockwise_shift_scale" or name.endswith("_offsets"):
+            continue
+        codes, scale = (op.inputs[k].val.astype(np.float32) for k in ("data", "scale"))
+        block = codes.shape[1] // scale.shape[1]
+        offsets = ops.get(name + "_offsets")  # none when all offsets are 0
+        shift = np.zeros(scale.shape, np.float32) if offsets is None else \
+            offsets.inputs["data"].val.astype(np.float32) * offsets.inputs["scale"].val.astype(np.float32)
+        weights[name] = ((codes.reshape(*scale.shape, block) * scale[..., None] + (shift / block)[..., None])
+                         .reshape(codes.shape))
+    signs = [op for n, op in ops.items() if n.endswith("_signs")]
+    hadamard = [op for n, op in ops.items() if n.endswith("_hadamard")]
+    if signs:
+        s, h = signs[0].outputs[0].val.astype(np.float32), hadamard[0].outputs[0].val.astype(np.float32)
+        rotation = np.diag(s) @ np.kron(np.eye(len(s) // len(h)), h)
+        head = "model_embed_tokens_weight" if "lm_head_weight" not in weights else "lm_head_weight"
+        weights[head] = weights[head] @ rotation.T
+    return weights
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int4_package_computes_its_stored_weights(tiny_models, tmp_path, arch):
+    """The int4 program (blocks + int8 offsets on the inputs' block means, GPTQ'd and rotated output layer; tied
+    in llama, so the embedding lookup un-rotates) matches transformers run on the weights read back from the
+    package, to fp16 arithmetic (2% of the logit spread, like fp16 packages)."""
+    import torch
+    from ondevice.converters.coreml import mil_name
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / f"{arch}.mlpackage"
+    convert(tiny_models[arch], out, "int4")
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert "output_rotation" in manifest
+    stored = package_weights(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in manifest["layers"]:
+            state[name].copy_(torch.from_numpy(stored[mil_name(name)]))
+        ref = model(torch.tensor([TOKENS])).logits[0].numpy()
+    got = interpreted(out, TOKENS, split=4)
+    assert np.abs(got - ref).max() < 0.02 * ref.std(), np.abs(got - ref).max() / ref.std()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_int4_without_calibration_rounds_the_output_layer(tiny_models, tmp_path):
+    out = tmp_path / "llama.mlpackage"
+    convert(tiny_models["llama"], out, "int4", calibrate=False)
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert set(manifest["layers"].values()) == {"int4-block32-asymmetric"} and "output_rotation" not in manifest
+    rel = np.sqrt(np.mean((interpreted(out, TOKENS) - transformers_logits(tiny_models["llama"], TOKENS)) ** 2))
+    assert rel / transformers_logits(tiny_models["llama"], TOKENS).std() < 0.35
 
 
 def test_block_size_that_does_not_divide_is_refused(tiny_models, tmp_path):
@@ -102,28 +171,38 @@ def test_int4_from_a_4bit_gguf_keeps_the_source_grid(tiny_models, tmp_path, sour
     convert(gguf, out, "int4")
     layers = json.loads(out.with_suffix(".json").read_text())["layers"]
     copied = [name for name, scheme in layers.items() if scheme == "int4-block32-source-grid"]
-    assert count_weight_ops(out) == {"constexpr_blockwise_shift_scale": 16}
-    # The saved package's weights are the GGUF's, up to the fp16 rounding of the offset (< 1/64 of a code step).
+    # Q4_0's grid is symmetric: no offsets beside its weights (4.5 bits), only beside the GPTQ'd output layer.
+    assert count_weight_ops(out) == (INT4_OPS if source_quant == "q4_1" else {
+        "constexpr_blockwise_shift_scale:int4": 16, "offsets constexpr_blockwise_shift_scale:int8": 1})
+    # The saved package's weights are the GGUF's: codes and scales as they are, the block offsets up to their int8
+    # rounding (half a unit of the row's offset scale, spread over the block).
     program = load_program(out)
     ops = {op.name: op for op in program.functions["main"].operations}
     source = open_source(str(gguf))
     try:
         # every weight the GGUF holds at 4 bits (the 14 linears and the embedding); its 8-bit output layer is
-        # quantized in the same asymmetric form (Q4_1's rule), not symmetric
+        # quantized by GPTQ on the calibration text
         held = sorted(n for n in layers if source.tensors[n].source_dtype == source_quant)
         assert sorted(copied) == held and len(held) == 15, layers
-        assert layers["lm_head.weight"] == "int4-block32-asymmetric", layers
+        assert layers["lm_head.weight"] == "int4-block32-gptq", layers
+        worst = 0.0
         for name in copied:
-            op = ops[mil_name(name)]
-            data = op.inputs["data"].val.astype(np.float32)
-            scale, offset = (op.inputs[k].val.astype(np.float32) for k in ("scale", "offset"))
-            saved = ((data.reshape(*scale.shape, 32) - offset[..., None]) * scale[..., None]).reshape(data.shape)
-            step = np.repeat(np.abs(scale), 32, axis=1)
-            assert (np.abs(saved - source.tensors[name].load()) <= step / 64 + 1e-7).all(), name
+            codes = ops[mil_name(name)].inputs["data"].val.astype(np.float32)
+            scale = ops[mil_name(name)].inputs["scale"].val.astype(np.float32)
+            offset_op = ops.get(mil_name(name) + "_offsets")
+            offsets = np.zeros(scale.shape, np.float32) if offset_op is None else \
+                offset_op.inputs["data"].val.astype(np.float32)
+            unit = np.zeros((len(scale), 1), np.float32) if offset_op is None else \
+                offset_op.inputs["scale"].val.astype(np.float32)
+            saved = (codes.reshape(*scale.shape, 32) * scale[..., None]
+                     + (offsets * unit / 32)[..., None]).reshape(codes.shape)
+            error = np.abs(saved - source.tensors[name].load())
+            assert (error <= np.repeat(unit, codes.shape[1], axis=1) / 64 + 1e-6).all(), name
+            worst = max(worst, float((error / np.repeat(np.abs(scale), 32, axis=1)).max()))
+        assert worst < 0.1, worst  # of a code step
     finally:
         source.close()
-    # Against the GGUF's own weights only the output layer's 4-bit rounding and fp16 arithmetic remain: RMS 0.08 of
-    # the logit spread, worst logit 0.38 (with that layer symmetric int4: worst 0.68).
+    # Against the GGUF's own weights only the output layer's 4-bit rounding and fp16 arithmetic remain.
     exact = tmp_path / "exact-hf"
     assert cli(["convert", str(gguf), "--to", "hf", "-o", str(exact), "--no-progress"]) == 0
     ref = transformers_logits(exact, TOKENS)

@@ -69,7 +69,7 @@ def _print_target(info: dict[str, Any]) -> None:
     elif info["format"] == "coreml":
         program = info["program"]
         print(f"  program       {program['opset']}, {program['operations']} operations; blockwise int4 weights "
-              f"{program['blockwise_int4']}; linear layers {program['linear_ops']} "
+              f"{program['blockwise_int4']}, int8 {program['blockwise_int8']}; linear layers {program['linear_ops']} "
               f"({program['linear_with_compressed_weight']} on compressed weights); states {program['states']}")
     elif info["format"] == "pte":
         program = info["program"]

@@ -50,6 +50,7 @@ def program_facts(package: Path) -> dict[str, Any]:
         "ops": dict(ops.most_common()),
         "constexpr_weights": dict(blockwise),
         "blockwise_int4": blockwise.get("constexpr_blockwise_shift_scale:INT4", 0),
+        "blockwise_int8": blockwise.get("constexpr_blockwise_shift_scale:INT8", 0),  # int8 weights or int4 offsets
         "linear_ops": len(linear),
         "linear_with_compressed_weight": linear_quantized,
         "inputs": [i.name for i in description.input],
