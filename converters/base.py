@@ -49,6 +49,7 @@ class ConvertOptions:
     group_size: int | None = None  # MLX / ExecuTorch weight groups (None: the target's default)
     block_size: int | None = None  # ONNX MatMulNBits / Core ML blockwise int4 blocks
     max_seq_len: int | None = None  # static KV cache length of ExecuTorch / Core ML programs
+    calibrate: bool = True  # Core ML int4: the output layer by GPTQ on the calibration text (False: rounded)
 
 
 @dataclass

@@ -64,7 +64,6 @@ MASK_MIN = -30000.0  # finite in fp16: a fully masked row still gives a defined 
 @dataclass
 class CoreMLOptions(ConvertOptions):
     block_size: int | None = None  # int4 block; None = 32
-    calibrate: bool = True  # int4: the output layer by GPTQ on the calibration text (False: plain rounding)
     max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
 
 
@@ -121,6 +120,15 @@ class Int4Weight:
         if not offsets.any():
             return cls(codes.astype(np.int8) - 8, scale16, None, None, kind)
         return cls(codes.astype(np.int8) - 8, scale16, offsets, offset_scale, kind)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight the package computes (before any rotation)."""
+        rows, blocks = self.scale.shape
+        block = self.codes.shape[1] // blocks
+        values = self.codes.reshape(rows, blocks, block) * self.scale.astype(np.float32)[..., None]
+        if self.offsets is not None:
+            values += (self.offsets * self.offset_scale.astype(np.float32) / block)[..., None]
+        return values.reshape(self.codes.shape)
 
 
 def source_int4(model: CanonicalModel, name: str, block: int) -> Int4Weight | None:
@@ -460,7 +468,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
 
     with progress_bar(len(model.tensors), f"coreml {quant}", options.progress) as bar:
         program, names, int4_kinds = build_program(model, max_seq, bar, int4_block=block if quant == "int4" else None,
-                                                   calibrate=getattr(options, "calibrate", True))
+                                                   calibrate=options.calibrate)
     inputs = [ct.TensorType(name="input_ids", shape=(1, ct.RangeDim(1, max_seq, default=1)), dtype=np.int32),
               ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
     mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, inputs=inputs,

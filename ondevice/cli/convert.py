@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="quantization group (mlx: 32/64/128; executorch 8da4w: 32/64); must divide every width")
     p.add_argument("--block-size", type=int, metavar="N", help="int4 block (onnx MatMulNBits, coreml; default 32)")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="KV cache length of executorch/coreml programs")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="coreml int4: round the output layer to the grid instead of GPTQ on the bundled calibration "
+                        "text (SmolLM2: 10 s faster, top-1 80%% instead of 91%%)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin pickles (they can run code: trusted sources only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = ConvertOptions(quant=scheme, force=args.force, pre_tokenizer=args.pre_tokenizer,
                                  progress=not (args.no_progress or args.json), group_size=args.group_size,
-                                 block_size=args.block_size, max_seq_len=args.max_seq_len)
+                                 block_size=args.block_size, max_seq_len=args.max_seq_len, calibrate=args.calibrate)
         result = writer.convert(model, out, options)
     finally:
         model.close()
