@@ -158,7 +158,8 @@ def rounded_int4(values: np.ndarray, block: int) -> Int4Weight:
 
 def hadamard_rotation(width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
     """R = diag(signs) @ blockdiag(H, ..., H) with H an orthonormal Sylvester Hadamard matrix of 2^k <= 64 rows
-    dividing `width`: (signs (width,), H). Orthogonal, and exact in fp16 (entries +-2^-k/2)."""
+    dividing `width`: (signs (width,), H). Orthogonal; its entries +-1/sqrt(size) are exact in fp16 for 16 and 64
+    rows, within fp16 rounding (2^-11) for 8 and 32."""
     size = 64
     while size > 1 and width % size:
         size //= 2
