@@ -19,8 +19,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from ondevice.bench.prompt import bundled_text
+    from ondevice.quant.affine import affine_block_params
     from ondevice.quant.calibration import output_layer_hessian
-    from ondevice.quant.gptq import affine_block_params, gptq_affine_4bit
+    from ondevice.quant.gptq import gptq_affine_4bit
     from ondevice.sources import open_source
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,8 +42,9 @@ from ondevice.errors import MissingExtraError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
 from ondevice.quant import AFFINE_4BIT_TYPES
+from ondevice.quant.affine import affine_block_params, affine_round, centered
 from ondevice.quant.calibration import output_layer_hessian
-from ondevice.quant.gptq import affine_block_params, gptq_affine_4bit
+from ondevice.quant.gptq import gptq_affine_4bit
 
 TARGET = Target(
     name="coreml",
@@ -113,13 +114,14 @@ class Int4Weight:
         """From weight = scale * code + bias (codes 0..15 (N, K), float32 scale and bias (N, K / block))."""
         block = codes.shape[1] // scale.shape[1]
         scale16 = scale.astype(np.float16)
-        total = (bias + 8.0 * scale16.astype(np.float32)) * block  # offsets meet block means, not sums (fp16 range)
+        signed, block_offsets = centered(codes, scale16.astype(np.float32), bias)
+        total = block_offsets * block  # applied to block means, not sums: sums of 32 activations can pass fp16's range
         offset_scale = (np.abs(total).max(axis=1, keepdims=True) / 127.0).astype(np.float16)
         unit = np.where(offset_scale == 0, np.float16(1), offset_scale).astype(np.float32)
         offsets = np.clip(np.rint(total / unit), -127, 127).astype(np.int8)
         if not offsets.any():
-            return cls(codes.astype(np.int8) - 8, scale16, None, None, kind)
-        return cls(codes.astype(np.int8) - 8, scale16, offsets, offset_scale, kind)
+            return cls(signed, scale16, None, None, kind)
+        return cls(signed, scale16, offsets, offset_scale, kind)
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight the package computes (before any rotation)."""
@@ -151,9 +153,7 @@ def rounded_int4(values: np.ndarray, block: int) -> Int4Weight:
     """`values` rounded to the nearest point of Q4_1's grid (per block: d = (max - min) / 15, m = min)."""
     scale, bias = affine_block_params(values, block)
     scale = scale.astype(np.float16).astype(np.float32)  # the grid the package will hold
-    blocks = values.reshape(len(values), -1, block)
-    codes = np.clip(np.rint((blocks - bias[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
-    return Int4Weight.from_affine(codes.reshape(values.shape), scale, bias, "asymmetric")
+    return Int4Weight.from_affine(affine_round(values, scale, bias), scale, bias, "asymmetric")
 
 
 def hadamard_rotation(width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:

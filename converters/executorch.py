@@ -234,12 +234,14 @@ class AsymmetricInt4:
     def split(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """weight (N, K) -> (symmetric part d * (code - 8) (N, K), per-block offsets m + 8 d (N, K / 32))."""
         from ondevice.quant import get_quant_type
+        from ondevice.quant.affine import centered
 
         q4_1 = get_quant_type("q4_1")
         rows, width = weight.shape
         codes, scale, bias = q4_1.affine_codes(q4_1.quantize(weight), width)
-        symmetric = ((codes.astype(np.float32) - 8).reshape(rows, -1, 32) * scale[..., None]).reshape(rows, width)
-        return symmetric, bias + np.float32(8) * scale
+        signed, offsets = centered(codes, scale, bias)
+        symmetric = (signed.astype(np.float32).reshape(rows, -1, 32) * scale[..., None]).reshape(rows, width)
+        return symmetric, offsets
 
     @staticmethod
     def create(linear: Any, block_sums: Any) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ondevice.quant.gptq import affine_block_params, gptq_affine_4bit
+from ondevice.quant.affine import affine_block_params
+from ondevice.quant.gptq import gptq_affine_4bit
 
 
 def correlated_inputs(rng: np.random.Generator, n: int, width: int) -> np.ndarray:

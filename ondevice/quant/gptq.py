@@ -14,17 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-LEVELS = 15  # 4-bit codes 0..15
+from ondevice.quant.affine import affine_block_params, affine_round
+
 LAZY_COLUMNS = 64  # columns updated together before the rest of the matrix is touched (one matmul per batch)
-
-
-def affine_block_params(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_1's parameters per block of `block` columns: scale = (max - min) / 15, bias = min; (N, K / block) each."""
-    rows, cols = weight.shape
-    blocks = weight.reshape(rows, cols // block, block)
-    low, high = blocks.min(axis=2), blocks.max(axis=2)
-    scale = (high - low) / LEVELS
-    return np.where(scale == 0, 1.0, scale).astype(np.float32), low.astype(np.float32)
 
 
 def gptq_affine_4bit(weight: np.ndarray, hessian: np.ndarray, block: int = 32, damp: float = 0.1,
@@ -56,7 +48,7 @@ def gptq_affine_4bit(weight: np.ndarray, hessian: np.ndarray, block: int = 32, d
         for j in range(stop - start):
             s, b = scale[:, col_block[start + j]], bias[:, col_block[start + j]]
             column = batch[:, j]
-            code = np.clip(np.rint((column - b) / s), 0, LEVELS)
+            code = affine_round(column, s, b)
             codes[:, order[start + j]] = code
             error = (column - (code * s + b)) / factor[j, j]
             batch[:, j:] -= np.outer(error, factor[j, j:])
