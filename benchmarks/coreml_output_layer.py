@@ -15,13 +15,11 @@ import numpy as np
 
 def main() -> None:
     import torch
-    from ondevice.converters.coreml import hadamard_rotation, rounded_int4
+    from ondevice.converters.coreml import gptq_output_layer, hadamard_rotation, rotation_matrix, rounded_int4
     from transformers import AutoModelForCausalLM
 
     from ondevice.bench.prompt import bundled_text
-    from ondevice.quant.affine import affine_block_params
     from ondevice.quant.calibration import output_layer_hessian
-    from ondevice.quant.gptq import gptq_affine_4bit
     from ondevice.sources import open_source
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,21 +56,14 @@ def main() -> None:
             n += len(ref)
         return same / n, kl / n
 
-    def gptq(values: np.ndarray, h: np.ndarray) -> np.ndarray:
-        scale, bias = affine_block_params(values, 32)
-        codes, scale, bias = gptq_affine_4bit(values, h, 32, params=(scale.astype(np.float16).astype(np.float32), bias))
-        return (codes.reshape(*scale.shape, 32) * scale[..., None] + bias[..., None]).reshape(values.shape)
-
-    signs, block = hadamard_rotation(weight.shape[1])
-    rotation = np.diag(signs) @ np.kron(np.eye(len(signs) // len(block)), block)
-    variants = {
-        "rounded to Q4_1's grid": rounded_int4(weight, 32),
-        "GPTQ": gptq(weight, hessian),
-        "GPTQ, rotated (the converter's)": gptq((weight @ rotation).astype(np.float32),
-                                                rotation.T @ hessian @ rotation) @ rotation.T,
+    rotation = hadamard_rotation(weight.shape[1])
+    variants = {  # the tables as the package computes them (offsets rounded to int8), un-rotated
+        "rounded to Q4_1's grid": rounded_int4(weight, 32).dequantize(),
+        "GPTQ": gptq_output_layer(weight, hessian, 32, None).dequantize(),
+        "GPTQ, rotated (the converter's)": gptq_output_layer(weight, hessian, 32, rotation).dequantize()
+        @ rotation_matrix(rotation).T,
     }
     for name, table in variants.items():
-        table = table.dequantize() if hasattr(table, "dequantize") else table
         table = np.ascontiguousarray(table, dtype=np.float32)
         head = torch.from_numpy(table).double()
         head_top1, head_kl = agreement([h @ head.T for h in hidden])  # the output layer only, exact hidden states

@@ -36,6 +36,7 @@ from ondevice.formats.atomic import atomic_output
 from ondevice.formats.safetensors import PlannedSafeTensor, f32_to_bf16, write_safetensors
 from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.quant import AFFINE_4BIT_TYPES
+from ondevice.quant.affine import source_affine_grid
 
 TARGET = Target(
     name="mlx",
@@ -182,10 +183,10 @@ def source_grid(tensor: LazyTensor, group_size: int, bits: int) -> tuple[np.ndar
 
     Q4_1's weight = d * code + m is mlx's affine scale * code + bias with the same fp16 numbers (Q4_0: bias -8 d),
     so the copy is exact, where mx.quantize would put the weights on a second grid and double their error."""
-    if not keeps_source_grid(tensor, group_size, bits):
+    grid = source_affine_grid(tensor, group_size) if keeps_source_grid(tensor, group_size, bits) else None
+    if grid is None:
         return None
-    qtype, rows = tensor.raw()
-    codes, scale, bias = qtype.affine_codes(rows, tensor.shape[-1])
+    codes, scale, bias = grid
     scales, biases = scale.astype(np.float16), bias.astype(np.float16)
     if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
         return None

@@ -5,11 +5,19 @@ share these steps.
     scale, bias = affine_block_params(weight, 32)          # (N, K / 32) each: (max - min) / 15, min
     codes = affine_round(weight, scale, bias)              # uint8 (N, K), nearest code
     signed, offsets = centered(codes, scale, bias)         # d * (code - 8) + (m + 8 d): symmetric part + offsets
+    grid = source_affine_grid(tensor, 32)                  # a Q4_0/Q4_1 tensor's own (codes, scale, bias), or None
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from ondevice.quant import AFFINE_4BIT_TYPES
+
+if TYPE_CHECKING:
+    from ondevice.model import LazyTensor
 
 LEVELS = 15  # 4-bit codes 0..15
 
@@ -36,3 +44,14 @@ def centered(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> tuple[np
     bias + 8 scale). The first part is symmetric int4, which targets without a per-block offset can hold exactly;
     the offsets are applied to the input's block sums or means."""
     return codes.astype(np.int8) - 8, (bias + np.float32(8) * scale).astype(np.float32)
+
+
+def source_affine_grid(tensor: LazyTensor, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The 4-bit grid a source stores `tensor` on (Q4_0/Q4_1 rows, read raw: no dequantize/requantize round trip)
+    as (codes uint8 (N, K), float32 scale, bias (N, K / block)), when its blocks are `block` wide; else None."""
+    if tensor.raw is None or len(tensor.shape) != 2 or tensor.source_dtype not in AFFINE_4BIT_TYPES:
+        return None
+    qtype, rows = tensor.raw()
+    if qtype.block_size != block:
+        return None
+    return qtype.affine_codes(rows, tensor.shape[-1])
