@@ -6,7 +6,10 @@
         print(piece, end="", flush=True)
 """
 
+from ondevice import _checkout
 from ondevice.errors import OndeviceError
+
+_checkout.install()
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - only on a broken install
 
 def kernels():
     if K is None:
-        raise OndeviceError("the C kernels are not built; reinstall ondevice (pip install .) with a C compiler")
+        raise OndeviceError("the C kernels (ondevice._kernels) are not built: install with `pip install .` (needs a C "
+                            "compiler), or in a checkout build them in place: python setup.py build_ext --inplace")
     return K
 
 
