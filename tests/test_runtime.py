@@ -137,6 +137,7 @@ def _greedy_llama_cpp(llm, tokens: list[int], n: int, eos: set[int]) -> list[int
 
 @pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m"])
 def test_greedy_replies_identical_to_llama_cpp(smol_variants, quant):
+    llama_cpp = pytest.importorskip("llama_cpp")
     path = smol_variants[quant]
     llm = llama_cpp_model(path)
     report = []
@@ -151,14 +152,26 @@ def test_greedy_replies_identical_to_llama_cpp(smol_variants, quant):
                 if ours != theirs:
                     # A divergence is acceptable only at a near-tie of the top two logits in the reference.
                     at = next(i for i, (a, b) in enumerate(zip(ours + [-1], theirs + [-1], strict=False)) if a != b)
-                    logits = model.logits(tokens + theirs[:at])[-1]
-                    top2 = np.sort(logits)[-2:]
-                    report.append((prompt, at, float(top2[1] - top2[0])))
-                    assert top2[1] - top2[0] < 0.1 * logits.std(), f"{prompt!r}: diverged at {at} without a tie"
+                    seq = tokens + theirs[:at]
+                    logits = model.logits(seq)[-1]
+                    llm.reset()
+                    llm.eval(seq)
+                    reference = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                      shape=(llm.n_vocab(),)).copy()
+                    ours_choice = ours[at] if at < len(ours) else int(np.argmax(logits))
+                    theirs_choice = theirs[at] if at < len(theirs) else int(np.argmax(reference))
+                    # the margin each runtime gave its own choice over the other's, relative to the logits' spread
+                    our_margin = float(logits[ours_choice] - logits[theirs_choice]) / float(logits.std())
+                    their_margin = float(reference[theirs_choice] - reference[ours_choice]) / float(reference.std())
+                    spread = float(np.sqrt(np.mean((logits - reference) ** 2)) / logits.std())
+                    report.append((prompt, at, round(our_margin, 3), round(their_margin, 3), round(spread, 3)))
+                    assert max(our_margin, their_margin) < 0.2, f"{prompt!r}: diverged at {at} without a tie"
     finally:
         llm.close()
-    # Divergences are allowed only at near-ties: a top-2 gap under 10% of the logits' std, which is the size of the
-    # measured logit difference between the two runtimes (RMS ~8% of the std). Printed for the record.
+    # Divergences are allowed only at near-ties: in BOTH runtimes the margin between the two candidates is under
+    # 20% of the logits' std, about twice the RMS difference between the runtimes' logits at such positions (3-18%
+    # of the std against an AVX-512 build of llama.cpp, whose kernels round differently from an AVX2 build's ~8%).
+    # Printed for the record: (prompt, position, our margin, llama.cpp's margin, RMS difference), in stds.
     print(f"{quant}: {len(report)} of {len(PROMPTS)} replies diverged, each at a near-tie: {report}")
 
 
