@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import unavailable
 
 ROOT = Path(__file__).parent.parent
 SCHEMA = json.loads((ROOT / "ondevice" / "data" / "schemas" / "app-bundle-manifest.v2.schema.json").read_text())
@@ -196,7 +197,7 @@ def test_browser_chat_streams_a_reply(served: Any, tmp_path: Path) -> None:
 def chromium_binary() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+        unavailable("chromium is not installed (apt-get install -y chromium)")
     return binary
 
 
