@@ -55,3 +55,17 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"ondevice CI: {len(missing)} test(s) skipped for a missing requirement", red=True)
         if session.exitstatus == 0:
             session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": make_tiny_model(root / "llama", "llama", tie=True, seed=1),
+        "llama-untied": make_tiny_model(root / "llama-untied", "llama", tie=False, seed=2),
+        "qwen2": make_tiny_model(root / "qwen2", "qwen2", tie=False, seed=3),
+    }

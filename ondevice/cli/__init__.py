@@ -46,7 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"ondevice.cli.{name}").register(sub)
+    _accept_debug_anywhere(sub)
     return parser
+
+
+def _accept_debug_anywhere(sub: argparse._SubParsersAction) -> None:
+    """`--debug` after the subcommand too (SUPPRESS: a subcommand's parser never resets the top-level value)."""
+    commands = set(sub._name_parser_map.values())  # aliases map to the same parser
+    for command in commands:
+        if "--debug" in command._option_string_actions:
+            continue
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks on errors")
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_debug_anywhere(action)
 
 
 def print_json(data: Any) -> None:

@@ -15,7 +15,7 @@ Quantize a model and write it for a target runtime. The source is a Hugging Face
 a model alias or hf:org/name. Tensors are streamed one at a time; the output is written atomically
 (nothing partial is left on failure or Ctrl-C).
 
-GGUF schemes: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_m (4bit = q4_k_m, 8bit = q8_0). Rows whose
+GGUF schemes: {gguf_schemes} ({gguf_generic}). Rows whose
 width a K-quant cannot take (not a multiple of 256) fall back per tensor as llama.cpp does; the
 fallbacks are printed.
 
@@ -25,8 +25,14 @@ calibration text (SmolLM2: 91 s instead of 81 s; --no-calibrate rounds it instea
 """
 
 
+def _help() -> str:
+    gguf = get_target("gguf").TARGET
+    generic = ", ".join(f"{name} = {scheme}" for name, scheme in gguf.generic.items())
+    return HELP.format(gguf_schemes=" ".join(gguf.quants), gguf_generic=generic)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="quantize and convert a model for a target runtime", description=HELP,
+    p = sub.add_parser("convert", help="quantize and convert a model for a target runtime", description=_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC", help="HF folder, .gguf file, alias or hf:org/name")
     p.add_argument("--to", required=True, choices=list(TARGET_MODULES), help="target format")
@@ -66,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
     writer = get_target(args.to)
     scheme, note = writer.TARGET.resolve_quant(args.quant)
+    source = resolve_model(args.source)  # a missing source is the first thing to report
     out = args.output or default_output(args.source, writer.TARGET, scheme)
     check_output_path(out, args.force)  # fail before the expensive part
-    model = open_source(resolve_model(args.source), allow_pickle=args.allow_pickle)
+    model = open_source(source, allow_pickle=args.allow_pickle)
     try:
         options = ConvertOptions(quant=scheme, force=args.force, pre_tokenizer=args.pre_tokenizer,
                                  progress=not (args.no_progress or args.json), group_size=args.group_size,

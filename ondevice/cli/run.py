@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                     "raise -n/--max-tokens or bound the schema (maxLength, maxItems, enum)")
     if args.json:
         print_json({"text": "".join(pieces), "model": model.path, "threads": model.threads,
-                    **stats.to_json(), "peak_rss_mib": peak_rss_mib()})
+                    **stats.to_dict(), "peak_rss_mib": peak_rss_mib()})
     else:
         sys.stdout.write("\n")
         print(timing_line(stats, peak_rss_mib()), file=sys.stderr)

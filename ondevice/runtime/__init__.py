@@ -64,5 +64,18 @@ def load(model: str | Path | None = None, *, threads: int | None = None, n_ctx: 
     for matches, loader in LOADERS:
         if matches(path):
             return loader(path, threads, n_ctx, kv_cache)
-    raise InvalidModelError(f"{path}: the runtime loads GGUF files and ExecuTorch .pte programs (convert it "
-                            f"first: ondevice convert {path} --to gguf)")
+    raise InvalidModelError(_not_loadable(path))
+
+
+def _not_loadable(path: Path) -> str:
+    """Say what the path is not, and suggest a conversion only for what `convert` can read (HF folders)."""
+    loads = "the runtime loads GGUF files and ExecuTorch .pte programs"
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return f"{path}: a Hugging Face folder; {loads} (convert it first: ondevice convert {path} --to gguf)"
+        return f"{path}: a folder that is not a model; {loads}"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return f"{path}: an empty file, not a GGUF file or .pte program"
+    return f"{path}: not a GGUF file (it starts with {head!r}, not b'GGUF'); {loads}"

@@ -6,6 +6,7 @@ only evaluates what is new (the common prefix is reused).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ class GenerationStats:
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max_tokens), "context" (window full)
     tokens: list[int] = field(default_factory=list)
+    first_token_at: float = field(default=0.0, repr=False)  # perf_counter() when the first token was sampled
 
     @property
     def prefill_tok_s(self) -> float:
@@ -51,11 +53,35 @@ class GenerationStats:
         n = self.generated_tokens - 1
         return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("tokens")
+        data.pop("first_token_at")
         data.update(prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s)
         return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: list[Any]) -> None:
+    """Chat messages are untrusted input (they come from apps and HTTP clients): say which one is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise OndeviceError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise OndeviceError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise OndeviceError(f"message {i}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if "content" not in message:
+            raise OndeviceError(f"message {i} ({role}) has no 'content'")
+        if not isinstance(message["content"], str):
+            raise OndeviceError(f"message {i} ({role}): content must be a string, "
+                                f"got {type(message['content']).__name__}")
 
 
 def _return_free_heap() -> None:
@@ -146,6 +172,7 @@ class LanguageModel:
     def prompt_tokens(self, prompt: str | list[dict[str, str]]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        check_messages(prompt)
         text = self.apply_chat_template(prompt)
         # Templates that print the BOS themselves must not get a second one.
         bos = self.codec.token_text(self.codec.bos_id) if self.codec.bos_id is not None else None
@@ -249,14 +276,27 @@ class LanguageModel:
         decoder = StreamDecoder(self.codec)
         matcher = StopMatcher(stops)
         history = list(tokens)
-        decode_start = 0.0
+        try:
+            yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
+                                         token_filter)
+        except GeneratorExit:  # the caller closed the stream (a Stop button): the stats still describe it
+            stats.finish_reason = stats.finish_reason or "stopped"
+            raise
+        finally:
+            if stats.first_token_at:
+                stats.decode_s = time.perf_counter() - stats.first_token_at
+
+    def _decode_loop(self, stats: GenerationStats, logits: np.ndarray, sampler: Sampler, history: list[int],
+                     decoder: StreamDecoder, matcher: StopMatcher, max_tokens: int,
+                     token_filter: Any) -> Iterator[str]:
+        start = time.perf_counter() - stats.prefill_s
         stopped_by_string = False
         while True:
             mask = token_filter.allowed() if token_filter is not None else None
             token = sampler.sample(logits, history, mask)
             if stats.generated_tokens == 0:
-                stats.ttft_s = time.perf_counter() - start
-                decode_start = time.perf_counter()
+                stats.first_token_at = time.perf_counter()
+                stats.ttft_s = stats.first_token_at - start
             stats.generated_tokens += 1
             stats.tokens.append(token)
             if token in self.codec.eos_ids:
@@ -286,7 +326,6 @@ class LanguageModel:
             tail = matcher.feed(decoder.flush())[0] + matcher.flush()
             if tail:
                 yield tail
-        stats.decode_s = time.perf_counter() - decode_start if decode_start else 0.0
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         """Generate a whole reply (non-streaming convenience)."""
@@ -297,6 +336,12 @@ class LanguageModel:
         self.weights = None
         if self._gguf is not None:
             self._gguf.close()
+
+    def __repr__(self) -> str:
+        spec = self.spec
+        kind = f"{spec.arch}, {spec.n_layers} layers, width {spec.hidden_size}, vocab {spec.vocab_size}"
+        state = "closed" if self.transformer is None else f"n_ctx={self.n_ctx}, threads={self.threads}"
+        return f"<ondevice.LanguageModel {Path(self.path).name!r} ({kind}; {state})>"
 
     def __enter__(self) -> LanguageModel:
         return self
