@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import operator
 import re
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.compiler
 import jinja2.ext
 import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
@@ -73,12 +75,72 @@ def _tick() -> None:
         raise _RenderTimeout()
 
 
+def _weight(value: Any, limit: int = MAX_ITEMS) -> int:
+    """Items a value holds, nested ones included and counted each time they are reachable (so `[a] * n` weighs
+    n times a), strings at 1 per 16 characters; the walk stops past `limit`, so it costs at most that much.
+    One C-level operation over a value (printing, comparing, tojson) takes time in proportion to this."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        total += 1
+        if isinstance(item, str):
+            total += len(item) >> 4
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        if total > limit:
+            break
+    return total
+
+
 def _check_size(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
-        raise SecurityError(f"the template built a string of {len(value)} characters (limit {MAX_VALUE_CHARS})")
-    if isinstance(value, (list, tuple, dict)) and len(value) > MAX_ITEMS:
-        raise SecurityError(f"the template built a collection of {len(value)} items (limit {MAX_ITEMS})")
+    if isinstance(value, str):
+        if len(value) > MAX_VALUE_CHARS:
+            raise SecurityError(f"the template built a string of {len(value)} characters (limit {MAX_VALUE_CHARS})")
+    elif isinstance(value, (list, tuple, dict)) and _weight(value) > MAX_ITEMS:
+        raise SecurityError(f"the template built a value of more than {MAX_ITEMS} items (nested ones included)")
     return value
+
+
+def _check_sizes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """What goes into one C-level call (a filter, a method, a macro) must be small enough to finish quickly."""
+    for value in (*args, *kwargs.values()):
+        _check_size(value)
+
+
+_COMPARISONS = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "gteq": operator.ge, "lt": operator.lt,
+                "lteq": operator.le, "in": lambda a, b: a in b, "notin": lambda a, b: a not in b}
+
+
+def _bounded_compare(left: Any, *rest: Any) -> bool:
+    """`a == b`, `a < b < c`, `a in b` in templates: comparing two huge values is one long C call that neither
+    the watchdog nor Ctrl-C can interrupt, so their sizes are checked first (templates compile to this call)."""
+    _tick()
+    for i in range(0, len(rest), 2):
+        op, right = rest[i], rest[i + 1]
+        if not (isinstance(right, str) and isinstance(left, str)):  # substring tests and str == str are linear
+            cost = _weight(left) * (_weight(right) if op in ("in", "notin") else 1) + _weight(right)
+            if cost > MAX_ITEMS:
+                raise SecurityError(f"comparing values of more than {MAX_ITEMS} items")
+        if not _COMPARISONS[op](left, right):
+            return False
+        left = right
+    return True
+
+
+class _BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Compiles comparisons to environment.compare(...) so that their operands' sizes can be checked."""
+
+    def visit_Compare(self, node: jinja2.nodes.Compare, frame: Any) -> None:  # noqa: N802 - Jinja's naming
+        self.write("environment.compare(")
+        self.visit(node.expr, frame)
+        for operand in node.ops:
+            self.write(f", {operand.op!r}, ")
+            self.visit(operand.expr, frame)
+        self.write(")")
 
 
 def _refuse_if_larger(estimate: int, what: str) -> None:
@@ -327,6 +389,7 @@ def _guard_filter(func: Any) -> Any:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _tick()
         _check_int_arguments(args[leading:], kwargs)
+        _check_sizes(args[leading - 1:], kwargs)
         return _check_size(func(*args, **kwargs))
 
     return guarded
@@ -334,6 +397,8 @@ def _guard_filter(func: Any) -> Any:
 
 class _ChatSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _BoundedCodeGenerator
+    compare = staticmethod(_bounded_compare)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # Jinja returns an Undefined that renders as "" and fails only on use; a template that reaches for
@@ -368,20 +433,24 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
         elif operator == "*":
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and not isinstance(count, bool):
-                    if len(seq) * count > (MAX_VALUE_CHARS if isinstance(seq, str) else MAX_ITEMS):
+                    size = len(seq) if isinstance(seq, str) else _weight(seq)
+                    if size * count > (MAX_VALUE_CHARS if isinstance(seq, str) else MAX_ITEMS):
                         raise SecurityError(f"repeating a value {count} times is over the size limit")
         elif operator == "%" and isinstance(left, str):
             _check_format(left, right, "printf")
         elif operator == "+":
             if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-                limit = MAX_VALUE_CHARS if isinstance(left, str) else MAX_ITEMS
-                if len(left) + len(right) > limit:
+                if isinstance(left, str) and isinstance(right, str):
+                    if len(left) + len(right) > MAX_VALUE_CHARS:
+                        raise SecurityError("concatenation is over the size limit")
+                elif _weight(left) + _weight(right) > MAX_ITEMS:
                     raise SecurityError("concatenation is over the size limit")
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _tick()
         _check_int_arguments(args, kwargs)
+        _check_sizes(args, kwargs)
         args = _precheck_str_method(__obj, args, kwargs)
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
@@ -389,7 +458,7 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
 def _make_environment() -> _ChatSandbox:
     env = _ChatSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-        autoescape=False,
+        autoescape=False, finalize=_check_size,  # every {{ value }} is sized before it is turned into text
     )
     env.filters.update(
         tojson=_tojson,

@@ -234,3 +234,45 @@ def test_load_named_templates_picks_default(tmp_path):
     (tmp_path / "chat_template.jinja").write_bytes(b"\xff\xfe bad utf-8")
     with pytest.raises(InvalidModelError, match="not valid UTF-8"):
         load_chat_template(tmp_path)
+
+
+# Templates that once ran one C call for minutes or grew memory without bound (issue 12): each must now end
+# quickly with a one-line error. Run in a child process so that a regression fails by timeout instead of hanging.
+DOUBLINGS = "".join(f"{{% set x{i + 1} = [x{i}, x{i}] %}}" for i in range(30))
+UNBOUNDED_TEMPLATES = [
+    "{% set a = [0]*1000000 %}{% set b = [0]*1000000 %}{{ [a]*1000000 == [b]*1000000 }}",
+    "{{ [[0]*1000000]*1000000 }}",
+    "{{ ([[0]*1000]*1000000) | tojson }}",
+    "{{ ([[0]*1000]*1000000) | string }}",
+    "{% set d = {'a': [0]*100000} %}{{ [d]*100000 }}",
+    "{% set x0 = [0, 0] %}" + DOUBLINGS + "{{ x30 == [x29, x29] }}",
+    "{% set x0 = [0, 0] %}" + DOUBLINGS + "{{ x30 | tojson }}",
+    "{% set x0 = [0, 0] %}" + DOUBLINGS + "{{ x30 }}",
+    "{% macro d(x, n) %}{% if n > 0 %}{{ d([x, x], n - 1) }}{% else %}{{ x }}{% endif %}{% endmacro %}{{ d([0], 60) }}",
+    "{% set ns = namespace(x=[0]) %}{% for i in range(60) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}{{ ns.x }}",
+    "{% set a = [0]*100000 %}{{ (a + a + a + a + a + a + a + a + a + a + a) | length }}",
+]
+_PROBE = """
+import sys, time, resource
+from ondevice.chat_template import render_chat
+from ondevice.errors import InvalidModelError
+start = time.perf_counter()
+try:
+    render_chat(sys.argv[1], [{"role": "user", "content": "hi"}])
+    print("rendered")
+except InvalidModelError as exc:
+    print("refused", len(str(exc).splitlines()))
+print(round(time.perf_counter() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.parametrize("template", UNBOUNDED_TEMPLATES)
+def test_unbounded_templates_are_refused_quickly(template: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _PROBE, template], capture_output=True, text=True, timeout=30)
+    outcome, stats = result.stdout.strip().splitlines()
+    seconds, rss_mib = stats.split()
+    assert outcome == "refused 1", result.stdout + result.stderr
+    assert float(seconds) < 3 and int(rss_mib) < 400, stats

@@ -4,6 +4,7 @@ the in-browser chat page that runs an ONNX export in the browser (onnxruntime-we
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
 import sys
@@ -17,6 +18,10 @@ One model instance answers one request at a time; other requests wait in a bound
 queue (--max-queue), and get HTTP 429 when it is full. A client that disconnects stops its generation.
 Binds to 127.0.0.1 by default; use --host 0.0.0.0 to listen on the network, preferably with --api-key
 (or the ONDEVICE_API_KEY environment variable).
+
+Browsers: no CORS headers are sent, so pages of other origins cannot read replies; on a loopback bind a request
+whose Host header is not localhost/127.0.0.1/[::1] (a DNS-rebinding page) gets 403 unless --allow-host NAME.
+The Bearer scheme is matched case-insensitively (RFC 7235); the key itself in constant time.
 
 In-browser mode: --onnx DIR (a folder from `ondevice convert MODEL --to onnx`) serves that folder under /model/
 and a page, /inbrowser.html, that runs it inside the browser tab with onnxruntime-web (WebAssembly) and
@@ -54,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-timeout", type=float, default=300.0,
                    help="seconds a request may wait for its turn before a 503 (default 300)")
     p.add_argument("--web-dir", help="folder served at / (default: the chat pages shipped with ondevice, apps/web)")
-    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="on a loopback bind, also answer requests whose Host header is NAME (repeatable; by "
+                        "default only localhost/127.0.0.1/[::1] are answered, which stops DNS-rebinding pages)")
+    p.add_argument("--verbose", action="store_true", help="log every request (and client disconnects) to stderr")
     p.set_defaults(handler=run)
 
 
@@ -90,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,
                                queue_timeout_s=args.queue_timeout, web_dir=args.web_dir or DEFAULT_WEB_DIR,
-                               onnx_dir=onnx_dir, verbose=args.verbose)
+                               onnx_dir=onnx_dir, verbose=args.verbose, allow_hosts=tuple(args.allow_host))
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OndeviceError(f"port {args.port} is in use; pick another with --port") from None
         raise OndeviceError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
-                            "pick another --port") from None
+                            "pick another --port or --host") from None
     if not _is_loopback(args.host) and not args.api_key:
         print(f"ondevice: warning: listening on {args.host} without an API key: anyone on the network can use "
               "this model (pass --api-key)", file=sys.stderr)

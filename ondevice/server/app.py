@@ -13,6 +13,7 @@ import queue
 import select
 import shutil
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +51,57 @@ _RAW_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json
             b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
+MAX_JSON_DEPTH = 64  # chat requests nest 4-6 levels; deeper is an attack on the parser or the template
+MAX_PATH_CHARS = 1024
+
+
+def check_json_value(value: Any) -> None:
+    """A parsed body's nesting stays shallow and every string is valid Unicode (a lone surrogate such as
+    "\\ud800" parses as JSON but cannot be encoded or tokenized)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("the request body has a string that is not valid Unicode "
+                                   "(a lone surrogate such as \\ud800)") from None
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _allowed_hosts(bind: str, port: int, extra: tuple[str, ...]) -> frozenset[str] | None:
+    """Host header values accepted on a loopback bind; None (any) when bound to a network address."""
+    loopback = bind in ("localhost", "::1") or bind.startswith("127.")
+    if not loopback:
+        return None
+    names = {"localhost", "127.0.0.1", "[::1]", bind, *(h.lower() for h in extra)}
+    return frozenset(names | {f"{name}:{port}" for name in names})
+
+
+class _HeadersOnly:
+    """The handler's output for a HEAD request: the status line and headers go out, the body does not."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.headers_sent = False
+
+    def write(self, data: bytes) -> int:
+        if not self.headers_sent:
+            self.headers_sent = True
+            self.real.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
 class ClientGone(Exception):
     """The client closed the connection."""
 
@@ -61,7 +113,8 @@ class OndeviceServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], model: Any, *, model_id: str, api_key: str | None = None,
                  limits: Limits | None = None, max_queue: int = 16, max_connections: int = 64,
                  queue_timeout_s: float = 300.0, web_dir: Path | None = DEFAULT_WEB_DIR,
-                 onnx_dir: Path | None = None, verbose: bool = False) -> None:
+                 onnx_dir: Path | None = None, verbose: bool = False,
+                 allow_hosts: tuple[str, ...] = ()) -> None:
         self.model = model
         self.model_id = model_id
         self.api_key = api_key
@@ -73,11 +126,15 @@ class OndeviceServer(ThreadingHTTPServer):
         self.verbose = verbose
         self.started_at = int(time.time())
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.warm_thread: threading.Thread | None = None  # set before binding: a failed bind still closes cleanly
+        self.engine: Engine | None = None
         super().__init__(address, Handler)
+        # Host names a browser may use to reach this server: on a loopback bind only the loopback names, so a page
+        # on another origin that rebinds its DNS name to 127.0.0.1 is refused (None: any Host, network binds).
+        self.allowed_hosts = _allowed_hosts(address[0], self.server_address[1], allow_hosts)
         # model None: no server-side model (`ondevice serve --onnx DIR`): static files only, the page runs the
         # ONNX folder in the browser and the /v1 routes answer 404.
         self.engine = Engine(model, max_queue=max_queue) if model is not None else None
-        self.warm_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -99,6 +156,16 @@ class OndeviceServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line per failure instead of socketserver's traceback (clients that vanish are routine)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError, ClientGone, TimeoutError)):
+            if self.verbose:
+                print(f"ondevice serve: client {client_address[0]} disconnected", file=sys.stderr)
+            return
+        print(f"ondevice serve: error handling a request from {client_address[0]}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
     def server_close(self) -> None:
         # A daemon thread still inside llguidance's native code when the interpreter finalizes is torn down by a
@@ -157,20 +224,25 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
             self.close_connection = True
             raise RequestError("send the body with a Content-Length header", status=411)
-        try:
-            size = int(length)
-        except ValueError:
+        if not (length.isascii() and length.isdigit()) or len(length) > 15:  # no sign, no spaces, no 10**30
             self.close_connection = True
-            raise RequestError("bad Content-Length header") from None
+            raise RequestError(f"bad Content-Length header {length[:40]!r}: a byte count is digits only")
+        size = int(length)
         if size > self.server.limits.max_body_bytes:
             self.close_connection = True  # the unread body would corrupt the next request on this connection
             raise RequestError(f"request body of {size} bytes exceeds the limit of "
                                f"{self.server.limits.max_body_bytes}", status=413, code="request_too_large")
         raw = self.rfile.read(size)
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise RequestError(f"the request body has an unreadable value: {str(exc)[:120]}") from None
+        check_json_value(body)
+        return body
 
     def _client_gone(self) -> bool:
         """True if the peer closed its end (readable socket with nothing to read)."""
@@ -194,7 +266,49 @@ class Handler(BaseHTTPRequestHandler):
         self._write_chunk(f"data: {text}\n\n".encode())
 
     # ------------------------------------------------------------------ routes
+    def _host_allowed(self) -> bool:
+        allowed = self.server.allowed_hosts
+        host = (self.headers.get("Host") or "").strip().lower()
+        if allowed is None or host in allowed:
+            return True
+        self.close_connection = True
+        self._send_error(RequestError(f"Host {host[:80]!r} is not served here (this loopback server answers "
+                                      "localhost and 127.0.0.1; add names with --allow-host)", status=403,
+                                      code="host_not_allowed"))
+        return False
+
+    def _guarded(self, route: Any) -> None:
+        """Every request gets an answer: an unexpected failure is one log line and a 500, never a dropped socket."""
+        try:
+            if self._host_allowed():
+                route()
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of a long-running server
+            self.close_connection = True
+            print(f"ondevice serve: {self.command} {self.path[:80]}: {type(exc).__name__}: {str(exc)[:200]}",
+                  file=sys.stderr)
+            try:
+                self._send_error(RequestError("internal error while handling the request", status=500,
+                                              code="internal_error", kind="server_error"))
+            except OSError:
+                pass
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._guarded(self._get)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
+        real = self.wfile
+        self.wfile = _HeadersOnly(real)
+        try:
+            self._guarded(self._get)
+        finally:
+            self.wfile = real
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self._guarded(self._post)
+
+    def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         engine = self.server.engine
         if path == "/health":
@@ -244,8 +358,12 @@ class Handler(BaseHTTPRequestHandler):
     def _send_file(self, root: Path | None, rel: str) -> None:
         """A file under root, streamed; 404 for anything outside it. COOP/COEP make the page cross-origin
         isolated, which onnxruntime-web needs for WebAssembly threads (everything it loads is same-origin)."""
-        target = (root / rel).resolve() if root and rel else None
-        if target is None or not target.is_file() or root not in target.parents:
+        try:
+            target = (root / rel).resolve() if root and rel and len(rel) <= MAX_PATH_CHARS else None
+            found = target is not None and target.is_file() and root in target.parents
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            found = False
+        if not found:
             self._send_error(RequestError(f"no route for GET /{rel}", status=404, code="not_found"))
             return
         self._static_headers(target.stat().st_size, _CONTENT_TYPES.get(target.suffix)
@@ -273,7 +391,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.end_headers()
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def _post(self) -> None:
         path = self.path.split("?", 1)[0]
         kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}.get(path)
         try:
