@@ -6,15 +6,27 @@ converter holds one tensor in memory at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ondevice.errors import InvalidModelError
+
 if TYPE_CHECKING:
     from ondevice.quant import QuantType
     from ondevice.tokenizer import SpecialTokens
+
+
+# Far above any small model (the largest open models have ~128 layers, 256k vocabularies, 1M contexts), far
+# below what would exhaust memory when a table is sized per layer or per head.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 65536
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,25 @@ class ModelSpec:
     tie_embeddings: bool
     qkv_bias: bool = False
     name: str = "model"
+
+    def validate(self, where: str) -> ModelSpec:
+        """The one check of a description, whatever its source (GGUF metadata, config.json): every count in
+        range before anything is sized by it, every float finite. Returns self."""
+        for name, value, limit in (("vocab_size", self.vocab_size, MAX_VOCAB), ("hidden_size", self.hidden_size,
+                                   MAX_WIDTH), ("n_layers", self.n_layers, MAX_LAYERS), ("n_heads", self.n_heads,
+                                   MAX_HEADS), ("n_kv_heads", self.n_kv_heads, MAX_HEADS), ("head_dim",
+                                   self.head_dim, MAX_WIDTH), ("ffn_size", self.ffn_size, MAX_WIDTH * 8),
+                                  ("context_length", self.context_length, MAX_CONTEXT)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise InvalidModelError(f"{where}: {name} {value!r} is out of range (1..{limit})")
+        if self.n_heads % self.n_kv_heads:
+            raise InvalidModelError(f"{where}: {self.n_kv_heads} KV heads do not divide {self.n_heads} heads")
+        if self.head_dim % 2:
+            raise InvalidModelError(f"{where}: head dim {self.head_dim} must be even for RoPE")
+        for name, value in (("rope_theta", self.rope_theta), ("rms_eps", self.rms_eps)):
+            if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+                raise InvalidModelError(f"{where}: {name} {value!r} must be a finite positive number")
+        return self
 
     @property
     def n_params(self) -> int:

@@ -155,3 +155,26 @@ def test_hf_hub_path_offline(tiny_models, tmp_path, monkeypatch, capsys):
     finally:
         monkeypatch.undo()
         importlib.reload(huggingface_hub.constants)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_hidden_layers", 10**9), ("head_dim", "64"), ("rope_theta", "x"), ("rope_theta", -1),
+    ("rms_norm_eps", [1]), ("max_position_embeddings", -1), ("num_key_value_heads", "3"),
+    ("hidden_size", 10**30), ("vocab_size", True), ("rope_scaling", "x"), ("rope_parameters", [1]),
+])
+def test_hostile_config_fields_are_one_line_errors(tiny_models, tmp_path, capsys, field, value):
+    """config.json is untrusted: a field of the wrong type or range names the file and the field in one line."""
+    import json
+    import shutil
+
+    from ondevice.cli import main as cli
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli(["convert", str(folder), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ondevice: error: ") and "internal error" not in err[0], err
+    assert not (tmp_path / "out.gguf").exists()

@@ -138,3 +138,45 @@ def test_fuzz_model_loader_on_real_model_header(tiny_models, tmp_path):
     for mutated in _mutations(data, rng, 300):
         target.write_bytes(mutated)
         _check_hostile(target, open_gguf_file)
+
+
+HOSTILE_VALUES = [
+    TypedValue(ValueType.UINT32, 4294967295), TypedValue(ValueType.INT32, -1), TypedValue(ValueType.INT32, 0),
+    TypedValue(ValueType.FLOAT32, float("nan")), TypedValue(ValueType.FLOAT32, float("inf")),
+    TypedValue(ValueType.FLOAT32, -1.0), TypedValue(ValueType.UINT64, 10**18), TypedValue(ValueType.STRING, "64"),
+    TypedValue(ValueType.BOOL, True), TypedValue(ValueType.ARRAY, np.arange(3, dtype=np.int32), ValueType.INT32),
+    TypedValue(ValueType.UINT32, 63), TypedValue(ValueType.UINT32, 3),
+]
+
+
+@pytest.mark.parametrize("key", ["block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                                 "attention.head_count_kv", "attention.key_length", "context_length",
+                                 "rope.freq_base", "vocab_size", "attention.layer_norm_rms_epsilon"])
+def test_hostile_model_metadata_is_one_validation_everywhere(tiny_models, tmp_path, key):
+    """NaN, negative, huge, wrong-typed or array metadata: load, inspect and convert agree, each either works or
+    says what is wrong in one line (never another exception, never a table sized by a huge count)."""
+    import ondevice
+    from ondevice.cli import main as cli
+    from ondevice.inspect import inspect_model
+    from ondevice.sources import open_source
+
+    original = tmp_path / "m.gguf"
+    assert cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--quant", "f32", "-o", str(original),
+                "--pre", "gpt-2", "--no-progress"]) == 0
+    with GGUFFile(original) as src:
+        fields = dict(src.fields)
+        tensors = [(name, info) for name, info in src.tensors.items()]
+        blobs = {name: np.array(src.tensor_data(name)) for name, _ in tensors}
+    for index, value in enumerate(HOSTILE_VALUES):
+        target = tmp_path / "mut.gguf"
+        planned = [PlannedTensor(name, tuple(info.shape), info.ggml_type, lambda n=name: blobs[n].tobytes())
+                   for name, info in tensors]
+        write_gguf(target, {**fields, f"llama.{key}": value}, planned, force=True)
+        outcomes = []
+        for opener in (lambda p: ondevice.load(p, n_ctx=64), inspect_model, open_source):
+            outcomes.append(_check_hostile(target, opener))
+        assert len(set(outcomes)) == 1, (key, value, outcomes)
+        huge_number = isinstance(value.value, int) and value.value > 10**6
+        float_key = key in ("rope.freq_base", "attention.layer_norm_rms_epsilon")
+        if index < len(HOSTILE_VALUES) - 2 and not (float_key and huge_number):  # the last two are plausible counts
+            assert outcomes[0] == "rejected", (key, value)

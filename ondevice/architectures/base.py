@@ -51,6 +51,11 @@ def _require(config: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _optional(config: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """An optional config field: None when absent, else of the right kind and positive (checked like _require)."""
+    return None if config.get(key) is None else _require(config, key, kind, where)
+
+
 def permute_for_gguf(rows: np.ndarray, n_heads: int) -> np.ndarray:
     """HF rotate-half q/k rows -> llama.cpp interleaved-pair order: per head, row i and i+D/2 become 2i, 2i+1."""
     shape = rows.shape
@@ -74,15 +79,15 @@ class DecoderArchitecture:
         hidden = _require(config, "hidden_size", int, where)
         n_heads = _require(config, "num_attention_heads", int, where)
         n_kv = config.get("num_key_value_heads") or n_heads
-        head_dim = config.get("head_dim") or hidden // n_heads
+        head_dim = _optional(config, "head_dim", int, where) or hidden // n_heads
         rope = config.get("rope_parameters") or {}
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if not isinstance(rope, dict):
+            raise InvalidModelError(f"{where}: config.json 'rope_parameters' should be an object")
+        theta = _optional(config, "rope_theta", float, where) or _optional(rope, "rope_theta", float, where)
         self.check_rope_scaling(config, where)
-        if not isinstance(n_kv, int) or n_kv <= 0 or n_heads % n_kv:
-            raise InvalidModelError(f"{where}: num_key_value_heads={n_kv} must divide num_attention_heads={n_heads}")
-        if head_dim % 2:
-            raise InvalidModelError(f"{where}: head_dim {head_dim} must be even for RoPE")
-        return ModelSpec(
+        if not isinstance(n_kv, int) or isinstance(n_kv, bool):
+            raise InvalidModelError(f"{where}: config.json 'num_key_value_heads' should be int, got {n_kv!r}")
+        spec = ModelSpec(
             arch=self.name,
             vocab_size=_require(config, "vocab_size", int, where),
             hidden_size=hidden,
@@ -91,17 +96,21 @@ class DecoderArchitecture:
             n_kv_heads=n_kv,
             head_dim=head_dim,
             ffn_size=_require(config, "intermediate_size", int, where),
-            rope_theta=float(theta),
-            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-            context_length=int(config.get("max_position_embeddings", 2048)),
+            rope_theta=theta or 10000.0,
+            rms_eps=_optional(config, "rms_norm_eps", float, where) or 1e-6,
+            context_length=_optional(config, "max_position_embeddings", int, where) or 2048,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=self.qkv_bias,
             name=str(config.get("_name_or_path") or "model").rstrip("/").split("/")[-1] or "model",
         )
+        return spec.validate(where)
 
     def check_rope_scaling(self, config: dict[str, Any], where: str) -> None:
         scaling = config.get("rope_scaling")
         rope = config.get("rope_parameters") or {}
+        for key, value in (("rope_scaling", scaling), ("rope_parameters", rope)):
+            if value is not None and not isinstance(value, dict):
+                raise InvalidModelError(f"{where}: config.json {key!r} should be an object, got {value!r:.40}")
         kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or rope.get("rope_type", "default")
         if kind not in (None, "default"):
             raise UnsupportedError(f"{where}: RoPE scaling {kind!r} is not supported yet (only unscaled RoPE)")
@@ -149,38 +158,47 @@ class DecoderArchitecture:
     def spec_from_gguf(self, gguf: GGUFFile) -> ModelSpec:
         a = self.name
 
-        def u(key: str) -> int:
-            value = gguf.require(f"{a}.{key}", int)
-            if value <= 0:
-                raise InvalidModelError(f"{gguf.path}: metadata {a}.{key} must be positive")
-            return value
+        def number(key: str, kind: type, default: Any = None) -> Any:
+            """A scalar of the right kind (a GGUF value may be anything: an array, a string, NaN, negative)."""
+            value = gguf.get(f"{a}.{key}")
+            if value is None:
+                if default is None:
+                    raise InvalidModelError(f"{gguf.path}: required metadata {a}.{key!r} is missing")
+                return default
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise InvalidModelError(f"{gguf.path}: metadata {a}.{key} should be a single "
+                                        f"{'number' if kind is float else 'integer'}, got {type(value).__name__}")
+            return kind(value)
 
-        hidden, n_heads = u("embedding_length"), u("attention.head_count")
-        n_kv = gguf.get(f"{a}.attention.head_count_kv", n_heads)
-        n_kv = int(n_kv)
-        if n_kv <= 0 or n_heads % n_kv:
-            raise InvalidModelError(f"{gguf.path}: head_count_kv={n_kv} must divide head_count={n_heads}")
-        head_dim = int(gguf.get(f"{a}.attention.key_length", hidden // n_heads))
+        hidden, n_heads = number("embedding_length", int), number("attention.head_count", int)
+        n_kv = number("attention.head_count_kv", int, n_heads)
         token_embd = gguf.tensors.get("token_embd.weight")
         if token_embd is None:
             raise InvalidModelError(f"{gguf.path}: token_embd.weight is missing")
-        vocab = int(gguf.get(f"{a}.vocab_size", token_embd.shape[0]))
-        return ModelSpec(
+        n_layers = number("block_count", int)
+        present = {name.split(".")[1] for name in gguf.tensors if name.startswith("blk.")}
+        if n_layers != len(present):  # checked before anything is sized by it
+            raise InvalidModelError(f"{gguf.path}: metadata {a}.block_count is {n_layers} but the file holds "
+                                    f"{len(present)} blocks of tensors")
+        spec = ModelSpec(
             arch=a,
-            vocab_size=vocab,
+            vocab_size=number("vocab_size", int, token_embd.shape[0]),
             hidden_size=hidden,
-            n_layers=u("block_count"),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=n_kv,
-            head_dim=head_dim,
-            ffn_size=u("feed_forward_length"),
-            rope_theta=float(gguf.get(f"{a}.rope.freq_base", 10000.0)),
-            rms_eps=float(gguf.require(f"{a}.attention.layer_norm_rms_epsilon", float)),
-            context_length=int(gguf.get(f"{a}.context_length", 2048)),
+            head_dim=number("attention.key_length", int, hidden // n_heads if n_heads > 0 else 0),
+            ffn_size=number("feed_forward_length", int),
+            rope_theta=number("rope.freq_base", float, 10000.0),
+            rms_eps=number("attention.layer_norm_rms_epsilon", float),
+            context_length=number("context_length", int, 2048),
             tie_embeddings="output.weight" not in gguf.tensors,
             qkv_bias=self.qkv_bias,
             name=str(gguf.get("general.name", "model")),
         )
+        return spec.validate(str(gguf.path))
 
     # --------------------------------------------------------------------- tensors
     def tensor_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
