@@ -21,6 +21,7 @@ from pathlib import Path
 import kernel_ref as ref
 import numpy as np
 import pytest
+from conftest import require_or_skip
 from gguf import GGMLQuantizationType as QT
 
 K = pytest.importorskip("ondevice._kernels")
@@ -455,7 +456,7 @@ def test_neon_matches_scalar_under_qemu():
     cc = shutil.which("cc") if native else shutil.which("aarch64-linux-gnu-gcc")
     qemu = None if native else shutil.which("qemu-aarch64")
     if cc is None or (not native and qemu is None):
-        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+        require_or_skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
     exe = _build_neon_check(cc)
     runs = [[str(exe)]] if native else [[qemu, str(exe)], [qemu, "-cpu", "cortex-a53", str(exe)]]
     for command in runs:
