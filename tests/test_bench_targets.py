@@ -14,6 +14,8 @@ from ondevice.bench.artifacts import artifact_kind
 from ondevice.bench.backends import backend_class
 from ondevice.cli import main as cli
 
+pytestmark = pytest.mark.slow  # builds an artifact of every target: ~90 s of the fast tier
+
 ON_MACOS = sys.platform == "darwin"
 
 

@@ -1,4 +1,4 @@
-"""Benchmark inputs: what kind of artifact a path is, the facts the harness records about it, and sources
+"""Benchmark inputs: the facts the harness records about it, and sources
 converted on the fly (cached under the user cache dir, keyed by the source's content hash and the settings)."""
 
 from __future__ import annotations
@@ -9,14 +9,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ondevice.bench.backends.base import COREML, GGUF, HF, MLX, ONNX, PTE
-from ondevice.errors import InvalidModelError, OndeviceError
+from ondevice.errors import OndeviceError
+from ondevice.inspectors import FTYPE_NAMES, disk_size
+from ondevice.inspectors.kinds import GGUF, HF, ONNX, artifact_kind
 
-# llama.cpp's llama_ftype numbers (general.file_type) -> scheme names.
-FTYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
-               11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
-               17: "q5_k_m", 18: "q6_k", 32: "bf16"}
-
+__all__ = ["Artifact", "ModelShape", "artifact_kind", "converted_artifact", "describe_artifact", "resolve_artifacts"]
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -50,60 +47,6 @@ class Artifact:
         data = asdict(self)
         data["path"] = str(self.path)
         return data
-
-
-def artifact_kind(path: Path) -> str:
-    """gguf | mlx | pte | onnx | coreml | hf, or an error naming what was expected."""
-    if path.is_dir() and (path.suffix == ".mlpackage" or (path / "Manifest.json").is_file()):
-        return COREML
-    if path.is_file():
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        if magic == b"GGUF":
-            return GGUF
-        if path.suffix == ".pte":
-            return PTE
-        if path.suffix == ".onnx":
-            return ONNX
-    elif path.is_dir():
-        config = path / "config.json"
-        if config.exists():
-            import json
-
-            try:
-                data = json.loads(config.read_text())
-            except (OSError, ValueError):
-                data = {}
-            if "quantization" in data and not (path / "quantize_config.json").exists():
-                return MLX
-            return MLX if _mlx_safetensors(path) else HF
-        if (path / "genai_config.json").is_file():
-            return ONNX
-        if any(path.glob("*.onnx")):
-            return ONNX
-        if any(path.glob("*.pte")):
-            return PTE
-    raise InvalidModelError(f"{path}: not a model artifact (expected a .gguf file, an MLX or Hugging Face folder, "
-                            f"a .pte, an ONNX folder or .onnx file, or an .mlpackage)")
-
-
-def _mlx_safetensors(folder: Path) -> bool:
-    """An unquantized MLX folder looks like a Hugging Face one but for its safetensors metadata {"format": "mlx"}."""
-    from ondevice.inspectors.mlx import safetensors_header
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return False
-    try:
-        return (safetensors_header(files[0]).get("__metadata__") or {}).get("format") == "mlx"
-    except InvalidModelError:
-        return False
-
-
-def disk_size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _gguf_facts(path: Path) -> tuple[str, str, int, ModelShape | None]:

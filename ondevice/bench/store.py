@@ -34,6 +34,7 @@ from ondevice.errors import OndeviceError
 
 EXPORT_FORMAT = "ondevice-bench-results"
 EXPORT_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "devices, runs and speed measurements", """
@@ -113,22 +114,94 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
+_SCALAR = (str, int, float, bool, type(None))
+_IMPORT_KEYS = {"devices": ("device_id",), "runs": ("run_id", "device_id", "started_at"), "measurements": ()}
+
+
+def _check_import_shape(data: dict[str, Any]) -> None:
+    """Every section a list of objects, keys of the right type, values SQLite can store: checked before any write."""
+    def bad(why: str) -> OndeviceError:
+        return OndeviceError(f"not a valid ondevice results file: {why}; nothing was imported")
+
+    if not isinstance(data.get("version", 0), int) or isinstance(data.get("version", 0), bool):
+        raise bad("\"version\" must be an integer")
+    for section, keys in _IMPORT_KEYS.items():
+        items = data.get(section, [])
+        if not isinstance(items, list):
+            raise bad(f"\"{section}\" must be a list")
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise bad(f"{section}[{index}] must be an object")
+            for key in keys:
+                if not isinstance(item.get(key), str) or not item[key]:
+                    raise bad(f"{section}[{index}].{key} must be a non-empty string")
+            for key, value in item.items():
+                if key in JSON_COLUMNS or (section == "devices" and key == "hardware"):
+                    continue  # stored as JSON text whatever its shape
+                if not isinstance(value, _SCALAR):
+                    raise bad(f"{section}[{index}].{key} must be a string or a number, not {type(value).__name__}")
+
+
 class Store:
     def __init__(self, path: str | Path | None = None, *, target_version: int = SCHEMA_VERSION,
                  busy_timeout_s: float = 60.0) -> None:
         self.path = Path(path) if path else default_db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existing = self._check_header()
         try:
             # isolation_level=None: no implicit transactions; every write below opens its own explicitly.
             self.conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         except sqlite3.Error as exc:
             raise OndeviceError(f"cannot open the results database {self.path}: {exc}") from None
         self.conn.row_factory = sqlite3.Row
+        if existing:
+            self._check_contents()  # before anything below writes to the file
         self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         self._enable_wal(busy_timeout_s)
         self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: committed data survives a killed process
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.migrate(target_version)
+
+    def _not_a_store(self, why: str) -> OndeviceError:
+        return OndeviceError(f"{self.path} is not an ondevice results store ({why}); pass another --db")
+
+    def _check_header(self) -> bool:
+        """True if the file exists with content; refuses what cannot be one of our SQLite files."""
+        if self.path.is_dir():
+            raise self._not_a_store("it is a directory")
+        try:
+            with open(self.path, "rb") as file:
+                header = file.read(100)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise OndeviceError(f"cannot read the results database {self.path}: {exc.strerror}") from None
+        if not header:
+            return False
+        if not header.startswith(SQLITE_MAGIC):
+            raise self._not_a_store("not an SQLite database")
+        return True
+
+    def _check_contents(self) -> None:
+        """Read-only checks of an existing file: intact, and ours (or empty of tables)."""
+        try:
+            tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            verdict = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise self._not_a_store(f"damaged or truncated SQLite file: {exc}") from None
+        if verdict != "ok":
+            self.conn.close()
+            raise self._not_a_store(f"damaged or truncated SQLite file: {verdict}")
+        if tables and "schema_migrations" not in tables:
+            self.conn.close()
+            raise self._not_a_store(f"an SQLite database of another program, tables {', '.join(sorted(tables)[:5])}")
+
+    def _json_value(self, text: str, where: str) -> Any:
+        try:
+            return json.loads(text)
+        except (ValueError, TypeError):
+            raise self._not_a_store(f"{where} holds invalid JSON") from None
 
     def _enable_wal(self, timeout_s: float) -> None:
         # Switching the journal mode needs a moment with no other writer; busy_timeout does not cover it.
@@ -233,7 +306,8 @@ class Store:
     # ------------------------------------------------------------------ reads
     def devices(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM devices ORDER BY first_seen").fetchall()
-        return [{**dict(r), "hardware": json.loads(r["hardware"])} for r in rows]
+        return [{**dict(r), "hardware": self._json_value(r["hardware"], f"device {r['device_id']}'s hardware")}
+                for r in rows]
 
     def measurements(self, *, kind: str | None = None, device: str | None = None, model: str | None = None,
                      status: str | None = None) -> list[dict[str, Any]]:
@@ -260,7 +334,7 @@ class Store:
             item = dict(row)
             for column in JSON_COLUMNS:
                 if item.get(column):
-                    item[column] = json.loads(item[column])
+                    item[column] = self._json_value(item[column], f"measurement {item['uid']}'s {column}")
             out.append(item)
         return out
 
@@ -278,12 +352,21 @@ class Store:
         """Merge an export (from here or elsewhere). Rows already present (same uid) are skipped. All or nothing."""
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise OndeviceError(f"not an ondevice results file (expected \"format\": \"{EXPORT_FORMAT}\")")
-        if int(data.get("version", 0)) > EXPORT_VERSION:
+        _check_import_shape(data)
+        if data.get("version", 0) > EXPORT_VERSION:
             raise OndeviceError(f"results file version {data.get('version')} is newer than this ondevice reads "
                                 f"({EXPORT_VERSION}); upgrade ondevice")
         columns = set(self.columns()) - {"id"}
         required = ("uid", "device_id", "kind", "status", "backend", "model", "recorded_at")
         counts = {"devices": 0, "runs": 0, "measurements": 0, "skipped": 0}
+        try:
+            self._import_rows(data, columns, required, counts)
+        except (sqlite3.Error, OverflowError) as exc:  # e.g. a value SQLite cannot bind; the transaction was rolled back
+            raise OndeviceError(f"cannot import the results file: {exc}; nothing was imported") from None
+        return counts
+
+    def _import_rows(self, data: dict[str, Any], columns: set[str], required: tuple[str, ...],
+                     counts: dict[str, int]) -> None:
         with self.transaction() as conn:
             for device in data.get("devices", []):
                 hardware = device.get("hardware", {})
@@ -317,7 +400,6 @@ class Store:
                 cur = conn.execute(f"INSERT OR IGNORE INTO measurements ({', '.join(names)}) "
                                    f"VALUES ({', '.join('?' * len(names))})", [row[n] for n in names])
                 counts["measurements" if cur.rowcount else "skipped"] += 1
-        return counts
 
     def close(self) -> None:
         self.conn.close()

@@ -1,5 +1,5 @@
 """`ondevice inspect` readers: one small module per artifact format, each with `read(path) -> dict`; adding a format
-is a module plus a line in INSPECTOR_MODULES (keyed by ondevice.bench.artifacts.artifact_kind).
+is a module plus a line in INSPECTOR_MODULES (keyed by ondevice.inspectors.kinds.artifact_kind).
 
 Every reader returns at least: path, format, size_bytes, quant (the scheme, one string), architecture, spec (the
 architecture facts it could read), tokenizer and chat_template; then what is particular to its format."""
@@ -14,6 +14,12 @@ from typing import Any
 from ondevice.errors import InvalidModelError
 from ondevice.model import ModelSpec
 
+# llama.cpp's llama_ftype numbers (general.file_type) -> scheme names.
+FTYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+               11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
+               17: "q5_k_m", 18: "q6_k", 32: "bf16"}
+
+
 INSPECTOR_MODULES: dict[str, str] = {
     "gguf": "ondevice.inspectors.source",
     "hf": "ondevice.inspectors.source",
@@ -25,7 +31,7 @@ INSPECTOR_MODULES: dict[str, str] = {
 
 
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
-    from ondevice.bench.artifacts import artifact_kind
+    from ondevice.inspectors.kinds import artifact_kind
 
     path = Path(path)
     module = importlib.import_module(INSPECTOR_MODULES[artifact_kind(path)])

@@ -4,25 +4,13 @@ model*.safetensors (metadata format "mlx"; packed uint32 codes with .scales/.bia
 from __future__ import annotations
 
 import json
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ondevice.errors import InvalidModelError
 from ondevice.inspectors import disk_size, file_sizes, read_json, spec_facts
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor dtypes, shapes, offsets; "__metadata__")."""
-    try:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100_000_000:
-                raise ValueError(f"header length {length}")
-            return json.loads(fh.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise InvalidModelError(f"{path}: not a safetensors file ({exc})") from None
+from ondevice.inspectors.kinds import safetensors_header
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -7,9 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ondevice.bench.artifacts import FTYPE_NAMES
 from ondevice.formats.gguf import GGUFFile
-from ondevice.inspectors import disk_size
+from ondevice.inspectors import FTYPE_NAMES, disk_size
 from ondevice.sources import open_source
 
 

@@ -19,11 +19,8 @@ from typing import ClassVar
 import numpy as np
 
 from ondevice.errors import UnsupportedError
+from ondevice.inspectors.kinds import ARTIFACT_KINDS, COREML, GGUF, HF, MLX, ONNX, PTE  # noqa: F401 (the backends' kinds)
 from ondevice.runners import ArtifactRunner
-
-# Artifact kinds (see ondevice.bench.artifacts.artifact_kind).
-GGUF, MLX, PTE, ONNX, HF, COREML = "gguf", "mlx", "pte", "onnx", "hf", "coreml"
-ARTIFACT_KINDS = (GGUF, MLX, PTE, ONNX, HF, COREML)
 
 
 class TokenClock:
