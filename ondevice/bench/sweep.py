@@ -61,7 +61,7 @@ class SweepJob:
     backend: str | None = None
     device: str | None = None
     settings: Settings | None = None
-    eval_setup: dict[str, int] = field(default_factory=dict)
+    eval_setup: dict[str, int] = field(default_factory=dict)  # ctx, max_tokens, threads
 
     @property
     def key(self) -> str:
@@ -176,7 +176,7 @@ def execute(job: SweepJob, *_after: Any) -> dict[str, Any]:
     from ondevice.bench.artifacts import content_hash
     from ondevice.bench.fingerprint import fingerprint
 
-    fp = fingerprint(measure_bandwidth=job.kind == "bench")
+    fp = fingerprint()  # cached per process; bandwidth measured once, as `ondevice bench` records it
     artifact = _artifact(job)
     sha = content_hash(artifact.path)
     sweep = {"key": job.key, "device": job.device, "source_sha256": job.source_sha256, "artifact_sha256": sha,
@@ -188,9 +188,10 @@ def execute(job: SweepJob, *_after: Any) -> dict[str, Any]:
         from ondevice.hub import resolve_model
 
         reference = describe_artifact(resolve_model(job.source))
-        threads = fp["hardware"]["cores_physical"]
-        result = evaluate(artifact, reference, backend=job.backend, threads=threads,
-                          setup=EvalWindowing(**job.eval_setup), progress=False)
+        setup = dict(job.eval_setup)
+        threads = setup.pop("threads", None) or fp["hardware"]["cores_physical"]
+        result = evaluate(artifact, reference, backend=job.backend, threads=threads, setup=EvalWindowing(**setup),
+                          progress=False)
         row = {**quality_row(artifact, reference, result, node_environment(fp)), "threads": threads}
     elif job.kind == "bench":
         assert job.settings is not None and job.backend is not None
@@ -254,12 +255,15 @@ def run_serial(jobs: list[SweepJob], record: Record) -> SweepOutcome:
                 try:
                     result = execute(job)
                     done = Finished(job, result["row"], result["fingerprint"])
-                except OndeviceError as exc:
+                except Exception as exc:  # as a Ray task's would be: recorded, and the sweep goes on
+                    error = str(exc) if isinstance(exc, OndeviceError) else _error_text(exc)
                     if job.kind == "convert":
-                        failed_artifacts[job.artifact_id] = str(exc)
-                    done = _failed(job, str(exc))
+                        failed_artifacts[job.artifact_id] = error
+                    done = _failed(job, error)
             record(done)
             finished.append(done)
+            if done.row is not None and done.row["status"] == "interrupted":  # Ctrl-C inside a bench worker
+                return SweepOutcome(finished, True)
     except KeyboardInterrupt:
         return SweepOutcome(finished, True)
     return SweepOutcome(finished, False)

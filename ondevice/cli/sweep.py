@@ -21,6 +21,9 @@ Device nodes join the cluster with a custom resource naming the device; bench jo
   ray start --address HEAD:6379 --resources '{"device:pixel-8": 1}'      (a machine wired to a Pixel 8)
   ondevice sweep --devices --ray HEAD:6379                               (lists the devices the cluster offers)
 
+Without --ray (or with --ray local) this machine stands for every device named in --devices (default: one
+device called "local").
+
 Artifacts are not copied between nodes: a node that lacks one converts it into ARTIFACT_DIR (named by the
 source's content hash, target and scheme), so each node needs the MODEL sources (shared folder or alias).
 
@@ -57,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", help="model name to record (one MODEL only)")
     p.add_argument("--prompt", type=_positive, default=128, help="bench prompt length in tokens (default 128)")
     p.add_argument("--gen", type=_positive, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--threads", type=_positive, help="bench threads (default: physical cores of this machine)")
+    p.add_argument("--threads", type=_positive, help="threads of each bench and eval job (default: this machine's physical cores)")
     p.add_argument("--repeat", type=_positive, default=5, help="measured repeats per bench (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     p.add_argument("--ctx", type=_positive, default=256, help="eval window in tokens (default 256)")
@@ -91,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         sweep.connect(args.ray, devices)
         offered = sweep.cluster_devices()
         devices = devices or sorted(offered)
+        if not devices and (args.bench or not args.eval):
+            raise OndeviceError("the cluster offers no devices to bench on: start a node with ray start --address "
+                                "... --resources '{\"device:NAME\": 1}', or sweep with --eval only")
         missing = [d for d in devices if d not in offered]
         if missing:
             raise OndeviceError(f"no node offers device(s) {', '.join(missing)} (the cluster has: "
@@ -99,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
     devices = devices or [sweep.LOCAL_DEVICE]
     fp = fingerprint(measure_bandwidth=False)
     want_bench = args.bench or not args.eval
-    settings = Settings(args.threads or fp["hardware"]["cores_physical"], args.prompt, args.gen, args.repeat,
-                        args.warmup) if want_bench else None
-    eval_setup = {"ctx": args.ctx, "max_tokens": args.max_tokens} if args.eval else None
+    threads = args.threads or fp["hardware"]["cores_physical"]
+    settings = Settings(threads, args.prompt, args.gen, args.repeat, args.warmup) if want_bench else None
+    eval_setup = {"ctx": args.ctx, "max_tokens": args.max_tokens, "threads": threads} if args.eval else None
     progress = not (args.no_progress or args.json)
     with Store(args.db) as store:  # opened first: a bad --db fails before any work
         plan = sweep.plan_sweep(args.models, targets=_names(args.to), quants=_names(args.quant or ""),
