@@ -14,18 +14,22 @@ Every run uses a fresh artifact folder and database, so nothing is skipped or ta
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+# Each job of the CPU-bound case on one core in both runs (numpy's BLAS would otherwise use both cores serially).
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
-def timed_sweep(args: list[str], work: Path, tag: str) -> float:
+
+def timed_sweep(args: list[str], work: Path, tag: str, env: dict[str, str]) -> float:
     out, db = work / f"{tag}-art", work / f"{tag}.sqlite"
     command = [sys.executable, "-m", "ondevice", "sweep", *args, "-o", str(out), "--db", str(db), "--no-progress"]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -41,15 +45,16 @@ def main() -> None:
              "--prompt", "64", "--gen", "32", "--repeat", "3", "--threads", "2"]
     cpu = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0,q4_1,q5_0", "--backend", "ondevice", "--eval",
            "--ctx", "256", "--max-tokens", "768", "--threads", "1"]
-    cases = [("overhead: 2x2 bench sweep", bench, ["--ray", "local"]),
-             ("4-job CPU-bound sweep (convert + eval), 2 workers", cpu, ["--ray", "local", "--num-cpus", "2"])]
+    cases = [("overhead: 2x2 bench sweep", bench, ["--ray", "local"], {}),
+             ("4-job CPU-bound sweep (convert + 1-thread eval), 2 workers", cpu, ["--ray", "local", "--num-cpus", "2"],
+              ONE_THREAD)]
     print("| sweep | serial (s) | --ray local (s) | ratio |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         work = Path(tmp)
-        for index, (name, args, ray_args) in enumerate(cases):
-            serial = min(timed_sweep(args, work, f"s{index}-{r}") for r in range(opts.rounds))
-            on_ray = min(timed_sweep(args + ray_args, work, f"r{index}-{r}") for r in range(opts.rounds))
+        for index, (name, args, ray_args, env) in enumerate(cases):
+            serial = min(timed_sweep(args, work, f"s{index}-{r}", env) for r in range(opts.rounds))
+            on_ray = min(timed_sweep(args + ray_args, work, f"r{index}-{r}", env) for r in range(opts.rounds))
             print(f"| {name} | {serial:.1f} | {on_ray:.1f} | {on_ray / serial:.2f} |", flush=True)
 
 
