@@ -149,3 +149,39 @@ def test_a_node_removed_mid_sweep_loses_no_result(sources, cluster, tmp_path, ca
     with Store(db) as store:
         ok = {r["settings"]["sweep"]["key"] for r in store.measurements(status="ok")}
     assert ok == set(rows) and again["skipped"] + len(again["results"]) == 16
+
+
+def test_ctrl_c_on_the_driver_keeps_finished_results(sources, tmp_path):
+    """`--ray local` in its own process, interrupted once results arrive: exit 130, the finished rows stay, the
+    run is marked interrupted, and a re-run does only what is missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "sweep.sqlite"
+    args = [a for a in _sweep(sources, db, tmp_path / "art", "--ray", "local", "--num-cpus", "1", "--repeat", "4")
+            if a != "--json"]
+    args[args.index(DEVICE)] = "local"
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice", "sweep", *args, "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.exists():
+                with Store(db) as store:
+                    if store.measurements(kind="speed"):
+                        break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; the results above were kept" in err
+    kept = _rows(db)
+    assert 0 < len(kept) < 16 and all(r["status"] == "ok" for r in kept.values())
+    with Store(db) as store:
+        assert [r[0] for r in store.conn.execute("SELECT status FROM runs")] == ["interrupted"]

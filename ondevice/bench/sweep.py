@@ -15,7 +15,7 @@ store (the same rows `ondevice bench` and `ondevice eval` write, from the same f
 - Resumable: each job has a key (source content hash, target, scheme, backend, settings, device); a job whose
   key has an `ok` row in the store is skipped. A node that dies takes its tasks with it: Ray retries them
   elsewhere (MAX_RETRIES); a job that still fails, or that no remaining node can run, is recorded as an error row
-  (never dropped), so a re-run retries exactly those. Ctrl-C cancels what is pending and keeps what finished.
+  (never dropped), so a re-run retries exactly those. Ctrl-C keeps what finished; ray.shutdown() ends the rest.
 """
 
 from __future__ import annotations
@@ -344,14 +344,14 @@ def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0) -> Swe
                 nodes = ray.nodes()
                 for ref, job in list(pending.items()):
                     if not _feasible(job.resources(), nodes):
-                        ray.cancel(ref, force=True)
+                        ray.cancel(ref)  # never scheduled (nowhere to go): a plain cancel suffices
                         pending.pop(ref)
                         done = _failed(job, f"no node in the cluster can run it (needs {job.resources()})")
                         record(done)
                         finished.append(done)
     except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        # No ray.cancel here: force-cancelling tasks that wait on others aborts Ray 2.60's driver ("Tried to
+        # complete task that was not pending"); the caller's ray.shutdown() ends this driver's tasks instead.
         return SweepOutcome(finished, True)
     return SweepOutcome(finished, False)
 
