@@ -159,8 +159,8 @@ def _label_for(name: str, path: Path) -> str | None:
 
 
 def converted_artifact(source_name: str, to: str, quant: str, *, progress: bool = True,
-                       label: str | None = None) -> Artifact:
-    """The source converted to `to`/`quant`, from the cache or converted now (atomically) into it."""
+                       label: str | None = None, out_dir: Path | None = None) -> Artifact:
+    """The source converted to `to`/`quant`, from the cache (or `out_dir`) or converted now (atomically) into it."""
     from ondevice.converters import get_target
     from ondevice.converters.base import ConvertOptions
     from ondevice.hub import cache_dir, resolve_model
@@ -170,7 +170,7 @@ def converted_artifact(source_name: str, to: str, quant: str, *, progress: bool 
     scheme, _note = writer.TARGET.resolve_quant(quant)
     src = resolve_model(source_name)
     key = content_hash(src)[:16]
-    out = cache_dir() / "bench" / "artifacts" / f"{src.name.removesuffix('.gguf')}-{key}-{to}-{scheme}" \
+    out = (out_dir or cache_dir() / "bench" / "artifacts") / f"{src.name.removesuffix('.gguf')}-{key}-{to}-{scheme}" \
         f"{writer.TARGET.suffix}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Any
 from ondevice import __version__
 from ondevice.errors import OndeviceError
 
-COMMANDS = ("convert", "inspect", "run", "chat", "models", "bench", "eval", "fit", "serve", "export")
+COMMANDS = ("convert", "inspect", "run", "chat", "models", "bench", "eval", "fit", "serve", "export",
+            "sweep")
 
 EPILOG = """\
 examples:
