@@ -253,16 +253,19 @@ UNBOUNDED_TEMPLATES = [
     "{% set a = [0]*100000 %}{{ (a + a + a + a + a + a + a + a + a + a + a) | length }}",
 ]
 _PROBE = """
-import sys, time, resource
+import sys, resource
 from ondevice.chat_template import render_chat
 from ondevice.errors import InvalidModelError
-start = time.perf_counter()
+def cpu() -> float:  # CPU time, not wall time: the verdict must not depend on how loaded the machine is
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+start = cpu()
 try:
     render_chat(sys.argv[1], [{"role": "user", "content": "hi"}])
     print("rendered")
 except InvalidModelError as exc:
     print("refused", len(str(exc).splitlines()))
-print(round(time.perf_counter() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(round(cpu() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
@@ -271,7 +274,7 @@ def test_unbounded_templates_are_refused_quickly(template: str) -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _PROBE, template], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-c", _PROBE, template], capture_output=True, text=True, timeout=120)
     outcome, stats = result.stdout.strip().splitlines()
     seconds, rss_mib = stats.split()
     assert outcome == "refused 1", result.stdout + result.stderr

@@ -188,7 +188,7 @@ def test_api_key(model) -> None:
 def _raw_request(server: OndeviceServer, body: dict) -> socket.socket:
     sock = socket.create_connection(server.server_address[:2], timeout=30)
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     return sock
 
@@ -201,7 +201,9 @@ def test_disconnect_stops_generation(server: OndeviceServer) -> None:
     sock = _raw_request(server, {**long_reply, "stream": True})
     received = b""
     while received.count(b"data: ") < 3:
-        received += sock.recv(4096)
+        chunk = sock.recv(4096)
+        assert chunk, received  # the server answered and closed instead of streaming
+        received += chunk
     sock.close()
     job_id = re.search(rb"chatcmpl-([0-9a-f]+)", received).group(1).decode()
     wait_idle(server)
