@@ -172,6 +172,7 @@ static type_info get_type_info(int type) {
     case OD_TYPE_F16: return (type_info){1, 2, "F16"};
     case OD_TYPE_BF16: return (type_info){1, 2, "BF16"};
     case OD_TYPE_Q4_0: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0"};
+    case OD_TYPE_Q4_0_X8: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0_X8"};
     case OD_TYPE_Q4_1: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1"};
     case OD_TYPE_Q5_0: return (type_info){32, (int)sizeof(block_q5_0), "Q5_0"};
     case OD_TYPE_Q5_1: return (type_info){32, (int)sizeof(block_q5_1), "Q5_1"};
@@ -239,6 +240,56 @@ static int activation_scheme(int wtype) {
     }
 }
 
+/* ------------------------------------------------------------------ load-time repacking */
+
+/* Q4_0_X8 on a code path without a kernel for it (the path was switched after the weights were repacked):
+ * each group of 8 rows is unpacked and multiplied by that path's Q4_0 kernel. Slow but exact. */
+static void matmul_x8_by_unpacking(const od_mm_args *a, int64_t n0, int64_t n1) {
+    uint8_t *rows = malloc(OD_X8_ROWS * a->row_bytes);
+    if (!rows) return;
+    const od_mm_fn q4_0 = od_ops()->matmul[OD_TYPE_Q4_0];
+    for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
+        od_repack_q4_0_x8(rows, a->w + (size_t)n * a->row_bytes, OD_X8_ROWS, a->k, 1);
+        od_mm_args group = *a;
+        group.w = rows;
+        group.out = a->out + n;
+        group.n = OD_X8_ROWS;
+        group.wtype = OD_TYPE_Q4_0;
+        q4_0(&group, 0, OD_X8_ROWS);
+    }
+    free(rows);
+}
+
+int od_repack_supported(int type) {
+    if (type == OD_TYPE_Q4_0) return od_ops()->matmul[OD_TYPE_Q4_0_X8] != NULL;
+    return 0;
+}
+
+/* Q4_0 [n][k] -> Q4_0_X8 (layout in blocks.h), or back when `unpack`. */
+int od_repack_q4_0_x8(void *dst, const void *src, int64_t n, int64_t k, int unpack) {
+    if (n <= 0 || k <= 0 || n % OD_X8_ROWS != 0 || k % OD_QK != 0) return OD_EINVAL;
+    const int64_t nb = k / OD_QK;
+    const size_t row_bytes = (size_t)nb * sizeof(block_q4_0);
+    for (int64_t g = 0; g < n / OD_X8_ROWS; g++) {
+        const uint8_t *rows = (const uint8_t *)(unpack ? dst : src) + (size_t)g * OD_X8_ROWS * row_bytes;
+        const uint8_t *packed = (const uint8_t *)(unpack ? src : dst) + (size_t)g * OD_X8_ROWS * row_bytes;
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out_packed = (uint8_t *)packed + b * OD_X8_BLOCK_BYTES;
+            for (int r = 0; r < OD_X8_ROWS; r++) {
+                uint8_t *blk = (uint8_t *)rows + r * row_bytes + b * sizeof(block_q4_0);
+                for (int c = 0; c < 4; c++) {
+                    uint8_t *chunk = out_packed + 16 + 32 * c + 4 * r;
+                    if (unpack) memcpy(blk + 2 + 4 * c, chunk, 4);
+                    else memcpy(chunk, blk + 2 + 4 * c, 4);
+                }
+                if (unpack) memcpy(blk, out_packed + 2 * r, 2);
+                else memcpy(out_packed + 2 * r, blk, 2);
+            }
+        }
+    }
+    return OD_OK;
+}
+
 /* Work below this many multiply-adds is not worth waking the pool for. */
 #define OD_MIN_PARALLEL_MACS (1 << 16)
 /* Rows of W per task are a multiple of this (the widest SIMD row tile). */
@@ -248,9 +299,11 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
               int accumulate) {
     if (wtype < 0 || wtype >= OD_MAX_TYPE_ID) return OD_ETYPE;
     const od_isa_ops *ops = od_ops();
-    const od_mm_fn fn = ops->matmul[wtype];
+    const od_mm_fn fn = ops->matmul[wtype] ? ops->matmul[wtype]
+                        : wtype == OD_TYPE_Q4_0_X8 ? matmul_x8_by_unpacking : NULL;
     if (!fn) return OD_ETYPE;
     if (m < 0 || n < 0 || k <= 0 || od_row_nbytes(wtype, k) == 0) return OD_EINVAL;
+    if (wtype == OD_TYPE_Q4_0_X8 && n % OD_X8_ROWS != 0) return OD_EINVAL;
     if (m == 0 || n == 0) return OD_OK;
 
     mm_job job = {.fn = fn};

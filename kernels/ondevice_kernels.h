@@ -56,6 +56,15 @@ const char *od_type_name(int type);
 int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, int64_t n, int64_t k,
               int accumulate);
 
+/* Load-time repacking (OD_TYPE_Q4_0_X8, layout in blocks.h): whether the current code path has a kernel for
+ * the repacked form of `type`, and the repack itself (or its inverse when unpack != 0). dst and src must not
+ * overlap; n must divide by 8. */
+#define OD_REPACK_Q4_0 2     /* GGML's Q4_0 */
+#define OD_REPACK_Q4_0_X8 32 /* its repacked form (OD_TYPE_Q4_0_X8) */
+#define OD_REPACK_ROWS 8
+int od_repack_supported(int type);
+int od_repack_q4_0_x8(void *dst, const void *src, int64_t n, int64_t k, int unpack);
+
 /* The 8-bit activations od_matmul computes for weights of type wtype (test hook and for native callers
  * that want to inspect them): qs[M][K] codes, ds[M][K/32][2] = (d, s) per block of 32, x[M][K] f32. */
 int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k);

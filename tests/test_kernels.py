@@ -146,6 +146,85 @@ def test_matmul_simd_matches_scalar(simd, wtype):
         assert (np.abs(got - expected) / mag).max() < 1e-5, (m, n, k)
 
 
+
+# ------------------------------------------------------------------ load-time repacking (Q4_0 -> Q4_0_X8)
+
+REPACK_SHAPES = [(1, 64, 256), (2, 24, 576), (3, 40, 1536), (4, 16, 256), (9, 48, 512), (64, 32, 256)]
+
+
+def _repack(w: np.ndarray, k: int) -> np.ndarray:
+    packed = np.empty_like(w)
+    assert K.repack(packed, w, int(QT.Q4_0), k) == K.Q4_0_X8
+    return packed
+
+
+@pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
+def test_repack_round_trip(random_bytes):
+    rng = np.random.default_rng(41)
+    n, k = 40, 576
+    w = ref.make_weights(QT.Q4_0, n, k, rng, random_bytes=random_bytes)
+    packed = _repack(w, k)
+    assert not np.array_equal(packed, w)  # the layout really changed...
+    back = np.empty_like(w)
+    assert K.repack(back, packed, int(QT.Q4_0), k, True) == int(QT.Q4_0)
+    np.testing.assert_array_equal(back, w)  # ...and nothing was lost
+
+
+@pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
+@pytest.mark.parametrize("shape", REPACK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_repacked_matmul_matches_reference_and_scalar(isa, shape, random_bytes):
+    """Q4_0_X8 on every path (the SIMD kernel where there is one, unpacking otherwise) against the emulated
+    reference and the scalar path on the original Q4_0 rows, GEMV (M < 4) and GEMM (M >= 4) schedules."""
+    m, n, k = shape
+    rng = np.random.default_rng(hash(shape) % 2**32 + random_bytes)
+    w = ref.make_weights(QT.Q4_0, n, k, rng, random_bytes=random_bytes)
+    x = _activations(rng, m, k)
+    got = _run_matmul(_repack(w, k), K.Q4_0_X8, x, n)
+    _check_matmul(got, x, w, QT.Q4_0)
+    try:
+        K._set_isa("scalar")
+        expected = _run_matmul(w, QT.Q4_0, x, n)
+    finally:
+        K._set_isa(isa)
+    mag = ref.magnitude(x, ref.dequantize(w, QT.Q4_0, k)) + 1e-30
+    assert (np.abs(got - expected) / mag).max() < 1e-5
+    base = rng.standard_normal((m, n)).astype(np.float32)
+    summed = _run_matmul(_repack(w, k), K.Q4_0_X8, x, n, accumulate_into=base)
+    np.testing.assert_allclose(summed, base + got, rtol=1e-6, atol=1e-6)
+
+
+def test_repacked_matmul_threads_agree():
+    rng = np.random.default_rng(43)
+    n, k = 256, 512
+    w = ref.make_weights(QT.Q4_0, n, k, rng)
+    packed = _repack(w, k)
+    x = _activations(rng, 1, k)
+    threads = K.get_threads()
+    try:
+        K.set_threads(1)
+        one = _run_matmul(packed, K.Q4_0_X8, x, n)
+        K.set_threads(2)
+        two = _run_matmul(packed, K.Q4_0_X8, x, n)
+    finally:
+        K.set_threads(threads)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_repack_bad_arguments():
+    rng = np.random.default_rng(44)
+    w = ref.make_weights(QT.Q4_0, 12, 256, rng)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        K.repack(np.empty_like(w), w, int(QT.Q4_0), 256)  # 12 rows
+    w8 = w[:8].copy()
+    with pytest.raises(ValueError, match="no repacked form"):
+        K.repack(np.empty_like(w8), w8, int(QT.Q4_1), 256)
+    with pytest.raises(ValueError):
+        K.repack(np.empty(w8.size - 18, np.uint8), w8, int(QT.Q4_0), 256)
+    with pytest.raises(ValueError):
+        K.repack(w8, w8, int(QT.Q4_0), 256)  # in place would overwrite what it reads
+    assert K.repack_supported(int(QT.Q4_1)) is False
+    assert K.repack_supported(int(QT.Q4_0)) is (K.isa() == "avx2")
+
 def test_matmul_thread_counts_agree():
     rng = np.random.default_rng(5)
     w = ref.make_weights(QT.Q4_1, 301, 576, rng)
