@@ -676,6 +676,60 @@ static PyObject *py_row_nbytes(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyLong_FromSize_t(bytes);
 }
 
+
+PyDoc_STRVAR(repack_doc,
+             "repack(dst, src, wtype, K, unpack=False)\n--\n\n"
+             "Load-time repacking of a weight matrix of GGML type wtype (Q4_0 or Q4_K) into the interleaved form\n"
+             "repacked_type(wtype) (8 rows' blocks interleaved). src: uint8 buffer of N rows of wtype; dst: writable,\n"
+             "not overlapping src, of N rows of the repacked type (row_nbytes(repacked_type(wtype), K) bytes each;\n"
+             "Q4_0_X8 has Q4_0's size, Q4_K_X8 4 bytes more per super-block); N must divide by 8. unpack=True does\n"
+             "the inverse (src repacked, dst of wtype). Returns the type id of dst, to pass to matmul.");
+
+static PyObject *py_repack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!check_nargs(nargs, 4, 5, "repack")) return NULL;
+    long long wtype, k;
+    if (!get_i64(args[2], &wtype, "wtype") || !get_i64(args[3], &k, "K")) return NULL;
+    const int unpack = nargs > 4 ? PyObject_IsTrue(args[4]) : 0;
+    if (unpack < 0) return NULL;
+    const int packed_type = wtype == OD_REPACK_Q4_0 ? OD_REPACK_Q4_0_X8 : wtype == OD_REPACK_Q4_K ? OD_REPACK_Q4_K_X8 : 0;
+    if (!packed_type) return PyErr_Format(PyExc_ValueError, "repack: no repacked form of GGML type %lld", wtype);
+    const size_t row_bytes = od_row_nbytes((int)wtype, k), packed_row_bytes = od_row_nbytes(packed_type, k);
+    if (row_bytes == 0)
+        return PyErr_Format(PyExc_ValueError, "repack: K=%lld is not a positive multiple of the %s block size", k,
+                            od_type_name((int)wtype));
+    const size_t src_row = unpack ? packed_row_bytes : row_bytes, dst_row = unpack ? row_bytes : packed_row_bytes;
+    arg_buf b[2];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (!get_buffer(args[0], &b[0], "dst", KIND_BYTES, 1) || !get_buffer(args[1], &b[1], "src", KIND_BYTES, 0)) goto done;
+    const size_t bytes = (size_t)b[1].view.len, n = bytes / src_row;
+    if (bytes == 0 || bytes % (src_row * OD_REPACK_ROWS) != 0 || (size_t)b[0].view.len != n * dst_row) {
+        PyErr_Format(PyExc_ValueError, "repack: src has %zu bytes and dst %zd: they must hold N rows of %zu and %zu "
+                     "bytes, N a positive multiple of 8", bytes, b[0].view.len, src_row, dst_row);
+        goto done;
+    }
+    if (!check_disjoint(&b[0], &b[1], "dst", "src")) goto done;
+    const int rc = od_repack(b[0].view.buf, b[1].view.buf, (int)wtype, (int64_t)n, k, unpack);
+    if (rc != OD_OK) {
+        raise_code(rc, "repack");
+        goto done;
+    }
+    result = PyLong_FromLong(unpack ? (long)wtype : packed_type);
+done:
+    release_buffers(b, 2);
+    return result;
+}
+
+static PyObject *py_repacked_type(PyObject *self, PyObject *arg) {
+    (void)self;
+    const long type = PyLong_AsLong(arg);
+    if (type == -1 && PyErr_Occurred()) return NULL;
+    const int packed = type >= 0 && type < 64 ? od_repacked_type((int)type) : 0;
+    if (!packed) Py_RETURN_NONE;
+    return PyLong_FromLong(packed);
+}
+
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, matmul_doc},
     {"_quantize_activations", (PyCFunction)(void (*)(void))py_quantize_activations, METH_FASTCALL,
@@ -697,6 +751,10 @@ static PyMethodDef methods[] = {
     {"cpu_features", py_cpu_features, METH_NOARGS, "cpu_features()\n--\n\nRelevant CPU features detected."},
     {"row_nbytes", (PyCFunction)(void (*)(void))py_row_nbytes, METH_FASTCALL,
      "row_nbytes(wtype, K)\n--\n\nBytes of one row of K weights of GGML type wtype."},
+    {"repack", (PyCFunction)(void (*)(void))py_repack, METH_FASTCALL, repack_doc},
+    {"repacked_type", py_repacked_type, METH_O,
+     "repacked_type(wtype)\n--\n\nType id of the faster repacked form of wtype on the current code path (see repack), "
+     "or None."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -726,6 +784,11 @@ PyMODINIT_FUNC PyInit__kernels(void) {
             goto fail;
         }
         Py_DECREF(v);
+    }
+    if (PyModule_AddIntConstant(mod, "Q4_0_X8", OD_REPACK_Q4_0_X8) != 0 ||
+        PyModule_AddIntConstant(mod, "Q4_K_X8", OD_REPACK_Q4_K_X8) != 0) {
+        Py_DECREF(types);
+        goto fail;
     }
     if (PyModule_AddObject(mod, "SUPPORTED_TYPES", types) != 0) {
         Py_DECREF(types);

@@ -29,7 +29,33 @@ enum od_type {
     OD_TYPE_Q4_K = 12,
     OD_TYPE_Q6_K = 14,
     OD_TYPE_BF16 = 30,
+    /* Not a GGML type: Q4_0 rows repacked at load by od_repack (see below). */
+    OD_TYPE_Q4_0_X8 = 32,
+    /* Not a GGML type: Q4_K rows repacked at load (see below). */
+    OD_TYPE_Q4_K_X8 = 33,
 };
+
+/*
+ * OD_TYPE_Q4_0_X8: the blocks of 8 consecutive Q4_0 rows interleaved, so that one activation load serves 8
+ * rows and the 8 results land in one vector. Same bytes as Q4_0 (18 per 32 weights per row), so a tensor
+ * keeps its size. For each group of 8 rows and each block b: 8 fp16 scales (row order), then 4 chunks of 32
+ * bytes; chunk c holds, for row r at bytes 4r..4r+3, the Q4_0 bytes qs[4c..4c+3] of that row's block b:
+ * low nibbles are elements 4c..4c+3, high nibbles elements 16+4c..16+4c+3. Row counts must divide by 8.
+ */
+#define OD_X8_ROWS 8
+#define OD_X8_BLOCK_BYTES (OD_X8_ROWS * 18)
+
+/*
+ * OD_TYPE_Q4_K_X8: 8 consecutive Q4_K rows interleaved per super-block, 1184 bytes per 8 rows (148 per row and
+ * super-block, 4 more than Q4_K: the 6-bit scales are stored unpacked). For each group of 8 rows and super-block:
+ * d[8] and dmin[8] (fp16, row order), sc[8 sub-blocks][8 rows] and mn[8][8] (u8), then 4 chunks x 8 steps of 32
+ * bytes: chunk c step s holds for row r at bytes 4r..4r+3 the Q4_K bytes qs[32c+4s..32c+4s+3] (low nibbles:
+ * sub-block 2c, elements 4s..4s+3; high nibbles: the same elements of sub-block 2c+1).
+ */
+#define OD_K_X8_SB_BYTES (OD_X8_ROWS * 148)
+#define OD_K_X8_SC 32
+#define OD_K_X8_MN 96
+#define OD_K_X8_CODES 160
 
 #define OD_QK 32   /* weights per block in the 32-element formats */
 #define OD_QK_K 256 /* weights per super-block in the K formats */

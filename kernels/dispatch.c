@@ -172,6 +172,8 @@ static type_info get_type_info(int type) {
     case OD_TYPE_F16: return (type_info){1, 2, "F16"};
     case OD_TYPE_BF16: return (type_info){1, 2, "BF16"};
     case OD_TYPE_Q4_0: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0"};
+    case OD_TYPE_Q4_0_X8: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0_X8"};
+    case OD_TYPE_Q4_K_X8: return (type_info){256, OD_K_X8_SB_BYTES / OD_X8_ROWS, "Q4_K_X8"};
     case OD_TYPE_Q4_1: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1"};
     case OD_TYPE_Q5_0: return (type_info){32, (int)sizeof(block_q5_0), "Q5_0"};
     case OD_TYPE_Q5_1: return (type_info){32, (int)sizeof(block_q5_1), "Q5_1"};
@@ -232,11 +234,100 @@ static int activation_scheme(int wtype) {
     case OD_TYPE_Q5_1:
         return OD_ACT_Q8_1;
     case OD_TYPE_Q4_K:
+    case OD_TYPE_Q4_K_X8:
     case OD_TYPE_Q6_K:
         return OD_ACT_Q8_K;
     default:
         return OD_ACT_Q8_0;
     }
+}
+
+/* ------------------------------------------------------------------ load-time repacking */
+
+static int base_type(int packed) { return packed == OD_TYPE_Q4_0_X8 ? OD_TYPE_Q4_0 : OD_TYPE_Q4_K; }
+
+/* A repacked type on a code path without a kernel for it (the path was switched after the weights were
+ * repacked): each group of 8 rows is unpacked and multiplied by that path's kernel for the GGML type. */
+static void matmul_x8_by_unpacking(const od_mm_args *a, int64_t n0, int64_t n1) {
+    const int type = base_type(a->wtype);
+    const size_t row_bytes = od_row_nbytes(type, a->k);
+    uint8_t *rows = malloc(OD_X8_ROWS * row_bytes);
+    if (!rows) return;
+    const od_mm_fn fn = od_ops()->matmul[type];
+    for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
+        od_repack(rows, a->w + (size_t)n * a->row_bytes, type, OD_X8_ROWS, a->k, 1);
+        od_mm_args group = *a;
+        group.w = rows;
+        group.row_bytes = row_bytes;
+        group.out = a->out + n;
+        group.n = OD_X8_ROWS;
+        group.wtype = type;
+        fn(&group, 0, OD_X8_ROWS);
+    }
+    free(rows);
+}
+
+int od_repacked_type(int type) {
+    const int packed = type == OD_TYPE_Q4_0 ? OD_TYPE_Q4_0_X8 : type == OD_TYPE_Q4_K ? OD_TYPE_Q4_K_X8 : 0;
+    return packed && od_ops()->matmul[packed] ? packed : 0;
+}
+
+/* One Q4_0 block of row r <-> its place in an 8-row group's interleaved block. */
+static void repack_q4_0_block(uint8_t *packed, uint8_t *blk, int r, int unpack) {
+    for (int c = 0; c < 4; c++) {
+        uint8_t *chunk = packed + 16 + 32 * c + 4 * r;
+        if (unpack) memcpy(blk + 2 + 4 * c, chunk, 4);
+        else memcpy(chunk, blk + 2 + 4 * c, 4);
+    }
+    if (unpack) memcpy(blk, packed + 2 * r, 2);
+    else memcpy(packed + 2 * r, blk, 2);
+}
+
+/* One Q4_K super-block of row r <-> its place in an 8-row group's interleaved super-block. */
+static void repack_q4_k_block(uint8_t *packed, uint8_t *blk, int r, int unpack) {
+    uint8_t *sc = packed + OD_K_X8_SC, *mn = packed + OD_K_X8_MN;
+    block_q4_K *q = (block_q4_K *)blk;
+    if (unpack) {
+        memcpy(&q->d, packed + 2 * r, 2);
+        memcpy(&q->dmin, packed + 16 + 2 * r, 2);
+        /* the inverse of od_q4k_scale_min's bit layout (every bit of the 12 bytes is one of the 16 6-bit values) */
+        for (int j = 0; j < 4; j++) {
+            const int s_hi = sc[8 * (j + 4) + r], m_hi = mn[8 * (j + 4) + r];
+            q->scales[j] = (uint8_t)(sc[8 * j + r] | ((s_hi >> 4) << 6));
+            q->scales[j + 4] = (uint8_t)(mn[8 * j + r] | ((m_hi >> 4) << 6));
+            q->scales[j + 8] = (uint8_t)((s_hi & 0x0F) | ((m_hi & 0x0F) << 4));
+        }
+    } else {
+        memcpy(packed + 2 * r, &q->d, 2);
+        memcpy(packed + 16 + 2 * r, &q->dmin, 2);
+        for (int j = 0; j < 8; j++) od_q4k_scale_min(j, q->scales, &sc[8 * j + r], &mn[8 * j + r]);
+    }
+    for (int c = 0; c < 4; c++)
+        for (int s = 0; s < 8; s++) {
+            uint8_t *step = packed + OD_K_X8_CODES + (c * 8 + s) * 32 + 4 * r;
+            if (unpack) memcpy(q->qs + 32 * c + 4 * s, step, 4);
+            else memcpy(step, q->qs + 32 * c + 4 * s, 4);
+        }
+}
+
+int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int unpack) {
+    if (type != OD_TYPE_Q4_0 && type != OD_TYPE_Q4_K) return OD_ETYPE;
+    const int packed_type = type == OD_TYPE_Q4_0 ? OD_TYPE_Q4_0_X8 : OD_TYPE_Q4_K_X8;
+    const size_t row_bytes = od_row_nbytes(type, k), packed_row_bytes = od_row_nbytes(packed_type, k);
+    if (n <= 0 || n % OD_X8_ROWS != 0 || row_bytes == 0) return OD_EINVAL;
+    const int64_t nblocks = type == OD_TYPE_Q4_0 ? k / OD_QK : k / OD_QK_K;
+    const size_t block_bytes = row_bytes / (size_t)nblocks, packed_block_bytes = packed_row_bytes / (size_t)nblocks;
+    for (int64_t g = 0; g < n / OD_X8_ROWS; g++) {
+        uint8_t *rows = (uint8_t *)(unpack ? dst : src) + (size_t)g * OD_X8_ROWS * row_bytes;
+        uint8_t *group = (uint8_t *)(unpack ? src : dst) + (size_t)g * OD_X8_ROWS * packed_row_bytes;
+        for (int64_t b = 0; b < nblocks; b++)
+            for (int r = 0; r < OD_X8_ROWS; r++) {
+                uint8_t *blk = rows + r * row_bytes + b * block_bytes, *packed = group + b * OD_X8_ROWS * packed_block_bytes;
+                if (type == OD_TYPE_Q4_0) repack_q4_0_block(packed, blk, r, unpack);
+                else repack_q4_k_block(packed, blk, r, unpack);
+            }
+    }
+    return OD_OK;
 }
 
 /* Work below this many multiply-adds is not worth waking the pool for. */
@@ -248,9 +339,11 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
               int accumulate) {
     if (wtype < 0 || wtype >= OD_MAX_TYPE_ID) return OD_ETYPE;
     const od_isa_ops *ops = od_ops();
-    const od_mm_fn fn = ops->matmul[wtype];
+    const od_mm_fn fn = ops->matmul[wtype] ? ops->matmul[wtype]
+                        : wtype == OD_TYPE_Q4_0_X8 || wtype == OD_TYPE_Q4_K_X8 ? matmul_x8_by_unpacking : NULL;
     if (!fn) return OD_ETYPE;
     if (m < 0 || n < 0 || k <= 0 || od_row_nbytes(wtype, k) == 0) return OD_EINVAL;
+    if ((wtype == OD_TYPE_Q4_0_X8 || wtype == OD_TYPE_Q4_K_X8) && n % OD_X8_ROWS != 0) return OD_EINVAL;
     if (m == 0 || n == 0) return OD_OK;
 
     mm_job job = {.fn = fn};

@@ -11,7 +11,9 @@
 #include "blocks.h"
 #include "ondevice_kernels.h"
 
-#define OD_MAX_TYPE_ID 31
+#define OD_MAX_TYPE_ID 34
+_Static_assert(OD_X8_ROWS == OD_REPACK_ROWS && OD_TYPE_Q4_0_X8 == OD_REPACK_Q4_0_X8 && OD_TYPE_Q4_K_X8 == OD_REPACK_Q4_K_X8,
+               "repack ids agree");
 
 #if defined(__GNUC__)
 #define OD_INLINE static inline __attribute__((always_inline))

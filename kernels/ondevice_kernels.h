@@ -56,6 +56,18 @@ const char *od_type_name(int type);
 int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, int64_t n, int64_t k,
               int accumulate);
 
+/* Load-time repacking into interleaved layouts (blocks.h: Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8) the current code
+ * path multiplies faster. od_repacked_type: the repacked type id of `type` when this path has a kernel for it,
+ * else 0. od_repack: src [n][k] of `type` -> dst in its repacked form (of od_row_nbytes(repacked type, k) bytes a
+ * row), or back to `type` when unpack != 0; dst and src must not overlap; n must divide by 8. */
+#define OD_REPACK_ROWS 8
+#define OD_REPACK_Q4_0 2
+#define OD_REPACK_Q4_K 12
+#define OD_REPACK_Q4_0_X8 32
+#define OD_REPACK_Q4_K_X8 33
+int od_repacked_type(int type);
+int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int unpack);
+
 /* The 8-bit activations od_matmul computes for weights of type wtype (test hook and for native callers
  * that want to inspect them): qs[M][K] codes, ds[M][K/32][2] = (d, s) per block of 32, x[M][K] f32. */
 int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k);

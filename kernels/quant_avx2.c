@@ -513,6 +513,201 @@ OD_AVX2_INLINE void store_tile_row(float *dst, __m256 v, int nvalid, int accumul
     }
 }
 
+
+/*
+ * GEMV over Q4_0_X8 (8 rows interleaved at load, layout in blocks.h): per block, 4 loads bring the codes of
+ * 8 rows; each 4-byte group of the activation block is broadcast once for all 8 rows; the 8 vpmaddubsw
+ * products of a block add in int16 (|sum| <= 8 * 2 * 15 * 128 < 32768) before one vpmaddwd; one convert
+ * and two FMAs finish the block for 8 outputs, with the 8 fp16 scales converted by one vcvtph2ps. About a
+ * third of the instructions per byte of the row-at-a-time kernel above, and the results are stored as one
+ * vector of 8 consecutive outputs.
+ */
+/* Start of a repacked-type tile: activation rows j0..j0+G, zeroed accumulators. */
+OD_AVX2_INLINE void x8_tile_start(const int G, const od_q8_act *act, int64_t j0, const int8_t **xq, const float **xds,
+                                  __m256 *acc, __m256 *acc_offset) {
+    OD_UNROLL
+    for (int g = 0; g < G; g++) {
+        xq[g] = act->qs + (j0 + g) * act->k;
+        xds[g] = act->ds + (j0 + g) * act->nb * 2;
+        acc[g] = acc_offset[g] = _mm256_setzero_ps();
+    }
+}
+
+OD_AVX2_INLINE void gemv_x8_tile(const int G, const od_mm_args *a, int64_t n, int64_t j0) {
+    const od_q8_act *act = a->act;
+    const int64_t nb = act->nb;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+    const int8_t *xq[3];
+    const float *xds[3];
+    __m256 acc[3], acc_offset[3];
+    x8_tile_start(G, act, j0, xq, xds, acc, acc_offset);
+    const uint8_t *group = a->w + (size_t)n * a->row_bytes;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = group + b * OD_X8_BLOCK_BYTES;
+        _mm_prefetch((const char *)blk + 8 * OD_X8_BLOCK_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + 8 * OD_X8_BLOCK_BYTES + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + 8 * OD_X8_BLOCK_BYTES + 128, _MM_HINT_T0);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        __m256i s16[3];
+        OD_UNROLL
+        for (int g = 0; g < G; g++) s16[g] = _mm256_setzero_si256();
+        OD_UNROLL
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            OD_UNROLL
+            for (int g = 0; g < G; g++) {
+                const int8_t *x = xq[g] + b * OD_QK + 4 * c;
+                s16[g] = _mm256_add_epi16(s16[g], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x))));
+                s16[g] = _mm256_add_epi16(s16[g], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 16))));
+            }
+        }
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[g], ones));
+            acc[g] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(xds[g][2 * b])), acc[g]);
+            acc_offset[g] = _mm256_fmadd_ps(dw, _mm256_set1_ps(xds[g][2 * b + 1]), acc_offset[g]);
+        }
+    }
+    OD_UNROLL
+    for (int g = 0; g < G; g++) {
+        const __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), acc_offset[g], acc[g]);
+        store_tile_row(a->out + (j0 + g) * a->ldo + n, v, OD_X8_ROWS, a->accumulate);
+    }
+}
+
+
+/* The GEMM panel of 8 Q4_0_X8 rows: the interleaved chunks already are its layout, nibbles not yet split. */
+OD_AVX2_INLINE void pack_panel_x8(const od_mm_args *a, int64_t n, const panel_t *p) {
+    const int64_t nb = a->k / OD_QK;
+    const uint8_t *group = a->w + (size_t)n * a->row_bytes;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = group + b * OD_X8_BLOCK_BYTES;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        _mm256_storeu_ps(p->dw + b * 8, dw);
+        _mm256_storeu_ps(p->mw + b * 8, _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f)));
+        OD_UNROLL
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+            _mm256_store_si256((__m256i *)(p->codes + b * 256 + c * 32), _mm256_and_si256(v, low4));
+            _mm256_store_si256((__m256i *)(p->codes + b * 256 + (c + 4) * 32),
+                               _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+        }
+    }
+}
+
+
+/*
+ * GEMV over Q4_K_X8 (layout in blocks.h), the Q4_0_X8 scheme per sub-block: the 8 steps of a sub-block add in
+ * int16, one vpmaddwd applies the 8 rows' integer sub-block scales (each duplicated into both int16 halves of
+ * its lane), and the whole super-block sums in int32 before one convert and FMA with the 8 rows' d times the
+ * activation's d. The mins term is sum over sub-blocks of mn * s_x, times dmin.
+ */
+OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, int64_t j0) {
+    const od_q8_act *act = a->act;
+    const int64_t k = a->k, nsb = k / OD_QK_K;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const int8_t *xq[3];
+    const float *xds[3];
+    __m256 acc[3], acc_offset[3];
+    x8_tile_start(G, act, j0, xq, xds, acc, acc_offset);
+    const uint8_t *group = a->w + (size_t)n * a->row_bytes;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = group + sb * OD_K_X8_SB_BYTES;
+        __m256i isum[3];
+        __m256 mins[3];
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            isum[g] = _mm256_setzero_si256();
+            mins[g] = _mm256_setzero_ps();
+        }
+        OD_UNROLL
+        for (int c = 0; c < 4; c++) {
+            const uint8_t *steps = blk + OD_K_X8_CODES + c * 8 * 32;
+            for (size_t off = 0; off < 256; off += 64)
+                _mm_prefetch((const char *)steps + 2 * OD_K_X8_SB_BYTES + off, _MM_HINT_T0);
+            __m256i s_lo[3], s_hi[3];
+            OD_UNROLL
+            for (int g = 0; g < G; g++) s_lo[g] = s_hi[g] = _mm256_setzero_si256();
+            OD_UNROLL
+            for (int s = 0; s < 8; s++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(steps + 32 * s));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                OD_UNROLL
+                for (int g = 0; g < G; g++) {
+                    const int8_t *x = xq[g] + sb * OD_QK_K + 64 * c + 4 * s;
+                    s_lo[g] = _mm256_add_epi16(s_lo[g], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x))));
+                    s_hi[g] = _mm256_add_epi16(s_hi[g], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 32))));
+                }
+            }
+            OD_UNROLL
+            for (int h = 0; h < 2; h++) {
+                const int sub = 2 * c + h;
+                const __m256i sc32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_SC + 8 * sub)));
+                const __m256i sc16 = _mm256_or_si256(sc32, _mm256_slli_epi32(sc32, 16));
+                const __m256 mn = _mm256_cvtepi32_ps(
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_MN + 8 * sub))));
+                OD_UNROLL
+                for (int g = 0; g < G; g++) {
+                    isum[g] = _mm256_add_epi32(isum[g], _mm256_madd_epi16(h ? s_hi[g] : s_lo[g], sc16));
+                    mins[g] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xds[g][2 * (sb * 8 + sub) + 1]), mins[g]);
+                }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), _mm256_mul_ps(d, _mm256_set1_ps(xds[g][2 * sb * 8])),
+                                     acc[g]);
+            acc_offset[g] = _mm256_fmadd_ps(dmin, mins[g], acc_offset[g]);
+        }
+    }
+    OD_UNROLL
+    for (int g = 0; g < G; g++)
+        store_tile_row(a->out + (j0 + g) * a->ldo + n, _mm256_sub_ps(acc[g], acc_offset[g]), OD_X8_ROWS, a->accumulate);
+}
+
+/* GEMV over a repacked type, 8 rows x up to 3 activation rows a tile. */
+OD_AVX2_INLINE void gemv_x8(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
+    int64_t j = 0;
+    for (; j + 3 <= a->m; j += 3)
+        for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
+            if (type == OD_TYPE_Q4_0_X8) gemv_x8_tile(3, a, n, j);
+            else gemv_k_x8_tile(3, a, n, j);
+        }
+    const int rest = (int)(a->m - j);
+    for (int64_t n = n0; rest && n < n1; n += OD_X8_ROWS) {
+        if (type == OD_TYPE_Q4_0_X8) rest == 2 ? gemv_x8_tile(2, a, n, j) : gemv_x8_tile(1, a, n, j);
+        else rest == 2 ? gemv_k_x8_tile(2, a, n, j) : gemv_k_x8_tile(1, a, n, j);
+    }
+}
+
+/* The GEMM panel of 8 Q4_K_X8 rows: 32-weight block b is sub-block b % 8, whose 8 steps are one nibble of the
+ * chunk's steps; dw = d * sc and mw = -(dmin * mn) as the Q4_K panel computes them. */
+OD_AVX2_INLINE void pack_panel_k_x8(const od_mm_args *a, int64_t n, const panel_t *p) {
+    const int64_t nb = a->k / OD_QK;
+    const uint8_t *group = a->w + (size_t)n * a->row_bytes;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = group + (b / 8) * OD_K_X8_SB_BYTES;
+        const int sub = (int)(b % 8), c = sub / 2, shift = (sub & 1) * 4;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_SC + 8 * sub))));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_MN + 8 * sub))));
+        _mm256_storeu_ps(p->dw + b * 8, _mm256_mul_ps(d, sc));
+        _mm256_storeu_ps(p->mw + b * 8, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, mn)));
+        OD_UNROLL
+        for (int s = 0; s < 8; s++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + OD_K_X8_CODES + (c * 8 + s) * 32));
+            _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32),
+                               _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), low4));
+        }
+    }
+}
+
 /* 8 panel rows x RM activation rows starting at j0. */
 OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, const od_mm_args *a, int64_t j0,
                               int64_t n, int nvalid) {
@@ -531,7 +726,8 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *codes = p->codes + b * 256;
         __m256i isum[4];
-        if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q4_K) {
+        if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_0_X8 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q4_K ||
+            type == OD_TYPE_Q4_K_X8) {
             /* 4-bit codes: |pair sum| <= 2*15*127, so all 8 steps fit in int16 */
             __m256i s16[4];
             OD_UNROLL
@@ -616,7 +812,9 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
     p.scales = (int16_t *)(p.mw + nb * 8);
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int rows = (int)(n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS);
-        pack_panel(type, a, n, rows, &p);
+        if (type == OD_TYPE_Q4_0_X8) pack_panel_x8(a, n, &p);
+        else if (type == OD_TYPE_Q4_K_X8) pack_panel_k_x8(a, n, &p);
+        else pack_panel(type, a, n, rows, &p);
         int64_t j = 0;
         for (; j + 4 <= a->m; j += 4) gemm_tile(type, 4, &p, a, j, n, rows);
         switch (a->m - j) {
@@ -630,12 +828,16 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
 
 #define DEFINE_QUANT_MATMUL(NAME, TYPE)                                          \
     OD_AVX2 static void NAME(const od_mm_args *a, int64_t n0, int64_t n1) {     \
-        if (a->m < GEMM_MIN_M) gemv_quant(TYPE, a, n0, n1);                      \
-        else gemm_quant(TYPE, a, n0, n1);                                        \
+        if (a->m >= GEMM_MIN_M) gemm_quant(TYPE, a, n0, n1);                     \
+        else if (TYPE == OD_TYPE_Q4_0_X8 || TYPE == OD_TYPE_Q4_K_X8) gemv_x8(TYPE, a, n0, n1); \
+        else gemv_quant(TYPE, a, n0, n1);                                        \
     }
 
 DEFINE_QUANT_MATMUL(matmul_q4_0_avx2, OD_TYPE_Q4_0)
 DEFINE_QUANT_MATMUL(matmul_q4_1_avx2, OD_TYPE_Q4_1)
+
+DEFINE_QUANT_MATMUL(matmul_q4_0_x8_avx2, OD_TYPE_Q4_0_X8)
+DEFINE_QUANT_MATMUL(matmul_q4_k_x8_avx2, OD_TYPE_Q4_K_X8)
 DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
@@ -806,6 +1008,8 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_F16] = matmul_f16_avx2,
             [OD_TYPE_BF16] = matmul_bf16_avx2,
             [OD_TYPE_Q4_0] = matmul_q4_0_avx2,
+            [OD_TYPE_Q4_0_X8] = matmul_q4_0_x8_avx2,
+            [OD_TYPE_Q4_K_X8] = matmul_q4_k_x8_avx2,
             [OD_TYPE_Q4_1] = matmul_q4_1_avx2,
             [OD_TYPE_Q5_0] = matmul_q5_0_avx2,
             [OD_TYPE_Q5_1] = matmul_q5_1_avx2,

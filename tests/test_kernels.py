@@ -147,6 +147,91 @@ def test_matmul_simd_matches_scalar(simd, wtype):
         assert (np.abs(got - expected) / mag).max() < 1e-5, (m, n, k)
 
 
+
+# ------------------------------------------------------------------ load-time repacking (Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8)
+
+REPACK_TYPES = {QT.Q4_0: K.Q4_0_X8, QT.Q4_K: K.Q4_K_X8}
+REPACK_SHAPES = [(1, 64, 256), (2, 24, 512), (3, 40, 1536), (4, 16, 256), (9, 48, 512), (64, 32, 256)]
+
+
+def _repack(w: np.ndarray, wtype: int, k: int) -> np.ndarray:
+    packed_type = REPACK_TYPES[wtype]
+    packed = np.empty((w.shape[0], K.row_nbytes(packed_type, k)), np.uint8)
+    assert K.repack(packed, w, int(wtype), k) == packed_type
+    return packed
+
+
+@pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
+@pytest.mark.parametrize("wtype", list(REPACK_TYPES), ids=lambda t: QT(t).name)
+def test_repack_round_trip(wtype, random_bytes):
+    rng = np.random.default_rng(41)
+    n, k = 40, 512
+    w = ref.make_weights(wtype, n, k, rng, random_bytes=random_bytes)
+    packed = _repack(w, wtype, k)
+    assert packed.shape != w.shape or not np.array_equal(packed, w)  # the layout really changed...
+    back = np.empty_like(w)
+    assert K.repack(back, packed, int(wtype), k, True) == int(wtype)
+    np.testing.assert_array_equal(back, w)  # ...and nothing was lost
+
+
+@pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
+@pytest.mark.parametrize("shape", REPACK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("wtype", list(REPACK_TYPES), ids=lambda t: QT(t).name)
+def test_repacked_matmul_matches_reference_and_scalar(isa, wtype, shape, random_bytes):
+    """The repacked types on every path (the SIMD kernel where there is one, unpacking otherwise) against the
+    emulated reference and the scalar path on the original rows, GEMV (M < 4) and GEMM (M >= 4) schedules."""
+    m, n, k = shape
+    rng = np.random.default_rng(hash((int(wtype), shape)) % 2**32 + random_bytes)
+    w = ref.make_weights(wtype, n, k, rng, random_bytes=random_bytes)
+    x = _activations(rng, m, k)
+    packed_type = REPACK_TYPES[wtype]
+    got = _run_matmul(_repack(w, wtype, k), packed_type, x, n)
+    _check_matmul(got, x, w, wtype)
+    try:
+        K._set_isa("scalar")
+        expected = _run_matmul(w, wtype, x, n)
+    finally:
+        K._set_isa(isa)
+    mag = ref.magnitude(x, ref.dequantize(w, wtype, k)) + 1e-30
+    assert (np.abs(got - expected) / mag).max() < 1e-5
+    base = rng.standard_normal((m, n)).astype(np.float32)
+    summed = _run_matmul(_repack(w, wtype, k), packed_type, x, n, accumulate_into=base)
+    np.testing.assert_allclose(summed, base + got, rtol=1e-6, atol=1e-6)
+
+
+def test_repacked_matmul_threads_agree():
+    rng = np.random.default_rng(43)
+    n, k = 256, 512
+    x = _activations(rng, 1, k)
+    threads = K.get_threads()
+    for wtype, packed_type in REPACK_TYPES.items():
+        packed = _repack(ref.make_weights(wtype, n, k, rng), wtype, k)
+        try:
+            K.set_threads(1)
+            one = _run_matmul(packed, packed_type, x, n)
+            K.set_threads(2)
+            two = _run_matmul(packed, packed_type, x, n)
+        finally:
+            K.set_threads(threads)
+        np.testing.assert_array_equal(one, two)
+
+
+def test_repack_bad_arguments():
+    rng = np.random.default_rng(44)
+    w = ref.make_weights(QT.Q4_0, 12, 256, rng)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        K.repack(np.empty_like(w), w, int(QT.Q4_0), 256)  # 12 rows
+    w8 = w[:8].copy()
+    with pytest.raises(ValueError, match="no repacked form"):
+        K.repack(np.empty_like(w8), w8, int(QT.Q4_1), 256)
+    with pytest.raises(ValueError):
+        K.repack(np.empty(w8.size - 18, np.uint8), w8, int(QT.Q4_0), 256)
+    with pytest.raises(ValueError):
+        K.repack(w8, w8, int(QT.Q4_0), 256)  # in place would overwrite what it reads
+    assert K.repacked_type(int(QT.Q4_1)) is None
+    assert K.repacked_type(int(QT.Q4_0)) == (K.Q4_0_X8 if K.isa() == "avx2" else None)
+    assert K.repacked_type(int(QT.Q4_K)) == (K.Q4_K_X8 if K.isa() == "avx2" else None)
+
 def test_matmul_thread_counts_agree():
     rng = np.random.default_rng(5)
     w = ref.make_weights(QT.Q4_1, 301, 576, rng)
