@@ -265,7 +265,10 @@ try:
     print("rendered")
 except InvalidModelError as exc:
     print("refused", len(str(exc).splitlines()))
-print(round(cpu() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# peak RSS of this process alone (ru_maxrss would carry the parent's peak across fork+exec)
+status = open("/proc/self/status").read() if sys.platform.startswith("linux") else "VmHWM: 0 kB"
+peak_kib = int(status.split("VmHWM:")[1].split()[0])
+print(round(cpu() - start, 2), peak_kib // 1024)
 """
 
 
