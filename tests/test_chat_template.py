@@ -272,7 +272,7 @@ print(round(cpu() - start, 2), peak_kib // 1024)
 """
 
 
-@pytest.mark.parametrize("template", UNBOUNDED_TEMPLATES)
+@pytest.mark.parametrize("template", UNBOUNDED_TEMPLATES, ids=[f"template{i}" for i in range(len(UNBOUNDED_TEMPLATES))])
 def test_unbounded_templates_are_refused_quickly(template: str) -> None:
     import subprocess
     import sys
