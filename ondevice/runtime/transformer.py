@@ -12,6 +12,7 @@ import mmap
 
 import numpy as np
 
+from ondevice.architectures import get_architecture
 from ondevice.errors import OndeviceError
 from ondevice.runtime.weights import Matrix, ModelWeights
 
@@ -103,7 +104,7 @@ class Transformer:
         self.spec = spec
         self.n_ctx = n_ctx
         self.max_batch = max_batch
-        self.neox = spec.arch == "qwen2"
+        self.neox = get_architecture(spec.arch).neox_rope  # the description says which RoPE, not the name
         self.scale = 1.0 / float(np.sqrt(spec.head_dim))
         kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
         # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
