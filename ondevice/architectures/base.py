@@ -159,18 +159,11 @@ class DecoderArchitecture:
         a = self.name
 
         def number(key: str, kind: type, default: Any = None) -> Any:
-            """A scalar of the right kind (a GGUF value may be anything: an array, a string, NaN, negative)."""
-            value = gguf.get(f"{a}.{key}")
-            if value is None:
-                if default is None:
-                    raise InvalidModelError(f"{gguf.path}: required metadata {a}.{key!r} is missing")
+            """A scalar of the right kind (a GGUF value may be anything: an array, a string, NaN, negative);
+            ranges are ModelSpec.validate's."""
+            if default is not None and gguf.get(f"{a}.{key}") is None:
                 return default
-            if isinstance(value, np.generic):
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-                raise InvalidModelError(f"{gguf.path}: metadata {a}.{key} should be a single "
-                                        f"{'number' if kind is float else 'integer'}, got {type(value).__name__}")
-            return kind(value)
+            return gguf.require(f"{a}.{key}", kind)
 
         hidden, n_heads = number("embedding_length", int), number("attention.head_count", int)
         n_kv = number("attention.head_count_kv", int, n_heads)

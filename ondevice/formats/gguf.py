@@ -310,7 +310,8 @@ class GGUFFile:
             value = value.item()
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):  # True is not a count
             raise InvalidModelError(f"{self.path}: metadata {key!r} has the wrong type ({type(value).__name__})")
         return value
 
