@@ -16,7 +16,7 @@ from ondevice.converters.base import (
 )
 
 from ondevice.architectures import get_architecture
-from ondevice.architectures.base import permute_for_gguf
+from ondevice.architectures.base import ROPE_FREQS_GGUF, permute_for_gguf
 from ondevice.formats.gguf import PlannedTensor, TypedValue, ValueType, write_gguf
 from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.quant import QuantType
@@ -103,6 +103,11 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         types.append(qtype.name)
         planned.append(PlannedTensor(gguf_name, tensor.shape, qtype.ggml_type,
                                      _producer(tensor, qtype, arch.qk_heads(spec, hf_name))))
+
+    if spec.rope_freq_factors is not None:  # llama.cpp reads RoPE scaling as this tensor of per-pair divisors
+        factors = np.asarray(spec.rope_freq_factors, np.float32)
+        planned.append(PlannedTensor(ROPE_FREQS_GGUF, factors.shape, 0, factors.tobytes))  # 0: GGML f32
+        types.append("f32")
 
     with progress_bar(len(planned), f"gguf {recipe}", options.progress) as bar:
         size = write_gguf(out, fields, planned, force=options.force, on_tensor=lambda _t: bar.update(1))

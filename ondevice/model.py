@@ -44,6 +44,11 @@ class ModelSpec:
     context_length: int
     tie_embeddings: bool
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (qwen3)
+    # Per-pair divisors of the RoPE frequencies (llama3 / linear scaling, llama.cpp's rope_freqs); None: unscaled
+    rope_freq_factors: tuple[float, ...] | None = None
+    # The HF rope_scaling object the factors came from (as sorted items), so `--to hf` can write it back
+    hf_rope_scaling: tuple[tuple[str, Any], ...] | None = None
     name: str = "model"
 
     def validate(self, where: str) -> ModelSpec:
@@ -63,6 +68,11 @@ class ModelSpec:
         for name, value in (("rope_theta", self.rope_theta), ("rms_eps", self.rms_eps)):
             if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
                 raise InvalidModelError(f"{where}: {name} {value!r} must be a finite positive number")
+        factors = self.rope_freq_factors
+        if factors is not None and (len(factors) != self.head_dim // 2
+                                    or not all(math.isfinite(f) and f > 0 for f in factors)):
+            raise InvalidModelError(f"{where}: RoPE frequency factors must be {self.head_dim // 2} finite positive "
+                                    f"numbers, got {len(factors)}")
         return self
 
     @property
@@ -72,6 +82,8 @@ class ModelSpec:
         per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
         if self.qkv_bias:
             per_layer += q + 2 * kv
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + embed + d
 

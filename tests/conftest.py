@@ -68,4 +68,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "llama": make_tiny_model(root / "llama", "llama", tie=True, seed=1),
         "llama-untied": make_tiny_model(root / "llama-untied", "llama", tie=False, seed=2),
         "qwen2": make_tiny_model(root / "qwen2", "qwen2", tie=False, seed=3),
+        "llama3": make_tiny_model(root / "llama3", "llama3", tie=True, seed=4),
+        "qwen3": make_tiny_model(root / "qwen3", "qwen3", tie=True, seed=5),
     }

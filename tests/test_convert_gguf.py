@@ -46,7 +46,7 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
         llm.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
 def test_tiny_f32_gguf_matches_transformers(tiny_models, tmp_path, arch):
     out = tmp_path / "model.gguf"
     result = convert(tiny_models[arch], out, "f32", "--pre", "gpt-2")

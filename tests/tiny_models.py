@@ -1,4 +1,4 @@
-"""Tiny random llama / qwen2 checkpoints (seeded, seconds to make) for converter and runtime tests."""
+"""Tiny random llama / llama3-rope / qwen2 / qwen3 checkpoints (seeded, seconds to make) for converter and runtime tests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ def make_tiny_model(folder: Path, arch: str, *, tie: bool = True, seed: int = 0,
                     layers: int = 2, heads: int = 4, kv_heads: int = 2, ffn: int = 128) -> Path:
     import torch
     from fixtures_tokenizer import make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer(folder)
@@ -27,8 +34,14 @@ def make_tiny_model(folder: Path, arch: str, *, tie: bool = True, seed: int = 0,
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "llama3":  # Llama 3.x RoPE scaling; an original context of 64 puts pairs in all three bands
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 64}
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_scaling=scaling))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    elif arch == "qwen3":  # head dim 32, not hidden / heads = 16: q/k widths differ from the hidden width
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, use_sliding_window=False))
     else:
         raise ValueError(arch)
     with torch.no_grad():

@@ -7,9 +7,10 @@ from typing import Any
 from ondevice.architectures.base import DecoderArchitecture
 from ondevice.architectures.llama import Llama
 from ondevice.architectures.qwen2 import Qwen2
+from ondevice.architectures.qwen3 import Qwen3
 from ondevice.errors import UnsupportedError
 
-ARCHITECTURES: dict[str, DecoderArchitecture] = {arch.name: arch for arch in (Llama(), Qwen2())}
+ARCHITECTURES: dict[str, DecoderArchitecture] = {arch.name: arch for arch in (Llama(), Qwen2(), Qwen3())}
 
 
 def get_architecture(name: str) -> DecoderArchitecture:

@@ -12,30 +12,58 @@ import numpy as np
 
 from ondevice.errors import InvalidModelError, UnsupportedError
 from ondevice.formats.gguf import GGUFFile, TypedValue, ValueType
-from ondevice.model import ModelSpec
+from ondevice.model import MAX_WIDTH, ModelSpec
+from ondevice.rope import freq_factors_from_hf
 
-# HF per-layer tensor suffix -> GGUF per-layer name
-_LAYER_TENSORS: dict[str, str] = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
+# The tensor table: role -> (HF name, GGUF name); per-layer names lack their "model.layers.N." / "blk.N." prefix.
+# The decoder (ondevice/decoder.py) and every backend ask for tensors by role.
+LAYER_TENSORS: dict[str, tuple[str, str]] = {
+    "attn_norm": ("input_layernorm.weight", "attn_norm.weight"),
+    "q": ("self_attn.q_proj.weight", "attn_q.weight"),
+    "k": ("self_attn.k_proj.weight", "attn_k.weight"),
+    "v": ("self_attn.v_proj.weight", "attn_v.weight"),
+    "q_bias": ("self_attn.q_proj.bias", "attn_q.bias"),
+    "k_bias": ("self_attn.k_proj.bias", "attn_k.bias"),
+    "v_bias": ("self_attn.v_proj.bias", "attn_v.bias"),
+    "q_norm": ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    "k_norm": ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    "o": ("self_attn.o_proj.weight", "attn_output.weight"),
+    "ffn_norm": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "gate": ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    "up": ("mlp.up_proj.weight", "ffn_up.weight"),
+    "down": ("mlp.down_proj.weight", "ffn_down.weight"),
 }
-_BIAS_TENSORS: dict[str, str] = {
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
+GLOBAL_TENSORS: dict[str, tuple[str, str]] = {
+    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
+    "final_norm": ("model.norm.weight", "output_norm.weight"),
+    "output": ("lm_head.weight", "output.weight"),
 }
-_GLOBAL_TENSORS: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+ROPE_FREQS_GGUF = "rope_freqs.weight"  # llama.cpp's per-pair frequency factors: part of the spec, not a weight
+
+
+def layer_roles(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The roles of one block's tensors this spec has, with their HF shapes."""
+    d, f, q, kv = spec.hidden_size, spec.ffn_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    roles: dict[str, tuple[int, ...]] = {"attn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d)}
+    if spec.qkv_bias:
+        roles.update({"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)})
+    if spec.qk_norm:
+        roles.update({"q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)})
+    roles.update({"o": (d, q), "ffn_norm": (d,), "gate": (f, d), "up": (f, d), "down": (d, f)})
+    return roles
+
+
+def hf_tensor(role: str, layer: int | None = None) -> str:
+    """The HF name of a role's tensor (of block `layer`, or a global one)."""
+    if layer is None:
+        return GLOBAL_TENSORS[role][0]
+    return f"model.layers.{layer}.{LAYER_TENSORS[role][0]}"
+
+
+def gguf_tensor(role: str, layer: int | None = None) -> str:
+    if layer is None:
+        return GLOBAL_TENSORS[role][1]
+    return f"blk.{layer}.{LAYER_TENSORS[role][1]}"
 
 
 def _require(config: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -73,6 +101,8 @@ class DecoderArchitecture:
     hf_model_type: str = ""
     neox_rope: bool = False  # qwen2: rotate-half RoPE in llama.cpp too, so no row permutation
     qkv_bias: bool = False
+    qk_norm: bool = False  # qwen3: RMSNorm per q/k head before RoPE
+    rope_scaling_types: tuple[str, ...] = ()  # HF rope_scaling types this architecture expresses as rope_freqs
 
     # --------------------------------------------------------------------- Hugging Face config
     def spec_from_hf(self, config: dict[str, Any], where: str) -> ModelSpec:
@@ -84,7 +114,7 @@ class DecoderArchitecture:
         if not isinstance(rope, dict):
             raise InvalidModelError(f"{where}: config.json 'rope_parameters' should be an object")
         theta = _optional(config, "rope_theta", float, where) or _optional(rope, "rope_theta", float, where)
-        self.check_rope_scaling(config, where)
+        scaling = self.rope_scaling(config, where)
         if not isinstance(n_kv, int) or isinstance(n_kv, bool):
             raise InvalidModelError(f"{where}: config.json 'num_key_value_heads' should be int, got {n_kv!r}")
         spec = ModelSpec(
@@ -101,19 +131,36 @@ class DecoderArchitecture:
             context_length=_optional(config, "max_position_embeddings", int, where) or 2048,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            rope_freq_factors=None if scaling is None else freq_factors_from_hf(scaling, head_dim, theta or 10000.0),
+            hf_rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
             name=str(config.get("_name_or_path") or "model").rstrip("/").split("/")[-1] or "model",
         )
         return spec.validate(where)
 
-    def check_rope_scaling(self, config: dict[str, Any], where: str) -> None:
+    def rope_scaling(self, config: dict[str, Any], where: str) -> dict[str, Any] | None:
+        """The config's RoPE scaling object when it scales (checked field by field), else None."""
         scaling = config.get("rope_scaling")
         rope = config.get("rope_parameters") or {}
         for key, value in (("rope_scaling", scaling), ("rope_parameters", rope)):
             if value is not None and not isinstance(value, dict):
                 raise InvalidModelError(f"{where}: config.json {key!r} should be an object, got {value!r:.40}")
-        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or rope.get("rope_type", "default")
-        if kind not in (None, "default"):
-            raise UnsupportedError(f"{where}: RoPE scaling {kind!r} is not supported yet (only unscaled RoPE)")
+        scaling = scaling or rope
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind == "default":
+            return None
+        if kind not in self.rope_scaling_types:
+            supported = ", ".join(self.rope_scaling_types) or "none"
+            raise UnsupportedError(f"{where}: RoPE scaling {kind!r} is not supported yet for {self.name} "
+                                   f"(supported: {supported})")
+        fields = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings")
+        for key in fields:
+            _require(scaling, key, float, f"{where} rope_scaling")
+        if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+            raise InvalidModelError(f"{where}: config.json rope_scaling low_freq_factor must be below "
+                                    "high_freq_factor")
+        return {"rope_type": kind, **{key: scaling[key] for key in fields}}
 
     def hf_config(self, spec: ModelSpec) -> dict[str, Any]:
         return {
@@ -132,7 +179,16 @@ class DecoderArchitecture:
             "rope_theta": spec.rope_theta,
             "tie_word_embeddings": spec.tie_embeddings,
             "torch_dtype": "float32",
+            **self.hf_rope_config(spec),
         }
+
+    def hf_rope_config(self, spec: ModelSpec) -> dict[str, Any]:
+        if spec.rope_freq_factors is None:
+            return {}
+        if spec.hf_rope_scaling is None:  # factors read from a GGUF: the parameters that made them are gone
+            raise UnsupportedError("hf: RoPE frequency factors without their rope_scaling parameters (a GGUF "
+                                   "source) cannot be written as a config.json; convert from the HF folder")
+        return {"rope_scaling": dict(spec.hf_rope_scaling)}
 
     # --------------------------------------------------------------------- GGUF metadata
     def gguf_fields(self, spec: ModelSpec) -> dict[str, TypedValue]:
@@ -189,58 +245,57 @@ class DecoderArchitecture:
             context_length=number("context_length", int, 2048),
             tie_embeddings="output.weight" not in gguf.tensors,
             qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            rope_freq_factors=self.gguf_rope_factors(gguf),
             name=str(gguf.get("general.name", "model")),
         )
         return spec.validate(str(gguf.path))
 
+    def gguf_rope_factors(self, gguf: GGUFFile) -> tuple[float, ...] | None:
+        info = gguf.tensors.get(ROPE_FREQS_GGUF)
+        if info is None:
+            return None
+        if not self.rope_scaling_types:
+            raise InvalidModelError(f"{gguf.path}: {self.name} has no RoPE frequency factors ({ROPE_FREQS_GGUF})")
+        if len(info.shape) != 1 or info.ggml_type != 0 or not 0 < info.shape[0] <= MAX_WIDTH:  # 0: GGML f32
+            raise InvalidModelError(f"{gguf.path}: {ROPE_FREQS_GGUF} should be a float32 vector, got type "
+                                    f"{info.ggml_type} shape {info.shape}")
+        return tuple(float(f) for f in gguf.tensor_data(ROPE_FREQS_GGUF).view(np.float32).ravel())
+
     # --------------------------------------------------------------------- tensors
     def tensor_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Every tensor the architecture expects, by HF name, in HF layout."""
-        d, f, q, kv = spec.hidden_size, spec.ffn_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-        layer = {
-            "input_layernorm.weight": (d,),
-            "self_attn.q_proj.weight": (q, d),
-            "self_attn.k_proj.weight": (kv, d),
-            "self_attn.v_proj.weight": (kv, d),
-            "self_attn.o_proj.weight": (d, q),
-            "post_attention_layernorm.weight": (d,),
-            "mlp.gate_proj.weight": (f, d),
-            "mlp.up_proj.weight": (f, d),
-            "mlp.down_proj.weight": (d, f),
-        }
-        if spec.qkv_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                          "self_attn.v_proj.bias": (kv,)})
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d)}
+        d = spec.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {hf_tensor("embed"): (spec.vocab_size, d)}
+        roles = layer_roles(spec)
         for i in range(spec.n_layers):
-            for suffix, shape in layer.items():
-                shapes[f"model.layers.{i}.{suffix}"] = shape
-        shapes["model.norm.weight"] = (d,)
+            for role, shape in roles.items():
+                shapes[hf_tensor(role, i)] = shape
+        shapes[hf_tensor("final_norm")] = (d,)
         if not spec.tie_embeddings:
-            shapes["lm_head.weight"] = (spec.vocab_size, d)
+            shapes[hf_tensor("output")] = (spec.vocab_size, d)
         return shapes
 
     def gguf_name(self, hf_name: str) -> str:
-        if hf_name in _GLOBAL_TENSORS:
-            return _GLOBAL_TENSORS[hf_name]
+        for hf, gg in GLOBAL_TENSORS.values():
+            if hf == hf_name:
+                return gg
         parts = hf_name.split(".", 3)
         if len(parts) == 4 and parts[:2] == ["model", "layers"]:
-            suffix = parts[3]
-            mapped = _LAYER_TENSORS.get(suffix) or _BIAS_TENSORS.get(suffix)
-            if mapped:
-                return f"blk.{parts[2]}.{mapped}"
+            for hf, gg in LAYER_TENSORS.values():
+                if hf == parts[3]:
+                    return f"blk.{parts[2]}.{gg}"
         raise UnsupportedError(f"tensor {hf_name!r} has no GGUF name for architecture {self.name}")
 
     def hf_name(self, gguf_name: str) -> str:
-        for hf, gg in _GLOBAL_TENSORS.items():
+        for hf, gg in GLOBAL_TENSORS.values():
             if gg == gguf_name:
                 return hf
         parts = gguf_name.split(".", 2)
         if len(parts) == 3 and parts[0] == "blk":
-            for table in (_LAYER_TENSORS, _BIAS_TENSORS):
-                for hf, gg in table.items():
-                    if gg == parts[2]:
-                        return f"model.layers.{parts[1]}.{hf}"
+            for hf, gg in LAYER_TENSORS.values():
+                if gg == parts[2]:
+                    return f"model.layers.{parts[1]}.{hf}"
         raise UnsupportedError(f"GGUF tensor {gguf_name!r} is not part of architecture {self.name}")
 
     def qk_heads(self, spec: ModelSpec, hf_name: str) -> int | None:

@@ -13,6 +13,7 @@ class Llama(DecoderArchitecture):
     name = "llama"
     hf_architectures = ("LlamaForCausalLM",)
     hf_model_type = "llama"
+    rope_scaling_types = ("llama3", "linear")  # Llama 3.x; both become llama.cpp's rope_freqs
 
     def spec_from_hf(self, config: dict[str, Any], where: str) -> ModelSpec:
         if config.get("attention_bias") or config.get("mlp_bias"):

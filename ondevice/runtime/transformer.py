@@ -1,7 +1,7 @@
-"""The decoder forward pass (llama and qwen2) over C kernels, with a preallocated KV cache.
+"""The decoder (ondevice/decoder.py) over the C kernels, with preallocated buffers and KV cache.
 
 Shapes: M tokens in a chunk, D width, H/Hkv heads, Dh head dim, F ffn width, C context length.
-llama's q/k rows are stored permuted for interleaved RoPE (llama.cpp's layout); qwen2 uses NEOX RoPE.
+Weights are the GGUF's: q/k rows permuted for interleaved RoPE unless the architecture uses NEOX RoPE.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import mmap
 import numpy as np
 
 from ondevice.architectures import get_architecture
+from ondevice.decoder import DecoderOps, require_features, run_decoder
 from ondevice.errors import OndeviceError
 from ondevice.runtime.weights import Matrix, ModelWeights
 
@@ -85,26 +86,33 @@ def repacked(w: Matrix) -> Matrix:
 
 def repack_layers(weights: ModelWeights) -> None:
     """Repack the layers' matrices in place (token_embd / output stay as stored: get_rows reads token_embd)."""
-    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
     for layer in weights.layers:
-        for name in names:
-            setattr(layer, name, repacked(getattr(layer, name)))
+        for role, tensor in layer.items():
+            if isinstance(tensor, Matrix):
+                layer[role] = repacked(tensor)
 
 
 class ContextOverflowError(OndeviceError):
     """The tokens do not fit in the context window."""
 
 
+# What the runtime's kernels express (decoder.FEATURES)
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+
+
 class Transformer:
     def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256, kv_dtype: type = np.float16) -> None:
         kernels()
         spec = weights.spec
+        require_features(spec, "runtime", SUPPORTED_FEATURES)
         repack_layers(weights)
         self.w = weights
         self.spec = spec
         self.n_ctx = n_ctx
         self.max_batch = max_batch
         self.neox = get_architecture(spec.arch).neox_rope  # the description says which RoPE, not the name
+        self.freq_factors = None if spec.rope_freq_factors is None else np.asarray(spec.rope_freq_factors,
+                                                                                   np.float32)
         self.scale = 1.0 / float(np.sqrt(spec.head_dim))
         kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
         # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
@@ -115,18 +123,12 @@ class Transformer:
         b = max_batch
         self._x = np.empty((b, d), np.float32)
         self._h = np.empty((b, d), np.float32)
-        self._q = np.empty((b, q), np.float32)
-        self._k = np.empty((b, kv), np.float32)
-        self._v = np.empty((b, kv), np.float32)
+        # one output buffer per projection role
+        self._out = {"q": np.empty((b, q), np.float32), "k": np.empty((b, kv), np.float32),
+                     "v": np.empty((b, kv), np.float32), "gate": np.empty((b, f), np.float32),
+                     "up": np.empty((b, f), np.float32)}
         self._attn = np.empty((b, q), np.float32)
-        self._gate = np.empty((b, f), np.float32)
-        self._up = np.empty((b, f), np.float32)
         self._logits = np.empty((b, spec.vocab_size), np.float32)
-
-    @staticmethod
-    def _matmul(out: np.ndarray, w: Matrix, x: np.ndarray) -> np.ndarray:
-        K.matmul(out, w.data, w.ggml_type, x, w.cols)
-        return out
 
     def forward(self, tokens: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos0.. through the model; logits of the last (or every) token."""
@@ -147,40 +149,88 @@ class Transformer:
         return np.concatenate(outs) if all_logits else outs[-1][0]
 
     def _forward_chunk(self, tokens: np.ndarray, pos0: int, rows: str) -> np.ndarray | None:
-        spec, w = self.spec, self.w
-        m = len(tokens)
-        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
-        positions = np.arange(pos0, pos0 + m, dtype=np.int32)
-        x, h = self._x[:m], self._h[:m]
-        q, k, v = self._q[:m], self._k[:m], self._v[:m]
-        attn, gate, up = self._attn[:m], self._gate[:m], self._up[:m]
-        K.get_rows(x, w.token_embd.data, w.token_embd.ggml_type, tokens, spec.hidden_size)
-        for li, layer in enumerate(w.layers):
-            K.rmsnorm(h, x, layer.attn_norm, spec.rms_eps)
-            self._matmul(q, layer.wq, h)
-            self._matmul(k, layer.wk, h)
-            self._matmul(v, layer.wv, h)
-            if layer.bq is not None:
-                q += layer.bq
-                k += layer.bk
-                v += layer.bv
-            q3, k3 = q.reshape(m, nh, hd), k.reshape(m, nkv, hd)
-            K.rope(q3, positions, spec.rope_theta, self.neox)
-            K.rope(k3, positions, spec.rope_theta, self.neox)
-            self.k_cache[li, :, pos0 : pos0 + m, :] = k3.transpose(1, 0, 2)
-            self.v_cache[li, :, pos0 : pos0 + m, :] = v.reshape(m, nkv, hd).transpose(1, 0, 2)
-            K.attention(attn, q3, self.k_cache[li], self.v_cache[li], pos0, self.scale)
-            K.matmul(x, layer.wo.data, layer.wo.ggml_type, attn, layer.wo.cols, True)  # accumulate: x += attn @ Wo^T
-            K.rmsnorm(h, x, layer.ffn_norm, spec.rms_eps)
-            self._matmul(gate, layer.w_gate, h)
-            self._matmul(up, layer.w_up, h)
-            K.silu_mul(gate, gate, up)
-            K.matmul(x, layer.w_down.data, layer.w_down.ggml_type, gate, layer.w_down.cols, True)
-        if rows == "none":
+        try:
+            return run_decoder(KernelOps(self, tokens, pos0, rows))
+        except _NoLogits:
             return None
-        if rows == "last":  # prompt processing needs only the last row: skip the vocab-sized matmul for the rest
-            x, h = x[m - 1 :], h[m - 1 :]
-        K.rmsnorm(h, x, w.output_norm, spec.rms_eps)
-        logits = self._logits[: len(x)]
-        self._matmul(logits, w.output, h)
+
+
+class _NoLogits(Exception):
+    """A prompt chunk before the last: its rows need no logits, so the pass ends after the blocks."""
+
+
+class KernelOps(DecoderOps[np.ndarray]):
+    """One chunk of M tokens at positions pos0..: every op writes into the Transformer's buffers."""
+
+    def __init__(self, t: Transformer, tokens: np.ndarray, pos0: int, rows: str) -> None:
+        super().__init__(t.spec)
+        self.t, self.tokens, self.pos0, self.rows = t, tokens, pos0, rows
+        self.m = len(tokens)
+        self.positions = np.arange(pos0, pos0 + self.m, dtype=np.int32)
+
+    def embed(self) -> np.ndarray:
+        table = self.t.w.globals["embed"]
+        x = self.t._x[: self.m]
+        K.get_rows(x, table.data, table.ggml_type, self.tokens, self.spec.hidden_size)
+        return x
+
+    def norm(self, x: np.ndarray, role: str, layer: int | None) -> np.ndarray:
+        weight = self.t.w.globals[role] if layer is None else self.t.w.layers[layer][role]
+        h = self.t._h[: len(x)]
+        K.rmsnorm(h, x, weight, self.spec.rms_eps)
+        return h
+
+    def project(self, x: np.ndarray, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[np.ndarray]:
+        weights = self.t.w.layers[layer]
+        outs = []
+        for role in roles:
+            w, out = weights[role], self.t._out[role][: len(x)]
+            K.matmul(out, w.data, w.ggml_type, x, w.cols)
+            if bias:
+                out += weights[f"{role}_bias"]
+            outs.append(out)
+        return outs
+
+    def head_norm(self, x: np.ndarray, role: str, layer: int, n_heads: int) -> np.ndarray:
+        rows = x.reshape(len(x) * n_heads, self.spec.head_dim)
+        K.rmsnorm(rows, rows, self.t.w.layers[layer][role], self.spec.rms_eps)
+        return x
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, layer: int) -> np.ndarray:
+        t, spec, m, pos0 = self.t, self.spec, self.m, self.pos0
+        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        q3, k3 = q.reshape(m, nh, hd), k.reshape(m, nkv, hd)
+        for heads in (q3, k3):
+            if t.freq_factors is None:
+                K.rope(heads, self.positions, spec.rope_theta, t.neox)
+            else:
+                K.rope(heads, self.positions, spec.rope_theta, t.neox, t.freq_factors)
+        t.k_cache[layer, :, pos0 : pos0 + m, :] = k3.transpose(1, 0, 2)
+        t.v_cache[layer, :, pos0 : pos0 + m, :] = v.reshape(m, nkv, hd).transpose(1, 0, 2)
+        attn = t._attn[:m]
+        K.attention(attn, q3, t.k_cache[layer], t.v_cache[layer], pos0, t.scale)
+        return attn
+
+    def gated_act(self, gate: np.ndarray, up: np.ndarray, layer: int) -> np.ndarray:
+        K.silu_mul(gate, gate, up)
+        return gate
+
+    def add(self, x: np.ndarray, y: np.ndarray, layer: int, what: str) -> np.ndarray:
+        K.add_inplace(x, y)
+        return x
+
+    def add_projection(self, x: np.ndarray, y: np.ndarray, role: str, layer: int) -> np.ndarray:
+        w = self.t.w.layers[layer][role]
+        K.matmul(x, w.data, w.ggml_type, y, w.cols, True)  # accumulate: x += y @ W^T
+        return x
+
+    def output_rows(self, x: np.ndarray) -> np.ndarray:
+        if self.rows == "none":
+            raise _NoLogits
+        return x[len(x) - 1 :] if self.rows == "last" else x  # the last row only: skip vocab-sized work for the rest
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        out = self.t.w.globals["output"]
+        logits = self.t._logits[: len(x)]
+        K.matmul(logits, out.data, out.ggml_type, x, out.cols)
         return logits.copy()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ondevice.architectures import get_architecture
+from ondevice.architectures.base import gguf_tensor, layer_roles
 from ondevice.errors import InvalidModelError, UnsupportedError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
@@ -28,28 +29,10 @@ class Matrix:
 
 
 @dataclass
-class LayerWeights:
-    attn_norm: np.ndarray
-    wq: Matrix
-    wk: Matrix
-    wv: Matrix
-    wo: Matrix
-    ffn_norm: np.ndarray
-    w_gate: Matrix
-    w_up: Matrix
-    w_down: Matrix
-    bq: np.ndarray | None = None
-    bk: np.ndarray | None = None
-    bv: np.ndarray | None = None
-
-
-@dataclass
 class ModelWeights:
     spec: ModelSpec
-    token_embd: Matrix
-    layers: list[LayerWeights]
-    output_norm: np.ndarray
-    output: Matrix  # token_embd again when embeddings are tied
+    layers: list[dict[str, Matrix | np.ndarray]]  # per block: role -> matrix, or float32 vector (norms, biases)
+    globals: dict[str, Matrix | np.ndarray]  # embed, final_norm, output (the embedding again when tied)
 
 
 def _matrix(gguf: GGUFFile, name: str, shape: tuple[int, int]) -> Matrix:
@@ -74,35 +57,25 @@ def _vector(gguf: GGUFFile, name: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(qtype.dequantize(gguf.tensor_data(name), size).reshape(size), dtype=np.float32)
 
 
+def _tensor(gguf: GGUFFile, name: str, shape: tuple[int, ...]) -> Matrix | np.ndarray:
+    return _vector(gguf, name, shape[0]) if len(shape) == 1 else _matrix(gguf, name, shape)
+
+
 def load_weights(gguf: GGUFFile) -> ModelWeights:
+    """Every tensor of the architecture's table that the spec has, checked against its shape (HF (out, in) is
+    GGUF's (rows, cols))."""
     arch_name = gguf.get("general.architecture")
     if not isinstance(arch_name, str):
         raise InvalidModelError(f"{gguf.path}: general.architecture is missing")
     arch = get_architecture(arch_name)
     spec = arch.spec_from_gguf(gguf)
-    if "rope_freqs.weight" in gguf.tensors:
-        raise UnsupportedError(f"{gguf.path}: RoPE frequency factors (rope_freqs) are not supported yet")
-    d, f = spec.hidden_size, spec.ffn_size
-    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    layers = []
-    for i in range(spec.n_layers):
-        p = f"blk.{i}."
-        layer = LayerWeights(
-            attn_norm=_vector(gguf, p + "attn_norm.weight", d),
-            wq=_matrix(gguf, p + "attn_q.weight", (q, d)),
-            wk=_matrix(gguf, p + "attn_k.weight", (kv, d)),
-            wv=_matrix(gguf, p + "attn_v.weight", (kv, d)),
-            wo=_matrix(gguf, p + "attn_output.weight", (d, q)),
-            ffn_norm=_vector(gguf, p + "ffn_norm.weight", d),
-            w_gate=_matrix(gguf, p + "ffn_gate.weight", (f, d)),
-            w_up=_matrix(gguf, p + "ffn_up.weight", (f, d)),
-            w_down=_matrix(gguf, p + "ffn_down.weight", (d, f)),
-        )
-        if spec.qkv_bias:
-            layer.bq = _vector(gguf, p + "attn_q.bias", q)
-            layer.bk = _vector(gguf, p + "attn_k.bias", kv)
-            layer.bv = _vector(gguf, p + "attn_v.bias", kv)
-        layers.append(layer)
-    token_embd = _matrix(gguf, "token_embd.weight", (spec.vocab_size, d))
-    output = token_embd if spec.tie_embeddings else _matrix(gguf, "output.weight", (spec.vocab_size, d))
-    return ModelWeights(spec, token_embd, layers, _vector(gguf, "output_norm.weight", d), output)
+    roles = layer_roles(spec)
+    layers = [{role: _tensor(gguf, gguf_tensor(role, i), shape) for role, shape in roles.items()}
+              for i in range(spec.n_layers)]
+    embed_shape = (spec.vocab_size, spec.hidden_size)
+    embed = _matrix(gguf, gguf_tensor("embed"), embed_shape)
+    return ModelWeights(spec, layers, {
+        "embed": embed,
+        "final_norm": _vector(gguf, gguf_tensor("final_norm"), spec.hidden_size),
+        "output": embed if spec.tie_embeddings else _matrix(gguf, gguf_tensor("output"), embed_shape),
+    })

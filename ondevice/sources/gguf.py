@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ondevice.architectures import get_architecture
-from ondevice.architectures.base import unpermute_from_gguf
-from ondevice.errors import InvalidModelError, UnsupportedError
+from ondevice.architectures.base import ROPE_FREQS_GGUF, unpermute_from_gguf
+from ondevice.errors import InvalidModelError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.formats.safetensors import release_pages
 from ondevice.model import CanonicalModel, LazyTensor
@@ -52,8 +52,8 @@ def open_gguf_file(path: str | Path) -> CanonicalModel:
         expected = arch.tensor_shapes(spec)
         tensors: dict[str, LazyTensor] = {}
         for gguf_name, info in gguf.tensors.items():
-            if gguf_name == "rope_freqs.weight":
-                raise UnsupportedError(f"{gguf.path}: RoPE frequency factors (rope_freqs) are not supported yet")
+            if gguf_name == ROPE_FREQS_GGUF:  # read into spec.rope_freq_factors
+                continue
             hf_name = arch.hf_name(gguf_name)
             if hf_name == "lm_head.weight" and spec.tie_embeddings:
                 continue
