@@ -39,9 +39,12 @@ from ondevice.converters.base import (
     progress_bar,
 )
 
+from ondevice.architectures.base import hf_tensor, layer_roles
+from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
+from ondevice.rope import rope_tables
 
 TARGET = Target(
     name="executorch",
@@ -93,8 +96,13 @@ def load_llm_ops() -> None:
 # the torch module
 
 
+# What this graph builder expresses (decoder.FEATURES)
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+
+
 def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
-    """A torch decoder (float32) holding the model's weights and a zeroed static KV cache."""
+    """A torch decoder (float32) holding the model's weights by role and a zeroed static KV cache; its forward is
+    ondevice.decoder.run_decoder over TorchOps."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -102,20 +110,21 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
     load_llm_ops()
 
     spec = model.spec
+    require_features(spec, "executorch", SUPPORTED_FEATURES)
     d, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
 
-    def load(name: str) -> Any:
+    def load(role: str, layer: int | None = None) -> Any:
         if bar is not None:
             bar.update(1)
-        return torch.from_numpy(model.tensors[name].load())
+        return torch.from_numpy(model.tensors[hf_tensor(role, layer)].load())
 
-    def linear(prefix: str, bias: bool = False) -> nn.Linear:
-        w = load(f"{prefix}.weight")
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=bias)
-        layer.weight = nn.Parameter(w, requires_grad=False)
+    def linear(role: str, layer: int, bias: bool) -> nn.Linear:
+        w = load(role, layer)
+        module = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+        module.weight = nn.Parameter(w, requires_grad=False)
         if bias:
-            layer.bias = nn.Parameter(load(f"{prefix}.bias"), requires_grad=False)
-        return layer
+            module.bias = nn.Parameter(load(f"{role}_bias", layer), requires_grad=False)
+        return module
 
     class RMSNorm(nn.Module):
         def __init__(self, weight: Any) -> None:
@@ -130,70 +139,95 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
         def forward(self, x: Any) -> Any:
             return x * torch.rsqrt(F.linear(x * x, self.mean_row) + spec.rms_eps) * self.weight
 
-    def rope(x: Any, cos: Any, sin: Any) -> Any:  # rotate-half, x (1, S, heads, d), cos/sin (S, 1, d/2)
-        first, second = x[..., : d // 2], x[..., d // 2 :]
-        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
-
     class Block(nn.Module):
         def __init__(self, i: int) -> None:
             super().__init__()
-            p = f"model.layers.{i}"
-            self.input_layernorm = RMSNorm(load(f"{p}.input_layernorm.weight"))
-            self.q_proj = linear(f"{p}.self_attn.q_proj", spec.qkv_bias)
-            self.k_proj = linear(f"{p}.self_attn.k_proj", spec.qkv_bias)
-            self.v_proj = linear(f"{p}.self_attn.v_proj", spec.qkv_bias)
-            self.o_proj = linear(f"{p}.self_attn.o_proj")
-            self.post_attention_layernorm = RMSNorm(load(f"{p}.post_attention_layernorm.weight"))
-            self.gate_proj = linear(f"{p}.mlp.gate_proj")
-            self.up_proj = linear(f"{p}.mlp.up_proj")
-            self.down_proj = linear(f"{p}.mlp.down_proj")
+            roles = layer_roles(spec)
+            self.norms = nn.ModuleDict({role: RMSNorm(load(role, i)) for role, shape in roles.items()
+                                        if role.endswith("_norm")})
+            self.linears = nn.ModuleDict({role: linear(role, i, spec.qkv_bias and role in ("q", "k", "v"))
+                                          for role, shape in roles.items() if len(shape) == 2})
             # (1, positions, kv heads, head dim): the layout of ExecuTorch's llama::update_cache / custom_sdpa.
             self.register_buffer("k_cache", torch.zeros(1, max_seq, nkv, d), persistent=False)
             self.register_buffer("v_cache", torch.zeros(1, max_seq, nkv, d), persistent=False)
 
-        def forward(self, x: Any, start: Any, cos: Any, sin: Any) -> Any:
-            s = x.shape[1]
-            h = self.input_layernorm(x)
-            q = rope(self.q_proj(h).view(1, s, nh, d), cos, sin)
-            k = rope(self.k_proj(h).view(1, s, nkv, d), cos, sin)
-            v = self.v_proj(h).view(1, s, nkv, d)
+    class TorchOps(DecoderOps):
+        def __init__(self, decoder: Decoder, tokens: Any, start: Any) -> None:
+            super().__init__(spec)
+            self.decoder, self.tokens, self.start = decoder, tokens, start
+            s = tokens.shape[1]
+            self.cos, self.sin = decoder.rope_cos.narrow(0, start, s), decoder.rope_sin.narrow(0, start, s)
+
+        def embed(self) -> Any:
+            self.tensor_name("embed", None)
+            return self.decoder.embed_tokens(self.tokens)
+
+        def norm(self, x: Any, role: str, layer: int | None) -> Any:
+            self.tensor_name(role, layer)
+            return self.decoder.norm(x) if layer is None else self.decoder.layers[layer].norms[role](x)
+
+        def project(self, x: Any, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[Any]:
+            for role in roles:
+                self.tensor_name(role, layer)
+                if bias:
+                    self.tensor_name(f"{role}_bias", layer)
+            return [self.decoder.layers[layer].linears[role](x) for role in roles]
+
+        def head_norm(self, x: Any, role: str, layer: int, n_heads: int) -> Any:
+            self.tensor_name(role, layer)
+            heads = x.view(1, x.shape[1], n_heads, d)
+            return self.decoder.layers[layer].norms[role](heads).view(1, x.shape[1], n_heads * d)
+
+        def rope(self, x: Any) -> Any:  # rotate-half, x (1, S, heads, d), cos/sin (S, 1, d/2)
+            first, second = x[..., : d // 2], x[..., d // 2 :]
+            return torch.cat([first * self.cos - second * self.sin, second * self.cos + first * self.sin], dim=-1)
+
+        def attention(self, q: Any, k: Any, v: Any, layer: int) -> Any:
+            block, s = self.decoder.layers[layer], q.shape[1]
+            q, k = self.rope(q.view(1, s, nh, d)), self.rope(k.view(1, s, nkv, d))
             # ExecuTorch's own LLM kernels (the ones its llama example uses): the cache rows start.. are written in
             # place, and the causal attention reads rows 0..start+S-1 only (never an unwritten row), with GQA
             # handled inside the kernel. Everything between two of these is one XNNPACK partition.
-            torch.ops.llama.update_cache(k, self.k_cache, start)
-            torch.ops.llama.update_cache(v, self.v_cache, start)
-            ctx = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
-            x = x + self.o_proj(ctx.reshape(1, s, nh * d))
-            h = self.post_attention_layernorm(x)
-            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+            torch.ops.llama.update_cache(k, block.k_cache, self.start)
+            torch.ops.llama.update_cache(v.view(1, s, nkv, d), block.v_cache, self.start)
+            ctx = torch.ops.llama.custom_sdpa(q, block.k_cache, block.v_cache, self.start, None, 0.0, True)
+            return ctx.reshape(1, s, nh * d)
+
+        def gated_act(self, gate: Any, up: Any, layer: int) -> Any:
+            return F.silu(gate) * up
+
+        def add(self, x: Any, y: Any, layer: int, what: str) -> Any:
+            return x + y
+
+        def logits(self, x: Any) -> Any:
+            self.tensor_name("embed" if spec.tie_embeddings else "output", None)
+            return self.decoder.lm_head(x)
 
     class Decoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            table = load("model.embed_tokens.weight")
+            table = load("embed")
             self.embed_tokens = nn.Embedding(table.shape[0], table.shape[1])
             self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
             self.layers = nn.ModuleList([Block(i) for i in range(spec.n_layers)])
-            self.norm = RMSNorm(load("model.norm.weight"))
+            self.norm = RMSNorm(load("final_norm"))
             # Tied: the output layer starts from the same table (quantization gives it its own copy).
-            head = table if spec.tie_embeddings else load("lm_head.weight")
+            head = table if spec.tie_embeddings else load("output")
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight = nn.Parameter(head.clone() if spec.tie_embeddings else head, requires_grad=False)
-            inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-            angles = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)[:, None, :]  # (max_seq, 1, d/2)
-            self.register_buffer("rope_cos", torch.from_numpy(np.cos(angles).astype(np.float32)), persistent=False)
-            self.register_buffer("rope_sin", torch.from_numpy(np.sin(angles).astype(np.float32)), persistent=False)
+            cos, sin = rope_tables(spec, max_seq)
+            self.register_buffer("rope_cos", torch.from_numpy(cos.reshape(max_seq, 1, -1).copy()), persistent=False)
+            self.register_buffer("rope_sin", torch.from_numpy(sin.reshape(max_seq, 1, -1).copy()), persistent=False)
+            self.used_tensors: set[str] = set()  # filled by a forward pass, for check_consumed
 
         def forward(self, tokens: Any, input_pos: Any) -> Any:
-            s = tokens.shape[1]
             start = input_pos[0].item()
             torch._check_is_size(start)
-            torch._check(start + s <= max_seq)
-            cos, sin = self.rope_cos.narrow(0, start, s), self.rope_sin.narrow(0, start, s)
-            x = self.embed_tokens(tokens)
-            for block in self.layers:
-                x = block(x, start, cos, sin)
-            return self.lm_head(self.norm(x))
+            torch._check(start + tokens.shape[1] <= max_seq)
+            ops = TorchOps(self, tokens, start)
+            logits = run_decoder(ops)
+            self.used_tensors |= ops.used
+            return logits
 
     return Decoder().eval()
 
@@ -402,6 +436,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     else:
         schemes = quantize_module(module, quant, group or 0)
     buffer = export_program(module, max_seq, max_chunk)
+    check_consumed(model.tensors, module.used_tensors, "executorch")
     del module
 
     manifest = make_manifest(model, quant, group if quant == "8da4w" else None, max_seq, max_chunk, schemes, out)
