@@ -38,9 +38,12 @@ from ondevice.converters.base import (
     write_tokenizer_files,
 )
 
+from ondevice.architectures.base import hf_tensor
+from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output
 from ondevice.model import CanonicalModel, LazyTensor
+from ondevice.rope import rope_tables
 
 TARGET = Target(
     name="onnx",
@@ -220,27 +223,139 @@ class _Weights:
         return self._matmul_nbits(x, head.initializers, hidden, vocab, "lm_head")
 
 
+# What this graph builder expresses (decoder.FEATURES)
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Output `index` of a fused projection `packed` (widths `widths`), split only when used apart."""
+
+    packed: str
+    index: int
+    widths: tuple[int, ...]
+
+
+class _OnnxOps(DecoderOps[Any]):
+    """Nodes of the decoder; every weight is loaded, emitted and dropped when its node is built."""
+
+    def __init__(self, model: CanonicalModel, g: Any, weights: _Weights, bar: Any, cos_cache: str, sin_cache: str,
+                 seqlens_k: str, total_len: str) -> None:
+        super().__init__(model.spec)
+        self.model, self.g, self.weights, self.bar = model, g, weights, bar
+        self.cos_cache, self.sin_cache, self.seqlens_k, self.total_len = cos_cache, sin_cache, seqlens_k, total_len
+        self.head: _Head | None = None
+        self.splits: dict[str, list[str]] = {}
+
+    def load(self, role: str, layer: int | None) -> np.ndarray:
+        self.bar.update(1)
+        return self.model.tensors[self.tensor_name(role, layer)].load()
+
+    def value(self, x: Any) -> str:
+        """A graph value name, splitting a fused projection's parts out (once) when one is used apart."""
+        if not isinstance(x, _Part):
+            return x
+        if x.packed not in self.splits:
+            self.splits[x.packed] = self.g.node("Split", [x.packed, self.g.const(list(x.widths))],
+                                                f"{x.packed}/split", len(x.widths), axis=-1)
+        return self.splits[x.packed][x.index]
+
+    def embed(self) -> str:
+        hidden, self.head = self.weights.embedding("input_ids", self.load("embed", None), self.spec.tie_embeddings)
+        return hidden
+
+    def norm(self, x: Any, role: str, layer: int | None) -> str:
+        base = hf_tensor(role, layer).removesuffix(".weight")
+        return self._rms_norm(self.value(x), self.load(role, layer), base)
+
+    def _rms_norm(self, x: str, weight: np.ndarray, base: str) -> str:
+        g = self.g
+        w = self.weights.float_weight(f"{base}.weight", weight)
+        square = g.op("Pow", [x, g.const(2.0, np.float32)], f"{base}/pow")
+        mean = g.op("ReduceMean", [square], f"{base}/mean", axes=[-1], keepdims=1)
+        root = g.op("Sqrt", [g.op("Add", [mean, g.const(self.spec.rms_eps, np.float32)], f"{base}/eps")],
+                    f"{base}/sqrt")
+        return g.op("Mul", [g.op("Div", [x, root], f"{base}/div"), w], f"{base}/scale")
+
+    def project(self, x: Any, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[Any]:
+        """One MatMul for all roles (q|k|v, gate|up): their outputs stay packed until used apart."""
+        x = self.value(x)
+        names = [hf_tensor(role, layer).removesuffix(".weight") for role in roles]
+        fused = names[0] if len(roles) == 1 else _fused_name(names)
+        w = np.concatenate([self.load(role, layer) for role in roles])
+        b = np.concatenate([self.load(f"{role}_bias", layer) for role in roles]) if bias else None
+        out = self.weights.linear(x, w, fused, b, block=layer)
+        widths = tuple(int(self.model.tensors[hf_tensor(role, layer)].shape[0]) for role in roles)
+        del w
+        return [out] if len(roles) == 1 else [_Part(out, i, widths) for i in range(len(roles))]
+
+    def head_norm(self, x: Any, role: str, layer: int, n_heads: int) -> str:
+        g, d = self.g, self.spec.head_dim
+        base = hf_tensor(role, layer).removesuffix(".weight")
+        heads = g.op("Reshape", [self.value(x), g.const([0, 0, n_heads, d])], f"{base}/heads")
+        normed = self._rms_norm(heads, self.load(role, layer), base)
+        return g.op("Reshape", [normed, g.const([0, 0, n_heads * d])], f"{base}/flat")
+
+    def attention(self, q: Any, k: Any, v: Any, layer: int) -> str:
+        spec, g = self.spec, self.g
+        a = f"model.layers.{layer}.self_attn"
+        packed = all(isinstance(t, _Part) for t in (q, k, v)) and q.packed == k.packed == v.packed
+        # Packed q|k|v (or q, k, v apart); rotate-half RoPE, the KV cache append, grouped heads and the causal
+        # mask inside.
+        qkv = [q.packed, "", ""] if packed else [self.value(q), self.value(k), self.value(v)]
+        return g.node("GroupQueryAttention", [*qkv, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+                                              self.seqlens_k, self.total_len, self.cos_cache, self.sin_cache],
+                      f"{a}/attention", [f"{a}/attention/out", f"present.{layer}.key", f"present.{layer}.value"],
+                      domain=MS_DOMAIN, num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, do_rotary=1,
+                      rotary_interleaved=0, scale=float(1.0 / np.sqrt(spec.head_dim)))[0]
+
+    def gated_act(self, gate: Any, up: Any, layer: int) -> str:
+        g, m = self.g, f"model.layers.{layer}.mlp"
+        gate, up = self.value(gate), self.value(up)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{m}/sigmoid")], f"{m}/silu")
+        return g.op("Mul", [act, up], f"{m}/gated")
+
+    def add(self, x: Any, y: Any, layer: int, what: str) -> str:
+        return self.g.op("Add", [self.value(x), self.value(y)], f"model.layers.{layer}/{what}_residual")
+
+    def logits(self, x: Any) -> str:
+        spec = self.spec
+        if spec.tie_embeddings:
+            self.tensor_name("embed", None)
+            return self.weights.lm_head(x, self.head, None, spec.vocab_size, spec.hidden_size)
+        self.bar.update(1)
+        table = self.model.tensors[self.tensor_name("output", None)]
+        return self.weights.lm_head(x, None, table, spec.vocab_size, spec.hidden_size)
+
+
+def _fused_name(names: list[str]) -> str:
+    """...self_attn.q_proj + k_proj + v_proj -> ...self_attn.qkv_proj; ...mlp.gate_proj + up_proj ->
+    ...mlp.gate_up_proj (the names FLOAT_LAYERS and earlier artifacts use)."""
+    parent = names[0].rsplit(".", 1)[0]
+    kinds = [n.rsplit(".", 1)[1].removesuffix("_proj") for n in names]
+    return f"{parent}.{('' if all(len(k) == 1 for k in kinds) else '_').join(kinds)}_proj"
+
+
 def _build_graph(model: CanonicalModel, g: Any, weights: _Weights, bar: Any) -> tuple[list[Any], list[Any]]:
     """Nodes of the decoder, weights streamed in order; returns the graph's (inputs, outputs) value infos."""
-    from ondevice.converters.onnx_graph import rope_tables
     from onnx import TensorProto, helper
 
     spec = model.spec
-    tensors = model.tensors
-    d, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    require_features(spec, "onnx", SUPPORTED_FEATURES)
+    d, nkv = spec.head_dim, spec.n_kv_heads
     FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
-
-    def load(name: str) -> np.ndarray:
-        bar.update(1)
-        return tensors[name].load()
-
     inputs = [
         helper.make_tensor_value_info("input_ids", INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", INT64, ["batch_size", "total_sequence_length"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch_size", "sequence_length", spec.vocab_size])]
-
-    hidden, head = weights.embedding("input_ids", load("model.embed_tokens.weight"), spec.tie_embeddings)
+    for i in range(spec.n_layers):
+        kv_dims = ["batch_size", nkv, "past_sequence_length", d]
+        present_dims = ["batch_size", nkv, "total_sequence_length", d]
+        inputs += [helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", FLOAT, kv_dims)
+                   for kind in ("key", "value")]
+        outputs += [helper.make_tensor_value_info(f"present.{i}.{kind}", FLOAT, present_dims)
+                    for kind in ("key", "value")]
 
     # GroupQueryAttention's view of the cache: per sequence the index of its last token (mask sum - 1) and the
     # total length; it derives positions (for RoPE) and the causal mask from them.
@@ -250,62 +365,11 @@ def _build_graph(model: CanonicalModel, g: Any, weights: _Weights, bar: Any) -> 
     total = g.op("Squeeze", [g.op("Shape", ["attention_mask"], "mask/shape", start=1, end=2), g.const([0])],
                  "mask/total")
     total_len = g.op("Cast", [total], "mask/total_len", to=TensorProto.INT32)
-    cos_table, sin_table = rope_tables(d, spec.rope_theta, spec.context_length)
-    cos_cache, sin_cache = g.weight("rope.cos_cache", cos_table), g.weight("rope.sin_cache", sin_table)
-
-    def rms_norm(x: str, weight_name: str) -> str:
-        w = weights.float_weight(weight_name, load(weight_name))
-        base = weight_name.removesuffix(".weight")
-        square = g.op("Pow", [x, g.const(2.0, np.float32)], f"{base}/pow")
-        mean = g.op("ReduceMean", [square], f"{base}/mean", axes=[-1], keepdims=1)
-        root = g.op("Sqrt", [g.op("Add", [mean, g.const(spec.rms_eps, np.float32)], f"{base}/eps")], f"{base}/sqrt")
-        return g.op("Mul", [g.op("Div", [x, root], f"{base}/div"), w], f"{base}/scale")
-
-    for i in range(spec.n_layers):
-        p = f"model.layers.{i}"
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        kv_dims = ["batch_size", nkv, "past_sequence_length", d]
-        inputs += [helper.make_tensor_value_info(past_k, FLOAT, kv_dims),
-                   helper.make_tensor_value_info(past_v, FLOAT, kv_dims)]
-        present_dims = ["batch_size", nkv, "total_sequence_length", d]
-        outputs += [helper.make_tensor_value_info(f"present.{i}.key", FLOAT, present_dims),
-                    helper.make_tensor_value_info(f"present.{i}.value", FLOAT, present_dims)]
-
-        x = rms_norm(hidden, f"{p}.input_layernorm.weight")
-        a = f"{p}.self_attn"
-        w_qkv = np.concatenate([load(f"{a}.q_proj.weight"), load(f"{a}.k_proj.weight"), load(f"{a}.v_proj.weight")])
-        b_qkv = None
-        if spec.qkv_bias:
-            b_qkv = np.concatenate([load(f"{a}.q_proj.bias"), load(f"{a}.k_proj.bias"), load(f"{a}.v_proj.bias")])
-        qkv = weights.linear(x, w_qkv, f"{a}.qkv_proj", b_qkv, block=i)
-        del w_qkv
-        # Packed q|k|v in; rotate-half RoPE, the KV cache append, grouped heads and the causal mask inside.
-        ctx = g.node("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache],
-                     f"{a}/attention", [f"{a}/attention/out", f"present.{i}.key", f"present.{i}.value"],
-                     domain=MS_DOMAIN, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
-                     scale=float(1.0 / np.sqrt(d)))[0]
-        hidden = g.op("Add", [hidden, weights.linear(ctx, load(f"{a}.o_proj.weight"), f"{a}.o_proj", block=i)],
-                      f"{p}/attn_residual")
-
-        x = rms_norm(hidden, f"{p}.post_attention_layernorm.weight")
-        m = f"{p}.mlp"
-        ffn = spec.ffn_size
-        w_gate_up = np.concatenate([load(f"{m}.gate_proj.weight"), load(f"{m}.up_proj.weight")])
-        gate_up = weights.linear(x, w_gate_up, f"{m}.gate_up_proj", block=i)
-        del w_gate_up
-        gate, up = g.node("Split", [gate_up, g.const([ffn, ffn])], f"{m}/split", 2, axis=-1)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{m}/sigmoid")], f"{m}/silu")
-        down = weights.linear(g.op("Mul", [act, up], f"{m}/gated"), load(f"{m}.down_proj.weight"), f"{m}.down_proj",
-                              block=i)
-        hidden = g.op("Add", [hidden, down], f"{p}/mlp_residual")
-
-    x = rms_norm(hidden, "model.norm.weight")
-    if spec.tie_embeddings:
-        logits = weights.lm_head(x, head, None, spec.vocab_size, spec.hidden_size)
-    else:
-        bar.update(1)
-        logits = weights.lm_head(x, None, tensors["lm_head.weight"], spec.vocab_size, spec.hidden_size)
-    g.op("Identity", [logits], "logits", out="logits")
+    cos_table, sin_table = rope_tables(spec, spec.context_length)
+    ops = _OnnxOps(model, g, weights, bar, g.weight("rope.cos_cache", cos_table),
+                   g.weight("rope.sin_cache", sin_table), seqlens_k, total_len)
+    g.op("Identity", [run_decoder(ops)], "logits", out="logits")
+    check_consumed(model.tensors, ops.used, "onnx")
     return inputs, outputs
 
 

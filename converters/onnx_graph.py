@@ -173,12 +173,3 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.nd
         zero = zero_points
     centered = codes.astype(np.float32) - zero.astype(np.float32)[..., None]
     return (centered * scales[..., None]).reshape(n, -1)[:, :k]
-
-
-def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of position * inverse frequency, (positions, head_dim / 2), computed in float32 as
-    transformers' default rotary embedding does."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1) / np.power(np.float32(theta), exponents, dtype=np.float32)).astype(np.float32)
-    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)

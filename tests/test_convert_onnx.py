@@ -30,7 +30,7 @@ from ondevice.errors import OutputExistsError, UnsupportedError  # noqa: E402
 from ondevice.sources import open_source  # noqa: E402
 
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]
-ARCHS = ["llama", "llama-untied", "qwen2"]
+ARCHS = ["llama", "llama-untied", "qwen2", "llama3", "qwen3"]
 CHAT_CHECKS = [  # prompt, words one of which a coherent reply contains
     ("Explain what a CPU does in one sentence.", ("CPU", "computer", "processor", "Processing")),
     ("Give me three tips for staying healthy.", ("diet", "exercise", "water", "sleep", "healthy")),
@@ -84,7 +84,7 @@ def load_stored_weights_into(model, folder: Path, bits: int) -> None:
     config = model.config
     inits = initializers(folder)
     d = config.hidden_size
-    head = config.hidden_size // config.num_attention_heads
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_rows, kv_rows = config.num_attention_heads * head, config.num_key_value_heads * head
     ffn = config.intermediate_size
     table = "lm_head" if config.tie_word_embeddings else "model.embed_tokens"
