@@ -38,12 +38,15 @@ from ondevice.converters.base import (
     progress_bar,
 )
 
+from ondevice.architectures.base import hf_tensor
+from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
 from ondevice.quant.affine import affine_block_params, affine_round, centered, source_affine_grid
 from ondevice.quant.calibration import output_layer_hessian
 from ondevice.quant.gptq import gptq_affine_4bit
+from ondevice.rope import rope_tables
 
 TARGET = Target(
     name="coreml",
@@ -86,12 +89,6 @@ def require_coremltools() -> Any:
 def mil_name(name: str) -> str:
     """The const's name in the program (coremltools renames dotted names to these anyway)."""
     return name.replace(".", "_")
-
-
-def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.outer(np.arange(positions, dtype=np.float64), inv_freq)
-    return np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
 
 
 @dataclass
@@ -194,6 +191,10 @@ def gptq_output_layer(values: np.ndarray, hessian: np.ndarray, block: int,
     return Int4Weight.from_affine(codes, scale, bias, "gptq")
 
 
+# What this graph builder expresses (decoder.FEATURES)
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+
+
 def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_block: int | None = None,
                   calibrate: bool = True) -> tuple[Any, list[str], dict[str, str]]:
     """The MIL program (fp16), the names of the weight consts still to quantize (int8: the linears and the
@@ -211,6 +212,8 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
     int4_kinds: dict[str, str] = {}
     output_name = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
     rotation = hadamard_rotation(spec.hidden_size) if int4_block and calibrate else None
+    require_features(spec, "coreml", SUPPORTED_FEATURES)
+    used: set[str] = set()  # the tensors the program consumed (filled while it is built)
 
     def load(name: str) -> np.ndarray:
         if bar is not None:
@@ -306,7 +309,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
         start = mb.squeeze(x=position, name="start")
         end = mb.add(x=start, y=mb.squeeze(x=length), name="end")
         query_pos = mb.range_1d(start=start, end=end, step=np.int32(1), name="query_pos")  # (S,)
-        cos_table, sin_table = rope_tables(d, spec.rope_theta, max_seq)
+        cos_table, sin_table = rope_tables(spec, max_seq, np.float16)
         cos = mb.gather(x=mb.const(val=cos_table, name="rope.cos"), indices=query_pos, axis=0, name="rope/cos")
         sin = mb.gather(x=mb.const(val=sin_table, name="rope.sin"), indices=query_pos, axis=0, name="rope/sin")
         key_pos = mb.const(val=np.arange(max_seq, dtype=np.int32)[None, :], name="key_pos")
@@ -327,64 +330,103 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
                                 name=f"{name}/heads")
 
         hidden_size = spec.hidden_size
-        embed, embed_offsets = quantized_weight("model.embed_tokens.weight")
-        hidden = mb.gather(x=embed, indices=input_ids, axis=0, name="embed")  # (1, S, hidden)
-        if embed_offsets is not None:
-            blocks = mb.reshape(x=hidden, shape=[1, -1, hidden_size // int4_block, int4_block], name="embed/blocks")
-            shift = mb.mul(x=mb.gather(x=embed_offsets, indices=input_ids, axis=0, name="embed/offsets"),
-                           y=fp16(1.0 / int4_block), name="embed/offset_means")  # stored x block: see Int4Weight
-            blocks = mb.add(x=blocks, y=mb.expand_dims(x=shift, axes=[-1]), name="embed/shifted")
-            hidden = mb.reshape(x=blocks, shape=[1, -1, hidden_size], name="embed/rows")
-        if spec.tie_embeddings and rotation is not None:
-            hidden = rotate(hidden, "embed/unrotate", inverse=True)  # the table holds rows of W R
         scale = fp16(1.0 / np.sqrt(d))
-        for i in range(n_layers):
-            p = f"model.layers.{i}"
-            a = f"{p}.self_attn"
-            x = rms_norm(hidden, f"{p}.input_layernorm.weight")
-            q = rope(heads(linear(x, f"{a}.q_proj", hidden_size, spec.qkv_bias), nh, f"{a}/q"), f"{a}/q_rope")
-            k = rope(heads(linear(x, f"{a}.k_proj", hidden_size, spec.qkv_bias), nkv, f"{a}/k"), f"{a}/k_rope")
-            v = heads(linear(x, f"{a}.v_proj", hidden_size, spec.qkv_bias), nkv, f"{a}/v")
-            begin = mb.concat(values=[np.array([i, 0], np.int32), position, np.array([0], np.int32)], axis=0,
-                              name=f"{a}/begin")
-            stop = mb.concat(values=[np.array([i + 1, nkv], np.int32), mb.expand_dims(x=end, axes=[0]),
-                                     np.array([d], np.int32)], axis=0, name=f"{a}/end")
-            for state, new, kind in ((key_cache, k, "key"), (value_cache, v, "value")):
-                current = mb.read_state(input=state, name=f"{a}/{kind}_read")
-                updated = mb.slice_update(x=current, update=mb.expand_dims(x=new, axes=[0]), begin=begin, end=stop,
-                                          name=f"{a}/{kind}_update")
-                mb.coreml_update_state(state=state, value=updated, name=f"{a}/{kind}_write")
-            keys = mb.slice_by_index(x=mb.read_state(input=key_cache, name=f"{a}/keys_read"), begin=[i, 0, 0, 0],
-                                     end=[i + 1, nkv, max_seq, d], squeeze_mask=[True, False, False, False],
-                                     name=f"{a}/keys")  # (kv, T, d)
-            values = mb.slice_by_index(x=mb.read_state(input=value_cache, name=f"{a}/values_read"),
-                                       begin=[i, 0, 0, 0], end=[i + 1, nkv, max_seq, d],
-                                       squeeze_mask=[True, False, False, False], name=f"{a}/values")
-            # GQA: the `group` query heads of a KV head become extra rows of one matmul against it.
-            qg = mb.reshape(x=mb.mul(x=q, y=scale), shape=[nkv, -1, d], name=f"{a}/q_groups")  # (kv, g*S, d)
-            scores = mb.matmul(x=qg, y=keys, transpose_y=True, name=f"{a}/scores")  # (kv, g*S, T)
-            scores = mb.reshape(x=scores, shape=[nkv, group, -1, max_seq], name=f"{a}/scores4")
-            probs = mb.softmax(x=mb.add(x=scores, y=mask, name=f"{a}/masked"), axis=-1, name=f"{a}/probs")
-            ctx = mb.matmul(x=mb.reshape(x=probs, shape=[nkv, -1, max_seq], name=f"{a}/probs3"), y=values,
-                            name=f"{a}/context")  # (kv, g*S, d)
-            ctx = mb.transpose(x=mb.reshape(x=ctx, shape=[nh, -1, d], name=f"{a}/ctx_heads"), perm=[1, 0, 2],
-                               name=f"{a}/ctx_t")  # (S, nh, d)
-            ctx = mb.reshape(x=ctx, shape=[1, -1, nh * d], name=f"{a}/ctx")
-            hidden = mb.add(x=hidden, y=linear(ctx, f"{a}.o_proj", nh * d), name=f"{p}/attn_residual")
-            m = f"{p}.mlp"
-            x = rms_norm(hidden, f"{p}.post_attention_layernorm.weight")
-            gated = mb.mul(x=mb.silu(x=linear(x, f"{m}.gate_proj", hidden_size), name=f"{m}/silu"),
-                           y=linear(x, f"{m}.up_proj", hidden_size), name=f"{m}/gated")
-            hidden = mb.add(x=hidden, y=linear(gated, f"{m}.down_proj", spec.ffn_size), name=f"{p}/mlp_residual")
-        x = rms_norm(hidden, "model.norm.weight")
-        if spec.tie_embeddings:
-            head, head_offsets = embed, embed_offsets
-        else:
-            head, head_offsets = quantized_weight("lm_head.weight")
-        if rotation is not None:
-            x = rotate(x, "head/rotate", inverse=False)
-        return project(x, head, head_offsets, hidden_size, "logits")
 
+        def width(role: str, layer: int) -> int:  # a linear's input width
+            return int(model.tensors[hf_tensor(role, layer)].shape[1])
+
+        class MilOps(DecoderOps):
+            def __init__(self) -> None:
+                super().__init__(spec)
+                self.embed_weight: tuple[Any, Any] = (None, None)
+
+            def embed(self) -> Any:
+                embed, embed_offsets = quantized_weight(self.tensor_name("embed", None))
+                self.embed_weight = embed, embed_offsets
+                hidden = mb.gather(x=embed, indices=input_ids, axis=0, name="embed")  # (1, S, hidden)
+                if embed_offsets is not None:
+                    blocks = mb.reshape(x=hidden, shape=[1, -1, hidden_size // int4_block, int4_block],
+                                        name="embed/blocks")
+                    shift = mb.mul(x=mb.gather(x=embed_offsets, indices=input_ids, axis=0, name="embed/offsets"),
+                                   y=fp16(1.0 / int4_block), name="embed/offset_means")  # stored x block: Int4Weight
+                    blocks = mb.add(x=blocks, y=mb.expand_dims(x=shift, axes=[-1]), name="embed/shifted")
+                    hidden = mb.reshape(x=blocks, shape=[1, -1, hidden_size], name="embed/rows")
+                if spec.tie_embeddings and rotation is not None:
+                    hidden = rotate(hidden, "embed/unrotate", inverse=True)  # the table holds rows of W R
+                return hidden
+
+            def norm(self, x: Any, role: str, layer: int | None) -> Any:
+                return rms_norm(x, self.tensor_name(role, layer))
+
+            def project(self, x: Any, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[Any]:
+                outs = []
+                for role in roles:
+                    prefix = self.tensor_name(role, layer).removesuffix(".weight")
+                    if bias:
+                        self.tensor_name(f"{role}_bias", layer)
+                    outs.append(linear(x, prefix, width(role, layer), bias))
+                return outs
+
+            def head_norm(self, x: Any, role: str, layer: int, n_heads: int) -> Any:
+                name = self.tensor_name(role, layer)
+                base = name.removesuffix(".weight")
+                heads = mb.reshape(x=x, shape=[1, -1, n_heads, d], name=f"{base}/heads")
+                return mb.reshape(x=rms_norm(heads, name), shape=[1, -1, n_heads * d], name=f"{base}/flat")
+
+            def attention(self, q: Any, k: Any, v: Any, layer: int) -> Any:
+                i, a = layer, f"model.layers.{layer}.self_attn"
+                q = rope(heads(q, nh, f"{a}/q"), f"{a}/q_rope")
+                k = rope(heads(k, nkv, f"{a}/k"), f"{a}/k_rope")
+                v = heads(v, nkv, f"{a}/v")
+                begin = mb.concat(values=[np.array([i, 0], np.int32), position, np.array([0], np.int32)], axis=0,
+                                  name=f"{a}/begin")
+                stop = mb.concat(values=[np.array([i + 1, nkv], np.int32), mb.expand_dims(x=end, axes=[0]),
+                                         np.array([d], np.int32)], axis=0, name=f"{a}/end")
+                for state, new, kind in ((key_cache, k, "key"), (value_cache, v, "value")):
+                    current = mb.read_state(input=state, name=f"{a}/{kind}_read")
+                    updated = mb.slice_update(x=current, update=mb.expand_dims(x=new, axes=[0]), begin=begin,
+                                              end=stop, name=f"{a}/{kind}_update")
+                    mb.coreml_update_state(state=state, value=updated, name=f"{a}/{kind}_write")
+                keys = mb.slice_by_index(x=mb.read_state(input=key_cache, name=f"{a}/keys_read"),
+                                         begin=[i, 0, 0, 0], end=[i + 1, nkv, max_seq, d],
+                                         squeeze_mask=[True, False, False, False], name=f"{a}/keys")  # (kv, T, d)
+                values = mb.slice_by_index(x=mb.read_state(input=value_cache, name=f"{a}/values_read"),
+                                           begin=[i, 0, 0, 0], end=[i + 1, nkv, max_seq, d],
+                                           squeeze_mask=[True, False, False, False], name=f"{a}/values")
+                # GQA: the `group` query heads of a KV head become extra rows of one matmul against it.
+                qg = mb.reshape(x=mb.mul(x=q, y=scale), shape=[nkv, -1, d], name=f"{a}/q_groups")  # (kv, g*S, d)
+                scores = mb.matmul(x=qg, y=keys, transpose_y=True, name=f"{a}/scores")  # (kv, g*S, T)
+                scores = mb.reshape(x=scores, shape=[nkv, group, -1, max_seq], name=f"{a}/scores4")
+                probs = mb.softmax(x=mb.add(x=scores, y=mask, name=f"{a}/masked"), axis=-1, name=f"{a}/probs")
+                ctx = mb.matmul(x=mb.reshape(x=probs, shape=[nkv, -1, max_seq], name=f"{a}/probs3"), y=values,
+                                name=f"{a}/context")  # (kv, g*S, d)
+                ctx = mb.transpose(x=mb.reshape(x=ctx, shape=[nh, -1, d], name=f"{a}/ctx_heads"), perm=[1, 0, 2],
+                                   name=f"{a}/ctx_t")  # (S, nh, d)
+                return mb.reshape(x=ctx, shape=[1, -1, nh * d], name=f"{a}/ctx")
+
+            def gated_act(self, gate: Any, up: Any, layer: int) -> Any:
+                m = f"model.layers.{layer}.mlp"
+                return mb.mul(x=mb.silu(x=gate, name=f"{m}/silu"), y=up, name=f"{m}/gated")
+
+            def add(self, x: Any, y: Any, layer: int, what: str) -> Any:
+                return mb.add(x=x, y=y, name=f"model.layers.{layer}/{what}_residual")
+
+            def logits(self, x: Any) -> Any:
+                if spec.tie_embeddings:
+                    self.tensor_name("embed", None)
+                    head, head_offsets = self.embed_weight
+                else:
+                    head, head_offsets = quantized_weight(self.tensor_name("output", None))
+                if rotation is not None:
+                    x = rotate(x, "head/rotate", inverse=False)
+                return project(x, head, head_offsets, hidden_size, "logits")
+
+        ops = MilOps()
+        logits = run_decoder(ops)
+        used.update(ops.used)
+        return logits
+
+    check_consumed(model.tensors, used, "coreml")
     return main, weight_names, int4_kinds
 
 

@@ -51,7 +51,7 @@ def interpreted(package: Path, tokens: list[int], split: int | None = None) -> n
     return np.concatenate([runner.forward(tokens[:split])] + [runner.forward([t]) for t in tokens[split:]])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3"])
 def test_fp16_package_matches_transformers(tiny_models, tmp_path, arch):
     out = tmp_path / f"{arch}.mlpackage"
     convert(tiny_models[arch], out, "fp16")
