@@ -136,7 +136,7 @@ def assert_folder_matches_mx_quantize(folder: Path, source: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
 def test_tiny_float_artifacts_match_transformers(tiny_models, tmp_path, arch):
     src = tiny_models[arch]
     reference = hf_model(src)
@@ -164,7 +164,7 @@ def test_tiny_f16_greedy_continuation_is_identical(tiny_models, tmp_path, arch):
     assert runner(tmp_path / "m").greedy(prompt, 32) == expected
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_tiny_quantized_artifacts_run_as_written(tiny_models, tmp_path, arch, quant):
     src = tiny_models[arch]
