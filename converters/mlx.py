@@ -13,6 +13,7 @@ tied embeddings the quantized embedding also serves as the output layer (mlx-lm'
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from ondevice.converters.base import (
     write_tokenizer_files,
 )
 
+from ondevice.architectures import get_architecture
 from ondevice.errors import UnsupportedError
 from ondevice.formats.atomic import atomic_output
 from ondevice.formats.safetensors import PlannedSafeTensor, f32_to_bf16, write_safetensors
@@ -193,9 +195,22 @@ def source_grid(tensor: LazyTensor, group_size: int, bits: int) -> tuple[np.ndar
     return _pack_codes(codes, 4), scales, biases
 
 
+def mlx_lm_knows(model_type: str) -> bool | None:
+    """Whether the installed mlx-lm has a model of this type (None: mlx-lm is not installed here)."""
+    try:
+        return importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None
+    except (ImportError, ValueError):
+        return None if importlib.util.find_spec("mlx_lm") is None else False
+
+
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
     start = time.perf_counter()
     quant = options.quant
+    model_type = get_architecture(model.spec.arch).hf_model_type
+    known = mlx_lm_knows(model_type)
+    if known is False:  # the folder would be written and then fail in mlx_lm.load
+        raise UnsupportedError(f"mlx: mlx-lm has no model of type {model_type!r} (architecture {model.spec.arch}), "
+                               "so it could not load this folder")
     requested = options.group_size  # None: 64 where the layer width allows, else 32
     plans = plan_layers(model, requested if quant in QUANT_BITS else None)
     check_group_size(requested, quant, plans)
@@ -256,6 +271,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
             notes.append(f"mlx {quant}: the source stores {offered_grid} of these weights as 4-bit blocks of 32; "
                          f"--group-size 32 keeps that grid exactly instead of re-quantizing onto a second one")
 
+    if known is None:
+        notes.append(f"mlx: mlx-lm is not installed here, so whether it runs model type {model_type!r} was not "
+                     "checked")
     with atomic_output(out, force=options.force, directory=True) as tmp:
         with progress_bar(len(planned), f"mlx {quant}", options.progress) as bar:
             write_safetensors(tmp / "model.safetensors", planned, metadata={"format": "mlx"},

@@ -70,3 +70,24 @@ def test_the_kind_is_the_same_everywhere():
     from ondevice.inspectors import kinds
 
     assert artifacts.artifact_kind is kinds.artifact_kind and base.ARTIFACT_KINDS is kinds.ARTIFACT_KINDS
+
+
+def test_no_backend_tests_an_architecture_name():
+    """The decoder's backends (runtime, graph builders, numpy reference) read the spec's features, never the
+    architecture's name: a comparison of anything named `arch` with a string is a backdoor around the description."""
+    from ondevice.architectures import ARCHITECTURES
+
+    names = set(ARCHITECTURES)
+    files = [*sorted((PACKAGE / "runtime").glob("*.py")), *sorted((ROOT / "converters").glob("*.py")),
+             PACKAGE / "decoder.py", PACKAGE / "reference.py", PACKAGE / "rope.py"]
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            named_arch = any("arch" in ast.unparse(side) for side in sides)
+            strings = {c.value for side in sides for c in ast.walk(side) if isinstance(c, ast.Constant)}
+            if named_arch and strings & names:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, offenders

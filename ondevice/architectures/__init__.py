@@ -13,6 +13,13 @@ from ondevice.errors import UnsupportedError
 ARCHITECTURES: dict[str, DecoderArchitecture] = {arch.name: arch for arch in (Llama(), Qwen2(), Qwen3())}
 
 
+def register_architecture(arch: DecoderArchitecture) -> None:
+    """Add an architecture (a plugin's, or a test's) beside the built-in ones."""
+    if arch.name in ARCHITECTURES:
+        raise ValueError(f"architecture {arch.name!r} is already registered")
+    ARCHITECTURES[arch.name] = arch
+
+
 def get_architecture(name: str) -> DecoderArchitecture:
     try:
         return ARCHITECTURES[name]
