@@ -279,7 +279,7 @@ class LanguageModel:
         try:
             yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
                                          token_filter)
-        except GeneratorExit:  # the caller closed the stream (a Stop button): the stats still describe it
+        except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
         finally:
