@@ -32,7 +32,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=D.max_tokens,
                    help=f"tokens to generate at most (default {D.max_tokens})")
     p.add_argument("--temp", type=float, default=D.temperature,
-                   help=f"temperature; 0 = greedy (default {D.temperature})")
+                   help=f"temperature; 0 = greedy, still after the repeat penalty (default {D.temperature})")
     p.add_argument("--top-k", type=int, default=D.top_k, help=f"default {D.top_k} (0 = off)")
     p.add_argument("--top-p", type=float, default=D.top_p, help=f"default {D.top_p} (1 = off)")
     p.add_argument("--min-p", type=float, default=D.min_p, help=f"default {D.min_p} (0 = off)")
