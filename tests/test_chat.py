@@ -59,6 +59,12 @@ class Terminal:
     def send(self, data: str) -> None:
         os.write(self.fd, data.encode())
 
+    def ctrl_c_at_prompt(self) -> None:
+        # A pause first, as a person makes: CPython's readline loop misses a SIGINT that lands while it is still
+        # handling the previous key (it only looks at signals when select() is interrupted).
+        time.sleep(0.3)
+        self.send("\x03")
+
     def wait(self, timeout: float = 30.0) -> int:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -151,7 +157,7 @@ def test_chat_in_a_terminal(chat, tmp_path: Path) -> None:
         {"role": "system", "content": "Answer in one word."}]
 
     term.expect("> ")
-    term.send("\x03")  # at an empty prompt: a hint, not an exit
+    term.ctrl_c_at_prompt()  # at an empty prompt: a hint, not an exit
     term.expect("Ctrl-C again or Ctrl-D to quit")
     term.expect("> ")
     term.send("\x04")  # Ctrl-D quits, and the shell prompt would start on a fresh line
@@ -166,10 +172,10 @@ def test_chat_ctrl_c_twice_quits_and_a_typed_line_is_only_discarded(chat) -> Non
     term = chat()
     term.send("half a thought")
     term.expect("half a thought")
-    term.send("\x03")  # a typed line: Ctrl-C discards it, like a shell, and does not arm the exit
+    term.ctrl_c_at_prompt()  # a typed line: Ctrl-C discards it, like a shell, and does not arm the exit
     term.expect("> ")
-    term.send("\x03")
+    term.ctrl_c_at_prompt()
     term.expect("Ctrl-C again or Ctrl-D to quit")
     term.expect("> ")
-    term.send("\x03")
+    term.ctrl_c_at_prompt()
     assert term.wait() == 0
