@@ -163,6 +163,7 @@ def test_chat_in_a_terminal(chat, tmp_path: Path) -> None:
     term.send("\x04")  # Ctrl-D quits, and the shell prompt would start on a fresh line
     assert term.wait() == 0
     assert term.seen.endswith("> \n"), repr(term.seen[-40:])
+    assert (tmp_path / "cache" / "chat_history").stat().st_mode & 0o077 == 0  # private to the user
     history = (tmp_path / "cache" / "chat_history").read_text()
     assert "dragon who learns to bake bread" in history and "/system Answer in one word." in history
 
@@ -179,3 +180,20 @@ def test_chat_ctrl_c_twice_quits_and_a_typed_line_is_only_discarded(chat) -> Non
     term.expect("> ")
     term.ctrl_c_at_prompt()
     assert term.wait() == 0
+
+
+@pytest.mark.slow
+def test_chat_from_a_pipe(smollm2: Path, tmp_path: Path) -> None:
+    """Without a terminal: no prompt, no readline, /reset needs no answer (nobody is there to give one)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONDEVICE_CACHE": str(tmp_path / "cache")}
+    lines = "/system Be brief.\nSay hello.\n/save a.json\n/bogus\n/reset\n/save b.json\n"
+    proc = subprocess.run([sys.executable, "-m", "ondevice", "chat", str(smollm2), "-n", "16", "--seed", "1"],
+                          input=lines, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "unknown command /bogus" in proc.stderr and "> " not in proc.stdout
+    roles = [m["role"] for m in json.loads((tmp_path / "a.json").read_text())["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    assert json.loads((tmp_path / "b.json").read_text())["messages"] == [{"role": "system", "content": "Be brief."}]
+    assert not (tmp_path / "cache" / "chat_history").exists()  # piped lines are not the user's typing history

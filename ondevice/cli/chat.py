@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ def _save_history(readline: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         readline.write_history_file(path)
+        os.chmod(path, 0o600)  # what people type to a model can be private: readable by this user only
     except OSError as exc:  # a read-only cache must not turn a clean exit into an error
         print(f"ondevice: could not save the chat history to {path}: {exc}", file=sys.stderr)
 
