@@ -71,6 +71,8 @@ class EvalText:
         """`spec` is a file path, or "-" for standard input; a one-line error for anything that is not text."""
         if spec == "-":
             name = "standard input"
+            if stdin is None and sys.stdin.isatty():
+                print("reading the evaluation text from the terminal; end it with Ctrl-D", file=sys.stderr)
             data = (stdin or sys.stdin.buffer).read()
         else:
             path = Path(spec).expanduser()
