@@ -197,3 +197,16 @@ def test_chat_from_a_pipe(smollm2: Path, tmp_path: Path) -> None:
     assert roles == ["system", "user", "assistant"]
     assert json.loads((tmp_path / "b.json").read_text())["messages"] == [{"role": "system", "content": "Be brief."}]
     assert not (tmp_path / "cache" / "chat_history").exists()  # piped lines are not the user's typing history
+
+
+@pytest.mark.slow
+def test_chat_keeps_the_session_after_an_error(smollm2: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONDEVICE_CACHE": str(tmp_path / "cache")}
+    lines = "word " * 100 + "\n/save c.json\n"  # the first message does not fit in --ctx 64
+    proc = subprocess.run([sys.executable, "-m", "ondevice", "chat", str(smollm2), "--ctx", "64"], input=lines,
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "context window" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["messages"] == []  # the failed turn was dropped

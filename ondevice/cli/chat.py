@@ -158,8 +158,9 @@ class Chat:
 
         self.messages.append({"role": "user", "content": text})
         pieces: list[str] = []
-        stream = self.model.generate(self.messages, **sampling_kwargs(self.args))
+        stream = None
         try:
+            stream = self.model.generate(self.messages, **sampling_kwargs(self.args))  # renders the template
             for piece in stream:
                 pieces.append(piece)
                 sys.stdout.write(piece)
@@ -169,7 +170,8 @@ class Chat:
             self.messages.pop()
             return
         except KeyboardInterrupt:
-            stream.close()  # finalizes the stats (finish_reason "stopped") if the generator was suspended
+            if stream is not None:
+                stream.close()  # finalizes the stats (finish_reason "stopped") if the generator was suspended
             sys.stdout.write("\n")
             self._say("(stopped)")
             # The partial reply is kept as the assistant turn: it is what the user saw and what the KV cache
