@@ -30,6 +30,7 @@ from typing import Any
 from ondevice import __version__
 from ondevice.errors import InvalidModelError, MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path
+from ondevice.runtime.sampling import DEFAULTS
 
 MANIFEST_VERSION = 2  # what export writes; validation accepts every version in SCHEMAS
 SCHEMA_DIR = Path(__file__).parent / "data" / "schemas"
@@ -39,8 +40,8 @@ APPS = ("pocketpal", "ios", "android")
 FORMATS = {"pocketpal": ("gguf",), "ios": ("gguf", "coreml"), "android": ("gguf", "pte")}
 CONVERTED = {"pte": ("executorch", "8da4w"), "coreml": ("coreml", "int4")}  # format -> (target, default quant)
 DEFAULT_DEVICE = {"pocketpal": "pixel-8", "ios": "iphone-15-pro", "android": "pixel-8"}
-# What `ondevice run` samples with; used when the GGUF carries no general.sampling.* keys.
-DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+# What `ondevice run` samples with (SamplingDefaults); used for each key the GGUF's general.sampling.* lacks.
+DEFAULT_SAMPLING = {k: v for k, v in DEFAULTS.to_dict().items() if k != "max_tokens"}
 GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
                       "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
                       "repeat_penalty": "general.sampling.penalty_repeat"}
@@ -120,7 +121,7 @@ def _sha256(path: Path) -> str:
 def _sampling(gguf: Any) -> dict[str, Any]:
     found = {name: gguf.get(key) for name, key in GGUF_SAMPLING_KEYS.items() if gguf.get(key) is not None}
     values = {**DEFAULT_SAMPLING, **{k: (int(v) if k == "top_k" else float(v)) for k, v in found.items()}}
-    return {**values, "max_tokens": 512, "source": "gguf" if found else "ondevice-defaults"}
+    return {**values, "max_tokens": DEFAULTS.max_tokens, "source": "gguf" if found else "ondevice-defaults"}
 
 
 def _ram_estimate(model_file: Path, device: str, ctx: int) -> dict[str, Any]:

@@ -189,6 +189,12 @@ def test_browser_chat_streams_a_reply(served: Any, tmp_path: Path) -> None:
         meta = browser.evaluate(f"{bubble}.querySelector('.meta').textContent")
         assert reply.strip() and re.match(r"\d+ tokens, [\d.]+ s", meta), (reply, meta)
         assert browser.evaluate("document.getElementById('model').textContent") == served.model_id
+        from ondevice.runtime.sampling import DEFAULTS
+
+        # The inputs hold the server's defaults (web-config.json), not numbers of the page's own.
+        shown = browser.evaluate("['temperature', 'repeat_penalty', 'max_tokens'].map((id) => "
+                                 "Number(document.getElementById(id).value))")
+        assert shown == [DEFAULTS.temperature, DEFAULTS.repeat_penalty, DEFAULTS.max_tokens]
         browser.screenshot(screenshot_dir(tmp_path) / "web-chat.png")
     finally:
         browser.close()

@@ -156,3 +156,79 @@ def test_smollm2_q4_is_worse_than_q8(smollm2, tmp_path, capsys):
     assert cli(["bench", "report", "--db", str(db), "--format", "md"]) == 0
     text = capsys.readouterr().out
     assert "## Quality" in text and "q4_0" in text and "q8_0" in text
+
+
+# ---------------------------------------------------------------------- --text: the user's own text
+USER_TEXT = ("The lighthouse keeper counted the ships each night and wrote their names in a small green book. "
+             "When the storm came, she climbed the stairs two at a time and lit the great lamp by hand. ") * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_models, tmp_path_factory) -> Path:
+    return _convert(tiny_models["llama"], tmp_path_factory.mktemp("eval-text") / "tiny-f32.gguf", "f32",
+                    "--pre", "gpt-2")
+
+
+def _eval_cli(gguf: Path, *extra: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """`ondevice eval` as a user runs it, in a child process (the only way to feed `--text -` a real stdin)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "ondevice", "eval", str(gguf), "--ref", str(gguf), "--ctx", "32",
+                           "--max-tokens", "512", "--no-store", "--no-progress", *extra],
+                          input=stdin if stdin is not None else b"", capture_output=True, env=env, timeout=300)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def test_eval_on_the_users_text_from_a_file_and_from_stdin(tiny_gguf: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "notes.txt"
+    path.write_text(USER_TEXT, encoding="utf-8")
+    code, out, err = _eval_cli(tiny_gguf, "--text", str(path), "--json")
+    assert code == 0, err
+    [mine] = json.loads(out)
+    code, out, err = _eval_cli(tiny_gguf, "--text", "-", "--json", stdin=USER_TEXT.encode())
+    assert code == 0, err
+    [piped] = json.loads(out)
+    code, out, err = _eval_cli(tiny_gguf, "--json")
+    assert code == 0, err
+    [bundled] = json.loads(out)
+
+    assert mine["text"] == str(path) and piped["text"] == "<stdin>" and bundled["text"].endswith("eval_text.txt")
+    assert mine["text_sha256"] == piped["text_sha256"] == hashlib.sha256(USER_TEXT.encode()).hexdigest()
+    assert mine["perplexity"] == piped["perplexity"] and mine["tokens"] == piped["tokens"]  # the same text
+    # Measured on that text, not the bundled one: all of its tokens (fewer than --max-tokens), another perplexity.
+    assert mine["tokens"] < 400
+    assert mine["tokens"] < bundled["tokens"] and mine["perplexity"] != bundled["perplexity"]
+    assert mine["kl_mean"] < 1e-9  # the artifact against itself
+
+    code, out, err = _eval_cli(tiny_gguf, "--text", str(path))  # the human line says which text
+    assert code == 0 and f"tokens of {path}" in out, (out, err)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no such file"),
+    (b"", "is empty"),
+    (b"  \n\t\n", "is empty"),
+    (b"caf\xe9 au lait, " * 40, "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    (b"Too short.", "shorter than one window of"),
+])
+def test_eval_text_errors_are_one_line(tiny_gguf: Path, tmp_path: Path, content: bytes | None, says: str) -> None:
+    path = tmp_path / "text.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = _eval_cli(tiny_gguf, "--text", str(path))
+    assert code == 1 and says in err, err
+    assert err.startswith("ondevice: error: --text" if content != b"Too short." else "ondevice: error: the eval")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    code, _, err = _eval_cli(tiny_gguf, "--text", "-", stdin=content or b"")  # stdin: the same checks
+    assert code == 1 and (says if content is not None else "is empty") in err, err
+    assert "standard input" in err or "shorter than one window" in err, err
+
+
+def test_eval_text_folder_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    code, _, err = _eval_cli(tiny_gguf, "--text", str(tmp_path))
+    assert code == 1 and "is a folder, not a text file" in err, err

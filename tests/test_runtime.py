@@ -146,7 +146,8 @@ def test_greedy_replies_identical_to_llama_cpp(smol_variants, quant):
             eos = model.codec.eos_ids
             for prompt in PROMPTS:
                 tokens = model.prompt_tokens([{"role": "user", "content": prompt}])
-                list(model.generate([{"role": "user", "content": prompt}], max_tokens=64, temperature=0))
+                list(model.generate([{"role": "user", "content": prompt}], max_tokens=64, temperature=0,
+                                    repeat_penalty=1.0))  # plain argmax, as llama.cpp's run here
                 ours = [t for t in model.last_stats.tokens if t not in eos]
                 theirs = _greedy_llama_cpp(llm, tokens, 64, eos)
                 if ours != theirs:

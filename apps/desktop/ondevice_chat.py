@@ -110,8 +110,11 @@ class ChatWindow(QMainWindow):
         open_button.clicked.connect(self.pick_model)
         self.schema_button = QPushButton("JSON schema…")
         self.schema_button.clicked.connect(self.pick_schema)
-        self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=0.7)
-        self.max_tokens = QSpinBox(minimum=1, maximum=2048, value=256)
+        from ondevice.runtime.sampling import DEFAULTS
+
+        # ondevice's one set of sampling defaults, the same as `run` and the server use.
+        self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=DEFAULTS.temperature)
+        self.max_tokens = QSpinBox(minimum=1, maximum=2048, value=DEFAULTS.max_tokens)
         top = QHBoxLayout()
         for widget in (open_button, self.model_label):
             top.addWidget(widget)
@@ -195,8 +198,8 @@ class ChatWindow(QMainWindow):
         self.messages.append({"role": "user", "content": text})
         self.append(f"You: {text}\nModel: ")
         self.reply = ""
-        options: dict[str, Any] = {"temperature": self.temperature.value(), "max_tokens": self.max_tokens.value(),
-                                   "repeat_penalty": 1.1}
+        # The rest (top_k, top_p, min_p, repeat_penalty) are generate()'s defaults: SamplingDefaults.
+        options: dict[str, Any] = {"temperature": self.temperature.value(), "max_tokens": self.max_tokens.value()}
         if self.schema is not None:
             options["json_schema"] = json.dumps(self.schema)  # as text: Qt maps would sort its keys
         self.set_busy(True, generating=True)

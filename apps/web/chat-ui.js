@@ -1,6 +1,26 @@
 // The chat page parts shared by index.html (server mode) and inbrowser.html (in-browser mode).
 export const $ = (id) => document.getElementById(id);
 
+// The sampling inputs start empty: /web-config.json fills them with ondevice's one set of defaults
+// (SamplingDefaults, ondevice/runtime/sampling.py), so the pages carry no numbers of their own. Only empty inputs
+// are filled, so a value typed (or set from the query string) stays.
+export const SAMPLING_INPUTS = ["temperature", "repeat_penalty", "max_tokens"];
+
+export function applySampling(sampling) {
+  for (const name of SAMPLING_INPUTS) {
+    if ($(name).value === "" && sampling && sampling[name] !== undefined) $(name).value = sampling[name];
+  }
+}
+
+// {name: number} for the sampling inputs that hold a number; an empty one is left out (the default applies).
+export function samplingValues() {
+  const values = {};
+  for (const name of SAMPLING_INPUTS) {
+    if ($(name).value.trim() !== "" && Number.isFinite(Number($(name).value))) values[name] = Number($(name).value);
+  }
+  return values;
+}
+
 // A message bubble in the log (role: user, assistant or error).
 export function bubble(role, text) {
   const div = document.createElement("div");

@@ -5,9 +5,11 @@ tokenizer adds one)."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -51,12 +53,58 @@ class EvalWindowing:
     max_tokens: int = 1024  # text tokens evaluated at most (the bundled text has about 1,400)
 
 
+@dataclass(frozen=True)
+class EvalText:
+    """The text perplexity and KL are measured on: the bundled one, or the user's (`--text FILE`, `--text -`)."""
+
+    text: str
+    label: str  # recorded with the results: which text they are about
+    sha256: str
+
+    @classmethod
+    def bundled(cls) -> EvalText:
+        text = bundled_text()
+        return cls(text, "ondevice/data/eval_text.txt", hashlib.sha256(text.encode()).hexdigest())
+
+    @classmethod
+    def read(cls, spec: str, stdin: BinaryIO | None = None) -> EvalText:
+        """`spec` is a file path, or "-" for standard input; a one-line error for anything that is not text."""
+        if spec == "-":
+            name = "standard input"
+            if stdin is None and sys.stdin.isatty():
+                print("reading the evaluation text from the terminal; end it with Ctrl-D", file=sys.stderr)
+            data = (stdin or sys.stdin.buffer).read()
+        else:
+            path = Path(spec).expanduser()
+            name = str(path)
+            if path.is_dir():
+                raise OndeviceError(f"--text {path}: is a folder, not a text file")
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise OndeviceError(f"--text {path}: no such file") from None
+            except OSError as exc:
+                raise OndeviceError(f"--text {path}: cannot read it ({exc.strerror or exc})") from None
+        try:
+            text = data.decode("utf-8-sig")  # a BOM from Windows editors is not part of the text
+        except UnicodeDecodeError as exc:
+            raise OndeviceError(f"--text {name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                                f"{exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        if not text.strip():
+            raise OndeviceError(f"--text {name} is empty")
+        return cls(text, name if spec != "-" else "<stdin>", hashlib.sha256(data).hexdigest())
+
+
 def windows(backend: Backend, text: str, setup: EvalWindowing) -> list[list[int]]:
     prefix = backend.tokenize("")  # the BOS, when the tokenizer adds one
     body = backend.tokenize(text)[len(prefix):][: setup.max_tokens]
     step = setup.ctx - len(prefix)
     if step < 2:
         raise OndeviceError(f"--ctx {setup.ctx} is too small for evaluation")
+    needed = min(step, setup.max_tokens)  # one full window (or all that --max-tokens allows)
+    if len(body) < needed:
+        raise OndeviceError(f"the evaluation text is {len(body)} tokens, shorter than one window of {needed}: "
+                            f"give a longer text or a smaller --ctx")
     out = [prefix + body[i:i + step] for i in range(0, len(body), step)]
     return [w for w in out if len(w) >= 2]
 
@@ -69,10 +117,12 @@ def _load(name: str, artifact: Artifact, threads: int, n_ctx: int) -> Backend:
 
 
 def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = None, ref_backend: str | None = None,
-             threads: int = 2, setup: EvalWindowing | None = None, progress: bool = True) -> dict[str, Any]:
+             threads: int = 2, setup: EvalWindowing | None = None, progress: bool = True,
+             text: EvalText | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     setup = setup or EvalWindowing()
+    text = text or EvalText.bundled()
     name = pick_logits_backend(artifact.kind, backend)
     ref_name = pick_logits_backend(reference.kind, ref_backend, prefer=name if reference.kind == artifact.kind
                                    else None)
@@ -83,14 +133,14 @@ def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = N
             if test.vocab_size != ref.vocab_size:
                 raise OndeviceError(f"the artifact's vocabulary ({test.vocab_size}) differs from the reference's "
                                     f"({ref.vocab_size}): they are not the same model")
-            chunks = windows(test, bundled_text(), setup)
+            chunks = windows(test, text.text, setup)
             totals = QualityTotals()
             for window in tqdm(chunks, desc="eval", unit="window", file=sys.stderr,
                                disable=not progress or None, leave=False):
                 test_logits = test.logits(window)
                 ref_logits = ref.logits(window)
                 totals.add(ref_logits[:-1], test_logits[:-1], np.asarray(window[1:]))
-            sample = bundled_text()[:400]
+            sample = text.text[:400]
             same_tokens = test.tokenize(sample) == ref.tokenize(sample)
         finally:
             ref.close()
@@ -99,7 +149,7 @@ def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = N
     result = totals.result()
     return {**result, "backend": name, "ref_backend": ref_name, "backend_version": backend_class(name).version(),
             "ctx": setup.ctx, "max_tokens": setup.max_tokens, "windows": len(chunks),
-            "tokenizers_agree": same_tokens}
+            "tokenizers_agree": same_tokens, "text": text.label, "text_sha256": text.sha256}
 
 
 def quality_row(artifact: Artifact, reference: Artifact, result: dict[str, Any],
@@ -114,7 +164,8 @@ def quality_row(artifact: Artifact, reference: Artifact, result: dict[str, Any],
         "ref_perplexity": result["ref_perplexity"], "kl_mean": result["kl_mean"], "kl_max": result["kl_max"],
         "top1_agreement": result["top1_agreement"],
         "settings": {"ctx": result["ctx"], "max_tokens": result["max_tokens"], "windows": result["windows"],
-                     "ref_backend": result["ref_backend"], "text": "ondevice/data/eval_text.txt",
+                     "ref_backend": result["ref_backend"], "text": result.get("text", "ondevice/data/eval_text.txt"),
+                     "text_sha256": result.get("text_sha256"),
                      "kl_p99": result["kl_p99"], "tokenizers_agree": result["tokenizers_agree"],
                      "source": artifact.source},
         "environment": environment,

@@ -14,10 +14,16 @@ llama.cpp for GGUF, mlx for MLX folders, onnxruntime for ONNX folders, executorc
 Core ML on macOS or else ondevice's numpy interpreter of the package (coreml-interpreter: quality, not speed).
 Results go to the benchmark store, next to the speed figures (`ondevice bench report`).
 
+--text FILE measures on your own text instead (UTF-8; `--text -` reads standard input): your domain, your
+language. It needs at least one window of tokens (--ctx); the first --max-tokens tokens are used, and the
+results record which text (its path and SHA-256), so they are not mistaken for the bundled text's.
+
 examples:
   ondevice eval smol-q4_0.gguf --ref ./SmolLM2-135M-Instruct
   ondevice eval ./SmolLM2-135M-Instruct --to gguf --quant q4_0,q8_0 --ref ./SmolLM2-135M-Instruct
   ondevice eval ./SmolLM2-135M-Instruct --to mlx,onnx,coreml --quant 4bit --ref ./SmolLM2-135M-Instruct
+  ondevice eval smol-q4_0.gguf --ref ./SmolLM2-135M-Instruct --text my-notes.txt
+  cat *.md | ondevice eval smol-q4_0.gguf --ref smol-f16.gguf --text -
 """
 
 
@@ -32,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="backend for the artifact (default: the first available that returns logits)")
     p.add_argument("--ref-backend", help="backend for the reference (default: transformers for a Hugging Face "
                                          "folder, else the artifact's backend)")
+    p.add_argument("--text", metavar="FILE", help="evaluate on this UTF-8 text file, or - for standard input "
+                                                   "(default: the bundled public-domain text)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
     p.add_argument("--max-tokens", type=int, default=1024, help="text tokens evaluated at most (default 1024)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
@@ -44,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ondevice.bench.artifacts import describe_artifact, resolve_artifacts
-    from ondevice.bench.evaluate import EvalWindowing, evaluate, quality_row
+    from ondevice.bench.evaluate import EvalText, EvalWindowing, evaluate, quality_row
     from ondevice.bench.fingerprint import fingerprint
     from ondevice.bench.store import Store
     from ondevice.cli import print_json
@@ -53,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.ctx < 8 or args.max_tokens < 8:
         raise OndeviceError("--ctx and --max-tokens must be at least 8")
+    # The text is read first: a wrong --text fails before anything is converted or loaded.
+    text = EvalText.read(args.text) if args.text else EvalText.bundled()
     progress = not (args.no_progress or args.json)
     quants = [q.strip() for q in args.quant.split(",") if q.strip()] if args.quant else None
     artifacts = resolve_artifacts(args.artifacts, to=args.to, quants=quants, progress=progress, label=args.label)
@@ -66,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         device_id = store.ensure_device(fp) if store else None
         for artifact in artifacts:
             result = evaluate(artifact, reference, backend=args.backend, ref_backend=args.ref_backend,
-                              threads=threads, setup=setup, progress=progress)
+                              threads=threads, setup=setup, progress=progress, text=text)
             result.update(model=artifact.model, quant=artifact.quant, artifact=str(artifact.path),
                           reference=str(reference.path), threads=threads)
             results.append(result)
@@ -80,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                       f"({result['ref_backend']}): PPL {result['perplexity']:.3f} (reference "
                       f"{result['ref_perplexity']:.3f}), KL {result['kl_mean']:.5f} nats/token "
                       f"(p99 {result['kl_p99']:.4f}, max {result['kl_max']:.4f}), top-1 agreement "
-                      f"{result['top1_agreement']:.1%} over {result['tokens']} tokens")
+                      f"{result['top1_agreement']:.1%} over {result['tokens']} tokens of {text.label}")
                 if not result["tokenizers_agree"]:
                     print("note: the two tokenizers split the text differently; both were fed the artifact's "
                           "token ids", file=sys.stderr)

@@ -11,17 +11,32 @@ bundled default (SmolLM2-135M-Instruct) is used. The prompt is wrapped in the mo
 --raw is given. The reply streams to stdout; a timing line (time to first token, prefill and decode speed,
 peak RSS) goes to stderr.
 
+sampling defaults (one set, shared by `chat`, `serve`, its web pages and `export` bundles):
+  {sampling}
+
 example: ondevice run -p "Name three uses of a paperclip." -n 64 --temp 0
 """
 
 
+def sampling_summary() -> str:
+    from ondevice.runtime.sampling import DEFAULTS as D
+
+    return (f"-n {D.max_tokens} --temp {D.temperature} --top-k {D.top_k} --top-p {D.top_p} --min-p {D.min_p} "
+            f"--repeat-penalty {D.repeat_penalty}")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="default 40 (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    p.add_argument("--min-p", type=float, default=0.05, help="default 0.05")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 (off)")
+    # The defaults are ondevice's one set (SamplingDefaults), the same the server, web pages and bundles use.
+    from ondevice.runtime.sampling import DEFAULTS as D
+
+    p.add_argument("-n", "--max-tokens", type=int, default=D.max_tokens,
+                   help=f"tokens to generate at most (default {D.max_tokens})")
+    p.add_argument("--temp", type=float, default=D.temperature,
+                   help=f"temperature; 0 = greedy, still after the repeat penalty (default {D.temperature})")
+    p.add_argument("--top-k", type=int, default=D.top_k, help=f"default {D.top_k} (0 = off)")
+    p.add_argument("--top-p", type=float, default=D.top_p, help=f"default {D.top_p} (1 = off)")
+    p.add_argument("--min-p", type=float, default=D.min_p, help=f"default {D.min_p} (0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=D.repeat_penalty, help=f"default {D.repeat_penalty} (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
@@ -32,7 +47,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="generate a reply with the built-in runtime", description=HELP,
+    p = sub.add_parser("run", help="generate a reply with the built-in runtime", description=HELP.format(sampling=sampling_summary()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL", help="GGUF file or alias (default: smollm2-135m-instruct)")
     p.add_argument("-p", "--prompt", help="the prompt (default: read standard input)")

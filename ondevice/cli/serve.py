@@ -78,6 +78,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     import ondevice
     from ondevice.errors import OndeviceError
+    from ondevice.runtime.sampling import DEFAULTS
     from ondevice.server import Limits, create_server
     from ondevice.server.app import DEFAULT_WEB_DIR
 
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
                                 "(genai_config.json and tokenizer.json are needed)")
     # --onnx alone: nothing runs server-side, the page runs the ONNX folder in the browser.
     model = None if onnx_dir and not args.model else ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
-    limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=min(256, args.max_tokens_limit),
-                    max_body_bytes=args.max_body)
+    limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body,
+                    default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit))
     try:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,

@@ -18,7 +18,7 @@ import numpy as np
 from ondevice.errors import OndeviceError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
-from ondevice.runtime.sampling import Sampler, SamplingParams
+from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import KV_CACHE_DTYPES, ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
@@ -230,12 +230,12 @@ class LanguageModel:
     def generate(
         self,
         prompt: str | list[dict[str, str]],
-        max_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        max_tokens: int = DEFAULTS.max_tokens,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
+        min_p: float = DEFAULTS.min_p,
+        repeat_penalty: float = DEFAULTS.repeat_penalty,
         seed: int | None = None,
         stop: list[str] | str | None = None,
         token_filter: Any = None,
@@ -279,7 +279,7 @@ class LanguageModel:
         try:
             yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
                                          token_filter)
-        except GeneratorExit:  # the caller closed the stream (a Stop button): the stats still describe it
+        except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
         finally:

@@ -28,6 +28,7 @@ from ondevice.server.protocol import (
     RequestError,
     chunk_body,
     completion_body,
+    default_sampling,
     error_body,
     parse_request,
     usage_chunk,
@@ -320,7 +321,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/web-config.json":  # what the pages need to know: which modes this server offers
             self._send_json(200, {"api_model": self.server.model_id if engine else None,
                                   "onnx_model": self._onnx_name(),
-                                  "onnx_base": ONNX_ROUTE.lstrip("/") if self.server.onnx_dir else None})
+                                  "onnx_base": ONNX_ROUTE.lstrip("/") if self.server.onnx_dir else None,
+                                  "sampling": default_sampling(self.server.limits)})
         elif path.startswith("/v1/") and engine is None:
             self._send_error(self._no_model_error(path))
         elif path.startswith(ONNX_ROUTE) and self.server.onnx_dir:

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ondevice.runtime.sampling import DEFAULTS
+
 
 class RequestError(Exception):
     """A client error: HTTP status plus an OpenAI-style error body."""
@@ -28,9 +30,15 @@ def error_body(message: str, *, kind: str = "invalid_request_error", param: str 
 @dataclass
 class Limits:
     max_tokens: int = 1024  # hard cap per request
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULTS.max_tokens
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
+
+
+def default_sampling(limits: Limits) -> dict[str, Any]:
+    """What a request that names no sampling gets (SamplingDefaults, max_tokens within this server's cap); the web
+    pages fill their inputs from it (/web-config.json) instead of carrying numbers of their own."""
+    return {**DEFAULTS.to_dict(), "max_tokens": min(limits.default_max_tokens, limits.max_tokens)}
 
 
 @dataclass
@@ -147,13 +155,14 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", param="stream_options")
     kwargs = dict(
-        max_tokens=max_tokens or limits.default_max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        max_tokens=max_tokens or default_sampling(limits)["max_tokens"],
+        # What a request leaves out is ondevice's one set of defaults (not OpenAI's 1.0/1.0, too hot for a 135M).
+        temperature=_number(body, "temperature", DEFAULTS.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", DEFAULTS.top_p, 1e-9, 1.0),
         # llama.cpp-server-style extensions.
-        top_k=int(_number(body, "top_k", 40, 0, 1 << 20)),
-        min_p=_number(body, "min_p", 0.05, 0.0, 0.999),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.01, 10.0),
+        top_k=int(_number(body, "top_k", DEFAULTS.top_k, 0, 1 << 20)),
+        min_p=_number(body, "min_p", DEFAULTS.min_p, 0.0, 0.999),
+        repeat_penalty=_number(body, "repeat_penalty", DEFAULTS.repeat_penalty, 0.01, 10.0),
         seed=None if seed is None else seed % (2**63),
         stop=stop or [],
     )

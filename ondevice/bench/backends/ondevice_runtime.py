@@ -72,7 +72,9 @@ class OndeviceBackend(Backend):
         ban = _EndOfTextBan(self.vocab_size, set(model.codec.eos_ids), clock)
         model.reset()  # no prefix reuse between repeats: every repeat prefills the whole prompt
         clock.start()
-        for _ in model.generate(prompt.text, max_tokens=n_gen, temperature=0.0, token_filter=ban):
+        # Plain greedy, as every backend decodes in a bench (no repeat penalty: llama.cpp's runs without one).
+        for _ in model.generate(prompt.text, max_tokens=n_gen, temperature=0.0, repeat_penalty=1.0,
+                                token_filter=ban):
             pass
         stats = model.last_stats
         if stats.prompt_tokens != len(prompt.ids) or stats.generated_tokens != n_gen:
