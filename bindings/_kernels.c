@@ -422,17 +422,20 @@ done:
 /* ------------------------------------------------------------------ attention */
 
 PyDoc_STRVAR(attention_doc,
-             "attention(out, q, k_cache, v_cache, pos0, scale)\n--\n\n"
+             "attention(out, q, k_cache, v_cache, pos0, scale, window=0)\n--\n\n"
              "Causal GQA attention. q[M,H,D] float32; k_cache, v_cache [Hkv,C,D] float32 or float16 (same\n"
-             "dtype); query row i is at position pos0+i and sees cache entries 0..pos0+i (already written).\n"
+             "dtype); query row i is at position p = pos0+i and sees cache entries 0..p (already written),\n"
+             "or p-window+1..p with window > 0 (sliding-window attention).\n"
              "out[M, H*D] float32 (any shape with M*H*D elements). Needs H % Hkv == 0, pos0 + M <= C.");
 
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (!check_nargs(nargs, 6, 6, "attention")) return NULL;
-    long long pos0;
+    if (!check_nargs(nargs, 6, 7, "attention")) return NULL;
+    long long pos0, window = 0;
     float scale;
     if (!get_i64(args[4], &pos0, "pos0") || !get_f32(args[5], &scale, "scale")) return NULL;
+    if (nargs == 7 && !get_i64(args[6], &window, "window")) return NULL;
+    if (window < 0) return PyErr_Format(PyExc_ValueError, "attention: window must be >= 0, got %lld", window);
     arg_buf b[4];
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
@@ -472,7 +475,8 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     const int kv_f16 = b[2].view.itemsize == 2;
     int rc;
     RUN_MAYBE_NOGIL(m * h * d * (pos0 + m), rc = od_attention(b[0].view.buf, b[1].view.buf, b[2].view.buf,
-                                                              b[3].view.buf, kv_f16, m, h, hkv, c, d, pos0, scale));
+                                                              b[3].view.buf, kv_f16, m, h, hkv, c, d, pos0, scale,
+                                                              window));
     if (rc != OD_OK) {
         raise_code(rc, "attention");
         goto done;
@@ -507,6 +511,34 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n
         (!same_memory(&b[0], &b[2]) && !check_disjoint(&b[0], &b[2], "out", "up")))
         goto done;
     RUN_MAYBE_NOGIL(n, od_silu_mul(b[0].view.buf, b[1].view.buf, b[2].view.buf, n));
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(b, 3);
+    return result;
+}
+
+PyDoc_STRVAR(gelu_mul_doc, "gelu_mul(out, gate, up)\n--\n\n"
+                           "out = gelu_tanh(gate) * up (GELU, tanh approximation), element-wise float32; out may be gate or up.");
+
+static PyObject *py_gelu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!check_nargs(nargs, 3, 3, "gelu_mul")) return NULL;
+    arg_buf b[3];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (!get_buffer(args[0], &b[0], "out", KIND_F32, 1) || !get_buffer(args[1], &b[1], "gate", KIND_F32, 0) ||
+        !get_buffer(args[2], &b[2], "up", KIND_F32, 0))
+        goto done;
+    const Py_ssize_t n = n_items(&b[0]);
+    if (n_items(&b[1]) != n || n_items(&b[2]) != n) {
+        PyErr_Format(PyExc_ValueError, "gelu_mul: out, gate, up sizes differ (%zd, %zd, %zd)", n, n_items(&b[1]),
+                     n_items(&b[2]));
+        goto done;
+    }
+    if ((!same_memory(&b[0], &b[1]) && !check_disjoint(&b[0], &b[1], "out", "gate")) ||
+        (!same_memory(&b[0], &b[2]) && !check_disjoint(&b[0], &b[2], "out", "up")))
+        goto done;
+    RUN_MAYBE_NOGIL(n, od_gelu_mul(b[0].view.buf, b[1].view.buf, b[2].view.buf, n));
     result = Py_NewRef(Py_None);
 done:
     release_buffers(b, 3);
@@ -739,6 +771,7 @@ static PyMethodDef methods[] = {
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, rope_doc},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL, attention_doc},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, silu_mul_doc},
+    {"gelu_mul", (PyCFunction)(void (*)(void))py_gelu_mul, METH_FASTCALL, gelu_mul_doc},
     {"add_inplace", (PyCFunction)(void (*)(void))py_add_inplace, METH_FASTCALL, add_inplace_doc},
     {"argmax", py_argmax, METH_O, argmax_doc},
     {"topk", (PyCFunction)(void (*)(void))py_topk, METH_FASTCALL, topk_doc},

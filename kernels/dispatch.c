@@ -624,11 +624,29 @@ static void attn_task(void *ctx, int64_t t) {
 }
 
 int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_f16, int64_t m,
-                 int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale) {
+                 int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale, int64_t window) {
     if (m < 0 || h <= 0 || hkv <= 0 || h % hkv != 0 || d <= 0 || c <= 0 || pos0 < 0 || pos0 + m > c ||
-        !isfinite(scale))
+        !isfinite(scale) || window < 0)
         return OD_EINVAL;
     if (m == 0) return OD_OK;
+    if (window > 0 && pos0 + m > window) {
+        /* Rows that see all their predecessors go as one block; a row at position p >= window sees keys
+         * p-window+1..p only: the same kernel on the cache advanced by p-window+1 rows (the head stride c*d is
+         * unchanged), as a row at position window-1. */
+        const int64_t whole = window > pos0 ? window - pos0 : 0;
+        if (whole > 0) {
+            const int rc = od_attention(out, q, k_cache, v_cache, kv_f16, whole, h, hkv, c, d, pos0, scale, 0);
+            if (rc != OD_OK) return rc;
+        }
+        const size_t item = kv_f16 ? 2 : 4;
+        for (int64_t r = whole; r < m; r++) {
+            const size_t skip = (size_t)(pos0 + r - window + 1) * (size_t)d * item;
+            const int rc = od_attention(out + r * h * d, q + r * h * d, (const char *)k_cache + skip,
+                                        (const char *)v_cache + skip, kv_f16, 1, h, hkv, c, d, window - 1, scale, 0);
+            if (rc != OD_OK) return rc;
+        }
+        return OD_OK;
+    }
     if (kv_f16) {
         /* llama.cpp multiplies an fp16 copy of the query with the fp16 keys (see od_attn_probabilities) */
         const size_t n = (size_t)(m * h * d);
@@ -658,7 +676,7 @@ typedef struct {
     float *out;
     const float *a, *b;
     int64_t n, per_task;
-    int op; /* 0 silu_mul, 1 add */
+    int op; /* 0 silu_mul, 1 add, 2 gelu_mul */
 } ew_job;
 
 static void ew_task(void *ctx, int64_t t) {
@@ -666,6 +684,7 @@ static void ew_task(void *ctx, int64_t t) {
     const int64_t i0 = t * job->per_task;
     const int64_t len = i0 + job->per_task < job->n ? job->per_task : job->n - i0;
     if (job->op == 0) od_ops()->silu_mul(job->out + i0, job->a + i0, job->b + i0, len);
+    else if (job->op == 2) od_ops()->gelu_mul(job->out + i0, job->a + i0, job->b + i0, len);
     else od_ops()->add(job->out + i0, job->b + i0, len);
 }
 
@@ -682,6 +701,11 @@ static void run_elementwise(ew_job *job) {
 
 void od_silu_mul(float *out, const float *gate, const float *up, int64_t n) {
     ew_job job = {.out = out, .a = gate, .b = up, .n = n, .op = 0};
+    run_elementwise(&job);
+}
+
+void od_gelu_mul(float *out, const float *gate, const float *up, int64_t n) {
+    ew_job job = {.out = out, .a = gate, .b = up, .n = n, .op = 2};
     run_elementwise(&job);
 }
 

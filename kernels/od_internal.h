@@ -100,6 +100,11 @@ typedef void (*od_quantize_act_fn)(const float *x, od_q8_act *act, int64_t m0, i
 /* Dequantizes one row of k weights to f32. */
 typedef void (*od_dequant_row_fn)(const uint8_t *row, float *out, int64_t k);
 
+/* GELU with the tanh approximation, as x * sigmoid(2u): 0.5 x (1 + tanh u) = x / (1 + exp(-2u)),
+ * u = sqrt(2/pi) (x + 0.044715 x^3). These are the constants of -2u = x * (A + B x^2). */
+#define OD_GELU_A (-1.5957691216057308f) /* -2 sqrt(2/pi) */
+#define OD_GELU_B (-0.0713548162726009f) /* -2 sqrt(2/pi) 0.044715 */
+
 /* ---------------------------------------------------------------- attention */
 
 typedef struct {
@@ -128,6 +133,7 @@ typedef struct {
     void (*rope_row)(float *x, int64_t h, int64_t d, const float *cs, int neox);
     od_attn_fn attention;
     void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
+    void (*gelu_mul)(float *out, const float *gate, const float *up, int64_t n);
     void (*add)(float *x, const float *y, int64_t n);
 } od_isa_ops;
 
@@ -139,6 +145,7 @@ void od_rmsnorm_row_avx2(float *out, const float *x, const float *weight, int64_
 void od_rope_row_avx2(float *x, int64_t h, int64_t d, const float *cs, int neox);
 void od_attention_avx2(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
 void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
+void od_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_add_avx2(float *x, const float *y, int64_t n);
 #endif
 #if defined(__aarch64__)
@@ -148,6 +155,7 @@ void od_rmsnorm_row_neon(float *out, const float *x, const float *weight, int64_
 void od_rope_row_neon(float *x, int64_t h, int64_t d, const float *cs, int neox);
 void od_attention_neon(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
 void od_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n);
+void od_gelu_mul_neon(float *out, const float *gate, const float *up, int64_t n);
 void od_add_neon(float *x, const float *y, int64_t n);
 #endif
 

@@ -92,15 +92,19 @@ int od_rope(float *x, int64_t m, int64_t h, int64_t d, const int32_t *positions,
 /*
  * Causal multi-head attention with grouped KV heads.
  * q[M][H][D]; k_cache, v_cache: [Hkv][C][D] in f32 (kv_f16 == 0) or IEEE fp16 (kv_f16 != 0);
- * query row i sits at position pos0 + i and attends to cache entries 0..pos0+i, which the
- * caller has already written. Query head h uses KV head h / (H / Hkv). out[M][H*D].
+ * query row i sits at position p = pos0 + i and attends to cache entries 0..p, which the
+ * caller has already written; with window > 0 (sliding-window attention) to p-window+1..p only.
+ * Query head h uses KV head h / (H / Hkv). out[M][H*D].
  * Requires H % Hkv == 0 and pos0 + M <= C. Threads split heads x query rows.
  */
 int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_f16, int64_t m,
-                 int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale);
+                 int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale, int64_t window);
 
 /* out[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up. out may equal gate or up. */
 void od_silu_mul(float *out, const float *gate, const float *up, int64_t n);
+
+/* out[i] = gelu_tanh(gate[i]) * up[i] (GELU's tanh approximation, Gemma's MLP). out may equal gate or up. */
+void od_gelu_mul(float *out, const float *gate, const float *up, int64_t n);
 
 /* x[i] += y[i]. */
 void od_add_inplace(float *x, const float *y, int64_t n);

@@ -380,6 +380,17 @@ OD_AVX2 void od_silu_mul_avx2(float *out, const float *gate, const float *up, in
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+OD_AVX2 void od_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), a = _mm256_set1_ps(OD_GELU_A), b = _mm256_set1_ps(OD_GELU_B);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp_ps(_mm256_mul_ps(g, _mm256_fmadd_ps(b, _mm256_mul_ps(g, g), a)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(gate[i] * (OD_GELU_A + OD_GELU_B * gate[i] * gate[i]))) * up[i];
+}
+
 OD_AVX2 void od_add_avx2(float *x, const float *y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));

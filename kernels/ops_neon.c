@@ -157,6 +157,17 @@ void od_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n)
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+void od_gelu_mul_neon(float *out, const float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t g = vld1q_f32(gate + i);
+        const float32x4_t arg = vmulq_f32(g, vfmaq_f32(vdupq_n_f32(OD_GELU_A), vdupq_n_f32(OD_GELU_B), vmulq_f32(g, g)));
+        const float32x4_t e = exp_f32x4(arg);
+        vst1q_f32(out + i, vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(gate[i] * (OD_GELU_A + OD_GELU_B * gate[i] * gate[i]))) * up[i];
+}
+
 void od_add_neon(float *x, const float *y, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(x + i, vaddq_f32(vld1q_f32(x + i), vld1q_f32(y + i)));

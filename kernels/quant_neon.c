@@ -300,7 +300,7 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,                                                       \
             },                                                                                                 \
         .rmsnorm_row = od_rmsnorm_row_neon, .rope_row = od_rope_row_neon, .attention = od_attention_neon,      \
-        .silu_mul = od_silu_mul_neon, .add = od_add_neon,                                                      \
+        .silu_mul = od_silu_mul_neon, .gelu_mul = od_gelu_mul_neon, .add = od_add_neon,                                                      \
     }
 
 const od_isa_ops od_ops_neon = NEON_TABLE(plain);

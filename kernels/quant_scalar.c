@@ -293,6 +293,13 @@ static void silu_mul_scalar(float *out, const float *gate, const float *up, int6
     }
 }
 
+static void gelu_mul_scalar(float *out, const float *gate, const float *up, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(g * (OD_GELU_A + OD_GELU_B * g * g))) * up[i];
+    }
+}
+
 static void add_scalar(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
@@ -330,5 +337,6 @@ const od_isa_ops od_ops_scalar = {
     .rope_row = rope_row_scalar,
     .attention = attention_scalar,
     .silu_mul = silu_mul_scalar,
+    .gelu_mul = gelu_mul_scalar,
     .add = add_scalar,
 };

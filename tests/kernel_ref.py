@@ -197,8 +197,9 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, freq_fa
     return out
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float) -> np.ndarray:
-    """q [m, h, d], caches [hkv, c, d] -> [m, h*d] (float64).
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float,
+              window: int = 0) -> np.ndarray:
+    """q [m, h, d], caches [hkv, c, d] -> [m, h*d] (float64); window > 0: each row sees its last `window` keys.
 
     fp16 caches follow llama.cpp: q is rounded to fp16 before q.k and the probabilities before P.V.
     """
@@ -213,6 +214,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     vc = v_cache[:, :n_keys].astype(np.float64)
     out = np.empty((m, h, d))
     causal = np.arange(n_keys)[None, :] <= (pos0 + np.arange(m))[:, None]  # [m, n_keys]
+    if window:
+        causal &= np.arange(n_keys)[None, :] > (pos0 + np.arange(m))[:, None] - window
     for head in range(h):
         kvh = head // group
         scores = q[:, head].astype(np.float64) @ kc[kvh].T * scale
@@ -229,3 +232,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     g = gate.astype(np.float64)
     return g / (1.0 + np.exp(-g)) * up.astype(np.float64)
+
+
+def gelu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (transformers' gelu_pytorch_tanh), times up."""
+    g = gate.astype(np.float64)
+    return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3))) * up

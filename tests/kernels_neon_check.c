@@ -162,6 +162,13 @@ static void test_elementwise(void) {
         float *scale = malloc(sizeof(float) * (size_t)(m * k));
         for (int64_t i = 0; i < m * k; i++) scale[i] = fabsf(want[i]) + 1e-6f;
         check("silu_mul", simd_isas[v], got, want, scale, m * k, 2e-5f);
+
+        od_set_isa("scalar");
+        od_gelu_mul(want, x, up, m * k);
+        od_set_isa(simd_isas[v]);
+        od_gelu_mul(got, x, up, m * k);
+        for (int64_t i = 0; i < m * k; i++) scale[i] = fabsf(want[i]) + 1e-6f;
+        check("gelu_mul", simd_isas[v], got, want, scale, m * k, 2e-5f);
         free(scale);
 
         memcpy(want, x, sizeof(float) * (size_t)(m * k));
@@ -214,13 +221,13 @@ static void test_attention(int kv_f16) {
         float *scale = malloc(sizeof(float) * (size_t)(m * h * d));
         for (int64_t i = 0; i < m * h * d; i++) scale[i] = 1.0f;
         od_set_isa("scalar");
-        od_attention(want, q, k_cache, v_cache, kv_f16, m, h, hkv, c, d, pos0, 0.125f);
+        od_attention(want, q, k_cache, v_cache, kv_f16, m, h, hkv, c, d, pos0, 0.125f, 0);
         char what[64];
         snprintf(what, sizeof(what), "attention %s M=%lld pos0=%lld", kv_f16 ? "f16" : "f32", (long long)m,
                  (long long)pos0);
         for (int v = 0; v < 2; v++) {
             if (od_set_isa(simd_isas[v]) != OD_OK) continue;
-            od_attention(got, q, k_cache, v_cache, kv_f16, m, h, hkv, c, d, pos0, 0.125f);
+            od_attention(got, q, k_cache, v_cache, kv_f16, m, h, hkv, c, d, pos0, 0.125f, 0);
             check(what, simd_isas[v], got, want, scale, m * h * d, 2e-5f);
         }
         free(q), free(want), free(got), free(scale);

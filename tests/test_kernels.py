@@ -348,6 +348,27 @@ def test_attention(isa, kv_dtype):
         assert close.mean() > 0.99 and np.abs(out - expected).max() < 2e-3
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+def test_sliding_window_attention(isa, kv_dtype):
+    """window > 0: row at position p sees keys p-window+1..p (rows before the window's end as one block, later
+    ones each on the advanced cache), prefill and decode alike."""
+    rng = np.random.default_rng(16)
+    h, hkv, d, c = 4, 2, 32, 120
+    k_cache = rng.standard_normal((hkv, c, d)).astype(kv_dtype)
+    v_cache = rng.standard_normal((hkv, c, d)).astype(kv_dtype)
+    for m, pos0, window in [(1, 0, 8), (1, 100, 8), (30, 0, 8), (25, 10, 16), (40, 70, 50), (5, 3, 100)]:
+        q = (rng.standard_normal((m, h, d)) * 2).astype(np.float32)
+        out = np.empty((m, h * d), np.float32)
+        K.attention(out, q, k_cache, v_cache, pos0, 0.2, window)
+        expected = ref.attention(q, k_cache, v_cache, pos0, 0.2, window)
+        tol = (1e-4, 2e-5) if kv_dtype == np.float32 else (2e-3, 2e-3)
+        np.testing.assert_allclose(out, expected, rtol=tol[0], atol=tol[1])
+        unwindowed = ref.attention(q, k_cache, v_cache, pos0, 0.2)
+        assert (pos0 + m <= window) == np.allclose(expected, unwindowed)  # the window really masks
+    with pytest.raises(ValueError, match="window"):
+        K.attention(np.empty((1, h * d), np.float32), q[:1], k_cache, v_cache, 0, 0.2, -1)
+
+
 def test_attention_odd_head_dim(isa):
     rng = np.random.default_rng(13)
     h, hkv, d, c = 4, 2, 20, 40
@@ -382,6 +403,9 @@ def test_silu_mul_and_add(isa):
         out = np.empty_like(gate)
         K.silu_mul(out, gate, up)
         np.testing.assert_allclose(out, ref.silu_mul(gate, up), rtol=2e-6, atol=1e-6)
+        gate[-1] = 100.0 if n > 1 else gate[-1]
+        K.gelu_mul(out, gate, up)
+        np.testing.assert_allclose(out, ref.gelu_mul(gate, up), rtol=1e-5, atol=1e-6)
         x = gate.copy()
         K.add_inplace(x, up)
         np.testing.assert_array_equal(x, gate + up)
