@@ -38,7 +38,7 @@ from ondevice.converters.base import (
     progress_bar,
 )
 
-from ondevice.architectures.base import hf_tensor
+from ondevice.architectures import get_architecture
 from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
@@ -333,7 +333,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
         scale = fp16(1.0 / np.sqrt(d))
 
         def width(role: str, layer: int) -> int:  # a linear's input width
-            return int(model.tensors[hf_tensor(role, layer)].shape[1])
+            return int(model.tensors[get_architecture(spec.arch).hf_tensor(role, layer)].shape[1])
 
         class MilOps(DecoderOps):
             def __init__(self) -> None:

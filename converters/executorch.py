@@ -39,7 +39,7 @@ from ondevice.converters.base import (
     progress_bar,
 )
 
-from ondevice.architectures.base import hf_tensor, layer_roles
+from ondevice.architectures import get_architecture
 from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
@@ -111,12 +111,13 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
 
     spec = model.spec
     require_features(spec, "executorch", SUPPORTED_FEATURES)
+    arch = get_architecture(spec.arch)
     d, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
 
     def load(role: str, layer: int | None = None) -> Any:
         if bar is not None:
             bar.update(1)
-        return torch.from_numpy(model.tensors[hf_tensor(role, layer)].load())
+        return torch.from_numpy(model.tensors[arch.hf_tensor(role, layer)].load())
 
     def linear(role: str, layer: int, bias: bool) -> nn.Linear:
         w = load(role, layer)
@@ -142,7 +143,7 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
     class Block(nn.Module):
         def __init__(self, i: int) -> None:
             super().__init__()
-            roles = layer_roles(spec)
+            roles = arch.layer_roles(spec)
             self.norms = nn.ModuleDict({role: RMSNorm(load(role, i)) for role, shape in roles.items()
                                         if role.endswith("_norm")})
             self.linears = nn.ModuleDict({role: linear(role, i, spec.qkv_bias and role in ("q", "k", "v"))

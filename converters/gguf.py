@@ -64,15 +64,17 @@ def tokenizer_fields(model: CanonicalModel, pre: str | None) -> dict[str, TypedV
     return fields
 
 
-def _producer(tensor: LazyTensor, qtype: QuantType, heads: int | None):
+def _producer(tensor: LazyTensor, qtype: QuantType, heads: int | None, shift: float = 0.0):
     def produce() -> np.ndarray:
-        if tensor.raw is not None:
+        if tensor.raw is not None and not shift:
             src_type, rows = tensor.raw()
             if src_type.name == qtype.name:  # same type: copy the stored rows, no requantization
                 return permute_for_gguf(rows, heads) if heads else np.asarray(rows)
         data = tensor.load()
         if heads:
             data = permute_for_gguf(data, heads)
+        if shift:
+            data = data + np.float32(shift)
         return qtype.quantize(data, name=tensor.name)
 
     return produce
@@ -102,7 +104,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
             fallbacks.append(f"{gguf_name}: {choice.fallback_from} -> {qtype.name} ({choice.reason})")
         types.append(qtype.name)
         planned.append(PlannedTensor(gguf_name, tensor.shape, qtype.ggml_type,
-                                     _producer(tensor, qtype, arch.qk_heads(spec, hf_name))))
+                                     _producer(tensor, qtype, arch.qk_heads(spec, hf_name),
+                                               arch.gguf_norm_shift(spec, hf_name))))
 
     if spec.rope_freq_factors is not None:  # llama.cpp reads RoPE scaling as this tensor of per-pair divisors
         factors = np.asarray(spec.rope_freq_factors, np.float32)

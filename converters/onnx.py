@@ -38,7 +38,6 @@ from ondevice.converters.base import (
     write_tokenizer_files,
 )
 
-from ondevice.architectures.base import hf_tensor
 from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output
@@ -265,7 +264,7 @@ class _OnnxOps(DecoderOps[Any]):
         return hidden
 
     def norm(self, x: Any, role: str, layer: int | None) -> str:
-        base = hf_tensor(role, layer).removesuffix(".weight")
+        base = self.arch.hf_tensor(role, layer).removesuffix(".weight")
         return self._rms_norm(self.value(x), self.load(role, layer), base)
 
     def _rms_norm(self, x: str, weight: np.ndarray, base: str) -> str:
@@ -280,18 +279,18 @@ class _OnnxOps(DecoderOps[Any]):
     def project(self, x: Any, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[Any]:
         """One MatMul for all roles (q|k|v, gate|up): their outputs stay packed until used apart."""
         x = self.value(x)
-        names = [hf_tensor(role, layer).removesuffix(".weight") for role in roles]
+        names = [self.arch.hf_tensor(role, layer).removesuffix(".weight") for role in roles]
         fused = names[0] if len(roles) == 1 else _fused_name(names)
         w = np.concatenate([self.load(role, layer) for role in roles])
         b = np.concatenate([self.load(f"{role}_bias", layer) for role in roles]) if bias else None
         out = self.weights.linear(x, w, fused, b, block=layer)
-        widths = tuple(int(self.model.tensors[hf_tensor(role, layer)].shape[0]) for role in roles)
+        widths = tuple(int(self.model.tensors[self.arch.hf_tensor(role, layer)].shape[0]) for role in roles)
         del w
         return [out] if len(roles) == 1 else [_Part(out, i, widths) for i in range(len(roles))]
 
     def head_norm(self, x: Any, role: str, layer: int, n_heads: int) -> str:
         g, d = self.g, self.spec.head_dim
-        base = hf_tensor(role, layer).removesuffix(".weight")
+        base = self.arch.hf_tensor(role, layer).removesuffix(".weight")
         heads = g.op("Reshape", [self.value(x), g.const([0, 0, n_heads, d])], f"{base}/heads")
         normed = self._rms_norm(heads, self.load(role, layer), base)
         return g.op("Reshape", [normed, g.const([0, 0, n_heads * d])], f"{base}/flat")

@@ -10,10 +10,11 @@ its graph consumed every source tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 
-from ondevice.architectures.base import hf_tensor
+from ondevice.architectures import get_architecture
 from ondevice.errors import UnsupportedError
 from ondevice.model import ModelSpec
 
@@ -24,6 +25,13 @@ FEATURES: dict[str, str] = {
     "qkv_bias": "q/k/v biases",
     "qk_norm": "q/k head RMSNorm",
     "rope_freq_factors": "scaled RoPE frequencies (llama3/linear rope_scaling)",
+    "norm_offset": "RMSNorm with 1 + w",
+    "post_norms": "sandwich norms",
+    "gelu_tanh": "GELU (tanh) MLP",
+    "embed_scale": "scaled embeddings",
+    "attn_scale": "a query scale other than 1/sqrt(head dim)",
+    "sliding_window": "sliding-window attention",
+    "local_rope_theta": "a RoPE base of its own for sliding-window layers",
 }
 
 
@@ -35,6 +43,20 @@ def spec_features(spec: ModelSpec) -> set[str]:
         used.add("qk_norm")
     if spec.rope_freq_factors is not None:
         used.add("rope_freq_factors")
+    if spec.norm_offset:
+        used.add("norm_offset")
+    if spec.post_norms:
+        used.add("post_norms")
+    if spec.activation == "gelu_tanh":
+        used.add("gelu_tanh")
+    if spec.embed_scale is not None:
+        used.add("embed_scale")
+    if spec.attn_scale is not None:
+        used.add("attn_scale")
+    if any(spec.layer_windows):
+        used.add("sliding_window")
+    if spec.local_rope_theta is not None and any(spec.layer_windows):
+        used.add("local_rope_theta")
     return used
 
 
@@ -42,7 +64,8 @@ def require_features(spec: ModelSpec, target: str, supported: Iterable[str]) -> 
     """Refuse, naming the feature, a spec this target cannot express (never a silently wrong model)."""
     missing = sorted(spec_features(spec) - set(supported))
     if missing:
-        raise UnsupportedError(f"{target}: {FEATURES[missing[0]]} ({spec.arch}) is not supported yet")
+        needs = ", ".join(FEATURES[name] for name in missing)
+        raise UnsupportedError(f"{target}: {spec.arch} needs {needs}, which {target} does not support yet")
 
 
 def check_consumed(tensors: Mapping[str, object], used: set[str], target: str) -> None:
@@ -59,18 +82,23 @@ class DecoderOps(Generic[T]):
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        self.arch = get_architecture(spec.arch)  # whose tensor table names the roles
         self.used: set[str] = set()  # HF names of the tensors the backend was asked for
 
     def tensor_name(self, role: str, layer: int | None) -> str:
-        name = hf_tensor(role, layer)
+        name = self.arch.hf_tensor(role, layer)
         self.used.add(name)
         return name
 
     def embed(self) -> T:
         raise NotImplementedError
 
+    def scale(self, x: T, factor: float) -> T:
+        """x * factor (the embedding scale)."""
+        raise NotImplementedError
+
     def norm(self, x: T, role: str, layer: int | None) -> T:
-        """RMSNorm with weight `role`."""
+        """RMSNorm with weight `role` (scaling by spec.norm_offset + w)."""
         raise NotImplementedError
 
     def project(self, x: T, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[T]:
@@ -82,11 +110,12 @@ class DecoderOps(Generic[T]):
         raise NotImplementedError
 
     def attention(self, q: T, k: T, v: T, layer: int) -> T:
-        """RoPE on q and k (rope.py's frequencies), the KV cache, causal grouped-query attention; (tokens, H*Dh)."""
+        """RoPE on q and k (rope.py's frequencies of this layer), the KV cache, causal grouped-query attention
+        within spec.window(layer) if it has one, q.k scaled by attention_scale(spec); (tokens, H*Dh)."""
         raise NotImplementedError
 
     def gated_act(self, gate: T, up: T, layer: int) -> T:
-        """silu(gate) * up."""
+        """act(gate) * up, act being spec.activation."""
         raise NotImplementedError
 
     def add(self, x: T, y: T, layer: int, what: str) -> T:
@@ -110,16 +139,30 @@ def run_decoder(ops: DecoderOps[T]) -> T:
     """The forward pass: embeddings -> blocks -> final norm -> logits."""
     spec = ops.spec
     x = ops.embed()
+    if spec.embed_scale is not None:
+        x = ops.scale(x, spec.embed_scale)
     for i in range(spec.n_layers):
         h = ops.norm(x, "attn_norm", i)
         q, k, v = ops.project(h, ("q", "k", "v"), i, bias=spec.qkv_bias)
         if spec.qk_norm:
             q = ops.head_norm(q, "q_norm", i, spec.n_heads)
             k = ops.head_norm(k, "k_norm", i, spec.n_kv_heads)
-        x = ops.add_projection(x, ops.attention(q, k, v, i), "o", i)
+        x = _residual(ops, x, ops.attention(q, k, v, i), "o", "post_attn_norm", i)
         h = ops.norm(x, "ffn_norm", i)
         gate, up = ops.project(h, ("gate", "up"), i)
-        x = ops.add_projection(x, ops.gated_act(gate, up, i), "down", i)
+        x = _residual(ops, x, ops.gated_act(gate, up, i), "down", "post_ffn_norm", i)
     x = ops.norm(ops.output_rows(x), "final_norm", None)
     return ops.logits(x)
+
+
+def _residual(ops: DecoderOps[T], x: T, y: T, role: str, post_norm: str, layer: int) -> T:
+    """x + y @ W^T, or with sandwich norms x + norm(y @ W^T)."""
+    if not ops.spec.post_norms:
+        return ops.add_projection(x, y, role, layer)
+    return ops.add(x, ops.norm(ops.project(y, (role,), layer)[0], post_norm, layer), layer,
+                   "attn" if role == "o" else "ffn")
+
+
+def attention_scale(spec: ModelSpec) -> float:
+    return spec.attn_scale if spec.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
 

@@ -49,7 +49,23 @@ class ModelSpec:
     rope_freq_factors: tuple[float, ...] | None = None
     # The HF rope_scaling object the factors came from (as sorted items), so `--to hf` can write it back
     hf_rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): gemma's 1 + w (GGUF stores the sum)
+    post_norms: bool = False  # sandwich norms: also on the attention's and the MLP's output (gemma3)
+    activation: str = "silu"  # the MLP gate's: "silu" or "gelu_tanh"
+    embed_scale: float | None = None  # embeddings are multiplied by this (gemma: sqrt(hidden))
+    attn_scale: float | None = None  # q.k scale; None: 1/sqrt(head_dim)
+    layer_windows: tuple[int, ...] = ()  # sliding window of each layer (0: full attention); (): all full
+    local_rope_theta: float | None = None  # RoPE base of the sliding-window layers (gemma3: 10000)
     name: str = "model"
+
+    def window(self, layer: int) -> int:
+        """The layer's sliding window (0: it attends to the whole context)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def layer_rope_theta(self, layer: int | None) -> float:
+        if layer is not None and self.window(layer) and self.local_rope_theta is not None:
+            return self.local_rope_theta
+        return self.rope_theta
 
     def validate(self, where: str) -> ModelSpec:
         """The one check of a description, whatever its source (GGUF metadata, config.json): every count in
@@ -73,6 +89,17 @@ class ModelSpec:
                                     or not all(math.isfinite(f) and f > 0 for f in factors)):
             raise InvalidModelError(f"{where}: RoPE frequency factors must be {self.head_dim // 2} finite positive "
                                     f"numbers, got {len(factors)}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise InvalidModelError(f"{where}: activation {self.activation!r} is not silu or gelu_tanh")
+        for name, value in (("embed_scale", self.embed_scale), ("attn_scale", self.attn_scale),
+                            ("local_rope_theta", self.local_rope_theta)):
+            if value is not None and (not isinstance(value, float) or not math.isfinite(value) or value <= 0):
+                raise InvalidModelError(f"{where}: {name} {value!r} must be a finite positive number")
+        if not (isinstance(self.norm_offset, float) and math.isfinite(self.norm_offset)):
+            raise InvalidModelError(f"{where}: norm_offset {self.norm_offset!r} must be a finite number")
+        if self.layer_windows and (len(self.layer_windows) != self.n_layers or not all(
+                isinstance(w, int) and 0 <= w <= MAX_CONTEXT for w in self.layer_windows)):
+            raise InvalidModelError(f"{where}: layer windows must be {self.n_layers} counts in 0..{MAX_CONTEXT}")
         return self
 
     @property
@@ -84,6 +111,8 @@ class ModelSpec:
             per_layer += q + 2 * kv
         if self.qk_norm:
             per_layer += 2 * self.head_dim
+        if self.post_norms:
+            per_layer += 2 * d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + embed + d
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ondevice.decoder import FEATURES, DecoderOps, require_features, run_decoder
+from ondevice.decoder import FEATURES, DecoderOps, attention_scale, require_features, run_decoder
 from ondevice.model import CanonicalModel
 from ondevice.rope import rope_tables
 
@@ -28,7 +28,14 @@ class NumpyOps(DecoderOps[np.ndarray]):
         self.model = model
         self.tokens = np.concatenate([np.asarray(window, np.int64) for window in windows])
         self.bounds = np.cumsum([0] + [len(window) for window in windows])
-        self.cos, self.sin = rope_tables(model.spec, max(len(window) for window in windows))
+        self.longest = max(len(window) for window in windows)
+        self.tables: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # per RoPE base
+
+    def rope(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        key = self.spec.layer_rope_theta(layer)
+        if key not in self.tables:
+            self.tables[key] = rope_tables(self.spec, self.longest, layer=layer)
+        return self.tables[key]
 
     def load(self, role: str, layer: int | None) -> np.ndarray:
         return self.model.tensors[self.tensor_name(role, layer)].load()
@@ -36,8 +43,14 @@ class NumpyOps(DecoderOps[np.ndarray]):
     def embed(self) -> np.ndarray:
         return self.load("embed", None)[self.tokens]
 
+    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        return x * np.float32(factor)
+
+    def norm_weight(self, role: str, layer: int | None) -> np.ndarray:
+        return self.load(role, layer) + np.float32(self.spec.norm_offset)
+
     def norm(self, x: np.ndarray, role: str, layer: int | None) -> np.ndarray:
-        return _rms_norm(x, self.load(role, layer), self.spec.rms_eps)
+        return _rms_norm(x, self.norm_weight(role, layer), self.spec.rms_eps)
 
     def project(self, x: np.ndarray, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[np.ndarray]:
         out = [x @ self.load(role, layer).T for role in roles]
@@ -45,25 +58,31 @@ class NumpyOps(DecoderOps[np.ndarray]):
 
     def head_norm(self, x: np.ndarray, role: str, layer: int, n_heads: int) -> np.ndarray:
         heads = x.reshape(len(x), n_heads, -1)
-        return _rms_norm(heads, self.load(role, layer), self.spec.rms_eps).reshape(x.shape)
+        return _rms_norm(heads, self.norm_weight(role, layer), self.spec.rms_eps).reshape(x.shape)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, layer: int) -> np.ndarray:
         spec = self.spec
         d, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         context = np.empty((len(q), nh * d), np.float32)
+        cos_table, sin_table = self.rope(layer)
+        scale, window = np.float32(attention_scale(spec)), spec.window(layer)
         for start, stop in zip(self.bounds[:-1], self.bounds[1:], strict=True):  # causal within each window
             s = stop - start
             qs, ks, vs = (t[start:stop].reshape(s, n, d).transpose(1, 0, 2) for t, n in ((q, nh), (k, nkv), (v, nkv)))
-            cos, sin = self.cos[:s], self.sin[:s]
+            cos, sin = cos_table[:s], sin_table[:s]
             qs, ks = _rope(qs, cos, sin), _rope(ks, cos, sin)
             ks, vs = np.repeat(ks, nh // nkv, axis=0), np.repeat(vs, nh // nkv, axis=0)
-            scores = qs @ ks.transpose(0, 2, 1) / np.float32(np.sqrt(d))
+            scores = qs @ ks.transpose(0, 2, 1) * scale
             scores += np.triu(np.full((s, s), -np.inf, np.float32), 1)
+            if window:  # key t is visible from query p when p - window < t
+                scores += np.tril(np.full((s, s), -np.inf, np.float32), -window)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             context[start:stop] = ((scores / scores.sum(axis=-1, keepdims=True)) @ vs).transpose(1, 0, 2).reshape(s, -1)
         return context
 
     def gated_act(self, gate: np.ndarray, up: np.ndarray, layer: int) -> np.ndarray:
+        if self.spec.activation == "gelu_tanh":
+            return 0.5 * gate * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (gate + 0.044715 * gate**3))) * up
         with np.errstate(over="ignore"):  # exp overflows to inf for very negative gates: silu -> 0, right
             return gate / (1.0 + np.exp(-gate)) * up
 

@@ -15,18 +15,26 @@ import numpy as np
 from ondevice.model import ModelSpec
 
 
-def inverse_frequencies(spec: ModelSpec) -> np.ndarray:
-    """inv_freq[i] = theta^(-2i/D) / factor[i], float64 (D/2,)."""
+def layer_freq_factors(spec: ModelSpec, layer: int | None) -> tuple[float, ...] | None:
+    """The frequency divisors of a layer: scaling applies to full-attention layers (gemma3's sliding layers keep
+    their own unscaled base)."""
+    return spec.rope_freq_factors if layer is None or not spec.window(layer) else None
+
+
+def inverse_frequencies(spec: ModelSpec, layer: int | None = None) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i/D) / factor[i] of `layer` (None: the model's global RoPE), float64 (D/2,)."""
     d = spec.head_dim
-    inv = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if spec.rope_freq_factors is not None:
-        inv = inv / np.asarray(spec.rope_freq_factors, np.float64)
+    inv = 1.0 / (spec.layer_rope_theta(layer) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    factors = layer_freq_factors(spec, layer)
+    if factors is not None:
+        inv = inv / np.asarray(factors, np.float64)
     return inv
 
 
-def rope_tables(spec: ModelSpec, positions: int, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """(cos, sin), each (positions, D/2), of positions 0..positions-1."""
-    angles = np.outer(np.arange(positions, dtype=np.float64), inverse_frequencies(spec))
+def rope_tables(spec: ModelSpec, positions: int, dtype: type = np.float32,
+                layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (positions, D/2), of positions 0..positions-1 for `layer`'s RoPE."""
+    angles = np.outer(np.arange(positions, dtype=np.float64), inverse_frequencies(spec, layer))
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 

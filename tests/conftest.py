@@ -70,4 +70,5 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen2": make_tiny_model(root / "qwen2", "qwen2", tie=False, seed=3),
         "llama3": make_tiny_model(root / "llama3", "llama3", tie=True, seed=4),
         "qwen3": make_tiny_model(root / "qwen3", "qwen3", tie=True, seed=5),
+        "gemma3": make_tiny_model(root / "gemma3", "gemma3", tie=True, seed=6),
     }

@@ -46,7 +46,7 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
         llm.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3", "gemma3"])
 def test_tiny_f32_gguf_matches_transformers(tiny_models, tmp_path, arch):
     out = tmp_path / "model.gguf"
     result = convert(tiny_models[arch], out, "f32", "--pre", "gpt-2")
@@ -54,7 +54,9 @@ def test_tiny_f32_gguf_matches_transformers(tiny_models, tmp_path, arch):
     ref = transformers_logits(tiny_models[arch], TOKENS)
     got = llama_cpp_logits(out, TOKENS)
     assert got.shape == ref.shape
-    assert np.abs(got - ref).max() < 1e-3
+    # llama.cpp computes GELU from a table of fp16 inputs and outputs: measured 9.6e-3 on gemma3 (2.6e-4 against
+    # the numpy decoder with that rounding emulated), 1e-4-ish elsewhere
+    assert np.abs(got - ref).max() < (2e-2 if arch == "gemma3" else 1e-3)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 

@@ -136,6 +136,12 @@ def assert_folder_matches_mx_quantize(folder: Path, source: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
+def compute_dtype(arch: str) -> str | None:
+    """mlx computes in the weights' dtype: gemma3's six sandwich-normed layers drift by 0.1 in float16, so its rows
+    check the artifact with float32 arithmetic (1.3e-5 from transformers on the same f16 weights)."""
+    return "float32" if arch == "gemma3" else None
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
 def test_tiny_float_artifacts_match_transformers(tiny_models, tmp_path, arch):
     src = tiny_models[arch]
@@ -145,10 +151,29 @@ def test_tiny_float_artifacts_match_transformers(tiny_models, tmp_path, arch):
         out = tmp_path / quant
         result = convert(src, out, quant)
         assert result.tensor_types == {quant: len(open_source(src).tensors)}
-        got = runner(out).logits(TOKENS)
+        got = runner(out, compute_dtype(arch)).logits(TOKENS)
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() <= tol, quant
         assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16"])
+def test_tiny_gemma3_float_artifacts_run_as_written(tiny_models, tmp_path, quant):
+    """gemma3 (6 sandwich-normed layers, scaled embeddings) is checked against transformers holding the very weights
+    the folder stores, with float32 arithmetic in mlx (compute_dtype): weight rounding alone moves its logits by
+    0.04 (f16) and 0.4 (bf16), more than the other rows' bounds, which measure the rounding, not the artifact."""
+    import torch
+
+    src = tiny_models["gemma3"]
+    out = tmp_path / quant
+    convert(src, out, quant)
+    reference = hf_model(src)
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[quant]
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.copy_(param.to(dtype).float())
+    got = runner(out, "float32").logits(TOKENS)
+    assert np.abs(got - hf_logits(reference, TOKENS)).max() < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2"])
@@ -164,7 +189,7 @@ def test_tiny_f16_greedy_continuation_is_identical(tiny_models, tmp_path, arch):
     assert runner(tmp_path / "m").greedy(prompt, 32) == expected
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3", "gemma3"])
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_tiny_quantized_artifacts_run_as_written(tiny_models, tmp_path, arch, quant):
     src = tiny_models[arch]
@@ -177,8 +202,10 @@ def test_tiny_quantized_artifacts_run_as_written(tiny_models, tmp_path, arch, qu
     assert config["quantization"] == {"group_size": 64, "bits": 4 if quant == "int4" else 8, "mode": "affine"}
     reference = hf_model(src)
     load_dequantized_into(reference, out)
-    got = runner(out).logits(TOKENS)
+    got = runner(out, compute_dtype(arch)).logits(TOKENS)
     assert np.abs(got - hf_logits(reference, TOKENS)).max() <= F16_TOL
+    if arch == "gemma3":  # random 6-layer weights with 8x-scaled embeddings: no meaningful quantization bound
+        return
     # quantization error stays small against the original float model too (int8 much smaller than int4)
     ref = hf_logits(hf_model(src), TOKENS)
     bound = {"int4": 2.5, "int8": 0.15}[quant]

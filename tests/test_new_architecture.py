@@ -15,7 +15,7 @@ from ondevice.cli import main as cli
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3", "gemma3"])
 def test_reference_matches_transformers(tiny_models, arch):
     import torch
     from transformers import AutoModelForCausalLM
@@ -145,3 +145,16 @@ def test_toy_mlx_is_refused_by_name(toy, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "toylm" in err and "mlx" in err and "\n" not in err
     assert not (tmp_path / "mlx").exists()
+
+
+@pytest.mark.parametrize("target,quant,suffix", [("onnx", "f32", ""), ("executorch", "fp32", ".pte"),
+                                                 ("coreml", "fp16", ".mlpackage")])
+def test_gemma3_is_refused_where_a_target_lacks_its_features(tiny_models, tmp_path, capsys, target, quant, suffix):
+    """Each graph builder states what it expresses: a spec that needs more is refused before anything is built,
+    in one line naming the features, never converted into a wrong model."""
+    out = tmp_path / f"g{suffix}"
+    assert cli(["convert", str(tiny_models["gemma3"]), "--to", target, "--quant", quant, "-o", str(out),
+                "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"{target}: gemma3 needs" in err and "sliding-window attention" in err and "\n" not in err
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

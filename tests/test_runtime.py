@@ -53,7 +53,7 @@ def hf_logits(folder: Path, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "qwen2", "llama3", "qwen3", "gemma3"])
 def test_tiny_f32_logits_match_transformers(tiny_models, tmp_path, arch):
     path = to_gguf(tiny_models[arch], tmp_path / "m.gguf", "f32", "--pre", "gpt-2")
     ref = hf_logits(tiny_models[arch], TOKENS)

@@ -16,6 +16,8 @@ def make_tiny_model(folder: Path, arch: str, *, tie: bool = True, seed: int = 0,
     import torch
     from fixtures_tokenizer import make_tiny_tokenizer
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         Qwen2Config,
@@ -40,6 +42,11 @@ def make_tiny_model(folder: Path, arch: str, *, tie: bool = True, seed: int = 0,
         model = LlamaForCausalLM(LlamaConfig(**common, rope_scaling=scaling))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    elif arch == "gemma3":  # 6 layers, the last one full (llama.cpp's pattern); a window of 4 tokens; RoPE bases
+        # 1e6 (full) and 1e4 (sliding)
+        gemma = {k: v for k, v in common.items() if k not in ("rope_theta", "num_hidden_layers")}
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**gemma, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+                                                   sliding_window=4))
     elif arch == "qwen3":  # head dim 32, not hidden / heads = 16: q/k widths differ from the hidden width
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, use_sliding_window=False))
     else:

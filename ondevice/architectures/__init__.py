@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ondevice.architectures.base import DecoderArchitecture
+from ondevice.architectures.gemma3 import Gemma3
 from ondevice.architectures.llama import Llama
 from ondevice.architectures.qwen2 import Qwen2
 from ondevice.architectures.qwen3 import Qwen3
 from ondevice.errors import UnsupportedError
 
-ARCHITECTURES: dict[str, DecoderArchitecture] = {arch.name: arch for arch in (Llama(), Qwen2(), Qwen3())}
+ARCHITECTURES: dict[str, DecoderArchitecture] = {arch.name: arch for arch in (Llama(), Qwen2(), Qwen3(), Gemma3())}
 
 
 def register_architecture(arch: DecoderArchitecture) -> None:

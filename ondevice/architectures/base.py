@@ -32,6 +32,9 @@ LAYER_TENSORS: dict[str, tuple[str, str]] = {
     "gate": ("mlp.gate_proj.weight", "ffn_gate.weight"),
     "up": ("mlp.up_proj.weight", "ffn_up.weight"),
     "down": ("mlp.down_proj.weight", "ffn_down.weight"),
+    # sandwich norms (gemma3): on the attention's and the MLP's output, before the residual add
+    "post_attn_norm": ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+    "post_ffn_norm": ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
 }
 GLOBAL_TENSORS: dict[str, tuple[str, str]] = {
     "embed": ("model.embed_tokens.weight", "token_embd.weight"),
@@ -39,31 +42,6 @@ GLOBAL_TENSORS: dict[str, tuple[str, str]] = {
     "output": ("lm_head.weight", "output.weight"),
 }
 ROPE_FREQS_GGUF = "rope_freqs.weight"  # llama.cpp's per-pair frequency factors: part of the spec, not a weight
-
-
-def layer_roles(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The roles of one block's tensors this spec has, with their HF shapes."""
-    d, f, q, kv = spec.hidden_size, spec.ffn_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    roles: dict[str, tuple[int, ...]] = {"attn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d)}
-    if spec.qkv_bias:
-        roles.update({"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)})
-    if spec.qk_norm:
-        roles.update({"q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)})
-    roles.update({"o": (d, q), "ffn_norm": (d,), "gate": (f, d), "up": (f, d), "down": (d, f)})
-    return roles
-
-
-def hf_tensor(role: str, layer: int | None = None) -> str:
-    """The HF name of a role's tensor (of block `layer`, or a global one)."""
-    if layer is None:
-        return GLOBAL_TENSORS[role][0]
-    return f"model.layers.{layer}.{LAYER_TENSORS[role][0]}"
-
-
-def gguf_tensor(role: str, layer: int | None = None) -> str:
-    if layer is None:
-        return GLOBAL_TENSORS[role][1]
-    return f"blk.{layer}.{LAYER_TENSORS[role][1]}"
 
 
 def _require(config: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -103,6 +81,33 @@ class DecoderArchitecture:
     qkv_bias: bool = False
     qk_norm: bool = False  # qwen3: RMSNorm per q/k head before RoPE
     rope_scaling_types: tuple[str, ...] = ()  # HF rope_scaling types this architecture expresses as rope_freqs
+    layer_tensors: dict[str, tuple[str, str]] = LAYER_TENSORS  # role -> (HF, GGUF) names; override what differs
+
+    # --------------------------------------------------------------------- the tensor table
+    def layer_roles(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        """The roles of one block's tensors this spec has, with their HF shapes."""
+        d, f = spec.hidden_size, spec.ffn_size
+        q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        roles: dict[str, tuple[int, ...]] = {"attn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d)}
+        if spec.qkv_bias:
+            roles.update({"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)})
+        if spec.qk_norm:
+            roles.update({"q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)})
+        roles.update({"o": (d, q), "ffn_norm": (d,), "gate": (f, d), "up": (f, d), "down": (d, f)})
+        if spec.post_norms:
+            roles.update({"post_attn_norm": (d,), "post_ffn_norm": (d,)})
+        return roles
+
+    def hf_tensor(self, role: str, layer: int | None = None) -> str:
+        """The HF name of a role's tensor (of block `layer`, or a global one)."""
+        if layer is None:
+            return GLOBAL_TENSORS[role][0]
+        return f"model.layers.{layer}.{self.layer_tensors[role][0]}"
+
+    def gguf_tensor(self, role: str, layer: int | None = None) -> str:
+        if layer is None:
+            return GLOBAL_TENSORS[role][1]
+        return f"blk.{layer}.{self.layer_tensors[role][1]}"
 
     # --------------------------------------------------------------------- Hugging Face config
     def spec_from_hf(self, config: dict[str, Any], where: str) -> ModelSpec:
@@ -266,14 +271,14 @@ class DecoderArchitecture:
     def tensor_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Every tensor the architecture expects, by HF name, in HF layout."""
         d = spec.hidden_size
-        shapes: dict[str, tuple[int, ...]] = {hf_tensor("embed"): (spec.vocab_size, d)}
-        roles = layer_roles(spec)
+        shapes: dict[str, tuple[int, ...]] = {self.hf_tensor("embed"): (spec.vocab_size, d)}
+        roles = self.layer_roles(spec)
         for i in range(spec.n_layers):
             for role, shape in roles.items():
-                shapes[hf_tensor(role, i)] = shape
-        shapes[hf_tensor("final_norm")] = (d,)
+                shapes[self.hf_tensor(role, i)] = shape
+        shapes[self.hf_tensor("final_norm")] = (d,)
         if not spec.tie_embeddings:
-            shapes[hf_tensor("output")] = (spec.vocab_size, d)
+            shapes[self.hf_tensor("output")] = (spec.vocab_size, d)
         return shapes
 
     def gguf_name(self, hf_name: str) -> str:
@@ -282,7 +287,7 @@ class DecoderArchitecture:
                 return gg
         parts = hf_name.split(".", 3)
         if len(parts) == 4 and parts[:2] == ["model", "layers"]:
-            for hf, gg in LAYER_TENSORS.values():
+            for hf, gg in self.layer_tensors.values():
                 if hf == parts[3]:
                     return f"blk.{parts[2]}.{gg}"
         raise UnsupportedError(f"tensor {hf_name!r} has no GGUF name for architecture {self.name}")
@@ -293,10 +298,14 @@ class DecoderArchitecture:
                 return hf
         parts = gguf_name.split(".", 2)
         if len(parts) == 3 and parts[0] == "blk":
-            for hf, gg in LAYER_TENSORS.values():
+            for hf, gg in self.layer_tensors.values():
                 if gg == parts[2]:
                     return f"model.layers.{parts[1]}.{hf}"
         raise UnsupportedError(f"GGUF tensor {gguf_name!r} is not part of architecture {self.name}")
+
+    def gguf_norm_shift(self, spec: ModelSpec, hf_name: str) -> float:
+        """What a GGUF adds to this tensor: llama.cpp stores an RMSNorm's effective weight norm_offset + w."""
+        return spec.norm_offset if hf_name.endswith("norm.weight") else 0.0
 
     def qk_heads(self, spec: ModelSpec, hf_name: str) -> int | None:
         """Head count for the llama.cpp q/k row permutation, or None when the tensor is not permuted."""

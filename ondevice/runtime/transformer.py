@@ -13,8 +13,9 @@ import mmap
 import numpy as np
 
 from ondevice.architectures import get_architecture
-from ondevice.decoder import DecoderOps, require_features, run_decoder
+from ondevice.decoder import DecoderOps, attention_scale, require_features, run_decoder
 from ondevice.errors import OndeviceError
+from ondevice.rope import layer_freq_factors
 from ondevice.runtime.weights import Matrix, ModelWeights
 
 try:
@@ -97,7 +98,8 @@ class ContextOverflowError(OndeviceError):
 
 
 # What the runtime's kernels express (decoder.FEATURES)
-SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset", "post_norms", "gelu_tanh",
+                      "embed_scale", "attn_scale", "sliding_window", "local_rope_theta")
 
 
 class Transformer:
@@ -111,9 +113,9 @@ class Transformer:
         self.n_ctx = n_ctx
         self.max_batch = max_batch
         self.neox = get_architecture(spec.arch).neox_rope  # the description says which RoPE, not the name
-        self.freq_factors = None if spec.rope_freq_factors is None else np.asarray(spec.rope_freq_factors,
-                                                                                   np.float32)
-        self.scale = 1.0 / float(np.sqrt(spec.head_dim))
+        self.freq_factors = [None if f is None else np.asarray(f, np.float32)
+                             for f in (layer_freq_factors(spec, i) for i in range(spec.n_layers))]
+        self.scale = attention_scale(spec)
         kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
         # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
         self.k_cache = lazy_zeros(kv_shape, kv_dtype)
@@ -127,6 +129,8 @@ class Transformer:
         self._out = {"q": np.empty((b, q), np.float32), "k": np.empty((b, kv), np.float32),
                      "v": np.empty((b, kv), np.float32), "gate": np.empty((b, f), np.float32),
                      "up": np.empty((b, f), np.float32)}
+        if spec.post_norms:  # the o and down outputs are normed before their residual add
+            self._out.update({"o": np.empty((b, d), np.float32), "down": np.empty((b, d), np.float32)})
         self._attn = np.empty((b, q), np.float32)
         self._logits = np.empty((b, spec.vocab_size), np.float32)
 
@@ -174,7 +178,12 @@ class KernelOps(DecoderOps[np.ndarray]):
         K.get_rows(x, table.data, table.ggml_type, self.tokens, self.spec.hidden_size)
         return x
 
+    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        np.multiply(x, np.float32(factor), out=x)
+        return x
+
     def norm(self, x: np.ndarray, role: str, layer: int | None) -> np.ndarray:
+        # a GGUF stores norm_offset + w (llama.cpp's convention), so the weight is used as it is
         weight = self.t.w.globals[role] if layer is None else self.t.w.layers[layer][role]
         h = self.t._h[: len(x)]
         K.rmsnorm(h, x, weight, self.spec.rms_eps)
@@ -200,19 +209,20 @@ class KernelOps(DecoderOps[np.ndarray]):
         t, spec, m, pos0 = self.t, self.spec, self.m, self.pos0
         hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         q3, k3 = q.reshape(m, nh, hd), k.reshape(m, nkv, hd)
+        theta, factors = spec.layer_rope_theta(layer), t.freq_factors[layer]
         for heads in (q3, k3):
-            if t.freq_factors is None:
-                K.rope(heads, self.positions, spec.rope_theta, t.neox)
+            if factors is None:
+                K.rope(heads, self.positions, theta, t.neox)
             else:
-                K.rope(heads, self.positions, spec.rope_theta, t.neox, t.freq_factors)
+                K.rope(heads, self.positions, theta, t.neox, factors)
         t.k_cache[layer, :, pos0 : pos0 + m, :] = k3.transpose(1, 0, 2)
         t.v_cache[layer, :, pos0 : pos0 + m, :] = v.reshape(m, nkv, hd).transpose(1, 0, 2)
         attn = t._attn[:m]
-        K.attention(attn, q3, t.k_cache[layer], t.v_cache[layer], pos0, t.scale)
+        K.attention(attn, q3, t.k_cache[layer], t.v_cache[layer], pos0, t.scale, spec.window(layer))
         return attn
 
     def gated_act(self, gate: np.ndarray, up: np.ndarray, layer: int) -> np.ndarray:
-        K.silu_mul(gate, gate, up)
+        (K.gelu_mul if self.spec.activation == "gelu_tanh" else K.silu_mul)(gate, gate, up)
         return gate
 
     def add(self, x: np.ndarray, y: np.ndarray, layer: int, what: str) -> np.ndarray:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ondevice.architectures import get_architecture
-from ondevice.architectures.base import gguf_tensor, layer_roles
 from ondevice.errors import InvalidModelError, UnsupportedError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
@@ -69,13 +68,13 @@ def load_weights(gguf: GGUFFile) -> ModelWeights:
         raise InvalidModelError(f"{gguf.path}: general.architecture is missing")
     arch = get_architecture(arch_name)
     spec = arch.spec_from_gguf(gguf)
-    roles = layer_roles(spec)
-    layers = [{role: _tensor(gguf, gguf_tensor(role, i), shape) for role, shape in roles.items()}
+    roles = arch.layer_roles(spec)
+    layers = [{role: _tensor(gguf, arch.gguf_tensor(role, i), shape) for role, shape in roles.items()}
               for i in range(spec.n_layers)]
     embed_shape = (spec.vocab_size, spec.hidden_size)
-    embed = _matrix(gguf, gguf_tensor("embed"), embed_shape)
+    embed = _matrix(gguf, arch.gguf_tensor("embed"), embed_shape)
     return ModelWeights(spec, layers, {
         "embed": embed,
-        "final_norm": _vector(gguf, gguf_tensor("final_norm"), spec.hidden_size),
-        "output": embed if spec.tie_embeddings else _matrix(gguf, gguf_tensor("output"), embed_shape),
+        "final_norm": _vector(gguf, arch.gguf_tensor("final_norm"), spec.hidden_size),
+        "output": embed if spec.tie_embeddings else _matrix(gguf, arch.gguf_tensor("output"), embed_shape),
     })

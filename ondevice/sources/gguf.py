@@ -63,10 +63,12 @@ def open_gguf_file(path: str | Path) -> CanonicalModel:
                 )
             qtype = quant_type_for_ggml(info.ggml_type)
             heads = arch.qk_heads(spec, hf_name)
+            shift = arch.gguf_norm_shift(spec, hf_name)  # stored norm_offset + w: the HF weight is w
+            loader = lambda n=gguf_name, q=qtype, h=heads, s=info.shape: _load(gguf, n, q, h, s)  # noqa: E731
             tensors[hf_name] = LazyTensor(
                 hf_name, info.shape, qtype.name,
-                loader=lambda n=gguf_name, q=qtype, h=heads, s=info.shape: _load(gguf, n, q, h, s),
-                raw=lambda n=gguf_name, q=qtype, h=heads: _raw(gguf, n, q, h),
+                loader=(lambda f=loader, o=shift: f() - np.float32(o)) if shift else loader,
+                raw=None if shift else lambda n=gguf_name, q=qtype, h=heads: _raw(gguf, n, q, h),
             )
         missing = [n for n in expected if n not in tensors]
         if missing:
