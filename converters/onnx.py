@@ -38,11 +38,11 @@ from ondevice.converters.base import (
     write_tokenizer_files,
 )
 
-from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
+from ondevice.decoder import DecoderOps, attention_scale, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output
 from ondevice.model import CanonicalModel, LazyTensor
-from ondevice.rope import rope_tables
+from ondevice.rope import layer_freq_factors, rope_tables
 
 TARGET = Target(
     name="onnx",
@@ -223,7 +223,8 @@ class _Weights:
 
 
 # What this graph builder expresses (decoder.FEATURES)
-SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset", "post_norms", "gelu_tanh",
+                      "embed_scale", "attn_scale", "sliding_window", "local_rope_theta")
 
 
 @dataclass(frozen=True)
@@ -238,13 +239,25 @@ class _Part:
 class _OnnxOps(DecoderOps[Any]):
     """Nodes of the decoder; every weight is loaded, emitted and dropped when its node is built."""
 
-    def __init__(self, model: CanonicalModel, g: Any, weights: _Weights, bar: Any, cos_cache: str, sin_cache: str,
-                 seqlens_k: str, total_len: str) -> None:
+    def __init__(self, model: CanonicalModel, g: Any, weights: _Weights, bar: Any, seqlens_k: str,
+                 total_len: str) -> None:
         super().__init__(model.spec)
         self.model, self.g, self.weights, self.bar = model, g, weights, bar
-        self.cos_cache, self.sin_cache, self.seqlens_k, self.total_len = cos_cache, sin_cache, seqlens_k, total_len
+        self.seqlens_k, self.total_len = seqlens_k, total_len
         self.head: _Head | None = None
         self.splits: dict[str, list[str]] = {}
+        self.rope_caches: dict[tuple[float, bool], tuple[str, str]] = {}  # (base, scaled) -> cos, sin initializers
+
+    def rope_cache(self, layer: int) -> tuple[str, str]:
+        """GroupQueryAttention's cos/sin caches for this layer's RoPE (one pair per distinct base and scaling)."""
+        spec = self.spec
+        key = (spec.layer_rope_theta(layer), layer_freq_factors(spec, layer) is not None)
+        if key not in self.rope_caches:
+            cos, sin = rope_tables(spec, spec.context_length, layer=layer)
+            suffix = "" if not self.rope_caches else f"_{len(self.rope_caches)}"
+            self.rope_caches[key] = (self.g.weight(f"rope.cos_cache{suffix}", cos),
+                                     self.g.weight(f"rope.sin_cache{suffix}", sin))
+        return self.rope_caches[key]
 
     def load(self, role: str, layer: int | None) -> np.ndarray:
         self.bar.update(1)
@@ -263,6 +276,9 @@ class _OnnxOps(DecoderOps[Any]):
         hidden, self.head = self.weights.embedding("input_ids", self.load("embed", None), self.spec.tie_embeddings)
         return hidden
 
+    def scale(self, x: Any, factor: float) -> str:
+        return self.g.op("Mul", [self.value(x), self.g.const(factor, np.float32)], "embed/scale")
+
     def norm(self, x: Any, role: str, layer: int | None) -> str:
         base = self.arch.hf_tensor(role, layer).removesuffix(".weight")
         return self._rms_norm(self.value(x), self.load(role, layer), base)
@@ -270,6 +286,8 @@ class _OnnxOps(DecoderOps[Any]):
     def _rms_norm(self, x: str, weight: np.ndarray, base: str) -> str:
         g = self.g
         w = self.weights.float_weight(f"{base}.weight", weight)
+        if self.spec.norm_offset:  # the source's w is stored (f16 artifacts round it, not 1 + w)
+            w = g.op("Add", [w, g.const(self.spec.norm_offset, np.float32)], f"{base}/offset")
         square = g.op("Pow", [x, g.const(2.0, np.float32)], f"{base}/pow")
         mean = g.op("ReduceMean", [square], f"{base}/mean", axes=[-1], keepdims=1)
         root = g.op("Sqrt", [g.op("Add", [mean, g.const(self.spec.rms_eps, np.float32)], f"{base}/eps")],
@@ -302,16 +320,25 @@ class _OnnxOps(DecoderOps[Any]):
         # Packed q|k|v (or q, k, v apart); rotate-half RoPE, the KV cache append, grouped heads and the causal
         # mask inside.
         qkv = [q.packed, "", ""] if packed else [self.value(q), self.value(k), self.value(v)]
+        window = {"local_window_size": spec.window(layer)} if spec.window(layer) else {}
         return g.node("GroupQueryAttention", [*qkv, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
-                                              self.seqlens_k, self.total_len, self.cos_cache, self.sin_cache],
+                                              self.seqlens_k, self.total_len, *self.rope_cache(layer)],
                       f"{a}/attention", [f"{a}/attention/out", f"present.{layer}.key", f"present.{layer}.value"],
                       domain=MS_DOMAIN, num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, do_rotary=1,
-                      rotary_interleaved=0, scale=float(1.0 / np.sqrt(spec.head_dim)))[0]
+                      rotary_interleaved=0, scale=float(attention_scale(spec)), **window)[0]
 
     def gated_act(self, gate: Any, up: Any, layer: int) -> str:
         g, m = self.g, f"model.layers.{layer}.mlp"
         gate, up = self.value(gate), self.value(up)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{m}/sigmoid")], f"{m}/silu")
+        if self.spec.activation == "gelu_tanh":  # x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+            c = 2 * np.sqrt(2 / np.pi)
+            inner = g.op("Add", [g.const(c, np.float32), g.op("Mul", [g.const(c * 0.044715, np.float32),
+                                                                       g.op("Mul", [gate, gate], f"{m}/square")],
+                                                               f"{m}/poly")], f"{m}/inner")
+            sigmoid = g.op("Sigmoid", [g.op("Mul", [gate, inner], f"{m}/2u")], f"{m}/sigmoid")
+            act = g.op("Mul", [gate, sigmoid], f"{m}/gelu")
+        else:
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{m}/sigmoid")], f"{m}/silu")
         return g.op("Mul", [act, up], f"{m}/gated")
 
     def add(self, x: Any, y: Any, layer: int, what: str) -> str:
@@ -364,9 +391,7 @@ def _build_graph(model: CanonicalModel, g: Any, weights: _Weights, bar: Any) -> 
     total = g.op("Squeeze", [g.op("Shape", ["attention_mask"], "mask/shape", start=1, end=2), g.const([0])],
                  "mask/total")
     total_len = g.op("Cast", [total], "mask/total_len", to=TensorProto.INT32)
-    cos_table, sin_table = rope_tables(spec, spec.context_length)
-    ops = _OnnxOps(model, g, weights, bar, g.weight("rope.cos_cache", cos_table),
-                   g.weight("rope.sin_cache", sin_table), seqlens_k, total_len)
+    ops = _OnnxOps(model, g, weights, bar, seqlens_k, total_len)
     g.op("Identity", [run_decoder(ops)], "logits", out="logits")
     check_consumed(model.tensors, ops.used, "onnx")
     return inputs, outputs
