@@ -106,11 +106,13 @@ class SafetensorsFile:
             header = json.loads(self._fh.read(hlen))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise self._fail("header is not valid JSON") from None
+        except RecursionError:
+            raise self._fail("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = meta if isinstance(meta, dict) else {}
-        base = 8 + hlen
+        base = self._data_start = 8 + hlen
         self.tensors: dict[str, SafeTensorInfo] = {}
         for name, entry in header.items():
             try:
@@ -127,6 +129,17 @@ class SafetensorsFile:
             if not 0 <= start <= end or end - start != nbytes or base + end > size:
                 raise self._fail(f"tensor {name!r} offsets {start}..{end} do not match its shape or the file size")
             self.tensors[name] = SafeTensorInfo(name, dtype, shape, base + start, nbytes)
+        self._check_disjoint()
+
+    def _check_disjoint(self) -> None:
+        """Two tensors sharing bytes would alias silently (a write to one is a write to the other): refuse it,
+        whatever the order of the header entries."""
+        base = self._data_start
+        spans = sorted((t.offset - base, t.offset - base + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (start, end, name), (next_start, next_end, next_name) in zip(spans, spans[1:], strict=False):
+            if next_start < end:
+                raise self._fail(f"tensors {name!r} (data_offsets {start}..{end}) and {next_name!r} "
+                                 f"({next_start}..{next_end}) overlap")
 
     def raw(self, name: str) -> np.ndarray:
         """The stored elements as a read-only numpy view (BF16 as uint16 bits)."""

@@ -33,9 +33,9 @@ def artifact_kind(path: Path) -> str:
         if config.exists():
             try:
                 data = json.loads(config.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # the reader of the kind found says what is wrong
                 data = {}
-            if "quantization" in data and not (path / "quantize_config.json").exists():
+            if isinstance(data, dict) and "quantization" in data and not (path / "quantize_config.json").exists():
                 return MLX
             return MLX if _mlx_safetensors(path) else HF
         if (path / "genai_config.json").is_file():
@@ -67,5 +67,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             if length > 100_000_000:
                 raise ValueError(f"header length {length}")
             return json.loads(fh.read(length))
+    except RecursionError:
+        raise InvalidModelError(f"{path}: not a safetensors file (header JSON nested too deeply)") from None
     except (OSError, ValueError, struct.error) as exc:
         raise InvalidModelError(f"{path}: not a safetensors file ({exc})") from None
