@@ -306,3 +306,61 @@ def test_fuzz_tokenizer_json_bit_flips(broken_copy, tmp_path, capsys):
             (out / "m.gguf").unlink()
         outcomes[code] += 1
     assert outcomes[1] >= 10, outcomes
+
+
+def _writer_mid_write(target: Path, directory: bool):
+    """A real writer of `target` in a child process, stopped while its partial output is open."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ondevice.formats.atomic import atomic_output\n"
+        f"with atomic_output(Path({str(target)!r}), directory={directory}) as tmp:\n"
+        "    fh = open(tmp / 'model.safetensors' if tmp.is_dir() else tmp, 'wb')\n"
+        "    fh.write(b'half a model'); fh.flush()\n"
+        "    print(tmp, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        partial = Path(child.stdout.readline().strip())
+        assert partial.exists() and str(child.pid) in partial.name, partial
+    except BaseException:
+        child.kill()
+        raise
+    return child, partial
+
+
+def test_stale_partials_of_a_killed_convert_are_removed_on_the_next_write(tiny_models, tmp_path, capsys):
+    import os
+
+    out = out_dir(tmp_path)
+    target = out / "m.gguf"
+    # Both writers run at once (the second leaves the first's partial alone: its writer is alive), then kill -9.
+    writers = [_writer_mid_write(target, directory=False), _writer_mid_write(target, directory=True)]
+    for child, _ in writers:
+        child.kill()  # SIGKILL: no finally, no atexit, exactly what kill -9 leaves behind
+        child.wait(timeout=30)
+    (_, stale_file), (_, stale_folder) = writers
+    assert stale_file.is_file() and stale_folder.is_dir()
+    live = out / f".m.gguf.{os.getpid()}.0123abcd.partial"  # this process is alive: still being written
+    live.write_bytes(b"in progress")
+    others = [out / f".other.gguf.{stale_file.name.split('.')[3]}.0123abcd.partial",  # another output's
+              out / ".m.gguf.0123abcd.partial", out / "m.gguf.notes"]  # not our exact pattern
+    for other in others:
+        other.write_bytes(b"not ours to remove")
+    code, err = run_cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--pre", "gpt-2", "-o", str(target),
+                         "--no-progress"], capsys)
+    assert code == 0 and target.read_bytes()[:4] == b"GGUF"
+    assert not stale_file.exists() and not stale_folder.exists()
+    notes = [line for line in err.splitlines() if "left by a killed run" in line]
+    assert len(notes) == 1 and stale_file.name in notes[0] and stale_folder.name in notes[0], err
+    assert live.read_bytes() == b"in progress" and all(p.exists() for p in others)
+    code, err = run_cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--pre", "gpt-2", "-o", str(target),
+                         "--no-progress", "--force"], capsys)
+    assert code == 0 and "killed run" not in err and live.exists()  # nothing stale the second time
