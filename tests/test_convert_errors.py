@@ -181,12 +181,14 @@ def test_hostile_config_fields_are_one_line_errors(tiny_models, tmp_path, capsys
     assert not (tmp_path / "out.gguf").exists()
 
 
-def _rewrite_safetensors_header(path: Path, edit) -> None:
+def _rewrite_safetensors_header(path: Path, edit, raw: dict[str, str] | None = None) -> None:
+    """Edit the header as JSON (`edit` may return a replacement), then replace raw text (for what json.dumps cannot
+    write, e.g. a 5000-digit int)."""
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
-    edit(header)
-    blob = json.dumps(header).encode()
+    header = edit(header) or header
+    blob = _replace_raw(json.dumps(header), raw).encode()
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + length :])
 
 
@@ -202,6 +204,20 @@ def _shift_into_previous(header: dict) -> None:
     offsets, name = max((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
     header[name]["data_offsets"] = [offsets[0] - 4, offsets[1] - 4]
     header.update({name: header.pop(name), **{k: header.pop(k) for k in list(header) if k != name}})
+
+
+def _replace_raw(text: str, raw: dict[str, str] | None) -> str:
+    for old, new in (raw or {}).items():
+        text = text.replace(old, new)
+    return text
+
+
+def _edit_config(edit, raw: dict[str, str] | None = None):
+    def mutate(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(_replace_raw(json.dumps(config), raw))
+    return mutate
 
 
 def _write(name: str, content: bytes):
@@ -237,6 +253,22 @@ HOSTILE_FOLDERS = {
                              "model.safetensors", ["overlap"]),
     "deep-safetensors-header": (lambda f: f.joinpath("model.safetensors").write_bytes(
         struct.pack("<Q", 100000) + b"[" * 100000), "model.safetensors", ["nested too deeply"]),
+    "shape-10**30": (lambda f: _rewrite_safetensors_header(
+        f / "model.safetensors", lambda h: h["model.norm.weight"].update(shape=[10**30])), "model.safetensors",
+        ["model.norm.weight"]),
+    "shape-whose-int64-size-wraps-to-0": (lambda f: _rewrite_safetensors_header(
+        f / "model.safetensors", lambda h: h["model.norm.weight"].update(shape=[2**62, 4], data_offsets=[0, 0])),
+        "model.safetensors", ["model.norm.weight"]),
+    "dtype-array": (lambda f: _rewrite_safetensors_header(
+        f / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype=["F32"])), "model.safetensors",
+        ["model.norm.weight"]),
+    "5000-digit-offset": (lambda f: _rewrite_safetensors_header(
+        f / "model.safetensors", lambda h: h["model.norm.weight"].update(data_offsets=["9" * 5000, 1]),
+        raw={'"' + "9" * 5000 + '"': "9" * 5000}), "model.safetensors", ["not valid JSON"]),
+    "header-array": (lambda f: _rewrite_safetensors_header(f / "model.safetensors", lambda h: [1]),
+                     "model.safetensors", ["not a JSON object"]),
+    "5000-digit-int-config": (_edit_config(lambda c: c.update(rope_theta="9" * 5000),
+                                           raw={'"' + "9" * 5000 + '"': "9" * 5000}), "config.json", ["5000"]),
     **{f"deep-{name}": (_write(name, b"[" * 100000), name, ["nested too deeply"])
        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")},
     "deep-object-config": (_write("config.json", b'{"a":' * 100000), "config.json", ["nested too deeply"]),
