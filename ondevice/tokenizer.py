@@ -345,6 +345,9 @@ def _load_json_text(text: str | bytes, what: str) -> Any:
         except UnicodeEncodeError as exc:
             raise InvalidModelError(f"{what} holds a string with a lone surrogate ({exc.object[exc.start]!r}), "
                                     "which is not Unicode text; re-download or re-export it") from None
+        except RecursionError:  # the encoder's stack is shallower than the decoder's
+            raise InvalidModelError(f"{what} is not valid JSON (nested too deeply); re-download or re-export it") \
+                from None
     return data
 
 
