@@ -147,7 +147,7 @@ def display_name(gguf: Any, source: Path) -> tuple[str, str | None]:
     ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2 135M Instruct")."""
     raw = gguf.get("general.name")
     raw = raw.strip() if isinstance(raw, str) else ""
-    if raw and not _RUN_SLUG.search(raw):
+    if raw and not _RUN_SLUG.search(raw) and raw.lower() not in _GENERIC_STEMS:
         return raw, None
     candidates = []
     for key in ("general.source.huggingface.repository", "general.source.url"):
@@ -165,7 +165,8 @@ def display_name(gguf: Any, source: Path) -> tuple[str, str | None]:
     for candidate in candidates:
         name = _clean_name(candidate)
         if name and re.search(r"[A-Za-z]", name) and not _RUN_SLUG.search(name):
-            why = (f"general.name {raw!r} looks like a training-run name" if raw else "the GGUF has no general.name")
+            why = ("the GGUF has no general.name" if not raw else f"general.name {raw!r} is a placeholder"
+                   if raw.lower() in _GENERIC_STEMS else f"general.name {raw!r} looks like a training-run name")
             return name, why
     return raw or _clean_name(source.stem) or "model", None
 

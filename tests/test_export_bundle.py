@@ -338,6 +338,7 @@ def test_export_name_option_sets_the_manifest_and_gguf_name(tiny_models: dict[st
     (None, "Llama-3.2-1B-Instruct-Q4_K_M.gguf", "Llama 3.2 1B Instruct"),
     ("my-run step-12000", "model.gguf", "smollm2 135M"),  # generic file name: basename + size label
     ("ckpt_3 ep4", "model.f16.gguf", "smollm2 135M"),
+    ("model", "tiny.gguf", "tiny"),  # ondevice's placeholder when a config names no model
 ])
 def test_display_name(general_name, file_name, expected) -> None:
     from ondevice.export_bundle import display_name
