@@ -9,6 +9,11 @@ leaves nothing behind.
 
 What each app gets:
 - pocketpal: the GGUF (PocketPal AI and other llama.cpp apps read the chat template from it) + manifest.
+
+Apps that import the .gguf alone show its general.name and stop on the end-of-generation ids llama.cpp reads from
+its metadata, so an exported GGUF carries the display name (--name, or one derived from the file/repo name when
+general.name is a training-run slug) and explicit tokenizer.ggml.eos_token_id / eot_token_id; everything else in
+the file is copied unchanged.
 - ios: by default the GGUF for llama.cpp-based apps (llama.cpp's Swift package; see apps/ios), tokenizer.json and
   the chat template beside it; with --format coreml a Core ML .mlpackage (ondevice's coreml target: mlprogram
   for iOS 18 with a stateful KV cache, int4 by default) with its tokenizer and runtime manifest beside it, the
@@ -22,8 +27,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +130,91 @@ def _sampling(gguf: Any) -> dict[str, Any]:
     return {**values, "max_tokens": DEFAULTS.max_tokens, "source": "gguf" if found else "ondevice-defaults"}
 
 
+# Words of training-run names ("8k-lc100k-mix1-ep2") that llama.cpp's converter turns into a general.name such as
+# "Smollm2 135M 8k Lc100K Mix1 Ep2": a name like this is not one to show people.
+_RUN_SLUG = re.compile(r"(?i)(?<![a-z])(?:(?:ep|epoch|step|steps|ckpt|checkpoint|mix|run|iter|seed)[-_ ]?\d+"
+                       r"|lc\d+k)(?![a-z])")
+_QUANT_SUFFIX = re.compile(r"(?i)[._-](?:i?q\d(?:_[0-9a-z]+)*|f16|f32|bf16|fp16|fp32|\d+bit)$")
+_GENERIC_STEMS = frozenset(["model", "ggml-model", "out", "output", "gguf"])
+
+
+def _clean_name(text: str) -> str:
+    return " ".join(re.sub(r"[-_]+", " ", text).split())
+
+
+def display_name(gguf: Any, source: Path) -> tuple[str, str | None]:
+    """(the name to show in apps, why it differs from general.name or None). general.name is kept unless it is
+    missing or looks like a training-run slug; then the repository or file name the model came under is used
+    ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2 135M Instruct")."""
+    raw = gguf.get("general.name")
+    raw = raw.strip() if isinstance(raw, str) else ""
+    if raw and not _RUN_SLUG.search(raw) and raw.lower() not in _GENERIC_STEMS:
+        return raw, None
+    candidates = []
+    for key in ("general.source.huggingface.repository", "general.source.url"):
+        value = gguf.get(key)
+        if isinstance(value, str) and value.strip("/"):
+            candidates.append(value.strip("/").rsplit("/", 1)[-1])
+    stem = source.name.removesuffix(".gguf")
+    while _QUANT_SUFFIX.search(stem):
+        stem = _QUANT_SUFFIX.sub("", stem)
+    if stem.lower() not in _GENERIC_STEMS:
+        candidates.append(stem)
+    parts = [gguf.get(k) for k in ("general.basename", "general.size_label")]
+    if all(isinstance(p, str) and p for p in parts):
+        candidates.append(" ".join(parts))
+    for candidate in candidates:
+        name = _clean_name(candidate)
+        if name and re.search(r"[A-Za-z]", name) and not _RUN_SLUG.search(name):
+            why = ("the GGUF has no general.name" if not raw else f"general.name {raw!r} is a placeholder"
+                   if raw.lower() in _GENERIC_STEMS else f"general.name {raw!r} looks like a training-run name")
+            return name, why
+    return raw or _clean_name(source.stem) or "model", None
+
+
+def _end_of_turn_id(vocab: Any, template: str | None) -> int | None:
+    """The end-of-generation token the chat template closes each turn with (<|im_end|>, <|eot_id|>,
+    <end_of_turn>...): the one it names most often; None without a template or such a token."""
+    from ondevice.tokenizer import eog_ids
+
+    if not template:
+        return None
+    counts = {tid: template.count(vocab.tokens[tid]) for tid in eog_ids(vocab) if vocab.tokens[tid]}
+    named = [tid for tid, n in counts.items() if n and tid != vocab.bos_id]
+    return max(named, key=lambda tid: (counts[tid], -tid)) if named else None
+
+
+def stop_token_metadata(vocab: Any, template: str | None) -> dict[str, int]:
+    """tokenizer.ggml.* ids to add so that an app reading only the GGUF stops where the model needs it to: EOT
+    (the template's end-of-turn token) and EOS when the file does not set them."""
+    from ondevice.tokenizer import eog_ids
+
+    added: dict[str, int] = {}
+    eot = _end_of_turn_id(vocab, template)
+    if vocab.eot_id is None and eot is not None:
+        added["tokenizer.ggml.eot_token_id"] = eot
+    if vocab.eos_id is None:
+        fallback = eot if eot is not None else next(iter(eog_ids(vocab)), None)
+        if fallback is not None:
+            added["tokenizer.ggml.eos_token_id"] = fallback
+    return added
+
+
+def _write_gguf_copy(source: Any, target: Path, changes: dict[str, Any]) -> None:
+    """The source GGUF with some metadata replaced: tensors byte for byte, same order and alignment."""
+    from ondevice.formats.gguf import PlannedTensor, write_gguf
+    from ondevice.formats.safetensors import release_pages
+
+    planned = [PlannedTensor(name, info.shape, info.ggml_type, lambda n=name: source.tensor_data(n))
+               for name, info in source.tensors.items()]
+
+    def done(tensor: PlannedTensor) -> None:  # keep RSS near one tensor, not the model size
+        info = source.tensors[tensor.name]
+        release_pages(source._mmap, info.offset, info.nbytes)
+
+    write_gguf(target, {**source.fields, **changes}, planned, alignment=source.alignment, on_tensor=done)
+
+
 def _ram_estimate(model_file: Path, device: str, ctx: int) -> dict[str, Any]:
     """RAM need from `ondevice fit` (file + KV cache for ctx + runtime overhead) on a device profile."""
     from ondevice.bench.artifacts import describe_artifact
@@ -162,11 +253,14 @@ manifest.json follows the schema `{SCHEMAS[manifest['manifest_version']]}` shipp
 
 def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_format: str | None = None,
                   device: str | None = None, ctx: int | None = None, quant: str | None = None,
-                  force: bool = False, progress: bool = False) -> BundleResult:
-    """Write a validated bundle for `app` into `out_dir` (see the module docstring)."""
-    from ondevice.formats.gguf import GGUFFile
+                  name: str | None = None, force: bool = False, progress: bool = False) -> BundleResult:
+    """Write a validated bundle for `app` into `out_dir` (see the module docstring); `name` is the display name
+    (default: general.name, or one derived from the file name when that is a training-run slug)."""
+    from ondevice.formats.gguf import GGUFFile, TypedValue, ValueType
     from ondevice.hub import resolve_model
     from ondevice.runtime.text import TextCodec
+    from ondevice.sources.gguf import _vocab_from_gguf
+    from ondevice.tokenizer import eog_ids
 
     if app not in APPS:
         raise UnsupportedError(f"--app {app} is not supported; choose from {', '.join(APPS)}")
@@ -179,6 +273,8 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
                                "`ondevice convert`")
     if ctx is not None and ctx < 1:
         raise OndeviceError(f"--ctx must be >= 1, got {ctx}")
+    if name is not None and (not name.strip() or "\n" in name):
+        raise OndeviceError("--name must be a non-empty single line")
     out_dir = Path(out_dir)
     check_output_path(out_dir, force)  # before any work
     source = resolve_model(None if model is None else str(model))
@@ -195,23 +291,43 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
         template = str(template) if template is not None else None
         tokens = gguf.get("tokenizer.ggml.tokens") or []
         vocab_size = int(gguf.get(f"{arch}.vocab_size") or len(tokens))  # the logits' width
-        name = str(gguf.get("general.name") or source.stem)
+        notes: list[str] = []
+        raw_name = gguf.get("general.name")
+        if name is None:
+            name, why = display_name(gguf, source)
+            if why:
+                notes.append(f"display name {name!r} ({why}; --name sets another)")
+        name = name.strip()
         license_name = gguf.get("general.license")
         sampling = _sampling(gguf)
         tokenizer_json = codec.tokenizer.to_str()
+        vocab = _vocab_from_gguf(gguf)
+        stop_ids = stop_token_metadata(vocab, template)
     finally:
         gguf.close()
-    eos = [{"id": int(i), "text": codec.token_text(int(i))} for i in sorted(codec.eos_ids)]
+    for key, tid in stop_ids.items():
+        notes.append(f"the GGUF gets {key} = {tid} ({codec.token_text(tid)}) so that apps reading only the file stop "
+                     "at the end of a turn")
+    vocab = replace(vocab, eos_id=stop_ids.get("tokenizer.ggml.eos_token_id", vocab.eos_id),
+                    eot_id=stop_ids.get("tokenizer.ggml.eot_token_id", vocab.eot_id))
+    # What llama.cpp will treat as end of generation in the exported file: the manifest lists exactly that.
+    eos = [{"id": int(i), "text": codec.token_text(int(i))} for i in eog_ids(vocab)]
     bos = codec.token_text(codec.bos_id) if codec.bos_id is not None else None
     ctx = min(ctx or 2048, context_length)
     device = device or DEFAULT_DEVICE[app]
-    notes: list[str] = []
+    gguf_changes = {key: TypedValue(ValueType.UINT32, tid) for key, tid in stop_ids.items()}
+    if name != raw_name:
+        gguf_changes["general.name"] = TypedValue(ValueType.STRING, name)
 
     with atomic_output(out_dir, force=force, directory=True) as tmp:
         files: list[tuple[str, str]] = []  # (relative path, role)
         if model_format == "gguf":
             model_file = tmp / source.name
-            shutil.copyfile(source, model_file)
+            if gguf_changes:
+                with GGUFFile(source) as original:
+                    _write_gguf_copy(original, model_file, gguf_changes)
+            else:
+                shutil.copyfile(source, model_file)
             files.append((model_file.name, "model"))
             runtime = "llama.cpp"
             quantization = _gguf_quant(source)

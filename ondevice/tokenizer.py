@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,23 +320,93 @@ class SpecialTokens:
 # small helpers
 
 
+# A JSON escape of half a surrogate pair parses to a str that cannot be encoded (tokenizers and GGUF writers then
+# fail deep inside); cheap to spot in the text, so only files that contain such an escape pay for a full check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def _load_json_text(text: str | bytes, what: str) -> Any:
+    """Parse untrusted JSON: a one-line InvalidModelError (naming `what`) for anything that is not valid UTF-8 JSON,
+    including nesting too deep for the parser and strings holding a lone surrogate."""
     try:
-        return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Bytes are decoded as UTF-8 here: json.loads would guess UTF-16/32 from the first bytes.
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise InvalidModelError(f"{what} is not valid UTF-8 (byte {exc.start}); re-download or re-export it") from None
+    except RecursionError:
+        raise InvalidModelError(f"{what} is not valid JSON (nested too deeply); re-download or re-export it") from None
+    except ValueError as exc:
         raise InvalidModelError(f"{what} is not valid JSON ({exc}); re-download or re-export it") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidModelError(f"{what} holds a string with a lone surrogate ({exc.object[exc.start]!r}), "
+                                    "which is not Unicode text; re-download or re-export it") from None
+        except RecursionError:  # the encoder's stack is shallower than the decoder's
+            raise InvalidModelError(f"{what} is not valid JSON (nested too deeply); re-download or re-export it") \
+                from None
+    return data
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InvalidModelError(f"{path} is {size} bytes, more than the {max_bytes}-byte limit for a JSON file")
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def read_json_file(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Parse a JSON file with a size cap; malformed or oversized files raise InvalidModelError."""
     path = Path(path)
+    return _load_json_text(_read_capped(path, max_bytes), str(path))
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """read_json_file for files that must hold one JSON object (config.json, tokenizer_config.json...)."""
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{path} should hold a JSON object, not {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def read_tokenizer_file(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """The text and the parsed object of an untrusted tokenizer.json, checked to be one `tokenizers` loads.
+
+    Every failure, including the bare Exception `tokenizers` raises for a vocabulary it rejects (e.g. a merge
+    naming a token that a flipped bit renamed), is one InvalidModelError naming the file.
+    """
+    path = Path(path)
+    raw = _read_capped(path, MAX_JSON_BYTES)
+    data = _load_json_text(raw, str(path))
+    if not isinstance(data, dict) or not isinstance(data.get("model"), Mapping):
+        kind = "an object without a 'model' object" if isinstance(data, dict) else _json_kind(data)
+        raise InvalidModelError(f"{path} is not a Hugging Face tokenizers file (it holds {kind})")
+    text = raw.decode("utf-8")  # valid: _load_json_text decoded it
+    build_tokenizer(text, str(path))
+    return text, data
+
+
+def build_tokenizer(text: str, what: str) -> Any:
+    """tokenizers.Tokenizer.from_str(text) for untrusted text; its bare Exception becomes a one-line
+    InvalidModelError that starts with `what` (the file the tokenizer came from)."""
+    from tokenizers import Tokenizer
+
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InvalidModelError(f"cannot read {path}: {exc.strerror}") from None
-    if size > max_bytes:
-        raise InvalidModelError(f"{path} is {size} bytes, more than the {max_bytes}-byte limit for a JSON file")
-    return _load_json_text(path.read_bytes(), str(path))
+        return Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises plain Exception with long, sometimes multi-line messages
+        first_line = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{what}: the tokenizer cannot be built by `tokenizers` ({first_line})") from None
 
 
 def _as_tokenizer_dict(tokenizer_json: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
@@ -436,12 +507,13 @@ def _as_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
     if isinstance(tokenizer, Mapping):
         tokenizer = json.dumps(tokenizer)
-    if isinstance(tokenizer, (str, bytes)):
+    if isinstance(tokenizer, bytes):
         try:
-            return Tokenizer.from_str(tokenizer if isinstance(tokenizer, str) else tokenizer.decode("utf-8"))
-        except Exception as exc:  # tokenizers raises plain Exception subclasses with long messages
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidModelError(f"tokenizer.json cannot be loaded by `tokenizers`: {first_line}") from None
+            tokenizer = tokenizer.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidModelError("tokenizer.json is not valid UTF-8; re-download or re-export it") from None
+    if isinstance(tokenizer, str):
+        return build_tokenizer(tokenizer, "tokenizer.json")
     raise TypeError(f"expected a tokenizers.Tokenizer, tokenizer.json text or dict, got {type(tokenizer).__name__}")
 
 
@@ -1059,6 +1131,8 @@ __all__ = [
     "looks_special",
     "pre_tokenizer_hash",
     "read_json_file",
+    "read_json_object",
+    "read_tokenizer_file",
     "special_tokens_from_folder",
     "special_tokens_from_hf",
     "tokenizer_config_json",

@@ -51,7 +51,7 @@ def test_bundle_validates_and_describes_the_model(bundles: dict[str, Path], smol
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no partial folders left
     model = manifest["model"]
     assert (model["format"], model["architecture"], model["context_length"]) == ("gguf", "llama", 8192)
-    assert (folder / model["file"]).read_bytes() == smollm2.read_bytes()
+    assert_same_gguf_but(folder / model["file"], smollm2, {"general.name", "tokenizer.ggml.eot_token_id"})
     assert "<|im_end|>" in manifest["chat"]["stop"]
     assert manifest["chat"]["template"] and "<|im_start|>" in manifest["chat"]["template"]
     ram = manifest["ram"]
@@ -235,3 +235,114 @@ def test_ios_coreml_bundle_validates_and_runs(tiny_models: dict[str, Path], tmp_
     validate_manifest(v1)
     with pytest.raises(UnsupportedError, match="--format coreml is not available"):
         export_bundle(gguf, "android", tmp_path / "x", model_format="coreml")
+
+
+def assert_same_gguf_but(exported: Path, source: Path, changed: set[str]) -> None:
+    """The exported GGUF is the source with only the `changed` metadata keys different: same tensors, byte for
+    byte, and every other key as it was."""
+    from ondevice.formats.gguf import GGUFFile
+
+    with GGUFFile(exported) as new, GGUFFile(source) as old:
+        differ = {k for k in set(new.fields) | set(old.fields)
+                  if k not in old.fields or k not in new.fields or repr(new.fields[k]) != repr(old.fields[k])}
+        assert differ == changed, differ
+        assert list(new.tensors) == list(old.tensors) and new.alignment == old.alignment
+        for name, info in old.tensors.items():
+            assert (new.tensors[name].shape, new.tensors[name].ggml_type) == (info.shape, info.ggml_type)
+            assert new.tensor_data(name).tobytes() == old.tensor_data(name).tobytes(), name
+
+
+def llama_cpp_view(path: Path) -> dict[str, object]:
+    """What llama.cpp itself reads from a GGUF alone: its name, EOS, EOT and end-of-generation ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    return {"name": llm.metadata.get("general.name"), "eos": llama_cpp.llama_vocab_eos(vocab),
+            "eot": llama_cpp.llama_vocab_eot(vocab), "eog": [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)]}
+
+
+@pytest.mark.slow
+def test_pocketpal_gguf_alone_carries_the_display_name_and_stop_tokens(bundles: dict[str, Path]) -> None:
+    """PocketPal imports the .gguf alone: the clean name and every stop token must be in the file itself."""
+    from ondevice.formats.gguf import GGUFFile
+
+    folder = bundles["pocketpal"]
+    manifest = validate_bundle(folder)
+    assert manifest["model"]["name"] == "SmolLM2 135M Instruct"
+    assert any("training-run name" in n for n in manifest["notes"])
+    im_end = next(e["id"] for e in manifest["chat"]["eos_tokens"] if e["text"] == "<|im_end|>")
+    with GGUFFile(folder / manifest["model"]["file"]) as gguf:
+        assert gguf.get("general.name") == "SmolLM2 135M Instruct"
+        assert gguf.get("tokenizer.ggml.eot_token_id") == im_end == gguf.get("tokenizer.ggml.eos_token_id")
+    seen = llama_cpp_view(folder / manifest["model"]["file"])
+    assert seen["name"] == "SmolLM2 135M Instruct" and seen["eot"] == seen["eos"] == im_end
+    assert seen["eog"] == [e["id"] for e in manifest["chat"]["eos_tokens"]]  # every stop the manifest lists
+
+
+def _slug_named_gguf_without_stop_ids(tiny_models: dict[str, Path], folder: Path) -> Path:
+    """A tiny model as a training run might publish it: a slug for general.name, no EOS or EOT id."""
+    from ondevice.formats.gguf import GGUFFile, PlannedTensor, TypedValue, ValueType, write_gguf
+
+    base = tiny_gguf(tiny_models, folder)
+    target = folder / "TinyChat-1M-Instruct.Q8_0.gguf"  # the name it is published under
+    with GGUFFile(base) as src:
+        fields = {k: v for k, v in src.fields.items() if k != "tokenizer.ggml.eos_token_id"}
+        fields["general.name"] = TypedValue(ValueType.STRING, "Tinychat 1M 8k Lc100K Mix1 Ep2")
+        planned = [PlannedTensor(n, i.shape, i.ggml_type, lambda n=n: src.tensor_data(n).copy())
+                   for n, i in src.tensors.items()]
+        write_gguf(target, fields, planned)
+    return target
+
+
+def test_export_writes_a_clean_name_and_the_stop_ids_into_the_gguf(tiny_models: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    from ondevice.formats.gguf import GGUFFile
+
+    source = _slug_named_gguf_without_stop_ids(tiny_models, tmp_path)
+    manifest = export_bundle(source, "pocketpal", tmp_path / "pp").manifest
+    exported = tmp_path / "pp" / manifest["model"]["file"]
+    with GGUFFile(exported) as gguf:
+        eos, eot = gguf.get("tokenizer.ggml.eos_token_id"), gguf.get("tokenizer.ggml.eot_token_id")
+        name = gguf.get("general.name")
+        im_end = gguf.get("tokenizer.ggml.tokens").index("<|im_end|>")
+    assert name == manifest["model"]["name"] == "TinyChat 1M Instruct"
+    assert eos == eot == im_end  # the token the chat template closes each turn with
+    assert_same_gguf_but(exported, source, {"general.name", "tokenizer.ggml.eos_token_id",
+                                            "tokenizer.ggml.eot_token_id"})
+    assert len([n for n in manifest["notes"] if "apps reading only the file" in n]) == 2
+    seen = llama_cpp_view(exported)
+    assert (seen["name"], seen["eos"], seen["eot"]) == ("TinyChat 1M Instruct", im_end, im_end)
+    assert seen["eog"] == [e["id"] for e in manifest["chat"]["eos_tokens"]] and im_end in seen["eog"]
+
+
+def test_export_name_option_sets_the_manifest_and_gguf_name(tiny_models: dict[str, Path], tmp_path: Path,
+                                                            capsys) -> None:
+    from ondevice.cli import main as cli
+    from ondevice.formats.gguf import GGUFFile
+
+    source = _slug_named_gguf_without_stop_ids(tiny_models, tmp_path)
+    assert cli(["export", str(source), "--app", "android", "-o", str(tmp_path / "a"), "--name", "Pocket Tiny",
+                "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)["manifest"]
+    assert manifest["model"]["name"] == "Pocket Tiny" and not any("display name" in n for n in manifest["notes"])
+    with GGUFFile(tmp_path / "a" / manifest["model"]["file"]) as gguf:
+        assert gguf.get("general.name") == "Pocket Tiny"
+    assert cli(["export", str(source), "--app", "android", "-o", str(tmp_path / "b"), "--name", " "]) == 1
+
+
+@pytest.mark.parametrize("general_name, file_name, expected", [
+    ("Smollm2 135M 8k Lc100K Mix1 Ep2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2 135M Instruct"),
+    ("Qwen2.5 0.5B Instruct", "whatever.gguf", "Qwen2.5 0.5B Instruct"),  # a curated name is kept
+    ("Llama 3.2 1B Instruct v2", "x.gguf", "Llama 3.2 1B Instruct v2"),
+    (None, "Llama-3.2-1B-Instruct-Q4_K_M.gguf", "Llama 3.2 1B Instruct"),
+    ("my-run step-12000", "model.gguf", "smollm2 135M"),  # generic file name: basename + size label
+    ("ckpt_3 ep4", "model.f16.gguf", "smollm2 135M"),
+    ("model", "tiny.gguf", "tiny"),  # ondevice's placeholder when a config names no model
+])
+def test_display_name(general_name, file_name, expected) -> None:
+    from ondevice.export_bundle import display_name
+
+    fields = {"general.name": general_name, "general.basename": "smollm2", "general.size_label": "135M"}
+    name, _ = display_name(fields, Path(file_name))
+    assert name == expected

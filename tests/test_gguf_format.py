@@ -140,6 +140,34 @@ def test_fuzz_model_loader_on_real_model_header(tiny_models, tmp_path):
         _check_hostile(target, open_gguf_file)
 
 
+def _tiny_f32_gguf(tiny_models, tmp_path: Path) -> Path:
+    from ondevice.cli import main as cli
+
+    original = tmp_path / "m.gguf"
+    assert cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--quant", "f32", "-o", str(original),
+                "--pre", "gpt-2", "--no-progress"]) == 0
+    return original
+
+
+def _rewrite_gguf(original: Path, target: Path, changes: dict[str, TypedValue]) -> None:
+    """A copy of `original` with some metadata replaced (the tensors kept as they are)."""
+    with GGUFFile(original) as src:
+        fields = dict(src.fields)
+        blobs = {name: (info, np.array(src.tensor_data(name))) for name, info in src.tensors.items()}
+    planned = [PlannedTensor(name, tuple(info.shape), info.ggml_type, lambda b=blob: b.tobytes())
+               for name, (info, blob) in blobs.items()]
+    write_gguf(target, {**fields, **changes}, planned, force=True)
+
+
+def _openers():
+    """load, inspect and open_source (what convert reads through): they must agree on every file."""
+    import ondevice
+    from ondevice.inspect import inspect_model
+    from ondevice.sources import open_source
+
+    return (lambda p: ondevice.load(p, n_ctx=64), inspect_model, open_source)
+
+
 HOSTILE_VALUES = [
     TypedValue(ValueType.UINT32, 4294967295), TypedValue(ValueType.INT32, -1), TypedValue(ValueType.INT32, 0),
     TypedValue(ValueType.FLOAT32, float("nan")), TypedValue(ValueType.FLOAT32, float("inf")),
@@ -155,28 +183,73 @@ HOSTILE_VALUES = [
 def test_hostile_model_metadata_is_one_validation_everywhere(tiny_models, tmp_path, key):
     """NaN, negative, huge, wrong-typed or array metadata: load, inspect and convert agree, each either works or
     says what is wrong in one line (never another exception, never a table sized by a huge count)."""
-    import ondevice
-    from ondevice.cli import main as cli
-    from ondevice.inspect import inspect_model
-    from ondevice.sources import open_source
-
-    original = tmp_path / "m.gguf"
-    assert cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--quant", "f32", "-o", str(original),
-                "--pre", "gpt-2", "--no-progress"]) == 0
-    with GGUFFile(original) as src:
-        fields = dict(src.fields)
-        tensors = [(name, info) for name, info in src.tensors.items()]
-        blobs = {name: np.array(src.tensor_data(name)) for name, _ in tensors}
+    original = _tiny_f32_gguf(tiny_models, tmp_path)
     for index, value in enumerate(HOSTILE_VALUES):
         target = tmp_path / "mut.gguf"
-        planned = [PlannedTensor(name, tuple(info.shape), info.ggml_type, lambda n=name: blobs[n].tobytes())
-                   for name, info in tensors]
-        write_gguf(target, {**fields, f"llama.{key}": value}, planned, force=True)
+        _rewrite_gguf(original, target, {f"llama.{key}": value})
         outcomes = []
-        for opener in (lambda p: ondevice.load(p, n_ctx=64), inspect_model, open_source):
+        for opener in _openers():
             outcomes.append(_check_hostile(target, opener))
         assert len(set(outcomes)) == 1, (key, value, outcomes)
         huge_number = isinstance(value.value, int) and value.value > 10**6
         float_key = key in ("rope.freq_base", "attention.layer_norm_rms_epsilon")
         if index < len(HOSTILE_VALUES) - 2 and not (float_key and huge_number):  # the last two are plausible counts
             assert outcomes[0] == "rejected", (key, value)
+
+
+def _flip_first_byte(text: str) -> str:
+    raw = bytearray(text.encode("utf-8"))
+    raw[0] ^= 1
+    return raw.decode("utf-8")
+
+
+@pytest.mark.parametrize("change", ["token-used-by-a-merge", "merge", "duplicate-token"])
+def test_gguf_tokenizer_with_a_flipped_bit_is_one_line_everywhere(tiny_models, tmp_path, change):
+    """A token string or merge one bit off makes `tokenizers` raise a bare Exception; load, inspect and convert
+    all say instead, in one line naming the file, which token is wrong."""
+    original = _tiny_f32_gguf(tiny_models, tmp_path)
+    with GGUFFile(original) as f:
+        tokens, merges = list(f.get("tokenizer.ggml.tokens")), list(f.get("tokenizer.ggml.merges"))
+    used = tokens.index(merges[1].replace(" ", ""))  # the token merges[1] produces
+    if change == "token-used-by-a-merge":
+        tokens[used] = _flip_first_byte(tokens[used])
+    elif change == "merge":
+        merges[0] = _flip_first_byte(merges[0])
+    else:
+        tokens[used] = tokens[used - 1]
+    target = tmp_path / "mut.gguf"
+    _rewrite_gguf(original, target, {
+        "tokenizer.ggml.tokens": TypedValue(ValueType.ARRAY, tokens, ValueType.STRING),
+        "tokenizer.ggml.merges": TypedValue(ValueType.ARRAY, merges, ValueType.STRING)})
+    messages = set()
+    for opener in _openers():
+        with pytest.raises(InvalidModelError) as exc:
+            opener(target)
+        messages.add(str(exc.value))
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert message.startswith(f"{target}: ") and "\n" not in message and " at line " not in message, message
+    from ondevice.cli import main as cli
+
+    assert cli(["convert", str(target), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), "--no-progress"]) == 1
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_fuzz_gguf_token_strings(tiny_models, tmp_path):
+    """Seeded bit flips in the bytes of tokenizer.ggml.tokens of a real model file (renamed tokens, invalid UTF-8):
+    load, inspect and open_source agree on every mutant, and reject it in one line."""
+    original = _tiny_f32_gguf(tiny_models, tmp_path)
+    data = original.read_bytes()
+    start, end = data.index(b"tokenizer.ggml.tokens"), data.index(b"tokenizer.ggml.token_type")
+    letters = [i for i in range(start + len(b"tokenizer.ggml.tokens") + 12, end) if chr(data[i]).isalpha()]
+    rng = random.Random(5)
+    target = tmp_path / "mut.gguf"
+    rejected = 0
+    for _ in range(30):
+        mutated = bytearray(data)
+        mutated[rng.choice(letters)] ^= 1 << rng.randrange(8)
+        target.write_bytes(bytes(mutated))
+        outcomes = {_check_hostile(target, opener) for opener in _openers()}
+        assert len(outcomes) == 1, outcomes
+        rejected += outcomes == {"rejected"}
+    assert rejected >= 10, rejected

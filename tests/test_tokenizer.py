@@ -349,3 +349,42 @@ def test_tokenizer_config_from_gguf_vocab(smol_vocab):
         "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>")
     assert len(config["added_tokens_decoder"]) == 17 and config["add_bos_token"] is False
     assert config["chat_template"] == "{{ x }}" and config["model_max_length"] == 8192
+
+
+# ------------------------------------------------------------------------------------------------ untrusted files
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"[" * 100000, "nested too deeply"),
+    (b'{"a":' * 100000, "nested too deeply"),
+    (b"[]", "holds an array"),
+    (b'"model"', "holds a string"),
+    (b"null", "holds null"),
+    (b'{"model": 1}', "without a 'model' object"),
+    (b'{"model": {"type": "BPE", "vocab": {"a": 0}}, "x": "\xe9"}', "not valid UTF-8"),
+    ('{"model": {}}'.encode("utf-16"), "not valid UTF-8"),
+    (b'{"model": {"type": "BPE", "vocab": {"\\udc80": 0}, "merges": []}}', "lone surrogate"),
+    (b'{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "b"]]}}', "out of vocabulary"),
+    (b'{"model": {"type": "Nope"}}', "cannot be built by `tokenizers`"),
+])
+def test_untrusted_tokenizer_json_is_one_line_naming_the_file(tmp_path, content, needle):
+    from ondevice.tokenizer import read_tokenizer_file
+
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(InvalidModelError) as exc:
+        read_tokenizer_file(path)
+    message = str(exc.value)
+    assert message.startswith(str(path)) and needle in message and "\n" not in message, message
+
+
+def test_escaped_surrogate_pairs_are_text_not_an_error(tmp_path):
+    """The surrogate check must not refuse what json.dumps(ensure_ascii=True) writes for an emoji."""
+    from ondevice.tokenizer import read_tokenizer_file
+
+    document = {"version": "1.0", "model": {"type": "BPE", "vocab": {"\U0001f680": 0, "a": 1}, "merges": []}}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(document, ensure_ascii=True), encoding="utf-8")
+    assert "\\ud83d\\ude80" in path.read_text()
+    text, data = read_tokenizer_file(path)
+    assert data["model"]["vocab"] == {"\U0001f680": 0, "a": 1} and text == path.read_text()

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", help="scheme for --format pte (default 8da4w) or coreml (int4, int8, fp16; default int4)")
     p.add_argument("--device", help="device profile for the RAM estimate (see `ondevice fit --list`)")
     p.add_argument("--ctx", type=int, help="context the RAM estimate is sized for (default 2048)")
+    p.add_argument("--name", help="display name apps show, written to the manifest and the GGUF's general.name "
+                   "(default: general.name, or the file/repo name when general.name is a training-run slug)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(handler=run)
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ondevice.export_bundle import export_bundle
 
     result = export_bundle(args.model, args.app, args.output, model_format=args.model_format,
-                           device=args.device, ctx=args.ctx, quant=args.quant, force=args.force,
+                           device=args.device, ctx=args.ctx, quant=args.quant, name=args.name, force=args.force,
                            progress=not args.json)
     if args.json:
         print_json(result.to_json())

@@ -7,6 +7,7 @@ optional "__metadata__" map of strings, then the data. Offsets are relative to t
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -77,6 +78,10 @@ def release_pages(mapping: mmap.mmap | None, offset: int, nbytes: int) -> None:
             pass
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
@@ -104,29 +109,43 @@ class SafetensorsFile:
             raise self._fail(f"header length {hlen} is larger than the file")
         try:
             header = json.loads(self._fh.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except ValueError:  # also a 5000-digit int, beyond Python's int-from-text limit
             raise self._fail("header is not valid JSON") from None
+        except RecursionError:
+            raise self._fail("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = meta if isinstance(meta, dict) else {}
-        base = 8 + hlen
+        base = self._data_start = 8 + hlen
         self.tensors: dict[str, SafeTensorInfo] = {}
         for name, entry in header.items():
             try:
                 dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise self._fail(f"bad entry for {name!r}") from None
+            if not isinstance(dtype, str):
+                raise self._fail(f"bad dtype for {name!r}")
             if dtype not in _DTYPES:
                 raise UnsupportedError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(
-                isinstance(v, int) for v in (start, end)
-            ):
+            if not all(_is_count(d) for d in shape) or not all(_is_count(v) for v in (start, end)):
                 raise self._fail(f"bad shape or offsets for {name!r}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            # Python ints: a numpy int64 product wraps, and a wrapped size of 0 would match empty offsets.
+            nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
             if not 0 <= start <= end or end - start != nbytes or base + end > size:
                 raise self._fail(f"tensor {name!r} offsets {start}..{end} do not match its shape or the file size")
             self.tensors[name] = SafeTensorInfo(name, dtype, shape, base + start, nbytes)
+        self._check_disjoint()
+
+    def _check_disjoint(self) -> None:
+        """Two tensors sharing bytes would alias silently (a write to one is a write to the other): refuse it,
+        whatever the order of the header entries."""
+        base = self._data_start
+        spans = sorted((t.offset - base, t.offset - base + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (start, end, name), (next_start, next_end, next_name) in zip(spans, spans[1:], strict=False):
+            if next_start < end:
+                raise self._fail(f"tensors {name!r} (data_offsets {start}..{end}) and {next_name!r} "
+                                 f"({next_start}..{next_end}) overlap")
 
     def raw(self, name: str) -> np.ndarray:
         """The stored elements as a read-only numpy view (BF16 as uint16 bits)."""

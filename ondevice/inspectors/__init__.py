@@ -56,6 +56,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise InvalidModelError(f"{path.parent}: no {path.name} ({what})") from None
     except (OSError, ValueError) as exc:
         raise InvalidModelError(f"{path}: unreadable {what} ({exc})") from None
+    except RecursionError:
+        raise InvalidModelError(f"{path}: unreadable {what} (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise InvalidModelError(f"{path}: {what} is not a JSON object")
     return data

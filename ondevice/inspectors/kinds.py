@@ -33,9 +33,9 @@ def artifact_kind(path: Path) -> str:
         if config.exists():
             try:
                 data = json.loads(config.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # the reader of the kind found says what is wrong
                 data = {}
-            if "quantization" in data and not (path / "quantize_config.json").exists():
+            if isinstance(data, dict) and "quantization" in data and not (path / "quantize_config.json").exists():
                 return MLX
             return MLX if _mlx_safetensors(path) else HF
         if (path / "genai_config.json").is_file():
@@ -54,7 +54,8 @@ def _mlx_safetensors(folder: Path) -> bool:
     if not files:
         return False
     try:
-        return (safetensors_header(files[0]).get("__metadata__") or {}).get("format") == "mlx"
+        metadata = safetensors_header(files[0]).get("__metadata__")
+        return isinstance(metadata, dict) and metadata.get("format") == "mlx"
     except InvalidModelError:
         return False
 
@@ -66,6 +67,11 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             (length,) = struct.unpack("<Q", fh.read(8))
             if length > 100_000_000:
                 raise ValueError(f"header length {length}")
-            return json.loads(fh.read(length))
+            header = json.loads(fh.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return header
+    except RecursionError:
+        raise InvalidModelError(f"{path}: not a safetensors file (header JSON nested too deeply)") from None
     except (OSError, ValueError, struct.error) as exc:
         raise InvalidModelError(f"{path}: not a safetensors file ({exc})") from None

@@ -16,12 +16,10 @@ class TextCodec:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> TextCodec:
-        from ondevice.sources.gguf import _special_from_vocab, _vocab_from_gguf
-        from ondevice.tokenizer import hf_tokenizer_json_from_vocab
+        from ondevice.sources.gguf import _special_from_vocab, tokenizer_from_gguf
 
-        vocab = _vocab_from_gguf(gguf)
+        vocab, _, tokenizer = tokenizer_from_gguf(gguf)
         special = _special_from_vocab(vocab)
-        tokenizer = Tokenizer.from_str(hf_tokenizer_json_from_vocab(vocab))
         return cls(tokenizer, vocab.bos_id, list(special.eos_ids), vocab.add_bos)
 
     def token_text(self, token_id: int) -> str:

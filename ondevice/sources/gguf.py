@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,26 @@ def _vocab_from_gguf(gguf: GGUFFile):
         raise InvalidModelError(f"{gguf.path}: {exc}") from None
 
 
+def tokenizer_from_gguf(gguf: GGUFFile) -> tuple[Any, str, Any]:
+    """(vocab, tokenizer.json text, tokenizers.Tokenizer) of a GGUF file's metadata, built once and checked here so
+    that load, inspect and convert reject the same files: a token a flipped bit renamed leaves a merge naming a
+    token that no longer exists, which `tokenizers` refuses with a bare Exception."""
+    from ondevice.tokenizer import build_tokenizer, hf_tokenizer_json_from_vocab
+
+    vocab = _vocab_from_gguf(gguf)
+    try:
+        text = hf_tokenizer_json_from_vocab(vocab)
+    except InvalidModelError as exc:
+        raise InvalidModelError(f"{gguf.path}: {exc}") from None
+    # The position in the JSON we generated means nothing to the user; the token named does.
+    what = f"{gguf.path}: tokenizer.ggml.tokens/merges"
+    try:
+        tokenizer = build_tokenizer(text, what)
+    except InvalidModelError as exc:
+        raise InvalidModelError(re.sub(r" at line \d+ column \d+", "", str(exc))) from None
+    return vocab, text, tokenizer
+
+
 def _special_from_vocab(vocab) -> object:
     """Special ids as llama.cpp uses them: generation ends on every end-of-generation token, not only EOS."""
     from ondevice.tokenizer import SpecialTokens, eog_ids
@@ -40,8 +62,6 @@ def _special_from_vocab(vocab) -> object:
 
 
 def open_gguf_file(path: str | Path) -> CanonicalModel:
-    from ondevice.tokenizer import hf_tokenizer_json_from_vocab
-
     gguf = GGUFFile(path)
     try:
         arch_name = gguf.get("general.architecture")
@@ -73,7 +93,7 @@ def open_gguf_file(path: str | Path) -> CanonicalModel:
         missing = [n for n in expected if n not in tensors]
         if missing:
             raise InvalidModelError(f"{gguf.path}: tensor {arch.gguf_name(missing[0])!r} is missing")
-        vocab = _vocab_from_gguf(gguf)
+        vocab, tokenizer_json, _ = tokenizer_from_gguf(gguf)
         if len(vocab.tokens) != spec.vocab_size:
             raise InvalidModelError(f"{gguf.path}: {len(vocab.tokens)} tokens but vocab_size {spec.vocab_size}")
         template = gguf.get("tokenizer.chat_template")
@@ -82,7 +102,7 @@ def open_gguf_file(path: str | Path) -> CanonicalModel:
         return CanonicalModel(
             spec=spec,
             tensors=tensors,
-            tokenizer_json=hf_tokenizer_json_from_vocab(vocab),
+            tokenizer_json=tokenizer_json,
             special=_special_from_vocab(vocab),
             chat_template=str(template) if template is not None else None,
             pre_tokenizer=vocab.pre,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
+    """An untrusted JSON object file of the folder (bad UTF-8, nesting, surrogates: one-line errors naming it)."""
+    from ondevice.tokenizer import read_json_object
+
     if not path.exists():
         if required:
             raise InvalidModelError(f"{path.parent}: {path.name} is missing; is this a Hugging Face model folder?")
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidModelError(f"{path}: malformed JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InvalidModelError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def _safetensors_shards(folder: Path) -> list[Path]:
@@ -88,7 +84,7 @@ def _safetensors_tensors(shards: list[Path]) -> tuple[dict[str, LazyTensor], lis
 
 def open_hf_folder(path: str | Path, allow_pickle: bool = False) -> CanonicalModel:
     from ondevice.chat_template import load_chat_template
-    from ondevice.tokenizer import special_tokens_from_hf
+    from ondevice.tokenizer import read_tokenizer_file, special_tokens_from_hf
 
     folder = Path(path)
     where = str(folder)
@@ -117,11 +113,7 @@ def open_hf_folder(path: str | Path, allow_pickle: bool = False) -> CanonicalMod
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
         raise InvalidModelError(f"{where}: tokenizer.json is missing (ondevice needs the fast tokenizer file)")
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
-    try:
-        tokenizer_dict = json.loads(tokenizer_json)
-    except json.JSONDecodeError as exc:
-        raise InvalidModelError(f"{tokenizer_path}: malformed JSON ({exc})") from None
+    tokenizer_json, tokenizer_dict = read_tokenizer_file(tokenizer_path)
     tokenizer_config = read_json(folder / "tokenizer_config.json", required=False)
     generation_config = read_json(folder / "generation_config.json", required=False) or {}
     special = special_tokens_from_hf(tokenizer_config, generation_config, tokenizer_dict, config)
