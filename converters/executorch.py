@@ -40,11 +40,11 @@ from ondevice.converters.base import (
 )
 
 from ondevice.architectures import get_architecture
-from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
+from ondevice.decoder import DecoderOps, attention_scale, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
-from ondevice.rope import rope_tables
+from ondevice.rope import layer_freq_factors, rope_tables
 
 TARGET = Target(
     name="executorch",
@@ -97,7 +97,8 @@ def load_llm_ops() -> None:
 
 
 # What this graph builder expresses (decoder.FEATURES)
-SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset", "post_norms", "gelu_tanh",
+                      "embed_scale", "attn_scale", "sliding_window", "local_rope_theta")
 
 
 def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
@@ -138,7 +139,8 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
                                  persistent=False)
 
         def forward(self, x: Any) -> Any:
-            return x * torch.rsqrt(F.linear(x * x, self.mean_row) + spec.rms_eps) * self.weight
+            weight = self.weight + spec.norm_offset if spec.norm_offset else self.weight  # the source's w is stored
+            return x * torch.rsqrt(F.linear(x * x, self.mean_row) + spec.rms_eps) * weight
 
     class Block(nn.Module):
         def __init__(self, i: int) -> None:
@@ -156,8 +158,25 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
         def __init__(self, decoder: Decoder, tokens: Any, start: Any) -> None:
             super().__init__(spec)
             self.decoder, self.tokens, self.start = decoder, tokens, start
-            s = tokens.shape[1]
-            self.cos, self.sin = decoder.rope_cos.narrow(0, start, s), decoder.rope_sin.narrow(0, start, s)
+            self.s = tokens.shape[1]
+            self.masks: dict[int, Any] = {}
+
+        def tables(self, layer: int) -> tuple[Any, Any]:
+            n = self.decoder.rope_of_layer[layer]
+            cos, sin = getattr(self.decoder, f"rope_cos{n}"), getattr(self.decoder, f"rope_sin{n}")
+            return cos.narrow(0, self.start, self.s), sin.narrow(0, self.start, self.s)
+
+        def window_mask(self, window: int) -> Any:
+            """(S, max_seq) additive mask: row p sees keys p-window+1..p."""
+            if window not in self.masks:
+                rows = torch.arange(self.s).unsqueeze(1) + self.start
+                keys = torch.arange(max_seq).unsqueeze(0)
+                visible = (keys <= rows) & (keys > rows - window)
+                self.masks[window] = torch.where(visible, 0.0, float("-inf"))
+            return self.masks[window]
+
+        def scale(self, x: Any, factor: float) -> Any:
+            return x * factor
 
         def embed(self) -> Any:
             self.tensor_name("embed", None)
@@ -179,22 +198,31 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
             heads = x.view(1, x.shape[1], n_heads, d)
             return self.decoder.layers[layer].norms[role](heads).view(1, x.shape[1], n_heads * d)
 
-        def rope(self, x: Any) -> Any:  # rotate-half, x (1, S, heads, d), cos/sin (S, 1, d/2)
+        @staticmethod
+        def rope(x: Any, cos: Any, sin: Any) -> Any:  # rotate-half, x (1, S, heads, d), cos/sin (S, 1, d/2)
             first, second = x[..., : d // 2], x[..., d // 2 :]
-            return torch.cat([first * self.cos - second * self.sin, second * self.cos + first * self.sin], dim=-1)
+            return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
         def attention(self, q: Any, k: Any, v: Any, layer: int) -> Any:
             block, s = self.decoder.layers[layer], q.shape[1]
-            q, k = self.rope(q.view(1, s, nh, d)), self.rope(k.view(1, s, nkv, d))
+            cos, sin = self.tables(layer)
+            q, k = self.rope(q.view(1, s, nh, d), cos, sin), self.rope(k.view(1, s, nkv, d), cos, sin)
             # ExecuTorch's own LLM kernels (the ones its llama example uses): the cache rows start.. are written in
             # place, and the causal attention reads rows 0..start+S-1 only (never an unwritten row), with GQA
             # handled inside the kernel. Everything between two of these is one XNNPACK partition.
             torch.ops.llama.update_cache(k, block.k_cache, self.start)
             torch.ops.llama.update_cache(v.view(1, s, nkv, d), block.v_cache, self.start)
-            ctx = torch.ops.llama.custom_sdpa(q, block.k_cache, block.v_cache, self.start, None, 0.0, True)
+            window, scale = spec.window(layer), attention_scale(spec)
+            mask = self.window_mask(window) if window else None  # causal within the window, else causal
+            ctx = torch.ops.llama.custom_sdpa(q, block.k_cache, block.v_cache, self.start, mask, 0.0, not window,
+                                              scale)
             return ctx.reshape(1, s, nh * d)
 
         def gated_act(self, gate: Any, up: Any, layer: int) -> Any:
+            if spec.activation == "gelu_tanh":
+                # spelled out: XNNPACK lowers F.gelu(approximate="tanh") to its erf GELU (5e-3 off transformers)
+                u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                return 0.5 * gate * (1.0 + torch.tanh(u)) * up
             return F.silu(gate) * up
 
         def add(self, x: Any, y: Any, layer: int, what: str) -> Any:
@@ -216,9 +244,16 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
             head = table if spec.tie_embeddings else load("output")
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight = nn.Parameter(head.clone() if spec.tie_embeddings else head, requires_grad=False)
-            cos, sin = rope_tables(spec, max_seq)
-            self.register_buffer("rope_cos", torch.from_numpy(cos.reshape(max_seq, 1, -1).copy()), persistent=False)
-            self.register_buffer("rope_sin", torch.from_numpy(sin.reshape(max_seq, 1, -1).copy()), persistent=False)
+            # one (cos, sin) pair per distinct RoPE of the layers (gemma3: the sliding layers' base and the global)
+            kinds = [(spec.layer_rope_theta(i), layer_freq_factors(spec, i) is not None) for i in range(spec.n_layers)]
+            firsts = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}
+            self.rope_of_layer = [list(firsts).index(kind) for kind in kinds]
+            for n, layer in enumerate(firsts.values()):
+                cos, sin = rope_tables(spec, max_seq, layer=layer)
+                self.register_buffer(f"rope_cos{n}", torch.from_numpy(cos.reshape(max_seq, 1, -1).copy()),
+                                     persistent=False)
+                self.register_buffer(f"rope_sin{n}", torch.from_numpy(sin.reshape(max_seq, 1, -1).copy()),
+                                     persistent=False)
             self.used_tensors: set[str] = set()  # filled by a forward pass, for check_consumed
 
         def forward(self, tokens: Any, input_pos: Any) -> Any:

@@ -79,17 +79,21 @@ def test_fp32_pte_matches_transformers_prefill_and_decode(tiny_models, llama_fp3
     np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma3"])
 def test_fp32_pte_of_each_architecture_matches_transformers(tiny_models, tmp_path, arch):
-    """The breadth row: every architecture's decoder features (llama3 RoPE scaling, qwen3 q/k norm and head dim)
-    built by the one decoder in torch, run by ExecuTorch."""
+    """The breadth row: every architecture's decoder features (llama3 RoPE scaling, qwen3 q/k norm and head dim,
+    gemma3's sliding windows, sandwich norms and GELU) built by the one decoder in torch, run by ExecuTorch."""
     from ondevice.runners.executorch_runner import ExecuTorchRunner
 
     out = tmp_path / f"{arch}.pte"
     export(tiny_models[arch], out, "fp32", max_seq_len=64)
     runner = ExecuTorchRunner(out)
-    np.testing.assert_allclose(runner.logits(TOKENS), transformers_logits(tiny_models[arch], TOKENS), atol=1e-4,
-                               rtol=1e-4)
+    ref = transformers_logits(tiny_models[arch], TOKENS)
+    np.testing.assert_allclose(runner.logits(TOKENS), ref, atol=1e-4, rtol=1e-4)
+    # token by token too: gemma3's window of 4 then masks cache rows at every start > 0
+    runner.reset()
+    steps = [runner.forward(TOKENS[:3])] + [runner.forward([t]) for t in TOKENS[3:]]
+    np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_fp32_pte_greedy_matches_transformers(tiny_models, llama_fp32):

@@ -147,7 +147,7 @@ def test_toy_mlx_is_refused_by_name(toy, tmp_path, capsys):
     assert not (tmp_path / "mlx").exists()
 
 
-@pytest.mark.parametrize("target,quant,suffix", [("executorch", "fp32", ".pte"), ("coreml", "fp16", ".mlpackage")])
+@pytest.mark.parametrize("target,quant,suffix", [("coreml", "fp16", ".mlpackage")])
 def test_gemma3_is_refused_where_a_target_lacks_its_features(tiny_models, tmp_path, capsys, target, quant, suffix):
     """Each graph builder states what it expresses: a spec that needs more is refused before anything is built,
     in one line naming the features, never converted into a wrong model."""
