@@ -39,14 +39,14 @@ from ondevice.converters.base import (
 )
 
 from ondevice.architectures import get_architecture
-from ondevice.decoder import DecoderOps, check_consumed, require_features, run_decoder
+from ondevice.decoder import DecoderOps, attention_scale, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
 from ondevice.quant.affine import affine_block_params, affine_round, centered, source_affine_grid
 from ondevice.quant.calibration import output_layer_hessian
 from ondevice.quant.gptq import gptq_affine_4bit
-from ondevice.rope import rope_tables
+from ondevice.rope import rope_kind, rope_tables
 
 TARGET = Target(
     name="coreml",
@@ -192,7 +192,8 @@ def gptq_output_layer(values: np.ndarray, hessian: np.ndarray, block: int,
 
 
 # What this graph builder expresses (decoder.FEATURES)
-SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors")
+SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset", "post_norms", "gelu_tanh",
+                      "embed_scale", "attn_scale", "sliding_window", "local_rope_theta")
 
 
 def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_block: int | None = None,
@@ -297,7 +298,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
             return mb.mul(x=x, y=signs16, name=f"{name}/unsigned") if inverse else x
 
         def rms_norm(x: Any, name: str) -> Any:
-            w = weight(name, load(name), False)
+            w = weight(name, load(name) + spec.norm_offset, False)  # (1 + w) rounded to fp16 once
             base = name.removesuffix(".weight")
             # fp16 squares of activations overflow past 256: scale down first (x/s normalizes the same way).
             xs = mb.mul(x=x, y=fp16(1.0 / 16.0), name=f"{base}/prescale")
@@ -309,14 +310,34 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
         start = mb.squeeze(x=position, name="start")
         end = mb.add(x=start, y=mb.squeeze(x=length), name="end")
         query_pos = mb.range_1d(start=start, end=end, step=np.int32(1), name="query_pos")  # (S,)
-        cos_table, sin_table = rope_tables(spec, max_seq, np.float16)
-        cos = mb.gather(x=mb.const(val=cos_table, name="rope.cos"), indices=query_pos, axis=0, name="rope/cos")
-        sin = mb.gather(x=mb.const(val=sin_table, name="rope.sin"), indices=query_pos, axis=0, name="rope/sin")
-        key_pos = mb.const(val=np.arange(max_seq, dtype=np.int32)[None, :], name="key_pos")
-        visible = mb.less_equal(x=key_pos, y=mb.expand_dims(x=query_pos, axes=[1]), name="mask/visible")
-        mask = mb.select(cond=visible, a=fp16(0.0), b=fp16(MASK_MIN), name="mask")  # (S, max_seq)
+        rope_of_kind: dict[tuple[float, bool], tuple[Any, Any]] = {}  # one (cos, sin) per distinct RoPE
 
-        def rope(x: Any, name: str) -> Any:  # x (heads, S, d), rotate-half
+        def rope_rows(layer: int) -> tuple[Any, Any]:
+            kind = rope_kind(spec, layer)
+            if kind not in rope_of_kind:
+                cos_table, sin_table = rope_tables(spec, max_seq, np.float16, layer=layer)
+                n = "" if not rope_of_kind else str(len(rope_of_kind))
+                rope_of_kind[kind] = (
+                    mb.gather(x=mb.const(val=cos_table, name=f"rope.cos{n}"), indices=query_pos, axis=0,
+                              name=f"rope/cos{n}"),
+                    mb.gather(x=mb.const(val=sin_table, name=f"rope.sin{n}"), indices=query_pos, axis=0,
+                              name=f"rope/sin{n}"))
+            return rope_of_kind[kind]
+
+        key_pos = mb.const(val=np.arange(max_seq, dtype=np.int32)[None, :], name="key_pos")
+        rows = mb.expand_dims(x=query_pos, axes=[1], name="mask/rows")
+        visible = mb.less_equal(x=key_pos, y=rows, name="mask/visible")
+        causal = mb.select(cond=visible, a=fp16(0.0), b=fp16(MASK_MIN), name="mask")  # (S, max_seq)
+        masks: dict[int, Any] = {0: causal}  # window (0: none) -> additive mask
+
+        def mask_of(window: int) -> Any:  # causal, and keys p-window+1..p only
+            if window not in masks:
+                first = mb.sub(x=rows, y=np.int32(window - 1), name=f"mask/first{window}")
+                inside = mb.greater_equal(x=key_pos, y=first, name=f"mask/inside{window}")
+                masks[window] = mb.select(cond=inside, a=causal, b=fp16(MASK_MIN), name=f"mask{window}")
+            return masks[window]
+
+        def rope(x: Any, cos: Any, sin: Any, name: str) -> Any:  # x (heads, S, d), rotate-half
             first = mb.slice_by_index(x=x, begin=[0, 0, 0], end=[0, 0, d // 2], end_mask=[True, True, False],
                                       name=f"{name}/first")
             second = mb.slice_by_index(x=x, begin=[0, 0, d // 2], end=[0, 0, d], end_mask=[True, True, False],
@@ -330,7 +351,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
                                 name=f"{name}/heads")
 
         hidden_size = spec.hidden_size
-        scale = fp16(1.0 / np.sqrt(d))
+        scale = fp16(attention_scale(spec))
 
         def width(role: str, layer: int) -> int:  # a linear's input width
             return int(model.tensors[get_architecture(spec.arch).hf_tensor(role, layer)].shape[1])
@@ -355,6 +376,9 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
                     hidden = rotate(hidden, "embed/unrotate", inverse=True)  # the table holds rows of W R
                 return hidden
 
+            def scale(self, x: Any, factor: float) -> Any:
+                return mb.mul(x=x, y=fp16(factor), name="embed/scaled")
+
             def norm(self, x: Any, role: str, layer: int | None) -> Any:
                 return rms_norm(x, self.tensor_name(role, layer))
 
@@ -375,8 +399,9 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
 
             def attention(self, q: Any, k: Any, v: Any, layer: int) -> Any:
                 i, a = layer, f"model.layers.{layer}.self_attn"
-                q = rope(heads(q, nh, f"{a}/q"), f"{a}/q_rope")
-                k = rope(heads(k, nkv, f"{a}/k"), f"{a}/k_rope")
+                cos, sin = rope_rows(layer)
+                q = rope(heads(q, nh, f"{a}/q"), cos, sin, f"{a}/q_rope")
+                k = rope(heads(k, nkv, f"{a}/k"), cos, sin, f"{a}/k_rope")
                 v = heads(v, nkv, f"{a}/v")
                 begin = mb.concat(values=[np.array([i, 0], np.int32), position, np.array([0], np.int32)], axis=0,
                                   name=f"{a}/begin")
@@ -397,7 +422,8 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
                 qg = mb.reshape(x=mb.mul(x=q, y=scale), shape=[nkv, -1, d], name=f"{a}/q_groups")  # (kv, g*S, d)
                 scores = mb.matmul(x=qg, y=keys, transpose_y=True, name=f"{a}/scores")  # (kv, g*S, T)
                 scores = mb.reshape(x=scores, shape=[nkv, group, -1, max_seq], name=f"{a}/scores4")
-                probs = mb.softmax(x=mb.add(x=scores, y=mask, name=f"{a}/masked"), axis=-1, name=f"{a}/probs")
+                probs = mb.softmax(x=mb.add(x=scores, y=mask_of(spec.window(layer) or 0),
+                                          name=f"{a}/masked"), axis=-1, name=f"{a}/probs")
                 ctx = mb.matmul(x=mb.reshape(x=probs, shape=[nkv, -1, max_seq], name=f"{a}/probs3"), y=values,
                                 name=f"{a}/context")  # (kv, g*S, d)
                 ctx = mb.transpose(x=mb.reshape(x=ctx, shape=[nh, -1, d], name=f"{a}/ctx_heads"), perm=[1, 0, 2],
@@ -406,7 +432,11 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
 
             def gated_act(self, gate: Any, up: Any, layer: int) -> Any:
                 m = f"model.layers.{layer}.mlp"
-                return mb.mul(x=mb.silu(x=gate, name=f"{m}/silu"), y=up, name=f"{m}/gated")
+                if spec.activation == "gelu_tanh":
+                    act = mb.gelu(x=gate, mode="TANH_APPROXIMATION", name=f"{m}/gelu")
+                else:
+                    act = mb.silu(x=gate, name=f"{m}/silu")
+                return mb.mul(x=act, y=up, name=f"{m}/gated")
 
             def add(self, x: Any, y: Any, layer: int, what: str) -> Any:
                 return mb.add(x=x, y=y, name=f"model.layers.{layer}/{what}_residual")

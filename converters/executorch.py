@@ -44,7 +44,7 @@ from ondevice.decoder import DecoderOps, attention_scale, check_consumed, requir
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
-from ondevice.rope import layer_freq_factors, rope_tables
+from ondevice.rope import rope_kind, rope_tables
 
 TARGET = Target(
     name="executorch",
@@ -245,7 +245,7 @@ def build_module(model: CanonicalModel, max_seq: int, bar: Any = None) -> Any:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight = nn.Parameter(head.clone() if spec.tie_embeddings else head, requires_grad=False)
             # one (cos, sin) pair per distinct RoPE of the layers (gemma3: the sliding layers' base and the global)
-            kinds = [(spec.layer_rope_theta(i), layer_freq_factors(spec, i) is not None) for i in range(spec.n_layers)]
+            kinds = [rope_kind(spec, i) for i in range(spec.n_layers)]
             firsts = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}
             self.rope_of_layer = [list(firsts).index(kind) for kind in kinds]
             for n, layer in enumerate(firsts.values()):

@@ -42,7 +42,7 @@ from ondevice.decoder import DecoderOps, attention_scale, check_consumed, requir
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output
 from ondevice.model import CanonicalModel, LazyTensor
-from ondevice.rope import layer_freq_factors, rope_tables
+from ondevice.rope import rope_kind, rope_tables
 
 TARGET = Target(
     name="onnx",
@@ -251,7 +251,7 @@ class _OnnxOps(DecoderOps[Any]):
     def rope_cache(self, layer: int) -> tuple[str, str]:
         """GroupQueryAttention's cos/sin caches for this layer's RoPE (one pair per distinct base and scaling)."""
         spec = self.spec
-        key = (spec.layer_rope_theta(layer), layer_freq_factors(spec, layer) is not None)
+        key = rope_kind(spec, layer)
         if key not in self.rope_caches:
             cos, sin = rope_tables(spec, spec.context_length, layer=layer)
             suffix = "" if not self.rope_caches else f"_{len(self.rope_caches)}"

@@ -8,7 +8,7 @@ import numpy as np
 
 from ondevice.decoder import FEATURES, DecoderOps, attention_scale, require_features, run_decoder
 from ondevice.model import CanonicalModel
-from ondevice.rope import rope_tables
+from ondevice.rope import rope_kind, rope_tables
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -29,10 +29,10 @@ class NumpyOps(DecoderOps[np.ndarray]):
         self.tokens = np.concatenate([np.asarray(window, np.int64) for window in windows])
         self.bounds = np.cumsum([0] + [len(window) for window in windows])
         self.longest = max(len(window) for window in windows)
-        self.tables: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # per RoPE base
+        self.tables: dict[tuple[float, bool], tuple[np.ndarray, np.ndarray]] = {}  # per kind of RoPE
 
     def rope(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        key = self.spec.layer_rope_theta(layer)
+        key = rope_kind(self.spec, layer)
         if key not in self.tables:
             self.tables[key] = rope_tables(self.spec, self.longest, layer=layer)
         return self.tables[key]

@@ -31,6 +31,11 @@ def inverse_frequencies(spec: ModelSpec, layer: int | None = None) -> np.ndarray
     return inv
 
 
+def rope_kind(spec: ModelSpec, layer: int) -> tuple[float, bool]:
+    """What makes two layers' RoPE tables differ (base, scaled): layers of one kind share a table."""
+    return spec.layer_rope_theta(layer), layer_freq_factors(spec, layer) is not None
+
+
 def rope_tables(spec: ModelSpec, positions: int, dtype: type = np.float32,
                 layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin), each (positions, D/2), of positions 0..positions-1 for `layer`'s RoPE."""

@@ -26,6 +26,25 @@ def transformers_logits(folder: Path, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
+def fp16_weight_logits(folder: Path, tokens: list[int]) -> np.ndarray:
+    """The float reference's logits on the model's weights rounded to fp16: what fp16 storage alone costs."""
+    from ondevice.reference import reference_logits
+    from ondevice.sources import open_source
+
+    model = open_source(str(folder))
+    rounded = {name: tensor.load().astype(np.float16).astype(np.float32) for name, tensor in model.tensors.items()}
+    model.tensors = {name: RoundedTensor(rounded[name]) for name in model.tensors}
+    return reference_logits(model, tokens)
+
+
+class RoundedTensor:
+    def __init__(self, values: np.ndarray) -> None:
+        self.values, self.shape = values, values.shape
+
+    def load(self) -> np.ndarray:
+        return self.values
+
+
 def convert(folder: Path, out: Path, quant: str, **extra: object) -> dict:
     from ondevice.converters import coreml
 
@@ -51,15 +70,18 @@ def interpreted(package: Path, tokens: list[int], split: int | None = None) -> n
     return np.concatenate([runner.forward(tokens[:split])] + [runner.forward([t]) for t in tokens[split:]])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "qwen3", "gemma3"])
 def test_fp16_package_matches_transformers(tiny_models, tmp_path, arch):
     out = tmp_path / f"{arch}.mlpackage"
     convert(tiny_models[arch], out, "fp16")
     ref = transformers_logits(tiny_models[arch], TOKENS)
-    # fp16 weights and state: within 2% of the logits' spread (measured 0.4%), prefill and token by token.
+    # fp16 weights and state: within 2% of the logits' spread (measured 0.4%), prefill and token by token; or,
+    # where rounding the weights alone moves the float logits further (gemma3's sandwich norms: 2.8%), within 1.5x
+    # of that. A wrong mask, RoPE base or norm is off by 20-300% of the spread on these models.
+    bound = max(0.02 * ref.std(), 1.5 * np.abs(fp16_weight_logits(tiny_models[arch], TOKENS) - ref).max())
     for split in (None, 3):
         got = interpreted(out, TOKENS, split)
-        assert np.abs(got - ref).max() < 0.02 * ref.std(), np.abs(got - ref).max()
+        assert np.abs(got - ref).max() < bound, np.abs(got - ref).max()
         assert (got.argmax(-1) == ref.argmax(-1)).all()
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["chat_template"] and manifest["max_seq_len"] == 256

@@ -180,6 +180,12 @@ class Interpreter:
         return _slice(np.asarray(a["x"]), a["begin"], a["end"], a.get("stride"), a.get("begin_mask"),
                       a.get("end_mask"), a.get("squeeze_mask"))
 
+    def op_gelu(self, op: Any, a: dict[str, Any]) -> np.ndarray:
+        if str(a.get("mode", "EXACT")) != "TANH_APPROXIMATION":
+            raise UnsupportedError(f"gelu mode {a.get('mode')!r} is not one this interpreter runs")
+        x = Interpreter._f(a["x"])
+        return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+
     def op_concat(self, op: Any, a: dict[str, Any]) -> np.ndarray:
         values = [np.atleast_1d(np.asarray(v)) for v in a["values"]]
         if values[0].dtype.kind == "f":
@@ -214,6 +220,7 @@ class Interpreter:
         "concat": op_concat,
         "softmax": op_softmax,
         "silu": lambda self, op, a: Interpreter._f(a["x"]) / (1.0 + np.exp(-Interpreter._f(a["x"]))),
+        "gelu": op_gelu,
         "cast": lambda self, op, a: np.asarray(a["x"]).astype(
             {"fp16": np.float16, "fp32": np.float32, "bool": np.bool_}.get(str(a["dtype"]), str(a["dtype"]))),
     }
