@@ -22,6 +22,7 @@ which is how the tests prove it. `<stem>.json` (manifest) and `<stem>.tokenizer.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ from ondevice.converters.base import (
     peak_rss_mib,
     progress_bar,
 )
+from ondevice.converters.coreml_fp16 import (
+    CHECK_WINDOWS,
+    check_headroom,
+    program_ranges,
+    residual_range,
+    residual_scale_for,
+)
 
 from ondevice.architectures import get_architecture
 from ondevice.decoder import DecoderOps, attention_scale, check_consumed, require_features, run_decoder
@@ -44,7 +52,7 @@ from ondevice.errors import MissingExtraError, UnsupportedError
 from ondevice.formats.atomic import atomic_output, check_output_path, write_text_atomic
 from ondevice.model import CanonicalModel, ModelSpec
 from ondevice.quant.affine import affine_block_params, affine_round, centered, source_affine_grid
-from ondevice.quant.calibration import output_layer_hessian
+from ondevice.quant.calibration import calibration_windows, output_layer_hessian
 from ondevice.quant.gptq import gptq_affine_4bit
 from ondevice.rope import rope_kind, rope_tables
 
@@ -60,8 +68,9 @@ TARGET = Target(
 
 MANIFEST_FORMAT = "ondevice-coreml/1"
 DEFAULT_MAX_SEQ = 2048
+RANGE_TOKENS = 2048  # calibration tokens whose float residual range picks the residual scale
 BLOCK_SIZES = (16, 32, 64, 128)
-MASK_MIN = -30000.0  # finite in fp16: a fully masked row still gives a defined softmax
+MASK_MIN = -8192.0  # finite in fp16 with headroom (coreml_fp16.py): a fully masked row still gives a softmax
 
 
 @dataclass
@@ -118,6 +127,12 @@ class Int4Weight:
         if not offsets.any():
             return cls(signed, scale16, None, None, kind)
         return cls(signed, scale16, offsets, offset_scale, kind)
+
+    def scaled(self, factor: float) -> Int4Weight:
+        """The same codes for factor * weight (exact for a power of two, as the residual scale is)."""
+        offset_scale = None if self.offset_scale is None else (self.offset_scale * factor).astype(np.float16)
+        return Int4Weight(self.codes, (self.scale * factor).astype(np.float16), self.offsets, offset_scale,
+                          self.kind)
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight the package computes (before any rotation)."""
@@ -197,10 +212,13 @@ SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset",
 
 
 def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_block: int | None = None,
-                  calibrate: bool = True) -> tuple[Any, list[str], dict[str, str]]:
+                  calibrate: bool = True, residual_scale: float = 1.0,
+                  overflow_safe_norms: bool = True) -> tuple[Any, list[str], dict[str, str]]:
     """The MIL program (fp16), the names of the weight consts still to quantize (int8: the linears and the
     embedding) and, at int4 (`int4_block`), the kind of each weight's int4 form (Int4Weight.kind). `calibrate`:
-    the output layer by GPTQ on the calibration text (else plain rounding, like the others)."""
+    the output layer by GPTQ on the calibration text (else plain rounding, like the others). The residual
+    stream is carried divided by `residual_scale` (a power of two; coreml_fp16.py). overflow_safe_norms=False
+    builds the plain RMSNorm, which overflows fp16 on large rows: only to show that it does."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import get_new_symbol, types
@@ -216,17 +234,27 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
     require_features(spec, "coreml", SUPPORTED_FEATURES)
     used: set[str] = set()  # the tensors the program consumed (filled while it is built)
 
+    # The residual stream is x / residual_scale: what adds to it is scaled by 1/residual_scale (the o/down
+    # weights, or with sandwich norms the post-norm weights), the norms that read it scale eps by 1/s^2.
+    arch = get_architecture(spec.arch)
+    into_residual = ("post_attn_norm", "post_ffn_norm") if spec.post_norms else ("o", "down")
+    residual_factor = {arch.hf_tensor(role, i): 1.0 / residual_scale
+                       for role in into_residual for i in range(n_layers)} if residual_scale != 1.0 else {}
+    residual_norms = {arch.hf_tensor(role, i) for role in ("attn_norm", "ffn_norm") for i in range(n_layers)}
+    residual_norms.add(arch.hf_tensor("final_norm", None))
+
     def load(name: str) -> np.ndarray:
         if bar is not None:
             bar.update(1)
-        return model.tensors[name].load()
+        values = model.tensors[name].load()
+        return values * np.float32(residual_factor[name]) if name in residual_factor else values
 
     def int4_weight(name: str) -> Int4Weight:
         held = source_int4(model, name, int4_block) if name != output_name or rotation is None else None
         if held is not None:
             if bar is not None:
                 bar.update(1)
-            return held
+            return held.scaled(residual_factor[name]) if name in residual_factor else held
         values = load(name)
         if name == output_name and rotation is not None:
             return gptq_output_layer(values, output_layer_hessian(model), int4_block, rotation)
@@ -298,12 +326,28 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
             return mb.mul(x=x, y=signs16, name=f"{name}/unsigned") if inverse else x
 
         def rms_norm(x: Any, name: str) -> Any:
-            w = weight(name, load(name) + spec.norm_offset, False)  # (1 + w) rounded to fp16 once
+            if name in residual_factor:  # a post-norm: its weight scales what it adds to the residual stream
+                w = weight(name, (model.tensors[name].load() + spec.norm_offset) * residual_factor[name], False)
+                if bar is not None:
+                    bar.update(1)
+            else:
+                w = weight(name, load(name) + spec.norm_offset, False)  # (1 + w) rounded to fp16 once
             base = name.removesuffix(".weight")
-            # fp16 squares of activations overflow past 256: scale down first (x/s normalizes the same way).
-            xs = mb.mul(x=x, y=fp16(1.0 / 16.0), name=f"{base}/prescale")
+            eps = spec.rms_eps / residual_scale**2 if name in residual_norms else spec.rms_eps
+            if not overflow_safe_norms:  # x/16 squared: inf in fp16 once a row holds |x| > 4096
+                xs = mb.mul(x=x, y=fp16(1.0 / 16.0), name=f"{base}/prescale")
+                mean = mb.reduce_mean(x=mb.mul(x=xs, y=xs), axes=[-1], keep_dims=True, name=f"{base}/mean")
+                inv = mb.rsqrt(x=mean, epsilon=fp16(max(eps / 256.0, 6e-8)), name=f"{base}/rsqrt")
+                return mb.mul(x=mb.mul(x=xs, y=inv), y=w, name=f"{base}/out")
+            # x / max|x| first: the squares are <= 1 whatever the row's range; eps / max^2 follows it
+            # ((sqrt(eps) / max)^2, flushing to 0 for rows where eps no longer matters).
+            top = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x, name=f"{base}/abs"), axes=[-1], keep_dims=True,
+                                             name=f"{base}/max"), y=fp16(6.1e-5), name=f"{base}/top")
+            xs = mb.real_div(x=x, y=top, name=f"{base}/prescale")
             mean = mb.reduce_mean(x=mb.mul(x=xs, y=xs), axes=[-1], keep_dims=True, name=f"{base}/mean")
-            inv = mb.rsqrt(x=mean, epsilon=fp16(max(spec.rms_eps / 256.0, 6e-8)), name=f"{base}/rsqrt")
+            root_eps = mb.real_div(x=fp16(math.sqrt(eps)), y=top, name=f"{base}/root_eps")
+            shifted = mb.add(x=mean, y=mb.mul(x=root_eps, y=root_eps), name=f"{base}/mean_eps")
+            inv = mb.rsqrt(x=shifted, epsilon=fp16(6e-8), name=f"{base}/rsqrt")
             return mb.mul(x=mb.mul(x=xs, y=inv), y=w, name=f"{base}/out")
 
         length = mb.slice_by_index(x=mb.shape(x=input_ids), begin=[1], end=[2], name="seq_len")  # (1,) int32
@@ -374,6 +418,8 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
                     hidden = mb.reshape(x=blocks, shape=[1, -1, hidden_size], name="embed/rows")
                 if spec.tie_embeddings and rotation is not None:
                     hidden = rotate(hidden, "embed/unrotate", inverse=True)  # the table holds rows of W R
+                if residual_scale != 1.0:
+                    hidden = mb.mul(x=hidden, y=fp16(1.0 / residual_scale), name="embed/residual_scale")
                 return hidden
 
             def scale(self, x: Any, factor: float) -> Any:
@@ -494,11 +540,12 @@ def count_weight_ops(package: Path) -> dict[str, int]:
 
 
 def make_manifest(model: CanonicalModel, quant: str, block: int | None, max_seq: int, names: list[str],
-                  package: Path, int4_kinds: dict[str, str] | None = None) -> dict[str, Any]:
+                  package: Path, int4_kinds: dict[str, str] | None = None,
+                  fp16_range: dict[str, Any] | None = None) -> dict[str, Any]:
     spec, special = model.spec, model.special
     layers = dict.fromkeys(names, {"fp16": "fp16", "int8": "int8-per-channel"}.get(quant, quant))
     layers |= {name: f"int4-block{block}-{kind}" for name, kind in (int4_kinds or {}).items()}
-    extra = {}
+    extra: dict[str, Any] = {"fp16_range": fp16_range} if fp16_range else {}
     if int4_kinds:
         extra["int4_form"] = (f"scale * (code - 8) in int4 blocks of {block} (fp16 scale) plus per-block offsets, "
                               "int8 with an fp16 scale per row, applied to the input's block means")
@@ -544,9 +591,16 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     for path in (out, manifest_path(out), tokenizer_path(out)):
         check_output_path(path, options.force)
 
+    windows = calibration_windows(model, RANGE_TOKENS)
+    residual_largest = residual_range(model, windows)
+    residual_scale = residual_scale_for(residual_largest)
     with progress_bar(len(model.tensors), f"coreml {quant}", options.progress) as bar:
         program, names, int4_kinds = build_program(model, max_seq, bar, int4_block=block if quant == "int4" else None,
-                                                   calibrate=options.calibrate)
+                                                   calibrate=options.calibrate, residual_scale=residual_scale)
+    ranges = program_ranges(program, [w[:max_seq] for w in windows[:CHECK_WINDOWS]])
+    headroom = check_headroom(ranges)
+    fp16_range = {"residual_max": round(residual_largest, 1), "residual_scale": residual_scale,
+                  "min_headroom": round(headroom, 2), "largest_op": max(ranges, key=ranges.get)}
     inputs = [ct.TensorType(name="input_ids", shape=(1, ct.RangeDim(1, max_seq, default=1)), dtype=np.int32),
               ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
     mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, inputs=inputs,
@@ -557,7 +611,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     mlmodel.short_description = f"{spec.arch} decoder ({spec.name}), {quant}, stateful KV cache of {max_seq}"
 
     write_text_atomic(tokenizer_path(out), model.tokenizer_json, force=options.force)
-    manifest = make_manifest(model, quant, block, max_seq, names, out, int4_kinds)
+    manifest = make_manifest(model, quant, block, max_seq, names, out, int4_kinds, fp16_range=fp16_range)
     write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n", force=options.force)
     with atomic_output(out, force=options.force, directory=True) as tmp:
         staging = tmp / "model.mlpackage"  # coremltools wants the suffix; move its contents up after saving
@@ -569,7 +623,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     ops = count_weight_ops(out)
     types = list(manifest["layers"].values())
     notes = [f"coreml {quant}: mlprogram iOS18, fp16 state KV cache of {max_seq}; weight producers {ops}; "
-             f"manifest {manifest_path(out).name}"]
+             f"manifest {manifest_path(out).name}",
+             f"fp16 range: residual stream up to {residual_largest:,.0f} carried / {residual_scale:g}; every op "
+             f"{headroom:.1f}x or more below fp16's maximum on the calibration text"]
     return ConvertResult(target="coreml", quant=quant, output=str(out), size_bytes=size,
                          seconds=time.perf_counter() - start, tensor_types=count_types(types), notes=notes,
                          peak_rss_mib=peak_rss_mib())

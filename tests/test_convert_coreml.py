@@ -265,3 +265,91 @@ def test_smollm2_int4_meets_the_issue_bars(smollm2, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     result = result[0] if isinstance(result, list) else result
     assert result["tokens"] == 1020 and result["top1_agreement"] >= 0.90 and result["kl_mean"] < 0.035, result
+
+
+# ---- fp16 as the device computes it (issue 20)
+
+def test_fp16_rounding_overflows_to_inf_and_every_mode_runs(tiny_models, tmp_path):
+    from ondevice.runners.coreml_interpreter import PRECISIONS, to_fp16
+
+    assert np.isinf(to_fp16(np.float32(70000.0))) and to_fp16(np.float32(1.0 + 2**-12)) == 1.0
+    out = tmp_path / "llama.mlpackage"
+    convert(tiny_models["llama"], out, "fp16")
+    ref = transformers_logits(tiny_models["llama"], TOKENS)
+    results = {}
+    for precision in PRECISIONS:
+        from ondevice.runners.coreml_interpreter import CoreMLInterpreterRunner
+
+        results[precision] = CoreMLInterpreterRunner(out, precision=precision).logits(TOKENS)
+        assert np.abs(results[precision] - ref).max() < 0.03 * ref.std(), precision
+    # each mode rounds differently: they are not the same computation
+    assert not np.array_equal(results["fp32"], results["fp16"])
+    assert not np.array_equal(results["fp16"], results["fp16-accumulate"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_residual_scale_is_folded_exactly(tiny_models, arch):
+    """The residual stream carried / 8 (o/down weights, or gemma3's post-norm weights, scaled; eps / 64) computes
+    the same logits as unscaled, to fp16 rounding."""
+    from ondevice.converters.coreml import build_program
+
+    from ondevice.runners.coreml_interpreter import Interpreter
+    from ondevice.sources import open_source
+
+    model = open_source(str(tiny_models[arch]))
+    logits = []
+    for scale in (1.0, 8.0):
+        program, _, _ = build_program(model, 64, residual_scale=scale)
+        out = Interpreter(program).run({"input_ids": np.asarray([TOKENS], np.int32),
+                                        "position": np.asarray([0], np.int32)})
+        logits.append(np.asarray(next(iter(out.values())))[0])
+    assert np.abs(logits[0] - logits[1]).max() < 0.01 * logits[0].std()
+
+
+def test_residual_scale_and_headroom_rule():
+    from ondevice.converters.coreml_fp16 import check_headroom, residual_scale_for
+
+    assert residual_scale_for(27347.0) == 2.0 and residual_scale_for(16000.0) == 1.0
+    assert residual_scale_for(100000.0) == 8.0
+    assert check_headroom({"a": 100.0, "b": 8000.0}) == pytest.approx(65504 / 8000)
+    with pytest.raises(UnsupportedError) as info:
+        check_headroom({"a": 100.0, "model.layers.3.mlp/gated": 20000.0})
+    assert "model.layers.3.mlp/gated" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["fp16", "int4"])
+def test_smollm2_sink_token_overflowed_the_plain_norm_and_no_longer_does(smollm2, int4):
+    """SmolLM2's first token carries |x| ~ 27,000 in the residual stream: the plain norm ((x/16)^2) is inf in fp16
+    there and zeroes the token; the built program (max-abs prescale, residual stream / 2) keeps every op of every
+    position 4x or more below fp16's maximum."""
+    from ondevice.converters.coreml import build_program
+    from ondevice.converters.coreml_fp16 import FP16_MAX, HEADROOM, residual_range, residual_scale_for
+
+    from ondevice.quant.calibration import calibration_windows
+    from ondevice.runners.coreml_interpreter import Interpreter
+    from ondevice.sources import open_source
+
+    model = open_source(str(smollm2))
+    window = calibration_windows(model, 64)[0][:37]
+    block = 32 if int4 else None
+
+    def run(program: object) -> tuple[dict[str, float], dict[str, float]]:
+        interpreter = Interpreter(program, precision="fp16")
+        first, rest = {}, {}
+        for tokens, start, ranges in ((window[:1], 0, first), (window[1:], 1, rest)):
+            interpreter.ranges = ranges
+            interpreter.run({"input_ids": np.asarray([tokens], np.int32), "position": np.asarray([start], np.int32)})
+        return first, rest
+
+    plain, _, _ = build_program(model, 64, int4_block=block, calibrate=False, overflow_safe_norms=False)
+    first, rest = run(plain)
+    overflowed = sorted(name for name, top in first.items() if name.endswith("layernorm/mean") and np.isinf(top))
+    assert len(overflowed) >= 10, overflowed  # position 0: mean of squares inf -> rsqrt 0 in many layers
+    assert not [name for name, top in rest.items() if name.endswith("layernorm/mean") and np.isinf(top)]
+
+    scale = residual_scale_for(residual_range(model, [window]))
+    assert scale >= 2
+    safe, _, _ = build_program(model, 64, int4_block=block, calibrate=False, residual_scale=scale)
+    for ranges in run(safe):
+        name, top = max(ranges.items(), key=lambda item: item[1])
+        assert top < FP16_MAX / HEADROOM, (name, top)

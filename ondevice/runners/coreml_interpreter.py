@@ -6,6 +6,13 @@ The package is read back as Core ML would get it: the spec from the .mlpackage (
 types our converter emits; anything else is an error, never skipped. Arithmetic is float32 on the stored
 values (fp16 weights, dequantized int4/int8 blocks); the KV cache states are kept in fp16 like the device does.
 
+precision="fp16" emulates a device that runs the fp16 program in fp16 (the GPU and the Neural Engine do; the
+coremltools "Typed Execution" guide): every op's fp16 result is rounded to fp16, overflowing to inf. Inside an
+op the GPU accumulates in fp32 unless the app sets MLModelConfiguration.allowLowPrecisionAccumulationOnGPU;
+the Neural Engine's accumulator is not documented. "fp16-accumulate" brackets that: matmul, linear, mean and
+softmax sums are accumulated in fp16 too, 32 products at a time (each group summed in fp32, then rounded;
+an approximation of hardware whose grouping is unknown). `ranges` records every float op's largest |value|.
+
 On macOS, CoreMLRunner runs the same package with coremltools' predict (the code path is present; not run here).
 """
 
@@ -70,12 +77,55 @@ def _slice(x: np.ndarray, begin: Any, end: Any, stride: Any, begin_mask: Any, en
     return x[tuple(index)]
 
 
+PRECISIONS = ("fp32", "fp16", "fp16-accumulate")
+ACCUMULATE_GROUP = 32  # products summed in fp32 before each fp16 accumulation (fp16-accumulate)
+
+
+def to_fp16(x: Any) -> np.ndarray:
+    """Round to fp16 as the device stores it: out of range becomes inf (not an error). An fp16 array is returned
+    as it is (a state read stays the state buffer)."""
+    x = np.asarray(x)
+    if x.dtype == np.float16:
+        return x
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(np.float16)
+
+
+def _matmul16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y accumulated in fp16, ACCUMULATE_GROUP products at a time."""
+    acc = None
+    for s in range(0, x.shape[-1], ACCUMULATE_GROUP):
+        part = to_fp16(x[..., s:s + ACCUMULATE_GROUP] @ y[..., s:s + ACCUMULATE_GROUP, :])
+        acc = part if acc is None else to_fp16(acc.astype(np.float32) + part)
+    return acc.astype(np.float32)
+
+
+def _sum16(x: np.ndarray, axis: int) -> np.ndarray:
+    """Sum along axis (keeping it) accumulated in fp16, ACCUMULATE_GROUP values at a time."""
+    x = np.moveaxis(x, axis, -1)
+    acc = None
+    for s in range(0, x.shape[-1], ACCUMULATE_GROUP):
+        part = to_fp16(x[..., s:s + ACCUMULATE_GROUP].sum(axis=-1, keepdims=True))
+        acc = part if acc is None else to_fp16(acc.astype(np.float32) + part)
+    return np.moveaxis(acc.astype(np.float32), -1, axis)
+
+
 class Interpreter:
     """Runs function "main" of a MIL program; states persist between calls."""
 
-    def __init__(self, program: Any) -> None:
+    def __init__(self, program: Any, precision: str = "fp32") -> None:
+        from coremltools.converters.mil.mil import types
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.accumulate16 = precision == "fp16-accumulate"
+        self.ranges: dict[str, float] | None = None  # set to {} to record each float op's max |value|
         self.function = program.functions["main"]
         self.operations = list(self.function.operations)
+        self._fp16_result = [types.builtin_to_string(op.outputs[0].dtype) == "fp16" for op in self.operations]
+        self.fp16_results = {op.outputs[0].name for op, fp16 in zip(self.operations, self._fp16_result, strict=True)
+                             if fp16 and op.op_type != "const" and not op.op_type.startswith("constexpr_")}
         self.states: dict[str, np.ndarray] = {}
         self._consts: dict[str, np.ndarray] = {}  # const and constexpr results, computed once
         for name, var in self.function.inputs.items():
@@ -107,7 +157,7 @@ class Interpreter:
         env: dict[str, Any] = {}
         for name in self.function.inputs:
             env[name] = self.states[name] if name in self.states else feeds[name]
-        for op in self.operations:
+        for op, fp16_result in zip(self.operations, self._fp16_result, strict=True):
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 env[op.outputs[0].name] = self._const(op)
                 continue
@@ -118,8 +168,18 @@ class Interpreter:
                 else:
                     args[key] = env[value.name] if value.name in env else np.asarray(value.val)
             result = self._OPS[op.op_type](self, op, args)
+            if fp16_result and self.precision != "fp32":
+                result = to_fp16(result)
+            if self.ranges is not None and np.asarray(result).dtype.kind == "f":
+                self._record(op.outputs[0].name, result)
             env[op.outputs[0].name] = result
         return {v.name: env[v.name] for v in self.function.outputs}
+
+    def _record(self, name: str, result: Any) -> None:
+        values = np.asarray(result)
+        top = float(np.abs(values).max()) if values.size else 0.0
+        top = float("inf") if not np.isfinite(top) else top
+        self.ranges[name] = max(self.ranges.get(name, 0.0), top)
 
     # ---- ops (each takes the evaluated inputs by name)
     def _f(x: Any) -> np.ndarray:  # noqa: N805 (helper used inside the table)
@@ -134,7 +194,8 @@ class Interpreter:
         return data * scale
 
     def op_linear(self, op: Any, a: dict[str, Any]) -> np.ndarray:
-        out = Interpreter._f(a["x"]) @ Interpreter._f(a["weight"]).T
+        x, w = Interpreter._f(a["x"]), Interpreter._f(a["weight"])
+        out = _matmul16(x, w.T) if self.accumulate16 else x @ w.T
         if "bias" in a and a["bias"] is not None:
             out = out + Interpreter._f(a["bias"])
         return out
@@ -145,7 +206,7 @@ class Interpreter:
             x = np.swapaxes(x, -1, -2)
         if bool(a.get("transpose_y", False)):
             y = np.swapaxes(y, -1, -2)
-        return x @ y
+        return _matmul16(x, y) if self.accumulate16 else x @ y
 
     def op_gather(self, op: Any, a: dict[str, Any]) -> np.ndarray:
         return np.take(a["x"], np.asarray(a["indices"]).astype(np.int64), axis=int(a.get("axis", 0)))
@@ -171,7 +232,20 @@ class Interpreter:
         x = Interpreter._f(a["x"])
         axis = int(a.get("axis", -1))
         e = np.exp(x - x.max(axis=axis, keepdims=True))
+        if self.accumulate16:
+            e = to_fp16(e).astype(np.float32)
+            return e / _sum16(e, axis)
         return e / e.sum(axis=axis, keepdims=True)
+
+    def op_reduce_mean(self, op: Any, a: dict[str, Any]) -> np.ndarray:
+        x, axes = Interpreter._f(a["x"]), tuple(int(x) for x in a["axes"])
+        keep = bool(a.get("keep_dims", False))
+        if not self.accumulate16:
+            return x.mean(axis=axes, keepdims=keep)
+        if len(axes) != 1:
+            raise UnsupportedError("fp16-accumulate emulates reduce_mean over one axis only")
+        mean = _sum16(x, axes[0]) / np.float32(x.shape[axes[0]])
+        return mean if keep else np.squeeze(mean, axis=axes[0])
 
     def op_rsqrt(self, op: Any, a: dict[str, Any]) -> np.ndarray:
         return 1.0 / np.sqrt(Interpreter._f(a["x"]) + float(a.get("epsilon", 1e-12)))
@@ -197,6 +271,8 @@ class Interpreter:
         "linear": op_linear,
         "matmul": op_matmul,
         "gather": op_gather,
+        # the state buffer itself: Core ML updates states in place, and coremltools merges the read_states of one
+        # state (every layer's slice of the one KV cache) into a single read on that assumption
         "read_state": lambda self, op, a: a["input"],
         "coreml_update_state": op_update_state,
         "slice_update": op_slice_update,
@@ -212,8 +288,12 @@ class Interpreter:
         "add": lambda self, op, a: Interpreter._f(a["x"]) + Interpreter._f(a["y"]),
         "sub": lambda self, op, a: Interpreter._f(a["x"]) - Interpreter._f(a["y"]),
         "mul": lambda self, op, a: Interpreter._f(a["x"]) * Interpreter._f(a["y"]),
-        "reduce_mean": lambda self, op, a: Interpreter._f(a["x"]).mean(
+        "reduce_mean": op_reduce_mean,
+        "reduce_max": lambda self, op, a: Interpreter._f(a["x"]).max(
             axis=tuple(int(x) for x in a["axes"]), keepdims=bool(a.get("keep_dims", False))),
+        "abs": lambda self, op, a: np.abs(Interpreter._f(a["x"])),
+        "maximum": lambda self, op, a: np.maximum(Interpreter._f(a["x"]), Interpreter._f(a["y"])),
+        "real_div": lambda self, op, a: Interpreter._f(a["x"]) / Interpreter._f(a["y"]),
         "rsqrt": op_rsqrt,
         "reshape": op_reshape,
         "transpose": lambda self, op, a: np.transpose(a["x"], [int(p) for p in a["perm"]]),
@@ -251,12 +331,12 @@ class _CoreMLText:
 class CoreMLInterpreterRunner(ArtifactRunner):
     """The saved package evaluated by the numpy interpreter (quality checks; not a speed measurement)."""
 
-    def __init__(self, package: str | Path) -> None:
+    def __init__(self, package: str | Path, precision: str = "fp32") -> None:
         self.package = Path(package)
         self.manifest = read_manifest(self.package)
         self.vocab_size = int(self.manifest["spec"]["vocab_size"])
         self.n_ctx = int(self.manifest["max_seq_len"])
-        self.interpreter = Interpreter(load_program(self.package))
+        self.interpreter = Interpreter(load_program(self.package), precision)
         self.text = _CoreMLText(self.package, self.manifest)
         self._length = 0
 

@@ -1,4 +1,5 @@
-"""Backend registry: one adapter module per runtime; adding one is a new file plus a line in BACKEND_MODULES.
+"""Backend registry: one adapter module per runtime; adding one is a new file plus a line in BACKEND_MODULES
+("module" for its BACKEND, "module:Class" for another class of it).
 
 Importing an adapter module is cheap: the runtime library itself is imported only when a backend is used.
 """
@@ -20,6 +21,8 @@ BACKEND_MODULES: dict[str, str] = {
     "onnxruntime-plain": "ondevice.bench.backends.onnxruntime_plain",
     "coreml": "ondevice.bench.backends.coreml",
     "coreml-interpreter": "ondevice.bench.backends.coreml_interpreter",
+    "coreml-fp16": "ondevice.bench.backends.coreml_fp16",
+    "coreml-fp16-accumulate": "ondevice.bench.backends.coreml_fp16:CoreMLFp16AccumulateBackend",
     "null": "ondevice.bench.backends.null",
 }
 
@@ -32,7 +35,8 @@ def backend_class(name: str) -> type[Backend]:
         module = BACKEND_MODULES[name]
     except KeyError:
         raise OndeviceError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_MODULES)}") from None
-    return importlib.import_module(module).BACKEND
+    module, _, attribute = module.partition(":")  # "module:Class" when a module holds more than its BACKEND
+    return getattr(importlib.import_module(module), attribute or "BACKEND")
 
 
 def default_backends() -> list[str]:
