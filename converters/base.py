@@ -6,7 +6,7 @@ import json
 import resource
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,33 @@ from tqdm import tqdm
 
 from ondevice.errors import UnsupportedError
 from ondevice.model import CanonicalModel
+
+
+@dataclass
+class ConvertOptions:
+    """What every target takes; a target with more declares a subclass (Target.options) and its flags."""
+
+    quant: str
+    force: bool = False
+    pre_tokenizer: str | None = None  # override llama.cpp pre-tokenizer detection
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """A `convert` flag of one target: `--FLAG` sets the options field `field` (None when not given)."""
+
+    flag: str
+    field: str
+    help: str
+    type: type | None = int  # None: a switch that stores False (e.g. --no-calibrate)
+
+
+def options_as(cls: type[ConvertOptions], options: ConvertOptions) -> ConvertOptions:
+    """`options` as the target's own options class (a plain ConvertOptions gets the target's defaults)."""
+    if isinstance(options, cls):
+        return options
+    return cls(**{f.name: getattr(options, f.name) for f in fields(ConvertOptions)})
 
 
 @dataclass(frozen=True)
@@ -25,6 +52,8 @@ class Target:
     output_is_dir: bool
     suffix: str  # default output suffix ("" for folders)
     description: str
+    options: type[ConvertOptions] = ConvertOptions  # the options class convert() reads
+    cli_options: tuple[TargetOption, ...] = ()  # its flags beyond the common ones
 
     def resolve_quant(self, quant: str | None) -> tuple[str, str | None]:
         """(scheme, note): the scheme to write and, for a generic name, a note saying what it mapped to."""
@@ -38,18 +67,6 @@ class Target:
             choices = ", ".join(list(self.quants) + list(self.generic))
             raise UnsupportedError(f"--quant {quant} is not available for --to {self.name}; choose from {choices}")
         return key, None
-
-
-@dataclass
-class ConvertOptions:
-    quant: str
-    force: bool = False
-    pre_tokenizer: str | None = None  # override llama.cpp pre-tokenizer detection
-    progress: bool = True
-    group_size: int | None = None  # MLX / ExecuTorch weight groups (None: the target's default)
-    block_size: int | None = None  # ONNX MatMulNBits / Core ML blockwise int4 blocks
-    max_seq_len: int | None = None  # static KV cache length of ExecuTorch / Core ML programs
-    calibrate: bool = True  # Core ML int4: the output layer by GPTQ on the calibration text (False: rounded)
 
 
 @dataclass

@@ -34,7 +34,9 @@ from ondevice.converters.base import (
     ConvertOptions,
     ConvertResult,
     Target,
+    TargetOption,
     count_types,
+    options_as,
     peak_rss_mib,
     progress_bar,
 )
@@ -56,6 +58,13 @@ from ondevice.quant.calibration import calibration_windows, output_layer_hessian
 from ondevice.quant.gptq import gptq_affine_4bit
 from ondevice.rope import rope_kind, rope_tables
 
+
+@dataclass
+class CoreMLOptions(ConvertOptions):
+    block_size: int | None = None  # int4 block; None = 32
+    max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
+    calibrate: bool = True  # int4: the output layer by GPTQ on the calibration text (False: rounded)
+
 TARGET = Target(
     name="coreml",
     quants=("fp16", "int8", "int4"),
@@ -64,6 +73,11 @@ TARGET = Target(
     output_is_dir=True,
     suffix=".mlpackage",
     description="a Core ML mlprogram (.mlpackage, iOS 18 / macOS 15) with a stateful KV cache",
+    options=CoreMLOptions,
+    cli_options=(TargetOption("--block-size", "block_size", "int4 block: 16, 32, 64 or 128 (default 32)"),
+                 TargetOption("--max-seq-len", "max_seq_len", "stateful KV cache length (default: min(context, 2048))"),
+                 TargetOption("--no-calibrate", "calibrate", "int4: round the output layer to the grid instead of "
+                              "GPTQ on the bundled calibration text (SmolLM2: top-1 80%% instead of 91%%)", None)),
 )
 
 MANIFEST_FORMAT = "ondevice-coreml/1"
@@ -71,12 +85,6 @@ DEFAULT_MAX_SEQ = 2048
 RANGE_TOKENS = 2048  # calibration tokens whose float residual range picks the residual scale
 BLOCK_SIZES = (16, 32, 64, 128)
 MASK_MIN = -8192.0  # finite in fp16 with headroom (coreml_fp16.py): a fully masked row still gives a softmax
-
-
-@dataclass
-class CoreMLOptions(ConvertOptions):
-    block_size: int | None = None  # int4 block; None = 32
-    max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
 
 
 def manifest_path(package: Path) -> Path:
@@ -571,10 +579,11 @@ def make_manifest(model: CanonicalModel, quant: str, block: int | None, max_seq:
 
 
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
+    options = options_as(CoreMLOptions, options)
     ct = require_coremltools()
     start = time.perf_counter()
     quant, spec = options.quant, model.spec
-    block = getattr(options, "block_size", None)
+    block = options.block_size
     if block is not None and quant != "int4":
         raise UnsupportedError(f"--block-size applies to --quant int4 only, not {quant}")
     block = 32 if block is None and quant == "int4" else block
@@ -586,7 +595,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         if bad:
             raise UnsupportedError(f"--block-size {block} does not divide the layer width {bad[0]}; choose one "
                                    f"that divides {min(widths)}")
-    max_seq = getattr(options, "max_seq_len", None) or min(spec.context_length, DEFAULT_MAX_SEQ)
+    max_seq = options.max_seq_len or min(spec.context_length, DEFAULT_MAX_SEQ)
     out = Path(out)
     for path in (out, manifest_path(out), tokenizer_path(out)):
         check_output_path(path, options.force)

@@ -34,7 +34,9 @@ from ondevice.converters.base import (
     ConvertOptions,
     ConvertResult,
     Target,
+    TargetOption,
     count_types,
+    options_as,
     peak_rss_mib,
     progress_bar,
 )
@@ -46,6 +48,12 @@ from ondevice.formats.atomic import atomic_output, check_output_path, write_text
 from ondevice.model import CanonicalModel, ModelSpec
 from ondevice.rope import rope_kind, rope_tables
 
+
+@dataclass
+class ExecuTorchOptions(ConvertOptions):
+    group_size: int | None = None  # 8da4w weight group; None = 32
+    max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
+
 TARGET = Target(
     name="executorch",
     quants=("fp32", "8da4w", "int8"),
@@ -54,6 +62,9 @@ TARGET = Target(
     output_is_dir=False,
     suffix=".pte",
     description="an ExecuTorch .pte program (XNNPACK) with a static KV cache, manifest and tokenizer beside it",
+    options=ExecuTorchOptions,
+    cli_options=(TargetOption("--group-size", "group_size", "8da4w weight group: 32 or 64 (default 32); must divide every width"),
+                 TargetOption("--max-seq-len", "max_seq_len", "static KV cache length (default: min(context, 2048))")),
 )
 
 MANIFEST_FORMAT = "ondevice-executorch/1"
@@ -61,12 +72,6 @@ GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP = 32
 DEFAULT_MAX_SEQ = 2048
 MAX_CHUNK = 128  # the largest S of one forward call (prefill goes in chunks of this many tokens)
-
-
-@dataclass
-class ExecuTorchOptions(ConvertOptions):
-    group_size: int | None = None  # 8da4w weight group; None = 32
-    max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
 
 
 def manifest_path(pte: Path) -> Path:
@@ -444,18 +449,19 @@ def make_manifest(model: CanonicalModel, quant: str, group: int | None, max_seq:
 
 
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
+    options = options_as(ExecuTorchOptions, options)
     require_torch_stack()
     start = time.perf_counter()
     quant = options.quant
     spec = model.spec
-    group = getattr(options, "group_size", None)
+    group = options.group_size
     if group is not None and quant != "8da4w":
         raise UnsupportedError(f"--group-size applies to --quant 8da4w only, not {quant}")
     if quant == "8da4w":
         group = DEFAULT_GROUP if group is None else group
         if group not in GROUP_SIZES:
             raise UnsupportedError(f"--group-size {group} is not supported; choose 32, 64, 128 or 256")
-    max_seq = getattr(options, "max_seq_len", None) or min(spec.context_length, DEFAULT_MAX_SEQ)
+    max_seq = options.max_seq_len or min(spec.context_length, DEFAULT_MAX_SEQ)
     if max_seq < 2:
         raise UnsupportedError(f"max_seq_len {max_seq} is too small")
     max_chunk = min(MAX_CHUNK, max_seq - 1)

@@ -24,8 +24,10 @@ from ondevice.converters.base import (
     ConvertOptions,
     ConvertResult,
     Target,
+    TargetOption,
     count_types,
     hf_model_config,
+    options_as,
     peak_rss_mib,
     progress_bar,
     write_json,
@@ -40,6 +42,12 @@ from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.quant import AFFINE_4BIT_TYPES
 from ondevice.quant.affine import source_affine_grid
 
+
+@dataclass
+class MLXOptions(ConvertOptions):
+    group_size: int | None = None  # affine group; None = 64 where every width allows, else 32
+
+
 TARGET = Target(
     name="mlx",
     quants=("f16", "bf16", "int4", "int8"),
@@ -48,6 +56,9 @@ TARGET = Target(
     output_is_dir=True,
     suffix="",
     description="an MLX folder (safetensors + config) that mlx_lm.load runs; int4/int8 in mlx's affine groups",
+    options=MLXOptions,
+    cli_options=(TargetOption("--group-size", "group_size", "affine group: 32, 64 or 128 (default 64 where every "
+                              "width allows it)"),),
 )
 
 GROUP_SIZES = (32, 64, 128)
@@ -204,6 +215,7 @@ def mlx_lm_knows(model_type: str) -> bool | None:
 
 
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
+    options = options_as(MLXOptions, options)
     start = time.perf_counter()
     quant = options.quant
     model_type = get_architecture(model.spec.arch).hf_model_type

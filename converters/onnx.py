@@ -32,7 +32,9 @@ from ondevice.converters.base import (
     ConvertOptions,
     ConvertResult,
     Target,
+    TargetOption,
     count_types,
+    options_as,
     peak_rss_mib,
     progress_bar,
     write_tokenizer_files,
@@ -44,6 +46,14 @@ from ondevice.formats.atomic import atomic_output
 from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.rope import rope_kind, rope_tables
 
+
+@dataclass
+class ONNXOptions(ConvertOptions):
+    block_size: int | None = None  # MatMulNBits block; None = the scheme's default (DEFAULTS)
+    symmetric: bool | None = None  # None = the scheme's default
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (fast on CPU; the builder's default)
+    float_layers: bool = True  # keep the layers FLOAT_LAYERS names for this quant in f16 (False: quantize all)
+
 TARGET = Target(
     name="onnx",
     quants=("f32", "f16", "int8", "int4"),
@@ -52,6 +62,9 @@ TARGET = Target(
     output_is_dir=True,
     suffix="",
     description="an ONNX Runtime folder (model.onnx + genai_config.json) for onnxruntime and onnxruntime-genai",
+    options=ONNXOptions,
+    cli_options=(TargetOption("--block-size", "block_size", "MatMulNBits block: 16, 32, 64, 128 or 256 (default: int4 32, "
+                              "int8 16)"),),
 )
 
 OPSET = 17
@@ -60,15 +73,6 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22
-
-
-@dataclass
-class ONNXOptions(ConvertOptions):
-    """ConvertOptions plus MatMulNBits details the CLI does not expose (block_size None: DEFAULTS)."""
-
-    symmetric: bool | None = None  # None = the scheme's default
-    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (fast on CPU; the builder's default)
-    float_layers: bool = True  # keep the layers FLOAT_LAYERS names for this quant in f16 (False: quantize all)
 
 
 # Measured on SmolLM2-135M (from its Q4_1 GGUF) against the f32 model, KL / top-1 on the bundled text:
@@ -450,9 +454,9 @@ def genai_config(model: CanonicalModel) -> dict[str, Any]:
     }
 
 
-def _check_options(options: ConvertOptions) -> tuple[int, bool, int]:
+def _check_options(options: ONNXOptions) -> tuple[int, bool, int]:
     block = options.block_size
-    symmetric = getattr(options, "symmetric", None)
+    symmetric = options.symmetric
     if options.quant not in DEFAULTS:
         if block is not None:
             raise UnsupportedError(f"--block-size applies to --quant int4/int8 only, not {options.quant}")
@@ -461,13 +465,14 @@ def _check_options(options: ConvertOptions) -> tuple[int, bool, int]:
     block = default_block if block is None else block
     if block not in BLOCK_SIZES:
         raise UnsupportedError(f"--block-size {block} is not supported by MatMulNBits; choose 16, 32, 64, 128 or 256")
-    accuracy = int(getattr(options, "accuracy_level", 4))
+    accuracy = int(options.accuracy_level)
     if accuracy not in (0, 1, 2, 3, 4):
         raise UnsupportedError(f"accuracy level {accuracy} is not one of 0-4")
     return block, default_symmetric if symmetric is None else bool(symmetric), accuracy
 
 
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
+    options = options_as(ONNXOptions, options)
     try:
         import onnx
         from onnx import helper
@@ -486,7 +491,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         data = ExternalData(tmp / DATA_FILE)
         try:
             g = GraphBuilder(data)
-            keep = FLOAT_LAYERS.get(options.quant, ((), 0)) if getattr(options, "float_layers", True) else ((), 0)
+            keep = FLOAT_LAYERS.get(options.quant, ((), 0)) if options.float_layers else ((), 0)
             weights = _Weights(g, options.quant, block, symmetric, accuracy, keep, spec.n_layers)
             with progress_bar(len(model.tensors), f"onnx {options.quant}", options.progress) as bar:
                 inputs, outputs = _build_graph(model, g, weights, bar)

@@ -417,8 +417,7 @@ def _export_converted(source: Path, folder: Path, target: str, quant: str, max_s
 
     writer = get_target(target)
     scheme, _ = writer.TARGET.resolve_quant(quant)
-    options_class = writer.ExecuTorchOptions if target == "executorch" else writer.CoreMLOptions
-    options = options_class(quant=scheme, force=True, progress=progress, max_seq_len=max_seq)
+    options = writer.TARGET.options(quant=scheme, force=True, progress=progress, max_seq_len=max_seq)
     out = folder / f"{source.stem}.{scheme}{writer.TARGET.suffix}"
     canonical = open_source(source)
     try:

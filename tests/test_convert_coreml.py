@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("coremltools")
 
-from ondevice.converters.base import ConvertOptions  # noqa: E402
 
 from ondevice.errors import UnsupportedError  # noqa: E402
 
@@ -50,9 +49,7 @@ def convert(folder: Path, out: Path, quant: str, **extra: object) -> dict:
 
     from ondevice.sources import open_source
 
-    options = ConvertOptions(quant=quant, progress=False)
-    for key, value in extra.items():
-        setattr(options, key, value)
+    options = coreml.CoreMLOptions(quant=quant, progress=False, **extra)
     model = open_source(str(folder))
     try:
         return coreml.convert(model, out, options).to_json()
@@ -265,6 +262,13 @@ def test_smollm2_int4_meets_the_issue_bars(smollm2, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     result = result[0] if isinstance(result, list) else result
     assert result["tokens"] == 1020 and result["top1_agreement"] >= 0.90 and result["kl_mean"] < 0.035, result
+    # the same bar as a device computing in fp16 runs it (issue 20)
+    assert manifest["fp16_range"]["residual_scale"] == 2 and manifest["fp16_range"]["min_headroom"] >= 4
+    assert cli(["eval", str(out), "--ref", str(reference), "--backend", "coreml-fp16", "--threads", "2",
+                "--no-store", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    result = result[0] if isinstance(result, list) else result
+    assert result["top1_agreement"] >= 0.90 and result["kl_mean"] < 0.035, result
 
 
 # ---- fp16 as the device computes it (issue 20)

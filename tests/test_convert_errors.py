@@ -396,3 +396,24 @@ def test_stale_partials_of_a_killed_convert_are_removed_on_the_next_write(tiny_m
     code, err = run_cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--pre", "gpt-2", "-o", str(target),
                          "--no-progress", "--force"], capsys)
     assert code == 0 and "killed run" not in err and live.exists()  # nothing stale the second time
+
+
+def test_a_flag_of_another_target_is_refused_in_one_line(tiny_models, tmp_path, capsys):
+    """Each target declares its own options: --block-size means nothing to gguf and is not silently ignored."""
+    d = out_dir(tmp_path)
+    code, err = run_cli(["convert", str(tiny_models["llama"]), "--to", "gguf", "--block-size", "32",
+                         "-o", str(d / "x.gguf"), "--no-progress"], capsys)
+    assert_clean_failure(code, err, d, "--block-size does not apply to --to gguf (it is for --to onnx, coreml)")
+    code, err = run_cli(["convert", str(tiny_models["llama"]), "--to", "mlx", "--no-calibrate",
+                         "-o", str(d / "m"), "--no-progress"], capsys)
+    assert_clean_failure(code, err, d, "--no-calibrate does not apply to --to mlx")
+
+
+def test_convert_help_groups_the_options_by_target(capsys):
+    with pytest.raises(SystemExit):
+        cli(["convert", "--help"])
+    text = capsys.readouterr().out
+    for group in ("--to mlx, executorch options:", "--to onnx, coreml options:", "--to executorch, coreml options:",
+                  "--to coreml options:"):
+        assert group in text
+    assert "q6_k" in text

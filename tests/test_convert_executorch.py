@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
-from ondevice.converters.base import ConvertOptions  # noqa: E402
 
 from ondevice.errors import UnsupportedError  # noqa: E402
 
@@ -43,9 +42,7 @@ def export(folder: Path, out: Path, quant: str, **extra: object) -> dict:
 
     from ondevice.sources import open_source
 
-    options = ConvertOptions(quant=quant, progress=False)
-    for key, value in extra.items():
-        setattr(options, key, value)
+    options = executorch.ExecuTorchOptions(quant=quant, progress=False, **extra)
     model = open_source(str(folder))
     try:
         return executorch.convert(model, out, options).to_json()

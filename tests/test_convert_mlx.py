@@ -20,7 +20,6 @@ pytest.importorskip("mlx_lm")
 
 import mlx.core as mx  # noqa: E402
 from ondevice.converters import mlx as mlx_target  # noqa: E402
-from ondevice.converters.base import ConvertOptions  # noqa: E402
 
 from ondevice.errors import OutputExistsError, UnsupportedError  # noqa: E402
 from ondevice.formats.safetensors import SafetensorsFile  # noqa: E402
@@ -34,8 +33,8 @@ BF16_TOL = 0.15
 def convert(src: Path, out: Path, quant: str, group_size: int | None = None, force: bool = False):
     model = open_source(src)
     try:
-        return mlx_target.convert(model, out, ConvertOptions(quant=quant, force=force, progress=False,
-                                                             group_size=group_size))
+        return mlx_target.convert(model, out, mlx_target.MLXOptions(quant=quant, force=force, progress=False,
+                                                                   group_size=group_size))
     finally:
         model.close()
 

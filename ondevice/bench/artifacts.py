@@ -162,7 +162,6 @@ def converted_artifact(source_name: str, to: str, quant: str, *, progress: bool 
                        label: str | None = None, out_dir: Path | None = None) -> Artifact:
     """The source converted to `to`/`quant`, from the cache (or `out_dir`) or converted now (atomically) into it."""
     from ondevice.converters import get_target
-    from ondevice.converters.base import ConvertOptions
     from ondevice.hub import cache_dir, resolve_model
     from ondevice.sources import open_source
 
@@ -178,7 +177,7 @@ def converted_artifact(source_name: str, to: str, quant: str, *, progress: bool 
             print(f"ondevice bench: converting {source_name} to {to} {scheme} (cached as {out})", file=sys.stderr)
         model = open_source(src)
         try:
-            writer.convert(model, out, ConvertOptions(quant=scheme, progress=progress))
+            writer.convert(model, out, writer.TARGET.options(quant=scheme, progress=progress))
         finally:
             model.close()
     source_label = label or _label_for(source_name, src) or describe_artifact(src).model

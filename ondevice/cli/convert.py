@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ondevice.converters import TARGET_MODULES, get_target
-from ondevice.converters.base import ConvertOptions, default_output
+from ondevice.converters.base import TargetOption, default_output
+from ondevice.errors import UnsupportedError
 from ondevice.formats.atomic import check_output_path
 
 HELP = """\
@@ -41,18 +42,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--pre", dest="pre_tokenizer", metavar="NAME",
                    help="llama.cpp pre-tokenizer name when it cannot be detected (e.g. smollm, llama-bpe, qwen2)")
-    p.add_argument("--group-size", type=int, metavar="N",
-                   help="quantization group (mlx: 32/64/128; executorch 8da4w: 32/64); must divide every width")
-    p.add_argument("--block-size", type=int, metavar="N", help="int4 block (onnx MatMulNBits, coreml; default 32)")
-    p.add_argument("--max-seq-len", type=int, metavar="N", help="KV cache length of executorch/coreml programs")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="coreml int4: round the output layer to the grid instead of GPTQ on the bundled calibration "
-                        "text (SmolLM2: 10 s faster, top-1 80%% instead of 91%%)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pytorch_model.bin pickles (they can run code: trusted sources only)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_target_options(p)
     p.set_defaults(handler=run)
+
+
+def target_flags() -> dict[str, list[tuple[str, TargetOption]]]:
+    """flag -> [(target, its declaration)], in registry order: the flags each target declares beyond the common ones."""
+    flags: dict[str, list[tuple[str, TargetOption]]] = {}
+    for name in TARGET_MODULES:
+        for option in get_target(name).TARGET.cli_options:
+            flags.setdefault(option.flag, []).append((name, option))
+    return flags
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    """--help groups the flags by the targets that take them ("--to mlx, executorch"), each target's help."""
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for flag, owners in target_flags().items():
+        names = tuple(name for name, _ in owners)
+        if names not in groups:
+            groups[names] = p.add_argument_group(f"--to {', '.join(names)} options")
+        helps = "; ".join(f"{name}: {option.help}" if len(owners) > 1 else option.help for name, option in owners)
+        dest = flag.lstrip("-").replace("-", "_")
+        if owners[0][1].type is None:
+            groups[names].add_argument(flag, dest=dest, action="store_true", default=None, help=helps)
+        else:
+            groups[names].add_argument(flag, dest=dest, type=owners[0][1].type, metavar="N", default=None, help=helps)
+
+
+def target_option_values(args: argparse.Namespace, target: str) -> dict[str, object]:
+    """The options fields the given flags set for `target`; a flag of another target is an error, not ignored."""
+    values: dict[str, object] = {}
+    for flag, owners in target_flags().items():
+        given = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if given is None:
+            continue
+        mine = [option for name, option in owners if name == target]
+        if not mine:
+            others = ", ".join(name for name, _ in owners)
+            raise UnsupportedError(f"{flag} does not apply to --to {target} (it is for --to {others})")
+        values[mine[0].field] = False if mine[0].type is None else given
+    return values
 
 
 def summarize_fallbacks(fallbacks: list[str]) -> list[str]:
@@ -72,14 +106,14 @@ def run(args: argparse.Namespace) -> int:
 
     writer = get_target(args.to)
     scheme, note = writer.TARGET.resolve_quant(args.quant)
+    extra = target_option_values(args, args.to)
     source = resolve_model(args.source)  # a missing source is the first thing to report
     out = args.output or default_output(args.source, writer.TARGET, scheme)
     check_output_path(out, args.force)  # fail before the expensive part
     model = open_source(source, allow_pickle=args.allow_pickle)
     try:
-        options = ConvertOptions(quant=scheme, force=args.force, pre_tokenizer=args.pre_tokenizer,
-                                 progress=not (args.no_progress or args.json), group_size=args.group_size,
-                                 block_size=args.block_size, max_seq_len=args.max_seq_len, calibrate=args.calibrate)
+        options = writer.TARGET.options(quant=scheme, force=args.force, pre_tokenizer=args.pre_tokenizer,
+                                        progress=not (args.no_progress or args.json), **extra)
         result = writer.convert(model, out, options)
     finally:
         model.close()

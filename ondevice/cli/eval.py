@@ -11,7 +11,9 @@ of its next-token distributions from the reference's (KL(reference || artifact),
 top-1 agreement. SOURCE is a Hugging Face folder (run with transformers, float32) or another artifact (e.g. an
 f32 GGUF). Both see the very same token ids. Needs a backend that returns logits: ondevice's runtime or
 llama.cpp for GGUF, mlx for MLX folders, onnxruntime for ONNX folders, executorch for .pte, and for .mlpackage
-Core ML on macOS or else ondevice's numpy interpreter of the package (coreml-interpreter: quality, not speed).
+Core ML on macOS or else ondevice's numpy interpreter of the package (coreml-interpreter: quality, not speed,
+in float32; coreml-fp16 as a phone's GPU or Neural Engine computes, every op rounded to fp16; coreml-fp16-accumulate
+with fp16 sums inside matmuls too).
 Results go to the benchmark store, next to the speed figures (`ondevice bench report`).
 
 --text FILE measures on your own text instead (UTF-8; `--text -` reads standard input): your domain, your

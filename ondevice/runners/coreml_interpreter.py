@@ -124,6 +124,7 @@ class Interpreter:
         self.function = program.functions["main"]
         self.operations = list(self.function.operations)
         self._fp16_result = [types.builtin_to_string(op.outputs[0].dtype) == "fp16" for op in self.operations]
+        self._last_uses = self._plan_last_uses()
         self.fp16_results = {op.outputs[0].name for op, fp16 in zip(self.operations, self._fp16_result, strict=True)
                              if fp16 and op.op_type != "const" and not op.op_type.startswith("constexpr_")}
         self.states: dict[str, np.ndarray] = {}
@@ -136,6 +137,20 @@ class Interpreter:
         unknown = sorted({op.op_type for op in self.operations} - set(self._OPS) - {"const"})
         if unknown:
             raise UnsupportedError(f"the numpy Core ML interpreter does not know the ops {', '.join(unknown)}")
+
+    def _plan_last_uses(self) -> list[list[str]]:
+        """Per operation, the non-const values it is the last to read (never the program's outputs)."""
+        last: dict[str, int] = {}
+        for index, op in enumerate(self.operations):
+            for value in op.inputs.values():
+                for var in value if isinstance(value, (list, tuple)) else (value,):
+                    last[var.name] = index
+        keep = {v.name for v in self.function.outputs} | set(self.function.inputs)
+        plan: list[list[str]] = [[] for _ in self.operations]
+        for name, index in last.items():
+            if name not in keep:
+                plan[index].append(name)
+        return plan
 
     def reset(self) -> None:
         for state in self.states.values():
@@ -157,7 +172,7 @@ class Interpreter:
         env: dict[str, Any] = {}
         for name in self.function.inputs:
             env[name] = self.states[name] if name in self.states else feeds[name]
-        for op, fp16_result in zip(self.operations, self._fp16_result, strict=True):
+        for op, fp16_result, done in zip(self.operations, self._fp16_result, self._last_uses, strict=True):
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 env[op.outputs[0].name] = self._const(op)
                 continue
@@ -173,6 +188,8 @@ class Interpreter:
             if self.ranges is not None and np.asarray(result).dtype.kind == "f":
                 self._record(op.outputs[0].name, result)
             env[op.outputs[0].name] = result
+            for name in done:  # intermediates die after their last reader (a prefill's would fill gigabytes)
+                env.pop(name, None)
         return {v.name: env[v.name] for v in self.function.outputs}
 
     def _record(self, name: str, result: Any) -> None:
