@@ -18,9 +18,10 @@ import numpy as np
 from ondevice.errors import OndeviceError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
+from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
-from ondevice.runtime.transformer import KV_CACHE_DTYPES, ContextOverflowError, Transformer, kernels
+from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
 
 
@@ -101,7 +102,7 @@ class LanguageModel:
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
-                 kv_cache: str = "f16") -> None:
+                 kv_cache: str = DEFAULT_KV_CACHE) -> None:
         if kv_cache not in KV_CACHE_DTYPES:
             raise OndeviceError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
         gguf = GGUFFile(path)
@@ -225,6 +226,14 @@ class LanguageModel:
     def reset(self) -> None:
         self._cached = []
         self._prompt_logits = None
+
+    @property
+    def kv_bytes_per_position(self) -> int | None:
+        """K and V bytes one token occupies in this model's cache (None when the backend keeps its own cache)."""
+        k, v = (getattr(self.transformer, name, None) for name in ("k_cache", "v_cache"))
+        if not isinstance(k, np.ndarray) or not isinstance(v, np.ndarray):
+            return None
+        return (k.nbytes + v.nbytes) // self.transformer.n_ctx
 
     # ------------------------------------------------------------------ generation
     def generate(
