@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ondevice.errors import OndeviceError
+from ondevice.errors import InvalidMessagesError, OndeviceError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
@@ -71,17 +71,17 @@ ROLES = ("system", "user", "assistant", "tool")
 def check_messages(messages: list[Any]) -> None:
     """Chat messages are untrusted input (they come from apps and HTTP clients): say which one is wrong."""
     if not isinstance(messages, list) or not messages:
-        raise OndeviceError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise InvalidMessagesError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise OndeviceError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise InvalidMessagesError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
-            raise OndeviceError(f"message {i}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+            raise InvalidMessagesError(f"message {i}: unknown role {role!r}; use one of {', '.join(ROLES)}")
         if "content" not in message:
-            raise OndeviceError(f"message {i} ({role}) has no 'content'")
+            raise InvalidMessagesError(f"message {i} ({role}) has no 'content'")
         if not isinstance(message["content"], str):
-            raise OndeviceError(f"message {i} ({role}): content must be a string, "
+            raise InvalidMessagesError(f"message {i} ({role}): content must be a string, "
                                 f"got {type(message['content']).__name__}")
 
 
