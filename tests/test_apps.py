@@ -472,3 +472,60 @@ def test_desktop_app_streams_schema_valid_json_offscreen(smollm2: Path, tmp_path
     assert outcome["finish"] == "stop" and outcome["tokens"] > 5
     jsonschema.validate(json.loads(outcome["reply"]), json.loads(schema_path.read_text()))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def _desktop_module() -> Any:
+    import importlib.util
+
+    pytest.importorskip("PySide6")
+    spec = importlib.util.spec_from_file_location("ondevice_chat", ROOT / "apps" / "desktop" / "ondevice_chat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_desktop_app_names_the_missing_xcb_packages(monkeypatch, capsys) -> None:
+    """Qt's xcb plugin aborts without libxcb-cursor0/-icccm4/-keysyms1: the app says so in one line first."""
+    app = _desktop_module()
+    assert set(app.XCB_LIBRARIES.values()) == {"libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1"}
+    # The same packages .ci/run installs for the desktop test, so there they load.
+    assert all(p in (ROOT / ".ci" / "run").read_text() for p in app.XCB_LIBRARIES.values())
+    installed = not app.missing_xcb_packages()
+    # A library that is not on this machine stands for one that is missing (a real dlopen, as Qt's).
+    monkeypatch.setitem(app.XCB_LIBRARIES, "libondevice-not-here.so.9", "libondevice-not-here9")
+    assert app.missing_xcb_packages()[-1] == "libondevice-not-here9" and installed == (
+        app.missing_xcb_packages() == ["libondevice-not-here9"])
+    assert app.xcb_problem({"QT_QPA_PLATFORM": "offscreen"}) is None
+    assert app.xcb_problem({"WAYLAND_DISPLAY": "wayland-0"}) is None
+    monkeypatch.setenv("QT_QPA_PLATFORM", "xcb")
+    assert app.main([]) == 1  # before any QApplication exists
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sudo apt-get install" in err and "libondevice-not-here9" in err, err
+
+
+@pytest.mark.slow
+def test_desktop_stop_finalizes_the_reply_stats(smollm2: Path) -> None:
+    """What the Stop button does (stop_requested, then stream.close()): the reply's stats are final, not zeros."""
+    app = _desktop_module()
+    backend = app.ChatBackend()
+    pieces: list[str] = []
+    outcome: dict[str, Any] = {}
+
+    def on_piece(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 8:
+            backend.stop_requested.set()  # the button's slot
+
+    backend.piece.connect(on_piece)
+    backend.finished.connect(outcome.update)
+    backend.failed.connect(lambda message: outcome.update(error=message))
+    backend.load(str(smollm2))
+    try:
+        backend.generate([{"role": "user", "content": "Count from one to fifty in words."}],
+                         {"temperature": 0.0, "max_tokens": 200})
+        stats = backend.model.last_stats
+        assert "error" not in outcome and outcome["finish"] == "stopped" == stats.finish_reason, outcome
+        assert 8 <= outcome["tokens"] == stats.generated_tokens < 200 and len(pieces) == 8
+        assert outcome["tok_s"] == stats.decode_tok_s > 0 and stats.prefill_tok_s > 0 and stats.decode_s > 0
+    finally:
+        backend.model.close()
