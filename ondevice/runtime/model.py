@@ -82,7 +82,7 @@ def check_messages(messages: list[Any]) -> None:
             raise InvalidMessagesError(f"message {i} ({role}) has no 'content'")
         if not isinstance(message["content"], str):
             raise InvalidMessagesError(f"message {i} ({role}): content must be a string, "
-                                f"got {type(message['content']).__name__}")
+                                       f"got {type(message['content']).__name__}")
 
 
 def _return_free_heap() -> None:
