@@ -20,3 +20,7 @@ class OutputExistsError(OndeviceError):
 
 class MissingExtraError(OndeviceError):
     """An optional dependency is needed; the message names the pip extra to install."""
+
+
+class InvalidMessagesError(OndeviceError, ValueError):
+    """Chat messages given to generate()/chat() are malformed (also a ValueError: it is a bad argument)."""

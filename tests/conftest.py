@@ -42,6 +42,14 @@ def smollm2() -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the real SmolLM2 (directly or through another fixture) is `slow` whether or not it says
+    so, so the fast tier (`pytest -m "not slow"`) never loads the 100 MB model."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()) and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
+
+
 REQUIREMENT_SKIPS = ("SmolLM2", "not installed", "needs aarch64", "not available", "could not import")
 
 

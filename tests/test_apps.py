@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import http.client
 import json
 import os
 import re
@@ -221,7 +222,7 @@ def test_vendored_web_runtime_is_what_fetch_sh_recorded() -> None:
     size = sum((WEB / "vendor" / rel).stat().st_size for rel in record["files"])
     assert size < 30e6, f"vendored web runtime grew to {size / 1e6:.1f} MB"
     # The pages load only what is shipped: no absolute URLs to other hosts.
-    for page in ("index.html", "inbrowser.html", "onnx-chat.js"):
+    for page in ("index.html", "inbrowser.html", "onnx-chat.js", "onnx-worker.js"):
         assert not re.search(r"""(?:src|href|from|import|fetch)\s*\(?\s*["']https?://""", (WEB / page).read_text()), page
 
 
@@ -253,21 +254,65 @@ def serve_onnx_only(folder: Path) -> Any:
     return server
 
 
-def run_in_browser_page(url: str, tmp_path: Path, *, timeout: float, shot: str | None = None) -> tuple[dict, list]:
-    """Open the in-browser page offline, wait for its reply; returns (window.ondevice, URLs requested)."""
+# What a person would notice, recorded in the page from its first script on: a 10 ms timer that cannot fire while
+# the page's thread is busy (a frozen tab), and when each click reached the page.
+WATCH_PAGE = """
+window.__ticks = []; window.__clicks = [];
+setInterval(() => window.__ticks.push(performance.now()), 10);
+addEventListener("click", () => window.__clicks.push(performance.now()), true);
+"""
+
+
+def open_in_browser_page(url: str) -> Chromium:
     browser = Chromium(chromium_binary(), Chromium.OFFLINE)
+    browser.page("Network.enable")
+    browser.page("Page.enable")
+    browser.page("Page.addScriptToEvaluateOnNewDocument", source=WATCH_PAGE)
+    browser.page("Page.navigate", url=url)
+    return browser
+
+
+def page_state(browser: Chromium) -> dict[str, Any]:
+    return browser.evaluate("window.ondevice ? JSON.parse(JSON.stringify(window.ondevice)) : null") or {}
+
+
+def wait_for_reply(browser: Chromium, timeout: float, done: Any = lambda s: s.get("last")) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        state = page_state(browser)
+        if done(state) or state.get("error"):
+            break
+        time.sleep(0.1)
+    return state
+
+
+def longest_freeze_ms(browser: Chromium, timing: dict[str, float]) -> float:
+    """The longest time the page's thread went without running its 10 ms timer while the reply streamed."""
+    ticks = browser.evaluate("window.__ticks")
+    inside = [t for t in ticks if timing["first"] <= t <= timing["done"]]
+    marks = [timing["first"], *inside, timing["done"]]
+    return max(b - a for a, b in zip(marks, marks[1:], strict=False))
+
+
+def click(browser: Chromium, element_id: str) -> None:
+    """A real mouse click (press and release at the element's centre), as a person's."""
+    x, y = browser.evaluate(f"(() => {{ const r = document.getElementById('{element_id}').getBoundingClientRect(); "
+                            "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.page("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+
+def run_in_browser_page(url: str, tmp_path: Path, *, timeout: float, shot: str | None = None) -> tuple[dict, list]:
+    """Open the in-browser page offline, wait for its reply; returns (window.ondevice, URLs requested), with
+    state["freeze_ms"]: the longest the page went without running a timer while the reply streamed."""
+    browser = open_in_browser_page(url)
     try:
-        browser.page("Network.enable")
-        browser.page("Page.navigate", url=url)
-        deadline = time.monotonic() + timeout
-        state: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            state = browser.evaluate("window.ondevice ? JSON.parse(JSON.stringify(window.ondevice)) : null") or {}
-            if state.get("last") or state.get("error"):
-                break
-            time.sleep(0.1)
+        state = wait_for_reply(browser, timeout)
         if shot:
             browser.screenshot(screenshot_dir(tmp_path) / shot)
+        if state.get("last"):
+            state["freeze_ms"] = longest_freeze_ms(browser, state["timing"])
         state["status"] = browser.evaluate("document.getElementById('status').textContent")
         state["meta"] = browser.evaluate("(document.querySelector('.msg.assistant .meta') || {}).textContent")
         urls = [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
@@ -293,7 +338,7 @@ def test_in_browser_chat_matches_onnxruntime_greedy(tiny_models: dict[str, Path]
         onnx_target.convert(source, folder, onnx_target.ONNXOptions(quant="int4", progress=False))
     finally:
         source.close()
-    question, n = "Hello, how are you?", 24
+    question, n = "Hello, how are you?", 64
     server = serve_onnx_only(folder)
     try:
         # The reference: onnxruntime (Python) on exactly the graph the page gets (MatMulNBits rewritten to a
@@ -310,13 +355,13 @@ def test_in_browser_chat_matches_onnxruntime_greedy(tiny_models: dict[str, Path]
         if expected and expected[-1] in runner.eos_ids:
             expected = expected[:-1]
         expected_text = runner.decode(expected)
-        assert len(expected) >= 10, expected  # a reply long enough to stream
+        assert len(expected) >= 40, expected  # a reply long enough to stream (and to see a frozen tab)
         original = ONNXRunner(folder, threads=2).logits(prompt)  # the rewrite computes the same function
         assert np.abs(runner.logits(prompt) - original).max() < 0.25 * original.std()
 
         # Server side of the in-browser mode: no server-side model, the folder under /model/, the page at /.
         with urllib.request.urlopen(f"{server.url}/") as resp:
-            assert b"onnx-chat.js" in resp.read() and resp.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            assert b"onnx-worker.js" in resp.read() and resp.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
         with urllib.request.urlopen(f"{server.url}/model/genai_config.json") as resp:
             assert json.loads(resp.read())["model"]["decoder"]["filename"] == "model.onnx"
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -335,6 +380,11 @@ def test_in_browser_chat_matches_onnxruntime_greedy(tiny_models: dict[str, Path]
     assert state["last"]["ids"] == expected, (state["last"]["ids"], expected)
     assert state["last"]["reply"] == expected_text
     assert state["updates"] >= 3, "the reply did not stream"
+    # The tab stays live while the model runs (in a Web Worker): its timers keep firing during the reply.
+    streamed_ms = state["timing"]["done"] - state["timing"]["first"]
+    print(f"in-browser reply streamed for {streamed_ms:.0f} ms; longest freeze {state['freeze_ms']:.0f} ms")
+    assert streamed_ms > 150, "the reply was too short to tell a live tab from a frozen one"
+    assert state["freeze_ms"] < min(250, streamed_ms / 2), f"the page froze for {state['freeze_ms']:.0f} ms"
     assert re.match(r"\d+ tokens, [\d.]+ s", state["meta"] or ""), state["meta"]
     foreign = [u for u in urls if not u.startswith(server.url) and not u.startswith(("data:", "blob:"))]
     assert urls and not foreign, f"the page fetched from elsewhere than the server: {foreign}"
@@ -360,13 +410,47 @@ def test_in_browser_chat_smollm2_int4_screenshot(smollm2: Path, tmp_path: Path) 
     try:
         query = urllib.parse.urlencode({"q": "Give me three tips for staying healthy.", "max_tokens": 96,
                                         "temperature": 0})
-        state, urls = run_in_browser_page(f"{server.url}/?{query}", tmp_path, timeout=400,
-                                          shot="web-inbrowser.png")
+        browser = open_in_browser_page(f"{server.url}/?{query}")
+        try:
+            state = wait_for_reply(browser, 400)
+            browser.screenshot(screenshot_dir(tmp_path) / "web-inbrowser.png")
+            assert not state.get("error"), state
+            reply = state["last"]["reply"]
+            assert any(w in reply.lower() for w in ("exercise", "water", "sleep", "diet", "healthy")), reply
+            # What a person sees during a reply of seconds: the page's timers kept running (no frozen tab).
+            freeze = longest_freeze_ms(browser, state["timing"])
+            streamed_ms = state["timing"]["done"] - state["timing"]["first"]
+            assert streamed_ms > 1000 and freeze < 250, (streamed_ms, freeze)
+
+            # A second message, typed and sent with the mouse; a Stop click mid-reply ends it at once.
+            browser.evaluate("document.getElementById('max_tokens').value = 400")
+            click(browser, "prompt")
+            browser.page("Input.insertText", text="Write a long story about a dragon who learns to bake bread.")
+            updates = state["updates"]
+            click(browser, "send")
+            state = wait_for_reply(browser, 300, lambda s: s.get("updates", 0) >= updates + 3)
+            assert browser.evaluate("document.getElementById('send').textContent") == "Stop"
+            clicks = len(browser.evaluate("window.__clicks"))
+            click(browser, "send")
+            state = wait_for_reply(browser, 60, lambda s: (s.get("last") or {}).get("finish") == "stopped")
+            clicked_at = browser.evaluate("window.__clicks")[clicks]
+            assert state["last"]["finish"] == "stopped", state
+            assert state["timing"]["done"] - clicked_at < 2000, "the reply went on after Stop"
+            assert 3 <= len(state["last"]["ids"]) < 400
+            meta = browser.evaluate("[...document.querySelectorAll('.msg.assistant .meta')].pop().textContent")
+            assert "(stopped)" in meta and browser.evaluate("document.getElementById('send').textContent") == "Send"
+            urls = [e["params"]["request"]["url"] for e in browser.events
+                    if e["method"] == "Network.requestWillBeSent"]
+        finally:
+            browser.close()
+        # HEAD (link checkers, curl -I) gets the page's headers, not 501.
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("HEAD", "/")
+        head = conn.getresponse()
+        assert head.status == 200 and int(head.headers["Content-Length"]) > 0 and head.read() == b""
+        conn.close()
     finally:
         server.close()
-    assert not state.get("error"), state
-    reply = state["last"]["reply"]
-    assert any(w in reply.lower() for w in ("exercise", "water", "sleep", "diet", "healthy")), reply
     assert all(u.startswith(server.url) or u.startswith(("data:", "blob:")) for u in urls)
 
 
@@ -388,3 +472,60 @@ def test_desktop_app_streams_schema_valid_json_offscreen(smollm2: Path, tmp_path
     assert outcome["finish"] == "stop" and outcome["tokens"] > 5
     jsonschema.validate(json.loads(outcome["reply"]), json.loads(schema_path.read_text()))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def _desktop_module() -> Any:
+    import importlib.util
+
+    pytest.importorskip("PySide6")
+    spec = importlib.util.spec_from_file_location("ondevice_chat", ROOT / "apps" / "desktop" / "ondevice_chat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_desktop_app_names_the_missing_xcb_packages(monkeypatch, capsys) -> None:
+    """Qt's xcb plugin aborts without libxcb-cursor0/-icccm4/-keysyms1: the app says so in one line first."""
+    app = _desktop_module()
+    assert set(app.XCB_LIBRARIES.values()) == {"libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1"}
+    # The same packages .ci/run installs for the desktop test, so there they load.
+    assert all(p in (ROOT / ".ci" / "run").read_text() for p in app.XCB_LIBRARIES.values())
+    installed = not app.missing_xcb_packages()
+    # A library that is not on this machine stands for one that is missing (a real dlopen, as Qt's).
+    monkeypatch.setitem(app.XCB_LIBRARIES, "libondevice-not-here.so.9", "libondevice-not-here9")
+    assert app.missing_xcb_packages()[-1] == "libondevice-not-here9" and installed == (
+        app.missing_xcb_packages() == ["libondevice-not-here9"])
+    assert app.xcb_problem({"QT_QPA_PLATFORM": "offscreen"}) is None
+    assert app.xcb_problem({"WAYLAND_DISPLAY": "wayland-0"}) is None
+    monkeypatch.setenv("QT_QPA_PLATFORM", "xcb")
+    assert app.main([]) == 1  # before any QApplication exists
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sudo apt-get install" in err and "libondevice-not-here9" in err, err
+
+
+@pytest.mark.slow
+def test_desktop_stop_finalizes_the_reply_stats(smollm2: Path) -> None:
+    """What the Stop button does (stop_requested, then stream.close()): the reply's stats are final, not zeros."""
+    app = _desktop_module()
+    backend = app.ChatBackend()
+    pieces: list[str] = []
+    outcome: dict[str, Any] = {}
+
+    def on_piece(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 8:
+            backend.stop_requested.set()  # the button's slot
+
+    backend.piece.connect(on_piece)
+    backend.finished.connect(outcome.update)
+    backend.failed.connect(lambda message: outcome.update(error=message))
+    backend.load(str(smollm2))
+    try:
+        backend.generate([{"role": "user", "content": "Count from one to fifty in words."}],
+                         {"temperature": 0.0, "max_tokens": 200})
+        stats = backend.model.last_stats
+        assert "error" not in outcome and outcome["finish"] == "stopped" == stats.finish_reason, outcome
+        assert 8 <= outcome["tokens"] == stats.generated_tokens < 200 and len(pieces) == 8
+        assert outcome["tok_s"] == stats.decode_tok_s > 0 and stats.prefill_tok_s > 0 and stats.decode_s > 0
+    finally:
+        backend.model.close()

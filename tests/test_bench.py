@@ -431,6 +431,29 @@ def test_calibration_and_roofline_arithmetic(tmp_path):
     assert "ESTIMATE" in fitmod.render_text(est)
 
 
+def test_fit_and_bench_take_ondevice_kv_bytes_from_the_runtime(smollm2, tmp_path, capsys):
+    """The runtime's default cache is f16: SmolLM2 keeps 2 x 30 layers x 3 KV heads x 64 x 2 bytes = 23,040 bytes
+    per position (not f32's 46,080), and `fit` with no bench data shows ondevice's own line with that figure."""
+    import ondevice
+
+    with ondevice.load(smollm2, n_ctx=64) as model:
+        per_position = model.kv_bytes_per_position
+    with ondevice.load(smollm2, n_ctx=64, kv_cache="f32") as model:
+        assert model.kv_bytes_per_position == 2 * per_position
+    assert per_position == 23_040
+    shape = describe_artifact(smollm2).shape
+    # What a bench row records in settings.kv_bytes_per_position (runner.py) for the ondevice backend.
+    assert shape.kv_bytes_per_position(backend_class("ondevice").kv_bytes_per_element) == per_position
+    assert cli(["fit", str(smollm2), "--device", "iphone-15-pro", "--db", str(tmp_path / "none.db"), "--json"]) == 0
+    rows = {b["backend"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
+    assert list(rows)[0] == "ondevice" and not rows["ondevice"]["calibrated"]
+    assert rows["ondevice"]["kv_bytes_per_position"] == per_position
+    assert rows["ondevice"]["kv_cache_bytes"] == per_position * 2048
+    assert cli(["fit", str(smollm2), "--device", "iphone-15-pro", "--db", str(tmp_path / "none.db")]) == 0
+    assert any(line.strip().startswith("ondevice ") for line in capsys.readouterr().out.splitlines())
+    assert not (tmp_path / "none.db").exists()
+
+
 def _artifact(weights: int, size: int):
     from ondevice.bench.artifacts import Artifact
 

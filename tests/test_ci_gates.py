@@ -57,3 +57,17 @@ def test_ci_script_runs_the_gates() -> None:
     script = (HERE.parent / ".ci" / "run").read_text()
     assert "ONDEVICE_CI=1" in script and "ruff check" in script
     assert "gcc-aarch64-linux-gnu" in script and "qemu-user" in script
+
+
+def test_the_fast_tier_never_needs_the_real_model(tmp_path: Path) -> None:
+    """conftest marks every test that needs the SmolLM2 fixture `slow`, said or not, so `-m "not slow"` skips it."""
+    body = ("import pytest\n\ndef test_uses_the_model(smollm2):\n    pass\n\n"
+            "@pytest.fixture\ndef served(smollm2):\n    return smollm2\n\ndef test_through_a_fixture(served):\n    pass\n\n"
+            "def test_plain():\n    pass\n")
+    shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_sample.py").write_text(body)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                             "-m", "not slow", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert "test_plain" in result.stdout and "2 deselected" in result.stdout, result.stdout
+    assert "test_uses_the_model" not in result.stdout and "test_through_a_fixture" not in result.stdout

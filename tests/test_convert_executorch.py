@@ -76,6 +76,7 @@ def test_fp32_pte_matches_transformers_prefill_and_decode(tiny_models, llama_fp3
     np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # a torch.export + XNNPACK lowering of its own: 20-50 s here
 @pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma3"])
 def test_fp32_pte_of_each_architecture_matches_transformers(tiny_models, tmp_path, arch):
     """The breadth row: every architecture's decoder features (llama3 RoPE scaling, qwen3 q/k norm and head dim,
@@ -112,6 +113,7 @@ def test_manifest_beside_pte(tiny_models, llama_fp32):
     assert not list(llama_fp32.parent.glob("*.partial"))
 
 
+@pytest.mark.slow  # a torch.export + XNNPACK lowering of its own: 20-50 s here
 def test_8da4w_every_linear_quantized_and_close(tiny_models, qwen2_8da4w):
     from ondevice.runners.executorch_runner import ExecuTorchRunner
 
@@ -157,6 +159,7 @@ def test_bench_measures_pte_with_the_executorch_backend(llama_fp32, tmp_path, ca
     assert measurement["decode_tok_s"] > 0 and measurement["prefill_tok_s"] > 0
 
 
+@pytest.mark.slow  # a torch.export + XNNPACK lowering of its own: 20-50 s here
 def test_8da4w_from_a_q4_1_gguf_keeps_its_asymmetric_grid(tiny_models, tmp_path):
     """Q4_1's d * code + m as 8da4w's symmetric int4 d * (code - 8) plus a float offset per block: on the GGUF's
     own weights only the int8 activations and the output layer (Q8_0 in the file) are left as error."""

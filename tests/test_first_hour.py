@@ -54,6 +54,22 @@ def test_convert_help_lists_every_gguf_scheme(capsys) -> None:
         assert f" {scheme} " in text or f" {scheme}(" in text or f"{scheme} (4bit" in text, scheme
 
 
+@pytest.mark.parametrize("messages, says", [
+    ([{"role": "user"}], "message 0 .user. has no 'content'"),
+    ([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}], "message 1: unknown role 'wizard'"),
+    ([{"content": "hi"}], "message 0: unknown role None"),
+    ([{"role": "user", "content": None}], "message 0 .user.: content must be a string, got NoneType"),
+    (["hi"], "message 0 must be a dict"),
+    ([], "non-empty list"),
+])
+def test_bad_messages_are_a_value_error_about_the_message(messages, says) -> None:
+    from ondevice.runtime.model import check_messages
+
+    with pytest.raises(ValueError, match=says) as caught:
+        check_messages(messages)
+    assert isinstance(caught.value, ondevice.OndeviceError) and "template" not in str(caught.value)
+
+
 @pytest.mark.slow
 def test_model_api_edges(smollm2: Path) -> None:
     with ondevice.load(smollm2, n_ctx=256) as model:

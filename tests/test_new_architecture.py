@@ -112,6 +112,7 @@ def test_toy_onnx(toy, toy_reference, tmp_path):
     assert np.abs(ONNXRunner(out, threads=2).logits(TOKENS) - toy_reference).max() < 1e-4
 
 
+@pytest.mark.slow  # a torch.export + XNNPACK lowering of its own: 20-50 s here
 def test_toy_executorch(toy, toy_reference, tmp_path):
     from ondevice.runners.executorch_runner import ExecuTorchRunner
 

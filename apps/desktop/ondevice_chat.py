@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,37 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+# Qt's xcb platform plugin (X11) dlopens these at start and aborts without them; Debian/Ubuntu do not install
+# them with PySide6's wheel. soname -> the apt package that provides it.
+XCB_LIBRARIES = {"libxcb-cursor.so.0": "libxcb-cursor0", "libxcb-icccm.so.4": "libxcb-icccm4",
+                 "libxcb-keysyms.so.1": "libxcb-keysyms1"}
+
+
+def missing_xcb_packages() -> list[str]:
+    """The apt packages of XCB_LIBRARIES that this process cannot load (the same dlopen Qt does), in order."""
+    import ctypes
+
+    missing = []
+    for soname, package in XCB_LIBRARIES.items():
+        try:
+            ctypes.CDLL(soname)
+        except OSError:
+            missing.append(package)
+    return missing
+
+
+def xcb_problem(environ: dict[str, str]) -> str | None:
+    """A one-line message if Qt would start on xcb (Linux, no other platform asked for) without its libraries."""
+    platform = environ.get("QT_QPA_PLATFORM", "")
+    uses_xcb = "xcb" in platform or (not platform and not environ.get("WAYLAND_DISPLAY"))
+    if not sys.platform.startswith("linux") or not uses_xcb:
+        return None
+    missing = missing_xcb_packages()
+    if not missing:
+        return None
+    return (f"ondevice chat: Qt's xcb platform needs {', '.join(missing)}: sudo apt-get install {' '.join(missing)}"
+            " (or run with QT_QPA_PLATFORM=wayland or offscreen)")
 
 
 class ChatBackend(QObject):
@@ -81,9 +113,10 @@ class ChatBackend(QObject):
                     stream.close()
                     break
                 self.piece.emit(text)
+            # stream.close() finalizes the stats of a stopped reply (tokens so far, rates, finish_reason "stopped").
             stats = self.model.last_stats
             self.finished.emit({"tokens": stats.generated_tokens, "tok_s": stats.decode_tok_s,
-                                "finish": "stopped" if self.stop_requested.is_set() else stats.finish_reason})
+                                "finish": stats.finish_reason})
         except Exception as exc:
             self.failed.emit(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -269,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120, help="seconds to wait for --screenshot (default 120)")
     args = ap.parse_args(argv)
 
+    problem = xcb_problem(dict(os.environ))  # before Qt aborts with a page of plugin-loader text
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     app = QApplication(sys.argv[:1])
     window = ChatWindow(args.model, args.schema, autoprompt=args.prompt,
                         screenshot=args.screenshot if args.prompt else None)

@@ -51,6 +51,10 @@ function sample(logits, { temperature, topK, topP }) {
   return order[kept - 1];
 }
 
+// Back to the event loop (a new task, not a microtask): between tokens the thread handles what is queued for it,
+// e.g. the worker's "stop" message, so a reply can be stopped mid-way.
+const nextTask = () => new Promise((resolve) => setTimeout(resolve, 0));
+
 export class OnnxChat {
   // base: URL of the model folder (ending in "/"); onProgress(text) reports loading.
   static async load(base, onProgress = () => {}) {
@@ -143,6 +147,7 @@ export class OnnxChat {
     let shown = "", finish = "length", length = 0, next = prompt;
     const limit = Math.min(maxTokens, this.contextLength - prompt.length);
     while (ids.length < limit) {
+      await nextTask();
       if (signal && signal.aborted) { finish = "stopped"; break; }
       const logits = await this.forward(next, past, length);
       length += next.length;

@@ -186,12 +186,19 @@ def _kv_element_bytes(backend: str) -> int:
     return backend_class(backend).kv_bytes_per_element if backend in BACKEND_MODULES else 2
 
 
+def _uncalibrated_backends(artifact: Artifact) -> list[str]:
+    """With nothing measured: ondevice's own line first, then llama.cpp's, for those that run the artifact."""
+    from ondevice.bench.backends import backend_class
+
+    return [b for b in ("ondevice", "llama.cpp") if artifact.kind in backend_class(b).artifact_kinds] or ["llama.cpp"]
+
+
 def estimate(artifact: Artifact, profile: DeviceProfile, calibrations: dict[str, Calibration], *, ctx: int = 2048,
              prompt_tokens: int = 512, gen_tokens: int = 128, backends: list[str] | None = None) -> FitEstimate:
     position = prompt_tokens + gen_tokens / 2  # the average cache fill while generating
     usable = profile.ram_gb * 1e9 * profile.usable_ram_fraction
     rows = []
-    for name in backends or list(calibrations) or ["llama.cpp"]:
+    for name in backends or list(calibrations) or _uncalibrated_backends(artifact):
         cal = calibrations.get(name) or Calibration(name, DEFAULT_EFFICIENCY, DEFAULT_OVERHEAD_MIB, 0, False)
         kv = artifact.shape.kv_bytes_per_position(_kv_element_bytes(name)) if artifact.shape else 0
         per_token = _bytes_per_token(artifact.weight_bytes_per_token, kv, position)

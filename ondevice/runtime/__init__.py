@@ -10,9 +10,10 @@ from ondevice.errors import InvalidModelError, OndeviceError
 
 
 def _load_gguf(path: Path, threads: int | None, n_ctx: int | None, kv_cache: str | None) -> Any:
+    from ondevice.runtime.kv import DEFAULT_KV_CACHE
     from ondevice.runtime.model import LanguageModel
 
-    return LanguageModel(path, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache or "f16")
+    return LanguageModel(path, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache or DEFAULT_KV_CACHE)
 
 
 def _load_pte(path: Path, threads: int | None, n_ctx: int | None, kv_cache: str | None) -> Any:

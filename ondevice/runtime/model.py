@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ondevice.errors import OndeviceError
+from ondevice.errors import InvalidMessagesError, OndeviceError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
+from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
-from ondevice.runtime.transformer import KV_CACHE_DTYPES, ContextOverflowError, Transformer, kernels
+from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
 
 
@@ -70,18 +71,18 @@ ROLES = ("system", "user", "assistant", "tool")
 def check_messages(messages: list[Any]) -> None:
     """Chat messages are untrusted input (they come from apps and HTTP clients): say which one is wrong."""
     if not isinstance(messages, list) or not messages:
-        raise OndeviceError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise InvalidMessagesError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise OndeviceError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise InvalidMessagesError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
-            raise OndeviceError(f"message {i}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+            raise InvalidMessagesError(f"message {i}: unknown role {role!r}; use one of {', '.join(ROLES)}")
         if "content" not in message:
-            raise OndeviceError(f"message {i} ({role}) has no 'content'")
+            raise InvalidMessagesError(f"message {i} ({role}) has no 'content'")
         if not isinstance(message["content"], str):
-            raise OndeviceError(f"message {i} ({role}): content must be a string, "
-                                f"got {type(message['content']).__name__}")
+            raise InvalidMessagesError(f"message {i} ({role}): content must be a string, "
+                                       f"got {type(message['content']).__name__}")
 
 
 def _return_free_heap() -> None:
@@ -101,7 +102,7 @@ class LanguageModel:
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
-                 kv_cache: str = "f16") -> None:
+                 kv_cache: str = DEFAULT_KV_CACHE) -> None:
         if kv_cache not in KV_CACHE_DTYPES:
             raise OndeviceError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
         gguf = GGUFFile(path)
@@ -225,6 +226,14 @@ class LanguageModel:
     def reset(self) -> None:
         self._cached = []
         self._prompt_logits = None
+
+    @property
+    def kv_bytes_per_position(self) -> int | None:
+        """K and V bytes one token occupies in this model's cache (None when the backend keeps its own cache)."""
+        k, v = (getattr(self.transformer, name, None) for name in ("k_cache", "v_cache"))
+        if not isinstance(k, np.ndarray) or not isinstance(v, np.ndarray):
+            return None
+        return (k.nbytes + v.nbytes) // self.transformer.n_ctx
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -44,10 +44,6 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=count).reshape(shape)
 
 
-# user-facing KV cache types -> element type of the cache arrays
-KV_CACHE_DTYPES: dict[str, type] = {"f16": np.float16, "f32": np.float32}
-
-
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from ondevice.bench.backends.base import GGUF, Backend, Prompt, TokenClock
 from ondevice.errors import OndeviceError
+from ondevice.runtime.kv import DEFAULT_KV_CACHE, kv_element_bytes
 
 
 class _EndOfTextBan:
@@ -37,7 +38,7 @@ class OndeviceBackend(Backend):
     module = "ondevice._kernels"
     distribution = "ondevice"
     install_hint = "the C extension is built by `pip install -e .`"
-    kv_bytes_per_element = 4  # float32 K/V cache
+    kv_bytes_per_element = kv_element_bytes(DEFAULT_KV_CACHE)  # what load() keeps by default (f16)
 
     def __init__(self) -> None:
         self.model: Any = None
