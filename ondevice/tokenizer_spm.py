@@ -77,7 +77,7 @@ def check_spm_vocab(tokens: list[str], types: list[int]) -> None:
             raise InvalidModelError(f"GGUF byte token {text} (id {tid}) has token type {types[tid]}, not 6 (byte)")
 
 
-def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[tuple[str, str]]:
+def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[list[str]]:
     """Every split of a token into two tokens, best score first: the BPE merges that replay llama.cpp's SPM.
 
     llama.cpp merges any adjacent pair whose concatenation is a token (control, user-defined and byte tokens
@@ -87,19 +87,31 @@ def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list
     index = {text: tid for tid, text in enumerate(tokens)}
     ranked: list[tuple[float, int, int, str, str]] = []
     for tid, text in enumerate(tokens):
-        for cut in range(1, len(text)):
-            left, right = text[:cut], text[cut:]
-            if left in index and right in index:
-                ranked.append((-scores[tid], tid, -cut, left, right))
-            elif _symbol(left, index) and _symbol(right, index) and not _cut_out(text, types[tid]):
-                raise UnsupportedError(
-                    f"GGUF SentencePiece token {text!r} is formed from {left!r} and {right!r}, and "
-                    f"{right if left in index else left!r} is no token: llama.cpp merges such a character, byte "
-                    "fallback cannot; ondevice cannot reproduce this vocabulary yet"
-                )
+        last = len(text) - 1
+        for cut in range(1, last + 1):
+            left = text[:cut]
+            if left in index:
+                right = text[cut:]
+                if right in index:
+                    ranked.append((-scores[tid], tid, -cut, left, right))
+                elif cut == last:
+                    _check_formable_by_char(text, types[tid], left, right, index)
+            elif cut == 1:
+                _check_formable_by_char(text, types[tid], left, text[1:], index)
     _check_replayable(tokens, types, scores, {entry[1] for entry in ranked})
     ranked.sort()
-    return [(left, right) for _, _, _, left, right in ranked]
+    return [[left, right] for _, _, _, left, right in ranked]
+
+
+def _check_formable_by_char(text: str, token_type: int, left: str, right: str, index: Mapping[str, int]) -> None:
+    """A split where one side is no token: llama.cpp still merges it when that side is a single character (one
+    symbol of its own), byte fallback cannot (it has become bytes); refuse such a vocabulary."""
+    if _symbol(left, index) and _symbol(right, index) and not _cut_out(text, token_type):
+        raise UnsupportedError(
+            f"GGUF SentencePiece token {text!r} is formed from {left!r} and {right!r}, and "
+            f"{right if left in index else left!r} is no token: llama.cpp merges such a character, byte "
+            "fallback cannot; ondevice cannot reproduce this vocabulary yet"
+        )
 
 
 def _symbol(text: str, index: Mapping[str, int]) -> bool:
@@ -155,7 +167,7 @@ def spm_tokenizer_json(vocab: GGUFVocab, tokens: list[str], added_tokens: list[d
     from ondevice.tokenizer import bpe_tokenizer_json
 
     return bpe_tokenizer_json(
-        tokens, [list(pair) for pair in spm_merges(tokens, vocab.token_types, vocab.scores)],
+        tokens, spm_merges(tokens, vocab.token_types, vocab.scores),
         added_tokens=added_tokens, normalizer={"type": "Sequence", "normalizers": normalizers},
         pre_tokenizer=None,  # SPM merges across the whole piece: no word splitting
         post_processor=dict(post_processor) if post_processor else None,

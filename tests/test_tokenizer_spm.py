@@ -297,26 +297,25 @@ def gemma_path() -> Path:
 
 @pytest.fixture(scope="module")
 def gemma(gemma_path):
-    from ondevice.formats.gguf import GGUFFile
-    from ondevice.sources.gguf import tokenizer_from_gguf
+    """(CanonicalModel, tokenizers.Tokenizer) of the file: what load, inspect and convert see (tensors stay lazy)."""
+    from ondevice.sources import open_source
+    from ondevice.tokenizer import build_tokenizer
 
-    gguf_file = GGUFFile(gemma_path)
-    try:
-        vocab, text, tokenizer = tokenizer_from_gguf(gguf_file)
-    finally:
-        gguf_file.close()
-    return vocab, text, tokenizer
+    model = open_source(gemma_path)
+    yield model, build_tokenizer(model.tokenizer_json, str(gemma_path))
+    model.close()
 
 
 def test_gemma_vocab_is_read_as_llama_cpp_sees_it(gemma):
-    vocab, _, _ = gemma
+    vocab = gemma[0].gguf_vocab
     assert (vocab.model, len(vocab.tokens), vocab.bos_id, vocab.eos_id, vocab.add_bos, vocab.add_space_prefix) == \
         ("llama", 262144, 2, 1, True, False)
     assert len(vocab.scores) == 262144 and Counter(vocab.token_types)[TOKEN_BYTE] == 256
 
 
 def test_gemma_ids_and_text_match_llama_cpp(gemma, gemma_path):
-    vocab, _, tokenizer = gemma
+    model, tokenizer = gemma
+    vocab = model.gguf_vocab
     llama_cpp, llm = _llama(gemma_path)
     texts = [*CORPUS, *TRAINING_TEXT, *_random_texts(vocab.tokens, 1000, seed=2)]
     assert _assert_identical(llama_cpp, llm, tokenizer, texts) == 4 * len(texts)
@@ -325,7 +324,7 @@ def test_gemma_ids_and_text_match_llama_cpp(gemma, gemma_path):
     assert ids[0] == vocab.tokens.index("<start_of_turn>") and ids[-1] == vocab.tokens.index("<end_of_turn>")
 
 
-def test_gemma_gguf_to_gguf_keeps_every_tokenizer_key(gemma_path, tmp_path):
+def test_gemma_gguf_to_gguf_keeps_every_tokenizer_key(gemma, gemma_path, tmp_path):
     """Converting the file writes tokens, scores, token types, ids and flags back unchanged (same value types), so
     llama.cpp tokenizes the output exactly as it did the source."""
     import numpy as np
@@ -333,14 +332,10 @@ def test_gemma_gguf_to_gguf_keeps_every_tokenizer_key(gemma_path, tmp_path):
     from ondevice.converters.base import ConvertOptions
 
     from ondevice.formats.gguf import GGUFFile
-    from ondevice.sources import open_source
 
     out = tmp_path / "gemma.gguf"
-    model = open_source(gemma_path)
-    try:  # same scheme as the source: its rows are copied, so this takes seconds
-        get_target("gguf").convert(model, out, ConvertOptions(quant="q4_k_m", progress=False))
-    finally:
-        model.close()
+    # same scheme as the source: its rows are copied, so this takes seconds
+    get_target("gguf").convert(gemma[0], out, ConvertOptions(quant="q4_k_m", progress=False))
     source, written = GGUFFile(gemma_path), GGUFFile(out)
     try:
         keys = sorted(k for k in source.fields if k.startswith("tokenizer."))
@@ -360,16 +355,13 @@ def test_gemma_gguf_to_gguf_keeps_every_tokenizer_key(gemma_path, tmp_path):
             llm_out.tokenize(text.encode(), add_bos=True, special=True)
 
 
-def test_gemma_hf_tokenizer_json_gives_the_same_ids_in_transformers(gemma, tmp_path):
-    """What `--to hf` writes (tokenizer.json + tokenizer_config.json) loads in transformers with the same ids."""
+def test_gemma_hf_tokenizer_files_give_the_same_ids_in_transformers(gemma, tmp_path):
+    """The tokenizer files `--to hf` writes load in transformers (AutoTokenizer) with the same ids and text."""
     transformers = pytest.importorskip("transformers")
-    import json
+    from ondevice.converters.base import write_tokenizer_files
 
-    from ondevice.tokenizer import tokenizer_config_json
-
-    vocab, text, tokenizer = gemma
-    (tmp_path / "tokenizer.json").write_text(text, encoding="utf-8")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(vocab)), encoding="utf-8")
+    model, tokenizer = gemma
+    write_tokenizer_files(model, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for sample in CORPUS:
         assert hf(sample)["input_ids"] == tokenizer.encode(sample, add_special_tokens=True).ids, sample
