@@ -545,11 +545,12 @@ def _check_byte_level_bpe(data: Mapping[str, Any]) -> None:
     model_type = model.get("type")
     pre_types = _component_types(data.get("pre_tokenizer"))
     decoder_types = _component_types(data.get("decoder"))
-    if model_type == "Unigram" or model.get("byte_fallback") or "Metaspace" in pre_types | decoder_types:
-        raise UnsupportedError(
-            "a Hugging Face SentencePiece-style tokenizer.json (GGUF model 'llama') does not convert to GGUF yet: it "
-            "holds no token scores; convert from a GGUF of the model, or use a byte-level BPE tokenizer"
-        )
+    if model_type == "Unigram":
+        raise UnsupportedError("Unigram tokenizers (T5-style SentencePiece) do not convert to GGUF yet; byte-level "
+                               "and SentencePiece-style BPE do")
+    if model.get("byte_fallback") or "Metaspace" in pre_types | decoder_types:
+        raise UnsupportedError("this tokenizer.json mixes SentencePiece-style steps (byte fallback, Metaspace) with "
+                               "byte-level ones; neither GGUF tokenizer model reproduces it")
     if model_type not in (None, "BPE"):
         raise UnsupportedError(f"tokenizer model type {model_type!r} is not supported; only byte-level BPE converts")
     if "ByteLevel" not in pre_types | decoder_types:
@@ -569,16 +570,25 @@ def vocab_from_hf(
 
     pre=None detects the pre-tokenizer from the chktxt hash (UnsupportedError naming the choices if unknown).
     vocab_size (config.json's, i.e. the embedding rows) pads missing ids with "[PAD<i>]" UNUSED tokens.
+    A SentencePiece-style BPE tokenizer (byte fallback, "▁" spaces) becomes a "llama" vocabulary whose scores
+    replay its merge order (tokenizer_spm.spm_vocab_from_hf); `pre` does not apply to it.
     """
+    from ondevice import tokenizer_spm as spm
+
     data = _as_tokenizer_dict(tokenizer_json)
-    _check_byte_level_bpe(data)
+    is_spm = spm.looks_like_spm(data, set().union(*(_component_types(data.get(k))
+                                                  for k in ("normalizer", "pre_tokenizer", "decoder"))))
+    if not is_spm:
+        _check_byte_level_bpe(data)
     model = data["model"]
     vocab = model.get("vocab") or {}
     if not isinstance(vocab, Mapping):
         raise InvalidModelError("tokenizer.json model.vocab is not an object of token -> id")
     added_tokens = [a for a in data.get("added_tokens") or [] if isinstance(a, Mapping)]
 
-    if pre is None:
+    if is_spm:
+        pre = "default"
+    elif pre is None:
         pre = detect_pre_tokenizer(data)
         if pre is None:
             known = ", ".join(sorted(PRE_TOKENIZER_SPECS))
@@ -603,8 +613,8 @@ def vocab_from_hf(
         if added.get("special") or looks_special(content):
             added_type[tid] = TOKEN_CONTROL
         else:
-            # llama.cpp's converter pre-normalizes SentencePiece spaces in user-defined tokens.
-            content = content.replace("\u2581", " ")
+            # llama.cpp's converter pre-normalizes SentencePiece spaces in user-defined tokens of BPE vocabularies.
+            content = content if is_spm else content.replace("\u2581", " ")
             added_type[tid] = TOKEN_USER_DEFINED
         id_to_text[tid] = content
 
@@ -629,12 +639,14 @@ def vocab_from_hf(
             types.append(added_type.get(tid, TOKEN_NORMAL))
     _check_unique(tokens)
 
-    merges = [_gguf_merge(m) for m in model.get("merges") or []]
-
     for name in ("bos_id", "eos_id", "pad_id", "unk_id"):
         tid = getattr(special, name)
         if tid is not None and not 0 <= tid < n_tokens:
             raise InvalidModelError(f"special token {name}={tid} is outside the vocabulary of {n_tokens} tokens")
+    if is_spm:
+        return spm.spm_vocab_from_hf(data, special, tokens, types, [_split_merge(m) for m in model.get("merges") or []],
+                                     _walk_components)
+    merges = [_gguf_merge(m) for m in model.get("merges") or []]
 
     return GGUFVocab(
         model="gpt2",

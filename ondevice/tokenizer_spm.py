@@ -17,6 +17,7 @@ refused with UnsupportedError instead of being tokenized differently; real Sente
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 SPM_MODEL = "llama"
 SPACE = "\u2581"  # SentencePiece's visible space
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+_BYTE_SET = frozenset(BYTE_TOKENS)
 
 # What llama.cpp assumes for a "llama" vocabulary whose GGUF lacks the keys (llama_vocab::impl::load).
 DEFAULT_BOS_ID = 1
@@ -38,6 +40,7 @@ DEFAULT_ADD_SPACE_PREFIX = True
 
 _TOKEN_BYTE = 6
 TOKEN_USER_DEFINED = 4
+TOKEN_UNKNOWN = 2
 
 
 def read_scores(raw: Any, n_tokens: int, key: str) -> list[float]:
@@ -175,6 +178,106 @@ def spm_tokenizer_json(vocab: GGUFVocab, tokens: list[str], added_tokens: list[d
     )
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face SentencePiece-BPE tokenizer.json -> GGUF "llama" vocabulary
+
+
+def looks_like_spm(data: Mapping[str, Any], component_types: set[str]) -> bool:
+    """A SentencePiece-style BPE tokenizer.json (Gemma's, Llama 2's, the ones spm_tokenizer_json writes): byte
+    fallback or a Metaspace step, and no byte-level mapping."""
+    model = data["model"]
+    return model.get("type") in (None, "BPE") and "ByteLevel" not in component_types and (
+        bool(model.get("byte_fallback")) or "Metaspace" in component_types)
+
+
+def _space_handling(data: Mapping[str, Any], walk: Any) -> bool:
+    """add_space_prefix of a SentencePiece tokenizer.json; UnsupportedError for steps a GGUF cannot state."""
+    escapes = prefix = False
+    for component in walk(data.get("normalizer")):
+        kind = component.get("type")
+        if kind == "Sequence":
+            continue
+        if kind == "Replace" and (component.get("pattern") or {}).get("String") == " " \
+                and component.get("content") == SPACE:
+            escapes = True
+        elif kind == "Prepend" and component.get("prepend") == SPACE:
+            prefix = True
+        else:
+            raise UnsupportedError(f"tokenizer.json normalizer step {kind!r} has no GGUF equivalent (llama.cpp only "
+                                   "maps spaces to '\u2581' and may prepend one)")
+    for component in walk(data.get("pre_tokenizer")):
+        kind = component.get("type")
+        if kind == "Sequence":
+            continue
+        if kind != "Metaspace" or component.get("split", True):
+            raise UnsupportedError(f"tokenizer.json pre-tokenizer step {kind!r} splits words; llama.cpp's "
+                                   "SentencePiece tokenizer merges across the whole text")
+        escapes = True
+        prefix = prefix or component.get("prepend_scheme", "always") != "never" or bool(
+            component.get("add_prefix_space"))
+    if not escapes:
+        raise UnsupportedError("this byte-fallback BPE tokenizer.json does not map spaces to '\u2581'; it is not "
+                               "SentencePiece-style, and not byte-level either")
+    return prefix
+
+
+def spm_scores_from_merges(tokens: list[str], types: list[int], merges: list[tuple[str, str]]) -> list[float]:
+    """Scores under which llama.cpp's SPM merges in the order these BPE merges do: each token formed by a merge
+    scores -k for the k-th token in merge order, the rest score below them all.
+
+    That holds only if the merges list every split of a token into two tokens (SPM tries them all) and keep each
+    token's splits together (SPM ranks by token); UnsupportedError otherwise, naming the token.
+    """
+    index = {text: tid for tid, text in enumerate(tokens)}
+    order: dict[int, int] = {}
+    listed: Counter[int] = Counter()
+    last = -1
+    for left, right in merges:
+        tid = index.get(left + right)
+        if tid is None or left not in index or right not in index:
+            raise InvalidModelError(f"tokenizer.json merge {left!r} + {right!r} names a token not in the vocabulary")
+        if tid != last and tid in order:
+            raise UnsupportedError(f"tokenizer.json merges for {tokens[tid]!r} are not listed together; SentencePiece "
+                                   "scores cannot express that order")
+        order.setdefault(tid, len(order))
+        listed[tid] += 1
+        last = tid
+    for tid, text in enumerate(tokens):
+        if len(text) < 2 or _cut_out(text, types[tid]):  # never formed by a merge (see _cut_out)
+            continue
+        splits = sum(1 for cut in range(1, len(text)) if text[:cut] in index and text[cut:] in index)
+        if splits != listed[tid]:
+            raise UnsupportedError(f"tokenizer.json lists {listed[tid]} of the {splits} merges that form "
+                                   f"{text!r}; llama.cpp's SentencePiece tokenizer would use them all")
+    rest = len(order)
+    return [-float(order[tid]) if tid in order else -float(rest + tid) for tid in range(len(tokens))]
+
+
+def spm_vocab_from_hf(data: Mapping[str, Any], special: Any, tokens: list[str], types: list[int],
+                      merges: list[tuple[str, str]], walk: Any) -> GGUFVocab:
+    """The GGUF "llama" vocabulary of a SentencePiece-style tokenizer.json, given what tokenizer.vocab_from_hf
+    read from it (tokens padded to the model's rows with their added-token types, merges as pairs)."""
+    from ondevice.tokenizer import TOKEN_NORMAL, GGUFVocab
+
+    add_space_prefix = _space_handling(data, walk)
+    unk = data["model"].get("unk_token")
+    types = list(types)
+    for tid, text in enumerate(tokens):
+        if tid == special.unk_id or (types[tid] == TOKEN_NORMAL and text == unk):
+            types[tid] = TOKEN_UNKNOWN  # an added special token to `tokenizers`; UNKNOWN to SentencePiece
+        elif types[tid] == TOKEN_NORMAL and text in _BYTE_SET:
+            types[tid] = _TOKEN_BYTE
+    check_spm_vocab(tokens, types)
+    return GGUFVocab(
+        model=SPM_MODEL, pre="default", tokens=tokens, token_types=types, merges=[],
+        bos_id=special.bos_id, eos_id=special.eos_id, unk_id=special.unk_id, pad_id=special.pad_id,
+        add_bos=special.add_bos, add_eos=special.add_eos, scores=spm_scores_from_merges(tokens, types, merges),
+        add_space_prefix=add_space_prefix,
+    )
+
+
 __all__ = [
     "BYTE_TOKENS",
     "DEFAULT_ADD_BOS",
@@ -187,5 +290,8 @@ __all__ = [
     "check_spm_vocab",
     "read_scores",
     "spm_merges",
+    "looks_like_spm",
+    "spm_scores_from_merges",
     "spm_tokenizer_json",
+    "spm_vocab_from_hf",
 ]

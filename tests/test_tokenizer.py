@@ -236,13 +236,13 @@ def test_unknown_pre_tokenizer_asks_for_pre(tiny):
         hf_tokenizer_json_from_vocab(vocab)  # valid for llama.cpp, but our runtime cannot tokenize like it yet
 
 
-def test_hf_sentencepiece_to_gguf_is_unsupported_with_a_clear_message(tiny):
-    """A HF SentencePiece tokenizer.json has no scores to write; GGUF "llama" vocabularies are covered by
-    test_tokenizer_spm.py (and one without scores is invalid, not unsupported)."""
+def test_tokenizers_neither_model_reproduces_are_unsupported_with_a_clear_message(tiny):
+    """Byte-level steps mixed with SentencePiece ones; a GGUF "llama" vocabulary without scores is invalid (the
+    SentencePiece paths themselves are covered by test_tokenizer_spm.py)."""
     data = json.loads(tiny["gpt-2"][1])
     data["model"]["byte_fallback"] = True
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
-    with pytest.raises(UnsupportedError, match="SentencePiece-style tokenizer.json .* holds no token scores"):
+    with pytest.raises(UnsupportedError, match="mixes SentencePiece-style steps .* with byte-level ones"):
         vocab_from_hf(data, SpecialTokens(), pre="default")
     with pytest.raises(InvalidModelError, match="has no tokenizer.ggml.scores"):
         vocab_from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>"]})

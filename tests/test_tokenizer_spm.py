@@ -180,6 +180,48 @@ def test_tiny_spm_ids_and_text_match_llama_cpp(tiny_spm):
     assert pieces[-5:] == ["<0xF0>", "<0x9F>", "<0xA7>", "<0xAA>", SP + "the"]
 
 
+def test_hf_sentencepiece_tokenizer_json_converts_to_a_gguf_llama_cpp_agrees_with(tiny_spm, tmp_path):
+    """tokenizer.json -> GGUF "llama" vocabulary whose scores replay the merge order: llama.cpp with the written
+    file gives the ids `tokenizers` gives with the tokenizer.json (here the one ondevice wrote, as `--to hf` does)."""
+    from ondevice.tokenizer import SpecialTokens, hf_tokenizer_json_from_vocab, vocab_from_hf
+
+    vocab, _ = tiny_spm
+    text = hf_tokenizer_json_from_vocab(vocab)
+    special = SpecialTokens(bos_id=1, eos_id=2, unk_id=0, add_bos=True)
+    again = vocab_from_hf(text, special)
+    assert (again.model, again.tokens, again.token_types, again.add_space_prefix) == \
+        ("llama", vocab.tokens, vocab.token_types, vocab.add_space_prefix)
+    assert hf_tokenizer_json_from_vocab(again) == text  # same merges in the same order
+    llama_cpp, llm = _llama(write_vocab_only_gguf(tmp_path / "from-hf.gguf", again))
+    texts = [*CORPUS, *_random_texts(vocab.tokens, 300, seed=4)]
+    _assert_identical(llama_cpp, llm, hf_tokenizer_from_vocab(vocab), texts)
+
+
+def test_hf_sentencepiece_tokenizer_json_gguf_cannot_replay_is_refused():
+    import json
+
+    from ondevice.errors import UnsupportedError
+    from ondevice.tokenizer import SpecialTokens, hf_tokenizer_json_from_vocab, vocab_from_hf
+
+    data = json.loads(hf_tokenizer_json_from_vocab(_tiny_vocab(add_space_prefix=True)))
+    cases = []
+    for change, needle in [
+        (lambda d: d["model"]["merges"].pop(1), "lists 0 of the 1 merges that form"),
+        (lambda d: d["model"]["merges"].append(d["model"]["merges"][0]), "are not listed together"),
+        (lambda d: d.update(normalizer={"type": "NFKC"}), "normalizer step 'NFKC' has no GGUF equivalent"),
+        (lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": SP, "split": True}),
+         "pre-tokenizer step 'Metaspace' splits words"),
+        (lambda d: d.update(normalizer=None), "does not map spaces"),
+        (lambda d: d["model"].update(type="Unigram"), "Unigram tokenizers"),
+    ]:
+        broken = json.loads(json.dumps(data))
+        change(broken)
+        with pytest.raises(UnsupportedError, match=needle):
+            vocab_from_hf(broken, SpecialTokens())
+        cases.append(needle)
+    assert len(cases) == 6
+
+
 def test_absent_keys_take_llama_cpp_defaults(tmp_path):
     """No bos/eos/unk ids, add_bos_token or add_space_prefix in the file: llama.cpp uses 1/2/0, true, true."""
     vocab = _tiny_vocab(add_space_prefix=True)
@@ -324,6 +366,21 @@ def test_gemma_vocab_is_read_as_llama_cpp_sees_it(gemma):
     assert len(vocab.scores) == 262144 and Counter(vocab.token_types)[TOKEN_BYTE] == 256
 
 
+def test_gemma_token_attributes_and_end_of_generation_ids_match_llama_cpp(gemma, gemma_path):
+    from ondevice.tokenizer import TOKEN_UNUSED, eog_ids, llama_cpp_token_types
+
+    vocab = gemma[0].gguf_vocab
+    llama_cpp, llm = _llama(gemma_path)
+    lvocab = llama_cpp.llama_model_get_vocab(llm.model)
+    attr_of = {TOKEN_NORMAL: llama_cpp.LLAMA_TOKEN_ATTR_NORMAL, TOKEN_UNKNOWN: llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN,
+               TOKEN_CONTROL: llama_cpp.LLAMA_TOKEN_ATTR_CONTROL, TOKEN_UNUSED: llama_cpp.LLAMA_TOKEN_ATTR_UNUSED,
+               TOKEN_USER_DEFINED: llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED, TOKEN_BYTE: llama_cpp.LLAMA_TOKEN_ATTR_BYTE}
+    types = llama_cpp_token_types(vocab)
+    assert all(llama_cpp.llama_vocab_get_attr(lvocab, tid) & attr_of[t] for tid, t in enumerate(types))
+    n = len(vocab.tokens)
+    assert [i for i in range(n) if llama_cpp.llama_vocab_is_eog(lvocab, i)] == eog_ids(vocab) == [1, 106, 212]
+
+
 def test_gemma_ids_and_text_match_llama_cpp(gemma, gemma_path):
     model, tokenizer = gemma
     vocab = model.gguf_vocab
@@ -378,6 +435,11 @@ def test_gemma_hf_tokenizer_files_give_the_same_ids_in_transformers(gemma, tmp_p
         assert hf(sample)["input_ids"] == tokenizer.encode(sample, add_special_tokens=True).ids, sample
         ids = tokenizer.encode(sample, add_special_tokens=False).ids
         assert hf.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False), sample
+    # and the folder converts back to GGUF: the same tokens, the same tokenizer (scores from the merge order)
+    from ondevice.tokenizer import hf_tokenizer_json_from_vocab, vocab_from_hf_folder
+
+    again = vocab_from_hf_folder(tmp_path)
+    assert again.tokens == model.gguf_vocab.tokens and hf_tokenizer_json_from_vocab(again) == model.tokenizer_json
 
 
 def test_gemma_loads_tokenizes_and_generates(gemma_path):
