@@ -192,6 +192,13 @@ def test_hf_sentencepiece_tokenizer_json_converts_to_a_gguf_llama_cpp_agrees_wit
     assert (again.model, again.tokens, again.token_types, again.add_space_prefix) == \
         ("llama", vocab.tokens, vocab.token_types, vocab.add_space_prefix)
     assert hf_tokenizer_json_from_vocab(again) == text  # same merges in the same order
+    # transformers 5 writes Gemma's with a Split on " " that the normalizer has made a no-op
+    import json
+
+    data = json.loads(text)
+    data["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                             "invert": False}
+    assert vocab_from_hf(data, special) == again
     llama_cpp, llm = _llama(write_vocab_only_gguf(tmp_path / "from-hf.gguf", again))
     texts = [*CORPUS, *_random_texts(vocab.tokens, 300, seed=4)]
     _assert_identical(llama_cpp, llm, hf_tokenizer_from_vocab(vocab), texts)
@@ -220,6 +227,36 @@ def test_hf_sentencepiece_tokenizer_json_gguf_cannot_replay_is_refused():
             vocab_from_hf(broken, SpecialTokens())
         cases.append(needle)
     assert len(cases) == 6
+
+
+def test_a_real_sentencepiece_bpe_model_tokenizes_as_sentencepiece_and_llama_cpp_do(tmp_path):
+    """A model trained by `sentencepiece` itself (BPE, byte fallback, dummy prefix), turned into GGUF keys the way
+    llama.cpp's converter reads a tokenizer.model: its scores pass the replay checks, and our ids equal
+    sentencepiece's and llama.cpp's."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT * 3), model_writer=proto, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<tool>"],
+        control_symbols=["<start_of_turn>"], add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    n = sp.get_piece_size()
+    types = [TOKEN_UNKNOWN if sp.is_unknown(i) else TOKEN_CONTROL if sp.is_control(i) else
+             TOKEN_BYTE if sp.is_byte(i) else TOKEN_USER_DEFINED if sp.id_to_piece(i) == "<tool>" else TOKEN_NORMAL
+             for i in range(n)]
+    vocab = GGUFVocab("llama", "default", [sp.id_to_piece(i) for i in range(n)], types, [], bos_id=sp.bos_id(),
+                      eos_id=sp.eos_id(), unk_id=sp.unk_id(), add_bos=True,
+                      scores=[sp.get_score(i) for i in range(n)], add_space_prefix=True)
+    tokenizer = hf_tokenizer_from_vocab(vocab)
+    texts = [*CORPUS, *TRAINING_TEXT, *_random_texts(vocab.tokens, 500, seed=6)]
+    plain = [t for t in texts if "<" not in t]  # sentencepiece has no llama.cpp-style special-token pass
+    assert len(plain) > 100
+    assert [tokenizer.encode(t, add_special_tokens=False).ids for t in plain] == [sp.encode(t) for t in plain]
+    llama_cpp, llm = _llama(write_vocab_only_gguf(tmp_path / "sp.gguf", vocab))
+    _assert_identical(llama_cpp, llm, tokenizer, texts)
 
 
 def test_absent_keys_take_llama_cpp_defaults(tmp_path):
