@@ -259,6 +259,26 @@ def test_a_real_sentencepiece_bpe_model_tokenizes_as_sentencepiece_and_llama_cpp
     _assert_identical(llama_cpp, llm, tokenizer, texts)
 
 
+def test_streamed_pieces_keep_the_space_llama_cpp_pieces_have(tiny_spm):
+    """Generation streams token by token: with a dummy prefix the first "▁word" must stream as " word" (llama.cpp's
+    token_to_piece), though decoding a whole text drops that space (llama_detokenize); multi-byte characters
+    arrive whole."""
+    from ondevice.runtime.text import StreamDecoder, TextCodec
+
+    vocab, path = tiny_spm
+    llama_cpp, llm = _llama(path)
+    tokenizer = hf_tokenizer_from_vocab(vocab)
+    codec = TextCodec(tokenizer, vocab.bos_id, [vocab.eos_id], vocab.add_bos)
+    for text in ["Hello world", " the fox \u00e9t\u00e9 \U0001f9ea\u4eca\u5929 ok", "\n\nx  y"]:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        decoder = StreamDecoder(codec)
+        pieces = [decoder.push(t) for t in ids] + [decoder.flush()]
+        theirs = b"".join(llm.detokenize([t], special=True) for t in ids).decode("utf-8")
+        assert "".join(pieces) == theirs, text
+        assert all("\ufffd" not in piece for piece in pieces)
+        assert codec.decode(ids) == _llama_detokenize(llama_cpp, llm, ids)
+
+
 def test_absent_keys_take_llama_cpp_defaults(tmp_path):
     """No bos/eos/unk ids, add_bos_token or add_space_prefix in the file: llama.cpp uses 1/2/0, true, true."""
     vocab = _tiny_vocab(add_space_prefix=True)
