@@ -416,6 +416,7 @@ def gemma(gemma_path):
     model.close()
 
 
+@pytest.mark.slow  # needs the real 253 MB file
 def test_gemma_vocab_is_read_as_llama_cpp_sees_it(gemma):
     vocab = gemma[0].gguf_vocab
     assert (vocab.model, len(vocab.tokens), vocab.bos_id, vocab.eos_id, vocab.add_bos, vocab.add_space_prefix) == \
@@ -423,6 +424,7 @@ def test_gemma_vocab_is_read_as_llama_cpp_sees_it(gemma):
     assert len(vocab.scores) == 262144 and Counter(vocab.token_types)[TOKEN_BYTE] == 256
 
 
+@pytest.mark.slow  # needs the real 253 MB file
 def test_gemma_token_attributes_and_end_of_generation_ids_match_llama_cpp(gemma, gemma_path):
     from ondevice.tokenizer import TOKEN_UNUSED, eog_ids, llama_cpp_token_types
 
@@ -438,6 +440,7 @@ def test_gemma_token_attributes_and_end_of_generation_ids_match_llama_cpp(gemma,
     assert [i for i in range(n) if llama_cpp.llama_vocab_is_eog(lvocab, i)] == eog_ids(vocab) == [1, 106, 212]
 
 
+@pytest.mark.slow  # needs the real 253 MB file
 def test_gemma_ids_and_text_match_llama_cpp(gemma, gemma_path):
     model, tokenizer = gemma
     vocab = model.gguf_vocab
@@ -449,6 +452,7 @@ def test_gemma_ids_and_text_match_llama_cpp(gemma, gemma_path):
     assert ids[0] == vocab.tokens.index("<start_of_turn>") and ids[-1] == vocab.tokens.index("<end_of_turn>")
 
 
+@pytest.mark.slow  # needs the real 253 MB file
 def test_gemma_gguf_to_gguf_keeps_every_tokenizer_key(gemma, gemma_path, tmp_path):
     """Converting the file writes tokens, scores, token types, ids and flags back unchanged (same value types), so
     llama.cpp tokenizes the output exactly as it did the source."""
@@ -480,6 +484,7 @@ def test_gemma_gguf_to_gguf_keeps_every_tokenizer_key(gemma, gemma_path, tmp_pat
             llm_out.tokenize(text.encode(), add_bos=True, special=True)
 
 
+@pytest.mark.slow  # needs the real 253 MB file
 def test_gemma_hf_tokenizer_files_give_the_same_ids_in_transformers(gemma, tmp_path):
     """The tokenizer files `--to hf` writes load in transformers (AutoTokenizer) with the same ids and text."""
     transformers = pytest.importorskip("transformers")
@@ -499,6 +504,7 @@ def test_gemma_hf_tokenizer_files_give_the_same_ids_in_transformers(gemma, tmp_p
     assert again.tokens == model.gguf_vocab.tokens and hf_tokenizer_json_from_vocab(again) == model.tokenizer_json
 
 
+@pytest.mark.slow  # needs the real 253 MB file
 def test_gemma_loads_tokenizes_and_generates(gemma_path):
     import ondevice
 
