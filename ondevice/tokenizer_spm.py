@@ -44,25 +44,27 @@ TOKEN_UNKNOWN = 2
 
 
 def read_scores(raw: Any, n_tokens: int, key: str) -> list[float]:
-    """tokenizer.ggml.scores as finite floats, one per token: llama.cpp indexes it by token id without a check,
-    and a NaN would make its merge order (a priority queue of scores) undefined."""
+    """tokenizer.ggml.scores as finite floats, one per token: llama.cpp reads the array as float32 by token id
+    without a check (an integer array would be reinterpreted, a short one overrun), and a NaN would make its
+    merge order (a priority queue of scores) undefined."""
     if raw is None:
-        raise InvalidModelError(f"GGUF SentencePiece tokenizer has no {key}; llama.cpp needs one score per token")
+        raise InvalidModelError(f"GGUF SentencePiece tokenizer has no {key} (the merge priorities); re-convert it")
     if hasattr(raw, "dtype"):  # numpy array from a GGUF reader
-        if getattr(raw.dtype, "kind", "") not in "fiu":
-            raise InvalidModelError(f"GGUF key {key} should be an array of numbers, got {raw.dtype}")
+        if getattr(raw.dtype, "kind", "") != "f":
+            raise InvalidModelError(f"GGUF key {key} should be an array of float32, got {raw.dtype}")
         raw = raw.tolist()
     if not isinstance(raw, (list, tuple)):
-        raise InvalidModelError(f"GGUF key {key} should be an array of numbers, got {type(raw).__name__}")
+        raise InvalidModelError(f"GGUF key {key} should be an array of float32, got {type(raw).__name__}")
     if len(raw) != n_tokens:
         raise InvalidModelError(f"GGUF has {len(raw)} token scores for {n_tokens} tokens")
     scores: list[float] = []
     for tid, value in enumerate(raw):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidModelError(f"GGUF key {key} should hold numbers; entry {tid} is {type(value).__name__}")
+        if not isinstance(value, float):
+            raise InvalidModelError(f"GGUF key {key} should hold float32 numbers; entry {tid} is "
+                                    f"{type(value).__name__}")
         if not math.isfinite(value):
             raise InvalidModelError(f"GGUF token score {tid} is {value}; scores must be finite numbers")
-        scores.append(float(value))
+        scores.append(value)
     return scores
 
 
