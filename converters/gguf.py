@@ -68,11 +68,14 @@ def tokenizer_fields(model: CanonicalModel, pre: str | None) -> dict[str, TypedV
 
     s, u32 = ValueType.STRING, ValueType.UINT32
     if model.gguf_vocab is not None and model.gguf_vocab.model == "llama":
-        fields = _spm_tokenizer_fields(model.gguf_vocab)
+        vocab = model.gguf_vocab  # the source's own scores, exactly
+    else:
+        vocab = vocab_from_hf(model.tokenizer_json, model.special, pre=pre or model.pre_tokenizer)
+    if vocab.model == "llama":
+        fields = _spm_tokenizer_fields(vocab)
         if model.chat_template:
             fields["tokenizer.chat_template"] = TypedValue(s, model.chat_template)
         return fields
-    vocab = vocab_from_hf(model.tokenizer_json, model.special, pre=pre or model.pre_tokenizer)
     fields = {
         "tokenizer.ggml.model": TypedValue(s, vocab.model),
         "tokenizer.ggml.pre": TypedValue(s, vocab.pre or "default"),

@@ -204,6 +204,51 @@ def test_hf_sentencepiece_tokenizer_json_converts_to_a_gguf_llama_cpp_agrees_wit
     _assert_identical(llama_cpp, llm, hf_tokenizer_from_vocab(vocab), texts)
 
 
+def test_hf_folder_with_a_sentencepiece_tokenizer_converts_to_a_gguf_llama_cpp_tokenizes_alike(tmp_path):
+    """A tiny gemma3 Hugging Face folder whose tokenizer.json is SentencePiece-style: `convert --to gguf` writes a
+    "llama" vocabulary (tokens, scores, types, add_space_prefix) that llama.cpp tokenizes as `tokenizers` does."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from ondevice.converters import get_target
+    from ondevice.converters.base import ConvertOptions
+
+    from ondevice.formats.gguf import GGUFFile
+    from ondevice.sources import open_source
+    from ondevice.tokenizer import hf_tokenizer_json_from_vocab, tokenizer_config_json
+
+    base = _tiny_vocab(add_space_prefix=False)
+    # Gemma-like: thousands of control tokens, listed both in tokenizer.json's vocab and as added tokens
+    unused = [f"<unused{i}>" for i in range(1100)]
+    vocab = GGUFVocab(**{**base.__dict__, "tokens": [*base.tokens, *unused],
+                         "token_types": [*base.token_types, *[TOKEN_CONTROL] * len(unused)],
+                         "scores": [*base.scores, *[-1000.0] * len(unused)]})
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(vocab.tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.Gemma3ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text(hf_tokenizer_json_from_vocab(vocab), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(vocab)), encoding="utf-8")
+    model = open_source(folder)
+    try:
+        get_target("gguf").convert(model, tmp_path / "out.gguf", ConvertOptions(quant="q8_0", progress=False))
+    finally:
+        model.close()
+    written = GGUFFile(tmp_path / "out.gguf")
+    try:
+        assert written.get("tokenizer.ggml.model") == "llama" and written.get("tokenizer.ggml.add_space_prefix") is False
+        assert len(written.get("tokenizer.ggml.scores")) == len(vocab.tokens)
+        assert [int(t) for t in written.get("tokenizer.ggml.token_type")] == vocab.token_types
+    finally:
+        written.close()
+    llama_cpp, llm = _llama(tmp_path / "out.gguf")
+    _assert_identical(llama_cpp, llm, hf_tokenizer_from_vocab(vocab), CORPUS)
+
+
 def test_hf_sentencepiece_tokenizer_json_gguf_cannot_replay_is_refused():
     import json
 
