@@ -38,9 +38,10 @@ DEFAULT_UNK_ID = 0
 DEFAULT_ADD_BOS = True
 DEFAULT_ADD_SPACE_PREFIX = True
 
+# GGUF token types (the values of ondevice.tokenizer's TOKEN_*, which imports this module lazily).
+_TOKEN_UNKNOWN = 2
+_TOKEN_USER_DEFINED = 4
 _TOKEN_BYTE = 6
-TOKEN_USER_DEFINED = 4
-TOKEN_UNKNOWN = 2
 
 
 def read_scores(raw: Any, n_tokens: int, key: str) -> list[float]:
@@ -128,7 +129,7 @@ def _symbol(text: str, index: Mapping[str, int]) -> bool:
 def _cut_out(text: str, token_type: int) -> bool:
     """User-defined tokens are cut out of the text before merging, so a merge never forms one (unless it holds a
     "▁", which only appears after that cut)."""
-    return token_type == TOKEN_USER_DEFINED and SPACE not in text
+    return token_type == _TOKEN_USER_DEFINED and SPACE not in text
 
 
 def _check_replayable(tokens: list[str], types: list[int], scores: list[float], mergeable: set[int]) -> None:
@@ -178,8 +179,6 @@ def spm_tokenizer_json(vocab: GGUFVocab, tokens: list[str], added_tokens: list[d
         post_processor=dict(post_processor) if post_processor else None,
         decoder={"type": "Sequence", "decoders": decoders}, byte_fallback=True, ignore_merges=False,
     )
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,7 +269,7 @@ def spm_vocab_from_hf(data: Mapping[str, Any], special: Any, tokens: list[str], 
     types = list(types)
     for tid, text in enumerate(tokens):
         if tid == special.unk_id or (types[tid] == TOKEN_NORMAL and text == unk):
-            types[tid] = TOKEN_UNKNOWN  # an added special token to `tokenizers`; UNKNOWN to SentencePiece
+            types[tid] = _TOKEN_UNKNOWN  # an added special token to `tokenizers`; UNKNOWN to SentencePiece
         elif types[tid] == TOKEN_NORMAL and text in _BYTE_SET:
             types[tid] = _TOKEN_BYTE
     check_spm_vocab(tokens, types)
