@@ -39,11 +39,43 @@ FILE_TYPES: dict[str, int] = {
 }
 
 
+def _spm_tokenizer_fields(vocab) -> dict[str, TypedValue]:
+    """A SentencePiece-style source vocabulary written back key for key (scores and token types exactly), so that
+    llama.cpp tokenizes the output as it did the source."""
+    from ondevice.tokenizer import gguf_metadata_from_vocab
+
+    fields: dict[str, TypedValue] = {}
+    for key, value in gguf_metadata_from_vocab(vocab).items():
+        if key == "tokenizer.ggml.scores":
+            fields[key] = TypedValue(ValueType.ARRAY, np.asarray(value, np.float32), ValueType.FLOAT32)
+        elif key == "tokenizer.ggml.token_type":
+            fields[key] = TypedValue(ValueType.ARRAY, np.asarray(value, np.int32), ValueType.INT32)
+        elif isinstance(value, bool):
+            fields[key] = TypedValue(ValueType.BOOL, value)
+        elif isinstance(value, int):
+            fields[key] = TypedValue(ValueType.UINT32, value)
+        elif isinstance(value, str):
+            fields[key] = TypedValue(ValueType.STRING, value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            fields[key] = TypedValue(ValueType.ARRAY, value, ValueType.STRING)
+        # other carried-through keys of unknown type are left out rather than guessed
+    fields["tokenizer.ggml.add_eos_token"] = TypedValue(ValueType.BOOL, bool(vocab.add_eos))  # as for BPE
+    return fields
+
+
 def tokenizer_fields(model: CanonicalModel, pre: str | None) -> dict[str, TypedValue]:
     from ondevice.tokenizer import vocab_from_hf
 
-    vocab = vocab_from_hf(model.tokenizer_json, model.special, pre=pre or model.pre_tokenizer)
     s, u32 = ValueType.STRING, ValueType.UINT32
+    if model.gguf_vocab is not None and model.gguf_vocab.model == "llama":
+        vocab = model.gguf_vocab  # the source's own scores, exactly
+    else:
+        vocab = vocab_from_hf(model.tokenizer_json, model.special, pre=pre or model.pre_tokenizer)
+    if vocab.model == "llama":
+        fields = _spm_tokenizer_fields(vocab)
+        if model.chat_template:
+            fields["tokenizer.chat_template"] = TypedValue(s, model.chat_template)
+        return fields
     fields = {
         "tokenizer.ggml.model": TypedValue(s, vocab.model),
         "tokenizer.ggml.pre": TypedValue(s, vocab.pre or "default"),

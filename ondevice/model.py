@@ -150,6 +150,9 @@ class CanonicalModel:
     special: SpecialTokens
     chat_template: str | None
     pre_tokenizer: str | None = None  # llama.cpp pre-tokenizer name, when the source states it
+    # The source's GGUF vocabulary (GGUFVocab) when it has one: SentencePiece scores do not fit in tokenizer.json,
+    # so a GGUF target writes the tokenizer.ggml.* keys from it rather than from tokenizer_json.
+    gguf_vocab: Any = None
     generation_config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)  # general.* facts: name, license, source...
     source_path: str = ""

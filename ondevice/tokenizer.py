@@ -6,7 +6,9 @@ llama.cpp's converter does, and builds a `tokenizer.json` from a GGUF vocabulary
 llama.cpp does with that file: the same pre-tokenizer regexes (in the same order, from llama.cpp's
 src/llama-vocab.cpp), byte-level mapping, no normalizer, and the same special/user-defined tokens.
 
-Only byte-level BPE ("gpt2" in GGUF) is supported for now; SentencePiece ("llama") raises UnsupportedError.
+Byte-level BPE ("gpt2" in GGUF) converts both ways. SentencePiece-style GGUF vocabularies ("llama": Gemma, Llama 2)
+load and tokenize like llama.cpp (ondevice/tokenizer_spm.py) and are written back to GGUF from their GGUFVocab;
+a Hugging Face SentencePiece tokenizer.json does not convert to GGUF yet (it holds no scores).
 """
 
 from __future__ import annotations
@@ -278,15 +280,17 @@ _MODELED_KEYS = frozenset(
     [_K + "model", _K + "pre", _K + "tokens", _K + "token_type", _K + "merges", _K + "add_bos_token",
      _K + "add_eos_token", *_ID_KEYS.values(), *_OTHER_ID_KEYS]
 )
+# Modeled for SentencePiece vocabularies only (a byte-level BPE file carries add_space_prefix along in `extra`).
+_SPM_KEYS = frozenset([_K + "scores", _K + "add_space_prefix"])
 
 
 @dataclass
 class GGUFVocab:
-    """What goes into / comes out of the GGUF tokenizer.ggml.* keys (byte-level BPE)."""
+    """What goes into / comes out of the GGUF tokenizer.ggml.* keys (byte-level BPE or SentencePiece)."""
 
-    model: str  # "gpt2" (byte-level BPE); "llama" (SentencePiece) is not supported yet
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style: scores, "▁" spaces, byte fallback)
     pre: str | None  # tokenizer.ggml.pre: "smollm", "llama-bpe", "qwen2", ...
-    tokens: list[str]  # byte-level mapped strings, e.g. "Ġthe"; added tokens as their raw text
+    tokens: list[str]  # "gpt2": byte-level mapped strings, e.g. "Ġthe"; "llama": "▁the", "<0x0A>"; added tokens raw
     token_types: list[int]  # 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
     merges: list[str]  # "a b"
     bos_id: int | None = None
@@ -301,6 +305,9 @@ class GGUFVocab:
     other_ids: dict[str, int] = field(default_factory=dict)
     # tokenizer.ggml.* keys this class does not model (e.g. add_space_prefix), carried through unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
+    # "llama" only: tokenizer.ggml.scores (one per token; the merge priority) and add_space_prefix.
+    scores: list[float] = field(default_factory=list)
+    add_space_prefix: bool = False
 
 
 @dataclass
@@ -538,11 +545,12 @@ def _check_byte_level_bpe(data: Mapping[str, Any]) -> None:
     model_type = model.get("type")
     pre_types = _component_types(data.get("pre_tokenizer"))
     decoder_types = _component_types(data.get("decoder"))
-    if model_type == "Unigram" or model.get("byte_fallback") or "Metaspace" in pre_types | decoder_types:
-        raise UnsupportedError(
-            "SentencePiece-style tokenizers (GGUF model 'llama') are not supported yet; "
-            "only byte-level BPE tokenizers (GGUF model 'gpt2') convert for now"
-        )
+    if model_type == "Unigram":
+        raise UnsupportedError("Unigram tokenizers (T5-style SentencePiece) do not convert to GGUF yet; byte-level "
+                               "and SentencePiece-style BPE do")
+    if model.get("byte_fallback") or "Metaspace" in pre_types | decoder_types:
+        raise UnsupportedError("this tokenizer.json mixes SentencePiece-style steps (byte fallback, Metaspace) with "
+                               "byte-level ones; neither GGUF tokenizer model reproduces it")
     if model_type not in (None, "BPE"):
         raise UnsupportedError(f"tokenizer model type {model_type!r} is not supported; only byte-level BPE converts")
     if "ByteLevel" not in pre_types | decoder_types:
@@ -562,16 +570,25 @@ def vocab_from_hf(
 
     pre=None detects the pre-tokenizer from the chktxt hash (UnsupportedError naming the choices if unknown).
     vocab_size (config.json's, i.e. the embedding rows) pads missing ids with "[PAD<i>]" UNUSED tokens.
+    A SentencePiece-style BPE tokenizer (byte fallback, "▁" spaces) becomes a "llama" vocabulary whose scores
+    replay its merge order (tokenizer_spm.spm_vocab_from_hf); `pre` does not apply to it.
     """
+    from ondevice import tokenizer_spm as spm
+
     data = _as_tokenizer_dict(tokenizer_json)
-    _check_byte_level_bpe(data)
+    is_spm = spm.looks_like_spm(data, set().union(*(_component_types(data.get(k))
+                                                  for k in ("normalizer", "pre_tokenizer", "decoder"))))
+    if not is_spm:
+        _check_byte_level_bpe(data)
     model = data["model"]
     vocab = model.get("vocab") or {}
     if not isinstance(vocab, Mapping):
         raise InvalidModelError("tokenizer.json model.vocab is not an object of token -> id")
     added_tokens = [a for a in data.get("added_tokens") or [] if isinstance(a, Mapping)]
 
-    if pre is None:
+    if is_spm:
+        pre = "default"
+    elif pre is None:
         pre = detect_pre_tokenizer(data)
         if pre is None:
             known = ", ".join(sorted(PRE_TOKENIZER_SPECS))
@@ -596,8 +613,8 @@ def vocab_from_hf(
         if added.get("special") or looks_special(content):
             added_type[tid] = TOKEN_CONTROL
         else:
-            # llama.cpp's converter pre-normalizes SentencePiece spaces in user-defined tokens.
-            content = content.replace("\u2581", " ")
+            # llama.cpp's converter pre-normalizes SentencePiece spaces in user-defined tokens of BPE vocabularies.
+            content = content if is_spm else content.replace("\u2581", " ")
             added_type[tid] = TOKEN_USER_DEFINED
         id_to_text[tid] = content
 
@@ -622,12 +639,14 @@ def vocab_from_hf(
             types.append(added_type.get(tid, TOKEN_NORMAL))
     _check_unique(tokens)
 
-    merges = [_gguf_merge(m) for m in model.get("merges") or []]
-
     for name in ("bos_id", "eos_id", "pad_id", "unk_id"):
         tid = getattr(special, name)
         if tid is not None and not 0 <= tid < n_tokens:
             raise InvalidModelError(f"special token {name}={tid} is outside the vocabulary of {n_tokens} tokens")
+    if is_spm:
+        return spm.spm_vocab_from_hf(data, special, tokens, types, [_split_merge(m) for m in model.get("merges") or []],
+                                     _walk_components)
+    merges = [_gguf_merge(m) for m in model.get("merges") or []]
 
     return GGUFVocab(
         model="gpt2",
@@ -807,13 +826,15 @@ def _as_int(value: Any, key: str) -> int:
 
 def vocab_from_gguf_metadata(metadata: Mapping[str, Any]) -> GGUFVocab:
     """GGUFVocab from GGUF key/values given as plain Python values (strings, ints, bools, lists)."""
+    from ondevice import tokenizer_spm as spm
+
     model = _as_str(metadata.get(_K + "model", ""), _K + "model")
-    if model == "llama":
+    if model not in ("gpt2", spm.SPM_MODEL):
         raise UnsupportedError(
-            "GGUF tokenizer model 'llama' (SentencePiece) is not supported yet; only byte-level BPE ('gpt2') converts"
+            f"GGUF tokenizer model {model!r} is not supported; byte-level BPE ('gpt2') and SentencePiece-style "
+            "('llama') vocabularies are"
         )
-    if model != "gpt2":
-        raise UnsupportedError(f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') converts")
+    is_spm = model == spm.SPM_MODEL
     tokens = _as_str_list(metadata.get(_K + "tokens"), _K + "tokens")
     n_tokens = len(tokens)
     raw_types = metadata.get(_K + "token_type")
@@ -827,18 +848,30 @@ def vocab_from_gguf_metadata(metadata: Mapping[str, Any]) -> GGUFVocab:
         if len(types) < n_tokens:
             raise InvalidModelError(f"GGUF has {len(types)} token types for {n_tokens} tokens")
         types = types[:n_tokens]
-    if _K + "merges" not in metadata:
+    scores: list[float] = []
+    add_space_prefix = False
+    if is_spm:
+        merges: list[str] = []  # SPM merges come from the scores
+        scores = spm.read_scores(metadata.get(_K + "scores"), n_tokens, _K + "scores")
+        spm.check_spm_vocab(tokens, types)
+        add_space_prefix = metadata.get(_K + "add_space_prefix", spm.DEFAULT_ADD_SPACE_PREFIX)
+        if not isinstance(add_space_prefix, bool):
+            raise InvalidModelError(f"GGUF key {_K}add_space_prefix should be a boolean, got "
+                                    f"{type(add_space_prefix).__name__}")
+    elif _K + "merges" not in metadata:
         raise InvalidModelError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-    merges = _as_str_list(metadata[_K + "merges"], _K + "merges")
+    else:
+        merges = _as_str_list(metadata[_K + "merges"], _K + "merges")
     pre = _as_str(metadata[_K + "pre"], _K + "pre") if _K + "pre" in metadata else None
 
+    # llama.cpp's defaults for a SentencePiece vocabulary whose file lacks the keys (none for BPE).
+    defaults = {"bos_id": spm.DEFAULT_BOS_ID, "eos_id": spm.DEFAULT_EOS_ID, "unk_id": spm.DEFAULT_UNK_ID} \
+        if is_spm else {}
     ids: dict[str, int | None] = {}
     for name, key in _ID_KEYS.items():
-        ids[name] = None
-        if key in metadata:
-            tid = _as_int(metadata[key], key)
-            # llama.cpp ignores an out-of-range id (keeps its default); we keep none.
-            ids[name] = tid if 0 <= tid < n_tokens else None
+        tid = _as_int(metadata[key], key) if key in metadata else defaults.get(name)
+        # llama.cpp ignores an out-of-range id (keeps its default); we keep none.
+        ids[name] = tid if tid is not None and 0 <= tid < n_tokens else None
     other_ids = {
         key: _as_int(metadata[key], key)
         for key in _OTHER_ID_KEYS
@@ -846,9 +879,10 @@ def vocab_from_gguf_metadata(metadata: Mapping[str, Any]) -> GGUFVocab:
     }
     add_bos = metadata.get(_K + "add_bos_token")
     if add_bos is None:
-        add_bos = pre in _DEFAULT_ADD_BOS_PRE
+        add_bos = spm.DEFAULT_ADD_BOS if is_spm else pre in _DEFAULT_ADD_BOS_PRE
     add_eos = metadata.get(_K + "add_eos_token", False)
-    extra = {k: v for k, v in metadata.items() if k.startswith(_K) and k not in _MODELED_KEYS}
+    modeled = _MODELED_KEYS | _SPM_KEYS if is_spm else _MODELED_KEYS
+    extra = {k: v for k, v in metadata.items() if k.startswith(_K) and k not in modeled}
     return GGUFVocab(
         model=model,
         pre=pre,
@@ -865,20 +899,25 @@ def vocab_from_gguf_metadata(metadata: Mapping[str, Any]) -> GGUFVocab:
         add_eos=bool(add_eos),
         other_ids=other_ids,
         extra=extra,
+        scores=scores,
+        add_space_prefix=bool(add_space_prefix),
     )
 
 
 def gguf_metadata_from_vocab(vocab: GGUFVocab) -> dict[str, Any]:
     """tokenizer.ggml.* key/values for a GGUF writer, in llama.cpp converter order.
 
-    Value types: model/pre str; tokens/merges string arrays; token_type int32 array; *_token_id uint32;
-    add_*_token bool. add_bos_token is always written (llama.cpp's default depends on the pre type);
-    add_eos_token only when true (absent means false to llama.cpp).
+    Value types: model/pre str; tokens/merges string arrays; scores float32 array; token_type int32 array;
+    *_token_id uint32; add_*_token and add_space_prefix bool. add_bos_token is always written (llama.cpp's default
+    depends on the pre type); add_eos_token only when true (absent means false to llama.cpp). A "llama" vocabulary
+    writes scores and add_space_prefix instead of merges.
     """
     out: dict[str, Any] = {_K + "model": vocab.model}
     if vocab.pre is not None:
         out[_K + "pre"] = vocab.pre
     out[_K + "tokens"] = list(vocab.tokens)
+    if vocab.model == "llama":
+        out[_K + "scores"] = list(vocab.scores)
     out[_K + "token_type"] = list(vocab.token_types)
     if vocab.model == "gpt2":
         out[_K + "merges"] = list(vocab.merges)
@@ -890,6 +929,8 @@ def gguf_metadata_from_vocab(vocab: GGUFVocab) -> dict[str, Any]:
     out[_K + "add_bos_token"] = bool(vocab.add_bos)
     if vocab.add_eos:
         out[_K + "add_eos_token"] = True
+    if vocab.model == "llama":
+        out[_K + "add_space_prefix"] = bool(vocab.add_space_prefix)
     for key, value in vocab.extra.items():
         out.setdefault(key, value)
     return out
@@ -963,18 +1004,21 @@ def hf_tokenizer_json_from_vocab(vocab: GGUFVocab) -> str:
     (and UNKNOWN) tokens as special added tokens, USER_DEFINED tokens as non-special added tokens.
 
     encode(text) matches llama_tokenize(parse_special=true); with `tokenizer.encode_special_tokens = True` it
-    matches parse_special=false. add_special_tokens mirrors add_bos/add_eos.
+    matches parse_special=false. add_special_tokens mirrors add_bos/add_eos. A "llama" (SentencePiece-style)
+    vocabulary becomes the BPE-from-scores tokenizer of ondevice/tokenizer_spm.py.
     """
-    if vocab.model != "gpt2":
+    if vocab.model not in ("gpt2", "llama"):
         raise UnsupportedError(
-            f"GGUF tokenizer model {vocab.model!r} is not supported yet; only byte-level BPE ('gpt2') converts"
+            f"GGUF tokenizer model {vocab.model!r} is not supported; byte-level BPE ('gpt2') and SentencePiece-style "
+            "('llama') vocabularies are"
         )
-    pre = vocab.pre or "default"
-    spec = PRE_TOKENIZER_SPECS.get(pre)
-    if spec is None:
-        raise UnsupportedError(
-            f"pre-tokenizer {pre!r} is not reproduced by ondevice yet; supported: {', '.join(sorted(PRE_TOKENIZER_SPECS))}"
-        )
+    spec = None
+    if vocab.model == "gpt2":
+        pre = vocab.pre or "default"
+        spec = PRE_TOKENIZER_SPECS.get(pre)
+        if spec is None:
+            raise UnsupportedError(f"pre-tokenizer {pre!r} is not reproduced by ondevice yet; supported: "
+                                   f"{', '.join(sorted(PRE_TOKENIZER_SPECS))}")
     if len(vocab.token_types) != len(vocab.tokens):
         raise InvalidModelError(f"{len(vocab.token_types)} token types for {len(vocab.tokens)} tokens")
     # llama.cpp renames empty tokens so that they can never match.
@@ -995,6 +1039,10 @@ def hf_tokenizer_json_from_vocab(vocab: GGUFVocab) -> str:
         for tid, ttype in enumerate(types)
         if ttype in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
     ]
+    if spec is None:
+        from ondevice.tokenizer_spm import spm_tokenizer_json
+
+        return spm_tokenizer_json(vocab, tokens, added_tokens, _bos_eos_post_processor(vocab))
     pairs = [_split_merge(m) for m in vocab.merges]
     # The classic "a b" form is readable by every tokenizers release; pairs are needed only if a part has a space.
     merges: list[Any] = (
@@ -1008,15 +1056,27 @@ def hf_tokenizer_json_from_vocab(vocab: GGUFVocab) -> str:
     post_processor = _bos_eos_post_processor(vocab) or {
         "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False,
     }
+    return bpe_tokenizer_json(
+        tokens, merges, added_tokens=added_tokens, normalizer=None,
+        pre_tokenizer={"type": "Sequence", "pretokenizers": pre_tokenizers}, post_processor=post_processor,
+        decoder={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        byte_fallback=False, ignore_merges=spec.ignore_merges,
+    )
+
+
+def bpe_tokenizer_json(tokens: list[str], merges: list[Any], *, added_tokens: list[dict[str, Any]],
+                       normalizer: Any, pre_tokenizer: Any, post_processor: Any, decoder: Any,
+                       byte_fallback: bool, ignore_merges: bool) -> str:
+    """A tokenizer.json document around a BPE model whose ids are the token positions."""
     document = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": added_tokens,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "decoder": decoder,
         "model": {
             "type": "BPE",
             "dropout": None,
@@ -1024,8 +1084,8 @@ def hf_tokenizer_json_from_vocab(vocab: GGUFVocab) -> str:
             "continuing_subword_prefix": None,
             "end_of_word_suffix": None,
             "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": spec.ignore_merges,
+            "byte_fallback": byte_fallback,
+            "ignore_merges": ignore_merges,
             "vocab": {text: tid for tid, text in enumerate(tokens)},
             "merges": merges,
         },

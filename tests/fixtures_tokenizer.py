@@ -105,3 +105,56 @@ def make_tiny_tokenizer(path: str | Path, style: str = "gpt-2", vocab_size: int 
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.save(str(out))
     return tokenizer
+
+
+def write_vocab_only_gguf(path: Path, vocab, drop: tuple[str, ...] = ()) -> Path:
+    """A GGUF with llama hyper-parameters and our tokenizer keys (less the `drop`ped ones) but no tensors:
+    llama.cpp loads it vocab_only."""
+    import gguf
+
+    from ondevice.tokenizer import gguf_metadata_from_vocab
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(16)
+    writer.add_vocab_size(len(vocab.tokens))
+    for key, value in gguf_metadata_from_vocab(vocab).items():
+        if key in drop:
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, list(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def assert_same_ids_as_llama_cpp(llm, tokenizer, texts: list[str], same_text=None) -> int:
+    """`tokenizer` (a tokenizers.Tokenizer) gives llama.cpp's ids for every text, with and without BOS, with and
+    without special-token parsing; `same_text(ids, ours)` may check the decoded text too. Returns the case count."""
+    cases = 0
+    for text in texts:
+        for add_bos in (False, True):
+            for special in (True, False):
+                tokenizer.encode_special_tokens = not special
+                ours = tokenizer.encode(text, add_special_tokens=add_bos).ids
+                theirs = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+                assert ours == theirs, (text, add_bos, special)
+                if same_text is not None:
+                    same_text(ours, tokenizer.decode(ours, skip_special_tokens=False))
+                cases += 1
+    tokenizer.encode_special_tokens = False
+    return cases

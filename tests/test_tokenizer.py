@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_tokenizer import LLAMA_BOS, SPECIAL_TOKENS, TRAINING_TEXT, USER_TOKEN, make_tiny_tokenizer
+from fixtures_tokenizer import (
+    LLAMA_BOS,
+    SPECIAL_TOKENS,
+    TRAINING_TEXT,
+    USER_TOKEN,
+    assert_same_ids_as_llama_cpp,
+    make_tiny_tokenizer,
+    write_vocab_only_gguf,
+)
 
 from ondevice.errors import InvalidModelError, UnsupportedError
 from ondevice.tokenizer import (
@@ -81,36 +89,6 @@ def _file_metadata(path: Path) -> dict[str, object]:
     return out
 
 
-def _write_vocab_only_gguf(path: Path, vocab: GGUFVocab) -> Path:
-    """A GGUF with llama hyper-parameters and our tokenizer keys but no tensors: llama.cpp loads it vocab_only."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(16)
-    writer.add_vocab_size(len(vocab.tokens))
-    for key, value in gguf_metadata_from_vocab(vocab).items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, list(value))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def _tiny_special(style: str, tokenizer_json: str) -> SpecialTokens:
     bos = LLAMA_BOS if style == "llama-bpe" else "<|im_start|>"
     return special_tokens_from_hf({"bos_token": bos, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
@@ -120,17 +98,6 @@ def _tiny_special(style: str, tokenizer_json: str) -> SpecialTokens:
 def _llama_vocab_only(path: Path):
     llama_cpp = pytest.importorskip("llama_cpp")
     return llama_cpp, llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-
-
-def _assert_same_ids_as_llama_cpp(llm, tokenizer, texts: list[str]) -> None:
-    for text in texts:
-        for add_bos in (False, True):
-            for special in (True, False):
-                tokenizer.encode_special_tokens = not special
-                ours = tokenizer.encode(text, add_special_tokens=add_bos).ids
-                theirs = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-                assert ours == theirs, (text, add_bos, special)
-    tokenizer.encode_special_tokens = False
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -210,7 +177,7 @@ def test_smollm2_gguf_metadata_round_trip(smol_metadata, smol_vocab):
 
 def test_smollm2_ids_match_llama_cpp(smol_tokenizer):
     llama_cpp, llm = _llama_vocab_only(_smollm2_gguf())
-    _assert_same_ids_as_llama_cpp(llm, smol_tokenizer, CORPUS)
+    assert_same_ids_as_llama_cpp(llm, smol_tokenizer, CORPUS)
 
 
 def test_smollm2_token_attributes_and_eog_match_llama_cpp(smol_vocab):
@@ -251,9 +218,9 @@ def test_tiny_ids_match_llama_cpp(tiny, style, tmp_path):
     pytest.importorskip("gguf")
     original, tokenizer_json = tiny[style]
     vocab = vocab_from_hf(tokenizer_json, _tiny_special(style, tokenizer_json), pre=style)
-    _llama, llm = _llama_vocab_only(_write_vocab_only_gguf(tmp_path / "vocab.gguf", vocab))
+    _llama, llm = _llama_vocab_only(write_vocab_only_gguf(tmp_path / "vocab.gguf", vocab))
     rebuilt = hf_tokenizer_from_vocab(vocab)
-    _assert_same_ids_as_llama_cpp(llm, rebuilt, [*TRAINING_TEXT, *CORPUS])
+    assert_same_ids_as_llama_cpp(llm, rebuilt, [*TRAINING_TEXT, *CORPUS])
     for text in TRAINING_TEXT:  # ... and so does the tokenizer the model was trained with
         assert original.encode(text).ids == llm.tokenize(text.encode(), add_bos=True, special=True)
 
@@ -269,16 +236,20 @@ def test_unknown_pre_tokenizer_asks_for_pre(tiny):
         hf_tokenizer_json_from_vocab(vocab)  # valid for llama.cpp, but our runtime cannot tokenize like it yet
 
 
-def test_sentencepiece_is_unsupported_with_a_clear_message(tiny):
+def test_tokenizers_neither_model_reproduces_are_unsupported_with_a_clear_message(tiny):
+    """Byte-level steps mixed with SentencePiece ones; a GGUF "llama" vocabulary without scores is invalid (the
+    SentencePiece paths themselves are covered by test_tokenizer_spm.py)."""
     data = json.loads(tiny["gpt-2"][1])
     data["model"]["byte_fallback"] = True
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
-    with pytest.raises(UnsupportedError, match="SentencePiece"):
+    with pytest.raises(UnsupportedError, match="mixes SentencePiece-style steps .* with byte-level ones"):
         vocab_from_hf(data, SpecialTokens(), pre="default")
-    with pytest.raises(UnsupportedError, match="'llama' \\(SentencePiece\\) is not supported yet"):
+    with pytest.raises(InvalidModelError, match="has no tokenizer.ggml.scores"):
         vocab_from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>"]})
-    with pytest.raises(UnsupportedError, match="not supported yet"):
+    with pytest.raises(InvalidModelError, match="0 token scores for 1 tokens"):
         hf_tokenizer_json_from_vocab(GGUFVocab("llama", None, ["<unk>"], [2], []))
+    with pytest.raises(UnsupportedError, match="'bert' is not supported"):
+        vocab_from_gguf_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["<unk>"]})
 
 
 def test_vocab_size_pads_like_llama_cpp_and_rejects_smaller(tiny):

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 from tokenizers import Tokenizer
 
 from ondevice.formats.gguf import GGUFFile
+
+
+def _decoder_strips_first_space(tokenizer: Tokenizer) -> bool:
+    """SentencePiece-style decoders with a dummy prefix drop the first piece's leading space (as llama_detokenize
+    does for a whole text); a stream of pieces must not."""
+    decoder = tokenizer.decoder
+    if decoder is None:
+        return False
+    try:
+        state = json.loads(decoder.__getstate__())
+    except (TypeError, ValueError):
+        return False
+    steps = state.get("decoders") or [state]
+    return any(isinstance(step, dict) and step.get("type") == "Strip" and step.get("start") for step in steps)
 
 
 class TextCodec:
@@ -13,6 +29,9 @@ class TextCodec:
         self.bos_id = bos_id
         self.eos_ids = set(eos_ids)
         self.add_bos = add_bos
+        # A token decoded ahead of a stream's first token so that the decoder's leading-space strip hits it, not
+        # the generated text ("▁Paris" streams as " Paris", as llama.cpp's token_to_piece gives it).
+        self.stream_anchor = bos_id if bos_id is not None and _decoder_strips_first_space(tokenizer) else None
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> TextCodec:
@@ -41,9 +60,10 @@ class StreamDecoder:
 
     def __init__(self, codec: TextCodec) -> None:
         self.codec = codec
-        self.ids: list[int] = []
+        anchor = codec.stream_anchor
+        self.ids: list[int] = [] if anchor is None else [anchor]
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

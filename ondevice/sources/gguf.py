@@ -106,6 +106,7 @@ def open_gguf_file(path: str | Path) -> CanonicalModel:
             special=_special_from_vocab(vocab),
             chat_template=str(template) if template is not None else None,
             pre_tokenizer=vocab.pre,
+            gguf_vocab=vocab,
             metadata=metadata,
             source_path=str(path),
             source_format="gguf",

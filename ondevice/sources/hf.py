@@ -117,8 +117,11 @@ def open_hf_folder(path: str | Path, allow_pickle: bool = False) -> CanonicalMod
     tokenizer_config = read_json(folder / "tokenizer_config.json", required=False)
     generation_config = read_json(folder / "generation_config.json", required=False) or {}
     special = special_tokens_from_hf(tokenizer_config, generation_config, tokenizer_dict, config)
-    vocab_in_tokenizer = len(tokenizer_dict.get("model", {}).get("vocab", {})) + len(
-        tokenizer_dict.get("added_tokens", []))
+    # Distinct ids: SentencePiece-style files (Gemma's) list their thousands of added tokens in the vocab too.
+    vocab_ids = tokenizer_dict.get("model", {}).get("vocab", {})
+    ids = set(vocab_ids.values()) if isinstance(vocab_ids, dict) else set()
+    ids.update(a.get("id") for a in tokenizer_dict.get("added_tokens") or [] if isinstance(a, dict))
+    vocab_in_tokenizer = len(ids)
     if vocab_in_tokenizer > spec.vocab_size + 1024:
         raise InvalidModelError(f"{where}: tokenizer has {vocab_in_tokenizer} tokens, model vocab is {spec.vocab_size}")
 
