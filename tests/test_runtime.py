@@ -95,36 +95,42 @@ def test_tokenizer_matches_llama_cpp(smollm2):
 # 1.0: 1.02 and 0.85); ondevice vs llama.cpp mean < 0.2 and top-1 agreement >= 90%.
 @pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m"])
 def test_smollm2_logits_as_close_to_exact_as_llama_cpp(smol_variants, tmp_path, quant):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     path = smol_variants[quant]
     with ondevice.load(path, n_ctx=128) as model:
         tokens = model.prompt_tokens([{"role": "user", "content": PROMPTS[2]}])
         ours = model.logits(tokens)
+    assert_as_close_to_exact_as_llama_cpp(f"SmolLM2 {quant}", path, tokens, ours, tmp_path / "hf")
+
+
+def logit_error(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """RMS logit error per position over the reference's logit std."""
+    return np.sqrt(((logits - ref) ** 2).mean(axis=-1)) / ref.std(axis=-1)
+
+
+def assert_as_close_to_exact_as_llama_cpp(label: str, path: Path, tokens: list[int], ours: np.ndarray,
+                                          hf_folder: Path) -> None:
+    """The rule above: ondevice's logits of `tokens` against llama.cpp's and the float64 oracle's (the file's
+    weights dequantized to an f32 HF folder, run by transformers in float64)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     llm = llama_cpp_model(path, n_ctx=128, logits_all=True)
     try:
         llm.eval(tokens)
         theirs = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     finally:
         llm.close()
-    assert cli(["convert", str(path), "--to", "hf", "-o", str(tmp_path / "hf"), "--no-progress"]) == 0
-    exact_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    assert cli(["convert", str(path), "--to", "hf", "--quant", "f32", "-o", str(hf_folder), "--no-progress"]) == 0
+    exact_model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float64).eval()
     with torch.no_grad():
         exact = exact_model(torch.tensor([tokens])).logits[0].numpy()
-
     ours_err, theirs_err, between = logit_error(ours, exact), logit_error(theirs, exact), logit_error(ours, theirs)
-    print(f"\nSmolLM2 {quant}: error vs exact ondevice {ours_err.mean():.4f} (max {ours_err.max():.4f}), "
+    print(f"\n{label}: error vs exact ondevice {ours_err.mean():.4f} (max {ours_err.max():.4f}), "
           f"llama.cpp {theirs_err.mean():.4f} (max {theirs_err.max():.4f}); between {between.mean():.4f}")
     assert ours_err.mean() <= 1.25 * theirs_err.mean() + 0.01
     assert ours_err.max() <= 1.5 * theirs_err.max() + 0.05
     assert between.mean() < 0.2
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
-
-
-def logit_error(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """RMS logit error per position over the reference's logit std."""
-    return np.sqrt(((logits - ref) ** 2).mean(axis=-1)) / ref.std(axis=-1)
 
 
 GEMMA_TEXT = ("Gemma's café in 東京 sells crème brûlée 😀 for 4.50€.\n\n    def f(x):\n\treturn x ** 2  # "
@@ -136,31 +142,15 @@ def test_gemma3_270m_logits_as_close_to_exact_as_llama_cpp(gemma_path, tmp_path)
     """The real Gemma 3 270M (Q4_K_M) by the SmolLM2 rule above: same token ids as llama.cpp on a mixed text,
     logits vs transformers float64 on the file's own weights as close as llama.cpp's (measured: mean error
     ondevice 0.065, llama.cpp 0.068; worst position 0.18 and 0.17)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with ondevice.load(gemma_path, n_ctx=128) as model:
         tokens = model.tokenize(GEMMA_TEXT)
         ours = model.logits(tokens)
-    llm = llama_cpp_model(gemma_path, n_ctx=128, logits_all=True)
+    llm = llama_cpp_model(gemma_path, n_ctx=128)
     try:
         assert llm.tokenize(GEMMA_TEXT.encode(), add_bos=True, special=True) == tokens
-        llm.eval(tokens)
-        theirs = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     finally:
         llm.close()
-    assert cli(["convert", str(gemma_path), "--to", "hf", "--quant", "f32", "-o", str(tmp_path / "hf"),
-                "--no-progress"]) == 0
-    exact_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
-    with torch.no_grad():
-        exact = exact_model(torch.tensor([tokens])).logits[0].numpy()
-    ours_err, theirs_err, between = logit_error(ours, exact), logit_error(theirs, exact), logit_error(ours, theirs)
-    print(f"\nGemma 3 270M: error vs exact ondevice {ours_err.mean():.4f} (max {ours_err.max():.4f}), "
-          f"llama.cpp {theirs_err.mean():.4f} (max {theirs_err.max():.4f}); between {between.mean():.4f}")
-    assert ours_err.mean() <= 1.25 * theirs_err.mean() + 0.01
-    assert ours_err.max() <= 1.5 * theirs_err.max() + 0.05
-    assert between.mean() < 0.2
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    assert_as_close_to_exact_as_llama_cpp("Gemma 3 270M", gemma_path, tokens, ours, tmp_path / "hf")
 
 
 def _greedy_llama_cpp(llm, tokens: list[int], n: int, eos: set[int]) -> list[int]:
