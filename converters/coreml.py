@@ -246,24 +246,27 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
     # weights, or with sandwich norms the post-norm weights), the norms that read it scale eps by 1/s^2.
     arch = get_architecture(spec.arch)
     into_residual = ("post_attn_norm", "post_ffn_norm") if spec.post_norms else ("o", "down")
-    residual_factor = {arch.hf_tensor(role, i): 1.0 / residual_scale
-                       for role in into_residual for i in range(n_layers)} if residual_scale != 1.0 else {}
+    scaled = {arch.hf_tensor(role, i) for role in into_residual for i in range(n_layers)} \
+        if residual_scale != 1.0 else set()
     residual_norms = {arch.hf_tensor(role, i) for role in ("attn_norm", "ffn_norm") for i in range(n_layers)}
     residual_norms.add(arch.hf_tensor("final_norm", None))
 
     def load(name: str) -> np.ndarray:
         if bar is not None:
             bar.update(1)
-        values = model.tensors[name].load()
-        return values * np.float32(residual_factor[name]) if name in residual_factor else values
+        return model.tensors[name].load()
+
+    def linear_weight(name: str) -> np.ndarray:
+        values = load(name)
+        return values * np.float32(1.0 / residual_scale) if name in scaled else values
 
     def int4_weight(name: str) -> Int4Weight:
         held = source_int4(model, name, int4_block) if name != output_name or rotation is None else None
         if held is not None:
             if bar is not None:
                 bar.update(1)
-            return held.scaled(residual_factor[name]) if name in residual_factor else held
-        values = load(name)
+            return held.scaled(1.0 / residual_scale) if name in scaled else held
+        values = linear_weight(name)
         if name == output_name and rotation is not None:
             return gptq_output_layer(values, output_layer_hessian(model), int4_block, rotation)
         return rounded_int4(values, int4_block)
@@ -289,7 +292,7 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
         def quantized_weight(name: str) -> tuple[Any, Any]:
             """(the weight, or its int4 part; the int8 block offsets at int4, else None)"""
             if not int4_block:
-                return weight(name, load(name), True), None
+                return weight(name, linear_weight(name), True), None
             q = int4_weight(name)
             int4_kinds[name] = q.kind
             base = mil_name(name)
@@ -334,12 +337,10 @@ def build_program(model: CanonicalModel, max_seq: int, bar: Any = None, int4_blo
             return mb.mul(x=x, y=signs16, name=f"{name}/unsigned") if inverse else x
 
         def rms_norm(x: Any, name: str) -> Any:
-            if name in residual_factor:  # a post-norm: its weight scales what it adds to the residual stream
-                w = weight(name, (model.tensors[name].load() + spec.norm_offset) * residual_factor[name], False)
-                if bar is not None:
-                    bar.update(1)
-            else:
-                w = weight(name, load(name) + spec.norm_offset, False)  # (1 + w) rounded to fp16 once
+            values = load(name) + spec.norm_offset  # (1 + w) rounded to fp16 once
+            if name in scaled:  # a post-norm: its weight scales what it adds to the residual stream
+                values = values * np.float32(1.0 / residual_scale)
+            w = weight(name, values, False)
             base = name.removesuffix(".weight")
             eps = spec.rms_eps / residual_scale**2 if name in residual_norms else spec.rms_eps
             if not overflow_safe_norms:  # x/16 squared: inf in fp16 once a row holds |x| > 4096

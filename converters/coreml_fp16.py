@@ -19,15 +19,16 @@ import numpy as np
 from ondevice.decoder import run_decoder
 from ondevice.errors import UnsupportedError
 from ondevice.model import CanonicalModel
-from ondevice.reference import NumpyOps
+from ondevice.reference import FinalHiddenOps
 
 FP16_MAX = 65504.0
 HEADROOM = 4.0
 CHECK_WINDOWS = 2  # calibration windows the range check runs (each opens at position 0, where the sink forms)
 
 
-class _ResidualRangeOps(NumpyOps):
-    """The float reference, recording the largest |x| of the residual stream (embeddings and every residual)."""
+class _ResidualRangeOps(FinalHiddenOps):
+    """The float reference up to the final norm, recording the largest |x| of the residual stream (embeddings
+    and every residual)."""
 
     def __init__(self, model: CanonicalModel, windows: list[list[int]]) -> None:
         super().__init__(model, windows)
@@ -45,9 +46,6 @@ class _ResidualRangeOps(NumpyOps):
 
     def add(self, x: np.ndarray, y: np.ndarray, layer: int, what: str) -> np.ndarray:
         return self._seen(super().add(x, y, layer, what))
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return x
 
 
 def residual_range(model: CanonicalModel, windows: list[list[int]]) -> float:

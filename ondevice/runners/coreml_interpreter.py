@@ -19,6 +19,7 @@ On macOS, CoreMLRunner runs the same package with coremltools' predict (the code
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,23 +92,26 @@ def to_fp16(x: Any) -> np.ndarray:
         return x.astype(np.float16)
 
 
-def _matmul16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """x @ y accumulated in fp16, ACCUMULATE_GROUP products at a time."""
+def _fold16(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """The sum of the partial sums `parts`, accumulated in fp16 (each part and each running total rounded)."""
     acc = None
-    for s in range(0, x.shape[-1], ACCUMULATE_GROUP):
-        part = to_fp16(x[..., s:s + ACCUMULATE_GROUP] @ y[..., s:s + ACCUMULATE_GROUP, :])
+    for part in parts:
+        part = to_fp16(part)
         acc = part if acc is None else to_fp16(acc.astype(np.float32) + part)
     return acc.astype(np.float32)
 
 
+def _matmul16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y accumulated in fp16, ACCUMULATE_GROUP products at a time."""
+    g = ACCUMULATE_GROUP
+    return _fold16(x[..., s:s + g] @ y[..., s:s + g, :] for s in range(0, x.shape[-1], g))
+
+
 def _sum16(x: np.ndarray, axis: int) -> np.ndarray:
     """Sum along axis (keeping it) accumulated in fp16, ACCUMULATE_GROUP values at a time."""
-    x = np.moveaxis(x, axis, -1)
-    acc = None
-    for s in range(0, x.shape[-1], ACCUMULATE_GROUP):
-        part = to_fp16(x[..., s:s + ACCUMULATE_GROUP].sum(axis=-1, keepdims=True))
-        acc = part if acc is None else to_fp16(acc.astype(np.float32) + part)
-    return np.moveaxis(acc.astype(np.float32), -1, axis)
+    x, g = np.moveaxis(x, axis, -1), ACCUMULATE_GROUP
+    total = _fold16(x[..., s:s + g].sum(axis=-1, keepdims=True) for s in range(0, x.shape[-1], g))
+    return np.moveaxis(total, -1, axis)
 
 
 class Interpreter:

@@ -3,22 +3,12 @@ result rounded to fp16, accumulating in fp32 as the GPU does by default): for `o
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ondevice.bench.backends.coreml import bos_prefix
 from ondevice.bench.backends.coreml_interpreter import CoreMLInterpreterBackend
-from ondevice.runners import ArtifactRunner
 
 
 class CoreMLFp16Backend(CoreMLInterpreterBackend):
     name = "coreml-fp16"
-    precision = "fp16"  # coreml_interpreter.PRECISIONS
-
-    def open_runner(self, artifact: Path, *, threads: int, n_ctx: int) -> ArtifactRunner:
-        from ondevice.runners.coreml_interpreter import CoreMLInterpreterRunner
-
-        self.prefix_ids = bos_prefix(artifact)
-        return CoreMLInterpreterRunner(artifact, precision=self.precision)
+    precision = "fp16"
 
 
 class CoreMLFp16AccumulateBackend(CoreMLFp16Backend):

@@ -14,6 +14,7 @@ class CoreMLInterpreterBackend(CoreMLBackend):
     listed = False  # quality only: not part of the default bench set
     timed = False
     needs_macos = False  # coremltools reads the package on any OS
+    precision = "fp32"  # the interpreter's arithmetic (coreml_interpreter.PRECISIONS)
 
     def import_runtime(self) -> None:
         import ondevice.runners.coreml_interpreter  # noqa: F401
@@ -22,7 +23,7 @@ class CoreMLInterpreterBackend(CoreMLBackend):
         from ondevice.runners.coreml_interpreter import CoreMLInterpreterRunner
 
         self.prefix_ids = bos_prefix(artifact)
-        return CoreMLInterpreterRunner(artifact)
+        return CoreMLInterpreterRunner(artifact, precision=self.precision)
 
 
 BACKEND = CoreMLInterpreterBackend
