@@ -998,6 +998,16 @@ def _bos_eos_post_processor(vocab: GGUFVocab) -> dict[str, Any] | None:
     }
 
 
+def _llama_cpp_tokens(vocab: GGUFVocab) -> tuple[list[str], list[int]]:
+    """Token texts and types as llama.cpp's tokenizer sees them."""
+    if len(vocab.token_types) != len(vocab.tokens):
+        raise InvalidModelError(f"{len(vocab.token_types)} token types for {len(vocab.tokens)} tokens")
+    # llama.cpp renames empty tokens so that they can never match.
+    tokens = [text if text else f"[EMPTY_{tid}]" for tid, text in enumerate(vocab.tokens)]
+    _check_unique(tokens)
+    return tokens, llama_cpp_token_types(GGUFVocab(**{**vocab.__dict__, "tokens": tokens}))
+
+
 def hf_tokenizer_json_from_vocab(vocab: GGUFVocab) -> str:
     """A tokenizer.json that `tokenizers.Tokenizer.from_str` loads and that tokenizes exactly like llama.cpp with
     this vocabulary: llama.cpp's pre-tokenizer regexes for `vocab.pre`, byte-level BPE, no normalizer, CONTROL
@@ -1019,12 +1029,7 @@ def hf_tokenizer_json_from_vocab(vocab: GGUFVocab) -> str:
         if spec is None:
             raise UnsupportedError(f"pre-tokenizer {pre!r} is not reproduced by ondevice yet; supported: "
                                    f"{', '.join(sorted(PRE_TOKENIZER_SPECS))}")
-    if len(vocab.token_types) != len(vocab.tokens):
-        raise InvalidModelError(f"{len(vocab.token_types)} token types for {len(vocab.tokens)} tokens")
-    # llama.cpp renames empty tokens so that they can never match.
-    tokens = [text if text else f"[EMPTY_{tid}]" for tid, text in enumerate(vocab.tokens)]
-    _check_unique(tokens)
-    types = llama_cpp_token_types(GGUFVocab(**{**vocab.__dict__, "tokens": tokens}))
+    tokens, types = _llama_cpp_tokens(vocab)
 
     added_tokens = [
         {
@@ -1096,6 +1101,18 @@ def bpe_tokenizer_json(tokens: list[str], merges: list[Any], *, added_tokens: li
 def hf_tokenizer_from_vocab(vocab: GGUFVocab) -> Any:
     """A ready `tokenizers.Tokenizer` for this GGUF vocabulary (see hf_tokenizer_json_from_vocab)."""
     return _as_tokenizer(hf_tokenizer_json_from_vocab(vocab))
+
+
+def runtime_tokenizer_from_vocab(vocab: GGUFVocab) -> Any:
+    """The tokenizer the runtime encodes and decodes with: for a SentencePiece-style ("llama") vocabulary
+    llama.cpp's own algorithm (ondevice.tokenizer_spm.SpmTokenizer: a fraction of the memory and load time of the
+    BPE replay), else the `tokenizers.Tokenizer` of hf_tokenizer_json_from_vocab."""
+    if vocab.model != "llama":
+        return hf_tokenizer_from_vocab(vocab)
+    from ondevice.tokenizer_spm import SpmTokenizer
+
+    tokens, types = _llama_cpp_tokens(vocab)
+    return SpmTokenizer(vocab, tokens, types)
 
 
 def _added_tokens_decoder_from_json(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -1186,6 +1203,7 @@ __all__ = [
     "eog_ids",
     "gguf_metadata_from_vocab",
     "hf_tokenizer_from_vocab",
+    "runtime_tokenizer_from_vocab",
     "hf_tokenizer_json_from_vocab",
     "llama_cpp_token_types",
     "looks_special",

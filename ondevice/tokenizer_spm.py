@@ -16,10 +16,15 @@ refused with UnsupportedError instead of being tokenized differently; real Sente
 
 from __future__ import annotations
 
+import heapq
 import math
+from array import array
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ondevice.errors import InvalidModelError, UnsupportedError
 
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 
 SPM_MODEL = "llama"
 SPACE = "\u2581"  # SentencePiece's visible space
+SPACE_CHAR = " "
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 _BYTE_SET = frozenset(BYTE_TOKENS)
 
@@ -40,6 +46,7 @@ DEFAULT_ADD_SPACE_PREFIX = True
 
 # GGUF token types (the values of ondevice.tokenizer's TOKEN_*, which imports this module lazily).
 _TOKEN_UNKNOWN = 2
+_TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
 _TOKEN_BYTE = 6
 
@@ -83,15 +90,20 @@ def check_spm_vocab(tokens: list[str], types: list[int]) -> None:
             raise InvalidModelError(f"GGUF byte token {text} (id {tid}) has token type {types[tid]}, not 6 (byte)")
 
 
-def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[list[str]]:
-    """Every split of a token into two tokens, best score first: the BPE merges that replay llama.cpp's SPM.
+def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[str]:
+    """Every split of a token into two tokens, best score first, as "left right" strings: the BPE merges that
+    replay llama.cpp's SPM.
 
     llama.cpp merges any adjacent pair whose concatenation is a token (control, user-defined and byte tokens
-    included), so every type takes part. Equal scores keep token-id order, then the longer left part first.
-    UnsupportedError for the two vocabularies BPE cannot replay (see _check_replayable).
+    included), so every type takes part. Equal scores keep token-id order, then the longer left part first. A
+    token holding a literal space is never formed (spaces are "▁" before merging), so its splits are left out,
+    which also keeps every merge writable in the compact "left right" form. UnsupportedError for the two
+    vocabularies BPE cannot replay (see _check_replayable).
     """
     index = {text: tid for tid, text in enumerate(tokens)}
-    ranked: list[tuple[float, int, int, str, str]] = []
+    # Sort keys in flat arrays, not a tuple per merge: a 262k vocabulary has ~515k merges.
+    merge_tids = array("l")
+    merge_cuts = array("l")
     for tid, text in enumerate(tokens):
         last = len(text) - 1
         for cut in range(1, last + 1):
@@ -99,14 +111,24 @@ def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list
             if left in index:
                 right = text[cut:]
                 if right in index:
-                    ranked.append((-scores[tid], tid, -cut, left, right))
+                    merge_tids.append(tid)
+                    merge_cuts.append(cut)
                 elif cut == last:
                     _check_formable_by_char(text, types[tid], left, right, index)
             elif cut == 1:
                 _check_formable_by_char(text, types[tid], left, text[1:], index)
-    _check_replayable(tokens, types, scores, {entry[1] for entry in ranked})
-    ranked.sort()
-    return [[left, right] for _, _, _, left, right in ranked]
+    del index
+    tids = np.frombuffer(merge_tids, dtype=np.int64)
+    cuts = np.frombuffer(merge_cuts, dtype=np.int64)
+    _check_replayable(tokens, types, scores, np.unique(tids).tolist())
+    token_scores = np.asarray(scores, dtype=np.float64)[tids]
+    order = np.lexsort((-cuts, tids, -token_scores))  # the last key sorts first
+    merges = []
+    for tid, cut in zip(tids[order].tolist(), cuts[order].tolist(), strict=True):
+        text = tokens[tid]
+        if SPACE_CHAR not in text:
+            merges.append(f"{text[:cut]} {text[cut:]}")
+    return merges
 
 
 def _check_formable_by_char(text: str, token_type: int, left: str, right: str, index: Mapping[str, int]) -> None:
@@ -132,13 +154,13 @@ def _cut_out(text: str, token_type: int) -> bool:
     return token_type == _TOKEN_USER_DEFINED and SPACE not in text
 
 
-def _check_replayable(tokens: list[str], types: list[int], scores: list[float], mergeable: set[int]) -> None:
+def _check_replayable(tokens: list[str], types: list[int], scores: list[float], mergeable: list[int]) -> None:
     """SPM pops equal scores leftmost first, a BPE rank order cannot: two tokens a merge can form must not share a
     score, or ondevice would tokenize differently from llama.cpp. Real SentencePiece scores are unique; Gemma's
     89 user-defined space/newline/HTML runs share -1000 but are never formed (_cut_out). (The other case BPE
     cannot replay, a token formed with a character that is no token, is refused in spm_merges.)"""
     seen: dict[float, int] = {}
-    for tid in sorted(mergeable):
+    for tid in mergeable:  # ascending ids
         if _cut_out(tokens[tid], types[tid]):
             continue
         other = seen.setdefault(scores[tid], tid)
@@ -179,6 +201,176 @@ def spm_tokenizer_json(vocab: GGUFVocab, tokens: list[str], added_tokens: list[d
         post_processor=dict(post_processor) if post_processor else None,
         decoder={"type": "Sequence", "decoders": decoders}, byte_fallback=True, ignore_merges=False,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The runtime's tokenizer for a "llama" vocabulary: llama.cpp's algorithm itself, no merge table
+
+
+@dataclass(frozen=True)
+class SpmEncoding:
+    ids: list[int]
+
+
+class SpmTokenizer:
+    """llama.cpp's SentencePiece tokenization (llm_tokenizer_spm and tokenizer_st_partition), run directly on the
+    vocabulary: a dict of token texts and the scores. The BPE replay of spm_tokenizer_json needs ~515k merges for a
+    262k vocabulary, which `tokenizers` holds in ~100 MB; this holds the texts the GGUF already gave (~30 MB) and
+    loads in a fraction of a second. It answers the part of the `tokenizers.Tokenizer` API the runtime uses
+    (encode(...).ids, decode, id_to_token, encode_special_tokens, to_str), with the same results as the
+    tokenizer.json that spm_tokenizer_json writes, which the converters still write for other runtimes.
+    """
+
+    def __init__(self, vocab: GGUFVocab, tokens: list[str], types: list[int]) -> None:
+        if len(vocab.scores) != len(tokens):
+            raise InvalidModelError(f"{len(vocab.scores)} token scores for {len(tokens)} tokens")
+        check_spm_vocab(tokens, vocab.token_types)
+        self._vocab = vocab
+        self._tokens = tokens
+        self._index = {text: tid for tid, text in enumerate(tokens)}
+        self._scores = vocab.scores
+        self._byte_ids = [self._index[text] for text in BYTE_TOKENS]
+        # What tokenizers' ByteFallback decoder reads as a byte: any token spelled <0xNN> (either case).
+        self._byte_values = {tid: int(text[3:5], 16) for tid, text in enumerate(tokens)
+                             if len(text) == 6 and text.startswith("<0x") and text.endswith(">")
+                             and all(c in "0123456789abcdefABCDEF" for c in text[3:5])}
+        # Cut out of the text before merging, longest first (ties: lower id; llama.cpp's std::sort leaves them
+        # unordered): control and unknown tokens only when special-token parsing is on.
+        cut = [(tid, types[tid] == _TOKEN_USER_DEFINED) for tid, t in enumerate(types)
+               if t in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNKNOWN) and tokens[tid]]
+        self._cut_tokens = sorted(cut, key=lambda entry: (-len(tokens[entry[0]]), entry[0]))
+        self._special_ids = frozenset(tid for tid, user_defined in cut if not user_defined)
+        self.strips_first_space = vocab.add_space_prefix
+        self.encode_special_tokens = False  # tokenizers' name: True = parse_special off
+
+    # -- encode
+    def encode(self, text: str, add_special_tokens: bool = True) -> SpmEncoding:
+        ids: list[int] = []
+        vocab = self._vocab
+        if add_special_tokens and vocab.add_bos and vocab.bos_id is not None:
+            ids.append(vocab.bos_id)
+        after_token = True  # llama.cpp prefixes a space at the start and after every cut-out token
+        for piece in self._partition(text):
+            if isinstance(piece, int):
+                ids.append(piece)
+                after_token = True
+                continue
+            if vocab.add_space_prefix and after_token:
+                piece = " " + piece
+            self._merge(piece.replace(" ", SPACE), ids)
+            after_token = False
+        if add_special_tokens and vocab.add_eos and vocab.eos_id is not None:
+            ids.append(vocab.eos_id)
+        return SpmEncoding(ids)
+
+    def _partition(self, text: str) -> list[str | int]:
+        """The text split around the cut-out tokens it holds: str for text, int for a token id."""
+        pieces: list[str | int] = [text] if text else []
+        parse_special = not self.encode_special_tokens
+        for tid, user_defined in self._cut_tokens:
+            needle = self._tokens[tid]
+            if not (user_defined or parse_special) or needle not in text:
+                continue
+            split: list[str | int] = []
+            for piece in pieces:
+                if isinstance(piece, int) or needle not in piece:
+                    split.append(piece)
+                    continue
+                for k, part in enumerate(piece.split(needle)):
+                    if k:
+                        split.append(tid)
+                    if part:
+                        split.append(part)
+            pieces = split
+        return pieces
+
+    def _merge(self, text: str, out: list[int]) -> None:
+        """llm_tokenizer_spm_session::tokenize: merge the adjacent pair that forms the best-scoring token (ties:
+        the leftmost) until none does; a character no token covers becomes its UTF-8 byte tokens."""
+        n = len(text)
+        if n == 0:
+            return
+        index, scores = self._index, self._scores
+        size = [1] * n  # symbol i starts at character i; 0 once merged into its left neighbour
+        prev = list(range(-1, n - 1))
+        after = list(range(1, n + 1))
+        after[-1] = -1
+        queue: list[tuple[float, int, int, int]] = []
+
+        def try_pair(left: int, right: int) -> None:
+            if left < 0 or right < 0:
+                return
+            length = size[left] + size[right]
+            tid = index.get(text[left:left + length])
+            if tid is not None:
+                heapq.heappush(queue, (-scores[tid], left, right, length))
+
+        for i in range(1, n):
+            try_pair(i - 1, i)
+        while queue:
+            _, left, right, length = heapq.heappop(queue)
+            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != length:
+                continue  # one side has changed since this pair was queued
+            size[left] = length
+            size[right] = 0
+            after[left] = after[right]
+            if after[right] >= 0:
+                prev[after[right]] = left
+            try_pair(prev[left], left)
+            try_pair(left, after[left])
+        i = 0
+        while i != -1:
+            piece = text[i:i + size[i]]
+            tid = index.get(piece)
+            if tid is not None:
+                out.append(tid)
+            else:
+                out.extend(self._byte_ids[b] for b in piece.encode("utf-8"))
+            i = after[i]
+
+    # -- decode
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokens[token_id] if 0 <= token_id < len(self._tokens) else None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """As the tokenizer.json decoder does it: "▁" back to spaces, runs of byte tokens to UTF-8 (an invalid run
+        becomes one U+FFFD per byte), and one leading space dropped when the vocabulary prefixes one."""
+        parts: list[str] = []
+        pending = bytearray()
+        n_pending = 0
+
+        def flush() -> None:
+            nonlocal n_pending
+            if n_pending:
+                try:
+                    parts.append(pending.decode("utf-8"))
+                except UnicodeDecodeError:
+                    parts.append("\ufffd" * n_pending)
+                pending.clear()
+                n_pending = 0
+
+        for tid in ids:
+            text = self.id_to_token(tid)
+            if text is None or (skip_special_tokens and tid in self._special_ids):
+                continue
+            byte = self._byte_values.get(tid)
+            if byte is not None:
+                pending.append(byte)
+                n_pending += 1
+                continue
+            flush()
+            parts.append(text.replace(SPACE, " "))
+        flush()
+        decoded = "".join(parts)
+        if self.strips_first_space and decoded.startswith(" "):
+            decoded = decoded[1:]
+        return decoded
+
+    def to_str(self) -> str:
+        """The equivalent tokenizer.json (built on demand: structured output and bundles need one)."""
+        from ondevice.tokenizer import hf_tokenizer_json_from_vocab
+
+        return hf_tokenizer_json_from_vocab(self._vocab)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,6 +482,8 @@ __all__ = [
     "DEFAULT_UNK_ID",
     "SPACE",
     "SPM_MODEL",
+    "SpmEncoding",
+    "SpmTokenizer",
     "check_spm_vocab",
     "read_scores",
     "spm_merges",

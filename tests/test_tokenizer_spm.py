@@ -23,6 +23,7 @@ from ondevice.tokenizer import (
     GGUFVocab,
     gguf_metadata_from_vocab,
     hf_tokenizer_from_vocab,
+    runtime_tokenizer_from_vocab,
     vocab_from_gguf_metadata,
 )
 
@@ -167,10 +168,20 @@ def tiny_spm(request, tmp_path_factory):
     return vocab, path
 
 
-def test_tiny_spm_ids_and_text_match_llama_cpp(tiny_spm):
+# Both tokenizers of a "llama" vocabulary: the tokenizer.json the converters write (BPE replaying the scores) and
+# the runtime's native SPM (tokenizer_spm.SpmTokenizer); each must give llama.cpp's ids and text.
+BUILDERS = {"tokenizer.json": hf_tokenizer_from_vocab, "native": runtime_tokenizer_from_vocab}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def build(request):
+    return BUILDERS[request.param]
+
+
+def test_tiny_spm_ids_and_text_match_llama_cpp(tiny_spm, build):
     vocab, path = tiny_spm
     llama_cpp, llm = _llama(path)
-    tokenizer = hf_tokenizer_from_vocab(vocab)
+    tokenizer = build(vocab)
     texts = [*CORPUS, *TRAINING_TEXT, *_random_texts(vocab.tokens, 1500, seed=1)]
     assert _assert_identical(llama_cpp, llm, tokenizer, texts) == 4 * len(texts)
     # byte fallback really happened (an emoji is not in the tiny vocabulary) and merges really did
@@ -302,7 +313,7 @@ def test_a_real_sentencepiece_bpe_model_tokenizes_as_sentencepiece_and_llama_cpp
     _assert_identical(llama_cpp, llm, tokenizer, texts)
 
 
-def test_streamed_pieces_keep_the_space_llama_cpp_pieces_have(tiny_spm):
+def test_streamed_pieces_keep_the_space_llama_cpp_pieces_have(tiny_spm, build):
     """Generation streams token by token: with a dummy prefix the first "▁word" must stream as " word" (llama.cpp's
     token_to_piece), though decoding a whole text drops that space (llama_detokenize); multi-byte characters
     arrive whole."""
@@ -310,7 +321,7 @@ def test_streamed_pieces_keep_the_space_llama_cpp_pieces_have(tiny_spm):
 
     vocab, path = tiny_spm
     llama_cpp, llm = _llama(path)
-    tokenizer = hf_tokenizer_from_vocab(vocab)
+    tokenizer = build(vocab)
     codec = TextCodec(tokenizer, vocab.bos_id, [vocab.eos_id], vocab.add_bos)
     for text in ["Hello world", " the fox \u00e9t\u00e9 \U0001f9ea\u4eca\u5929 ok", "\n\nx  y"]:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
@@ -322,7 +333,7 @@ def test_streamed_pieces_keep_the_space_llama_cpp_pieces_have(tiny_spm):
         assert codec.decode(ids) == _llama_detokenize(llama_cpp, llm, ids)
 
 
-def test_absent_keys_take_llama_cpp_defaults(tmp_path):
+def test_absent_keys_take_llama_cpp_defaults(tmp_path, build):
     """No bos/eos/unk ids, add_bos_token or add_space_prefix in the file: llama.cpp uses 1/2/0, true, true."""
     vocab = _tiny_vocab(add_space_prefix=True)
     drop = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
@@ -332,7 +343,7 @@ def test_absent_keys_take_llama_cpp_defaults(tmp_path):
     again = vocab_from_gguf_metadata(metadata)
     assert (again.bos_id, again.eos_id, again.unk_id, again.add_bos, again.add_space_prefix) == (1, 2, 0, True, True)
     llama_cpp, llm = _llama(path)
-    _assert_identical(llama_cpp, llm, hf_tokenizer_from_vocab(again), CORPUS[:8])
+    _assert_identical(llama_cpp, llm, build(again), CORPUS[:8])
 
 
 def test_gguf_metadata_round_trip_keeps_scores_and_space_prefix():
@@ -409,20 +420,36 @@ def test_vocabularies_bpe_cannot_replay_are_refused_not_mistokenized():
     hf_tokenizer_from_vocab(runs)
 
 
+def test_native_tokenizer_matches_llama_cpp_where_the_bpe_replay_is_refused(tmp_path):
+    """Tied scores and a token formed with a character that is no token: the tokenizer.json refuses them (above),
+    the runtime's native SPM runs llama.cpp's algorithm and agrees with it."""
+    vocab = _tiny_vocab(add_space_prefix=True)
+    tied = GGUFVocab(**{**vocab.__dict__, "scores": [s if t != TOKEN_NORMAL else -float(len(text) // 3)
+                                                    for s, t, text in zip(vocab.scores, vocab.token_types,
+                                                                          vocab.tokens, strict=True)]})
+    unspellable = GGUFVocab(**{**vocab.__dict__, "tokens": [*vocab.tokens, "\u01c6a"],
+                               "token_types": [*vocab.token_types, TOKEN_NORMAL], "scores": [*vocab.scores, -1e6]})
+    texts = [*CORPUS, *TRAINING_TEXT[:40], "\u01c6a \u01c6\u01c6a a\u01c6a"]
+    for name, odd in (("tied", tied), ("unspellable", unspellable)):
+        llama_cpp, llm = _llama(write_vocab_only_gguf(tmp_path / f"{name}.gguf", odd))
+        _assert_identical(llama_cpp, llm, runtime_tokenizer_from_vocab(odd), texts)
+
+
 def test_hostile_spm_gguf_file_is_one_line_error_naming_the_file(tmp_path):
     from ondevice.formats.gguf import GGUFFile
-    from ondevice.sources.gguf import tokenizer_from_gguf
+    from ondevice.sources.gguf import runtime_tokenizer_from_gguf, tokenizer_from_gguf
 
     vocab = _tiny_vocab(add_space_prefix=True)
     vocab.scores[300] = math.inf
     path = write_vocab_only_gguf(tmp_path / "inf.gguf", vocab)
     gguf_file = GGUFFile(path)
     try:
-        with pytest.raises(InvalidModelError, match=r"inf\.gguf: GGUF token score 300 is inf") as info:
-            tokenizer_from_gguf(gguf_file)
+        for read in (tokenizer_from_gguf, runtime_tokenizer_from_gguf):
+            with pytest.raises(InvalidModelError, match=r"inf\.gguf: GGUF token score 300 is inf") as info:
+                read(gguf_file)
+            assert "\n" not in str(info.value)
     finally:
         gguf_file.close()
-    assert "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ real Gemma 3 file
@@ -470,6 +497,8 @@ def test_gemma_ids_and_text_match_llama_cpp(gemma, gemma_path):
     llama_cpp, llm = _llama(gemma_path)
     texts = [*CORPUS, *TRAINING_TEXT, *_random_texts(vocab.tokens, 1000, seed=2)]
     assert _assert_identical(llama_cpp, llm, tokenizer, texts) == 4 * len(texts)
+    native = runtime_tokenizer_from_vocab(vocab)  # what ondevice.load tokenizes with
+    assert _assert_identical(llama_cpp, llm, native, texts) == 4 * len(texts)
     # the chat markup is one token each, and "<start_of_turn>" typed as text is not
     ids = tokenizer.encode("<start_of_turn>user\nHi<end_of_turn>", add_special_tokens=False).ids
     assert ids[0] == vocab.tokens.index("<start_of_turn>") and ids[-1] == vocab.tokens.index("<end_of_turn>")

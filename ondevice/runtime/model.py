@@ -107,14 +107,16 @@ class LanguageModel:
             raise OndeviceError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
         gguf = GGUFFile(path)
         try:
-            weights = load_weights(gguf)
+            # The tokenizer first: its build's transient heap is returned before the weights become resident,
+            # so the two never add up in the peak RSS.
             codec = TextCodec.from_gguf(gguf)
             template = gguf.get("tokenizer.chat_template")
+            gguf.drop_fields("tokenizer.ggml.")
+            _return_free_heap()
+            weights = load_weights(gguf)
         except BaseException:
             gguf.close()
             raise
-        gguf.drop_fields("tokenizer.ggml.")
-        _return_free_heap()
         k = kernels()
         if threads is not None:
             if threads < 1:

@@ -7,11 +7,14 @@ import json
 from tokenizers import Tokenizer
 
 from ondevice.formats.gguf import GGUFFile
+from ondevice.tokenizer_spm import SpmTokenizer
 
 
-def _decoder_strips_first_space(tokenizer: Tokenizer) -> bool:
+def _decoder_strips_first_space(tokenizer: Tokenizer | SpmTokenizer) -> bool:
     """SentencePiece-style decoders with a dummy prefix drop the first piece's leading space (as llama_detokenize
     does for a whole text); a stream of pieces must not."""
+    if isinstance(tokenizer, SpmTokenizer):
+        return tokenizer.strips_first_space
     decoder = tokenizer.decoder
     if decoder is None:
         return False
@@ -24,7 +27,10 @@ def _decoder_strips_first_space(tokenizer: Tokenizer) -> bool:
 
 
 class TextCodec:
-    def __init__(self, tokenizer: Tokenizer, bos_id: int | None, eos_ids: list[int], add_bos: bool) -> None:
+    """Text <-> ids. `tokenizer` is a `tokenizers.Tokenizer` or, for a SentencePiece-style GGUF vocabulary,
+    ondevice.tokenizer_spm.SpmTokenizer, which answers the same calls."""
+
+    def __init__(self, tokenizer: Tokenizer | SpmTokenizer, bos_id: int | None, eos_ids: list[int], add_bos: bool) -> None:
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.eos_ids = set(eos_ids)
@@ -35,9 +41,9 @@ class TextCodec:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> TextCodec:
-        from ondevice.sources.gguf import _special_from_vocab, tokenizer_from_gguf
+        from ondevice.sources.gguf import _special_from_vocab, runtime_tokenizer_from_gguf
 
-        vocab, _, tokenizer = tokenizer_from_gguf(gguf)
+        vocab, tokenizer = runtime_tokenizer_from_gguf(gguf)
         special = _special_from_vocab(vocab)
         return cls(tokenizer, vocab.bos_id, list(special.eos_ids), vocab.add_bos)
 

@@ -53,6 +53,21 @@ def tokenizer_from_gguf(gguf: GGUFFile) -> tuple[Any, str, Any]:
     return vocab, text, tokenizer
 
 
+def runtime_tokenizer_from_gguf(gguf: GGUFFile) -> tuple[Any, Any]:
+    """(vocab, tokenizer) for the runtime (ondevice.tokenizer.runtime_tokenizer_from_vocab): a SentencePiece-style
+    vocabulary runs llama.cpp's algorithm directly instead of building the tokenizer.json."""
+    from ondevice.tokenizer import runtime_tokenizer_from_vocab
+
+    vocab = _vocab_from_gguf(gguf)
+    if vocab.model != "llama":
+        vocab, _, tokenizer = tokenizer_from_gguf(gguf)
+        return vocab, tokenizer
+    try:
+        return vocab, runtime_tokenizer_from_vocab(vocab)
+    except InvalidModelError as exc:
+        raise InvalidModelError(f"{gguf.path}: {exc}") from None
+
+
 def _special_from_vocab(vocab) -> object:
     """Special ids as llama.cpp uses them: generation ends on every end-of-generation token, not only EOS."""
     from ondevice.tokenizer import SpecialTokens, eog_ids
