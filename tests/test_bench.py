@@ -3,6 +3,7 @@ and the harness's own overhead. Real backends on the tiny f32 GGUF (and SmolLM2 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -348,14 +349,12 @@ def test_ctrl_c_keeps_what_was_measured(tiny_gguf, tmp_path):
     cmd = [sys.executable, "-m", "ondevice", "bench", str(tiny_gguf), "--backend", "null", "--prompt", "8",
            "--gen", "400000", "--repeat", "100000", "--warmup", "0", "--db", str(db), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    worker_cpu = 0.0
-    while worker_cpu < 2.0:  # seconds of worker CPU: imports take a fraction of one, so repeats were measured
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
-        worker_cpu = _worker_cpu_seconds(proc.pid)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    _, err = proc.communicate(timeout=60)
+    try:
+        _wait_for_worker_cpu(proc, 2.0)  # seconds of worker CPU: imports take a fraction of one
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, err = proc.communicate(timeout=60)
+    finally:  # a failed run must not leave the bench or its worker running
+        _kill_group(proc)
     assert proc.returncode == 130, err
     assert "interrupted" in err
     with Store(db) as store:
@@ -364,8 +363,53 @@ def test_ctrl_c_keeps_what_was_measured(tiny_gguf, tmp_path):
         assert store.conn.execute("SELECT status FROM runs").fetchone()[0] == "interrupted"
 
 
-def _worker_cpu_seconds(parent: int) -> float:
-    total = 0.0
+def test_a_killed_bench_takes_its_worker_with_it(tiny_gguf, tmp_path):
+    """SIGKILL of `ondevice bench` (no chance to clean up): the worker dies too instead of running on (Linux's
+    parent-death signal, set by the worker for the pid it was started by)."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("watches the worker through /proc")
+    # One repeat that takes minutes: the worker writes nothing meanwhile, so no broken pipe would stop it.
+    cmd = [sys.executable, "-m", "ondevice", "bench", str(tiny_gguf), "--backend", "null", "--prompt", "8",
+           "--gen", "400000000", "--repeat", "1", "--warmup", "0", "--db", str(tmp_path / "k.sqlite"),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_worker_cpu(proc, 0.5)
+        workers = list(_workers(proc.pid))
+        assert workers
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
+            assert time.monotonic() < deadline, "the worker outlived its killed parent"
+            time.sleep(0.1)
+    finally:
+        _kill_group(proc)
+
+
+def _wait_for_worker_cpu(proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + 120
+    while _worker_cpu_seconds(proc.pid) < seconds:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _workers(parent: int):
+    """Pids of the bench workers whose parent is `parent`."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -376,7 +420,17 @@ def _worker_cpu_seconds(parent: int) -> float:
             continue
         fields = stat.rsplit(")", 1)[1].split()
         if int(fields[1]) == parent and b"ondevice.bench.worker" in cmdline:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            yield int(entry.name)
+
+
+def _worker_cpu_seconds(parent: int) -> float:
+    total = 0.0
+    for pid in _workers(parent):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ondevice.bench.artifacts import Artifact
 from ondevice.bench.backends import backend_class
+from ondevice.bench.worker import PARENT_PID_ENV
 
 
 @dataclass(frozen=True)
@@ -84,28 +85,63 @@ def _read_lines(stream: Any, sink: queue.Queue) -> None:
     sink.put(None)
 
 
-def run_worker(job: Job, *, timeout_s: float | None = None) -> WorkerResult:
-    """Run one job in `python -m ondevice.bench.worker`; every event it sent, even if it was cut short."""
+class InterruptFlag:
+    """While active (main thread only), Ctrl-C sets a flag instead of raising KeyboardInterrupt. An exception
+    raised asynchronously can land inside a lock's acquire in queue.get (CPython restores a Condition's lock
+    in a `finally` that a signal can cut short), leaving the queue locked and the run hung with its worker
+    alive; polling a flag cannot. A second Ctrl-C is counted too: it means "stop now"."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def run_worker(job: Job, *, timeout_s: float | None = None, interrupt: InterruptFlag | None = None) -> WorkerResult:
+    """Run one job in `python -m ondevice.bench.worker`; every event it sent, even if it was cut short.
+    `interrupt` (an active InterruptFlag) is polled: once set, the worker is asked to stop and report. Without
+    one, Ctrl-C during the job is caught the same way and shows as `result.interrupted`."""
+    if interrupt is None:
+        with InterruptFlag() as own:
+            return run_worker(job, timeout_s=timeout_s, interrupt=own)
     result = WorkerResult()
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as stderr:
+        # The worker dies with this process (worker.py sets a parent-death signal for the pid it is given).
         proc = subprocess.Popen([sys.executable, "-m", "ondevice.bench.worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, encoding="utf-8",
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        lines: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
-        reader.start()
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(job.worker_job()) + "\n")
-        proc.stdin.close()
-        deadline = time.monotonic() + timeout_s if timeout_s else None
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())})
         try:
+            lines: queue.Queue = queue.Queue()
+            reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+            reader.start()
+            assert proc.stdin is not None
             try:
-                _collect(lines, result, deadline, proc)
-            except KeyboardInterrupt:
+                proc.stdin.write(json.dumps(job.worker_job()) + "\n")
+                proc.stdin.close()
+            except OSError:  # the worker died at start; its exit status and stderr say why
+                pass
+            deadline = time.monotonic() + timeout_s if timeout_s else None
+            _collect(lines, result, deadline, proc, interrupt)
+            if interrupt:
                 result.interrupted = True
-                _stop_worker(proc)
-                _collect(lines, result, time.monotonic() + 15, proc)
-        finally:  # whatever happens here (even a second Ctrl-C), no worker outlives its job
+                _stop_worker(proc, interrupt)
+                _collect(lines, result, time.monotonic() + 15, proc, None)
+        finally:  # whatever happens here, no worker outlives its job
             if proc.poll() is None:
                 proc.kill()
             result.returncode = proc.wait()
@@ -115,10 +151,15 @@ def run_worker(job: Job, *, timeout_s: float | None = None) -> WorkerResult:
     return result
 
 
-def _collect(lines: queue.Queue, result: WorkerResult, deadline: float | None, proc: subprocess.Popen) -> None:
+def _collect(lines: queue.Queue, result: WorkerResult, deadline: float | None, proc: subprocess.Popen,
+             interrupt: InterruptFlag | None) -> None:
+    """Read the worker's events until it closes its output, the deadline passes (the worker is killed) or, with
+    `interrupt`, Ctrl-C is pressed."""
     while True:
+        if interrupt:
+            return
         try:
-            line = lines.get(timeout=0.2)
+            line = lines.get(timeout=0.1)
         except queue.Empty:
             if deadline is not None and time.monotonic() > deadline:
                 result.timed_out = True
@@ -133,11 +174,16 @@ def _collect(lines: queue.Queue, result: WorkerResult, deadline: float | None, p
             continue  # not a protocol line (cannot happen by design; never fatal)
 
 
-def _stop_worker(proc: subprocess.Popen) -> None:
-    """After Ctrl-C: the terminal has usually signalled the worker too; give it a moment to report, then ask it."""
-    try:
-        proc.wait(timeout=2)
-    except subprocess.TimeoutExpired:
+def _stop_worker(proc: subprocess.Popen, interrupt: InterruptFlag) -> None:
+    """After Ctrl-C: the terminal has usually signalled the worker too; give it a moment to report, then ask it.
+    A second Ctrl-C kills it at once."""
+    deadline = time.monotonic() + 2
+    while proc.poll() is None and time.monotonic() < deadline:
+        if interrupt.count > 1:
+            proc.kill()
+            return
+        time.sleep(0.05)
+    if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
 
 
@@ -216,36 +262,35 @@ def run_jobs(jobs: list[Job], *, record: Callable[[dict[str, Any]], None], envir
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
-    interrupted = False
     bar = tqdm(total=len(jobs), unit="job", file=sys.stderr, disable=not progress or None, dynamic_ncols=True,
                leave=False)
     unavailable: dict[str, str | None] = {}
-    try:
-        for job in jobs:
-            bar.set_description(job.describe())
-            if job.backend not in unavailable:
-                unavailable[job.backend] = backend_class(job.backend).unavailable_reason()
-            reason = unavailable[job.backend]
-            if reason:
-                row: dict[str, Any] | None = unavailable_row(job, reason, environment)
-                result = None
-            else:
-                result = run_worker(job, timeout_s=timeout_s)
-                row = measurement_row(job, result, environment)
-            if row is not None:
-                record(row)
-                rows.append(row)
-                if report_line:
-                    bar.clear()
-                    report_line(format_row(row))
-            bar.update(1)
-            if result is not None and result.interrupted:
-                interrupted = True
-                break
-    except KeyboardInterrupt:  # between jobs
-        interrupted = True
-    finally:
-        bar.close()
+    # Ctrl-C anywhere in the run (in a job or between jobs, even while a row is being recorded) only sets the
+    # flag; the loop stops at the next check, so every row measured so far is kept whole.
+    with InterruptFlag() as interrupt:
+        try:
+            for job in jobs:
+                if interrupt:
+                    break
+                bar.set_description(job.describe())
+                if job.backend not in unavailable:
+                    unavailable[job.backend] = backend_class(job.backend).unavailable_reason()
+                reason = unavailable[job.backend]
+                if reason:
+                    row: dict[str, Any] | None = unavailable_row(job, reason, environment)
+                else:
+                    result = run_worker(job, timeout_s=timeout_s, interrupt=interrupt)
+                    row = measurement_row(job, result, environment)
+                if row is not None:
+                    record(row)
+                    rows.append(row)
+                    if report_line:
+                        bar.clear()
+                        report_line(format_row(row))
+                bar.update(1)
+        finally:
+            bar.close()
+        interrupted = bool(interrupt)
     return RunOutcome(rows, interrupted)
 
 

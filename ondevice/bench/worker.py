@@ -129,7 +129,28 @@ def run_job(job: dict[str, Any], out: TextIO) -> int:
         return 1
 
 
+PARENT_PID_ENV = "ONDEVICE_BENCH_PARENT"
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the run that started it dies, even by SIGKILL (no orphan keeps a core
+    busy). The parent's pid comes from the environment, checked after arming to close the race."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # the parent died before prctl
+        os._exit(130)
+
+
 def main() -> int:
+    _die_with_parent()
     # The protocol gets a private copy of stdout; fd 1 itself now points at stderr so that prints from native
     # code (or from Python libraries) cannot interleave with the JSON lines.
     protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
