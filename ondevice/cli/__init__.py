@@ -15,7 +15,7 @@ from typing import Any
 from ondevice import __version__
 from ondevice.errors import OndeviceError
 
-COMMANDS = ("convert", "inspect", "run", "chat", "models", "bench", "eval", "fit", "serve", "export",
+COMMANDS = ("convert", "imatrix", "inspect", "run", "chat", "models", "bench", "eval", "fit", "serve", "export",
             "sweep")
 
 EPILOG = """\
