@@ -15,6 +15,8 @@ import numpy as np
 
 from ondevice.errors import InvalidModelError, UnsupportedError
 
+F32 = np.float32
+
 
 class QuantType(ABC):
     """One GGML tensor type: its block geometry and its row quantizer/dequantizer."""
@@ -33,8 +35,11 @@ class QuantType(ABC):
             )
         return n // self.block_size * self.type_size
 
-    def quantize(self, x: np.ndarray, *, name: str | None = None) -> np.ndarray:
-        """float (..., n) -> uint8 (..., row_nbytes(n)). `name` (the tensor's) only improves error messages."""
+    def quantize(self, x: np.ndarray, *, name: str | None = None, importance: np.ndarray | None = None) -> np.ndarray:
+        """float (..., n) -> uint8 (..., row_nbytes(n)). `name` (the tensor's) only improves error messages.
+
+        `importance`: float32 (n,) per-column weights (an imatrix's sums / count). Types that take them
+        (takes_importance) write what ggml_quantize_chunk(type, ..., imatrix) writes; the others ignore them."""
         x = np.asarray(x)
         if x.ndim == 0:
             raise UnsupportedError(f"cannot quantize a 0-d array to {self.name}: give rows of shape (..., n)")
@@ -44,7 +49,10 @@ class QuantType(ABC):
         nbytes = self.row_nbytes(n)
         rows = np.ascontiguousarray(x.reshape(-1, n), dtype=np.float32)
         check_finite(rows, name)
-        out = self._quantize_rows(rows)
+        if importance is not None and self.takes_importance:
+            out = self._quantize_rows_weighted(rows, checked_importance(importance, n, name))
+        else:
+            out = self._quantize_rows(rows)
         return out.reshape(*x.shape[:-1], nbytes)
 
     def dequantize(self, data: np.ndarray, n: int) -> np.ndarray:
@@ -74,6 +82,20 @@ class QuantType(ABC):
     # Subclasses with per-block formats implement _quantize_blocks/_dequantize_blocks; the row methods
     # split the work into bounded chunks of independent blocks.
     chunk_blocks: int = 32768
+    # Types whose ggml quantizer weights its error by an importance vector implement _quantize_weighted.
+    takes_importance: bool = False
+
+    def _quantize_rows_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        n = rows.shape[1]
+        out = np.empty((rows.shape[0], self.row_nbytes(n)), dtype=np.uint8)
+        per_chunk = max(1, self.chunk_blocks * self.block_size // n)
+        for part in chunks(rows.shape[0], per_chunk):
+            out[part] = self._quantize_weighted(rows[part], importance).reshape(len(out[part]), -1)
+        return out
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        """float32 rows (r, n), finite, and importance (n,) -> uint8 (r * n / block_size, type_size)."""
+        raise NotImplementedError
 
     def _quantize_rows(self, rows: np.ndarray) -> np.ndarray:
         n = rows.shape[1]
@@ -126,6 +148,24 @@ def check_finite(rows: np.ndarray, name: str | None) -> None:
             f"{what} has a non-finite weight ({rows[row, col]}) at row {row}, column {col}; "
             "the source checkpoint is corrupt or was saved after a diverged training step"
         )
+
+
+def checked_importance(importance: np.ndarray, n: int, name: str | None) -> np.ndarray:
+    """An importance vector for rows of n weights: float32 (n,), finite and >= 0."""
+    what = f"tensor {name!r}" if name else "the tensor"
+    weights = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+    if weights.size != n:
+        raise InvalidModelError(f"importance weights of {weights.size} values for {what}, whose rows have {n}; "
+                                "the imatrix was computed for another model")
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise InvalidModelError(f"importance weights for {what} are negative or not finite; recompute the imatrix")
+    return weights
+
+
+def row_sigma2(rows: np.ndarray, factor: int = 1) -> np.ndarray:
+    """ggml's per-row `sigma2 = factor * sum(x*x) / n` (the sum in index order): float32 (r,)."""
+    squares = np.ascontiguousarray((rows * rows).T)
+    return F32(factor) * sequential_sum(squares) / F32(rows.shape[1])
 
 
 def fp16_bits(values: np.ndarray, what: str) -> np.ndarray:

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ondevice.quant.base import QuantType, fp16_bits, fp16_to_f32, nearest_int, pack_nibbles, sequential_sum
+from ondevice.quant.base import (
+    QuantType,
+    fp16_bits,
+    fp16_to_f32,
+    nearest_int,
+    pack_nibbles,
+    row_sigma2,
+    sequential_sum,
+)
 
 F32 = np.float32
 QK_K = 256
@@ -103,16 +111,17 @@ def _make_qkx2_quants(
     return scale.astype(F32), (-cur_min).astype(F32), codes.astype(np.uint8)
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric scale search (rmse_type 1: weights x^2) for many sub-blocks at once.
+def _make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search (rmse_type 1: weights x^2, or the given importance weights) for many sub-blocks.
 
-    x: float32 (n, S). Returns (scale (S,), codes (n, S) in 0..2*nmax-1) with x ~ scale * (code - nmax).
+    x, weights: float32 (n, S). Returns (scale (S,), codes (n, S) in 0..2*nmax-1) with x ~ scale * (code - nmax).
     """
     idx = np.argmax(np.abs(x), axis=0)  # first of equal magnitudes, as the C loop's strict '>'
     peak = np.take_along_axis(x, idx[None, :], axis=0)[0]
     tiny = np.abs(peak) < GROUP_MAX_EPS
     peak = np.where(tiny, F32(1), peak)
-    weights = x * x
+    if weights is None:
+        weights = x * x
     wx = weights * x
     work = np.empty_like(x)
     trial = np.empty_like(x)
@@ -152,6 +161,56 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     codes[:, tiny] = 0  # C: all-zero sub-block -> codes 0 (not nmax), scale 0
     scale = np.where(tiny, F32(0), scale)
     return scale, codes
+
+
+def _make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants(): a positive scale for non-negative values (the 8 sub-block scales or mins of a Q4_K
+    super-block under an imatrix), weighted search over 9 candidates then up to 5 passes of coordinate descent.
+
+    x, weights: float32 (n, S). Returns (scale (S,), codes uint8 (n, S) in 0..nmax), C's uint8 stores included.
+    """
+    peak = np.maximum(x.max(axis=0), F32(0))
+    tiny = peak < GROUP_MAX_EPS
+    peak = np.where(tiny, F32(1), peak)
+
+    def mse(scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        diff = x - scale * levels.astype(F32)
+        return sequential_sum(weights * diff * diff)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / peak
+        best = mse(F32(1) / iscale, nearest_int(iscale * x) & 0xFF)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            trial = (F32(0.1) * F32(step) + F32(nmax)) / peak
+            error = mse(F32(1) / trial, np.minimum(nmax, nearest_int(trial * x)))
+            better = error < best
+            best = np.where(better, error, best)
+            iscale = np.where(better, trial, iscale).astype(F32)
+        levels = np.minimum(nmax, nearest_int(iscale * x)) & 0xFF
+        lf = levels.astype(F32)
+        wx = weights * x
+        sumlx = sequential_sum(wx * lf)
+        suml2 = sequential_sum(weights * lf * lf)
+        for _ in range(5):  # a block whose pass changed nothing stays unchanged: no per-block early exit needed
+            for i in range(x.shape[0]):
+                w, li = weights[i], levels[i].astype(F32)
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w * li * li
+                usable = (slx > 0) & (sl2 > 0)
+                new = np.minimum(nmax, nearest_int(np.where(usable, x[i] * sl2 / np.where(usable, slx, F32(1)),
+                                                            F32(0))))
+                nf = new.astype(F32)
+                slx_new = slx + wx[i] * nf
+                sl2_new = sl2 + w * nf * nf
+                accept = usable & (new != levels[i]) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+                levels[i] = np.where(accept, new & 0xFF, levels[i])
+                sumlx = np.where(accept, slx_new, sumlx).astype(F32)
+                suml2 = np.where(accept, sl2_new, suml2).astype(F32)
+        scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0)).astype(F32)
+    levels[:, tiny] = 0
+    return np.where(tiny, F32(0), scale), levels.astype(np.uint8)
 
 
 def _to_uint8_like_c(values: np.ndarray) -> np.ndarray:
@@ -220,6 +279,43 @@ class Q4_K(QuantType):
         qs = pack_nibbles(per_block[:, :, 0], per_block[:, :, 1]).reshape(nb, 128)
         return np.concatenate([d_raw, dmin_raw, _pack_q4k_scales(ls, lm), qs], axis=1)
 
+    takes_importance = True
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        """quantize_row_q4_K_impl(): weights qw * sqrt(sigma2 + x^2) (sigma2 twice the super-block's mean square),
+        make_qkx3_quants per sub-block, the 6-bit scales and mins by make_qp_quants weighted by the sub-block sums."""
+        blocks = rows.reshape(-1, QK_K)
+        nb = blocks.shape[0]
+        sigma2 = row_sigma2(blocks, 2)
+        qw = np.broadcast_to(importance.reshape(1, -1), rows.shape).reshape(nb, QK_K)
+        weights = qw * np.sqrt(sigma2[:, None] + blocks * blocks)
+        x = np.ascontiguousarray(blocks.reshape(nb * 8, 32).T)
+        w = np.ascontiguousarray(weights.reshape(nb * 8, 32).T)
+        sub_weight = sequential_sum(w).reshape(nb, 8)
+        scales, mins, codes = _make_qkx2_quants(x, w, 15, -0.9, 0.05, 36)
+        sw = np.ascontiguousarray(sub_weight.T)
+        d_block, ls = _make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
+        m_block, lm = _make_qp_quants(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
+        packed = _pack_q4k_scales(np.ascontiguousarray(ls.T), np.ascontiguousarray(lm.T))
+        d_raw, dmin_raw = fp16_bits(d_block, self.name), fp16_bits(m_block, self.name)
+        return np.concatenate([d_raw, dmin_raw, packed, self._requantize(x, codes, d_raw, dmin_raw, packed)], axis=1)
+
+    @staticmethod
+    def _requantize(x: np.ndarray, codes: np.ndarray, d_raw: np.ndarray, dmin_raw: np.ndarray,
+                    packed: np.ndarray) -> np.ndarray:
+        """Every weight against the scale and min actually stored (read back from the packed bytes, as
+        get_scale_min_k4 does), the search's codes kept where the stored scale is 0; -> the 128 nibble bytes."""
+        nb = packed.shape[0]
+        ls, lm = _unpack_q4k_scales(packed)
+        d = (fp16_to_f32(d_raw)[:, None] * ls.astype(F32)).reshape(-1)
+        dm = (fp16_to_f32(dmin_raw)[:, None] * lm.astype(F32)).reshape(-1)
+        usable = d != 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            requant = np.clip(nearest_int((x + dm) / np.where(usable, d, F32(1))), 0, 15).astype(np.uint8)
+        codes = np.where(usable, requant, codes)
+        per_block = codes.T.reshape(nb, 4, 2, 32)
+        return pack_nibbles(per_block[:, :, 0], per_block[:, :, 1]).reshape(nb, 128)
+
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         nb = blocks.shape[0]
         d = fp16_to_f32(blocks[:, 0:2])
@@ -244,10 +340,21 @@ class Q6_K(QuantType):
     type_size = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
     chunk_blocks = 256
 
+    takes_importance = True
+
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        return self._from_search(blocks, None)
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        """quantize_row_q6_K_impl(): the importance itself weights make_qx_quants (no sigma2 term)."""
+        qw = np.broadcast_to(importance.reshape(1, -1), rows.shape).reshape(-1, QK_K)
+        return self._from_search(rows.reshape(-1, QK_K), qw)
+
+    def _from_search(self, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         nb = blocks.shape[0]
         x = np.ascontiguousarray(blocks.reshape(nb * 16, 16).T)  # (16, nb*16)
-        scales, codes = _make_qx_quants(x, 32)
+        weights = None if qw is None else np.ascontiguousarray(qw.reshape(nb * 16, 16).T)
+        scales, codes = _make_qx_quants(x, 32, weights)
         scales = scales.reshape(nb, 16)
 
         idx = np.argmax(np.abs(scales), axis=1)

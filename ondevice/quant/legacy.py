@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ondevice.quant.base import QuantType, fp16_bits, fp16_to_f32, pack_nibbles
+from ondevice.quant.base import QuantType, fp16_bits, fp16_to_f32, pack_nibbles, row_sigma2
 
 F32 = np.float32
 QK = 32
@@ -54,6 +54,32 @@ def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
     return (((mask >> np.arange(QK, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
 
 
+def _weighted_blocks(rows: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks of `rows` and their weights as the _impl quantizers build them: qw * sqrt(sigma2 + x*x), sigma2 the
+    row's mean square; both laid out (32, blocks) for the vectorized searches (weight index on axis 0)."""
+    sigma2 = row_sigma2(rows)
+    weights = importance[None, :] * np.sqrt(sigma2[:, None] + rows * rows)
+    return (np.ascontiguousarray(rows.reshape(-1, QK).T), np.ascontiguousarray(weights.reshape(-1, QK).T))
+
+
+def _symmetric_weighted(rows: np.ndarray, importance: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(32, nmax, x, L, 1, weights) per block: (d (blocks,), codes (blocks, 32) in 0..2*nmax-1)."""
+    from ondevice.quant.kquants import _make_qx_quants
+
+    x, weights = _weighted_blocks(rows, importance)
+    d, codes = _make_qx_quants(x, nmax, weights)
+    return d, np.ascontiguousarray(codes.T)
+
+
+def _affine_weighted(rows: np.ndarray, importance: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx3_quants(32, nmax, x, weights, ..., -0.9, 0.05, 36) per block: (d, m, codes (blocks, 32))."""
+    from ondevice.quant.kquants import _make_qkx2_quants
+
+    x, weights = _weighted_blocks(rows, importance)
+    d, the_min, codes = _make_qkx2_quants(x, weights, nmax, -0.9, 0.05, 36)
+    return d, -the_min, np.ascontiguousarray(codes.T)
+
+
 def _affine_grid(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
                  rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-block codes/scale/bias -> (codes (rows, n), scale and bias float32 (rows, n / 32))."""
@@ -89,6 +115,12 @@ class Q4_0(QuantType):
         codes = np.minimum(15, np.trunc(scaled + F32(8.5)).astype(np.int8))
         return np.concatenate([fp16_bits(d, self.name), _split_halves(codes)], axis=1)
 
+    takes_importance = True
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        d, codes = _symmetric_weighted(rows, importance, 8)
+        return np.concatenate([fp16_bits(d, self.name), _split_halves(codes)], axis=1)
+
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = fp16_to_f32(blocks[:, :2])
         q = _unpack_nibbles(blocks[:, 2:]).astype(np.int8) - 8
@@ -114,6 +146,13 @@ class Q4_1(QuantType):
         scaled = (blocks - lo[:, None]) * _inverse(d)[:, None]
         codes = np.minimum(15, np.trunc(scaled + F32(0.5)).astype(np.int8))
         header = np.concatenate([fp16_bits(d, self.name), fp16_bits(lo, self.name)], axis=1)
+        return np.concatenate([header, _split_halves(codes)], axis=1)
+
+    takes_importance = True
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        d, m, codes = _affine_weighted(rows, importance, 15)
+        header = np.concatenate([fp16_bits(d, self.name), fp16_bits(m, self.name)], axis=1)
         return np.concatenate([header, _split_halves(codes)], axis=1)
 
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
@@ -143,6 +182,12 @@ class Q5_0(QuantType):
             [fp16_bits(d, self.name), _high_bits_mask(codes), _split_halves(codes & 0x0F)], axis=1
         )
 
+    takes_importance = True
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        d, codes = _symmetric_weighted(rows, importance, 16)
+        return np.concatenate([fp16_bits(d, self.name), _high_bits_mask(codes), _split_halves(codes & 0x0F)], axis=1)
+
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = fp16_to_f32(blocks[:, 0:2])
         q = (_unpack_nibbles(blocks[:, 6:]) | _unpack_high_bits(blocks[:, 2:6])).astype(np.int8) - 16
@@ -163,6 +208,13 @@ class Q5_1(QuantType):
         # No clamp in the C reference: (x - min) / d never rounds past 31.5.
         codes = np.trunc(scaled + F32(0.5)).astype(np.uint8)
         header = np.concatenate([fp16_bits(d, self.name), fp16_bits(lo, self.name)], axis=1)
+        return np.concatenate([header, _high_bits_mask(codes), _split_halves(codes & 0x0F)], axis=1)
+
+    takes_importance = True
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        d, m, codes = _affine_weighted(rows, importance, 31)
+        header = np.concatenate([fp16_bits(d, self.name), fp16_bits(m, self.name)], axis=1)
         return np.concatenate([header, _high_bits_mask(codes), _split_halves(codes & 0x0F)], axis=1)
 
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:

@@ -86,8 +86,15 @@ class TensorTypeChoice(QuantType):
     def fell_back(self) -> bool:
         return self.fallback_from is not None
 
+    @property  # type: ignore[override]
+    def takes_importance(self) -> bool:
+        return self.qtype.takes_importance
+
     def _quantize_rows(self, rows: np.ndarray) -> np.ndarray:
         return self.qtype._quantize_rows(rows)
+
+    def _quantize_rows_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        return self.qtype._quantize_rows_weighted(rows, importance)
 
     def _dequantize_rows(self, rows: np.ndarray, n: int) -> np.ndarray:
         return self.qtype._dequantize_rows(rows, n)
