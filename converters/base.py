@@ -33,7 +33,9 @@ class TargetOption:
     flag: str
     field: str
     help: str
-    type: type | None = int  # None: a switch that stores False (e.g. --no-calibrate)
+    type: type | None = int  # None: a switch that stores `switch_value` (e.g. --no-calibrate stores False)
+    metavar: str = "N"
+    switch_value: bool = False
 
 
 def options_as(cls: type[ConvertOptions], options: ConvertOptions) -> ConvertOptions:

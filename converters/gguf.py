@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ from ondevice.converters.base import (
     ConvertOptions,
     ConvertResult,
     Target,
+    TargetOption,
     count_types,
+    options_as,
     peak_rss_mib,
     progress_bar,
 )
@@ -22,6 +25,13 @@ from ondevice.model import CanonicalModel, LazyTensor
 from ondevice.quant import QuantType
 from ondevice.quant.recipes import RECIPES, choose_tensor_type
 
+
+@dataclass
+class GGUFOptions(ConvertOptions):
+    imatrix: Path | None = None  # an importance matrix file (llama.cpp's GGUF or .dat form)
+    calibrate: bool = False  # compute one on the bundled calibration text first
+
+
 TARGET = Target(
     name="gguf",
     quants=tuple(RECIPES),
@@ -30,6 +40,14 @@ TARGET = Target(
     output_is_dir=False,
     suffix=".gguf",
     description="one .gguf file for llama.cpp, PocketPal and ondevice's runtime",
+    options=GGUFOptions,
+    cli_options=(
+        TargetOption("--imatrix", "imatrix", "importance matrix (from `ondevice imatrix` or llama-imatrix, GGUF or "
+                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q4_k/q6_k tensors' rounding, as llama-quantize "
+                     "--imatrix does", type=Path, metavar="FILE"),
+        TargetOption("--calibrate", "calibrate", "compute the importance matrix on the bundled calibration text "
+                     "first (`ondevice imatrix` defaults) and quantize with it", type=None, switch_value=True),
+    ),
 )
 
 # llama.cpp's llama_ftype, stored as general.file_type
@@ -96,27 +114,56 @@ def tokenizer_fields(model: CanonicalModel, pre: str | None) -> dict[str, TypedV
     return fields
 
 
-def _producer(tensor: LazyTensor, qtype: QuantType, heads: int | None, shift: float = 0.0):
+def _producer(tensor: LazyTensor, qtype: QuantType, heads: int | None, shift: float = 0.0,
+              importance: np.ndarray | None = None):
     def produce() -> np.ndarray:
-        if tensor.raw is not None and not shift:
+        if tensor.raw is not None and not shift and importance is None:
             src_type, rows = tensor.raw()
             if src_type.name == qtype.name:  # same type: copy the stored rows, no requantization
                 return permute_for_gguf(rows, heads) if heads else np.asarray(rows)
         data = tensor.load()
         if heads:
-            data = permute_for_gguf(data, heads)
+            data = permute_for_gguf(data, heads)  # rows only: the importance of the input columns still applies
         if shift:
             data = data + np.float32(shift)
-        return qtype.quantize(data, name=tensor.name)
+        return qtype.quantize(data, name=tensor.name, importance=importance)
 
     return produce
 
 
+def _importance_matrix(model: CanonicalModel, options: GGUFOptions):
+    """(imatrix or None, its description for the metadata and notes)."""
+    from ondevice.errors import UnsupportedError
+    from ondevice.quant.imatrix import Imatrix, calibrate
+
+    if options.imatrix is not None and options.calibrate:
+        raise UnsupportedError("--imatrix and --calibrate exclude each other: --calibrate computes the imatrix")
+    if options.imatrix is not None:
+        return Imatrix.load(options.imatrix), str(options.imatrix)
+    if options.calibrate:
+        return calibrate(model, progress=options.progress), "calibrate"
+    return None, ""
+
+
+def _imatrix_fields(imatrix, source: str) -> dict[str, TypedValue]:
+    """What llama-quantize records of the imatrix it used (quantize.imatrix.*)."""
+    fields = {"quantize.imatrix.file": TypedValue(ValueType.STRING, source[:127]),
+              "quantize.imatrix.entries_count": TypedValue(ValueType.UINT32, len(imatrix.sums))}
+    if imatrix.datasets:
+        fields["quantize.imatrix.dataset"] = TypedValue(ValueType.STRING, imatrix.datasets[0][:127])
+    if imatrix.chunk_count > 0:
+        fields["quantize.imatrix.chunks_count"] = TypedValue(ValueType.UINT32, int(imatrix.chunk_count))
+    return fields
+
+
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
     start = time.perf_counter()
+    options = options_as(GGUFOptions, options)
     spec = model.spec
     arch = get_architecture(spec.arch)
     recipe = options.quant
+    imatrix, imatrix_source = _importance_matrix(model, options)
+    notes: list[str] = []
     fields: dict[str, TypedValue] = {
         "general.architecture": TypedValue(ValueType.STRING, spec.arch),
         "general.type": TypedValue(ValueType.STRING, "model"),
@@ -127,17 +174,36 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     fields.update(arch.gguf_fields(spec))
     fields.update(tokenizer_fields(model, options.pre_tokenizer))
 
+    has_imatrix = imatrix is not None
+    choices = {hf_name: choose_tensor_type(recipe, arch.gguf_name(hf_name), tensor.shape, spec.n_layers,
+                                           spec.tie_embeddings, spec.arch, has_imatrix)
+               for hf_name, tensor in model.tensors.items()}
+    weighted = {arch.gguf_name(hf_name): model.tensors[hf_name].shape[-1] for hf_name, choice in choices.items()
+                if choice.takes_importance}
+    if imatrix is not None:
+        fields.update(_imatrix_fields(imatrix, imatrix_source))
+        # Entries the model has no tensor for are ignored; matrices with no entry (token_embd and the output
+        # layer never have one) are quantized without weights, as llama-quantize does ("did not find weights").
+        where = imatrix_source if imatrix_source != "calibrate" else "the calibrated imatrix"
+        missing = imatrix.check_model(weighted, where)
+        if missing:
+            notes.append(f"imatrix: no entry for {len(missing)} of the {len(weighted)} importance-weighted tensors "
+                         f"(e.g. {missing[0]}); they are quantized without it, as llama-quantize does")
+        notes.append(f"imatrix: {len(weighted) - len(missing)} tensors quantized with importance weights "
+                     f"({imatrix_source})")
+
     planned, types, fallbacks = [], [], []
     for hf_name, tensor in model.tensors.items():
         gguf_name = arch.gguf_name(hf_name)
-        choice = choose_tensor_type(recipe, gguf_name, tensor.shape, spec.n_layers, spec.tie_embeddings, spec.arch)
-        qtype = choice.qtype if hasattr(choice, "qtype") else choice
-        if getattr(choice, "fallback_from", None):
+        choice = choices[hf_name]
+        qtype = choice.qtype
+        if choice.fallback_from:
             fallbacks.append(f"{gguf_name}: {choice.fallback_from} -> {qtype.name} ({choice.reason})")
         types.append(qtype.name)
+        importance = imatrix.importance(gguf_name) if imatrix is not None and gguf_name in weighted else None
         planned.append(PlannedTensor(gguf_name, tensor.shape, qtype.ggml_type,
                                      _producer(tensor, qtype, arch.qk_heads(spec, hf_name),
-                                               arch.gguf_norm_shift(spec, hf_name))))
+                                               arch.gguf_norm_shift(spec, hf_name), importance)))
 
     if spec.rope_freq_factors is not None:  # llama.cpp reads RoPE scaling as this tensor of per-pair divisors
         factors = np.asarray(spec.rope_freq_factors, np.float32)
@@ -148,5 +214,5 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         size = write_gguf(out, fields, planned, force=options.force, on_tensor=lambda _t: bar.update(1))
     return ConvertResult(
         target="gguf", quant=recipe, output=str(out), size_bytes=size, seconds=time.perf_counter() - start,
-        tensor_types=count_types(types), fallbacks=fallbacks, peak_rss_mib=peak_rss_mib(),
+        tensor_types=count_types(types), fallbacks=fallbacks, notes=notes, peak_rss_mib=peak_rss_mib(),
     )

@@ -71,7 +71,8 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
         if owners[0][1].type is None:
             groups[names].add_argument(flag, dest=dest, action="store_true", default=None, help=helps)
         else:
-            groups[names].add_argument(flag, dest=dest, type=owners[0][1].type, metavar="N", default=None, help=helps)
+            groups[names].add_argument(flag, dest=dest, type=owners[0][1].type, metavar=owners[0][1].metavar,
+                                       default=None, help=helps)
 
 
 def target_option_values(args: argparse.Namespace, target: str) -> dict[str, object]:
@@ -85,7 +86,7 @@ def target_option_values(args: argparse.Namespace, target: str) -> dict[str, obj
         if not mine:
             others = ", ".join(name for name, _ in owners)
             raise UnsupportedError(f"{flag} does not apply to --to {target} (it is for --to {others})")
-        values[mine[0].field] = False if mine[0].type is None else given
+        values[mine[0].field] = mine[0].switch_value if mine[0].type is None else given
     return values
 
 

@@ -10,6 +10,7 @@ vendored by llama-cpp-python 0.3.36), restricted to dense models and the recipes
   recipe's block size;
 - q4_k_m gives Q6_K to attn_v (and fused attn_qkv) and ffn_down in the layers where llama.cpp's
   use_more_bits() holds: the first eighth, the last eighth and every third layer between;
+- with an importance matrix, q4_0 / q5_0 give Q4_1 / Q5_1 to ffn_down in the first eighth of the layers;
 - a tensor whose row width is not a multiple of the chosen type's block size falls back per tensor
   (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; a 32-block type or a fallback that still does not fit -> F16).
 
@@ -147,7 +148,7 @@ def _layer_index(name: str, n_layers: int) -> int:
 
 
 def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: int, tied: bool,
-                  arch: str) -> tuple[str, str]:
+                  arch: str, has_imatrix: bool = False) -> tuple[str, str]:
     """llama_tensor_get_type_impl() for the supported recipes: (wanted type, reason)."""
     category = _category(name)
     falcon = arch == "falcon"
@@ -172,11 +173,17 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
                     return "q5_k", f"ffn_down of layer {layer}: falcon, a use_more_bits layer"
             elif use_more_bits(layer, n_layers):
                 return "q6_k", f"ffn_down of layer {layer}: a use_more_bits layer"
+    elif recipe in ("q4_0", "q5_0") and has_imatrix and category == "ffn_down":
+        # llama.cpp guards the first eighth's ffn_down against Q4_0/Q5_0 going wrong even with an imatrix.
+        layer = _layer_index(name, n_layers)
+        if layer < n_layers // 8:
+            wanted = "q4_1" if recipe == "q4_0" else "q5_1"
+            return wanted, f"ffn_down of layer {layer}: first eighth, with an imatrix"
     return default, "recipe type"
 
 
 def plan_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers: int,
-                     tied_embeddings: bool, arch: str) -> TensorTypeChoice:
+                     tied_embeddings: bool, arch: str, has_imatrix: bool = False) -> TensorTypeChoice:
     """The type llama.cpp's quantizer would give tensor `gguf_name` (numpy `shape`, rows last), with why."""
     recipe = normalize_recipe(recipe)
     shape = tuple(int(dim) for dim in shape)
@@ -190,7 +197,7 @@ def plan_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers
         return TensorTypeChoice(gguf_name, get_quant_type(default), default, "recipe type")
 
     n_cols = shape[-1]
-    wanted, reason = _recipe_rules(recipe, default, gguf_name, n_cols, n_layers, tied_embeddings, arch)
+    wanted, reason = _recipe_rules(recipe, default, gguf_name, n_cols, n_layers, tied_embeddings, arch, has_imatrix)
     chosen = wanted
     fallback_from = None
     if n_cols % _BLOCK_SIZE[wanted]:
@@ -210,9 +217,10 @@ def plan_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers
 
 
 def choose_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers: int,
-                       tied_embeddings: bool, arch: str) -> TensorTypeChoice:
-    """The QuantType for one tensor (a TensorTypeChoice: usable as the QuantType, and it records fallbacks)."""
-    return plan_tensor_type(recipe, gguf_name, shape, n_layers, tied_embeddings, arch)
+                       tied_embeddings: bool, arch: str, has_imatrix: bool = False) -> TensorTypeChoice:
+    """The QuantType for one tensor (a TensorTypeChoice: usable as the QuantType, and it records fallbacks).
+    `has_imatrix`: an importance matrix is given (llama.cpp then changes a few choices of q4_0 and q5_0)."""
+    return plan_tensor_type(recipe, gguf_name, shape, n_layers, tied_embeddings, arch, has_imatrix)
 
 
 def describe_fallbacks(choices: Iterable[TensorTypeChoice]) -> list[str]:
