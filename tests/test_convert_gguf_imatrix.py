@@ -92,7 +92,7 @@ def test_wrong_or_broken_imatrix_is_a_one_line_error(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["q4_0", "q4_k_m"])
 def test_smollm2_with_imatrix_is_byte_identical_to_llama_cpp(smollm2, tmp_path_factory, recipe):
-    from ondevice.bench.llama_quantize import llama_cpp_quantize
+    from ondevice.bench.llama_cpp_tools import llama_cpp_quantize
 
     pytest.importorskip("llama_cpp")
     work = tmp_path_factory.getbasetemp() / "smol-imatrix"

@@ -243,3 +243,42 @@ def test_cli_writes_atomically_and_reports_json(tiny_llama, tmp_path):
                           cwd=ROOT)
     assert chat.returncode == 0, chat.stderr
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def compare_with_llama_cpp(source: Path, tmp_path: Path, ctx: int, n_chunks: int, pre: str) -> float:
+    """Our imatrix against llama-imatrix's collection (its cb_eval callback in llama.cpp's own forward pass over an
+    f32 GGUF of the same weights, the same token chunks): worst relative difference per column."""
+    from ondevice.bench.llama_cpp_tools import llama_cpp_imatrix
+    from ondevice.sources import open_source
+
+    f32 = tmp_path / "f32.gguf"
+    subprocess.run([sys.executable, "-m", "ondevice", "convert", str(source), "--to", "gguf", "--quant", "f32", "-o",
+                    str(f32), "--pre", pre, "--no-progress"], check=True, cwd=ROOT, capture_output=True)
+    model = open_source(source)
+    try:
+        chunks = chunk_tokens(model, bundled_calibration_text(), ctx, n_chunks)
+        ours = compute_imatrix(model, chunks)
+    finally:
+        model.close()
+    theirs = llama_cpp_imatrix(f32, chunks)
+    assert sorted(theirs.sums) == sorted(ours.sums)
+    worst = 0.0
+    for name, sums in theirs.sums.items():
+        assert theirs.counts[name].tolist() == ours.counts[name].tolist() == [ctx * n_chunks]
+        expected, got = sums[0].astype(np.float64), ours.sums[name][0].astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(got - expected) / (np.abs(expected) + 1e-3 * expected.max()))))
+    return worst
+
+
+def test_sums_match_llama_cpps_own_collection(tiny_llama, tmp_path):
+    pytest.importorskip("llama_cpp")
+    assert compare_with_llama_cpp(tiny_llama, tmp_path, ctx=32, n_chunks=3, pre="gpt-2") < 1e-4
+
+
+@pytest.mark.slow
+def test_sums_match_llama_cpps_own_collection_on_smollm2(smollm2, tmp_path):
+    """SmolLM2, 2 chunks of 512 tokens, llama.cpp's forward pass on the f32 GGUF of the same weights."""
+    pytest.importorskip("llama_cpp")
+    worst = compare_with_llama_cpp(smollm2, tmp_path, ctx=512, n_chunks=2, pre="smollm")
+    print(f"\nSmolLM2 imatrix vs llama.cpp's collection: worst relative difference {worst:.2e}")
+    assert worst < 1e-3

@@ -1,0 +1,100 @@
+"""Issue 14, first half: SmolLM2-135M-Instruct at q4_k_m and q4_0, with and without an importance matrix, quantized
+by ondevice and by llama.cpp (llama_model_quantize given the same importance vectors); size, KL, top-1 and perplexity
+against the f32 reference on the held-out text (docs/BENCHMARKS.md, "Calibrated quantization").
+
+    python benchmarks/imatrix_smollm2.py [--work /tmp/ondevice-imatrix] [--recipes q4_k_m,q4_0] [--threads 2]
+
+Every step is an `ondevice` command (printed as it runs) except llama.cpp's quantizer, which has no command in
+llama-cpp-python: it is called through its low-level API (ondevice.bench.llama_cpp_tools). Steps whose output exists
+under --work are skipped. The calibration text (ondevice/data/calibration_text.txt) and the evaluation text
+(ondevice/data/eval_text.txt, public-domain passages) are disjoint (ondevice/data/SOURCES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HELD_OUT = ROOT / "ondevice" / "data" / "eval_text.txt"
+
+
+def ondevice(*args: str, capture: bool = False) -> str:
+    command = ["ondevice", *map(str, args)]
+    print("$", shlex.join(command), file=sys.stderr, flush=True)
+    run = subprocess.run([sys.executable, "-m", "ondevice", *map(str, args)], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE if capture else None, check=True)
+    return run.stdout or ""
+
+
+def llama_cpp(src: Path, dst: Path, recipe: str, imatrix: Path | None) -> None:
+    from ondevice.bench.llama_cpp_tools import llama_cpp_quantize
+    from ondevice.quant.imatrix import Imatrix
+
+    print(f"$ llama_model_quantize {src} {dst} {recipe}" + (f" (imatrix {imatrix})" if imatrix else ""),
+          file=sys.stderr, flush=True)
+    llama_cpp_quantize(src, dst, recipe, imatrix=Imatrix.load(imatrix) if imatrix else None)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    from ondevice.formats.gguf import GGUFFile
+
+    with GGUFFile(a) as fa, GGUFFile(b) as fb:
+        return set(fa.tensors) == set(fb.tensors) and all(
+            fa.tensors[n].ggml_type == fb.tensors[n].ggml_type and bytes(fa.tensor_data(n)) == bytes(fb.tensor_data(n))
+            for n in fa.tensors)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ondevice-imatrix"))
+    parser.add_argument("--recipes", default="q4_k_m,q4_0")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    ref, f32, imatrix = work / "smol-f32", work / "smol-f32.gguf", work / "smol.imatrix.gguf"
+    if not ref.exists():
+        ondevice("convert", "smollm2-135m-instruct", "--to", "hf", "--quant", "f32", "-o", ref, "--no-progress")
+    if not f32.exists():  # llama.cpp's quantizer reads a GGUF
+        ondevice("convert", ref, "--to", "gguf", "--quant", "f32", "-o", f32, "--no-progress")
+    if not imatrix.exists():
+        ondevice("imatrix", ref, "-o", imatrix, "--no-progress")
+
+    rows = []
+    for recipe in args.recipes.split(","):
+        for with_imatrix in (False, True):
+            tag = f"{recipe}{'-imatrix' if with_imatrix else ''}"
+            ours, theirs = work / f"ondevice-{tag}.gguf", work / f"llama.cpp-{tag}.gguf"
+            if not ours.exists():
+                ondevice("convert", ref, "--to", "gguf", "--quant", recipe, *(["--imatrix", imatrix] if with_imatrix
+                                                                               else []), "-o", ours, "--no-progress")
+            if not theirs.exists():
+                llama_cpp(f32, theirs, recipe, imatrix if with_imatrix else None)
+            identical = same_tensors(ours, theirs)
+            for quantizer, path in (("llama.cpp", theirs), ("ondevice", ours)):
+                result = json.loads(ondevice("eval", path, "--ref", ref, "--text", HELD_OUT, "--max-tokens", "4096",
+                                             "--threads", args.threads, "--no-store", "--json", capture=True))[0]
+                rows.append({"recipe": recipe, "quantizer": quantizer, "imatrix": with_imatrix,
+                             "size_bytes": path.stat().st_size, "identical_tensors": identical, **{
+                                 k: result[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "perplexity",
+                                                        "ref_perplexity", "tokens", "backend", "ref_backend")}})
+                print(json.dumps(rows[-1]), flush=True)
+    print("\n| recipe | quantizer | imatrix | size (bytes) | KL nats/token (p99) | top-1 | PPL | tensors = llama.cpp's |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['quantizer']} | {'yes' if r['imatrix'] else 'no'} | {r['size_bytes']:,} | "
+              f"{r['kl_mean']:.4f} ({r['kl_p99']:.3f}) | {r['top1_agreement']:.1%} | {r['perplexity']:.3f} | "
+              f"{'yes' if r['identical_tensors'] else 'NO'} |")
+    print(f"\nreference perplexity {rows[0]['ref_perplexity']:.3f} over {rows[0]['tokens']} tokens; artifact backend "
+          f"{rows[0]['backend']}, reference {rows[0]['ref_backend']}")
+    (work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
