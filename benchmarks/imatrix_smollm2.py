@@ -4,9 +4,11 @@ against the f32 reference on the held-out text (docs/BENCHMARKS.md, "Calibrated 
 
     python benchmarks/imatrix_smollm2.py [--work /tmp/ondevice-imatrix] [--recipes q4_k_m,q4_0] [--threads 2]
 
-Every step is an `ondevice` command (printed as it runs) except llama.cpp's quantizer, which has no command in
-llama-cpp-python: it is called through its low-level API (ondevice.bench.llama_cpp_tools). Steps whose output exists
-under --work are skipped. The calibration text (ondevice/data/calibration_text.txt) and the evaluation text
+Every step is an `ondevice` command (printed as it runs) except llama.cpp's tools, which have no command in
+llama-cpp-python: its quantizer and its imatrix collection are called through the low-level API
+(ondevice.bench.llama_cpp_tools). Rows: each quantizer without an imatrix, with ondevice's imatrix, and llama.cpp's
+quantizer with the imatrix llama.cpp's own forward pass collects on the same chunks. Steps whose output exists under
+--work are skipped (evaluations included: eval-*.json). The calibration text (ondevice/data/calibration_text.txt) and the evaluation text
 (ondevice/data/eval_text.txt, public-domain passages) are disjoint (ondevice/data/SOURCES.md).
 """
 
@@ -40,6 +42,23 @@ def llama_cpp(src: Path, dst: Path, recipe: str, imatrix: Path | None) -> None:
     llama_cpp_quantize(src, dst, recipe, imatrix=Imatrix.load(imatrix) if imatrix else None)
 
 
+def llama_cpp_collect(ref: Path, f32: Path, out: Path) -> None:
+    """llama.cpp's forward pass collects the imatrix over the chunks `ondevice imatrix` uses (bundled text, 512)."""
+    from ondevice.bench.llama_cpp_tools import llama_cpp_imatrix
+    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
+    from ondevice.sources import open_source
+
+    print(f"$ llama_cpp_imatrix {f32} (llama.cpp's cb_eval collection) -> {out}", file=sys.stderr, flush=True)
+    model = open_source(ref)
+    try:
+        chunks = chunk_tokens(model, bundled_calibration_text(), 512)
+    finally:
+        model.close()
+    imatrix = llama_cpp_imatrix(f32, chunks)
+    imatrix.datasets = ["ondevice/data/calibration_text.txt"]
+    imatrix.save(out)
+
+
 def same_tensors(a: Path, b: Path) -> bool:
     from ondevice.formats.gguf import GGUFFile
 
@@ -64,30 +83,38 @@ def main() -> int:
         ondevice("convert", ref, "--to", "gguf", "--quant", "f32", "-o", f32, "--no-progress")
     if not imatrix.exists():
         ondevice("imatrix", ref, "-o", imatrix, "--no-progress")
+    theirs_imatrix = work / "llama.cpp-collected.imatrix.gguf"
+    if not theirs_imatrix.exists():
+        llama_cpp_collect(ref, f32, theirs_imatrix)
 
     rows = []
     for recipe in args.recipes.split(","):
-        for with_imatrix in (False, True):
-            tag = f"{recipe}{'-imatrix' if with_imatrix else ''}"
+        for kind, matrix in (("none", None), ("ondevice's", imatrix), ("llama.cpp's", theirs_imatrix)):
+            tag = recipe + {"none": "", "ondevice's": "-imatrix", "llama.cpp's": "-llama-imatrix"}[kind]
             ours, theirs = work / f"ondevice-{tag}.gguf", work / f"llama.cpp-{tag}.gguf"
             if not ours.exists():
-                ondevice("convert", ref, "--to", "gguf", "--quant", recipe, *(["--imatrix", imatrix] if with_imatrix
+                ondevice("convert", ref, "--to", "gguf", "--quant", recipe, *(["--imatrix", matrix] if matrix
                                                                                else []), "-o", ours, "--no-progress")
             if not theirs.exists():
-                llama_cpp(f32, theirs, recipe, imatrix if with_imatrix else None)
+                llama_cpp(f32, theirs, recipe, matrix)
             identical = same_tensors(ours, theirs)
-            for quantizer, path in (("llama.cpp", theirs), ("ondevice", ours)):
-                result = json.loads(ondevice("eval", path, "--ref", ref, "--text", HELD_OUT, "--max-tokens", "4096",
-                                             "--threads", args.threads, "--no-store", "--json", capture=True))[0]
-                rows.append({"recipe": recipe, "quantizer": quantizer, "imatrix": with_imatrix,
+            # llama.cpp's own imatrix row: its quantizer only (ondevice's with that file writes the same bytes)
+            for quantizer, path in (("llama.cpp", theirs), ("ondevice", ours))[: 1 if kind == "llama.cpp's" else 2]:
+                cache = work / f"eval-{path.stem}.json"
+                if not cache.exists():
+                    cache.write_text(ondevice("eval", path, "--ref", ref, "--text", HELD_OUT, "--max-tokens", "4096",
+                                              "--threads", args.threads, "--no-store", "--json", capture=True))
+                result = json.loads(cache.read_text())[0]
+                rows.append({"recipe": recipe, "quantizer": quantizer, "imatrix": kind,
                              "size_bytes": path.stat().st_size, "identical_tensors": identical, **{
                                  k: result[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "perplexity",
                                                         "ref_perplexity", "tokens", "backend", "ref_backend")}})
                 print(json.dumps(rows[-1]), flush=True)
-    print("\n| recipe | quantizer | imatrix | size (bytes) | KL nats/token (p99) | top-1 | PPL | tensors = llama.cpp's |")
+    print("\n| recipe | quantizer | imatrix | size (bytes) | KL nats/token (p99) | top-1 | PPL | "
+          "ondevice's tensors = llama.cpp's |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['quantizer']} | {'yes' if r['imatrix'] else 'no'} | {r['size_bytes']:,} | "
+        print(f"| {r['recipe']} | {r['quantizer']} | {r['imatrix']} | {r['size_bytes']:,} | "
               f"{r['kl_mean']:.4f} ({r['kl_p99']:.3f}) | {r['top1_agreement']:.1%} | {r['perplexity']:.3f} | "
               f"{'yes' if r['identical_tensors'] else 'NO'} |")
     print(f"\nreference perplexity {rows[0]['ref_perplexity']:.3f} over {rows[0]['tokens']} tokens; artifact backend "

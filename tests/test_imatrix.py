@@ -277,8 +277,9 @@ def test_sums_match_llama_cpps_own_collection(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_sums_match_llama_cpps_own_collection_on_smollm2(smollm2, tmp_path):
-    """SmolLM2, 2 chunks of 512 tokens, llama.cpp's forward pass on the f32 GGUF of the same weights."""
+    """SmolLM2, 2 chunks of 512 tokens, llama.cpp's forward pass on the f32 GGUF of the same weights: measured
+    1.2e-5 (the same as against transformers: float32 summation orders)."""
     pytest.importorskip("llama_cpp")
     worst = compare_with_llama_cpp(smollm2, tmp_path, ctx=512, n_chunks=2, pre="smollm")
     print(f"\nSmolLM2 imatrix vs llama.cpp's collection: worst relative difference {worst:.2e}")
-    assert worst < 1e-3
+    assert worst < 1e-4
