@@ -283,3 +283,22 @@ def test_sums_match_llama_cpps_own_collection_on_smollm2(smollm2, tmp_path):
     worst = compare_with_llama_cpp(smollm2, tmp_path, ctx=512, n_chunks=2, pre="smollm")
     print(f"\nSmolLM2 imatrix vs llama.cpp's collection: worst relative difference {worst:.2e}")
     assert worst < 1e-4
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_behind(smollm2, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "smol.imatrix.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "ondevice", "imatrix", str(smollm2), "-o", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)  # inside the forward pass (the whole run takes minutes)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "nothing partial was left behind" in err
+    assert list(tmp_path.iterdir()) == []
