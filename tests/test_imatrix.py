@@ -133,13 +133,13 @@ def test_gguf_form_round_trips_and_is_llama_cpps_layout(tmp_path):
     back.save(tmp_path / "b.gguf")
     assert (tmp_path / "b.gguf").read_bytes() == path.read_bytes()
     # What llama.cpp's loader reads: F32 <name>.in_sum2 (ne0 = columns, ne1 = matrices), <name>.counts (1, n_mat),
-    # sorted names, the three imatrix.* keys and general.type = imatrix.
+    # sorted names, the three imatrix.* keys and general.type = imatrix; ggml stores a dense entry's as 1-D.
     reader = gguf.GGUFReader(path)
     names = [t.name for t in reader.tensors]
     assert names == [f"{n}{s}" for n in sorted(imatrix.sums) for s in (".in_sum2", ".counts")]
     first = reader.tensors[0]
-    assert first.tensor_type == gguf.GGMLQuantizationType.F32 and list(first.shape) == [64, 1]
-    assert list(reader.tensors[1].shape) == [1, 1]
+    assert first.tensor_type == gguf.GGMLQuantizationType.F32 and list(first.shape) == [64]
+    assert list(reader.tensors[1].shape) == [1]
     fields = reader.fields
     assert bytes(fields["general.type"].parts[-1]).decode() == "imatrix"
     assert int(fields["imatrix.chunk_count"].parts[-1][0]) == 5
@@ -302,3 +302,116 @@ def test_ctrl_c_leaves_nothing_behind(smollm2, tmp_path):
             proc.kill()
     assert proc.returncode == 130 and "nothing partial was left behind" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_we_read_a_file_ggml_writes_as_llama_imatrix_does(tmp_path):
+    """save_imatrix()'s calls (gguf_init_empty, the imatrix.* keys, ggml_new_tensor_2d per entry, gguf_add_tensor,
+    gguf_write_to_file) made on libggml-base through ctypes; Imatrix.load reads back the same values."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from ondevice.bench.llama_cpp_tools import _ggml_tensor_struct
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+    lib.ggml_init.restype = lib.gguf_init_empty.restype = lib.ggml_new_tensor_2d.restype = ctypes.c_void_p
+    lib.ggml_init.argtypes = [InitParams]
+    lib.ggml_new_tensor_2d.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    lib.ggml_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_set_val_str.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    lib.gguf_set_val_u32.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
+    lib.gguf_set_arr_str.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
+    lib.gguf_add_tensor.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.gguf_write_to_file.restype = ctypes.c_bool
+    lib.gguf_write_to_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_bool]
+    lib.gguf_free.argtypes = lib.ggml_free.argtypes = [ctypes.c_void_p]
+
+    expected = sample_imatrix()
+    ctx = lib.ggml_init(InitParams(1 << 20, None, False))
+    gguf_ctx = lib.gguf_init_empty()
+    tensor_type = _ggml_tensor_struct()
+    try:
+        lib.gguf_set_val_str(gguf_ctx, b"general.type", b"imatrix")
+        lib.gguf_set_arr_str(gguf_ctx, b"imatrix.datasets", (ctypes.c_char_p * 1)(b"calibration.txt"), 1)
+        lib.gguf_set_val_u32(gguf_ctx, b"imatrix.chunk_count", 5)
+        lib.gguf_set_val_u32(gguf_ctx, b"imatrix.chunk_size", 512)
+        for name in sorted(expected.sums):
+            for suffix, values in ((".in_sum2", expected.sums[name][0]), (".counts", np.array([2560], np.float32))):
+                t = lib.ggml_new_tensor_2d(ctx, 0, values.size if suffix == ".in_sum2" else 1, 1)
+                lib.ggml_set_name(t, (name + suffix).encode())
+                ctypes.memmove(tensor_type.from_address(t).data, values.astype(np.float32).ctypes.data, 4 * values.size)
+                lib.gguf_add_tensor(gguf_ctx, t)
+        assert lib.gguf_write_to_file(gguf_ctx, str(tmp_path / "ggml.gguf").encode(), False)
+    finally:
+        lib.gguf_free(gguf_ctx)
+        lib.ggml_free(ctx)
+    back = Imatrix.load(tmp_path / "ggml.gguf")
+    assert back.datasets == ["calibration.txt"] and (back.chunk_count, back.chunk_size) == (5, 512)
+    for name, sums in expected.sums.items():
+        assert np.array_equal(back.sums[name], sums) and back.counts[name].tolist() == [2560]
+    expected.save(tmp_path / "ours.gguf")  # and ours is the same file, byte for byte
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ggml.gguf").read_bytes()
+
+
+def test_ggml_reads_our_gguf_form_as_llama_cpps_loader_does(tmp_path):
+    """ggml's own GGUF reader (libggml-base, through ctypes), walked as common_imatrix_load walks it: the three
+    imatrix.* keys, and per entry an F32 <name>.in_sum2 of ne = (columns, 1) and <name>.counts of ne = (1, 1)
+    holding our values."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from ondevice.bench.llama_cpp_tools import _ggml_tensor_struct
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+    lib.gguf_find_key.restype = ctypes.c_int64
+    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_get_val_u32.restype = ctypes.c_uint32
+    lib.gguf_get_val_u32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_str.restype = ctypes.c_char_p
+    lib.gguf_get_arr_str.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t]
+    lib.gguf_get_val_str.restype = ctypes.c_char_p
+    lib.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.ggml_get_first_tensor.restype = lib.ggml_get_next_tensor.restype = ctypes.c_void_p
+    lib.ggml_get_first_tensor.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_next_tensor.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.gguf_free.argtypes = lib.ggml_free.argtypes = [ctypes.c_void_p]
+
+    imatrix = sample_imatrix()
+    path = tmp_path / "ours.gguf"
+    imatrix.save(path)
+    ggml_ctx = ctypes.c_void_p()
+    gguf_ctx = lib.gguf_init_from_file(str(path).encode(), InitParams(False, ctypes.pointer(ggml_ctx)))
+    assert gguf_ctx, "ggml could not read the file"
+    try:
+        key = lambda name: lib.gguf_find_key(gguf_ctx, name.encode())  # noqa: E731
+        assert lib.gguf_get_val_str(gguf_ctx, key("general.type")) == b"imatrix"
+        assert lib.gguf_get_arr_str(gguf_ctx, key("imatrix.datasets"), 0) == b"calibration.txt"
+        assert lib.gguf_get_val_u32(gguf_ctx, key("imatrix.chunk_count")) == 5
+        assert lib.gguf_get_val_u32(gguf_ctx, key("imatrix.chunk_size")) == 512
+        tensor_type, seen = _ggml_tensor_struct(), {}
+        address = lib.ggml_get_first_tensor(ggml_ctx)
+        while address:
+            t = tensor_type.from_address(address)
+            n = t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]
+            values = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float)), shape=(n,)).copy()
+            if t.name.decode().endswith((".in_sum2", ".counts")):  # as the loader (ggml adds a data blob tensor)
+                seen[t.name.decode()] = (t.type, tuple(t.ne), values)
+            address = lib.ggml_get_next_tensor(ggml_ctx, address)
+    finally:
+        lib.gguf_free(gguf_ctx)
+        lib.ggml_free(ggml_ctx)
+    assert len(seen) == 2 * len(imatrix.sums)
+    for name, sums in imatrix.sums.items():
+        kind, ne, values = seen[name + ".in_sum2"]
+        assert kind == 0 and ne == (sums.shape[1], 1, 1, 1) and np.array_equal(values, sums[0])
+        kind, ne, values = seen[name + ".counts"]
+        assert kind == 0 and ne == (1, 1, 1, 1) and values.tolist() == [2560.0]

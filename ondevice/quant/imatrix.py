@@ -174,6 +174,8 @@ def _save_gguf(imatrix: Imatrix, path: Path, force: bool) -> int:
     for name in sorted(imatrix.sums):  # llama-imatrix's order: sorted names, sums then counts
         sums = np.ascontiguousarray(imatrix.sums[name], np.float32)
         counts = np.ascontiguousarray(imatrix.counts[name], np.float32).reshape(-1, 1)
+        if len(sums) == 1:  # ggml writes ggml_n_dims(): a dense entry's (columns, 1) and (1, 1) as 1-D
+            sums, counts = sums.reshape(-1), counts.reshape(-1)
         tensors.append(PlannedTensor(name + IN_SUM2, sums.shape, 0, sums.tobytes))
         tensors.append(PlannedTensor(name + COUNTS, counts.shape, 0, counts.tobytes))
     return write_gguf(path, fields, tensors, force=force)
