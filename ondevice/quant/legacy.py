@@ -65,6 +65,7 @@ class Q8_0(QuantType):
     ggml_type = 8
     block_size = QK
     type_size = 2 + QK
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         amax = np.abs(blocks).max(axis=1)
@@ -82,6 +83,7 @@ class Q4_0(QuantType):
     ggml_type = 2
     block_size = QK
     type_size = 2 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = _signed_absmax(blocks) / F32(-8)
@@ -106,6 +108,7 @@ class Q4_1(QuantType):
     ggml_type = 3
     block_size = QK
     type_size = 4 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         lo = blocks.min(axis=1)
@@ -134,6 +137,7 @@ class Q5_0(QuantType):
     ggml_type = 6
     block_size = QK
     type_size = 2 + 4 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = _signed_absmax(blocks) / F32(-16)
@@ -154,6 +158,7 @@ class Q5_1(QuantType):
     ggml_type = 7
     block_size = QK
     type_size = 4 + 4 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         lo = blocks.min(axis=1)
