@@ -115,13 +115,21 @@ static void block_range(const float *x, float *lo, float *hi) {
     *hi = mx;
 }
 
+/* d = (max - min) / levels and m = min stored; returns 1/d (0 for a flat block) and the min. */
+static float affine_scale(const float *x, float levels, od_half *d_out, od_half *m_out, float *mn_out, int *overflow) {
+    float mn, mx;
+    block_range(x, &mn, &mx);
+    const float d = (mx - mn) / levels;
+    *d_out = scale_fp16(d, overflow);
+    *m_out = scale_fp16(mn, overflow);
+    *mn_out = mn;
+    return inverse(d);
+}
+
 static void quantize_q4_1(const float *x, block_q4_1 *y, int64_t nb, int *overflow) {
     for (int64_t b = 0; b < nb; b++, x += OD_QK) {
-        float mn, mx;
-        block_range(x, &mn, &mx);
-        const float d = (mx - mn) / 15.0f, id = inverse(d);
-        y[b].d = scale_fp16(d, overflow);
-        y[b].m = scale_fp16(mn, overflow);
+        float mn;
+        const float id = affine_scale(x, 15.0f, &y[b].d, &y[b].m, &mn, overflow);
         for (int j = 0; j < OD_QK / 2; j++) {
             int lo = (int8_t)((x[j] - mn) * id + 0.5f), hi = (int8_t)((x[OD_QK / 2 + j] - mn) * id + 0.5f);
             lo = lo < 15 ? lo : 15;
@@ -133,11 +141,8 @@ static void quantize_q4_1(const float *x, block_q4_1 *y, int64_t nb, int *overfl
 
 static void quantize_q5_1(const float *x, block_q5_1 *y, int64_t nb, int *overflow) {
     for (int64_t b = 0; b < nb; b++, x += OD_QK) {
-        float mn, mx;
-        block_range(x, &mn, &mx);
-        const float d = (mx - mn) / 31.0f, id = inverse(d);
-        y[b].d = scale_fp16(d, overflow);
-        y[b].m = scale_fp16(mn, overflow);
+        float mn;
+        const float id = affine_scale(x, 31.0f, &y[b].d, &y[b].m, &mn, overflow);
         uint32_t qh = 0;
         for (int j = 0; j < OD_QK / 2; j++) {
             const uint8_t lo = (uint8_t)((x[j] - mn) * id + 0.5f), hi = (uint8_t)((x[OD_QK / 2 + j] - mn) * id + 0.5f);
@@ -216,18 +221,28 @@ static float search_scale_min(int n, int nmax, const float *x, const float *w, u
     return scale;
 }
 
+static void q4_k_search_scalar(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
+    for (int j = 0; j < 8; j++)
+        scales[j] = search_scale_min(32, 15, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -1.0f, 0.1f, 20);
+}
+
 static void quantize_q4_k(const float *x, block_q4_K *y, int64_t nb, int *overflow) {
+    const od_isa_ops *ops = od_ops();
+    void (*search)(const float *, const float *, uint8_t *, float *, float *) =
+        ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
     uint8_t L[OD_QK_K];
-    float weights[32], mins[8], scales[8];
+    float weights[OD_QK_K], mins[8], scales[8];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        float max_scale = 0.0f, max_min = 0.0f;
         for (int j = 0; j < 8; j++) {
             const float *xs = x + 32 * j;
             float sum_x2 = 0.0f;
             for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
             const float av_x = sqrtf(sum_x2 / 32.0f);
-            for (int l = 0; l < 32; l++) weights[l] = av_x + fabsf(xs[l]);
-            scales[j] = search_scale_min(32, 15, xs, weights, L + 32 * j, &mins[j], -1.0f, 0.1f, 20);
+            for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
+        }
+        search(x, weights, L, scales, mins);
+        float max_scale = 0.0f, max_min = 0.0f;
+        for (int j = 0; j < 8; j++) {
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -311,13 +326,19 @@ static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L)
     return scale;
 }
 
+static void q6_k_search_scalar(const float *x, uint8_t *L, float *scales) {
+    for (int j = 0; j < 16; j++) scales[j] = search_scale_symmetric(16, 32, x + 16 * j, L + 16 * j);
+}
+
 static void quantize_q6_k(const float *x, block_q6_K *y, int64_t nb, int *overflow) {
+    const od_isa_ops *ops = od_ops();
+    void (*search)(const float *, uint8_t *, float *) = ops->q6_k_search ? ops->q6_k_search : q6_k_search_scalar;
     uint8_t L[OD_QK_K];
     float scales[16];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        search(x, L, scales);
         float max_scale = 0.0f, max_abs_scale = 0.0f;
         for (int j = 0; j < 16; j++) {
-            scales[j] = search_scale_symmetric(16, 32, x + 16 * j, L + 16 * j);
             if (fabsf(scales[j]) > max_abs_scale) {
                 max_abs_scale = fabsf(scales[j]);
                 max_scale = scales[j];

@@ -235,30 +235,64 @@ def test_kquants_keep_constant_and_zero_blocks_exact(quantizer):
 
 def test_native_quantizers_write_the_numpy_bytes(monkeypatch):
     """kernels/quantize.c against the numpy quantizers (themselves checked against gguf-py and llama.cpp here),
-    on edge cases and heavy-tailed rows, at 1 and 2 threads; the C code must not be what answers both sides."""
+    on edge cases and heavy-tailed rows, on the scalar path and this CPU's SIMD path (the K-quant scale
+    searches), at 1 and 2 threads."""
     kernels = native_kernels()
     if kernels is None:
         pytest.skip("the C kernels are not built")
     rng = np.random.default_rng(5)
     rows = np.concatenate([edge_case_rows(512), (rng.standard_t(2, (300, 512)) * 0.03).astype(np.float32),
-                           rng.standard_normal((40, 512)).astype(np.float32)])
-    threads = kernels.get_threads()
+                           rng.standard_normal((40, 512)).astype(np.float32),
+                           np.where(rng.random((8, 512)) < 0.5, -0.0, 0.0).astype(np.float32)])  # signed zeros
+    threads, isa = kernels.get_threads(), kernels.isa()
     try:
         for name in NATIVE_TYPES:
             qtype = get_quant_type(name)
             monkeypatch.setattr(quant_base, "_NUMPY_ONLY", True)
             reference = qtype.quantize(rows)
             monkeypatch.setattr(quant_base, "_NUMPY_ONLY", False)
-            for n_threads in (1, 2):
-                kernels.set_threads(n_threads)
-                out = np.empty_like(reference)
-                assert kernels.quantize_rows(out, rows, qtype.ggml_type, rows.shape[1]) is True
-                bad = np.flatnonzero((out != reference).any(axis=1))
-                assert bad.size == 0, f"{name}, {n_threads} threads: rows {bad[:10].tolist()} differ"
+            for path in sorted({"scalar", isa}):
+                kernels._set_isa(path)
+                for n_threads in (1, 2):
+                    kernels.set_threads(n_threads)
+                    out = np.empty_like(reference)
+                    assert kernels.quantize_rows(out, rows, qtype.ggml_type, rows.shape[1]) is True
+                    bad = np.flatnonzero((out != reference).any(axis=1))
+                    assert bad.size == 0, f"{name}, {path}, {n_threads} threads: rows {bad[:10].tolist()} differ"
     finally:
+        kernels._set_isa(isa)
         kernels.set_threads(threads)
     with pytest.raises(TypeError):
         kernels.quantize_rows(np.empty(64, np.uint8), np.zeros(32, np.float32), 1, 32)  # f16: not a block type
+
+
+def test_native_quantizers_write_what_ggml_writes():
+    """The C quantizers against ggml itself (ggml_quantize_chunk without an importance matrix, from
+    llama-cpp-python's libggml-base): edge cases, heavy tails and signed zeros (ggml writes a -0.0 scale for a
+    block of zeros, gguf-py's port a +0.0 when the block's first zero is negative)."""
+    import ctypes
+
+    kernels = native_kernels()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if kernels is None:
+        pytest.skip("the C kernels are not built")
+    try:
+        ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        chunk = ggml.ggml_quantize_chunk
+    except (OSError, AttributeError) as exc:
+        pytest.skip(f"libggml-base not usable here: {exc}")
+    chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                      ctypes.c_void_p]
+    chunk.restype = ctypes.c_size_t
+    rng = np.random.default_rng(9)
+    rows = np.ascontiguousarray(np.concatenate([
+        edge_case_rows(512), (rng.standard_t(2, (64, 512)) * 0.03).astype(np.float32),
+        np.where(rng.random((8, 512)) < 0.5, -0.0, 0.0).astype(np.float32)]))
+    for name in NATIVE_TYPES:
+        qtype = get_quant_type(name)
+        theirs = np.zeros((len(rows), qtype.row_nbytes(512)), np.uint8)
+        chunk(qtype.ggml_type, rows.ctypes.data, theirs.ctypes.data, 0, len(rows), 512, None)
+        assert np.array_equal(qtype.quantize(rows), theirs), name
 
 
 # ----------------------------------------------------------------------------- the real model

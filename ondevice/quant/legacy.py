@@ -22,9 +22,22 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
-    """The value of largest magnitude, keeping its sign; the first one wins ties (C's strict `<`)."""
+    """The value of largest magnitude, keeping its sign; the first one wins ties (C's strict `<`). A block of
+    zeros gives +0.0 (the C loop's initial value), whatever the sign of its first zero: ggml then writes the scale
+    -0.0 (gguf-py's port, which takes the first element, does not)."""
     idx = np.argmax(np.abs(blocks), axis=1)
-    return np.take_along_axis(blocks, idx[:, None], axis=1)[:, 0]
+    peak = np.take_along_axis(blocks, idx[:, None], axis=1)[:, 0]
+    return np.where(peak == 0, F32(0), peak)
+
+
+def _first_extremes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) per block as the C loops find them: the first element equal to each, which settles the sign
+    of a zero (numpy's min/max may return either of -0.0 and 0.0)."""
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    first_lo = np.argmax(blocks == lo[:, None], axis=1)
+    first_hi = np.argmax(blocks == hi[:, None], axis=1)
+    return (np.take_along_axis(blocks, first_lo[:, None], axis=1)[:, 0],
+            np.take_along_axis(blocks, first_hi[:, None], axis=1)[:, 0])
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
@@ -111,8 +124,7 @@ class Q4_1(QuantType):
     native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        lo = blocks.min(axis=1)
-        hi = blocks.max(axis=1)
+        lo, hi = _first_extremes(blocks)
         d = (hi - lo) / F32(15)
         scaled = (blocks - lo[:, None]) * _inverse(d)[:, None]
         codes = np.minimum(15, np.trunc(scaled + F32(0.5)).astype(np.int8))
@@ -161,8 +173,7 @@ class Q5_1(QuantType):
     native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        lo = blocks.min(axis=1)
-        hi = blocks.max(axis=1)
+        lo, hi = _first_extremes(blocks)
         d = (hi - lo) / F32(31)
         scaled = (blocks - lo[:, None]) * _inverse(d)[:, None]
         # No clamp in the C reference: (x - min) / d never rounds past 31.5.
