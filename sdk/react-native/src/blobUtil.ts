@@ -15,10 +15,11 @@ declare const require: (id: string) => unknown;
 type BlobUtil = ReactNativeBlobUtil;
 
 function blobUtil(): BlobUtil {
-  const mod = optionalPeer<{ default: BlobUtil } | undefined>(undefined, () => require('react-native-blob-util'),
-    'file access', 'react-native-blob-util');
-  if (!mod) throw new RuntimeMissingError('file access', 'react-native-blob-util');
-  return mod.default;
+  const mod = optionalPeer<{ default?: BlobUtil; ReactNativeBlobUtil?: BlobUtil } | undefined>(undefined,
+    () => require('react-native-blob-util'), 'file access', 'react-native-blob-util');
+  const rn = mod?.default ?? mod?.ReactNativeBlobUtil;
+  if (!rn) throw new RuntimeMissingError('file access', 'react-native-blob-util');
+  return rn;
 }
 
 export class BlobUtilBundleIO implements BundleIO {

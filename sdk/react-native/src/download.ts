@@ -6,6 +6,7 @@
  */
 
 import {
+  BundleIncompleteError,
   ChecksumMismatchError,
   DownloadCancelledError,
   DownloadError,
@@ -51,9 +52,11 @@ function fileUrl(base: string, relative: string): string {
   return base.replace(/\/?$/, '/') + relative.split('/').map(encodeURIComponent).join('/');
 }
 
-async function isComplete(io: BundleIO, path: string, entry: BundleFile): Promise<boolean> {
+/** A file in place: its size, and its sha256 unless this very manifest was installed before (then it was
+ * verified when it was written; hashing a large model again on every call would take a while on a phone). */
+async function isComplete(io: BundleIO, path: string, entry: BundleFile, installed: boolean): Promise<boolean> {
   const s = await io.stat(path);
-  return s !== null && s.size === entry.bytes && (await io.sha256(path)) === entry.sha256;
+  return s !== null && s.size === entry.bytes && (installed || (await io.sha256(path)) === entry.sha256);
 }
 
 export async function downloadBundle(options: DownloadOptions): Promise<DownloadResult> {
@@ -75,13 +78,15 @@ export async function downloadBundle(options: DownloadOptions): Promise<Download
     throw e;
   }
 
+  const finalManifest = joinPath(dest, 'manifest.json');
+  const installed = (await io.stat(finalManifest)) !== null && (await io.readText(finalManifest)) === manifestText;
   const totalBytes = manifest.files.reduce((n, f) => n + f.bytes, 0);
   // What is already here: complete files (kept) and partial ones (resumed).
   const todo: { entry: BundleFile; final: string; part: string; have: number }[] = [];
   let doneBytes = 0;
   for (const entry of manifest.files) {
     const final = joinPath(dest, entry.path);
-    if (await isComplete(io, final, entry)) {
+    if (await isComplete(io, final, entry, installed)) {
       doneBytes += entry.bytes;
       continue;
     }
@@ -141,7 +146,7 @@ export async function downloadBundle(options: DownloadOptions): Promise<Download
     base += entry.bytes - counted;
     onProgress?.({ file: entry.path, fileBytes: entry.bytes, fileTotal: entry.bytes, bytes: base, totalBytes });
   }
-  await io.move(manifestPart, joinPath(dest, 'manifest.json'));
+  await io.move(manifestPart, finalManifest);
   return { manifest, dest, fetchedBytes, resumed };
 }
 
@@ -155,10 +160,8 @@ export async function readBundle(dir: string, io: BundleIO,
   for (const entry of manifest.files) {
     const path = joinPath(dir, entry.path);
     const s = await io.stat(path);
-    if (s === null) throw new DownloadError(`bundle file ${entry.path} is missing from ${dir}`);
-    if (s.size !== entry.bytes) {
-      throw new DownloadError(`bundle file ${entry.path} has ${s.size} bytes, the manifest says ${entry.bytes}`);
-    }
+    if (s === null) throw new BundleIncompleteError(entry.path, `is missing from ${dir}`);
+    if (s.size !== entry.bytes) throw new BundleIncompleteError(entry.path, `has ${s.size} bytes, not ${entry.bytes}`);
     if (options.verify === 'sha256') {
       const actual = await io.sha256(path);
       if (actual !== entry.sha256) throw new ChecksumMismatchError(entry.path, entry.sha256, actual);

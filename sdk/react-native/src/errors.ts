@@ -5,6 +5,7 @@
 
 export type OndeviceErrorCode =
   | 'INVALID_MANIFEST'
+  | 'BUNDLE_INCOMPLETE'
   | 'UNSUPPORTED_MANIFEST_VERSION'
   | 'UNSUPPORTED_BUNDLE'
   | 'DOWNLOAD_FAILED'
@@ -32,6 +33,13 @@ export class OndeviceError extends Error {
 export class InvalidManifestError extends OndeviceError {
   constructor(readonly path: string, problem: string) {
     super('INVALID_MANIFEST', `bundle manifest invalid at ${path}: ${problem}`);
+  }
+}
+
+/** A bundle folder whose files are not all there with the size the manifest lists. */
+export class BundleIncompleteError extends OndeviceError {
+  constructor(readonly file: string, problem: string) {
+    super('BUNDLE_INCOMPLETE', `bundle file ${file} ${problem}: download the bundle again (downloadBundle resumes)`);
   }
 }
 

@@ -3,6 +3,7 @@ import { existsSync, promises as fsp, readdirSync, readFileSync } from 'fs';
 import * as path from 'path';
 
 import {
+  BundleIncompleteError,
   ChecksumMismatchError,
   DownloadCancelledError,
   DownloadError,
@@ -82,12 +83,21 @@ describe('downloadBundle', () => {
     expect(sha256(path.join(dest, gguf.path))).toBe(gguf.sha256);
   });
 
-  it('skips files already in place on a second call', async () => {
+  it('skips files already in place on a second call, without hashing them again', async () => {
     await downloadBundle({ url: server.url, dest, io, reserveBytes: 0 });
     server.requests.length = 0;
-    const again = await downloadBundle({ url: server.url, dest, io, reserveBytes: 0 });
+    let hashed = 0;
+    const counting = Object.assign(Object.create(io) as NodeBundleIO,
+      { sha256: (p: string) => ((hashed += 1), io.sha256(p)) });
+    const again = await downloadBundle({ url: server.url, dest, io: counting, reserveBytes: 0 });
     expect(again.fetchedBytes).toBe(0);
+    expect(hashed).toBe(0); // the same manifest was installed: sizes suffice
     expect(server.requests.map((r) => r.path)).toEqual(['manifest.json']);
+    // a bundle folder with a file missing is reported as such, and the next download fetches just that file
+    await fsp.unlink(path.join(dest, 'chat_template.jinja'));
+    await expect(readBundle(dest, io)).rejects.toBeInstanceOf(BundleIncompleteError);
+    const repaired = await downloadBundle({ url: server.url, dest, io, reserveBytes: 0 });
+    expect(repaired.fetchedBytes).toBe(manifest.files.find((f) => f.path === 'chat_template.jinja')!.bytes);
   });
 
   it('deletes a file whose sha256 does not match and says which', async () => {
