@@ -73,6 +73,17 @@ export class ExecuTorchModel implements api.OndeviceModel {
     if (manifest.chat.template === null) {
       throw new UnsupportedBundleError('the model has no chat template, which react-native-executorch needs');
     }
+    // react-native-executorch renders with the tokenizer config's template: it must be the bundle's
+    let tokenizerConfig: { chat_template?: unknown; eos_token?: unknown };
+    try {
+      tokenizerConfig = JSON.parse(await bundle.io.readText(bundle.path(config.path))) as typeof tokenizerConfig;
+    } catch {
+      throw new UnsupportedBundleError(`${config.path} is not JSON`);
+    }
+    if (tokenizerConfig.chat_template !== manifest.chat.template || typeof tokenizerConfig.eos_token !== 'string') {
+      throw new UnsupportedBundleError(`${config.path} does not carry the manifest's chat template and an EOS token ` +
+        '(react-native-executorch prompts with it): export the bundle again with --app react-native');
+    }
     const et = executorchModule(options);
     const paths = { modelPath: bundle.path(manifest.model.file), tokenizerPath: bundle.path(tokenizer.path),
       tokenizerConfigPath: bundle.path(config.path) };

@@ -85,6 +85,7 @@ export interface LoadOptions {
 
 export interface LoadedBundle {
   dir: string;
+  io: BundleIO;
   manifest: BundleManifest;
   memory?: MemoryCheck;
   nCtx: number;
@@ -104,7 +105,7 @@ export async function loadModel(dir: string, options: LoadOptions = {}): Promise
     const device = options.memory ?? (await deviceMemory());
     if (device) memory = checkMemory(manifest, device, nCtx);
   }
-  const bundle: LoadedBundle = { dir, manifest, memory, nCtx, path: (relative) => joinPath(dir, relative) };
+  const bundle: LoadedBundle = { dir, io, manifest, memory, nCtx, path: (relative) => joinPath(dir, relative) };
   const runtime = bundleRuntime(manifest);
   if (runtime === 'llama.cpp') {
     return LlamaRnModel.load(bundle, options);

@@ -88,6 +88,21 @@ describe('manifest validation', () => {
     expect(byUs).toBe(bySchema);
   });
 
+  it('knows every app, runtime and file role the schema allows (a new one fails here first)', () => {
+    const apps: string[] = schema.properties.app.enum;
+    const runtimes: string[] = schema.properties.runtime.enum;
+    const roles: string[] = schema.properties.files.items.properties.role.enum;
+    for (const app of apps) expect(() => validateManifest({ ...goldenManifest(), app })).not.toThrow();
+    for (const runtime of runtimes.filter((r) => r !== 'coreml')) {
+      expect(() => validateManifest({ ...goldenManifest(), runtime })).not.toThrow();
+    }
+    for (const role of roles) {
+      const m = goldenManifest();
+      m.files[0]!.role = role;
+      expect(() => validateManifest(m)).not.toThrow();
+    }
+  });
+
   it('names the offending field', () => {
     const m = goldenManifest() as any;
     m.files[1].sha256 = 'nope';

@@ -274,6 +274,17 @@ describe('react-native-executorch (.pte bundles)', () => {
     expect(etCalls.sessions[1]!.options?.initialMessages?.[0]).toMatchObject({ role: 'system' });
   });
 
+  it('refuses a tokenizer_config.json whose template is not the bundle\'s', async () => {
+    const dir = await pteBundle();
+    const original = readFileSync(path.join(dir, 'tokenizer_config.json'), 'utf8');
+    const config = JSON.parse(original);
+    config.chat_template = '{{ messages[0].content }}';
+    // same size (the manifest lists it; only the content is wrong)
+    await fsp.writeFile(path.join(dir, 'tokenizer_config.json'), JSON.stringify(config).padEnd(original.length));
+    await expect(loadModel(dir, { io, memory: roomy })).rejects.toThrow(/chat template/);
+    expect(etCalls.sessions).toHaveLength(0);
+  });
+
   it('refuses a .pte bundle without tokenizer_config.json', async () => {
     const dir = await pteBundle();
     const m = JSON.parse(readFileSync(path.join(dir, 'manifest.json'), 'utf8'));
