@@ -262,6 +262,51 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------ quantize_rows */
+
+PyDoc_STRVAR(quantize_rows_doc,
+             "quantize_rows(dst, src, wtype, K)\n--\n\n"
+             "Quantize float32 rows src[M*K] (finite) to GGML type wtype into dst (uint8, M * row_nbytes(wtype, K)):\n"
+             "the bytes llama.cpp's reference quantizers write without an importance matrix. Returns False if a\n"
+             "block scale overflows fp16 (dst is then incomplete), True otherwise; TypeError for types it lacks.");
+
+static PyObject *py_quantize_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!check_nargs(nargs, 4, 4, "quantize_rows")) return NULL;
+    long long wtype, k;
+    if (!get_i64(args[2], &wtype, "wtype") || !get_i64(args[3], &k, "K")) return NULL;
+    if (k <= 0) return PyErr_Format(PyExc_ValueError, "quantize_rows: K=%lld", k);
+    const size_t row_bytes = od_row_nbytes((int)wtype, k);
+    if (row_bytes == 0) return PyErr_Format(PyExc_TypeError, "quantize_rows: type %lld with K=%lld", wtype, k);
+    arg_buf b[2];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (!get_buffer(args[0], &b[0], "dst", KIND_BYTES, 1) || !get_buffer(args[1], &b[1], "src", KIND_F32, 0))
+        goto done;
+    const Py_ssize_t items = n_items(&b[1]);
+    const long long m = items / k;
+    if (items % k != 0 || (size_t)b[0].view.len != (size_t)m * row_bytes) {
+        PyErr_SetString(PyExc_ValueError, "quantize_rows: dst and src sizes do not agree with K");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = od_quantize_rows(b[0].view.buf, b[1].view.buf, (int)wtype, m, k);
+    Py_END_ALLOW_THREADS
+    if (rc == OD_ERANGE) {
+        result = Py_NewRef(Py_False);
+    } else if (rc == OD_ETYPE) {
+        PyErr_Format(PyExc_TypeError, "quantize_rows: no quantizer for type %lld", wtype);
+    } else if (rc != OD_OK) {
+        raise_code(rc, "quantize_rows");
+    } else {
+        result = Py_NewRef(Py_True);
+    }
+done:
+    release_buffers(b, 2);
+    return result;
+}
+
 /* ------------------------------------------------------------------ get_rows */
 
 PyDoc_STRVAR(get_rows_doc,
@@ -767,6 +812,7 @@ static PyMethodDef methods[] = {
     {"_quantize_activations", (PyCFunction)(void (*)(void))py_quantize_activations, METH_FASTCALL,
      quantize_activations_doc},
     {"get_rows", (PyCFunction)(void (*)(void))py_get_rows, METH_FASTCALL, get_rows_doc},
+    {"quantize_rows", (PyCFunction)(void (*)(void))py_quantize_rows, METH_FASTCALL, quantize_rows_doc},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, rmsnorm_doc},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, rope_doc},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL, attention_doc},

@@ -72,6 +72,12 @@ int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int un
  * that want to inspect them): qs[M][K] codes, ds[M][K/32][2] = (d, s) per block of 32, x[M][K] f32. */
 int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k);
 
+/* Weight quantization: src[nrows][n] f32 (finite) -> dst rows of od_row_nbytes(type, n) bytes of type Q8_0, Q4_0,
+ * Q4_1, Q5_0, Q5_1, Q4_K or Q6_K, the bytes llama.cpp's reference quantizers write without an importance matrix.
+ * OD_ETYPE for other types, OD_ERANGE if a block scale overflows fp16 (dst is then partly written). Threads
+ * split the rows. */
+int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n);
+
 /* out[M][K] = rows ids[0..M) of table (n_rows rows of K elements of GGML type ttype), in f32. */
 int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,
                 int64_t k);

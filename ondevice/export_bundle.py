@@ -1,4 +1,4 @@
-"""Phone-app bundles: `ondevice export MODEL --app {pocketpal,ios,android} -o DIR`.
+"""Phone-app bundles: `ondevice export MODEL --app {pocketpal,ios,android,react-native} -o DIR`.
 
 A bundle is a folder an app can ship or side-load: the model file (or package folder), the tokenizer and chat
 template, and manifest.json (format: ondevice/data/schemas/app-bundle-manifest.v2.schema.json; version 1 bundles
@@ -20,6 +20,10 @@ the file is copied unchanged.
   manifest's coreml block saying how to drive it.
 - android: with --format pte, an ExecuTorch .pte (ondevice's executorch target: XNNPACK, its own runtime
   manifest and tokenizer.json beside it, see apps/android); by default the GGUF for llama.cpp on Android.
+- react-native: what the @ondevice/react-native SDK (sdk/react-native) loads: by default the GGUF for llama.rn;
+  with --format pte the ExecuTorch .pte and its tokenizer.json for react-native-executorch. Both get a
+  tokenizer_config.json (chat_template, bos/eos tokens: what react-native-executorch reads its template from) and
+  chat_template.jinja beside the model.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ MANIFEST_VERSION = 2  # what export writes; validation accepts every version in 
 SCHEMA_DIR = Path(__file__).parent / "data" / "schemas"
 SCHEMAS = {1: "app-bundle-manifest.v1.schema.json", 2: "app-bundle-manifest.v2.schema.json"}
 SCHEMA_PATH = SCHEMA_DIR / SCHEMAS[MANIFEST_VERSION]
-APPS = ("pocketpal", "ios", "android")
-FORMATS = {"pocketpal": ("gguf",), "ios": ("gguf", "coreml"), "android": ("gguf", "pte")}
+APPS = ("pocketpal", "ios", "android", "react-native")
+FORMATS = {"pocketpal": ("gguf",), "ios": ("gguf", "coreml"), "android": ("gguf", "pte"),
+           "react-native": ("gguf", "pte")}
 CONVERTED = {"pte": ("executorch", "8da4w"), "coreml": ("coreml", "int4")}  # format -> (target, default quant)
-DEFAULT_DEVICE = {"pocketpal": "pixel-8", "ios": "iphone-15-pro", "android": "pixel-8"}
+DEFAULT_DEVICE = {"pocketpal": "pixel-8", "ios": "iphone-15-pro", "android": "pixel-8", "react-native": "pixel-8"}
 # What `ondevice run` samples with (SamplingDefaults); used for each key the GGUF's general.sampling.* lacks.
 DEFAULT_SAMPLING = {k: v for k, v in DEFAULTS.to_dict().items() if k != "max_tokens"}
 GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
@@ -230,6 +235,18 @@ def _ram_estimate(model_file: Path, device: str, ctx: int) -> dict[str, Any]:
             "method": "ondevice fit: model file + f16 KV cache for the context + runtime overhead (an estimate)"}
 
 
+def tokenizer_config(template: str | None, bos: str | None, add_bos: bool, stops: list[str],
+                     ctx: int) -> dict[str, Any]:
+    """A Hugging Face style tokenizer_config.json with the chat template and special tokens: what
+    react-native-executorch's chat session reads (chat_template, eos_token). The EOS is the stop token the template
+    closes turns with (<|im_end|>, not <|endoftext|>), else the first stop."""
+    eos = next((s for s in stops if template and s in template), stops[0] if stops else None)
+    config: dict[str, Any] = {"bos_token": bos, "eos_token": eos, "add_bos_token": add_bos, "model_max_length": ctx}
+    if template is not None:
+        config["chat_template"] = template
+    return config
+
+
 def _readme(manifest: dict[str, Any]) -> str:
     m, ram, s = manifest["model"], manifest["ram"], manifest["sampling"]
     stops = ", ".join(f"`{t}`" for t in manifest["chat"]["stop"]) or "(none)"
@@ -353,6 +370,13 @@ def export_bundle(model: str | Path, app: str, out_dir: str | Path, *, model_for
         if template is not None:
             (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
             files.append(("chat_template.jinja", "chat_template"))
+        if app == "react-native":
+            config = tokenizer_config(template, bos, codec.add_bos, [e["text"] for e in eos if e["text"]], ctx)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            files.append(("tokenizer_config.json", "tokenizer_config"))
+            if template is None:
+                notes.append("the model has no chat template: react-native-executorch needs one in "
+                             "tokenizer_config.json, llama.rn falls back to plain prompts")
 
         ram = _ram_estimate(model_file if model_format == "gguf" else source, device, ctx)
         if model_format != "gguf":

@@ -17,12 +17,24 @@ import pytest
 
 from ondevice.errors import InvalidModelError, UnsupportedError
 from ondevice.quant import QUANT_TYPES, QuantType, get_quant_type, quant_type_for_ggml, tensor_nbytes
-from ondevice.quant.base import sequential_sum
+from ondevice.quant import base as quant_base
+from ondevice.quant.base import native_kernels, sequential_sum
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as G  # noqa: E402
 
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+NATIVE_TYPES = tuple(name for name, q in QUANT_TYPES.items() if q.native)
+
+
+@pytest.fixture(params=["native", "numpy"])
+def quantizer(request, monkeypatch):
+    """Run a test through the C quantizers (kernels/quantize.c) and through the numpy ones."""
+    if request.param == "numpy":
+        monkeypatch.setattr(quant_base, "_NUMPY_ONLY", True)
+    elif native_kernels() is None:
+        pytest.skip("the C kernels are not built")
+    return request.param
 GGUF_ID = {q.name: G(q.ggml_type) for q in QUANT_TYPES.values()}
 
 
@@ -110,7 +122,7 @@ def test_non_finite_weights_are_refused_with_their_row():
         get_quant_type("q4_0").quantize(x)
 
 
-def test_values_too_large_for_fp16_scales_are_refused():
+def test_values_too_large_for_fp16_scales_are_refused(quantizer):
     big = np.full((1, 256), 2.0**30, np.float32)
     for name in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"):
         with pytest.raises(UnsupportedError, match="f32"):
@@ -154,7 +166,7 @@ def test_sequential_sum_matches_c_accumulation_order():
 
 
 @pytest.mark.parametrize("name", BLOCK_TYPES + ("f16", "bf16"))
-def test_quantize_is_byte_identical_to_gguf_py(name: str):
+def test_quantize_is_byte_identical_to_gguf_py(name: str, quantizer):
     qtype = get_quant_type(name)
     rng = np.random.default_rng(11)
     data = np.concatenate([edge_case_rows(), rng.standard_normal((64, 256)).astype(np.float32) * 0.05])
@@ -209,7 +221,7 @@ def test_round_trip_error_on_gaussian_rows(name: str, max_rel_rmse: float):
     assert rel < max_rel_rmse
 
 
-def test_kquants_keep_constant_and_zero_blocks_exact():
+def test_kquants_keep_constant_and_zero_blocks_exact(quantizer):
     for name in ("q4_k", "q6_k"):
         qtype = get_quant_type(name)
         zeros = np.zeros((2, 256), np.float32)
@@ -219,6 +231,68 @@ def test_kquants_keep_constant_and_zero_blocks_exact():
     const = np.full((1, 256), -0.5, np.float32)
     back = get_quant_type("q4_k").dequantize(get_quant_type("q4_k").quantize(const), 256)
     assert np.allclose(back, -0.5, rtol=0.02)
+
+
+def test_native_quantizers_write_the_numpy_bytes(monkeypatch):
+    """kernels/quantize.c against the numpy quantizers (themselves checked against gguf-py and llama.cpp here),
+    on edge cases and heavy-tailed rows, on the scalar path and this CPU's SIMD path (the K-quant scale
+    searches), at 1 and 2 threads."""
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("the C kernels are not built")
+    rng = np.random.default_rng(5)
+    rows = np.concatenate([edge_case_rows(512), (rng.standard_t(2, (300, 512)) * 0.03).astype(np.float32),
+                           rng.standard_normal((40, 512)).astype(np.float32),
+                           np.where(rng.random((8, 512)) < 0.5, -0.0, 0.0).astype(np.float32)])  # signed zeros
+    threads, isa = kernels.get_threads(), kernels.isa()
+    try:
+        for name in NATIVE_TYPES:
+            qtype = get_quant_type(name)
+            monkeypatch.setattr(quant_base, "_NUMPY_ONLY", True)
+            reference = qtype.quantize(rows)
+            monkeypatch.setattr(quant_base, "_NUMPY_ONLY", False)
+            for path in sorted({"scalar", isa}):
+                kernels._set_isa(path)
+                for n_threads in (1, 2):
+                    kernels.set_threads(n_threads)
+                    out = np.empty_like(reference)
+                    assert kernels.quantize_rows(out, rows, qtype.ggml_type, rows.shape[1]) is True
+                    bad = np.flatnonzero((out != reference).any(axis=1))
+                    assert bad.size == 0, f"{name}, {path}, {n_threads} threads: rows {bad[:10].tolist()} differ"
+    finally:
+        kernels._set_isa(isa)
+        kernels.set_threads(threads)
+    with pytest.raises(TypeError):
+        kernels.quantize_rows(np.empty(64, np.uint8), np.zeros(32, np.float32), 1, 32)  # f16: not a block type
+
+
+def test_native_quantizers_write_what_ggml_writes():
+    """The C quantizers against ggml itself (ggml_quantize_chunk without an importance matrix, from
+    llama-cpp-python's libggml-base): edge cases, heavy tails and signed zeros (ggml writes a -0.0 scale for a
+    block of zeros, gguf-py's port a +0.0 when the block's first zero is negative)."""
+    import ctypes
+
+    kernels = native_kernels()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if kernels is None:
+        pytest.skip("the C kernels are not built")
+    try:
+        ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        chunk = ggml.ggml_quantize_chunk
+    except (OSError, AttributeError) as exc:
+        pytest.skip(f"libggml-base not usable here: {exc}")
+    chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                      ctypes.c_void_p]
+    chunk.restype = ctypes.c_size_t
+    rng = np.random.default_rng(9)
+    rows = np.ascontiguousarray(np.concatenate([
+        edge_case_rows(512), (rng.standard_t(2, (64, 512)) * 0.03).astype(np.float32),
+        np.where(rng.random((8, 512)) < 0.5, -0.0, 0.0).astype(np.float32)]))
+    for name in NATIVE_TYPES:
+        qtype = get_quant_type(name)
+        theirs = np.zeros((len(rows), qtype.row_nbytes(512)), np.uint8)
+        chunk(qtype.ggml_type, rows.ctypes.data, theirs.ctypes.data, 0, len(rows), 512, None)
+        assert np.array_equal(qtype.quantize(rows), theirs), name
 
 
 # ----------------------------------------------------------------------------- the real model

@@ -276,7 +276,9 @@ def connect(address: str, devices: list[str], *, num_cpus: int | None = None) ->
         return
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
     if address == "local":
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=100 * 2**20,
+        # address="local" explicitly: without it ray.init joins whatever cluster RAY_ADDRESS names (Ray sets it in
+        # every driver's environment, so a sweep started from one would join that cluster, or a dead one).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=100 * 2**20,
                  resources={DEVICE_PREFIX + d: 1 for d in devices}, **quiet)
     else:
         try:

@@ -1,4 +1,4 @@
-"""`ondevice export MODEL --app {pocketpal,ios,android} -o DIR`: a model bundle for a phone app."""
+"""`ondevice export MODEL --app {pocketpal,ios,android,react-native} -o DIR`: a model bundle for a phone app."""
 
 from __future__ import annotations
 
@@ -18,24 +18,27 @@ appears.
              cache; --quant int4 (default), int8 or fp16) with its tokenizer and runtime manifest
   android    --format gguf (default): the GGUF for llama.cpp on Android; --format pte: an ExecuTorch .pte
              (XNNPACK) with its tokenizer and runtime manifest (Kotlin sample: apps/android)
+  react-native  for the @ondevice/react-native SDK (sdk/react-native): --format gguf (default) for llama.rn,
+             --format pte for react-native-executorch; both with tokenizer_config.json (chat template, EOS)
 
 examples:
   ondevice export smollm2-135m-instruct --app pocketpal -o smol-pocketpal
   ondevice export model.gguf --app android --format pte -o smol-android
   ondevice export smollm2-135m-instruct --app ios --format coreml -o smol-ios-coreml
+  ondevice export smollm2-135m-instruct --app react-native -o smol-rn
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ondevice.export_bundle import APPS
 
-    p = sub.add_parser("export", help="bundle a model for a phone app (PocketPal, iOS, Android)",
+    p = sub.add_parser("export", help="bundle a model for a phone app (PocketPal, iOS, Android, React Native)",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="GGUF file or alias")
     p.add_argument("--app", required=True, choices=APPS, help="the kind of app")
     p.add_argument("-o", "--output", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--format", dest="model_format", choices=("gguf", "pte", "coreml"),
-                   help="model format (ios: gguf or coreml; android: gguf or pte; pocketpal: gguf)")
+                   help="model format (ios: gguf or coreml; android, react-native: gguf or pte; pocketpal: gguf)")
     p.add_argument("--quant", help="scheme for --format pte (default 8da4w) or coreml (int4, int8, fp16; default int4)")
     p.add_argument("--device", help="device profile for the RAM estimate (see `ondevice fit --list`)")
     p.add_argument("--ctx", type=int, help="context the RAM estimate is sized for (default 2048)")

@@ -97,9 +97,16 @@ class QuantType(ABC):
         """float32 rows (r, n), finite, and importance (n,) -> uint8 (r * n / block_size, type_size)."""
         raise NotImplementedError
 
+    # The C kernels quantize these types (kernels/quantize.c: the same bytes, threaded); numpy stays the
+    # reference, and the path for the rest and for a scale overflow's error message.
+    native: bool = False
+
     def _quantize_rows(self, rows: np.ndarray) -> np.ndarray:
         n = rows.shape[1]
         out = np.empty((rows.shape[0], self.row_nbytes(n)), dtype=np.uint8)
+        kernels = native_kernels() if self.native else None
+        if kernels is not None and kernels.quantize_rows(out, rows, self.ggml_type, n):
+            return out
         blocks_in = rows.reshape(-1, self.block_size)
         blocks_out = out.reshape(-1, self.type_size)
         for part in chunks(blocks_in.shape[0], self.chunk_blocks):
@@ -133,6 +140,19 @@ class QuantType(ABC):
 
     def __repr__(self) -> str:
         return f"<QuantType {self.name} (ggml {self.ggml_type}): {self.block_size} weights in {self.type_size} bytes>"
+
+
+def native_kernels():  # type: ignore[no-untyped-def]
+    """ondevice._kernels when built (its quantize_rows), else None: the numpy quantizers then do the work."""
+    try:
+        from ondevice import _kernels
+    except ImportError:
+        return None
+    return _kernels if hasattr(_kernels, "quantize_rows") and not _NUMPY_ONLY else None
+
+
+# Test hook: force the numpy quantizers (tests compare the two paths).
+_NUMPY_ONLY = False
 
 
 def check_finite(rows: np.ndarray, name: str | None) -> None:

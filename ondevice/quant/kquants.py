@@ -244,6 +244,7 @@ class Q4_K(QuantType):
     ggml_type = 12
     block_size = QK_K
     type_size = 4 + 12 + QK_K // 2
+    native = True
     chunk_blocks = 256  # the search makes ~10 temporaries of the chunk's size: keep them in cache
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
@@ -338,6 +339,7 @@ class Q6_K(QuantType):
     ggml_type = 14
     block_size = QK_K
     type_size = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
+    native = True
     chunk_blocks = 256
 
     takes_importance = True

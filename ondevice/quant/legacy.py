@@ -22,9 +22,22 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
-    """The value of largest magnitude, keeping its sign; the first one wins ties (C's strict `<`)."""
+    """The value of largest magnitude, keeping its sign; the first one wins ties (C's strict `<`). A block of
+    zeros gives +0.0 (the C loop's initial value), whatever the sign of its first zero: ggml then writes the scale
+    -0.0 (gguf-py's port, which takes the first element, does not)."""
     idx = np.argmax(np.abs(blocks), axis=1)
-    return np.take_along_axis(blocks, idx[:, None], axis=1)[:, 0]
+    peak = np.take_along_axis(blocks, idx[:, None], axis=1)[:, 0]
+    return np.where(peak == 0, F32(0), peak)
+
+
+def _first_extremes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) per block as the C loops find them: the first element equal to each, which settles the sign
+    of a zero (numpy's min/max may return either of -0.0 and 0.0)."""
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    first_lo = np.argmax(blocks == lo[:, None], axis=1)
+    first_hi = np.argmax(blocks == hi[:, None], axis=1)
+    return (np.take_along_axis(blocks, first_lo[:, None], axis=1)[:, 0],
+            np.take_along_axis(blocks, first_hi[:, None], axis=1)[:, 0])
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
@@ -91,6 +104,7 @@ class Q8_0(QuantType):
     ggml_type = 8
     block_size = QK
     type_size = 2 + QK
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         amax = np.abs(blocks).max(axis=1)
@@ -108,6 +122,7 @@ class Q4_0(QuantType):
     ggml_type = 2
     block_size = QK
     type_size = 2 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = _signed_absmax(blocks) / F32(-8)
@@ -138,10 +153,10 @@ class Q4_1(QuantType):
     ggml_type = 3
     block_size = QK
     type_size = 4 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        lo = blocks.min(axis=1)
-        hi = blocks.max(axis=1)
+        lo, hi = _first_extremes(blocks)
         d = (hi - lo) / F32(15)
         scaled = (blocks - lo[:, None]) * _inverse(d)[:, None]
         codes = np.minimum(15, np.trunc(scaled + F32(0.5)).astype(np.int8))
@@ -173,6 +188,7 @@ class Q5_0(QuantType):
     ggml_type = 6
     block_size = QK
     type_size = 2 + 4 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = _signed_absmax(blocks) / F32(-16)
@@ -199,10 +215,10 @@ class Q5_1(QuantType):
     ggml_type = 7
     block_size = QK
     type_size = 4 + 4 + QK // 2
+    native = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        lo = blocks.min(axis=1)
-        hi = blocks.max(axis=1)
+        lo, hi = _first_extremes(blocks)
         d = (hi - lo) / F32(31)
         scaled = (blocks - lo[:, None]) * _inverse(d)[:, None]
         # No clamp in the C reference: (x - min) / d never rounds past 31.5.

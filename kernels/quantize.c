@@ -1,0 +1,435 @@
+/*
+ * Weight quantizers (float32 rows -> GGUF blocks): what `ondevice convert --to gguf` writes, bit for bit the
+ * same bytes as the numpy implementations in ondevice/quant/ (which reproduce llama.cpp's reference
+ * quantizers without an importance matrix; tests/test_quant.py checks both against libggml).
+ *
+ * Every intermediate is float32 in the reference's order of operations. Fused multiply-adds would round
+ * differently: GCC contracts only in GNU modes (this builds as -std=c11), clang honours the pragma below.
+ */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#include <math.h>
+#include <string.h>
+
+#include "blocks.h"
+#include "od_internal.h"
+#include "ondevice_kernels.h"
+
+#define GROUP_MAX_EPS 1e-15f
+
+/* llama.cpp's nearest_int (round half to even) for the magnitudes where its 1.5 * 2^23 trick holds, rintf beyond
+ * (the callers clamp the result; numpy's rint agrees everywhere). */
+static inline int nearest_int(float v) {
+    if (fabsf(v) < 4194304.0f) {
+        const float shifted = v + 12582912.0f;
+        int32_t bits;
+        memcpy(&bits, &shifted, 4);
+        return (bits & 0x007FFFFF) - 0x00400000;
+    }
+    if (!(fabsf(v) < 2147483520.0f)) return v > 0 ? 2147483647 : -2147483647 - 1;
+    return (int)rintf(v);
+}
+
+/* C's roundf (half away from zero) for |v| < 2^31, without a libm call. */
+static inline float round_half_away(float v) {
+    const float whole = (float)(int32_t)v;
+    const float frac = v - whole;
+    if (fabsf(frac) >= 0.5f) return whole + (v > 0 ? 1.0f : -1.0f);
+    return whole;
+}
+
+static inline float inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
+
+/* fp16 of a block scale; *overflow set when a finite scale does not fit (the caller reports it). */
+static inline od_half scale_fp16(float v, int *overflow) {
+    const od_half h = od_fp32_to_fp16(v);
+    if ((h & 0x7C00u) == 0x7C00u) *overflow = 1;
+    return h;
+}
+
+/* The value of largest magnitude with its sign; the first one wins ties. */
+static inline float signed_absmax(const float *x, int n) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < n; j++) {
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    return max;
+}
+
+/* ------------------------------------------------------------------ 32-weight blocks */
+
+static void quantize_q8_0(const float *x, block_q8_0 *y, int64_t nb, int *overflow) {
+    for (int64_t b = 0; b < nb; b++, x += OD_QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < OD_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = inverse(d);
+        y[b].d = scale_fp16(d, overflow);
+        for (int j = 0; j < OD_QK; j++) y[b].qs[j] = (int8_t)round_half_away(x[j] * id);
+    }
+}
+
+/* Q4_0 / Q5_0: symmetric, d = signed absmax / -2^(bits-1); codes (int)(x / d + 2^(bits-1) + 0.5). */
+static void quantize_q4_0(const float *x, block_q4_0 *y, int64_t nb, int *overflow) {
+    for (int64_t b = 0; b < nb; b++, x += OD_QK) {
+        const float d = signed_absmax(x, OD_QK) / -8.0f, id = inverse(d);
+        y[b].d = scale_fp16(d, overflow);
+        for (int j = 0; j < OD_QK / 2; j++) {
+            int lo = (int8_t)(x[j] * id + 8.5f), hi = (int8_t)(x[OD_QK / 2 + j] * id + 8.5f);
+            lo = lo < 15 ? lo : 15;
+            hi = hi < 15 ? hi : 15;
+            y[b].qs[j] = (uint8_t)(lo | (hi << 4));
+        }
+    }
+}
+
+static void quantize_q5_0(const float *x, block_q5_0 *y, int64_t nb, int *overflow) {
+    for (int64_t b = 0; b < nb; b++, x += OD_QK) {
+        const float d = signed_absmax(x, OD_QK) / -16.0f, id = inverse(d);
+        y[b].d = scale_fp16(d, overflow);
+        uint32_t qh = 0;
+        for (int j = 0; j < OD_QK / 2; j++) {
+            int lo = (int8_t)(x[j] * id + 16.5f), hi = (int8_t)(x[OD_QK / 2 + j] * id + 16.5f);
+            lo = lo < 31 ? lo : 31;
+            hi = hi < 31 ? hi : 31;
+            y[b].qs[j] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
+            qh |= ((uint32_t)(lo >> 4) & 1u) << j;
+            qh |= ((uint32_t)(hi >> 4) & 1u) << (j + OD_QK / 2);
+        }
+        memcpy(y[b].qh, &qh, 4);
+    }
+}
+
+/* Q4_1 / Q5_1: affine over [min, max], codes (int)((x - min) / d + 0.5). */
+static void block_range(const float *x, float *lo, float *hi) {
+    float mn = x[0], mx = x[0];
+    for (int j = 1; j < OD_QK; j++) {
+        if (x[j] < mn) mn = x[j];
+        if (x[j] > mx) mx = x[j];
+    }
+    *lo = mn;
+    *hi = mx;
+}
+
+/* d = (max - min) / levels and m = min stored; returns 1/d (0 for a flat block) and the min. */
+static float affine_scale(const float *x, float levels, od_half *d_out, od_half *m_out, float *mn_out, int *overflow) {
+    float mn, mx;
+    block_range(x, &mn, &mx);
+    const float d = (mx - mn) / levels;
+    *d_out = scale_fp16(d, overflow);
+    *m_out = scale_fp16(mn, overflow);
+    *mn_out = mn;
+    return inverse(d);
+}
+
+static void quantize_q4_1(const float *x, block_q4_1 *y, int64_t nb, int *overflow) {
+    for (int64_t b = 0; b < nb; b++, x += OD_QK) {
+        float mn;
+        const float id = affine_scale(x, 15.0f, &y[b].d, &y[b].m, &mn, overflow);
+        for (int j = 0; j < OD_QK / 2; j++) {
+            int lo = (int8_t)((x[j] - mn) * id + 0.5f), hi = (int8_t)((x[OD_QK / 2 + j] - mn) * id + 0.5f);
+            lo = lo < 15 ? lo : 15;
+            hi = hi < 15 ? hi : 15;
+            y[b].qs[j] = (uint8_t)(lo | (hi << 4));
+        }
+    }
+}
+
+static void quantize_q5_1(const float *x, block_q5_1 *y, int64_t nb, int *overflow) {
+    for (int64_t b = 0; b < nb; b++, x += OD_QK) {
+        float mn;
+        const float id = affine_scale(x, 31.0f, &y[b].d, &y[b].m, &mn, overflow);
+        uint32_t qh = 0;
+        for (int j = 0; j < OD_QK / 2; j++) {
+            const uint8_t lo = (uint8_t)((x[j] - mn) * id + 0.5f), hi = (uint8_t)((x[OD_QK / 2 + j] - mn) * id + 0.5f);
+            y[b].qs[j] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
+            qh |= ((uint32_t)(lo >> 4) & 1u) << j;
+            qh |= ((uint32_t)(hi >> 4) & 1u) << (j + OD_QK / 2);
+        }
+        memcpy(y[b].qh, &qh, 4);
+    }
+}
+
+/* ------------------------------------------------------------------ K-quants */
+
+/*
+ * Asymmetric scale/min search of one sub-block (llama.cpp's make_qkx2_quants, no MAD): codes L in 0..nmax with
+ * x ~ scale * L - *neg_min. Candidate scales are tried in order, each over the best min found so far.
+ */
+static float search_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *neg_min,
+                              float rmin, float rdelta, int nstep) {
+    float mn = x[0], mx = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; i++) {
+        if (x[i] < mn) mn = x[i];
+        if (x[i] > mx) mx = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (mn > 0) mn = 0;
+    if (mx == mn) {
+        memset(L, 0, (size_t)n);
+        *neg_min = -mn;
+        return 0.0f;
+    }
+    float iscale = (float)nmax / (mx - mn), scale = 1.0f / iscale, best_error = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * (x[i] - mn));
+        l = l < 0 ? 0 : (l > nmax ? nmax : l);
+        L[i] = (uint8_t)l;
+        const float diff = scale * (float)l + mn - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    uint8_t trial[OD_QK];
+    for (int step = 0; step <= nstep; step++) {
+        iscale = (rmin + rdelta * (float)step + (float)nmax) / (mx - mn);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = nearest_int(iscale * (x[i] - mn));
+            l = l < 0 ? 0 : (l > nmax ? nmax : l);
+            trial[i] = (uint8_t)l;
+            const float wl = w[i] * (float)l;
+            sum_l += wl;
+            sum_l2 += wl * (float)l;
+            sum_xl += wl * x[i];
+        }
+        const float det = sum_w * sum_l2 - sum_l * sum_l;
+        if (det > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float error = 0.0f;
+            for (int i = 0; i < n; i++) {
+                const float diff = this_scale * (float)trial[i] + this_min - x[i];
+                error += w[i] * (diff * diff);
+            }
+            if (error < best_error) {
+                memcpy(L, trial, (size_t)n);
+                best_error = error;
+                scale = this_scale;
+                mn = this_min;
+            }
+        }
+    }
+    *neg_min = -mn;
+    return scale;
+}
+
+static void q4_k_search_scalar(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
+    for (int j = 0; j < 8; j++)
+        scales[j] = search_scale_min(32, 15, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -1.0f, 0.1f, 20);
+}
+
+static void quantize_q4_k(const float *x, block_q4_K *y, int64_t nb, int *overflow) {
+    const od_isa_ops *ops = od_ops();
+    void (*search)(const float *, const float *, uint8_t *, float *, float *) =
+        ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
+    uint8_t L[OD_QK_K];
+    float weights[OD_QK_K], mins[8], scales[8];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        for (int j = 0; j < 8; j++) {
+            const float *xs = x + 32 * j;
+            float sum_x2 = 0.0f;
+            for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
+            const float av_x = sqrtf(sum_x2 / 32.0f);
+            for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
+        }
+        search(x, weights, L, scales, mins);
+        float max_scale = 0.0f, max_min = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+        const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+        uint8_t ls[8], lm[8];
+        for (int j = 0; j < 8; j++) {
+            ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
+            lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
+            if (ls[j] > 63) ls[j] = 63;
+            if (lm[j] > 63) lm[j] = 63;
+        }
+        for (int j = 0; j < 4; j++) {
+            y[b].scales[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+            y[b].scales[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+            y[b].scales[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
+        }
+        y[b].d = scale_fp16(max_scale / 63.0f, overflow);
+        y[b].dmin = scale_fp16(max_min / 63.0f, overflow);
+        /* the codes again, against the scale and min actually stored (fp16 x 6 bits) */
+        const float d_all = od_fp16_to_fp32(y[b].d), dmin_all = od_fp16_to_fp32(y[b].dmin);
+        for (int j = 0; j < 8; j++) {
+            const float d = d_all * (float)ls[j];
+            if (d == 0.0f) continue;
+            const float dm = dmin_all * (float)lm[j];
+            for (int l = 0; l < 32; l++) {
+                const int q = nearest_int((x[32 * j + l] + dm) / d);
+                L[32 * j + l] = (uint8_t)(q < 0 ? 0 : (q > 15 ? 15 : q));
+            }
+        }
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+    }
+}
+
+/* Symmetric scale search of one sub-block (llama.cpp's make_qx_quants, rmse_type 1: weights x^2): codes L in
+ * 0..2*nmax-1 with x ~ scale * (L - nmax). */
+static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L) {
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < n; i++) {
+        if (fabsf(x[i]) > amax) {
+            amax = fabsf(x[i]);
+            max = x[i];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.0f;
+    }
+    float iscale = (float)-nmax / max, sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * x[i]);
+        l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+        L[i] = (uint8_t)(l + nmax);
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f, best = scale * sumlx;
+    for (int step = -9; step <= 9; step++) {
+        if (step == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)step) / max;
+        sumlx = suml2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = nearest_int(iscale * x[i]);
+            l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+            const float w = x[i] * x[i];
+            sumlx += w * x[i] * (float)l;
+            suml2 += w * (float)l * (float)l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; i++) {
+                int l = nearest_int(iscale * x[i]);
+                l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+                L[i] = (uint8_t)(l + nmax);
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+static void q6_k_search_scalar(const float *x, uint8_t *L, float *scales) {
+    for (int j = 0; j < 16; j++) scales[j] = search_scale_symmetric(16, 32, x + 16 * j, L + 16 * j);
+}
+
+static void quantize_q6_k(const float *x, block_q6_K *y, int64_t nb, int *overflow) {
+    const od_isa_ops *ops = od_ops();
+    void (*search)(const float *, uint8_t *, float *) = ops->q6_k_search ? ops->q6_k_search : q6_k_search_scalar;
+    uint8_t L[OD_QK_K];
+    float scales[16];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        search(x, L, scales);
+        float max_scale = 0.0f, max_abs_scale = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            if (fabsf(scales[j]) > max_abs_scale) {
+                max_abs_scale = fabsf(scales[j]);
+                max_scale = scales[j];
+            }
+        }
+        if (max_abs_scale < GROUP_MAX_EPS) {
+            memset(&y[b], 0, sizeof(y[b]));
+            continue;
+        }
+        const float iscale = -128.0f / max_scale;
+        y[b].d = scale_fp16(1.0f / iscale, overflow);
+        for (int j = 0; j < 16; j++) {
+            const int s = nearest_int(iscale * scales[j]);
+            y[b].scales[j] = (int8_t)(s < 127 ? s : 127);
+        }
+        const float d_all = od_fp16_to_fp32(y[b].d);
+        for (int j = 0; j < 16; j++) {
+            const float d = d_all * (float)y[b].scales[j];
+            if (d == 0.0f) continue;
+            for (int l = 0; l < 16; l++) {
+                int q = nearest_int(x[16 * j + l] / d);
+                q = q < -32 ? -32 : (q > 31 ? 31 : q);
+                L[16 * j + l] = (uint8_t)(q + 32);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *Lh = L + 128 * h;
+            uint8_t *ql = y[b].ql + 64 * h, *qh = y[b].qh + 32 * h;
+            for (int l = 0; l < 32; l++) {
+                ql[l] = (uint8_t)((Lh[l] & 0x0F) | ((Lh[l + 64] & 0x0F) << 4));
+                ql[l + 32] = (uint8_t)((Lh[l + 32] & 0x0F) | ((Lh[l + 96] & 0x0F) << 4));
+                qh[l] = (uint8_t)((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
+                                  ((Lh[l + 96] >> 4) << 6));
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ rows, in parallel */
+
+typedef struct {
+    int type;
+    uint8_t *dst;
+    const float *src;
+    int64_t nrows, n, row_bytes, rows_per_task;
+    int overflow[64];  /* one flag per task slot (t % 64): no shared write between threads */
+} quant_job;
+
+static void quantize_one_row(int type, const float *x, void *y, int64_t n, int *overflow) {
+    switch (type) {
+    case OD_TYPE_Q8_0: quantize_q8_0(x, y, n / OD_QK, overflow); break;
+    case OD_TYPE_Q4_0: quantize_q4_0(x, y, n / OD_QK, overflow); break;
+    case OD_TYPE_Q4_1: quantize_q4_1(x, y, n / OD_QK, overflow); break;
+    case OD_TYPE_Q5_0: quantize_q5_0(x, y, n / OD_QK, overflow); break;
+    case OD_TYPE_Q5_1: quantize_q5_1(x, y, n / OD_QK, overflow); break;
+    case OD_TYPE_Q4_K: quantize_q4_k(x, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_Q6_K: quantize_q6_k(x, y, n / OD_QK_K, overflow); break;
+    default: break;
+    }
+}
+
+static void quant_task(void *ctx, int64_t t) {
+    quant_job *job = ctx;
+    const int64_t r0 = t * job->rows_per_task;
+    const int64_t r1 = r0 + job->rows_per_task < job->nrows ? r0 + job->rows_per_task : job->nrows;
+    int overflow = 0;
+    for (int64_t r = r0; r < r1; r++)
+        quantize_one_row(job->type, job->src + r * job->n, job->dst + r * job->row_bytes, job->n, &overflow);
+    if (overflow) job->overflow[t % 64] = 1;
+}
+
+int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n) {
+    const int64_t block = (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) ? OD_QK_K : OD_QK;
+    switch (type) {
+    case OD_TYPE_Q8_0: case OD_TYPE_Q4_0: case OD_TYPE_Q4_1: case OD_TYPE_Q5_0: case OD_TYPE_Q5_1:
+    case OD_TYPE_Q4_K: case OD_TYPE_Q6_K: break;
+    default: return OD_ETYPE;
+    }
+    if (nrows < 0 || n <= 0 || n % block != 0) return OD_EINVAL;
+    if (nrows == 0) return OD_OK;
+    quant_job job = {.type = type, .dst = dst, .src = src, .nrows = nrows, .n = n,
+                     .row_bytes = od_row_nbytes(type, n)};
+    /* ~64k weights per task: enough to hide the pool's hand-off, small enough to balance */
+    job.rows_per_task = (65536 + n - 1) / n;
+    const int64_t n_tasks = (nrows + job.rows_per_task - 1) / job.rows_per_task;
+    if (od_pool_threads() > 1 && n_tasks > 1) {
+        od_pool_run(quant_task, &job, n_tasks);
+    } else {
+        for (int64_t t = 0; t < n_tasks; t++) quant_task(&job, t);
+    }
+    for (int i = 0; i < 64; i++)
+        if (job.overflow[i]) return OD_ERANGE;
+    return OD_OK;
+}
