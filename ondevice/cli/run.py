@@ -38,6 +38,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=D.min_p, help=f"default {D.min_p} (0 = off)")
     p.add_argument("--repeat-penalty", type=float, default=D.repeat_penalty, help=f"default {D.repeat_penalty} (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--speculate", choices=("off", "lookup"), default="off",
+                   help="lookup: prompt-lookup speculative decoding (drafts copied from the prompt, verified in one "
+                        "pass; the same output, faster when the reply repeats the prompt). Default off")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
     p.add_argument("--kv-cache", choices=("f16", "f32"),
@@ -62,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+                speculate=getattr(args, "speculate", None))
 
 
 def timing_line(stats, rss_mib: float) -> str:

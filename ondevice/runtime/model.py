@@ -20,6 +20,7 @@ from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
+from ondevice.runtime.speculative import PromptLookup, check_speculate
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
@@ -40,6 +41,10 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max_tokens), "context" (window full)
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed by the draft
+    accepted_tokens: int = 0  # ... and the ones that matched the sampled token (each saved one forward pass)
+    forward_passes: int = 0  # decode forward passes (plain decoding: generated_tokens - 1)
+    closed_at_limit: bool = False  # structured output: the budget was reached, so the structure was closed early
     tokens: list[int] = field(default_factory=list)
     first_token_at: float = field(default=0.0, repr=False)  # perf_counter() when the first token was sampled
 
@@ -209,11 +214,8 @@ class LanguageModel:
         return logits, common
 
     def _step(self, token: int) -> np.ndarray:
-        """Decode one token after the cached ones (the hot path: no prefix matching)."""
-        pos = len(self._cached)
-        logits = self.transformer.forward(np.asarray([token], np.int32), pos)
-        self._cached.append(token)
-        return logits
+        """Decode one token after the cached ones."""
+        return self._verify([token])[0]
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits (len(tokens), vocab) for every position, for evaluation (perplexity, KL)."""
@@ -251,6 +253,7 @@ class LanguageModel:
         json_schema: Any = None,
         regex: str | None = None,
         grammar: str | None = None,
+        speculate: str | None = None,
     ) -> Iterator[str]:
         """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
 
@@ -258,6 +261,10 @@ class LanguageModel:
         sampled token, at any temperature, so the reply always parses (ondevice.structured, llguidance).
         `token_filter` is the lower-level hook: an object with allowed() -> bool mask, accept(token),
         is_finished().
+
+        `speculate="lookup"`: prompt-lookup speculative decoding (ondevice.runtime.speculative): tokens copied
+        from the prompt by n-gram match are verified in one forward pass with the pending token. The output is
+        identical to plain decoding (same logits, same sampler, same random stream); only the speed changes.
         """
         if json_schema is not None or regex is not None or grammar is not None:
             if token_filter is not None:
@@ -269,11 +276,18 @@ class LanguageModel:
             raise OndeviceError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        speculate = check_speculate(speculate)
         tokens = self.prompt_tokens(prompt)
-        return self._generate(tokens, max_tokens, sampler, stops, token_filter)
+        return self._generate(tokens, max_tokens, sampler, stops, token_filter, speculate)
+
+    @property
+    def draft_limit(self) -> int:
+        """Draft tokens one verification pass may check: the backend computes `exact_rows` rows per forward
+        with the same numbers as single-token steps (0 = the backend cannot, so no speculation)."""
+        return max(0, int(getattr(self.transformer, "exact_rows", 1)) - 1)
 
     def _generate(self, tokens: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
-                  token_filter: Any) -> Iterator[str]:
+                  token_filter: Any, speculate: str | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(tokens))
         self.last_stats = stats
         if max_tokens == 0:
@@ -287,7 +301,7 @@ class LanguageModel:
         history = list(tokens)
         try:
             yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
-                                         token_filter)
+                                         token_filter, PromptLookup() if speculate else None)
         except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
@@ -297,44 +311,84 @@ class LanguageModel:
 
     def _decode_loop(self, stats: GenerationStats, logits: np.ndarray, sampler: Sampler, history: list[int],
                      decoder: StreamDecoder, matcher: StopMatcher, max_tokens: int,
-                     token_filter: Any) -> Iterator[str]:
+                     token_filter: Any, lookup: PromptLookup | None = None) -> Iterator[str]:
         start = time.perf_counter() - stats.prefill_s
         stopped_by_string = False
-        while True:
-            mask = token_filter.allowed() if token_filter is not None else None
-            token = sampler.sample(logits, history, mask)
-            if stats.generated_tokens == 0:
-                stats.first_token_at = time.perf_counter()
-                stats.ttft_s = stats.first_token_at - start
-            stats.generated_tokens += 1
-            stats.tokens.append(token)
-            if token in self.codec.eos_ids:
-                stats.finish_reason = "stop"
-                break
-            if token_filter is not None:
-                token_filter.accept(token)
-            history.append(token)
-            text, stopped = matcher.feed(decoder.push(token))
-            if text:
-                yield text
-            if stopped:
-                stats.finish_reason = "stop"
-                stopped_by_string = True
-                break
-            if token_filter is not None and token_filter.is_finished():
-                stats.finish_reason = "stop"
-                break
-            if stats.generated_tokens >= max_tokens:
-                stats.finish_reason = "length"
-                break
-            if len(history) >= self.n_ctx:
-                stats.finish_reason = "context"
-                break
-            logits = self._step(token)
+        budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
+        if budget is not None:
+            token_filter.start_budget(max_tokens)
+        k = min(self.draft_limit, 8) if lookup is not None else 0
+        rows = [logits]  # logits to sample the next tokens from, in order
+        drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
+        try:
+            while True:
+                logits = rows.pop(0)
+                mask = token_filter.allowed() if token_filter is not None else None
+                token = sampler.sample(logits, history, mask)
+                if budget is not None:
+                    token = budget(token)  # may swap in the first token of the shortest closing
+                if stats.generated_tokens == 0:
+                    stats.first_token_at = time.perf_counter()
+                    stats.ttft_s = stats.first_token_at - start
+                stats.generated_tokens += 1
+                stats.tokens.append(token)
+                if token in self.codec.eos_ids:
+                    stats.finish_reason = "stop"
+                    break
+                if token_filter is not None:
+                    token_filter.accept(token)
+                history.append(token)
+                text, stopped = matcher.feed(decoder.push(token))
+                if text:
+                    yield text
+                if stopped:
+                    stats.finish_reason = "stop"
+                    stopped_by_string = True
+                    break
+                if token_filter is not None and token_filter.is_finished():
+                    stats.finish_reason = "stop"
+                    break
+                if stats.generated_tokens >= max_tokens:
+                    stats.finish_reason = "length"
+                    break
+                if len(history) >= self.n_ctx:
+                    stats.finish_reason = "context"
+                    break
+                if drafts and drafts[0] == token:  # the draft guessed it: its logits are already computed
+                    drafts.pop(0)
+                    stats.accepted_tokens += 1
+                    continue
+                self._drop_drafts(drafts)
+                # never draft past the token budget or the context window
+                room = min(k, max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
+                drafts = lookup.draft(history, room) if room > 0 else []
+                stats.drafted_tokens += len(drafts)
+                stats.forward_passes += 1
+                rows = self._verify([token, *drafts])
+        finally:
+            self._drop_drafts(drafts)  # the cache keeps only tokens that are in the history
         if not stopped_by_string:
             tail = matcher.feed(decoder.flush())[0] + matcher.flush()
             if tail:
                 yield tail
+
+    def _verify(self, tokens: list[int]) -> list[np.ndarray]:
+        """Evaluate tokens after the cached ones in one pass; the logits after each of them."""
+        pos = len(self._cached)
+        if len(tokens) == 1:
+            out = [self.transformer.forward(np.asarray(tokens, np.int32), pos)]
+        else:
+            out = list(self.transformer.forward(np.asarray(tokens, np.int32), pos, all_logits=True))
+        self._cached.extend(tokens)
+        return out
+
+    def _drop_drafts(self, drafts: list[int]) -> None:
+        """Roll the KV cache back over draft tokens that were not accepted. The cache is indexed by position, so
+        forgetting them is enough: the next pass overwrites their K/V rows, and attention never reads past the
+        last evaluated position."""
+        if drafts:
+            del self._cached[-len(drafts):]
+            drafts.clear()
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         """Generate a whole reply (non-streaming convenience)."""

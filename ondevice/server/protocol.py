@@ -33,6 +33,7 @@ class Limits:
     default_max_tokens: int = DEFAULTS.max_tokens
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
+    default_speculate: str | None = None  # `ondevice serve --speculate lookup`: for requests that name none
 
 
 def default_sampling(limits: Limits) -> dict[str, Any]:
@@ -120,6 +121,13 @@ def _response_format(raw: Any) -> dict | None:
                        param="response_format")
 
 
+def _speculate(body: dict, limits: Limits) -> str | None:
+    value = body.get("speculate", limits.default_speculate)
+    if value not in (None, "off", "lookup"):
+        raise RequestError(f"'speculate' must be \"off\" or \"lookup\", got {str(value)[:40]!r}", param="speculate")
+    return None if value == "off" else value
+
+
 def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
     """Validate an OpenAI chat/completions body; RequestError (400) for anything malformed or unsupported."""
     if not isinstance(body, dict):
@@ -165,6 +173,7 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
         repeat_penalty=_number(body, "repeat_penalty", DEFAULTS.repeat_penalty, 0.01, 10.0),
         seed=None if seed is None else seed % (2**63),
         stop=stop or [],
+        speculate=_speculate(body, limits),
     )
     return ParsedRequest(kind=kind, prompt=prompt, stream=stream,
                          include_usage=bool(options.get("include_usage")), generate_kwargs=kwargs,

@@ -1,0 +1,63 @@
+"""Prompt-lookup drafting for speculative decoding (no second model).
+
+Extraction, rewriting and summarizing replies copy long runs of the prompt. `lookup_draft` finds the most recent
+earlier occurrence of the last n tokens of the history (n from `max_ngram` down to `min_ngram`) and proposes the
+tokens that followed it. The runtime then evaluates the pending token and the draft in one forward pass
+(`LanguageModel._decode_loop`), samples every row with the same sampler as plain decoding, keeps the rows while
+the sampled token equals the drafted one, and rolls the KV cache back over the rest.
+
+Why the output is the same as plain decoding, at every temperature: each emitted token is sampled once, in order,
+from logits that are bit-identical to a single-token step (the runtime verifies at most `exact_rows` tokens per
+pass: its C kernels compute up to 3 rows with the single-row matrix-vector path, while 4+ rows take the tiled
+matrix-matrix path whose float sums round differently), with the same history and the same random stream. A draft
+only decides how many of those logits one pass computes.
+"""
+
+from __future__ import annotations
+
+SPECULATE_MODES = ("lookup",)
+
+
+def check_speculate(mode: str | None) -> str | None:
+    """None/"off" -> None; "lookup" -> "lookup"; anything else is an error (one line)."""
+    from ondevice.errors import OndeviceError
+
+    if mode in (None, "", "off", "none"):
+        return None
+    if mode not in SPECULATE_MODES:
+        raise OndeviceError(f"speculate must be one of off, {', '.join(SPECULATE_MODES)}; got {mode!r}")
+    return mode
+
+
+class PromptLookup:
+    """Drafts by n-gram lookup over a growing token history (the prompt, then every accepted token).
+
+    An index maps each n-gram (n = min_ngram..max_ngram) to where it last ended, so a draft costs O(max_ngram)
+    whatever the history length. The index lags the history by one token, so the history's own tail is never
+    its own match.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._last_end: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # n-grams ending at positions <= this are indexed
+
+    def _sync(self, history: list[int]) -> None:
+        for end in range(self._indexed + 1, len(history)):  # every end position but the last
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._last_end[tuple(history[end - n:end])] = end
+        self._indexed = max(self._indexed, len(history) - 1)
+
+    def draft(self, history: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the history's last n tokens, longest n
+        first; [] when nothing matches."""
+        if k <= 0 or len(history) < 2:
+            return []
+        self._sync(history)
+        for n in range(min(self.max_ngram, len(history) - 1), self.min_ngram - 1, -1):
+            end = self._last_end.get(tuple(history[-n:]))
+            if end is not None:
+                return history[end:end + k]
+        return []
