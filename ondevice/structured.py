@@ -13,8 +13,15 @@ vocabulary map), supports JSON Schema, regex and Lark with one engine, and its p
 
 The mask is applied in the sampler (disallowed logits become -inf before any other sampling step), so every
 temperature is safe: the sampled token is always one the grammar accepts. EOS is allowed only when the grammar
-is in an accepting state, and generation ends as soon as the grammar cannot be extended. The one way to get an
-incomplete document is running out of max_tokens; generate_structured() raises a clear error in that case.
+is in an accepting state, and generation ends as soon as the grammar cannot be extended.
+
+The token budget (max_tokens) never cuts a document short: `TokenFilter.fit_budget` keeps, after every token,
+a way to finish the document within the tokens that remain. It knows the shortest closing it can find from the
+current state (`closing()`: end the string, fill the required fields with minimal valid values, close the
+brackets; found by a greedy walk over the matcher and then re-tokenized into as few tokens as the grammar
+accepts), and when a sampled token would leave less room than its closing needs, it puts the closing in its
+place. The reply then ends complete and valid, with finish_reason "length" and `closed_at_limit` set. A schema
+whose shortest document does not fit in max_tokens is an error before generation.
 """
 
 from __future__ import annotations
@@ -139,9 +146,10 @@ class TokenFilter:
     """
 
     def __init__(self, model: Any, *, json_schema: dict | str | Path | None = None, regex: str | None = None,
-                 grammar: str | None = None) -> None:
+                 grammar: str | None = None, compiled: str | None = None, close_at_limit: bool = True) -> None:
         llg = _llguidance()
-        self.grammar = compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
+        self.model = model
+        self.grammar = compiled or compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
         self.vocab_size = int(model.spec.vocab_size)
         self.matcher = llg.LLMatcher(ll_tokenizer(model), self.grammar, log_level=0)
         if self.matcher.is_error():
@@ -150,9 +158,117 @@ class TokenFilter:
         self._bits = np.zeros(words, dtype=np.int32)
         self.mask_s = 0.0
         self.steps = 0
+        self.close_at_limit = close_at_limit  # False: the old behaviour, the budget may cut the document short
+        self.budget_s = 0.0  # time spent keeping the document finishable within the budget
+        self.budget: int | None = None  # tokens this generation may still emit (None: no budget)
+        self.plan: list[int] = []  # the closing being forced, once the budget requires it
+        self.closed_at_limit = False
+        self._state = (False, False)  # (inside a JSON string, after a backslash) at the end of the output
+        self._need = 0  # tokens the last closing computed took
+
+    # ------------------------------------------------------------------ the token budget
+    def start_budget(self, max_tokens: int) -> None:
+        """Keep every later state finishable within max_tokens (see fit_budget); an error if even the shortest
+        document does not fit. A grammar the closing walk cannot finish (rare: a regex that needs characters
+        beyond printable ASCII) keeps the old behaviour: the budget may cut it short."""
+        if not self.close_at_limit:
+            return
+        start = time.perf_counter()
+        closing = self.closing()
+        self.budget_s += time.perf_counter() - start
+        if closing is None:
+            return
+        self._need = len(closing)
+        if self._need > max_tokens:
+            raise StructuredOutputError(f"the shortest output this schema allows takes {self._need} tokens; "
+                                        f"max_tokens is {max_tokens}")
+        self.budget = max_tokens
+
+    def fit_budget(self, token: int) -> int:
+        """The token to emit instead of `token` (the sampled one) so the rest still fits the budget: `token`
+        itself while its closing fits in what remains after it, else the first token of the current closing
+        (which fits: that held one step earlier)."""
+        if self.budget is None:
+            return token
+        start = time.perf_counter()
+        try:
+            return self._fit_budget(token)
+        finally:
+            self.budget_s += time.perf_counter() - start
+
+    def _fit_budget(self, token: int) -> int:
+        if self.plan:
+            return self.plan[0]
+        if token in self.model.codec.eos_ids:
+            return token  # EOS ends the document (allowed only when it is complete)
+        piece = self._piece(token)
+        if self.budget - 1 >= self._need + _BUDGET_MARGIN and not _STRUCTURAL.intersection(piece):
+            return token  # far from the limit, and not a token that opens or ends anything: no walk needed
+        after = self.matcher.deep_copy()
+        if after.consume_token(int(token)):
+            closing = self._closing_from(after, _string_state(piece, self._state))
+            if closing is not None and len(closing) <= self.budget - 1:
+                self._need = len(closing)
+                return token
+        plan = self.closing()
+        if plan is None:  # cannot happen after a successful walk one step earlier; stop steering rather than fail
+            self.budget = None
+            return token
+        self.plan = plan
+        self.closed_at_limit = True
+        return self.plan[0]
+
+    def _piece(self, token: int) -> str:
+        return self.model.codec.decode([int(token)])
+
+    def closing(self) -> list[int] | None:
+        """The shortest token sequence found that completes the document from the current state (None: none
+        found)."""
+        return self._closing_from(self.matcher.deep_copy(), self._state)
+
+    def _closing_from(self, matcher: Any, state: tuple[bool, bool], max_chars: int = 256) -> list[int] | None:
+        """A short completion from `matcher`'s state (consumed): a greedy walk one character at a time, trying
+        closers first (inside a string the quote, outside it brackets, then the shortest values, then any other
+        printable character), then the same text re-tokenized when the grammar accepts it in fewer tokens."""
+        if matcher.is_accepting():
+            return []
+        chars = _char_tokens(self.model)
+        probe = matcher.deep_copy()
+        walked: list[int] = []
+        in_string, escaped = state
+        for _ in range(max_chars):
+            order = _ESCAPE_ORDER if escaped else (_IN_STRING_ORDER if in_string else _OUTSIDE_ORDER)
+            found = next((ch for ch in (*order, *chars) if ch in chars and probe.validate_tokens([chars[ch]]) == 1),
+                         None)
+            if found is None:
+                return None
+            tid = chars[found]
+            probe.consume_token(tid)
+            walked.append(tid)
+            if escaped:
+                escaped = False
+            elif found == "\\" and in_string:
+                escaped = True
+            elif found == '"':
+                in_string = not in_string
+            if probe.is_accepting():
+                break
+        else:
+            return None
+        shorter = self.model.tokenize(self.model.detokenize(walked), add_bos=False)
+        if len(shorter) < len(walked) and matcher.validate_tokens(shorter) == len(shorter):
+            check = matcher.deep_copy()
+            check.consume_tokens(shorter)
+            if check.is_accepting():
+                return shorter
+        return walked
 
     def allowed(self) -> np.ndarray:
         """Boolean mask over the vocabulary: True where the token keeps the output in the language."""
+        if self.plan:  # forcing the closing: only its next token
+            mask = np.zeros(self.vocab_size, dtype=bool)
+            mask[self.plan[0]] = True
+            return mask
         start = time.perf_counter()
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self.matcher.is_error():
@@ -171,6 +287,11 @@ class TokenFilter:
         self.mask_s += time.perf_counter() - start
         if not ok:
             raise StructuredOutputError(f"token {token_id} was rejected by the grammar: {self.matcher.get_error()}")
+        if self.plan and self.plan[0] == token_id:
+            self.plan.pop(0)
+        if self.budget is not None:
+            self.budget -= 1
+            self._state = _string_state(self._piece(token_id), self._state)
 
     def is_finished(self) -> bool:
         """True once nothing but EOS can follow (the document is complete)."""
@@ -178,6 +299,43 @@ class TokenFilter:
 
     def is_accepting(self) -> bool:
         return self.matcher.is_accepting()
+
+
+# Greedy closing order, one character at a time: what ends a structure soonest first.
+_IN_STRING_ORDER = '"' + "abcdefghijklmnopqrstuvwxyz0123456789 "
+_OUTSIDE_ORDER = '}]"0' + ",: " + "123456789" + "abcdefghijklmnopqrstuvwxyz" + "[{-.+E"
+_ESCAPE_ORDER = 'n"\\'
+_STRUCTURAL = frozenset('{}[]",:\\')  # a token with one of these may change how much closing takes
+_BUDGET_MARGIN = 24  # further than this from the limit, other tokens go unchecked (they change it by a few)
+_char_token_cache: dict[int, tuple[Any, dict[str, int]]] = {}
+
+
+def _char_tokens(model: Any) -> dict[str, int]:
+    """Printable ASCII characters that are one token each, for the closing walk (cached per codec)."""
+    codec = model.codec
+    hit = _char_token_cache.get(id(codec))
+    if hit is not None and hit[0] is codec:
+        return hit[1]
+    table = {}
+    for code in range(32, 127):
+        ids = model.tokenize(chr(code), add_bos=False)
+        if len(ids) == 1:
+            table[chr(code)] = ids[0]
+    _char_token_cache[id(codec)] = (codec, table)
+    return table
+
+
+def _string_state(text: str, state: tuple[bool, bool] = (False, False)) -> tuple[bool, bool]:
+    """(inside a JSON string?, right after a backslash?) after `text`, starting from `state`."""
+    in_string, escaped = state
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif in_string and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+    return in_string, escaped
 
 
 def stream_structured(model: Any, prompt: str | list[dict[str, str]], *, json_schema: Any = None,

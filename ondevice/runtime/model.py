@@ -293,6 +293,8 @@ class LanguageModel:
         if max_tokens == 0:
             stats.finish_reason = "length"
             return
+        if hasattr(token_filter, "start_budget"):  # structured output: fail now if it cannot fit, else close in time
+            token_filter.start_budget(max_tokens)
         start = time.perf_counter()
         logits, stats.cached_tokens = self._eval(tokens)
         stats.prefill_s = time.perf_counter() - start
@@ -315,8 +317,6 @@ class LanguageModel:
         start = time.perf_counter() - stats.prefill_s
         stopped_by_string = False
         budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
-        if budget is not None:
-            token_filter.start_budget(max_tokens)
         k = min(self.draft_limit, 8) if lookup is not None else 0
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
@@ -346,10 +346,12 @@ class LanguageModel:
                     stopped_by_string = True
                     break
                 if token_filter is not None and token_filter.is_finished():
-                    stats.finish_reason = "stop"
+                    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
+                    stats.finish_reason = "length" if stats.closed_at_limit else "stop"
                     break
                 if stats.generated_tokens >= max_tokens:
                     stats.finish_reason = "length"
+                    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
                     break
                 if len(history) >= self.n_ctx:
                     stats.finish_reason = "context"
