@@ -164,7 +164,8 @@ class LanguageModel:
     def detokenize(self, ids: list[int]) -> str:
         return self.codec.decode(list(ids))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **template_vars: Any) -> str:
         from ondevice.chat_template import render_chat
 
         if not self.chat_template:
@@ -173,13 +174,13 @@ class LanguageModel:
         eos_id = min(self.codec.eos_ids) if self.codec.eos_ids else None
         eos = self.codec.token_text(eos_id) if eos_id is not None else ""
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos, eos_token=eos)
+                           bos_token=bos, eos_token=eos, **template_vars)
 
-    def prompt_tokens(self, prompt: str | list[dict[str, str]]) -> list[int]:
+    def prompt_tokens(self, prompt: str | list[dict[str, str]], **template_vars: Any) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
         check_messages(prompt)
-        text = self.apply_chat_template(prompt)
+        text = self.apply_chat_template(prompt, **template_vars)
         # Templates that print the BOS themselves must not get a second one.
         bos = self.codec.token_text(self.codec.bos_id) if self.codec.bos_id is not None else None
         return self.tokenize(text, add_bos=False if bos and text.startswith(bos) else None)
@@ -254,6 +255,9 @@ class LanguageModel:
         regex: str | None = None,
         grammar: str | None = None,
         speculate: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
     ) -> Iterator[str]:
         """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
 
@@ -265,7 +269,22 @@ class LanguageModel:
         `speculate="lookup"`: prompt-lookup speculative decoding (ondevice.runtime.speculative): tokens copied
         from the prompt by n-gram match are verified in one forward pass with the pending token. The output is
         identical to plain decoding (same logits, same sampler, same random stream); only the speed changes.
+
+        `tools` (OpenAI's shape) with `tool_choice` "auto" (default), "required", "none" or
+        {"type": "function", "function": {"name": ...}}: the reply is either text or
+        `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls generated under a grammar, so the name is
+        a declared one and the arguments validate (ondevice.tools; `parse_tool_calls` reads them). Messages may
+        hold assistant `tool_calls` and `role: "tool"` results.
         """
+        template_vars: dict[str, Any] = {}
+        uses_tools = not isinstance(prompt, str) and any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in prompt)
+        if tools is not None or tool_choice is not None or uses_tools:
+            prompt, template_vars, tool_rules = self.tool_prompt(prompt, tools, tool_choice, parallel_tool_calls)
+            if tool_rules is not None:
+                if token_filter is not None or json_schema is not None or regex is not None:
+                    raise OndeviceError("give either tools or json_schema/regex/grammar/token_filter, not both")
+                grammar = tool_rules
         if json_schema is not None or regex is not None or grammar is not None:
             if token_filter is not None:
                 raise OndeviceError("give either token_filter or json_schema/regex/grammar, not both")
@@ -277,8 +296,25 @@ class LanguageModel:
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         speculate = check_speculate(speculate)
-        tokens = self.prompt_tokens(prompt)
+        tokens = self.prompt_tokens(prompt, **template_vars)
         return self._generate(tokens, max_tokens, sampler, stops, token_filter, speculate)
+
+    def tool_prompt(self, prompt: Any, tools: Any, tool_choice: Any,
+                     parallel: bool) -> tuple[list[dict], dict[str, Any], str | None]:
+        """(messages as the template gets them, template variables, the reply's grammar or None)."""
+        from ondevice import tools as T
+
+        if isinstance(prompt, str):
+            raise OndeviceError("tools need chat messages, not a plain prompt string")
+        checked = T.check_tools(tools) if tools is not None else []
+        if tool_choice is not None and not checked:
+            raise OndeviceError("tool_choice needs tools")
+        mode, name = T.check_tool_choice(tool_choice, checked)
+        native = T.template_takes_tools(self.chat_template)
+        messages = T.render_messages(prompt, checked, native)
+        template_vars = {"tools": T.openai_tools(checked)} if native and checked else {}
+        rules = T.tool_grammar(checked, mode, name, parallel) if checked else None
+        return messages, template_vars, rules
 
     @property
     def draft_limit(self) -> int:

@@ -139,7 +139,7 @@ class Engine:
                                                   "schema (maxLength, maxItems, enum)"))
                     status = "error"
                 else:
-                    job.events.put(("done", stats.finish_reason, stats.prompt_tokens, tokens))
+                    job.events.put(("done", stats.finish_reason, stats.prompt_tokens, tokens, stats.closed_at_limit))
         except OndeviceError as exc:
             status = "error"
             job.events.put(("error", 400, str(exc)))
