@@ -263,6 +263,16 @@ class TokenFilter:
                 return shorter
         return walked
 
+    def forced_tokens(self, k: int) -> list[int]:
+        """Up to k tokens the grammar forces next (the closing being forced, or llguidance's fast-forward tokens:
+        a key's text, a separator): drafts for speculative decoding that the model all but always agrees with."""
+        if self.plan:
+            return self.plan[:k]
+        start = time.perf_counter()
+        tokens = list(self.matcher.compute_ff_tokens())[:k]
+        self.mask_s += time.perf_counter() - start
+        return tokens
+
     def allowed(self) -> np.ndarray:
         """Boolean mask over the vocabulary: True where the token keeps the output in the language."""
         if self.plan:  # forcing the closing: only its next token

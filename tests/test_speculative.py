@@ -21,7 +21,7 @@ REWRITE = [{"role": "user", "content": "Rewrite this paragraph with one change: 
 
 
 def test_lookup_drafts_what_followed_the_latest_match():
-    lookup = PromptLookup(max_ngram=3)
+    lookup = PromptLookup(max_ngram=3, min_ngram=1)
     history = [1, 2, 3, 4, 5, 1, 2]
     assert lookup.draft(history, 2) == [3, 4]
     history.append(3)
@@ -38,6 +38,7 @@ def test_lookup_prefers_the_longest_ngram():
     history = [6, 7, 8, 2, 0, 5, 7, 8, 1, 0, 6, 7, 8]
     assert PromptLookup(max_ngram=3).draft(history, 1) == [2]
     assert PromptLookup(max_ngram=2).draft(history, 1) == [1]
+    assert PromptLookup().draft([5, 6, 7, 1, 9, 9, 1], 2) == []  # only "1" matches: a 1-gram is not enough
 
 
 def test_speculate_option_is_checked():
@@ -97,6 +98,8 @@ def test_issue_extraction_identical_with_schema(model, temperature):
                                   json_schema=schema)
         assert spec == plain and s.tokens == p.tokens, complaint
         json.loads(spec)
+        if temperature == 0:  # the keys and separators the grammar forces are drafted, and accepted
+            assert s.accepted_tokens > 0.25 * s.generated_tokens and s.forward_passes < p.forward_passes
 
 
 def test_sampling_identical_with_seed(model):

@@ -354,6 +354,7 @@ class LanguageModel:
         stopped_by_string = False
         budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
         k = min(self.draft_limit, 8) if lookup is not None else 0
+        forced = getattr(token_filter, "forced_tokens", None) if k else None
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
         try:
@@ -399,7 +400,11 @@ class LanguageModel:
                 self._drop_drafts(drafts)
                 # never draft past the token budget or the context window
                 room = min(k, max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
-                drafts = lookup.draft(history, room) if room > 0 else []
+                drafts = []
+                if room > 0 and forced is not None:  # structured output: what the grammar forces comes first
+                    drafts = forced(room)
+                if room > 0 and not drafts and lookup is not None:
+                    drafts = lookup.draft(history, room)
                 stats.drafted_tokens += len(drafts)
                 stats.forward_passes += 1
                 rows = self._verify([token, *drafts])

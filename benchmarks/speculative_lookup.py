@@ -1,0 +1,135 @@
+"""Prompt-lookup speculative decoding against plain decoding, side by side (issue 16).
+
+    python benchmarks/speculative_lookup.py                  # rewrite task + issue extraction, 3 rounds
+    python benchmarks/speculative_lookup.py --rounds 5 --json
+
+One process, one loaded model, the same thread count: every prompt is generated plain and with
+speculate="lookup", alternating, `--rounds` times; reported per task are the median decode speeds (tok/s, after
+the first token), their ratio, the share of drafted tokens accepted, the forward passes, and whether the outputs
+were identical (they must be, at temperature 0: same tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+PARAGRAPHS = [
+    ("The old lighthouse stood at the edge of the cliff for more than a century. Every night its keeper climbed the "
+     "narrow stairs, lit the great lamp and watched the ships pass safely through the rocky strait. When the keeper "
+     "retired, the town decided to keep the light burning with an automatic lamp.", "replace 'century' with "
+     "'hundred years'"),
+    ("Our team meets every Monday at nine to plan the week. Each person shares what they finished, what they will "
+     "work on next and anything that blocks them. The meeting lasts fifteen minutes, and notes are posted in the "
+     "shared channel afterwards.", "change 'Monday' to 'Tuesday'"),
+    ("To reset the router, unplug it from the wall and wait thirty seconds. Plug it back in and wait until the "
+     "green light stops blinking. Then open the app on your phone and follow the steps to join the network "
+     "again.", "change 'thirty seconds' to 'one minute'"),
+    ("The museum is open from ten in the morning until six in the evening, every day except Monday. Tickets can "
+     "be bought at the entrance or online, and children under twelve enter for free. Guided tours start every "
+     "hour from the main hall.", "change 'twelve' to 'ten'"),
+    ("Maria planted tomatoes, beans and basil in her small garden this spring. She watered them every evening and "
+     "kept the snails away with crushed eggshells. By August the tomatoes were red and sweet, and she shared them "
+     "with her neighbours.", "replace 'basil' with 'mint'"),
+]
+EDITOR = ("You are a careful editor. Repeat the user's paragraph word for word, making only the one change they ask "
+          "for.")
+ISSUE_SYSTEM = ("You turn a user's complaint into a GitHub issue. Reply with JSON: a short title, the type, the "
+                "priority and an estimate of the work.")
+
+
+def tasks(n_issues: int) -> list[tuple[str, list[dict], dict]]:
+    out = []
+    for text, change in PARAGRAPHS:  # the paragraph first, then the change, with an editor's system prompt
+        out.append(("rewrite", [{"role": "system", "content": EDITOR},
+                                {"role": "user", "content": f"{text}\n\nRepeat this paragraph with one change: "
+                                                            f"{change}."}], {"max_tokens": 120}))
+    for text, change in PARAGRAPHS:  # the instruction first, no system prompt: SmolLM2 copies less of it
+        out.append(("rewrite (instruction first)",
+                    [{"role": "user", "content": f"Rewrite this paragraph with one change: {change}. Keep everything "
+                                                 f"else the same.\n\n{text}"}], {"max_tokens": 120}))
+    schema = json.loads((EXAMPLES / "github_issue.schema.json").read_text())
+    complaints = [c for c in (EXAMPLES / "complaints.txt").read_text().splitlines() if c.strip()][:n_issues]
+    for c in complaints:
+        out.append(("issue-extraction", [{"role": "system", "content": ISSUE_SYSTEM}, {"role": "user", "content": c}],
+                    {"max_tokens": 160, "json_schema": schema}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ondevice
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="GGUF path or alias (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--issues", type=int, default=10, help="issue-extraction complaints (default 10)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    model = ondevice.load(args.model, threads=args.threads)
+    per_task: dict[str, dict[str, list]] = {}
+    identical = True
+    for name, messages, kwargs in tasks(args.issues):
+        speeds: dict[str, list[float]] = {"plain": [], "lookup": []}
+        outputs: dict[str, list[int]] = {}
+        stats = {}
+        for _ in range(args.rounds):
+            for mode in ("plain", "lookup"):
+                "".join(model.generate(messages, temperature=0, speculate=None if mode == "plain" else "lookup",
+                                       **kwargs))
+                s = model.last_stats
+                speeds[mode].append(s.decode_tok_s)
+                if mode in outputs and outputs[mode] != s.tokens:
+                    identical = False
+                outputs[mode] = list(s.tokens)
+                stats[mode] = s
+        same = outputs["plain"] == outputs["lookup"]
+        identical &= same
+        agg = per_task.setdefault(name, {"ratio": [], "plain": [], "lookup": [], "drafted": 0, "accepted": 0,
+                                         "tokens": 0, "passes_plain": 0, "passes_lookup": 0, "prompts": 0})
+        plain, lookup = statistics.median(speeds["plain"]), statistics.median(speeds["lookup"])
+        agg["plain"].append(plain)
+        agg["lookup"].append(lookup)
+        agg["ratio"].append(lookup / plain)
+        agg["drafted"] += stats["lookup"].drafted_tokens
+        agg["accepted"] += stats["lookup"].accepted_tokens
+        agg["tokens"] += stats["lookup"].generated_tokens
+        agg["passes_plain"] += stats["plain"].forward_passes
+        agg["passes_lookup"] += stats["lookup"].forward_passes
+        agg["prompts"] += 1
+        if not args.json:
+            print(f"{name:28s} plain {plain:6.1f} tok/s  lookup {lookup:6.1f} tok/s  x{lookup / plain:.2f}  "
+                  f"accepted {stats['lookup'].accepted_tokens}/{stats['lookup'].drafted_tokens}  "
+                  f"{'identical' if same else 'DIFFERENT'}", flush=True)
+    summary = []
+    for name, agg in per_task.items():
+        summary.append({"task": name, "prompts": agg["prompts"], "threads": model.threads,
+                        "median_plain_tok_s": round(statistics.median(agg["plain"]), 1),
+                        "median_lookup_tok_s": round(statistics.median(agg["lookup"]), 1),
+                        "median_speedup": round(statistics.median(agg["ratio"]), 2),
+                        "accepted_of_drafted": f"{agg['accepted']}/{agg['drafted']}",
+                        "tokens": agg["tokens"], "forward_passes_plain": agg["passes_plain"],
+                        "forward_passes_lookup": agg["passes_lookup"]})
+    if args.json:
+        json.dump({"model": model.path, "rounds": args.rounds, "identical": identical, "summary": summary},
+                  sys.stdout, indent=2)
+        print()
+    else:
+        for s in summary:
+            print(f"{s['task']}: median speedup x{s['median_speedup']} ({s['median_plain_tok_s']} -> "
+                  f"{s['median_lookup_tok_s']} tok/s, {s['threads']} threads, {s['prompts']} prompts); accepted "
+                  f"{s['accepted_of_drafted']} drafted tokens; forward passes {s['forward_passes_plain']} -> "
+                  f"{s['forward_passes_lookup']} for {s['tokens']} tokens")
+        print("outputs identical at temperature 0:", identical)
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
