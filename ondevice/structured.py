@@ -165,6 +165,7 @@ class TokenFilter:
         self.closed_at_limit = False
         self._state = (False, False)  # (inside a JSON string, after a backslash) at the end of the output
         self._need = 0  # tokens the last closing computed took
+        self._retokenized: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ the token budget
     def start_budget(self, max_tokens: int) -> None:
@@ -174,7 +175,7 @@ class TokenFilter:
         if not self.close_at_limit:
             return
         start = time.perf_counter()
-        closing = self.closing()
+        closing = self.closing(fit=max_tokens)
         self.budget_s += time.perf_counter() - start
         if closing is None:
             return
@@ -202,46 +203,107 @@ class TokenFilter:
         if token in self.model.codec.eos_ids:
             return token  # EOS ends the document (allowed only when it is complete)
         piece = self._piece(token)
-        if self.budget - 1 >= self._need + _BUDGET_MARGIN and not _STRUCTURAL.intersection(piece):
-            return token  # far from the limit, and not a token that opens or ends anything: no walk needed
+        if (self.budget - 1 >= self._need + _BUDGET_MARGIN and self._state == (True, False)
+                and not _STRUCTURAL.intersection(piece)):
+            # far from the limit, and more content of a string (which ends with its quote whatever it holds):
+            # the closing stays as long, no walk needed
+            return token
         after = self.matcher.deep_copy()
         if after.consume_token(int(token)):
-            closing = self._closing_from(after, _string_state(piece, self._state))
+            closing = self._closing_from(after, _string_state(piece, self._state), fit=self.budget - 1)
             if closing is not None and len(closing) <= self.budget - 1:
                 self._need = len(closing)
                 return token
-        plan = self.closing()
+        plan = self.closing(fit=self.budget)
         if plan is None:  # cannot happen after a successful walk one step earlier; stop steering rather than fail
             self.budget = None
             return token
-        self.plan = plan
         self.closed_at_limit = True
+        if not plan:  # complete already, and the token would open more than fits: end here
+            if not self.model.codec.eos_ids:  # a model without an end token: nothing to end with
+                self.budget = None
+                return token
+            return min(self.model.codec.eos_ids)
+        self.plan = plan
         return self.plan[0]
 
     def _piece(self, token: int) -> str:
         return self.model.codec.decode([int(token)])
 
-    def closing(self) -> list[int] | None:
+    def closing(self, fit: int | None = None) -> list[int] | None:
         """The shortest token sequence found that completes the document from the current state (None: none
-        found)."""
-        return self._closing_from(self.matcher.deep_copy(), self._state)
+        found); `fit`: a length it should not exceed (searched harder for when the quick walk's does)."""
+        return self._closing_from(self.matcher.deep_copy(), self._state, fit)
 
-    def _closing_from(self, matcher: Any, state: tuple[bool, bool], max_chars: int = 256) -> list[int] | None:
-        """A short completion from `matcher`'s state (consumed): a greedy walk one character at a time, trying
-        closers first (inside a string the quote, outside it brackets, then the shortest values, then any other
-        printable character), then the same text re-tokenized when the grammar accepts it in fewer tokens."""
+    def _closing_from(self, matcher: Any, state: tuple[bool, bool], fit: int | None = None) -> list[int] | None:
+        """A short completion from `matcher`'s state (consumed): a greedy walk one character at a time (`_walk`),
+        re-tokenized when the grammar accepts the text in fewer tokens. When that does not fit in `fit` tokens,
+        a slower walk that tries the alternatives at choice points (a function name, an enum value) as well."""
         if matcher.is_accepting():
             return []
+        greedy = self._tokens_of(matcher, self._walk(matcher.deep_copy(), state, 256, branches=0))
+        if greedy is not None and (fit is None or len(greedy) <= fit):
+            return greedy
+        searched = self._tokens_of(matcher, self._walk(matcher.deep_copy(), state, 256, branches=2))
+        if searched is not None and (greedy is None or len(searched) < len(greedy)):
+            return searched
+        return greedy
+
+    def _tokens_of(self, matcher: Any, walked: list[int] | None) -> list[int] | None:
+        """The walked characters as fewer, longer tokens when the grammar accepts those from `matcher`'s state."""
+        if walked is None:
+            return None
+        text = self.model.detokenize(walked)
+        shorter = self._retokenized.get(text)
+        if shorter is None:  # the same closing text comes back step after step: tokenize it once
+            if len(self._retokenized) > 4096:
+                self._retokenized.clear()
+            shorter = self._retokenized[text] = self.model.tokenize(text, add_bos=False)
+        if len(shorter) < len(walked) and matcher.validate_tokens(shorter) == len(shorter):
+            check = matcher.deep_copy()
+            check.consume_tokens(shorter)
+            if check.is_accepting():
+                return shorter
+        return walked
+
+    def _walk(self, probe: Any, state: tuple[bool, bool], max_chars: int, branches: int) -> list[int] | None:
+        """Characters (one-character tokens) that take `probe` to an accepting state, consumed into it: closers
+        first (inside a string the quote, outside it brackets, then the shortest values, then any printable
+        character). Where the grammar offers a few alternatives (a function name, an enum value, a key), up to
+        `branches` times, each is walked on and the shortest kept."""
         chars = _char_tokens(self.model)
-        probe = matcher.deep_copy()
         walked: list[int] = []
         in_string, escaped = state
-        for _ in range(max_chars):
+        while len(walked) < max_chars:
+            forced = [] if in_string else probe.compute_ff_tokens()  # a literal: take it whole
+            if forced:
+                probe.consume_tokens(forced)
+                walked.extend(forced)
+                in_string, escaped = _string_state(self.model.detokenize(forced), (in_string, escaped))
+                if probe.is_accepting():
+                    return walked
+                continue
             order = _ESCAPE_ORDER if escaped else (_IN_STRING_ORDER if in_string else _OUTSIDE_ORDER)
             found = next((ch for ch in (*order, *chars) if ch in chars and probe.validate_tokens([chars[ch]]) == 1),
                          None)
             if found is None:
                 return None
+            if branches > 0 and found.isalnum():
+                options = [ch for ch in _ALNUM if ch in chars and probe.validate_tokens([chars[ch]]) == 1]
+                if 1 < len(options) <= _MAX_OPTIONS:
+                    best = None
+                    for ch in options:
+                        branch = probe.deep_copy()
+                        branch.consume_token(chars[ch])
+                        rest = ([] if branch.is_accepting() else
+                                self._walk(branch, (in_string, False), max_chars - len(walked) - 1, branches - 1))
+                        if rest is not None and (best is None or len(rest) + 1 < len(best)):
+                            best = [chars[ch], *rest]
+                    if best is None:
+                        return None
+                    for tid in best:
+                        probe.consume_token(tid)
+                    return walked + best
             tid = chars[found]
             probe.consume_token(tid)
             walked.append(tid)
@@ -252,16 +314,8 @@ class TokenFilter:
             elif found == '"':
                 in_string = not in_string
             if probe.is_accepting():
-                break
-        else:
-            return None
-        shorter = self.model.tokenize(self.model.detokenize(walked), add_bos=False)
-        if len(shorter) < len(walked) and matcher.validate_tokens(shorter) == len(shorter):
-            check = matcher.deep_copy()
-            check.consume_tokens(shorter)
-            if check.is_accepting():
-                return shorter
-        return walked
+                return walked
+        return None
 
     def forced_tokens(self, k: int) -> list[int]:
         """Up to k tokens the grammar forces next (the closing being forced, or llguidance's fast-forward tokens:
@@ -315,8 +369,10 @@ class TokenFilter:
 _IN_STRING_ORDER = '"' + "abcdefghijklmnopqrstuvwxyz0123456789 "
 _OUTSIDE_ORDER = '}]"0' + ",: " + "123456789" + "abcdefghijklmnopqrstuvwxyz" + "[{-.+E"
 _ESCAPE_ORDER = 'n"\\'
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_MAX_OPTIONS = 8  # more letters than this allowed: free text, not a choice between a few alternatives
 _STRUCTURAL = frozenset('{}[]",:\\')  # a token with one of these may change how much closing takes
-_BUDGET_MARGIN = 24  # further than this from the limit, other tokens go unchecked (they change it by a few)
+_BUDGET_MARGIN = 24  # further than this from the limit, string content goes unchecked (a pattern may add a few)
 _char_token_cache: dict[int, tuple[Any, dict[str, int]]] = {}
 
 

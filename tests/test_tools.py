@@ -141,6 +141,16 @@ def test_required_calls_always_validate(model, temperature: float) -> None:
         _validate(calls)
 
 
+def test_parallel_calls_stay_valid_at_the_token_limit(model) -> None:
+    """Sampled replies that keep opening calls: the limit closes or ends them, never cuts one."""
+    for i, request in enumerate(SPEC["requests"][1::7]):
+        for budget in (40, 72):
+            text = "".join(model.generate([{"role": "user", "content": request}], tools=TOOLS,
+                                          tool_choice="required", temperature=1.0, seed=i, max_tokens=budget))
+            _validate(parse_tool_calls(text)[1])
+            assert model.last_stats.generated_tokens <= budget
+
+
 def test_named_choice_and_no_parallel(model) -> None:
     text = "".join(model.generate([{"role": "user", "content": "Hello there"}], tools=TOOLS, temperature=0.8, seed=1,
                                   tool_choice={"type": "function", "function": {"name": "search_web"}},

@@ -370,7 +370,8 @@ class LanguageModel:
                 stats.generated_tokens += 1
                 stats.tokens.append(token)
                 if token in self.codec.eos_ids:
-                    stats.finish_reason = "stop"
+                    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
+                    stats.finish_reason = "length" if stats.closed_at_limit else "stop"
                     break
                 if token_filter is not None:
                     token_filter.accept(token)
