@@ -21,7 +21,9 @@ current state (`closing()`: end the string, fill the required fields with minima
 brackets; found by a greedy walk over the matcher and then re-tokenized into as few tokens as the grammar
 accepts), and when a sampled token would leave less room than its closing needs, it puts the closing in its
 place. The reply then ends complete and valid, with finish_reason "length" and `closed_at_limit` set. A schema
-whose shortest document does not fit in max_tokens is an error before generation.
+whose shortest document does not fit in max_tokens is an error before generation. `max_string_tokens=N` ends
+every JSON string after N tokens of content (when its schema allows it to end there), so one runaway string
+cannot take the whole budget.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ class TokenFilter:
     """
 
     def __init__(self, model: Any, *, json_schema: dict | str | Path | None = None, regex: str | None = None,
-                 grammar: str | None = None, compiled: str | None = None, close_at_limit: bool = True) -> None:
+                 grammar: str | None = None, compiled: str | None = None, close_at_limit: bool = True,
+                 max_string_tokens: int | None = None) -> None:
         llg = _llguidance()
         self.model = model
         self.grammar = compiled or compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
@@ -159,6 +162,10 @@ class TokenFilter:
         self.mask_s = 0.0
         self.steps = 0
         self.close_at_limit = close_at_limit  # False: the old behaviour, the budget may cut the document short
+        if max_string_tokens is not None and max_string_tokens < 1:
+            raise StructuredOutputError(f"max_string_tokens must be >= 1, got {max_string_tokens}")
+        self.max_string_tokens = max_string_tokens  # a JSON string's content ends after this many tokens
+        self._string_tokens = 0  # tokens inside the current string so far
         self.budget_s = 0.0  # time spent keeping the document finishable within the budget
         self.budget: int | None = None  # tokens this generation may still emit (None: no budget)
         self.plan: list[int] = []  # the closing being forced, once the budget requires it
@@ -327,12 +334,20 @@ class TokenFilter:
         self.mask_s += time.perf_counter() - start
         return tokens
 
+    def _only(self, token: int) -> np.ndarray:
+        mask = np.zeros(self.vocab_size, dtype=bool)
+        mask[token] = True
+        return mask
+
     def allowed(self) -> np.ndarray:
         """Boolean mask over the vocabulary: True where the token keeps the output in the language."""
         if self.plan:  # forcing the closing: only its next token
-            mask = np.zeros(self.vocab_size, dtype=bool)
-            mask[self.plan[0]] = True
-            return mask
+            return self._only(self.plan[0])
+        if (self.max_string_tokens is not None and self._state == (True, False)
+                and self._string_tokens >= self.max_string_tokens):
+            quote = _char_tokens(self.model).get('"')
+            if quote is not None and self.matcher.validate_tokens([quote]) == 1:
+                return self._only(quote)  # the string has had its tokens: end it (when its schema allows)
         start = time.perf_counter()
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self.matcher.is_error():
@@ -355,7 +370,10 @@ class TokenFilter:
             self.plan.pop(0)
         if self.budget is not None:
             self.budget -= 1
+        if self.budget is not None or self.max_string_tokens is not None:
+            was_in_string = self._state[0]
             self._state = _string_state(self._piece(token_id), self._state)
+            self._string_tokens = self._string_tokens + 1 if was_in_string and self._state[0] else 0
 
     def is_finished(self) -> bool:
         """True once nothing but EOS can follow (the document is complete)."""

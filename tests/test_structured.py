@@ -187,3 +187,15 @@ def test_budget_too_small_for_the_schema_fails_before_generation(model) -> None:
     with pytest.raises(StructuredOutputError, match=r"shortest output this schema allows takes \d+ tokens"):
         list(model.generate(_issue_messages(COMPLAINTS[0]), json_schema=ISSUE_SCHEMA, max_tokens=8))
     assert model.last_stats.generated_tokens == 0
+
+
+@pytest.mark.slow
+def test_max_string_tokens_ends_runaway_strings(model) -> None:
+    entry = next(e for e in BUDGET_SCHEMAS if e["name"] == "translation")  # three unbounded strings
+    text, stats = _budget_run(model, entry, COMPLAINTS[3], 160, seed=3, max_string_tokens=4)
+    value = json.loads(text)
+    jsonschema.validate(value, entry["schema"])
+    assert all(len(model.tokenize(v, add_bos=False)) <= 5 for v in value.values() if isinstance(v, str))
+    assert stats.generated_tokens <= 160
+    with pytest.raises(StructuredOutputError, match="max_string_tokens must be >= 1"):
+        TokenFilter(model, json_schema=entry["schema"], max_string_tokens=0)

@@ -263,11 +263,30 @@ def test_openai_round_trip(client, stream: bool) -> None:
     ({"tools": [fn("a", {"type": "object", "properties": {"x": {"not": {}}}})]}, "tools"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
      "not valid JSON"),
+    ({"speculate": "fast"}, "'speculate' must be"),
+    ({"max_string_tokens": 3}, "needs response_format"),
 ])
 def test_bad_tool_requests_are_400(client, body: dict, fragment: str) -> None:
     openai = pytest.importorskip("openai")
     request = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **body}
+    extra = {k: request.pop(k) for k in ("speculate", "max_string_tokens") if k in request}  # not in the client
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(**request)
+        client.chat.completions.create(**request, extra_body=extra)
     message = info.value.body["message"]
     assert fragment in message and "\n" not in message
+
+
+def test_server_extensions_speculate_and_max_string_tokens(client) -> None:
+    """A request's "speculate" gives the same reply; "max_string_tokens" bounds every string of the JSON."""
+    messages = [{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the lazy dog."}]
+    plain, spec = (client.chat.completions.create(model="smol", messages=messages, temperature=0, max_tokens=40,
+                                                  extra_body={"speculate": mode}).choices[0].message.content
+                   for mode in ("off", "lookup"))
+    assert plain == spec
+    schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    r = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Tell a long story as JSON."}], temperature=0.8, seed=1,
+        max_tokens=120, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        extra_body={"max_string_tokens": 6})
+    story = json.loads(r.choices[0].message.content)["story"]
+    assert len(story) < 60

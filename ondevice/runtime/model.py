@@ -255,6 +255,7 @@ class LanguageModel:
         regex: str | None = None,
         grammar: str | None = None,
         speculate: str | None = None,
+        max_string_tokens: int | None = None,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
@@ -264,7 +265,9 @@ class LanguageModel:
         Structured output: `json_schema` (dict, JSON text or path), `regex` or `grammar` (Lark) constrain every
         sampled token, at any temperature, so the reply always parses (ondevice.structured, llguidance).
         `token_filter` is the lower-level hook: an object with allowed() -> bool mask, accept(token),
-        is_finished().
+        is_finished(). `max_string_tokens` ends each JSON string after that many tokens of content. The token
+        limit never cuts a structured reply: it is closed in time (stats: finish_reason "length",
+        closed_at_limit).
 
         `speculate="lookup"`: prompt-lookup speculative decoding (ondevice.runtime.speculative): tokens copied
         from the prompt by n-gram match are verified in one forward pass with the pending token. The output is
@@ -290,7 +293,10 @@ class LanguageModel:
                 raise OndeviceError("give either token_filter or json_schema/regex/grammar, not both")
             from ondevice.structured import TokenFilter
 
-            token_filter = TokenFilter(self, json_schema=json_schema, regex=regex, grammar=grammar)
+            token_filter = TokenFilter(self, json_schema=json_schema, regex=regex, grammar=grammar,
+                                       max_string_tokens=max_string_tokens)
+        elif max_string_tokens is not None:
+            raise OndeviceError("max_string_tokens needs json_schema, regex, grammar or tools")
         if max_tokens < 0:
             raise OndeviceError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))

@@ -226,6 +226,12 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
         speculate=_speculate(body, limits),
         **tool_kwargs,
     )
+    max_string_tokens = _integer(body, "max_string_tokens", 1, limits.max_tokens)
+    if max_string_tokens is not None:
+        if body.get("response_format") in (None, {"type": "text"}) and not tool_kwargs:
+            raise RequestError("'max_string_tokens' needs response_format json_object/json_schema or tools",
+                               param="max_string_tokens")
+        kwargs["max_string_tokens"] = max_string_tokens
     return ParsedRequest(kind=kind, prompt=prompt, stream=stream,
                          include_usage=bool(options.get("include_usage")), generate_kwargs=kwargs,
                          json_schema=_response_format(body.get("response_format")), tool_mode=tool_mode)
