@@ -62,6 +62,30 @@ def tasks(n_issues: int) -> list[tuple[str, list[dict], dict]]:
     return out
 
 
+def pass_cost(model, rounds: int = 15, reps: int = 10) -> int:
+    """What a verification pass costs against a one-token step: the break-even of speculation on this machine."""
+    import time
+
+    import numpy as np
+
+    t = model.transformer
+    t.forward(np.arange(100, 400, dtype=np.int32), 0)
+    times: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    for _ in range(rounds):
+        for rows in times:
+            tokens = np.arange(500, 500 + rows, dtype=np.int32)
+            start = time.perf_counter()
+            for _ in range(reps):
+                t.forward(tokens, 300, all_logits=rows > 1)
+            times[rows].append((time.perf_counter() - start) / reps)
+    one = statistics.median(times[1])
+    for rows, values in times.items():
+        print(f"{rows} token(s) per pass: {1e3 * statistics.median(values):.1f} ms "
+              f"({statistics.median(values) / one:.2f}x one token), {model.threads} threads")
+    model.reset()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import ondevice
 
@@ -71,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--issues", type=int, default=10, help="issue-extraction complaints (default 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--pass-cost", action="store_true",
+                    help="only time forward passes of 1, 2 and 3 tokens at position 300 (interleaved, median)")
     args = ap.parse_args(argv)
 
     model = ondevice.load(args.model, threads=args.threads)
+    if args.pass_cost:
+        return pass_cost(model)
     per_task: dict[str, dict[str, list]] = {}
     identical = True
     for name, messages, kwargs in tasks(args.issues):
