@@ -1,12 +1,14 @@
 """Prompt-lookup speculative decoding against plain decoding, side by side (issue 16).
 
-    python benchmarks/speculative_lookup.py                  # rewrite task + issue extraction, 3 rounds
+    python benchmarks/speculative_lookup.py                  # rewrite, issue extraction, tool calls; 3 rounds
     python benchmarks/speculative_lookup.py --rounds 5 --json
 
-One process, one loaded model, the same thread count: every prompt is generated plain and with
-speculate="lookup", alternating, `--rounds` times; reported per task are the median decode speeds (tok/s, after
-the first token), their ratio, the share of drafted tokens accepted, the forward passes, and whether the outputs
-were identical (they must be, at temperature 0: same tokens).
+One process, one loaded model, the same thread count: every prompt is generated plain (speculate="off") and with
+speculate="lookup" (and, for the structured tasks, "grammar": drafts of the grammar's forced tokens only),
+alternating, `--rounds` times; reported per task and mode are the median decode speeds (tok/s, after the first
+token), their ratio, the share of drafted tokens accepted, the forward passes, and whether the outputs were
+identical (they must be, at temperature 0: same tokens). Tasks: the rewrite task two ways, issue extraction
+(examples/github_issue.schema.json) and tool calls (examples/tool_requests.json, tool_choice "required").
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ ISSUE_SYSTEM = ("You turn a user's complaint into a GitHub issue. Reply with JSO
                 "priority and an estimate of the work.")
 
 
-def tasks(n_issues: int) -> list[tuple[str, list[dict], dict]]:
+def tasks(n_issues: int, n_tools: int) -> list[tuple[str, list[dict], dict]]:
     out = []
     for text, change in PARAGRAPHS:  # the paragraph first, then the change, with an editor's system prompt
         out.append(("rewrite", [{"role": "system", "content": EDITOR},
@@ -59,6 +61,10 @@ def tasks(n_issues: int) -> list[tuple[str, list[dict], dict]]:
     for c in complaints:
         out.append(("issue-extraction", [{"role": "system", "content": ISSUE_SYSTEM}, {"role": "user", "content": c}],
                     {"max_tokens": 160, "json_schema": schema}))
+    spec = json.loads((EXAMPLES / "tool_requests.json").read_text())
+    for request in spec["requests"][::5][:n_tools]:
+        out.append(("tool calls (required)", [{"role": "user", "content": request}],
+                    {"max_tokens": 128, "tools": spec["tools"], "tool_choice": "required"}))
     return out
 
 
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="GGUF path or alias (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--issues", type=int, default=10, help="issue-extraction complaints (default 10)")
+    ap.add_argument("--tool-requests", type=int, default=10, help="tool-call requests (default 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--pass-cost", action="store_true",
@@ -102,59 +109,64 @@ def main(argv: list[str] | None = None) -> int:
     model = ondevice.load(args.model, threads=args.threads)
     if args.pass_cost:
         return pass_cost(model)
-    per_task: dict[str, dict[str, list]] = {}
+    per_task: dict[tuple[str, str], dict] = {}
     identical = True
-    for name, messages, kwargs in tasks(args.issues):
-        speeds: dict[str, list[float]] = {"plain": [], "lookup": []}
+    for name, messages, kwargs in tasks(args.issues, args.tool_requests):
+        modes = ["lookup"] if "json_schema" not in kwargs and "tools" not in kwargs else ["grammar", "lookup"]
+        speeds: dict[str, list[float]] = {m: [] for m in ["off", *modes]}
         outputs: dict[str, list[int]] = {}
         stats = {}
         for _ in range(args.rounds):
-            for mode in ("plain", "lookup"):
-                "".join(model.generate(messages, temperature=0, speculate=None if mode == "plain" else "lookup",
-                                       **kwargs))
+            for mode in speeds:
+                "".join(model.generate(messages, temperature=0, speculate=mode, **kwargs))
                 s = model.last_stats
                 speeds[mode].append(s.decode_tok_s)
                 if mode in outputs and outputs[mode] != s.tokens:
                     identical = False
                 outputs[mode] = list(s.tokens)
                 stats[mode] = s
-        same = outputs["plain"] == outputs["lookup"]
-        identical &= same
-        agg = per_task.setdefault(name, {"ratio": [], "plain": [], "lookup": [], "drafted": 0, "accepted": 0,
-                                         "tokens": 0, "passes_plain": 0, "passes_lookup": 0, "prompts": 0})
-        plain, lookup = statistics.median(speeds["plain"]), statistics.median(speeds["lookup"])
-        agg["plain"].append(plain)
-        agg["lookup"].append(lookup)
-        agg["ratio"].append(lookup / plain)
-        agg["drafted"] += stats["lookup"].drafted_tokens
-        agg["accepted"] += stats["lookup"].accepted_tokens
-        agg["tokens"] += stats["lookup"].generated_tokens
-        agg["passes_plain"] += stats["plain"].forward_passes
-        agg["passes_lookup"] += stats["lookup"].forward_passes
-        agg["prompts"] += 1
-        if not args.json:
-            print(f"{name:28s} plain {plain:6.1f} tok/s  lookup {lookup:6.1f} tok/s  x{lookup / plain:.2f}  "
-                  f"accepted {stats['lookup'].accepted_tokens}/{stats['lookup'].drafted_tokens}  "
-                  f"{'identical' if same else 'DIFFERENT'}", flush=True)
+        plain = statistics.median(speeds["off"])
+        for mode in modes:
+            same = outputs["off"] == outputs[mode]
+            identical &= same
+            agg = per_task.setdefault((name, mode), {"ratio": [], "plain": [], "spec": [], "drafted": 0,
+                                                     "accepted": 0, "tokens": 0, "passes_plain": 0,
+                                                     "passes_spec": 0, "prompts": 0})
+            spec = statistics.median(speeds[mode])
+            agg["plain"].append(plain)
+            agg["spec"].append(spec)
+            agg["ratio"].append(spec / plain)
+            agg["drafted"] += stats[mode].drafted_tokens
+            agg["accepted"] += stats[mode].accepted_tokens
+            agg["tokens"] += stats[mode].generated_tokens
+            agg["passes_plain"] += stats["off"].forward_passes
+            agg["passes_spec"] += stats[mode].forward_passes
+            agg["prompts"] += 1
+            if not args.json:
+                print(f"{name:28s} {mode:7s} off {plain:6.1f} tok/s  on {spec:6.1f} tok/s  x{spec / plain:.2f}  "
+                      f"accepted {stats[mode].accepted_tokens}/{stats[mode].drafted_tokens}  "
+                      f"{'identical' if same else 'DIFFERENT'}", flush=True)
     summary = []
-    for name, agg in per_task.items():
-        summary.append({"task": name, "prompts": agg["prompts"], "threads": model.threads,
+    for (name, mode), agg in per_task.items():
+        summary.append({"task": name, "speculate": mode, "prompts": agg["prompts"], "threads": model.threads,
                         "median_plain_tok_s": round(statistics.median(agg["plain"]), 1),
-                        "median_lookup_tok_s": round(statistics.median(agg["lookup"]), 1),
+                        "median_speculative_tok_s": round(statistics.median(agg["spec"]), 1),
                         "median_speedup": round(statistics.median(agg["ratio"]), 2),
+                        "min_speedup": round(min(agg["ratio"]), 2), "max_speedup": round(max(agg["ratio"]), 2),
                         "accepted_of_drafted": f"{agg['accepted']}/{agg['drafted']}",
                         "tokens": agg["tokens"], "forward_passes_plain": agg["passes_plain"],
-                        "forward_passes_lookup": agg["passes_lookup"]})
+                        "forward_passes_speculative": agg["passes_spec"]})
     if args.json:
         json.dump({"model": model.path, "rounds": args.rounds, "identical": identical, "summary": summary},
                   sys.stdout, indent=2)
         print()
     else:
         for s in summary:
-            print(f"{s['task']}: median speedup x{s['median_speedup']} ({s['median_plain_tok_s']} -> "
-                  f"{s['median_lookup_tok_s']} tok/s, {s['threads']} threads, {s['prompts']} prompts); accepted "
+            print(f"{s['task']}, speculate={s['speculate']}: median speedup x{s['median_speedup']} "
+                  f"({s['min_speedup']}-{s['max_speedup']}; {s['median_plain_tok_s']} -> "
+                  f"{s['median_speculative_tok_s']} tok/s, {s['threads']} threads, {s['prompts']} prompts); accepted "
                   f"{s['accepted_of_drafted']} drafted tokens; forward passes {s['forward_passes_plain']} -> "
-                  f"{s['forward_passes_lookup']} for {s['tokens']} tokens")
+                  f"{s['forward_passes_speculative']} for {s['tokens']} tokens")
         print("outputs identical at temperature 0:", identical)
     return 0 if identical else 1
 

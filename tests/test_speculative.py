@@ -42,8 +42,8 @@ def test_lookup_prefers_the_longest_ngram():
 
 
 def test_speculate_option_is_checked():
-    assert check_speculate(None) is None and check_speculate("off") is None
-    assert check_speculate("lookup") == "lookup"
+    assert check_speculate("off") == "off" and check_speculate("lookup") == "lookup"
+    assert check_speculate("grammar") == "grammar" and check_speculate(None) in ("off", "grammar", "lookup")
     with pytest.raises(OndeviceError, match="speculate must be one of"):
         check_speculate("draft-model")
 
@@ -73,10 +73,10 @@ def test_verify_rows_are_bit_identical_to_single_steps(model):
     model.reset()
 
 
-def _both(model, messages, **kwargs):
-    plain = "".join(model.generate(messages, **kwargs))
+def _both(model, messages, mode="lookup", **kwargs):
+    plain = "".join(model.generate(messages, speculate="off", **kwargs))
     plain_stats = model.last_stats
-    spec = "".join(model.generate(messages, speculate="lookup", **kwargs))
+    spec = "".join(model.generate(messages, speculate=mode, **kwargs))
     return plain, plain_stats, spec, model.last_stats
 
 
@@ -87,19 +87,32 @@ def test_rewrite_identical_and_fewer_passes(model):
     assert s.forward_passes < p.forward_passes
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_issue_extraction_identical_with_schema(model, temperature):
+@pytest.mark.parametrize(("temperature", "mode"), [(0.0, "lookup"), (0.8, "lookup"), (0.0, "grammar")])
+def test_issue_extraction_identical_with_schema(model, temperature, mode):
     schema = json.loads((EXAMPLES / "github_issue.schema.json").read_text())
     complaints = (EXAMPLES / "complaints.txt").read_text().splitlines()[:4]
     for i, complaint in enumerate(complaints):
         messages = [{"role": "system", "content": "You turn a user's complaint into a GitHub issue. Reply with JSON."},
                     {"role": "user", "content": complaint}]
-        plain, p, spec, s = _both(model, messages, max_tokens=96, temperature=temperature, seed=i,
+        plain, p, spec, s = _both(model, messages, mode, max_tokens=96, temperature=temperature, seed=i,
                                   json_schema=schema)
         assert spec == plain and s.tokens == p.tokens, complaint
         json.loads(spec)
         if temperature == 0:  # the keys and separators the grammar forces are drafted, and accepted
             assert s.accepted_tokens > 0.25 * s.generated_tokens and s.forward_passes < p.forward_passes
+
+
+def test_tool_calls_identical_with_grammar_drafts(model):
+    spec = json.loads((EXAMPLES / "tool_requests.json").read_text())
+    for i, request in enumerate(spec["requests"][::12]):
+        plain, p, out, s = _both(model, [{"role": "user", "content": request}], "grammar", max_tokens=96,
+                                 temperature=0.8, seed=i, tools=spec["tools"], tool_choice="required")
+        assert out == plain and s.accepted_tokens > 0
+
+
+def test_grammar_mode_without_a_grammar_is_plain(model):
+    plain, p, out, s = _both(model, REWRITE, "grammar", max_tokens=20, temperature=0)
+    assert out == plain and s.drafted_tokens == 0 and s.forward_passes == p.forward_passes
 
 
 def test_sampling_identical_with_seed(model):

@@ -38,9 +38,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=D.min_p, help=f"default {D.min_p} (0 = off)")
     p.add_argument("--repeat-penalty", type=float, default=D.repeat_penalty, help=f"default {D.repeat_penalty} (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-    p.add_argument("--speculate", choices=("off", "lookup"), default="off",
-                   help="lookup: prompt-lookup speculative decoding (drafts copied from the prompt, verified in one "
-                        "pass; the same output, faster when the reply repeats the prompt). Default off")
+    p.add_argument("--speculate", choices=("off", "grammar", "lookup"), default=None,
+                   help="speculative decoding, the same output: grammar (default) = draft what a --json-schema forces, "
+                        "lookup = also tokens copied from the prompt (faster when the reply repeats it), off")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
     p.add_argument("--kv-cache", choices=("f16", "f32"),

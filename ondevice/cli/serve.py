@@ -62,9 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="on a loopback bind, also answer requests whose Host header is NAME (repeatable; by "
                         "default only localhost/127.0.0.1/[::1] are answered, which stops DNS-rebinding pages)")
-    p.add_argument("--speculate", choices=("off", "lookup"), default="off",
-                   help="default for requests that name none (a request's \"speculate\" field wins): lookup = "
-                        "prompt-lookup speculative decoding, the same output, faster on replies that copy the prompt")
+    p.add_argument("--speculate", choices=("off", "grammar", "lookup"), default=None,
+                   help="default for requests that name none (a request's \"speculate\" field wins): grammar = draft "
+                        "what a schema or tool grammar forces, lookup = also tokens copied from the prompt; the same "
+                        "output either way. Default grammar")
     p.add_argument("--verbose", action="store_true", help="log every request (and client disconnects) to stderr")
     p.set_defaults(handler=run)
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     model = None if onnx_dir and not args.model else ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body,
                     default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit),
-                    default_speculate=None if args.speculate == "off" else args.speculate)
+                    default_speculate=args.speculate)
     try:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,

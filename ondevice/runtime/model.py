@@ -102,6 +102,12 @@ def _return_free_heap() -> None:
             pass
 
 
+def _finish(stats: GenerationStats, token_filter: Any, reason: str) -> None:
+    """End of a reply: a structured one that the token budget closed early reports "length" and the flag."""
+    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
+    stats.finish_reason = "length" if stats.closed_at_limit else reason
+
+
 class LanguageModel:
     """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
@@ -254,7 +260,7 @@ class LanguageModel:
         json_schema: Any = None,
         regex: str | None = None,
         grammar: str | None = None,
-        speculate: str | None = None,
+        speculate: str | None = None,  # None: DEFAULT_SPECULATE ("grammar")
         max_string_tokens: int | None = None,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
@@ -269,9 +275,11 @@ class LanguageModel:
         limit never cuts a structured reply: it is closed in time (stats: finish_reason "length",
         closed_at_limit).
 
-        `speculate="lookup"`: prompt-lookup speculative decoding (ondevice.runtime.speculative): tokens copied
-        from the prompt by n-gram match are verified in one forward pass with the pending token. The output is
-        identical to plain decoding (same logits, same sampler, same random stream); only the speed changes.
+        `speculate` (ondevice.runtime.speculative): "grammar" drafts the tokens a schema or tool grammar forces,
+        "lookup" also tokens copied from the prompt by n-gram match; a draft is verified in one forward pass with
+        the pending token. The output is identical to plain decoding (same logits, same sampler, same random
+        stream); only the speed changes. Default (None): "grammar", which only acts under a schema or tools;
+        "off": plain decoding.
 
         `tools` (OpenAI's shape) with `tool_choice` "auto" (default), "required", "none" or
         {"type": "function", "function": {"name": ...}}: the reply is either text or
@@ -345,7 +353,7 @@ class LanguageModel:
         history = list(tokens)
         try:
             yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
-                                         token_filter, PromptLookup() if speculate else None)
+                                         token_filter, speculate or "off")
         except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
@@ -355,12 +363,13 @@ class LanguageModel:
 
     def _decode_loop(self, stats: GenerationStats, logits: np.ndarray, sampler: Sampler, history: list[int],
                      decoder: StreamDecoder, matcher: StopMatcher, max_tokens: int,
-                     token_filter: Any, lookup: PromptLookup | None = None) -> Iterator[str]:
+                     token_filter: Any, speculate: str = "off") -> Iterator[str]:
         start = time.perf_counter() - stats.prefill_s
         stopped_by_string = False
         budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
-        k = min(self.draft_limit, 8) if lookup is not None else 0
-        forced = getattr(token_filter, "forced_tokens", None) if k else None
+        lookup = PromptLookup() if speculate == "lookup" else None
+        forced = getattr(token_filter, "forced_tokens", None) if speculate != "off" else None
+        k = min(self.draft_limit, 8) if lookup is not None or forced is not None else 0
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
         try:
@@ -376,8 +385,7 @@ class LanguageModel:
                 stats.generated_tokens += 1
                 stats.tokens.append(token)
                 if token in self.codec.eos_ids:
-                    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
-                    stats.finish_reason = "length" if stats.closed_at_limit else "stop"
+                    _finish(stats, token_filter, "stop")
                     break
                 if token_filter is not None:
                     token_filter.accept(token)
@@ -390,12 +398,10 @@ class LanguageModel:
                     stopped_by_string = True
                     break
                 if token_filter is not None and token_filter.is_finished():
-                    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
-                    stats.finish_reason = "length" if stats.closed_at_limit else "stop"
+                    _finish(stats, token_filter, "stop")
                     break
                 if stats.generated_tokens >= max_tokens:
-                    stats.finish_reason = "length"
-                    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
+                    _finish(stats, token_filter, "length")
                     break
                 if len(history) >= self.n_ctx:
                     stats.finish_reason = "context"

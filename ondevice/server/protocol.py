@@ -169,10 +169,13 @@ def _response_format(raw: Any) -> dict | None:
 
 
 def _speculate(body: dict, limits: Limits) -> str | None:
+    from ondevice.runtime.speculative import SPECULATE_MODES
+
     value = body.get("speculate", limits.default_speculate)
-    if value not in (None, "off", "lookup"):
-        raise RequestError(f"'speculate' must be \"off\" or \"lookup\", got {str(value)[:40]!r}", param="speculate")
-    return None if value == "off" else value
+    if value is not None and value not in SPECULATE_MODES:
+        raise RequestError(f"'speculate' must be one of {', '.join(SPECULATE_MODES)}, got {str(value)[:40]!r}",
+                           param="speculate")
+    return value
 
 
 def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
