@@ -290,3 +290,20 @@ def test_server_extensions_speculate_and_max_string_tokens(client) -> None:
         extra_body={"max_string_tokens": 6})
     story = json.loads(r.choices[0].message.content)["story"]
     assert len(story) < 60
+
+
+def test_server_json_closed_at_the_limit(client) -> None:
+    """response_format at a small max_tokens: complete JSON, finish_reason "length", closed_at_limit in the choice
+    (the whole body and the last stream chunk)."""
+    schema = {"type": "object", "properties": {"summary": {"type": "string"}, "tags": {"type": "array", "items": {
+        "type": "string"}}}, "required": ["summary", "tags"]}
+    params = dict(model="smol", messages=[{"role": "user", "content": "Describe your day in great detail as JSON."}],
+                  temperature=0.8, seed=2, max_tokens=14,
+                  response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": schema}})
+    r = client.chat.completions.create(**params)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].model_extra.get("closed_at_limit") is True
+    chunks = list(client.chat.completions.create(**params, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].model_extra["closed_at_limit"]

@@ -551,12 +551,12 @@ class Handler(BaseHTTPRequestHandler):
                                      "invalid_request_error"))
                 break
             else:
-                _, finish, n_prompt, n_completion, _closed = event
+                _, finish, n_prompt, n_completion, closed = event
                 if calls is not None:
                     self._tool_chunks(req, job, calls.finish(), created)
                     if calls.index >= 0:
                         finish = "tool_calls"
-                self._sse(chunk_body(req, job.id, model_id, created, finish_reason=finish))
+                self._sse(chunk_body(req, job.id, model_id, created, finish_reason=finish, closed_at_limit=closed))
                 if req.include_usage:
                     self._sse(usage_chunk(req, job.id, model_id, created, n_prompt, n_completion))
                 break

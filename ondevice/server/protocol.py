@@ -273,7 +273,7 @@ def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str | 
 
 def chunk_body(req: ParsedRequest, job_id: str, model_id: str, created: int, *, text: str | None = None,
                first: bool = False, finish_reason: str | None = None,
-               tool_call: dict[str, Any] | None = None) -> dict[str, Any]:
+               tool_call: dict[str, Any] | None = None, closed_at_limit: bool = False) -> dict[str, Any]:
     """One stream chunk; `tool_call` is one entry of delta.tool_calls ({"index", and "id"/"type"/"function"})."""
     finish = None if finish_reason is None else _finish(finish_reason)
     if req.kind == "chat":
@@ -284,9 +284,11 @@ def chunk_body(req: ParsedRequest, job_id: str, model_id: str, created: int, *, 
             delta["content"] = text
         if tool_call is not None:
             delta["tool_calls"] = [tool_call]
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if closed_at_limit:
+            choice["closed_at_limit"] = True
         return {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": created,
-                "model": model_id, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "model": model_id, "system_fingerprint": None, "choices": [choice]}
     return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created, "model": model_id,
             "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
