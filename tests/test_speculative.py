@@ -118,3 +118,36 @@ def test_grammar_mode_without_a_grammar_is_plain(model):
 def test_sampling_identical_with_seed(model):
     plain, p, spec, s = _both(model, REWRITE, max_tokens=60, temperature=0.8, seed=3)
     assert spec == plain
+
+
+@pytest.fixture(scope="module")
+def q8_path(smollm2, tmp_path_factory):
+    """SmolLM2 re-quantized to Q8_0: the same vocabulary, other weights (a draft for itself)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("draft") / "smol-q8.gguf"
+    run = subprocess.run([sys.executable, "-m", "ondevice", "convert", str(smollm2), "--to", "gguf", "--quant", "q8_0",
+                          "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+def test_draft_model_identical_output(smollm2, q8_path):
+    import ondevice
+
+    with ondevice.load(smollm2, threads=2, draft=q8_path) as m:
+        for temperature in (0.0, 0.8):
+            plain, p, spec, s = _both(m, REWRITE, "draft", max_tokens=60, temperature=temperature, seed=5)
+            assert spec == plain and s.tokens == p.tokens
+            assert s.accepted_tokens > 0.5 * s.drafted_tokens > 0  # Q8_0 mostly agrees with Q4_1
+    with ondevice.load(smollm2, threads=2) as m, pytest.raises(OndeviceError, match="needs a draft model"):
+        list(m.generate(REWRITE, speculate="draft"))
+
+
+def test_draft_with_another_vocabulary_is_refused(model):
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(spec=SimpleNamespace(vocab_size=32000), codec=model.codec, path="other.gguf")
+    with pytest.raises(OndeviceError, match="another vocabulary"):
+        model.set_draft(other)

@@ -20,7 +20,7 @@ from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
-from ondevice.runtime.speculative import PromptLookup, check_speculate
+from ondevice.runtime.speculative import PromptLookup, check_speculate, model_draft
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
@@ -161,7 +161,17 @@ class LanguageModel:
         self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (prompt length, its last logits)
+        self.draft_model: LanguageModel | None = None  # drafts for speculate="draft" (set_draft)
         self.last_stats = GenerationStats()
+
+    def set_draft(self, draft: LanguageModel | None) -> None:
+        """A model with the same vocabulary that drafts tokens for `speculate="draft"` (None: none)."""
+        if draft is not None:
+            if draft.spec.vocab_size != self.spec.vocab_size or draft.codec.eos_ids != self.codec.eos_ids or \
+                    draft.codec.tokenizer.get_vocab() != self.codec.tokenizer.get_vocab():
+                raise OndeviceError(f"the draft model {Path(draft.path).name} has another vocabulary than "
+                                    f"{Path(self.path).name}; a draft must share the tokenizer")
+        self.draft_model = draft
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -276,7 +286,8 @@ class LanguageModel:
         closed_at_limit).
 
         `speculate` (ondevice.runtime.speculative): "grammar" drafts the tokens a schema or tool grammar forces,
-        "lookup" also tokens copied from the prompt by n-gram match; a draft is verified in one forward pass with
+        "lookup" also tokens copied from the prompt by n-gram match, "draft" also the greedy tokens of the draft
+        model given to load(..., draft=); a draft is verified in one forward pass with
         the pending token. The output is identical to plain decoding (same logits, same sampler, same random
         stream); only the speed changes. Default (None): "grammar", which only acts under a schema or tools;
         "off": plain decoding.
@@ -310,6 +321,8 @@ class LanguageModel:
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         speculate = check_speculate(speculate)
+        if speculate == "draft" and self.draft_model is None:
+            raise OndeviceError('speculate="draft" needs a draft model: ondevice.load(MODEL, draft=SMALLER_MODEL)')
         tokens = self.prompt_tokens(prompt, **template_vars)
         return self._generate(tokens, max_tokens, sampler, stops, token_filter, speculate)
 
@@ -368,8 +381,9 @@ class LanguageModel:
         stopped_by_string = False
         budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
         lookup = PromptLookup() if speculate == "lookup" else None
+        draft_model = self.draft_model if speculate == "draft" else None
         forced = getattr(token_filter, "forced_tokens", None) if speculate != "off" else None
-        k = min(self.draft_limit, 8) if lookup is not None or forced is not None else 0
+        k = min(self.draft_limit, 8) if (lookup, draft_model, forced) != (None, None, None) else 0
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
         try:
@@ -418,6 +432,8 @@ class LanguageModel:
                     drafts = forced(room)
                 if room > 0 and not drafts and lookup is not None:
                     drafts = lookup.draft(history, room)
+                if room > 0 and not drafts and draft_model is not None:
+                    drafts = model_draft(draft_model, history, room)
                 stats.drafted_tokens += len(drafts)
                 stats.forward_passes += 1
                 rows = self._verify([token, *drafts])
@@ -451,6 +467,9 @@ class LanguageModel:
         return "".join(self.generate(messages, **kwargs))
 
     def close(self) -> None:
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         self.transformer = None
         self.weights = None
         if self._gguf is not None:

@@ -17,8 +17,8 @@ only decides how many of those logits one pass computes.
 from __future__ import annotations
 
 # off: plain decoding; grammar: draft only what a schema/tool grammar forces (no effect without one);
-# lookup: that, then prompt lookup
-SPECULATE_MODES = ("off", "grammar", "lookup")
+# lookup: that, then prompt lookup; draft: that, then a draft model's greedy tokens (load(..., draft=...))
+SPECULATE_MODES = ("off", "grammar", "lookup", "draft")
 # On where it pays, measured (docs/BENCHMARKS.md §11): grammar drafts are accepted ~95% of the time and sped up
 # every structured reply measured (issue extraction, tool calls); prompt lookup pays only on replies that copy.
 DEFAULT_SPECULATE = "grammar"
@@ -33,6 +33,25 @@ def check_speculate(mode: str | None) -> str:
     if mode not in SPECULATE_MODES:
         raise OndeviceError(f"speculate must be one of {', '.join(SPECULATE_MODES)}; got {str(mode)[:40]!r}")
     return mode
+
+
+def model_draft(draft_model: object, history: list[int], k: int) -> list[int]:
+    """Up to k greedy tokens of a smaller (or differently quantized) model with the same vocabulary. Its KV cache
+    follows the history by prefix reuse, so each call evaluates only what was accepted since the last one."""
+    import numpy as np
+
+    if k <= 0 or len(history) + k > draft_model.n_ctx:
+        return []
+    logits, _ = draft_model._eval(history)
+    out: list[int] = []
+    for i in range(k):
+        token = int(np.argmax(logits))
+        if token in draft_model.codec.eos_ids:
+            break
+        out.append(token)
+        if i + 1 < k:
+            logits = draft_model._step(token)
+    return out
 
 
 class PromptLookup:
