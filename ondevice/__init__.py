@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 __all__ = ["OndeviceError", "__version__", "load"]
 
 
-def load(model=None, *, threads=None, n_ctx=None, kv_cache=None):
+def load(model=None, *, threads=None, n_ctx=None, kv_cache=None, draft=None):
     """Load a model for generation (see ondevice.runtime.load)."""
     from ondevice.runtime import load as _load
 
-    return _load(model, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache)
+    return _load(model, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache, draft=draft)

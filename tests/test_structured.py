@@ -131,3 +131,71 @@ def test_cli_run_json_schema(smollm2: Path, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "ondevice", "run", str(smollm2), "-p", "x", "--json-schema",
                           str(bad)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Unimplemented" in run.stderr and run.stderr.count("\n") == 1
+
+
+BUDGET_SCHEMAS = json.loads((EXAMPLES / "budget_schemas.json").read_text())["schemas"]
+
+
+def _budget_run(model, entry: dict, complaint: str, budget: int, seed: int, **kwargs) -> tuple[str, object]:
+    messages = [{"role": "system", "content": entry["prompt"] + " Reply with JSON."},
+                {"role": "user", "content": complaint}]
+    token_filter = TokenFilter(model, json_schema=entry["schema"], **kwargs)
+    text = "".join(model.generate(messages, token_filter=token_filter, temperature=0.8, seed=seed,
+                                  max_tokens=budget))
+    return text, model.last_stats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [32, 64])
+def test_unbounded_schemas_stay_valid_at_the_token_limit(model, budget: int) -> None:
+    """Ten schemas with unbounded strings and arrays, temperature 0.8: the reply is complete and valid at the
+    limit; when the limit forced the closing, finish_reason is "length" and closed_at_limit is set."""
+    closed = 0
+    for i, entry in enumerate(BUDGET_SCHEMAS):
+        text, stats = _budget_run(model, entry, COMPLAINTS[i], budget, seed=i)
+        jsonschema.validate(json.loads(text), entry["schema"])
+        assert stats.generated_tokens <= budget
+        if stats.closed_at_limit:
+            closed += 1
+            assert stats.finish_reason == "length"
+    assert closed >= 3  # the limit really was reached (else this test proves nothing)
+
+
+@pytest.mark.slow
+def test_without_closing_the_limit_breaks_the_json(model) -> None:
+    """The baseline the closing fixes: the same request with close_at_limit=False ends mid-string."""
+    entry = next(e for e in BUDGET_SCHEMAS if e["name"] == "translation")
+    text, stats = _budget_run(model, entry, COMPLAINTS[8], 32, seed=8, close_at_limit=False)
+    assert stats.finish_reason == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    text, stats = _budget_run(model, entry, COMPLAINTS[8], 32, seed=8)
+    jsonschema.validate(json.loads(text), entry["schema"])
+    assert stats.closed_at_limit and stats.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_issue_schema_at_32_tokens(model) -> None:
+    for i, complaint in enumerate(COMPLAINTS[:6]):
+        issue = generate_structured(model, _issue_messages(complaint), json_schema=ISSUE_SCHEMA, temperature=0.8,
+                                    seed=i, max_tokens=32)
+        jsonschema.validate(issue, ISSUE_SCHEMA)
+
+
+@pytest.mark.slow
+def test_budget_too_small_for_the_schema_fails_before_generation(model) -> None:
+    with pytest.raises(StructuredOutputError, match=r"shortest output this schema allows takes \d+ tokens"):
+        list(model.generate(_issue_messages(COMPLAINTS[0]), json_schema=ISSUE_SCHEMA, max_tokens=8))
+    assert model.last_stats.generated_tokens == 0
+
+
+@pytest.mark.slow
+def test_max_string_tokens_ends_runaway_strings(model) -> None:
+    entry = next(e for e in BUDGET_SCHEMAS if e["name"] == "translation")  # three unbounded strings
+    text, stats = _budget_run(model, entry, COMPLAINTS[3], 160, seed=3, max_string_tokens=4)
+    value = json.loads(text)
+    jsonschema.validate(value, entry["schema"])
+    assert all(len(model.tokenize(v, add_bos=False)) <= 5 for v in value.values() if isinstance(v, str))
+    assert stats.generated_tokens <= 160
+    with pytest.raises(StructuredOutputError, match="max_string_tokens must be >= 1"):
+        TokenFilter(model, json_schema=entry["schema"], max_string_tokens=0)

@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
     import ondevice
     from ondevice.errors import OndeviceError
 
-    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache)
+    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache,
+                          draft=args.draft)
     if not model.chat_template:
         raise OndeviceError(f"{model.path} has no chat template; use `ondevice run --raw` instead")
     interactive = sys.stdin.isatty()

@@ -38,6 +38,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=D.min_p, help=f"default {D.min_p} (0 = off)")
     p.add_argument("--repeat-penalty", type=float, default=D.repeat_penalty, help=f"default {D.repeat_penalty} (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--speculate", choices=("off", "grammar", "lookup", "draft"), default=None,
+                   help="speculative decoding, the same output: grammar (default) = draft what a --json-schema forces, "
+                        "lookup = also tokens copied from the prompt (faster when the reply repeats it), draft = "
+                        "also the --draft model's tokens, off")
+    p.add_argument("--draft", metavar="MODEL", help="a model with the same vocabulary that drafts for --speculate draft")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
     p.add_argument("--kv-cache", choices=("f16", "f32"),
@@ -62,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+                speculate=getattr(args, "speculate", None))
 
 
 def timing_line(stats, rss_mib: float) -> str:
@@ -84,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         from ondevice.structured import compile_grammar
 
         compile_grammar(json_schema=args.json_schema)
-    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache)
+    model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache,
+                          draft=args.draft)
     if args.raw:
         request: str | list[dict[str, str]] = prompt
     else:

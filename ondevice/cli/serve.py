@@ -62,6 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="on a loopback bind, also answer requests whose Host header is NAME (repeatable; by "
                         "default only localhost/127.0.0.1/[::1] are answered, which stops DNS-rebinding pages)")
+    p.add_argument("--draft", metavar="MODEL", help="a model with the same vocabulary that drafts for speculate draft")
+    p.add_argument("--speculate", choices=("off", "grammar", "lookup", "draft"), default=None,
+                   help="default for requests that name none (a request's \"speculate\" field wins): grammar = draft "
+                        "what a schema or tool grammar forces, lookup = also tokens copied from the prompt; the same "
+                        "output either way. Default grammar")
     p.add_argument("--verbose", action="store_true", help="log every request (and client disconnects) to stderr")
     p.set_defaults(handler=run)
 
@@ -92,9 +97,12 @@ def run(args: argparse.Namespace) -> int:
             raise OndeviceError(f"--onnx {onnx_dir}: not an ONNX folder from `ondevice convert --to onnx` "
                                 "(genai_config.json and tokenizer.json are needed)")
     # --onnx alone: nothing runs server-side, the page runs the ONNX folder in the browser.
-    model = None if onnx_dir and not args.model else ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx)
+    model = None
+    if args.model or not onnx_dir:
+        model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, draft=args.draft)
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body,
-                    default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit))
+                    default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit),
+                    default_speculate=args.speculate)
     try:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,

@@ -53,18 +53,26 @@ LOADERS: list[tuple[Callable[[Path], bool], Callable[[Path, int | None, int | No
 
 
 def load(model: str | Path | None = None, *, threads: int | None = None, n_ctx: int | None = None,
-         kv_cache: str | None = None):
+         kv_cache: str | None = None, draft: str | Path | None = None):
     """Load a model for generation. `model` is a path (.gguf, .pte), an alias, or None for the bundled default.
 
     threads: default the physical cores; n_ctx: default the model's context length, capped (see LanguageModel);
-    kv_cache: "f16" (default for GGUF: half the memory, and the numerics of llama.cpp's default) or "f32".
+    kv_cache: "f16" (default for GGUF: half the memory, and the numerics of llama.cpp's default) or "f32";
+    draft: a second model with the same vocabulary (path or alias) that drafts for `speculate="draft"`.
     """
     from ondevice.hub import resolve_model
 
     path = resolve_model(None if model is None else str(model))
     for matches, loader in LOADERS:
         if matches(path):
-            return loader(path, threads, n_ctx, kv_cache)
+            loaded = loader(path, threads, n_ctx, kv_cache)
+            if draft is not None:
+                try:
+                    loaded.set_draft(load(draft, threads=threads, n_ctx=loaded.n_ctx, kv_cache=kv_cache))
+                except BaseException:
+                    loaded.close()
+                    raise
+            return loaded
     raise InvalidModelError(_not_loadable(path))
 
 

@@ -20,6 +20,7 @@ from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
+from ondevice.runtime.speculative import PromptLookup, check_speculate, model_draft
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
@@ -40,6 +41,10 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max_tokens), "context" (window full)
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed by the draft
+    accepted_tokens: int = 0  # ... and the ones that matched the sampled token (each saved one forward pass)
+    forward_passes: int = 0  # decode forward passes (plain decoding: generated_tokens - 1)
+    closed_at_limit: bool = False  # structured output: the budget was reached, so the structure was closed early
     tokens: list[int] = field(default_factory=list)
     first_token_at: float = field(default=0.0, repr=False)  # perf_counter() when the first token was sampled
 
@@ -97,6 +102,12 @@ def _return_free_heap() -> None:
             pass
 
 
+def _finish(stats: GenerationStats, token_filter: Any, reason: str) -> None:
+    """End of a reply: a structured one that the token budget closed early reports "length" and the flag."""
+    stats.closed_at_limit = bool(getattr(token_filter, "closed_at_limit", False))
+    stats.finish_reason = "length" if stats.closed_at_limit else reason
+
+
 class LanguageModel:
     """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
@@ -152,7 +163,17 @@ class LanguageModel:
         self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (prompt length, its last logits)
+        self.draft_model: LanguageModel | None = None  # drafts for speculate="draft" (set_draft)
         self.last_stats = GenerationStats()
+
+    def set_draft(self, draft: LanguageModel | None) -> None:
+        """A model with the same vocabulary that drafts tokens for `speculate="draft"` (None: none)."""
+        if draft is not None:
+            if draft.spec.vocab_size != self.spec.vocab_size or draft.codec.eos_ids != self.codec.eos_ids or \
+                    draft.codec.tokenizer.get_vocab() != self.codec.tokenizer.get_vocab():
+                raise OndeviceError(f"the draft model {Path(draft.path).name} has another vocabulary than "
+                                    f"{Path(self.path).name}; a draft must share the tokenizer")
+        self.draft_model = draft
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -161,7 +182,8 @@ class LanguageModel:
     def detokenize(self, ids: list[int]) -> str:
         return self.codec.decode(list(ids))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **template_vars: Any) -> str:
         from ondevice.chat_template import render_chat
 
         if not self.chat_template:
@@ -170,13 +192,13 @@ class LanguageModel:
         eos_id = min(self.codec.eos_ids) if self.codec.eos_ids else None
         eos = self.codec.token_text(eos_id) if eos_id is not None else ""
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos, eos_token=eos)
+                           bos_token=bos, eos_token=eos, **template_vars)
 
-    def prompt_tokens(self, prompt: str | list[dict[str, str]]) -> list[int]:
+    def prompt_tokens(self, prompt: str | list[dict[str, str]], **template_vars: Any) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
         check_messages(prompt)
-        text = self.apply_chat_template(prompt)
+        text = self.apply_chat_template(prompt, **template_vars)
         # Templates that print the BOS themselves must not get a second one.
         bos = self.codec.token_text(self.codec.bos_id) if self.codec.bos_id is not None else None
         return self.tokenize(text, add_bos=False if bos and text.startswith(bos) else None)
@@ -211,11 +233,8 @@ class LanguageModel:
         return logits, common
 
     def _step(self, token: int) -> np.ndarray:
-        """Decode one token after the cached ones (the hot path: no prefix matching)."""
-        pos = len(self._cached)
-        logits = self.transformer.forward(np.asarray([token], np.int32), pos)
-        self._cached.append(token)
-        return logits
+        """Decode one token after the cached ones."""
+        return self._verify([token])[0]
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits (len(tokens), vocab) for every position, for evaluation (perplexity, KL)."""
@@ -253,34 +272,94 @@ class LanguageModel:
         json_schema: Any = None,
         regex: str | None = None,
         grammar: str | None = None,
+        speculate: str | None = None,  # None: DEFAULT_SPECULATE ("grammar")
+        max_string_tokens: int | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
     ) -> Iterator[str]:
         """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
 
         Structured output: `json_schema` (dict, JSON text or path), `regex` or `grammar` (Lark) constrain every
         sampled token, at any temperature, so the reply always parses (ondevice.structured, llguidance).
         `token_filter` is the lower-level hook: an object with allowed() -> bool mask, accept(token),
-        is_finished().
+        is_finished(). `max_string_tokens` ends each JSON string after that many tokens of content. The token
+        limit never cuts a structured reply: it is closed in time (stats: finish_reason "length",
+        closed_at_limit).
+
+        `speculate` (ondevice.runtime.speculative): "grammar" drafts the tokens a schema or tool grammar forces,
+        "lookup" also tokens copied from the prompt by n-gram match, "draft" also the greedy tokens of the draft
+        model given to load(..., draft=); a draft is verified in one forward pass with
+        the pending token. The output is identical to plain decoding (same logits, same sampler, same random
+        stream); only the speed changes. Default (None): "grammar", which only acts under a schema or tools;
+        "off": plain decoding.
+
+        `tools` (OpenAI's shape) with `tool_choice` "auto" (default), "required", "none" or
+        {"type": "function", "function": {"name": ...}}: the reply is either text or
+        `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls generated under a grammar, so the name is
+        a declared one and the arguments validate (ondevice.tools; `parse_tool_calls` reads them). Messages may
+        hold assistant `tool_calls` and `role: "tool"` results.
         """
+        template_vars: dict[str, Any] = {}
+        uses_tools = not isinstance(prompt, str) and any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in prompt)
+        if tools is not None or tool_choice is not None or uses_tools:
+            prompt, template_vars, tool_rules = self.tool_prompt(prompt, tools, tool_choice, parallel_tool_calls)
+            if tool_rules is not None:
+                if token_filter is not None or json_schema is not None or regex is not None:
+                    raise OndeviceError("give either tools or json_schema/regex/grammar/token_filter, not both")
+                grammar = tool_rules
         if json_schema is not None or regex is not None or grammar is not None:
             if token_filter is not None:
                 raise OndeviceError("give either token_filter or json_schema/regex/grammar, not both")
             from ondevice.structured import TokenFilter
 
-            token_filter = TokenFilter(self, json_schema=json_schema, regex=regex, grammar=grammar)
+            token_filter = TokenFilter(self, json_schema=json_schema, regex=regex, grammar=grammar,
+                                       max_string_tokens=max_string_tokens)
+        elif max_string_tokens is not None:
+            raise OndeviceError("max_string_tokens needs json_schema, regex, grammar or tools")
         if max_tokens < 0:
             raise OndeviceError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        tokens = self.prompt_tokens(prompt)
-        return self._generate(tokens, max_tokens, sampler, stops, token_filter)
+        speculate = check_speculate(speculate)
+        if speculate == "draft" and self.draft_model is None:
+            raise OndeviceError('speculate="draft" needs a draft model: ondevice.load(MODEL, draft=SMALLER_MODEL)')
+        tokens = self.prompt_tokens(prompt, **template_vars)
+        return self._generate(tokens, max_tokens, sampler, stops, token_filter, speculate)
+
+    def tool_prompt(self, prompt: Any, tools: Any, tool_choice: Any,
+                     parallel: bool) -> tuple[list[dict], dict[str, Any], str | None]:
+        """(messages as the template gets them, template variables, the reply's grammar or None)."""
+        from ondevice import tools as T
+
+        if isinstance(prompt, str):
+            raise OndeviceError("tools need chat messages, not a plain prompt string")
+        checked = T.check_tools(tools) if tools is not None else []
+        if tool_choice is not None and not checked:
+            raise OndeviceError("tool_choice needs tools")
+        mode, name = T.check_tool_choice(tool_choice, checked)
+        native = T.template_takes_tools(self.chat_template)
+        messages = T.render_messages(prompt, checked, native)
+        template_vars = {"tools": T.openai_tools(checked)} if native and checked else {}
+        rules = T.tool_grammar(checked, mode, name, parallel) if checked else None
+        return messages, template_vars, rules
+
+    @property
+    def draft_limit(self) -> int:
+        """Draft tokens one verification pass may check: the backend computes `exact_rows` rows per forward
+        with the same numbers as single-token steps (0 = the backend cannot, so no speculation)."""
+        return max(0, int(getattr(self.transformer, "exact_rows", 1)) - 1)
 
     def _generate(self, tokens: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
-                  token_filter: Any) -> Iterator[str]:
+                  token_filter: Any, speculate: str | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(tokens))
         self.last_stats = stats
         if max_tokens == 0:
             stats.finish_reason = "length"
             return
+        if hasattr(token_filter, "start_budget"):  # structured output: fail now if it cannot fit, else close in time
+            token_filter.start_budget(max_tokens)
         start = time.perf_counter()
         logits, stats.cached_tokens = self._eval(tokens)
         stats.prefill_s = time.perf_counter() - start
@@ -289,7 +368,7 @@ class LanguageModel:
         history = list(tokens)
         try:
             yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
-                                         token_filter)
+                                         token_filter, speculate or "off")
         except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
@@ -299,50 +378,100 @@ class LanguageModel:
 
     def _decode_loop(self, stats: GenerationStats, logits: np.ndarray, sampler: Sampler, history: list[int],
                      decoder: StreamDecoder, matcher: StopMatcher, max_tokens: int,
-                     token_filter: Any) -> Iterator[str]:
+                     token_filter: Any, speculate: str = "off") -> Iterator[str]:
         start = time.perf_counter() - stats.prefill_s
         stopped_by_string = False
-        while True:
-            mask = token_filter.allowed() if token_filter is not None else None
-            token = sampler.sample(logits, history, mask)
-            if stats.generated_tokens == 0:
-                stats.first_token_at = time.perf_counter()
-                stats.ttft_s = stats.first_token_at - start
-            stats.generated_tokens += 1
-            stats.tokens.append(token)
-            if token in self.codec.eos_ids:
-                stats.finish_reason = "stop"
-                break
-            if token_filter is not None:
-                token_filter.accept(token)
-            history.append(token)
-            text, stopped = matcher.feed(decoder.push(token))
-            if text:
-                yield text
-            if stopped:
-                stats.finish_reason = "stop"
-                stopped_by_string = True
-                break
-            if token_filter is not None and token_filter.is_finished():
-                stats.finish_reason = "stop"
-                break
-            if stats.generated_tokens >= max_tokens:
-                stats.finish_reason = "length"
-                break
-            if len(history) >= self.n_ctx:
-                stats.finish_reason = "context"
-                break
-            logits = self._step(token)
+        budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
+        lookup = PromptLookup() if speculate == "lookup" else None
+        draft_model = self.draft_model if speculate == "draft" else None
+        forced = getattr(token_filter, "forced_tokens", None) if speculate != "off" else None
+        k = min(self.draft_limit, 8) if (lookup, draft_model, forced) != (None, None, None) else 0
+        rows = [logits]  # logits to sample the next tokens from, in order
+        drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
+        try:
+            while True:
+                logits = rows.pop(0)
+                mask = token_filter.allowed() if token_filter is not None else None
+                token = sampler.sample(logits, history, mask)
+                if budget is not None:
+                    token = budget(token)  # may swap in the first token of the shortest closing
+                if stats.generated_tokens == 0:
+                    stats.first_token_at = time.perf_counter()
+                    stats.ttft_s = stats.first_token_at - start
+                stats.generated_tokens += 1
+                stats.tokens.append(token)
+                if token in self.codec.eos_ids:
+                    _finish(stats, token_filter, "stop")
+                    break
+                if token_filter is not None:
+                    token_filter.accept(token)
+                history.append(token)
+                text, stopped = matcher.feed(decoder.push(token))
+                if text:
+                    yield text
+                if stopped:
+                    stats.finish_reason = "stop"
+                    stopped_by_string = True
+                    break
+                if token_filter is not None and token_filter.is_finished():
+                    _finish(stats, token_filter, "stop")
+                    break
+                if stats.generated_tokens >= max_tokens:
+                    _finish(stats, token_filter, "length")
+                    break
+                if len(history) >= self.n_ctx:
+                    stats.finish_reason = "context"
+                    break
+                if drafts and drafts[0] == token:  # the draft guessed it: its logits are already computed
+                    drafts.pop(0)
+                    stats.accepted_tokens += 1
+                    continue
+                self._drop_drafts(drafts)
+                # never draft past the token budget or the context window
+                room = min(k, max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
+                drafts = []
+                if room > 0 and forced is not None:  # structured output: what the grammar forces comes first
+                    drafts = forced(room)
+                if room > 0 and not drafts and lookup is not None:
+                    drafts = lookup.draft(history, room)
+                if room > 0 and not drafts and draft_model is not None:
+                    drafts = model_draft(draft_model, history, room)
+                stats.drafted_tokens += len(drafts)
+                stats.forward_passes += 1
+                rows = self._verify([token, *drafts])
+        finally:
+            self._drop_drafts(drafts)  # the cache keeps only tokens that are in the history
         if not stopped_by_string:
             tail = matcher.feed(decoder.flush())[0] + matcher.flush()
             if tail:
                 yield tail
+
+    def _verify(self, tokens: list[int]) -> list[np.ndarray]:
+        """Evaluate tokens after the cached ones in one pass; the logits after each of them."""
+        pos = len(self._cached)
+        if len(tokens) == 1:
+            out = [self.transformer.forward(np.asarray(tokens, np.int32), pos)]
+        else:
+            out = list(self.transformer.forward(np.asarray(tokens, np.int32), pos, all_logits=True))
+        self._cached.extend(tokens)
+        return out
+
+    def _drop_drafts(self, drafts: list[int]) -> None:
+        """Roll the KV cache back over draft tokens that were not accepted. The cache is indexed by position, so
+        forgetting them is enough: the next pass overwrites their K/V rows, and attention never reads past the
+        last evaluated position."""
+        if drafts:
+            del self._cached[-len(drafts):]
+            drafts.clear()
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         """Generate a whole reply (non-streaming convenience)."""
         return "".join(self.generate(messages, **kwargs))
 
     def close(self) -> None:
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         self.transformer = None
         self.weights = None
         if self._gguf is not None:

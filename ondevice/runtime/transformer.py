@@ -99,6 +99,12 @@ SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset",
 
 
 class Transformer:
+    # A forward pass of up to this many tokens gives each row bit-identical logits to a one-token pass: the
+    # kernels multiply fewer than 4 activation rows with the matrix-vector path (the same per-output sums as one
+    # row), and 4+ with the tiled matrix-matrix path, whose sums round differently. Speculative decoding verifies
+    # at most this many tokens per pass, so its output equals plain decoding (tests/test_speculative.py).
+    exact_rows = 3
+
     def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256, kv_dtype: type = np.float16) -> None:
         kernels()
         spec = weights.spec

@@ -440,7 +440,21 @@ class Handler(BaseHTTPRequestHandler):
         """Errors we can find before queueing: prompt too long, bad schema, no chat template."""
         model = self.server.model
         try:
-            n_prompt = len(model.prompt_tokens(req.prompt))
+            if req.kind == "chat" and (req.tool_mode is not None or any(
+                    m.get("tool_calls") or m["role"] == "tool" for m in req.prompt)):
+                kw = req.generate_kwargs
+                messages, template_vars, rules = model.tool_prompt(req.prompt, kw.get("tools"), kw.get("tool_choice"),
+                                                                   kw.get("parallel_tool_calls", True))
+                n_prompt = len(model.prompt_tokens(messages, **template_vars))
+                if rules is not None:
+                    from ondevice.structured import compile_grammar
+
+                    try:
+                        compile_grammar(grammar=rules)
+                    except OndeviceError as exc:
+                        raise RequestError(f"tools: {exc}", param="tools") from None
+            else:
+                n_prompt = len(model.prompt_tokens(req.prompt))
             if req.json_schema is not None:
                 from ondevice.structured import compile_grammar
 
@@ -490,9 +504,21 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_error(self._error_event(event[1], event[2]))
                 return
             else:
-                _, finish, n_prompt, n_completion = event
-                self._send_json(200, completion_body(req, job.id, self.server.model_id, "".join(pieces), finish,
-                                                     n_prompt, n_completion))
+                _, finish, n_prompt, n_completion, closed = event
+                text: str | None = "".join(pieces)
+                calls = None
+                if req.tool_mode not in (None, "none"):
+                    from ondevice.tools import ToolError, openai_tool_calls, parse_tool_calls
+
+                    try:
+                        text, parsed = parse_tool_calls(text)
+                    except ToolError:
+                        self._send_error(RequestError("the reply stopped before its tool call was complete (a "
+                                                      "stop string?)"))
+                        return
+                    calls = openai_tool_calls(parsed) if parsed else None
+                self._send_json(200, completion_body(req, job.id, self.server.model_id, text, finish,
+                                                     n_prompt, n_completion, tool_calls=calls, closed_at_limit=closed))
                 return
 
     def _respond_stream(self, req: ParsedRequest, job: Job) -> None:
@@ -509,22 +535,52 @@ class Handler(BaseHTTPRequestHandler):
         model_id, created = self.server.model_id, int(time.time())
         if req.kind == "chat":
             self._sse(chunk_body(req, job.id, model_id, created, text="", first=True))
+        calls = None
+        if req.tool_mode not in (None, "none"):
+            from ondevice.tools import ToolCallStream
+
+            calls = ToolCallStream()
         while True:
             if event[0] == "delta":
-                self._sse(chunk_body(req, job.id, model_id, created, text=event[1]))
+                if calls is None:
+                    self._sse(chunk_body(req, job.id, model_id, created, text=event[1]))
+                else:
+                    self._tool_chunks(req, job, calls.feed(event[1]), created)
             elif event[0] == "error":  # mid-stream: an error event the openai client raises as APIError
                 self._sse(error_body(event[2], kind="server_error" if event[1] >= 500 else
                                      "invalid_request_error"))
                 break
             else:
-                _, finish, n_prompt, n_completion = event
-                self._sse(chunk_body(req, job.id, model_id, created, finish_reason=finish))
+                _, finish, n_prompt, n_completion, closed = event
+                if calls is not None:
+                    self._tool_chunks(req, job, calls.finish(), created)
+                    if calls.index >= 0:
+                        finish = "tool_calls"
+                self._sse(chunk_body(req, job.id, model_id, created, finish_reason=finish, closed_at_limit=closed))
                 if req.include_usage:
                     self._sse(usage_chunk(req, job.id, model_id, created, n_prompt, n_completion))
                 break
             event = self._next_event(job)
         self._sse("[DONE]")
         self._write_chunk(b"")  # end of the chunked body
+
+
+    def _tool_chunks(self, req: ParsedRequest, job: Job, events: list[tuple], created: int) -> None:
+        """ToolCallStream events as chunks: content deltas, or delta.tool_calls entries (OpenAI's streaming shape:
+        the first entry of a call has its index, id, type and name, the next ones argument fragments)."""
+        model_id = self.server.model_id
+        for event in events:
+            if event[0] == "content":
+                self._sse(chunk_body(req, job.id, model_id, created, text=event[1]))
+            elif event[0] == "call":
+                _, index, call_id, name = event
+                self._sse(chunk_body(req, job.id, model_id, created, tool_call={
+                    "index": index, "id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}))
+            else:
+                _, index, fragment = event
+                self._sse(chunk_body(req, job.id, model_id, created, tool_call={
+                    "index": index, "function": {"arguments": fragment}}))
 
 
 def create_server(model: Any, host: str = "127.0.0.1", port: int = 8080, *, model_id: str | None = None,

@@ -121,9 +121,12 @@ class Engine:
         job.started.set()
         status, tokens = "done", 0
         try:
-            token_filter = (TokenFilter(self.model, json_schema=job.json_schema)
-                            if job.json_schema is not None else None)
-            stream = self.model.generate(job.prompt, token_filter=token_filter, **job.generate_kwargs)
+            kwargs = dict(job.generate_kwargs)
+            token_filter = None
+            if job.json_schema is not None:
+                token_filter = TokenFilter(self.model, json_schema=job.json_schema,
+                                           max_string_tokens=kwargs.pop("max_string_tokens", None))
+            stream = self.model.generate(job.prompt, token_filter=token_filter, **kwargs)
             for piece in stream:
                 if job.cancelled.is_set():
                     stream.close()  # stops the generator: no more tokens are computed
@@ -139,7 +142,7 @@ class Engine:
                                                   "schema (maxLength, maxItems, enum)"))
                     status = "error"
                 else:
-                    job.events.put(("done", stats.finish_reason, stats.prompt_tokens, tokens))
+                    job.events.put(("done", stats.finish_reason, stats.prompt_tokens, tokens, stats.closed_at_limit))
         except OndeviceError as exc:
             status = "error"
             job.events.put(("error", 400, str(exc)))

@@ -33,6 +33,7 @@ class Limits:
     default_max_tokens: int = DEFAULTS.max_tokens
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
+    default_speculate: str | None = None  # `ondevice serve --speculate lookup`: for requests that name none
 
 
 def default_sampling(limits: Limits) -> dict[str, Any]:
@@ -49,11 +50,12 @@ class ParsedRequest:
     include_usage: bool
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
     json_schema: dict | None = None
+    tool_mode: str | None = None  # None: no tools; else auto / none / required (the reply's tool_calls are parsed)
 
 
 # Parameters we accept but that only have one meaningful value here.
 _ONLY_DEFAULT = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False,
-                 "best_of": 1, "suffix": None, "logit_bias": None, "tools": None, "functions": None}
+                 "best_of": 1, "suffix": None, "logit_bias": None, "functions": None, "function_call": None}
 
 
 def _number(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
@@ -78,26 +80,72 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
     return value
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _text_content(content: Any, i: int) -> Any:
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"messages[{i}]: only text content parts are supported", param="messages")
+            texts.append(part["text"])
+        content = "".join(texts)
+    return content
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    from ondevice.tools import ToolError, check_tool_calls
+
     if not isinstance(raw, list) or not raw:
         raise RequestError("'messages' must be a non-empty array", param="messages")
-    messages = []
+    messages: list[dict[str, Any]] = []
     for i, msg in enumerate(raw):
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
-            raise RequestError(f"messages[{i}] needs a role of system, user or assistant", param="messages")
-        content = msg.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise RequestError(f"messages[{i}]: only text content parts are supported", param="messages")
-                texts.append(part["text"])
-            content = "".join(texts)
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise RequestError(f"messages[{i}] needs a role of system, user, assistant or tool", param="messages")
+        content = _text_content(msg.get("content"), i)
+        tool_calls = msg.get("tool_calls") if msg["role"] == "assistant" else None
+        if tool_calls and content is None:
+            content = ""
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         role = "system" if msg["role"] == "developer" else msg["role"]
-        messages.append({"role": role, "content": content})
+        out: dict[str, Any] = {"role": role, "content": content}
+        if tool_calls:
+            try:
+                out["tool_calls"] = check_tool_calls(tool_calls, f"messages[{i}]")
+            except ToolError as exc:
+                raise RequestError(str(exc), param="messages") from None
+        if role == "tool":
+            call_id = msg.get("tool_call_id", "")
+            if not isinstance(call_id, str):
+                raise RequestError(f"messages[{i}].tool_call_id must be a string", param="messages")
+            out["tool_call_id"] = call_id
+            if isinstance(msg.get("name"), str):
+                out["name"] = msg["name"]
+        messages.append(out)
     return messages
+
+
+def _tools(body: dict) -> tuple[dict[str, Any], str | None]:
+    """generate() keyword arguments for tools / tool_choice / parallel_tool_calls, and the tool mode."""
+    from ondevice.tools import ToolError, check_tool_choice, check_tools
+
+    raw, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls", True)
+    if raw is None or raw == []:
+        if choice is not None:
+            raise RequestError("'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
+        return {}, None
+    if not isinstance(parallel, bool):
+        raise RequestError("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise RequestError("give either 'tools' or 'response_format', not both", param="response_format")
+    try:
+        tools = check_tools(raw)
+    except ToolError as exc:
+        raise RequestError(str(exc), param="tools") from None
+    try:
+        mode, _ = check_tool_choice(choice, tools)
+    except ToolError as exc:
+        raise RequestError(str(exc), param="tool_choice") from None
+    return {"tools": raw, "tool_choice": choice, "parallel_tool_calls": parallel}, mode
 
 
 def _response_format(raw: Any) -> dict | None:
@@ -120,6 +168,16 @@ def _response_format(raw: Any) -> dict | None:
                        param="response_format")
 
 
+def _speculate(body: dict, limits: Limits) -> str | None:
+    from ondevice.runtime.speculative import SPECULATE_MODES
+
+    value = body.get("speculate", limits.default_speculate)
+    if value is not None and value not in SPECULATE_MODES:
+        raise RequestError(f"'speculate' must be one of {', '.join(SPECULATE_MODES)}, got {str(value)[:40]!r}",
+                           param="speculate")
+    return value
+
+
 def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
     """Validate an OpenAI chat/completions body; RequestError (400) for anything malformed or unsupported."""
     if not isinstance(body, dict):
@@ -129,8 +187,11 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
         if value is None or value == only or value in ([], {}):
             continue
         raise RequestError(f"'{name}' is not supported by this server (only {only!r})", param=name)
+    tool_kwargs: dict[str, Any] = {}
+    tool_mode = None
     if kind == "chat":
-        prompt: str | list[dict[str, str]] = _messages(body.get("messages"))
+        prompt: str | list[dict[str, Any]] = _messages(body.get("messages"))
+        tool_kwargs, tool_mode = _tools(body)
     else:
         raw = body.get("prompt")
         if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
@@ -165,10 +226,18 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
         repeat_penalty=_number(body, "repeat_penalty", DEFAULTS.repeat_penalty, 0.01, 10.0),
         seed=None if seed is None else seed % (2**63),
         stop=stop or [],
+        speculate=_speculate(body, limits),
+        **tool_kwargs,
     )
+    max_string_tokens = _integer(body, "max_string_tokens", 1, limits.max_tokens)
+    if max_string_tokens is not None:
+        if body.get("response_format") in (None, {"type": "text"}) and not tool_kwargs:
+            raise RequestError("'max_string_tokens' needs response_format json_object/json_schema or tools",
+                               param="max_string_tokens")
+        kwargs["max_string_tokens"] = max_string_tokens
     return ParsedRequest(kind=kind, prompt=prompt, stream=stream,
                          include_usage=bool(options.get("include_usage")), generate_kwargs=kwargs,
-                         json_schema=_response_format(body.get("response_format")))
+                         json_schema=_response_format(body.get("response_format")), tool_mode=tool_mode)
 
 
 # ---------------------------------------------------------------------- responses
@@ -177,14 +246,25 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    finish = "length" if finish_reason in ("length", "context") else "stop"
+def _finish(finish_reason: str) -> str:
+    return {"length": "length", "context": "length", "tool_calls": "tool_calls"}.get(finish_reason, "stop")
+
+
+def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str | None, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int, tool_calls: list[dict] | None = None,
+                    closed_at_limit: bool = False) -> dict[str, Any]:
+    """`tool_calls` (OpenAI shape) make finish_reason "tool_calls"; `closed_at_limit` (structured output or a
+    call that the token limit closed early, still complete and valid) is reported in the choice when set."""
+    finish = "tool_calls" if tool_calls else _finish(finish_reason)
     if req.kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        if closed_at_limit:
+            choice["closed_at_limit"] = True
         return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_id, "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
+                "model": model_id, "system_fingerprint": None, "choices": [choice],
                 "usage": _usage(prompt_tokens, completion_tokens)}
     return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()), "model": model_id,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
@@ -192,17 +272,23 @@ def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str, f
 
 
 def chunk_body(req: ParsedRequest, job_id: str, model_id: str, created: int, *, text: str | None = None,
-               first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
-    finish = None if finish_reason is None else ("length" if finish_reason in ("length", "context") else "stop")
+               first: bool = False, finish_reason: str | None = None,
+               tool_call: dict[str, Any] | None = None, closed_at_limit: bool = False) -> dict[str, Any]:
+    """One stream chunk; `tool_call` is one entry of delta.tool_calls ({"index", and "id"/"type"/"function"})."""
+    finish = None if finish_reason is None else _finish(finish_reason)
     if req.kind == "chat":
-        delta: dict[str, str] = {}
+        delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if closed_at_limit:
+            choice["closed_at_limit"] = True
         return {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": created,
-                "model": model_id, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "model": model_id, "system_fingerprint": None, "choices": [choice]}
     return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created, "model": model_id,
             "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
