@@ -217,7 +217,7 @@ class SpmTokenizer:
     vocabulary: a dict of token texts and the scores. The BPE replay of spm_tokenizer_json needs ~515k merges for a
     262k vocabulary, which `tokenizers` holds in ~100 MB; this holds the texts the GGUF already gave (~30 MB) and
     loads in a fraction of a second. It answers the part of the `tokenizers.Tokenizer` API the runtime uses
-    (encode(...).ids, decode, id_to_token, encode_special_tokens, to_str), with the same results as the
+    (encode(...).ids, decode, id_to_token, get_vocab, encode_special_tokens, to_str), with the same results as the
     tokenizer.json that spm_tokenizer_json writes, which the converters still write for other runtimes.
     """
 
@@ -327,6 +327,10 @@ class SpmTokenizer:
             else:
                 out.extend(self._byte_ids[b] for b in piece.encode("utf-8"))
             i = after[i]
+
+    def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
+        """Token text -> id, every token (the added ones are tokens of the vocabulary here)."""
+        return dict(self._index)
 
     # -- decode
     def id_to_token(self, token_id: int) -> str | None:

@@ -184,6 +184,7 @@ def test_tiny_spm_ids_and_text_match_llama_cpp(tiny_spm, build):
     tokenizer = build(vocab)
     texts = [*CORPUS, *TRAINING_TEXT, *_random_texts(vocab.tokens, 1500, seed=1)]
     assert _assert_identical(llama_cpp, llm, tokenizer, texts) == 4 * len(texts)
+    assert tokenizer.get_vocab() == {text: tid for tid, text in enumerate(vocab.tokens)}  # a draft model's check
     # byte fallback really happened (an emoji is not in the tiny vocabulary) and merges really did
     pieces = [vocab.tokens[i] for i in tokenizer.encode("\U0001f9ea the", add_special_tokens=False).ids]
     assert pieces[-5:] == ["<0xF0>", "<0x9F>", "<0xA7>", "<0xAA>", SP + "the"]
