@@ -102,8 +102,8 @@ def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list
     """
     index = {text: tid for tid, text in enumerate(tokens)}
     # Sort keys in flat arrays, not a tuple per merge: a 262k vocabulary has ~515k merges.
-    merge_tids = array("l")
-    merge_cuts = array("l")
+    merge_tids = array("q")  # int64 on every platform ("l" is 32-bit on Windows)
+    merge_cuts = array("q")
     for tid, text in enumerate(tokens):
         last = len(text) - 1
         for cut in range(1, last + 1):

@@ -58,10 +58,10 @@ def runtime_tokenizer_from_gguf(gguf: GGUFFile) -> tuple[Any, Any]:
     vocabulary runs llama.cpp's algorithm directly instead of building the tokenizer.json."""
     from ondevice.tokenizer import runtime_tokenizer_from_vocab
 
-    vocab = _vocab_from_gguf(gguf)
-    if vocab.model != "llama":
+    if gguf.get("tokenizer.ggml.model") != "llama":  # decided before the vocabulary is read: read it once
         vocab, _, tokenizer = tokenizer_from_gguf(gguf)
         return vocab, tokenizer
+    vocab = _vocab_from_gguf(gguf)
     try:
         return vocab, runtime_tokenizer_from_vocab(vocab)
     except InvalidModelError as exc:
