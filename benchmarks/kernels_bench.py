@@ -33,11 +33,22 @@ from gguf import quants
 from ondevice import _kernels as K
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (N rows, K) of W
-TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K"]
+TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q4_0_X8", "Q4_K_X8"]
+# the load-time repacked layouts (what the runtime multiplies Q4_0 / Q4_K with on AVX2)
+REPACKED = {"Q4_0_X8": "Q4_0", "Q4_K_X8": "Q4_K"}
 COLD_BYTES = 96 << 20
 
 
+def type_id(type_name: str) -> int:
+    return int(getattr(K, type_name)) if type_name in REPACKED else int(QT[type_name])
+
+
 def make_weights(type_name: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    if type_name in REPACKED:
+        base = make_weights(REPACKED[type_name], n, k, rng)
+        packed = np.empty((n, K.row_nbytes(type_id(type_name), k)), np.uint8)
+        K.repack(packed, base.reshape(n, -1), int(QT[REPACKED[type_name]]), k)
+        return packed
     qtype = QT[type_name]
     dense = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
     if qtype == QT.F32:
@@ -70,7 +81,7 @@ def time_calls(fn, min_seconds: float = 0.3, max_calls: int = 20000) -> float:
 
 
 def bench_matmul(type_name: str, n: int, k: int, m: int, threads: int, cold: bool, rng: np.random.Generator) -> tuple[float, int]:
-    qtype = int(QT[type_name])
+    qtype = type_id(type_name)
     w = make_weights(type_name, n, k, rng)
     copies = [w]
     if cold:
@@ -352,7 +363,7 @@ def main() -> None:
     print(f"{'type':5} {'N x K':>11} {'M':>4} {'thr':>3} {'mode':>4} {'us/call':>9} {'GB/s':>7} {'GFLOP/s':>8}")
     for type_name in args.types:
         for n, k in shapes:
-            if type_name in ("Q4_K", "Q6_K") and k % 256:
+            if type_name in ("Q4_K", "Q6_K", "Q4_K_X8") and k % 256:
                 continue
             for m in args.m:
                 for threads in args.threads:

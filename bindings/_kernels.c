@@ -756,10 +756,10 @@ static PyObject *py_row_nbytes(PyObject *self, PyObject *const *args, Py_ssize_t
 
 PyDoc_STRVAR(repack_doc,
              "repack(dst, src, wtype, K, unpack=False)\n--\n\n"
-             "Load-time repacking of a weight matrix of GGML type wtype (Q4_0 or Q4_K) into the interleaved form\n"
+             "Load-time repacking of a weight matrix of GGML type wtype (Q4_0, Q4_K, Q4_1 or Q8_0) into the interleaved form\n"
              "repacked_type(wtype) (8 rows' blocks interleaved). src: uint8 buffer of N rows of wtype; dst: writable,\n"
              "not overlapping src, of N rows of the repacked type (row_nbytes(repacked_type(wtype), K) bytes each;\n"
-             "Q4_0_X8 has Q4_0's size, Q4_K_X8 4 bytes more per super-block); N must divide by 8. unpack=True does\n"
+             "Q4_K_X8 has 4 bytes more per super-block than Q4_K, the others their type's size); N must divide by 8. unpack=True does\n"
              "the inverse (src repacked, dst of wtype). Returns the type id of dst, to pass to matmul.");
 
 static PyObject *py_repack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -769,7 +769,7 @@ static PyObject *py_repack(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (!get_i64(args[2], &wtype, "wtype") || !get_i64(args[3], &k, "K")) return NULL;
     const int unpack = nargs > 4 ? PyObject_IsTrue(args[4]) : 0;
     if (unpack < 0) return NULL;
-    const int packed_type = wtype == OD_REPACK_Q4_0 ? OD_REPACK_Q4_0_X8 : wtype == OD_REPACK_Q4_K ? OD_REPACK_Q4_K_X8 : 0;
+    const int packed_type = wtype >= 0 && wtype < 64 ? od_repack_layout((int)wtype) : 0;
     if (!packed_type) return PyErr_Format(PyExc_ValueError, "repack: no repacked form of GGML type %lld", wtype);
     const size_t row_bytes = od_row_nbytes((int)wtype, k), packed_row_bytes = od_row_nbytes(packed_type, k);
     if (row_bytes == 0)
@@ -865,7 +865,10 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         Py_DECREF(v);
     }
     if (PyModule_AddIntConstant(mod, "Q4_0_X8", OD_REPACK_Q4_0_X8) != 0 ||
-        PyModule_AddIntConstant(mod, "Q4_K_X8", OD_REPACK_Q4_K_X8) != 0) {
+        PyModule_AddIntConstant(mod, "Q4_K_X8", OD_REPACK_Q4_K_X8) != 0 ||
+        PyModule_AddIntConstant(mod, "Q4_1_X8", OD_REPACK_Q4_1_X8) != 0 ||
+        PyModule_AddIntConstant(mod, "Q8_0_X8", OD_REPACK_Q8_0_X8) != 0 ||
+        PyModule_AddIntConstant(mod, "MATMUL_EXACT_ROWS", OD_MATMUL_EXACT_ROWS) != 0) {
         Py_DECREF(types);
         goto fail;
     }

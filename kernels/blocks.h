@@ -33,6 +33,9 @@ enum od_type {
     OD_TYPE_Q4_0_X8 = 32,
     /* Not a GGML type: Q4_K rows repacked at load (see below). */
     OD_TYPE_Q4_K_X8 = 33,
+    /* Not GGML types: Q4_1 and Q8_0 rows repacked at load (see below). */
+    OD_TYPE_Q4_1_X8 = 34,
+    OD_TYPE_Q8_0_X8 = 35,
 };
 
 /*
@@ -53,6 +56,16 @@ enum od_type {
  * sub-block 2c, elements 4s..4s+3; high nibbles: the same elements of sub-block 2c+1).
  */
 #define OD_K_X8_SB_BYTES (OD_X8_ROWS * 148)
+
+/*
+ * OD_TYPE_Q4_1_X8: Q4_0_X8's arrangement for Q4_1 (20 bytes per row and block, as Q4_1): per group of 8 rows and
+ * block, d[8] then m[8] (fp16, row order), then the 4 chunks of 32 code bytes as in Q4_0_X8.
+ * OD_TYPE_Q8_0_X8: per group of 8 rows and block, d[8] (fp16), then 8 chunks of 32 bytes; chunk c holds for row r
+ * at bytes 4r..4r+3 the codes qs[4c..4c+3] of that row's block, stored as unsigned code + 128 (the dot-product
+ * instructions take one unsigned operand). 34 bytes per row and block, as Q8_0.
+ */
+#define OD_X8_Q4_1_BLOCK_BYTES (OD_X8_ROWS * 20)
+#define OD_X8_Q8_0_BLOCK_BYTES (OD_X8_ROWS * 34)
 #define OD_K_X8_SC 32
 #define OD_K_X8_MN 96
 #define OD_K_X8_CODES 160

@@ -32,6 +32,15 @@ static int cpu_has_avx2_fma_f16c(void) {
 #endif
 }
 
+static int cpu_has_avx512_vnni(void) {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    return cpu_has_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 int od_cpu_has_dotprod(void) {
 #if defined(__aarch64__) && defined(__linux__)
     return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
@@ -47,6 +56,7 @@ static const od_isa_ops *ops_by_name(const char *name) {
     if (strcmp(name, "scalar") == 0) return &od_ops_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
     if (strcmp(name, "avx2") == 0) return cpu_has_avx2_fma_f16c() ? &od_ops_avx2 : NULL;
+    if (strcmp(name, "avx512") == 0) return cpu_has_avx512_vnni() ? od_ops_avx512() : NULL;
 #endif
 #if defined(__aarch64__)
     /* "neon" uses the dot-product instructions when the CPU has them; "neon-nodotprod" is a test
@@ -59,6 +69,7 @@ static const od_isa_ops *ops_by_name(const char *name) {
 
 static const od_isa_ops *best_ops(void) {
 #if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx512_vnni()) return od_ops_avx512();
     if (cpu_has_avx2_fma_f16c()) return &od_ops_avx2;
 #endif
 #if defined(__aarch64__)
@@ -106,6 +117,9 @@ static void detect_features(void) {
     if (__builtin_cpu_supports("fma")) append_feature("fma");
     if (__builtin_cpu_supports("f16c")) append_feature("f16c");
     if (__builtin_cpu_supports("avx512f")) append_feature("avx512f");
+    if (__builtin_cpu_supports("avx512bw")) append_feature("avx512bw");
+    if (__builtin_cpu_supports("avx512vl")) append_feature("avx512vl");
+    if (__builtin_cpu_supports("avx512vnni")) append_feature("avx512vnni");
 #endif
 #if defined(__aarch64__)
     append_feature("neon");
@@ -174,6 +188,8 @@ static type_info get_type_info(int type) {
     case OD_TYPE_Q4_0: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0"};
     case OD_TYPE_Q4_0_X8: return (type_info){32, (int)sizeof(block_q4_0), "Q4_0_X8"};
     case OD_TYPE_Q4_K_X8: return (type_info){256, OD_K_X8_SB_BYTES / OD_X8_ROWS, "Q4_K_X8"};
+    case OD_TYPE_Q4_1_X8: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1_X8"};
+    case OD_TYPE_Q8_0_X8: return (type_info){32, (int)sizeof(block_q8_0), "Q8_0_X8"};
     case OD_TYPE_Q4_1: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1"};
     case OD_TYPE_Q5_0: return (type_info){32, (int)sizeof(block_q5_0), "Q5_0"};
     case OD_TYPE_Q5_1: return (type_info){32, (int)sizeof(block_q5_1), "Q5_1"};
@@ -231,6 +247,7 @@ static void quant_task(void *ctx, int64_t t) {
 static int activation_scheme(int wtype) {
     switch (wtype) {
     case OD_TYPE_Q4_1:
+    case OD_TYPE_Q4_1_X8:
     case OD_TYPE_Q5_1:
         return OD_ACT_Q8_1;
     case OD_TYPE_Q4_K:
@@ -244,12 +261,29 @@ static int activation_scheme(int wtype) {
 
 /* ------------------------------------------------------------------ load-time repacking */
 
-static int base_type(int packed) { return packed == OD_TYPE_Q4_0_X8 ? OD_TYPE_Q4_0 : OD_TYPE_Q4_K; }
+/* Each repacked type and the GGML type it is made from. */
+static const struct {
+    int packed, base;
+} X8_TYPES[] = {{OD_TYPE_Q4_0_X8, OD_TYPE_Q4_0}, {OD_TYPE_Q4_K_X8, OD_TYPE_Q4_K},
+                {OD_TYPE_Q4_1_X8, OD_TYPE_Q4_1}, {OD_TYPE_Q8_0_X8, OD_TYPE_Q8_0}};
+#define N_X8_TYPES ((int)(sizeof(X8_TYPES) / sizeof(X8_TYPES[0])))
+
+int od_x8_base_type(int type) {
+    for (int i = 0; i < N_X8_TYPES; i++)
+        if (X8_TYPES[i].packed == type) return X8_TYPES[i].base;
+    return 0;
+}
+
+int od_repack_layout(int base) {
+    for (int i = 0; i < N_X8_TYPES; i++)
+        if (X8_TYPES[i].base == base) return X8_TYPES[i].packed;
+    return 0;
+}
 
 /* A repacked type on a code path without a kernel for it (the path was switched after the weights were
  * repacked): each group of 8 rows is unpacked and multiplied by that path's kernel for the GGML type. */
-static void matmul_x8_by_unpacking(const od_mm_args *a, int64_t n0, int64_t n1) {
-    const int type = base_type(a->wtype);
+void od_matmul_x8_by_unpacking(const od_mm_args *a, int64_t n0, int64_t n1) {
+    const int type = od_x8_base_type(a->wtype);
     const size_t row_bytes = od_row_nbytes(type, a->k);
     uint8_t *rows = malloc(OD_X8_ROWS * row_bytes);
     if (!rows) return;
@@ -268,8 +302,37 @@ static void matmul_x8_by_unpacking(const od_mm_args *a, int64_t n0, int64_t n1) 
 }
 
 int od_repacked_type(int type) {
-    const int packed = type == OD_TYPE_Q4_0 ? OD_TYPE_Q4_0_X8 : type == OD_TYPE_Q4_K ? OD_TYPE_Q4_K_X8 : 0;
+    const int packed = od_repack_layout(type);
     return packed && od_ops()->matmul[packed] ? packed : 0;
+}
+
+/* One Q4_1 block of row r <-> its place in an 8-row group's interleaved block. */
+static void repack_q4_1_block(uint8_t *packed, uint8_t *blk, int r, int unpack) {
+    for (int c = 0; c < 4; c++) {
+        uint8_t *chunk = packed + 32 + 32 * c + 4 * r;
+        if (unpack) memcpy(blk + 4 + 4 * c, chunk, 4);
+        else memcpy(chunk, blk + 4 + 4 * c, 4);
+    }
+    if (unpack) {
+        memcpy(blk, packed + 2 * r, 2);
+        memcpy(blk + 2, packed + 16 + 2 * r, 2);
+    } else {
+        memcpy(packed + 2 * r, blk, 2);
+        memcpy(packed + 16 + 2 * r, blk + 2, 2);
+    }
+}
+
+/* One Q8_0 block of row r <-> its place in an 8-row group's interleaved block (codes offset by 128). */
+static void repack_q8_0_block(uint8_t *packed, uint8_t *blk, int r, int unpack) {
+    for (int c = 0; c < 8; c++) {
+        uint8_t *chunk = packed + 16 + 32 * c + 4 * r, *codes = blk + 2 + 4 * c;
+        for (int i = 0; i < 4; i++) {
+            if (unpack) codes[i] = chunk[i] ^ 0x80;
+            else chunk[i] = codes[i] ^ 0x80;
+        }
+    }
+    if (unpack) memcpy(blk, packed + 2 * r, 2);
+    else memcpy(packed + 2 * r, blk, 2);
 }
 
 /* One Q4_0 block of row r <-> its place in an 8-row group's interleaved block. */
@@ -310,12 +373,31 @@ static void repack_q4_k_block(uint8_t *packed, uint8_t *blk, int r, int unpack) 
         }
 }
 
+/* Block b of row r of an 8-row group <-> its place in the group's interleaved form. */
+static void x8_block(int type, uint8_t *packed, uint8_t *blk, int r, int unpack) {
+    if (type == OD_TYPE_Q4_0) repack_q4_0_block(packed, blk, r, unpack);
+    else if (type == OD_TYPE_Q4_1) repack_q4_1_block(packed, blk, r, unpack);
+    else if (type == OD_TYPE_Q8_0) repack_q8_0_block(packed, blk, r, unpack);
+    else repack_q4_k_block(packed, blk, r, unpack);
+}
+
+/* Row `row` of a repacked table of the GGML type `type`, in that type's layout (row_bytes into dst). */
+static void x8_extract_row(uint8_t *dst, const uint8_t *table, int type, int64_t row, int64_t k) {
+    const int packed_type = od_repack_layout(type);
+    const size_t row_bytes = od_row_nbytes(type, k), packed_row_bytes = od_row_nbytes(packed_type, k);
+    const int64_t nblocks = type == OD_TYPE_Q4_K ? k / OD_QK_K : k / OD_QK;
+    const size_t block_bytes = row_bytes / (size_t)nblocks, packed_block_bytes = packed_row_bytes / (size_t)nblocks;
+    uint8_t *group = (uint8_t *)table + (size_t)(row / OD_X8_ROWS) * OD_X8_ROWS * packed_row_bytes;
+    for (int64_t b = 0; b < nblocks; b++)
+        x8_block(type, group + b * OD_X8_ROWS * packed_block_bytes, dst + b * block_bytes, (int)(row % OD_X8_ROWS), 1);
+}
+
 int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int unpack) {
-    if (type != OD_TYPE_Q4_0 && type != OD_TYPE_Q4_K) return OD_ETYPE;
-    const int packed_type = type == OD_TYPE_Q4_0 ? OD_TYPE_Q4_0_X8 : OD_TYPE_Q4_K_X8;
+    const int packed_type = od_repack_layout(type);
+    if (!packed_type) return OD_ETYPE;
     const size_t row_bytes = od_row_nbytes(type, k), packed_row_bytes = od_row_nbytes(packed_type, k);
     if (n <= 0 || n % OD_X8_ROWS != 0 || row_bytes == 0) return OD_EINVAL;
-    const int64_t nblocks = type == OD_TYPE_Q4_0 ? k / OD_QK : k / OD_QK_K;
+    const int64_t nblocks = type == OD_TYPE_Q4_K ? k / OD_QK_K : k / OD_QK;
     const size_t block_bytes = row_bytes / (size_t)nblocks, packed_block_bytes = packed_row_bytes / (size_t)nblocks;
     for (int64_t g = 0; g < n / OD_X8_ROWS; g++) {
         uint8_t *rows = (uint8_t *)(unpack ? dst : src) + (size_t)g * OD_X8_ROWS * row_bytes;
@@ -323,8 +405,7 @@ int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int un
         for (int64_t b = 0; b < nblocks; b++)
             for (int r = 0; r < OD_X8_ROWS; r++) {
                 uint8_t *blk = rows + r * row_bytes + b * block_bytes, *packed = group + b * OD_X8_ROWS * packed_block_bytes;
-                if (type == OD_TYPE_Q4_0) repack_q4_0_block(packed, blk, r, unpack);
-                else repack_q4_k_block(packed, blk, r, unpack);
+                x8_block(type, packed, blk, r, unpack);
             }
     }
     return OD_OK;
@@ -339,11 +420,11 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
               int accumulate) {
     if (wtype < 0 || wtype >= OD_MAX_TYPE_ID) return OD_ETYPE;
     const od_isa_ops *ops = od_ops();
-    const od_mm_fn fn = ops->matmul[wtype] ? ops->matmul[wtype]
-                        : wtype == OD_TYPE_Q4_0_X8 || wtype == OD_TYPE_Q4_K_X8 ? matmul_x8_by_unpacking : NULL;
+    const int x8_base = od_x8_base_type(wtype);
+    const od_mm_fn fn = ops->matmul[wtype] ? ops->matmul[wtype] : x8_base ? od_matmul_x8_by_unpacking : NULL;
     if (!fn) return OD_ETYPE;
     if (m < 0 || n < 0 || k <= 0 || od_row_nbytes(wtype, k) == 0) return OD_EINVAL;
-    if ((wtype == OD_TYPE_Q4_0_X8 || wtype == OD_TYPE_Q4_K_X8) && n % OD_X8_ROWS != 0) return OD_EINVAL;
+    if (x8_base && n % OD_X8_ROWS != 0) return OD_EINVAL;
     if (m == 0 || n == 0) return OD_OK;
 
     mm_job job = {.fn = fn};
@@ -413,26 +494,34 @@ typedef struct {
     const int32_t *ids;
     int64_t k, rows_per_task, m;
     od_dequant_row_fn fn;
+    int x8_base; /* a repacked table: rows are taken out of their group in this GGML type first */
 } rows_job;
 
 static void rows_task(void *ctx, int64_t t) {
     const rows_job *job = ctx;
     const int64_t r0 = t * job->rows_per_task;
     const int64_t r1 = r0 + job->rows_per_task < job->m ? r0 + job->rows_per_task : job->m;
-    for (int64_t r = r0; r < r1; r++)
-        job->fn(job->table + (size_t)job->ids[r] * job->row_bytes, job->out + r * job->k, job->k);
+    uint8_t *row = job->x8_base ? od_scratch(1, od_row_nbytes(job->x8_base, job->k)) : NULL;
+    if (job->x8_base && !row) return;
+    for (int64_t r = r0; r < r1; r++) {
+        if (job->x8_base) x8_extract_row(row, job->table, job->x8_base, job->ids[r], job->k);
+        job->fn(job->x8_base ? row : job->table + (size_t)job->ids[r] * job->row_bytes, job->out + r * job->k, job->k);
+    }
 }
 
 int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,
                 int64_t k) {
     if (ttype < 0 || ttype >= OD_MAX_TYPE_ID) return OD_ETYPE;
     const od_isa_ops *ops = od_ops();
-    if (!ops->dequant_row[ttype]) return OD_ETYPE;
+    const int x8_base = od_x8_base_type(ttype);
+    const od_dequant_row_fn fn = ops->dequant_row[x8_base ? x8_base : ttype];
+    if (!fn) return OD_ETYPE;
     if (m < 0 || k <= 0 || n_rows < 0 || od_row_nbytes(ttype, k) == 0) return OD_EINVAL;
+    if (x8_base && n_rows % OD_X8_ROWS != 0) return OD_EINVAL;
     for (int64_t r = 0; r < m; r++)
         if (ids[r] < 0 || ids[r] >= n_rows) return OD_ERANGE;
     rows_job job = {.out = out, .table = table, .row_bytes = od_row_nbytes(ttype, k), .ids = ids, .k = k,
-                    .m = m, .fn = ops->dequant_row[ttype]};
+                    .m = m, .fn = fn, .x8_base = x8_base};
     const int threads = od_pool_threads();
     if (threads > 1 && m * k >= (1 << 17)) {
         job.rows_per_task = ceil_div(m, threads * 4);

@@ -11,8 +11,9 @@
 #include "blocks.h"
 #include "ondevice_kernels.h"
 
-#define OD_MAX_TYPE_ID 34
-_Static_assert(OD_X8_ROWS == OD_REPACK_ROWS && OD_TYPE_Q4_0_X8 == OD_REPACK_Q4_0_X8 && OD_TYPE_Q4_K_X8 == OD_REPACK_Q4_K_X8,
+#define OD_MAX_TYPE_ID 36
+_Static_assert(OD_X8_ROWS == OD_REPACK_ROWS && OD_TYPE_Q4_0_X8 == OD_REPACK_Q4_0_X8 && OD_TYPE_Q4_K_X8 == OD_REPACK_Q4_K_X8 &&
+                   OD_TYPE_Q4_1_X8 == OD_REPACK_Q4_1_X8 && OD_TYPE_Q8_0_X8 == OD_REPACK_Q8_0_X8,
                "repack ids agree");
 
 #if defined(__GNUC__)
@@ -164,6 +165,19 @@ void od_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n)
 void od_gelu_mul_neon(float *out, const float *gate, const float *up, int64_t n);
 void od_add_neon(float *x, const float *y, int64_t n);
 #endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+/* The AVX-512 VNNI table (quant_avx512.c): od_ops_avx2 with the repacked types' matrix-vector kernels on the
+ * dot-product instructions. The AVX2 GEMMs it keeps for larger M: */
+const od_isa_ops *od_ops_avx512(void);
+void od_matmul_q4_0_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1);
+void od_matmul_q4_k_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1);
+#endif
+/* A repacked type multiplied by unpacking each group of 8 rows and running the current table's kernel for its
+ * GGML type (a code path without a kernel for the repacked type, or one that has only the matrix-vector one). */
+void od_matmul_x8_by_unpacking(const od_mm_args *a, int64_t n0, int64_t n1);
+/* The GGML type a repacked type was made from, or 0 if `type` is not a repacked one. */
+int od_x8_base_type(int type);
 
 /* Currently selected table (set by dispatch.c). */
 const od_isa_ops *od_ops(void);

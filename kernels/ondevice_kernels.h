@@ -52,19 +52,24 @@ const char *od_type_name(int type);
  * the dot products run on integers, like llama.cpp's q8_0/q8_1 path; the result differs from an
  * exact f32 product by that activation rounding (relative error ~0.3% of the row norm product).
  * F32/F16/BF16 weights use f32 arithmetic. Threads split the N rows.
+ * Up to OD_MATMUL_EXACT_ROWS rows of x, every row's result has the bits it has with M = 1 (whatever M, the thread
+ * count or the row's place): a batch of decode steps, or a speculative verification, equals one-token steps.
  */
+#define OD_MATMUL_EXACT_ROWS 16
 int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, int64_t n, int64_t k,
               int accumulate);
 
-/* Load-time repacking into interleaved layouts (blocks.h: Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8) the current code
- * path multiplies faster. od_repacked_type: the repacked type id of `type` when this path has a kernel for it,
- * else 0. od_repack: src [n][k] of `type` -> dst in its repacked form (of od_row_nbytes(repacked type, k) bytes a
- * row), or back to `type` when unpack != 0; dst and src must not overlap; n must divide by 8. */
+/* Load-time repacking into interleaved layouts (blocks.h: Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8, Q4_1 -> Q4_1_X8,
+ * Q8_0 -> Q8_0_X8) the current code path multiplies faster. od_repack_layout: the repacked type id of `type`, or 0
+ * if it has none; od_repacked_type: the same when the current code path has a kernel for it, else 0. od_repack:
+ * src [n][k] of `type` -> dst in its repacked form (of od_row_nbytes(repacked type, k) bytes a row), or back to
+ * `type` when unpack != 0; dst and src must not overlap; n must divide by 8. */
 #define OD_REPACK_ROWS 8
-#define OD_REPACK_Q4_0 2
-#define OD_REPACK_Q4_K 12
 #define OD_REPACK_Q4_0_X8 32
 #define OD_REPACK_Q4_K_X8 33
+#define OD_REPACK_Q4_1_X8 34
+#define OD_REPACK_Q8_0_X8 35
+int od_repack_layout(int type);
 int od_repacked_type(int type);
 int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int unpack);
 

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "od_internal.h"
+#include "x86_x8.h"
 
 #define OD_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define OD_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
@@ -43,8 +44,12 @@
  * into a tree (which needs more registers than we have and spills). Emits no instruction. */
 #define OD_KEEP(v) __asm__("" : "+x"(v))
 
-/* Below this many activation rows the GEMV schedule wins (measured: see benchmarks/kernels_bench.py). */
-#define GEMM_MIN_M 4
+/* Up to OD_MATMUL_EXACT_ROWS activation rows take the GEMV schedule, whose per-row arithmetic does not depend on
+ * M (the contract in ondevice_kernels.h); the tiled GEMM rounds differently and only takes larger M. */
+#define GEMM_MIN_M (OD_MATMUL_EXACT_ROWS + 1)
+/* W rows the GEMV schedule multiplies by every activation row before moving on: small enough to stay in L1/L2
+ * while the groups of activation rows pass over them, so M rows read W from memory once. */
+#define GEMV_W_CHUNK 16
 #define PANEL_ROWS 8
 
 OD_AVX2_INLINE float half_to_f32(const void *p) { return _cvtsh_ss(od_read_u16(p)); }
@@ -427,12 +432,15 @@ OD_AVX2_INLINE void gemv_cols(const int type, const int G, const od_mm_args *a, 
 }
 
 OD_AVX2_INLINE void gemv_quant(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
-    int64_t j = 0;
-    for (; j + 3 <= a->m; j += 3) gemv_cols(type, 3, a, n0, n1, j);
-    switch (a->m - j) {
-    case 2: gemv_cols(type, 2, a, n0, n1, j); break;
-    case 1: gemv_cols(type, 1, a, n0, n1, j); break;
-    default: break;
+    for (int64_t c0 = n0; c0 < n1; c0 += GEMV_W_CHUNK) {
+        const int64_t c1 = c0 + GEMV_W_CHUNK < n1 ? c0 + GEMV_W_CHUNK : n1;
+        int64_t j = 0;
+        for (; j + 3 <= a->m; j += 3) gemv_cols(type, 3, a, c0, c1, j);
+        switch (a->m - j) {
+        case 2: gemv_cols(type, 2, a, c0, c1, j); break;
+        case 1: gemv_cols(type, 1, a, c0, c1, j); break;
+        default: break;
+        }
     }
 }
 
@@ -522,16 +530,6 @@ OD_AVX2_INLINE void store_tile_row(float *dst, __m256 v, int nvalid, int accumul
  * third of the instructions per byte of the row-at-a-time kernel above, and the results are stored as one
  * vector of 8 consecutive outputs.
  */
-/* Start of a repacked-type tile: activation rows j0..j0+G, zeroed accumulators. */
-OD_AVX2_INLINE void x8_tile_start(const int G, const od_q8_act *act, int64_t j0, const int8_t **xq, const float **xds,
-                                  __m256 *acc, __m256 *acc_offset) {
-    OD_UNROLL
-    for (int g = 0; g < G; g++) {
-        xq[g] = act->qs + (j0 + g) * act->k;
-        xds[g] = act->ds + (j0 + g) * act->nb * 2;
-        acc[g] = acc_offset[g] = _mm256_setzero_ps();
-    }
-}
 
 OD_AVX2_INLINE void gemv_x8_tile(const int G, const od_mm_args *a, int64_t n, int64_t j0) {
     const od_q8_act *act = a->act;
@@ -644,10 +642,10 @@ OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, 
             OD_UNROLL
             for (int h = 0; h < 2; h++) {
                 const int sub = 2 * c + h;
-                const __m256i sc32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_SC + 8 * sub)));
+                __m256i sc32;
+                __m256 mn;
+                x8_k_sub_scales(blk, sub, &sc32, &mn);
                 const __m256i sc16 = _mm256_or_si256(sc32, _mm256_slli_epi32(sc32, 16));
-                const __m256 mn = _mm256_cvtepi32_ps(
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_MN + 8 * sub))));
                 OD_UNROLL
                 for (int g = 0; g < G; g++) {
                     isum[g] = _mm256_add_epi32(isum[g], _mm256_madd_epi16(h ? s_hi[g] : s_lo[g], sc16));
@@ -655,14 +653,8 @@ OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, 
                 }
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
         OD_UNROLL
-        for (int g = 0; g < G; g++) {
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), _mm256_mul_ps(d, _mm256_set1_ps(xds[g][2 * sb * 8])),
-                                     acc[g]);
-            acc_offset[g] = _mm256_fmadd_ps(dmin, mins[g], acc_offset[g]);
-        }
+        for (int g = 0; g < G; g++) x8_k_finish(blk, sb, xds[g], isum[g], mins[g], &acc[g], &acc_offset[g]);
     }
     OD_UNROLL
     for (int g = 0; g < G; g++)
@@ -671,14 +663,15 @@ OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, 
 
 /* GEMV over a repacked type, 8 rows x up to 3 activation rows a tile. */
 OD_AVX2_INLINE void gemv_x8(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
-    int64_t j = 0;
-    for (; j + 3 <= a->m; j += 3)
-        for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
+    /* W groups outer: every activation row passes over a group while it is in cache */
+    for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
+        int64_t j = 0;
+        for (; j + 3 <= a->m; j += 3) {
             if (type == OD_TYPE_Q4_0_X8) gemv_x8_tile(3, a, n, j);
             else gemv_k_x8_tile(3, a, n, j);
         }
-    const int rest = (int)(a->m - j);
-    for (int64_t n = n0; rest && n < n1; n += OD_X8_ROWS) {
+        const int rest = (int)(a->m - j);
+        if (!rest) continue;
         if (type == OD_TYPE_Q4_0_X8) rest == 2 ? gemv_x8_tile(2, a, n, j) : gemv_x8_tile(1, a, n, j);
         else rest == 2 ? gemv_k_x8_tile(2, a, n, j) : gemv_k_x8_tile(1, a, n, j);
     }
@@ -838,6 +831,9 @@ DEFINE_QUANT_MATMUL(matmul_q4_1_avx2, OD_TYPE_Q4_1)
 
 DEFINE_QUANT_MATMUL(matmul_q4_0_x8_avx2, OD_TYPE_Q4_0_X8)
 DEFINE_QUANT_MATMUL(matmul_q4_k_x8_avx2, OD_TYPE_Q4_K_X8)
+/* for the AVX-512 table's larger M */
+void od_matmul_q4_0_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_q4_0_x8_avx2(a, n0, n1); }
+void od_matmul_q4_k_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_q4_k_x8_avx2(a, n0, n1); }
 DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
@@ -953,9 +949,12 @@ OD_AVX2_INLINE void gemm_float_tile(const int RM, const float *panel, const od_m
 
 OD_AVX2_INLINE void matmul_float(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
     if (a->m < GEMM_MIN_M) {
-        int64_t j = 0;
-        for (; j + 2 <= a->m; j += 2) gemv_float_group(type, 2, a, n0, n1, j);
-        if (j < a->m) gemv_float_group(type, 1, a, n0, n1, j);
+        for (int64_t c0 = n0; c0 < n1; c0 += GEMV_W_CHUNK) {
+            const int64_t c1 = c0 + GEMV_W_CHUNK < n1 ? c0 + GEMV_W_CHUNK : n1;
+            int64_t j = 0;
+            for (; j + 2 <= a->m; j += 2) gemv_float_group(type, 2, a, c0, c1, j);
+            if (j < a->m) gemv_float_group(type, 1, a, c0, c1, j);
+        }
         return;
     }
     float *panel = od_scratch(1, (size_t)a->k * FPANEL_ROWS * sizeof(float));

@@ -31,7 +31,7 @@ DEFAULT_ISA = K.isa()
 
 def _available_isas() -> list[str]:
     found = []
-    for name in ("scalar", "avx2", "neon"):
+    for name in ("scalar", "avx2", "avx512", "neon"):
         try:
             K._set_isa(name)
             found.append(name)
@@ -148,10 +148,14 @@ def test_matmul_simd_matches_scalar(simd, wtype):
 
 
 
-# ------------------------------------------------------------------ load-time repacking (Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8)
+# ------------------------------------------------------------------ load-time repacking (Q4_0 -> Q4_0_X8 etc.)
 
-REPACK_TYPES = {QT.Q4_0: K.Q4_0_X8, QT.Q4_K: K.Q4_K_X8}
-REPACK_SHAPES = [(1, 64, 256), (2, 24, 512), (3, 40, 1536), (4, 16, 256), (9, 48, 512), (64, 32, 256)]
+REPACK_TYPES = {QT.Q4_0: K.Q4_0_X8, QT.Q4_K: K.Q4_K_X8, QT.Q4_1: K.Q4_1_X8, QT.Q8_0: K.Q8_0_X8}
+X8_NAMES = {packed: f"{QT(base).name}_X8" for base, packed in REPACK_TYPES.items()}
+# the repacked layouts each code path has kernels for (elsewhere od_repacked_type says None)
+ISA_REPACKS = {"avx2": {QT.Q4_0, QT.Q4_K}, "avx512": set(REPACK_TYPES)}
+REPACK_SHAPES = [(1, 64, 256), (2, 24, 512), (3, 40, 1536), (4, 16, 256), (9, 48, 512), (16, 24, 512), (17, 16, 256),
+                 (64, 32, 256)]
 
 
 def _repack(w: np.ndarray, wtype: int, k: int) -> np.ndarray:
@@ -199,6 +203,23 @@ def test_repacked_matmul_matches_reference_and_scalar(isa, wtype, shape, random_
     np.testing.assert_allclose(summed, base + got, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("wtype", list(REPACK_TYPES), ids=lambda t: QT(t).name)
+def test_get_rows_of_a_repacked_table(isa, wtype):
+    """A tied embedding is repacked once for the output layer; get_rows reads its rows out of their groups."""
+    rng = np.random.default_rng(int(wtype) + 3)
+    n, k = 48, 512
+    w = ref.make_weights(wtype, n, k, rng)
+    ids = np.array([0, 7, 8, 47, 13, 13], np.int32)
+    expected = np.empty((len(ids), k), np.float32)
+    K.get_rows(expected, w, int(wtype), ids, k)
+    got = np.full_like(expected, np.nan)
+    K.get_rows(got, _repack(w, wtype, k), REPACK_TYPES[wtype], ids, k)
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError):  # a repacked table holds whole groups of 8 rows
+        K.get_rows(got, _repack(w, wtype, k)[:40].copy()[:, :].reshape(-1)[: 44 * K.row_nbytes(REPACK_TYPES[wtype], k)],
+                   REPACK_TYPES[wtype], ids[:1], k)
+
+
 def test_repacked_matmul_threads_agree():
     rng = np.random.default_rng(43)
     n, k = 256, 512
@@ -216,6 +237,31 @@ def test_repacked_matmul_threads_agree():
         np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("wtype", [*ref.ALL_TYPES, *X8_NAMES], ids=lambda t: X8_NAMES.get(t) or QT(t).name)
+def test_matmul_rows_up_to_exact_rows_equal_single_rows(isa, wtype):
+    """The contract batched decoding and speculative verification rely on: with up to MATMUL_EXACT_ROWS
+    activation rows, each row's result has exactly the bits of a one-row call (one more row may differ)."""
+    base = {v: k for k, v in REPACK_TYPES.items()}.get(wtype, wtype)
+    n, k = 72, 512
+    rng = np.random.default_rng(int(wtype) + 77)
+    w = ref.make_weights(base, n, k, rng)
+    if base != wtype:
+        if K.repacked_type(int(base)) is None:
+            pytest.skip("no repacked kernel on this ISA (the unpacking path is the base type's)")
+        w = _repack(w, base, k)
+    rows = K.MATMUL_EXACT_ROWS
+    x = _activations(rng, rows, k)
+    singles = np.concatenate([_run_matmul(w, wtype, x[i:i + 1], n) for i in range(rows)])
+    for m in (2, 3, 4, 5, 8, rows):
+        np.testing.assert_array_equal(_run_matmul(w, wtype, x[:m], n), singles[:m], err_msg=f"M={m}")
+    threads = K.get_threads()
+    try:
+        K.set_threads(1)
+        np.testing.assert_array_equal(_run_matmul(w, wtype, x, n), singles)
+    finally:
+        K.set_threads(threads)
+
+
 def test_repack_bad_arguments():
     rng = np.random.default_rng(44)
     w = ref.make_weights(QT.Q4_0, 12, 256, rng)
@@ -223,14 +269,14 @@ def test_repack_bad_arguments():
         K.repack(np.empty_like(w), w, int(QT.Q4_0), 256)  # 12 rows
     w8 = w[:8].copy()
     with pytest.raises(ValueError, match="no repacked form"):
-        K.repack(np.empty_like(w8), w8, int(QT.Q4_1), 256)
+        K.repack(np.empty_like(w8), w8, int(QT.Q5_0), 256)
     with pytest.raises(ValueError):
         K.repack(np.empty(w8.size - 18, np.uint8), w8, int(QT.Q4_0), 256)
     with pytest.raises(ValueError):
         K.repack(w8, w8, int(QT.Q4_0), 256)  # in place would overwrite what it reads
-    assert K.repacked_type(int(QT.Q4_1)) is None
-    assert K.repacked_type(int(QT.Q4_0)) == (K.Q4_0_X8 if K.isa() == "avx2" else None)
-    assert K.repacked_type(int(QT.Q4_K)) == (K.Q4_K_X8 if K.isa() == "avx2" else None)
+    assert K.repacked_type(int(QT.Q5_0)) is None
+    for base, packed in REPACK_TYPES.items():
+        assert K.repacked_type(int(base)) == (packed if base in ISA_REPACKS.get(K.isa(), ()) else None)
 
 def test_matmul_thread_counts_agree():
     rng = np.random.default_rng(5)
@@ -513,7 +559,7 @@ def test_accepts_mmap_and_memoryview(tmp_path):
 def test_config_and_env_override():
     assert K.physical_cores() >= 1
     assert K.get_threads() >= 1
-    assert K.isa() in ("scalar", "avx2", "neon")
+    assert K.isa() in ("scalar", "avx2", "avx512", "neon")
     assert isinstance(K.cpu_features(), str)
     assert K.row_nbytes(int(QT.Q4_1), 576) == 18 * 20
     env = dict(os.environ, ONDEVICE_ISA="scalar", ONDEVICE_THREADS="3")

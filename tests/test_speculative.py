@@ -140,7 +140,8 @@ def test_draft_model_identical_output(smollm2, q8_path):
         for temperature in (0.0, 0.8):
             plain, p, spec, s = _both(m, REWRITE, "draft", max_tokens=60, temperature=temperature, seed=5)
             assert spec == plain and s.tokens == p.tokens
-            assert s.accepted_tokens > 0.5 * s.drafted_tokens > 0  # Q8_0 mostly agrees with Q4_1
+            # greedy Q8_0 mostly agrees with greedy Q4_1; a sampled reply takes the draft's guess less often
+            assert s.accepted_tokens > (0.5 if temperature == 0 else 0.1) * s.drafted_tokens > 0
     with ondevice.load(smollm2, threads=2) as m, pytest.raises(OndeviceError, match="needs a draft model"):
         list(m.generate(REWRITE, speculate="draft"))
 

@@ -20,7 +20,7 @@ from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
-from ondevice.runtime.speculative import PromptLookup, check_speculate, model_draft
+from ondevice.runtime.speculative import DraftLength, PromptLookup, check_speculate, model_draft
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
 from ondevice.runtime.weights import load_weights
@@ -386,6 +386,7 @@ class LanguageModel:
         draft_model = self.draft_model if speculate == "draft" else None
         forced = getattr(token_filter, "forced_tokens", None) if speculate != "off" else None
         k = min(self.draft_limit, 8) if (lookup, draft_model, forced) != (None, None, None) else 0
+        guess_length = DraftLength(k)  # how far lookup / a draft model guess: adapts to how much is accepted
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
         try:
@@ -425,6 +426,7 @@ class LanguageModel:
                 if drafts and drafts[0] == token:  # the draft guessed it: its logits are already computed
                     drafts.pop(0)
                     stats.accepted_tokens += 1
+                    guess_length.accepted()
                     continue
                 self._drop_drafts(drafts)
                 # never draft past the token budget or the context window
@@ -432,10 +434,11 @@ class LanguageModel:
                 drafts = []
                 if room > 0 and forced is not None:  # structured output: what the grammar forces comes first
                     drafts = forced(room)
-                if room > 0 and not drafts and lookup is not None:
-                    drafts = lookup.draft(history, room)
-                if room > 0 and not drafts and draft_model is not None:
-                    drafts = model_draft(draft_model, history, room)
+                guesses = min(room, guess_length.next())
+                if guesses > 0 and not drafts and lookup is not None:
+                    drafts = guess_length.drafted(lookup.draft(history, guesses))
+                if guesses > 0 and not drafts and draft_model is not None:
+                    drafts = guess_length.drafted(model_draft(draft_model, history, guesses))
                 stats.drafted_tokens += len(drafts)
                 stats.forward_passes += 1
                 rows = self._verify([token, *drafts])

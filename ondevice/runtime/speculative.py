@@ -89,3 +89,31 @@ class PromptLookup:
             if end is not None:
                 return history[end:end + k]
         return []
+
+
+class DraftLength:
+    """How many tokens prompt lookup or a draft model guesses per pass. A rejected guess costs a verification row
+    (compute-bound on small models) and, with a draft model, its steps; so the length follows what was accepted:
+    all of the last guess accepted -> two more next time (up to the pass's limit), a rejection -> one more than the
+    accepted prefix."""
+
+    def __init__(self, limit: int, start: int = 2) -> None:
+        self.limit = limit
+        self.length = min(start, limit)
+        self._guessed = 0
+        self._accepted = 0
+
+    def drafted(self, drafts: list[int]) -> list[int]:
+        self._guessed, self._accepted = len(drafts), 0
+        return drafts
+
+    def accepted(self) -> None:
+        self._accepted += 1
+
+    def next(self) -> int:
+        """The length of the next guess, from how the last one fared."""
+        if self._guessed:
+            full = self._accepted >= self._guessed
+            self.length = min(self.limit, self.length + 2) if full else max(1, self._accepted + 1)
+            self._guessed = 0
+        return self.length

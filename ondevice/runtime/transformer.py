@@ -82,11 +82,18 @@ def repacked(w: Matrix) -> Matrix:
 
 
 def repack_layers(weights: ModelWeights) -> None:
-    """Repack the layers' matrices in place (token_embd / output stay as stored: get_rows reads token_embd)."""
+    """Repack the layers' matrices and the output layer in place (get_rows reads a repacked embedding too, so a
+    tied one is repacked once for both; an untied embedding stays as stored: only get_rows reads it)."""
     for layer in weights.layers:
         for role, tensor in layer.items():
             if isinstance(tensor, Matrix):
                 layer[role] = repacked(tensor)
+    g = weights.globals
+    tied = g["output"] is g["embed"]
+    if isinstance(g["output"], Matrix):
+        g["output"] = repacked(g["output"])
+        if tied:
+            g["embed"] = g["output"]
 
 
 class ContextOverflowError(OndeviceError):
@@ -100,10 +107,10 @@ SUPPORTED_FEATURES = ("qkv_bias", "qk_norm", "rope_freq_factors", "norm_offset",
 
 class Transformer:
     # A forward pass of up to this many tokens gives each row bit-identical logits to a one-token pass: the
-    # kernels multiply fewer than 4 activation rows with the matrix-vector path (the same per-output sums as one
-    # row), and 4+ with the tiled matrix-matrix path, whose sums round differently. Speculative decoding verifies
-    # at most this many tokens per pass, so its output equals plain decoding (tests/test_speculative.py).
-    exact_rows = 3
+    # kernels multiply that many activation rows with the matrix-vector path (the same per-output sums as one
+    # row), and more with the tiled matrix-matrix path, whose sums round differently. Speculative decoding
+    # verifies at most this many tokens per pass, so its output equals plain decoding (tests/test_speculative.py).
+    exact_rows = K.MATMUL_EXACT_ROWS if K is not None else 1
 
     def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256, kv_dtype: type = np.float16) -> None:
         kernels()
