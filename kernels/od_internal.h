@@ -167,11 +167,10 @@ void od_add_neon(float *x, const float *y, int64_t n);
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
-/* The AVX-512 VNNI table (quant_avx512.c): od_ops_avx2 with the repacked types' matrix-vector kernels on the
- * dot-product instructions. The AVX2 GEMMs it keeps for larger M: */
+/* The AVX-512 VNNI table (quant_avx512.c): od_ops_avx2 with the repacked types' kernels on the dot-product
+ * instructions. The AVX2 GEMM it keeps for larger M: */
 const od_isa_ops *od_ops_avx512(void);
 void od_matmul_q4_0_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1);
-void od_matmul_q4_k_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1);
 #endif
 /* A repacked type multiplied by unpacking each group of 8 rows and running the current table's kernel for its
  * GGML type (a code path without a kernel for the repacked type, or one that has only the matrix-vector one). */

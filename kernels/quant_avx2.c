@@ -833,7 +833,6 @@ DEFINE_QUANT_MATMUL(matmul_q4_0_x8_avx2, OD_TYPE_Q4_0_X8)
 DEFINE_QUANT_MATMUL(matmul_q4_k_x8_avx2, OD_TYPE_Q4_K_X8)
 /* for the AVX-512 table's larger M */
 void od_matmul_q4_0_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_q4_0_x8_avx2(a, n0, n1); }
-void od_matmul_q4_k_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_q4_k_x8_avx2(a, n0, n1); }
 DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)

@@ -11,8 +11,8 @@
  * are exact, so the per-row arithmetic is: integer block dot -> one convert -> the float scale terms of the AVX2
  * kernels, identical for every number of activation rows (the OD_MATMUL_EXACT_ROWS contract).
  *
- * Only the matrix-vector schedule (M <= OD_MATMUL_EXACT_ROWS) is here; larger M takes the AVX2 GEMM (Q4_0_X8,
- * Q4_K_X8) or the unpacking path into the AVX2 GEMM of the GGML type (Q4_1_X8, Q8_0_X8).
+ * The tiles serve every M (weight groups outer, so M rows read the weights once) except Q4_0_X8 above
+ * OD_MATMUL_EXACT_ROWS, which takes the AVX2 GEMM.
  */
 #if defined(__x86_64__) || defined(_M_X64)
 
@@ -221,16 +221,18 @@ OD_VNNI_INLINE void gemv_vnni(const int type, const od_mm_args *a, int64_t n0, i
     }
 }
 
-/* Larger M: the AVX2 GEMM where there is one for the layout, else its GGML type's through unpacking. */
-#define DEFINE_VNNI_MATMUL(NAME, TYPE, LARGE_M)                              \
-    OD_VNNI static void NAME(const od_mm_args *a, int64_t n0, int64_t n1) { \
-        if (a->m > OD_MATMUL_EXACT_ROWS) LARGE_M(a, n0, n1);                 \
-        else gemv_vnni(TYPE, a, n0, n1);                                     \
-    }
-DEFINE_VNNI_MATMUL(matmul_q4_0_x8_vnni, OD_TYPE_Q4_0_X8, od_matmul_q4_0_x8_avx2)
-DEFINE_VNNI_MATMUL(matmul_q4_k_x8_vnni, OD_TYPE_Q4_K_X8, od_matmul_q4_k_x8_avx2)
-DEFINE_VNNI_MATMUL(matmul_q4_1_x8_vnni, OD_TYPE_Q4_1_X8, od_matmul_x8_by_unpacking)
-DEFINE_VNNI_MATMUL(matmul_q8_0_x8_vnni, OD_TYPE_Q8_0_X8, od_matmul_x8_by_unpacking)
+/* Larger M: the same tiles (measured faster than the AVX2 GEMM for these layouts, and exact for every M), except
+ * Q4_0_X8, whose AVX2 GEMM panel wins (benchmarks/kernels_bench.py, BENCHMARKS.md 4.1). */
+OD_VNNI static void matmul_q4_0_x8_vnni(const od_mm_args *a, int64_t n0, int64_t n1) {
+    if (a->m > OD_MATMUL_EXACT_ROWS) od_matmul_q4_0_x8_avx2(a, n0, n1);
+    else gemv_vnni(OD_TYPE_Q4_0_X8, a, n0, n1);
+}
+
+#define DEFINE_VNNI_MATMUL(NAME, TYPE) \
+    OD_VNNI static void NAME(const od_mm_args *a, int64_t n0, int64_t n1) { gemv_vnni(TYPE, a, n0, n1); }
+DEFINE_VNNI_MATMUL(matmul_q4_k_x8_vnni, OD_TYPE_Q4_K_X8)
+DEFINE_VNNI_MATMUL(matmul_q4_1_x8_vnni, OD_TYPE_Q4_1_X8)
+DEFINE_VNNI_MATMUL(matmul_q8_0_x8_vnni, OD_TYPE_Q8_0_X8)
 
 static od_isa_ops g_avx512;
 static pthread_once_t g_avx512_once = PTHREAD_ONCE_INIT;
