@@ -13,11 +13,12 @@
  *    passed; callers (like the Python binding) check those.
  *  - Multi-threaded functions use one process-wide pool (od_set_threads). Calls from several
  *    threads at once are safe: a call that finds the pool busy runs on its own thread.
- *  - SIMD code is chosen at run time from the CPU (AVX2+FMA+F16C on x86-64, NEON on aarch64 with
+ *  - SIMD code is chosen at run time from the CPU (AVX2+FMA+F16C on x86-64, with AVX-512 VNNI kernels for the
+ *    repacked layouts where the CPU has AVX512F/BW/VL/VNNI; NEON on aarch64 with
  *    the dot-product instructions when present, plain C elsewhere).
  *
  * Environment variables (read once, at first use):
- *    ONDEVICE_ISA=scalar|avx2|neon   force a code path (an unavailable one falls back to the best)
+ *    ONDEVICE_ISA=scalar|avx2|avx512|neon   force a code path (an unavailable one falls back to the best)
  *    ONDEVICE_THREADS=n              initial pool size (default: physical cores)
  *    ONDEVICE_SPIN_US=us             how long idle workers spin before sleeping (default 1000)
  *    ONDEVICE_POOL_ADAPTIVE=0        disable the oversubscription guard (see od_set_threads)
