@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,13 +84,15 @@ class SweepJob:
             head += f" {self.backend}"
         return head + (f" on {self.device}" if self.device else "")
 
-    def resources(self) -> dict[str, Any]:
-        """Ray task options for this job's kind."""
+    def resources(self, machine_cpus: int | None = None) -> dict[str, Any]:
+        """Ray task options for this job's kind. `machine_cpus` (`--ray local`: the one node is this machine, whose
+        CPU is the device): a bench then holds every CPU, so a measurement runs alone, as in the serial run."""
         if self.kind == "convert":
             return {"num_cpus": 1, "memory": CONVERT_MEMORY.get(self.target, 2 * GIB)}
         if self.kind == "eval":
             return {"num_cpus": 1, "memory": EVAL_MEMORY}
-        return {"num_cpus": 1, "memory": BENCH_MEMORY, "resources": {DEVICE_PREFIX + str(self.device): 1}}
+        return {"num_cpus": machine_cpus or 1, "memory": BENCH_MEMORY,
+                "resources": {DEVICE_PREFIX + str(self.device): 1}}
 
 
 @dataclass
@@ -243,23 +248,27 @@ def _failed(job: SweepJob, error: str) -> Finished:
     return Finished(job, failed_row(job, error), None)
 
 
+def _run_here(job: SweepJob, failed_artifacts: dict[tuple[str, str, str], str]) -> Finished:
+    """One job in this process, as a Ray task would run it: a failure is recorded and the sweep goes on."""
+    if job.artifact_id in failed_artifacts and job.kind != "convert":
+        return Finished(job, failed_row(job, f"convert failed: {failed_artifacts[job.artifact_id]}"), None)
+    try:
+        result = execute(job)
+        return Finished(job, result["row"], result["fingerprint"])
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, OndeviceError) else _error_text(exc)
+        if job.kind == "convert":
+            failed_artifacts[job.artifact_id] = error
+        return _failed(job, error)
+
+
 def run_serial(jobs: list[SweepJob], record: Record) -> SweepOutcome:
     """The same jobs, here, in order (no Ray)."""
     finished: list[Finished] = []
     failed_artifacts: dict[tuple[str, str, str], str] = {}
     try:
         for job in jobs:
-            if job.artifact_id in failed_artifacts and job.kind != "convert":
-                done = Finished(job, failed_row(job, f"convert failed: {failed_artifacts[job.artifact_id]}"), None)
-            else:
-                try:
-                    result = execute(job)
-                    done = Finished(job, result["row"], result["fingerprint"])
-                except Exception as exc:  # as a Ray task's would be: recorded, and the sweep goes on
-                    error = str(exc) if isinstance(exc, OndeviceError) else _error_text(exc)
-                    if job.kind == "convert":
-                        failed_artifacts[job.artifact_id] = error
-                    done = _failed(job, error)
+            done = _run_here(job, failed_artifacts)
             record(done)
             finished.append(done)
             if done.row is not None and done.row["status"] == "interrupted":  # Ctrl-C inside a bench worker
@@ -285,6 +294,88 @@ def connect(address: str, devices: list[str], *, num_cpus: int | None = None) ->
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError) as exc:
             raise OndeviceError(f"cannot join the Ray cluster at {address}: {_error_text(exc)}") from None
+
+
+class LocalRay:
+    """`--ray local`'s one-machine Ray, started in a thread so that this process can run the first conversions
+    while Ray's processes come up (~3 s here, longer on a loaded machine). The thread stays alive until stop():
+    Ray forks its processes with PR_SET_PDEATHSIG, which on Linux fires when the forking *thread* ends."""
+
+    def __init__(self, devices: list[str], num_cpus: int | None = None) -> None:
+        if importlib.util.find_spec("ray") is None:  # fail here, in one line, not inside the thread
+            import_ray()
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self._ready = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(devices,), name="ondevice-ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, devices: list[str]) -> None:
+        try:
+            # Ray warns that a non-main thread cannot install its SIGTERM handler; the driver's own default
+            # (terminate) is what a sweep wants, so the warning is noise.
+            with _quiet_logger("ray._private.worker", "SIGTERM handler is not set"):
+                connect("local", devices, num_cpus=self.num_cpus)
+        except BaseException as exc:  # handed to the main thread by wait()
+            self._error = exc
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Shut Ray down (once it is up) and end the thread."""
+        self._ready.wait()
+        try:
+            if self._error is None:
+                shutdown()
+        finally:
+            self._release.set()
+            self._thread.join()
+
+
+@contextmanager
+def _quiet_logger(name: str, text: str) -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger(name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def shutdown() -> None:
+    """ray.shutdown(), with the autoscaler monitor of a Ray this process started killed first. ray.shutdown() stops
+    it after the GCS, and its SIGTERM handler then spends the whole 1 s grace period trying to report its own
+    termination to the dead GCS (measured: 1.0 of 1.6 s). A one-machine Ray has nothing to autoscale and the
+    session ends here, so SIGKILL loses nothing. Ray's internals are reached defensively: when they change, this
+    is a plain ray.shutdown()."""
+    ray = import_ray()
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    monitors = processes.get("monitor", []) if isinstance(processes, dict) else []
+    for info in monitors:
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            with suppress(OSError, subprocess.TimeoutExpired):
+                process.kill()
+                process.wait(timeout=1)
+    ray.shutdown()
 
 
 def import_ray():  # type: ignore[no-untyped-def]
@@ -314,19 +405,44 @@ def _feasible(options: dict[str, Any], nodes: list[dict[str, Any]]) -> bool:
                for node in nodes if node.get("Alive"))
 
 
-def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0) -> SweepOutcome:
-    """Every job as a Ray task (dependents wait on their convert); results recorded here as they arrive."""
+def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0, local: LocalRay | None = None
+            ) -> SweepOutcome:
+    """Every job as a Ray task (dependents wait on their convert); results recorded here as they arrive.
+
+    `local` (a Ray still starting on this machine): until it is up, this process runs the conversions itself, in
+    order, as the serial run would; then the rest go to Ray. Only conversions: a bench must not share the CPU with
+    Ray's start-up, and the eval and bench jobs of an artifact converted here find it on disk (one machine), so
+    they need no dependency. Ray becoming ready mid-conversion waits for that conversion to end, so no job ever
+    runs beside one that Ray does not know about."""
+    jobs = list(jobs)
+    machine_cpus = local.num_cpus if local is not None else None
+    finished: list[Finished] = []
+    failed_artifacts: dict[tuple[str, str, str], str] = {}
+    if local is not None:
+        try:
+            while jobs and jobs[0].kind == "convert" and not local.ready:
+                done = _run_here(jobs.pop(0), failed_artifacts)
+                record(done)
+                finished.append(done)
+            local.wait()
+        except KeyboardInterrupt:
+            return SweepOutcome(finished, True)
+        for job in [j for j in jobs if j.artifact_id in failed_artifacts]:
+            done = _run_here(job, failed_artifacts)  # its convert failed here: recorded as that, not run
+            record(done)
+            finished.append(done)
+        jobs = [j for j in jobs if j.artifact_id not in failed_artifacts]
     ray = import_ray()
     task = ray.remote(execute)
     convert_refs: dict[tuple[str, str, str], Any] = {}
     pending: dict[Any, SweepJob] = {}
     for job in jobs:
         after = [convert_refs[job.artifact_id]] if job.kind != "convert" and job.artifact_id in convert_refs else []
-        ref = task.options(**job.resources(), max_retries=MAX_RETRIES, retry_exceptions=False).remote(job, *after)
+        options = job.resources(machine_cpus)
+        ref = task.options(**options, max_retries=MAX_RETRIES, retry_exceptions=False).remote(job, *after)
         if job.kind == "convert":
             convert_refs[job.artifact_id] = ref
         pending[ref] = job
-    finished: list[Finished] = []
     next_check = time.monotonic() + poll_s
     try:
         while pending:
@@ -345,10 +461,10 @@ def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0) -> Swe
                 next_check = time.monotonic() + poll_s
                 nodes = ray.nodes()
                 for ref, job in list(pending.items()):
-                    if not _feasible(job.resources(), nodes):
+                    if not _feasible(job.resources(machine_cpus), nodes):
                         ray.cancel(ref)  # never scheduled (nowhere to go): a plain cancel suffices
                         pending.pop(ref)
-                        done = _failed(job, f"no node in the cluster can run it (needs {job.resources()})")
+                        done = _failed(job, f"no node in the cluster can run it (needs {job.resources(machine_cpus)})")
                         record(done)
                         finished.append(done)
     except KeyboardInterrupt:
