@@ -25,13 +25,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -315,7 +314,7 @@ class LocalRay:
         try:
             # Ray warns that a non-main thread cannot install its SIGTERM handler; the driver's own default
             # (terminate) is what a sweep wants, so the warning is noise.
-            with _quiet_logger("ray._private.worker", "SIGTERM handler is not set"):
+            with _quiet_logger("ray._private.worker", "SIGTERM handler is not set"), _lean_head_node():
                 connect("local", devices, num_cpus=self.num_cpus)
         except BaseException as exc:  # handed to the main thread by wait()
             self._error = exc
@@ -337,7 +336,7 @@ class LocalRay:
         self._ready.wait()
         try:
             if self._error is None:
-                shutdown()
+                import_ray().shutdown()
         finally:
             self._release.set()
             self._thread.join()
@@ -359,23 +358,28 @@ def _quiet_logger(name: str, text: str) -> Iterator[None]:
         logger.removeFilter(keep)
 
 
-def shutdown() -> None:
-    """ray.shutdown(), with the autoscaler monitor of a Ray this process started killed first. ray.shutdown() stops
-    it after the GCS, and its SIGTERM handler then spends the whole 1 s grace period trying to report its own
-    termination to the dead GCS (measured: 1.0 of 1.6 s). A one-machine Ray has nothing to autoscale and the
-    session ends here, so SIGKILL loses nothing. Ray's internals are reached defensively: when they change, this
-    is a plain ray.shutdown()."""
-    ray = import_ray()
-    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
-    processes = getattr(node, "all_processes", None)
-    monitors = processes.get("monitor", []) if isinstance(processes, dict) else []
-    for info in monitors:
-        process = getattr(info, "process", None)
-        if process is not None and process.poll() is None:
-            with suppress(OSError, subprocess.TimeoutExpired):
-                process.kill()
-                process.wait(timeout=1)
-    ray.shutdown()
+@contextmanager
+def _lean_head_node() -> Iterator[None]:
+    """A one-machine Ray without three services a sweep never uses, each a Python process importing Ray (~0.5-1
+    CPU-second of start-up on a machine whose cores the driver is converting on meanwhile): the autoscaler monitor
+    (one machine: nothing to scale; it also spent 1.0 of ray.shutdown()'s 1.6 s dying), the log monitor
+    (log_to_driver is off) and the dashboard API server (include_dashboard is off; a minimal Ray install loads no
+    dashboard modules). Ray's internals (ray==2.60.*, see pyproject) are reached defensively: a missing name
+    means that service starts as usual."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        yield
+        return
+    saved = {name: Node.__dict__[name] for name in ("start_monitor", "start_log_monitor", "start_api_server")
+             if callable(Node.__dict__.get(name))}
+    for name in saved:
+        setattr(Node, name, lambda self, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 def import_ray():  # type: ignore[no-untyped-def]

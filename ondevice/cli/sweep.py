@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             if local is not None:
                 local.stop()
             elif args.ray:
-                sweep.shutdown()
+                sweep.import_ray().shutdown()
         store.finish_run(run_id, "interrupted" if outcome.interrupted else "complete")
         db_path = store.path
     rows = [done.row for done in outcome.finished if done.row is not None]
