@@ -174,13 +174,15 @@ def node_environment(fp: dict[str, Any]) -> dict[str, Any]:
             "mem_read_gbs": fp.get("mem_read_gbs")}
 
 
-def execute(job: SweepJob, *_after: Any) -> dict[str, Any]:
+def execute(job: SweepJob, *_after: Any, node_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one job on this node; {"fingerprint", "row" (None for a convert), "sha256"}. `_after`: the results of
-    the jobs this one waits for (Ray resolves them before the call)."""
+    the jobs this one waits for (Ray resolves them before the call). `node_fingerprint`: this node's, when the
+    caller has it (`--ray local`: the driver's machine is the node), so a Ray worker does not measure the memory
+    bandwidth again (~1 s per worker process)."""
     from ondevice.bench.artifacts import content_hash
     from ondevice.bench.fingerprint import fingerprint
 
-    fp = fingerprint()  # cached per process; bandwidth measured once, as `ondevice bench` records it
+    fp = node_fingerprint or fingerprint()  # cached per process; bandwidth measured once, as `ondevice bench` does
     artifact = _artifact(job)
     sha = content_hash(artifact.path)
     sweep = {"key": job.key, "device": job.device, "source_sha256": job.source_sha256, "artifact_sha256": sha,
@@ -303,7 +305,12 @@ class LocalRay:
     def __init__(self, devices: list[str], num_cpus: int | None = None) -> None:
         if importlib.util.find_spec("ray") is None:  # fail here, in one line, not inside the thread
             import_ray()
+        from ondevice.bench.fingerprint import fingerprint
+
         self.num_cpus = num_cpus or os.cpu_count() or 1
+        # This machine's fingerprint, bandwidth included, measured before Ray's start-up can disturb it (the serial
+        # run measures it at its first job); the driver's jobs and Ray's tasks all record it.
+        self.fingerprint = fingerprint()
         self._ready = threading.Event()
         self._release = threading.Event()
         self._error: BaseException | None = None
@@ -438,12 +445,13 @@ def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0, local:
         jobs = [j for j in jobs if j.artifact_id not in failed_artifacts]
     ray = import_ray()
     task = ray.remote(execute)
+    same_machine = {"node_fingerprint": local.fingerprint} if local is not None else {}
     convert_refs: dict[tuple[str, str, str], Any] = {}
     pending: dict[Any, SweepJob] = {}
     for job in jobs:
         after = [convert_refs[job.artifact_id]] if job.kind != "convert" and job.artifact_id in convert_refs else []
         options = job.resources(machine_cpus)
-        ref = task.options(**options, max_retries=MAX_RETRIES, retry_exceptions=False).remote(job, *after)
+        ref = task.options(**options, max_retries=MAX_RETRIES, retry_exceptions=False).remote(job, *after, **same_machine)
         if job.kind == "convert":
             convert_refs[job.artifact_id] = ref
         pending[ref] = job
