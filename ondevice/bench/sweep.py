@@ -8,7 +8,10 @@ store (the same rows `ondevice bench` and `ondevice eval` write, from the same f
 - Resources per kind (RESOURCES): converts ask for memory by target and, for the heavy exports (ExecuTorch,
   Core ML), also hold a per-machine file lock, so a node never runs two of them at once whatever its size.
   A bench job for device D asks for the custom resource `device:D` (1 per device node): it runs only there, and
-  one at a time, so timings are not shared with another measurement.
+  one at a time, so timings are not shared with another measurement. Under `--ray local` (the machine is the
+  device) it also holds every CPU: nothing else runs beside a measurement, as in the serial run.
+- `--ray local` starts Ray in a thread (LocalRay) while the driver runs the first conversions itself, so Ray's
+  start-up overlaps useful work instead of preceding it (see run_ray).
 - Artifacts are shared by content hash, not copied: a node that lacks an artifact converts it itself (the name
   under ARTIFACT_DIR is the source's content hash, target and scheme; conversion is deterministic and atomic).
   Nodes therefore need the sources (a path on a shared or synced folder, or an alias in their model cache).
