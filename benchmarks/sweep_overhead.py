@@ -22,21 +22,45 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Each job of the CPU-bound case on one core in both runs (numpy's BLAS would otherwise use both cores serially).
 ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def timed_sweep(args: list[str], work: Path, tag: str, env: dict[str, str]) -> float:
+@dataclass
+class Timing:
+    total_s: float
+    converts_done_s: float  # when the last conversion's line arrived
+    last_result_s: float  # when the last job's line arrived; total - this = shutdown and exit
+
+    def phases(self) -> str:
+        return (f"converts done {self.converts_done_s:.1f}, jobs done {self.last_result_s:.1f}, "
+                f"exit {self.total_s:.1f}")
+
+
+def timed_sweep(args: list[str], work: Path, tag: str, env: dict[str, str]) -> Timing:
     out, db = work / f"{tag}-art", work / f"{tag}.sqlite"
     command = [sys.executable, "-m", "ondevice", "sweep", *args, "-o", str(out), "--db", str(db), "--no-progress"]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+    assert proc.stderr is not None
+    converts_done = last_result = 0.0
+    lines = []
+    for line in proc.stderr:  # a line per finished job, as it finishes
+        lines.append(line)
+        now = time.perf_counter() - start
+        if line.startswith("convert "):
+            converts_done = now
+        if line.startswith(("convert ", "eval ", "bench ")):
+            last_result = now
+    proc.wait()
     elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return elapsed
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{''.join(lines)[-2000:]}")
+    return Timing(elapsed, converts_done, last_result)
 
 
 def main() -> None:
@@ -62,7 +86,9 @@ def main() -> None:
             for r in range(opts.rounds):
                 order = [("s", args), ("r", args + ray_args)]
                 for tag, run_args in order if r % 2 == 0 else order[::-1]:
-                    (serial if tag == "s" else on_ray).append(timed_sweep(run_args, work, f"{tag}{index}-{r}", env))
+                    timing = timed_sweep(run_args, work, f"{tag}{index}-{r}", env)
+                    (serial if tag == "s" else on_ray).append(timing.total_s)
+                    print(f"  {'serial' if tag == 's' else '--ray local'}: {timing.phases()} s", flush=True)
                 print(f"{name}, round {r + 1}: serial {serial[-1]:.1f} s, --ray local {on_ray[-1]:.1f} s, ratio "
                       f"{on_ray[-1] / serial[-1]:.2f} (load average {os.getloadavg()[0]:.1f})", flush=True)
             summary.append((name, statistics.median(serial), statistics.median(on_ray),

@@ -468,8 +468,8 @@ def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0, local:
     pending: dict[Any, SweepJob] = {}
     for job in jobs:
         after = [convert_refs[job.artifact_id]] if job.kind != "convert" and job.artifact_id in convert_refs else []
-        options = job.resources(machine_cpus)
-        ref = task.options(**options, max_retries=MAX_RETRIES, retry_exceptions=False).remote(job, *after, **same_machine)
+        options = {**job.resources(machine_cpus), "max_retries": MAX_RETRIES, "retry_exceptions": False}
+        ref = task.options(**options).remote(job, *after, **same_machine)
         if job.kind == "convert":
             convert_refs[job.artifact_id] = ref
         pending[ref] = job

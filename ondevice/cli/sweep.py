@@ -118,10 +118,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
         if plan.skipped and not args.json:
             print(f"{len(plan.skipped)} job(s) already in {store.path}: skipped", file=sys.stderr)
-        # Ray starts in the background while this process converts (see sweep.run_ray).
-        local = None
-        if args.ray == "local" and plan.jobs:
-            local = sweep.LocalRay(devices, args.num_cpus, targets=tuple(_names(args.to)))
         device_id = store.ensure_device(fp)
         run_id = store.start_run(device_id, json.dumps({k: v for k, v in vars(args).items() if k != "handler"},
                                                        default=str))
@@ -136,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
                 bar.clear()
                 print(sweep.format_finished(done), file=sys.stderr)
 
+        # Ray starts in the background while this process converts (see sweep.run_ray).
+        local = None
+        if args.ray == "local" and plan.jobs:
+            local = sweep.LocalRay(devices, args.num_cpus, targets=tuple(_names(args.to)))
         try:
             if not plan.jobs:  # everything already in the store: no Ray to start
                 outcome = sweep.SweepOutcome([], False)
