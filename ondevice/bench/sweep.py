@@ -291,8 +291,10 @@ def connect(address: str, devices: list[str], *, num_cpus: int | None = None) ->
     if address == "local":
         # address="local" explicitly: without it ray.init joins whatever cluster RAY_ADDRESS names (Ray sets it in
         # every driver's environment, so a sweep started from one would join that cluster, or a dead one).
+        # worker_niceness 0: Ray starts its workers at nice 15 by default, so a bench (and its worker process)
+        # would run at a lower priority than the serial run's, which on a shared machine changes the timings.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=100 * 2**20,
-                 resources={DEVICE_PREFIX + d: 1 for d in devices}, **quiet)
+                 resources={DEVICE_PREFIX + d: 1 for d in devices}, _system_config={"worker_niceness": 0}, **quiet)
     else:
         try:
             ray.init(address=address, **quiet)
