@@ -185,3 +185,47 @@ def test_ctrl_c_on_the_driver_keeps_finished_results(sources, tmp_path):
     assert 0 < len(kept) < 16 and all(r["status"] == "ok" for r in kept.values())
     with Store(db) as store:
         assert [r[0] for r in store.conn.execute("SELECT status FROM runs")] == ["interrupted"]
+
+
+def test_ray_local_converts_here_while_ray_starts_and_gives_the_serial_rows(sources, tmp_path):
+    """`--ray local`: while Ray starts (seconds), the driver runs the conversions itself (tiny ones take
+    milliseconds, so the first results arrive before Ray is up); eval and bench jobs then go to Ray. The rows are
+    the serial run's, including a source whose conversion fails (its jobs become error rows, none is lost)."""
+    from ondevice.bench import sweep
+    from ondevice.bench.runner import Settings
+
+    if len(BACKENDS) < 2:
+        pytest.skip("needs ondevice's runtime and llama-cpp-python")
+    broken = tmp_path / "broken-f32.gguf"
+    broken.write_bytes(Path(sources[0]).read_bytes()[:4096])  # a valid header, its tensors cut off
+
+    def plan(out: Path) -> list[sweep.SweepJob]:
+        return sweep.plan_sweep([*sources, str(broken)], targets=["gguf"], quants=["q8_0", "f16"], backends=BACKENDS,
+                                devices=[sweep.LOCAL_DEVICE], artifact_dir=out, settings=Settings(1, 16, 8, 2, 0),
+                                eval_setup={"ctx": 32, "max_tokens": 64, "threads": 1}, done_keys=set()).jobs
+
+    if ray.is_initialized():
+        ray.shutdown()
+    serial = sweep.run_serial(plan(tmp_path / "serial"), lambda done: None)
+    arrivals: list[tuple[str, bool]] = []  # (job kind, was Ray up when its result was recorded)
+    local = sweep.LocalRay([sweep.LOCAL_DEVICE], 2)
+    try:
+        on_ray = sweep.run_ray(plan(tmp_path / "local"), lambda done: arrivals.append((done.job.kind, local.ready)),
+                               local=local)
+    finally:
+        local.stop()
+    assert not ray.is_initialized()
+    assert not serial.interrupted and not on_ray.interrupted
+    assert arrivals[0] == ("convert", False), "the driver converts while Ray starts"
+    assert all(up for kind, up in arrivals if kind != "convert") and any(kind == "bench" for kind, _ in arrivals)
+
+    def rows(outcome: sweep.SweepOutcome) -> dict[str, tuple]:
+        return {d.job.key: (d.row["status"], d.row["kind"], d.row.get("artifact_size_bytes"), d.row.get("perplexity"),
+                            (d.row.get("error") or "").split(":")[0]) for d in outcome.finished if d.row is not None}
+
+    a, b = rows(serial), rows(on_ray)
+    assert a.keys() == b.keys() and len(a) == 24  # 3 sources x 2 schemes x 2 backends x (eval + bench)
+    for key, row in a.items():
+        assert row[:3] == b[key][:3] and row[4] == b[key][4]
+        assert row[3] == b[key][3] or row[3] == pytest.approx(b[key][3], rel=1e-3)
+    assert sum(r[0] == "error" for r in b.values()) == 8  # the broken source's jobs, each with its reason

@@ -8,7 +8,10 @@ store (the same rows `ondevice bench` and `ondevice eval` write, from the same f
 - Resources per kind (RESOURCES): converts ask for memory by target and, for the heavy exports (ExecuTorch,
   Core ML), also hold a per-machine file lock, so a node never runs two of them at once whatever its size.
   A bench job for device D asks for the custom resource `device:D` (1 per device node): it runs only there, and
-  one at a time, so timings are not shared with another measurement.
+  one at a time, so timings are not shared with another measurement. Under `--ray local` (the machine is the
+  device) it also holds every CPU: nothing else runs beside a measurement, as in the serial run.
+- `--ray local` starts Ray in a thread (LocalRay) while the driver runs the first conversions itself, so Ray's
+  start-up overlaps useful work instead of preceding it (see run_ray).
 - Artifacts are shared by content hash, not copied: a node that lacks an artifact converts it itself (the name
   under ARTIFACT_DIR is the source's content hash, target and scheme; conversion is deterministic and atomic).
   Nodes therefore need the sources (a path on a shared or synced folder, or an alias in their model cache).
@@ -22,10 +25,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,13 +86,15 @@ class SweepJob:
             head += f" {self.backend}"
         return head + (f" on {self.device}" if self.device else "")
 
-    def resources(self) -> dict[str, Any]:
-        """Ray task options for this job's kind."""
+    def resources(self, machine_cpus: int | None = None) -> dict[str, Any]:
+        """Ray task options for this job's kind. `machine_cpus` (`--ray local`: the one node is this machine, whose
+        CPU is the device): a bench then holds every CPU, so a measurement runs alone, as in the serial run."""
         if self.kind == "convert":
             return {"num_cpus": 1, "memory": CONVERT_MEMORY.get(self.target, 2 * GIB)}
         if self.kind == "eval":
             return {"num_cpus": 1, "memory": EVAL_MEMORY}
-        return {"num_cpus": 1, "memory": BENCH_MEMORY, "resources": {DEVICE_PREFIX + str(self.device): 1}}
+        return {"num_cpus": machine_cpus or 1, "memory": BENCH_MEMORY,
+                "resources": {DEVICE_PREFIX + str(self.device): 1}}
 
 
 @dataclass
@@ -170,13 +177,15 @@ def node_environment(fp: dict[str, Any]) -> dict[str, Any]:
             "mem_read_gbs": fp.get("mem_read_gbs")}
 
 
-def execute(job: SweepJob, *_after: Any) -> dict[str, Any]:
+def execute(job: SweepJob, *_after: Any, node_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one job on this node; {"fingerprint", "row" (None for a convert), "sha256"}. `_after`: the results of
-    the jobs this one waits for (Ray resolves them before the call)."""
+    the jobs this one waits for (Ray resolves them before the call). `node_fingerprint`: this node's, when the
+    caller has it (`--ray local`: the driver's machine is the node), so a Ray worker does not measure the memory
+    bandwidth again (~1 s per worker process)."""
     from ondevice.bench.artifacts import content_hash
     from ondevice.bench.fingerprint import fingerprint
 
-    fp = fingerprint()  # cached per process; bandwidth measured once, as `ondevice bench` records it
+    fp = node_fingerprint or fingerprint()  # cached per process; bandwidth measured once, as `ondevice bench` does
     artifact = _artifact(job)
     sha = content_hash(artifact.path)
     sweep = {"key": job.key, "device": job.device, "source_sha256": job.source_sha256, "artifact_sha256": sha,
@@ -243,23 +252,27 @@ def _failed(job: SweepJob, error: str) -> Finished:
     return Finished(job, failed_row(job, error), None)
 
 
+def _run_here(job: SweepJob, failed_artifacts: dict[tuple[str, str, str], str]) -> Finished:
+    """One job in this process, as a Ray task would run it: a failure is recorded and the sweep goes on."""
+    if job.artifact_id in failed_artifacts and job.kind != "convert":
+        return Finished(job, failed_row(job, f"convert failed: {failed_artifacts[job.artifact_id]}"), None)
+    try:
+        result = execute(job)
+        return Finished(job, result["row"], result["fingerprint"])
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, OndeviceError) else _error_text(exc)
+        if job.kind == "convert":
+            failed_artifacts[job.artifact_id] = error
+        return _failed(job, error)
+
+
 def run_serial(jobs: list[SweepJob], record: Record) -> SweepOutcome:
     """The same jobs, here, in order (no Ray)."""
     finished: list[Finished] = []
     failed_artifacts: dict[tuple[str, str, str], str] = {}
     try:
         for job in jobs:
-            if job.artifact_id in failed_artifacts and job.kind != "convert":
-                done = Finished(job, failed_row(job, f"convert failed: {failed_artifacts[job.artifact_id]}"), None)
-            else:
-                try:
-                    result = execute(job)
-                    done = Finished(job, result["row"], result["fingerprint"])
-                except Exception as exc:  # as a Ray task's would be: recorded, and the sweep goes on
-                    error = str(exc) if isinstance(exc, OndeviceError) else _error_text(exc)
-                    if job.kind == "convert":
-                        failed_artifacts[job.artifact_id] = error
-                    done = _failed(job, error)
+            done = _run_here(job, failed_artifacts)
             record(done)
             finished.append(done)
             if done.row is not None and done.row["status"] == "interrupted":  # Ctrl-C inside a bench worker
@@ -278,13 +291,122 @@ def connect(address: str, devices: list[str], *, num_cpus: int | None = None) ->
     if address == "local":
         # address="local" explicitly: without it ray.init joins whatever cluster RAY_ADDRESS names (Ray sets it in
         # every driver's environment, so a sweep started from one would join that cluster, or a dead one).
+        # worker_niceness 0: Ray starts its workers at nice 15 by default, so a bench (and its worker process)
+        # would run at a lower priority than the serial run's, which on a shared machine changes the timings.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=100 * 2**20,
-                 resources={DEVICE_PREFIX + d: 1 for d in devices}, **quiet)
+                 resources={DEVICE_PREFIX + d: 1 for d in devices}, _system_config={"worker_niceness": 0}, **quiet)
     else:
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError) as exc:
             raise OndeviceError(f"cannot join the Ray cluster at {address}: {_error_text(exc)}") from None
+
+
+class LocalRay:
+    """`--ray local`'s one-machine Ray, started in a thread so that this process can run the first conversions
+    while Ray's processes come up (~3 s here, longer on a loaded machine). The thread stays alive until stop():
+    Ray forks its processes with PR_SET_PDEATHSIG, which on Linux fires when the forking *thread* ends."""
+
+    def __init__(self, devices: list[str], num_cpus: int | None = None, *, targets: tuple[str, ...] = ()) -> None:
+        if importlib.util.find_spec("ray") is None:  # fail here, in one line, not inside the thread
+            import_ray()
+        from ondevice.bench.fingerprint import fingerprint
+
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        # This machine's fingerprint, bandwidth included, measured before Ray's start-up can disturb it (the serial
+        # run measures it at its first job); the driver's jobs and Ray's tasks all record it.
+        self.fingerprint = fingerprint()
+        self._ready = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._warming: list[Any] = []
+        self._thread = threading.Thread(target=self._start, args=(devices, targets), name="ondevice-ray-start",
+                                        daemon=True)
+        self._thread.start()
+
+    def _start(self, devices: list[str], targets: tuple[str, ...]) -> None:
+        try:
+            # Ray warns that a non-main thread cannot install its SIGTERM handler; the driver's own default
+            # (terminate) is what a sweep wants, so the warning is noise.
+            with _quiet_logger("ray._private.worker", "SIGTERM handler is not set"), _lean_head_node():
+                connect("local", devices, num_cpus=self.num_cpus)
+            # Each worker imports what a job needs (~0.3 s) now, beside the driver's conversion, rather than at
+            # its first job. Fire and forget: a bench (which holds every CPU) waits for these to end.
+            warm = import_ray().remote(_warm_worker)
+            self._warming = [warm.options(num_cpus=1).remote(targets) for _ in range(self.num_cpus)]
+        except BaseException as exc:  # handed to the main thread by wait()
+            self._error = exc
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Shut Ray down (once it is up) and end the thread."""
+        self._ready.wait()
+        try:
+            if self._error is None:
+                import_ray().shutdown()
+        finally:
+            self._release.set()
+            self._thread.join()
+
+
+def _warm_worker(targets: tuple[str, ...]) -> None:
+    """The imports every job makes (execute's, and the converters of the sweep's targets)."""
+    from ondevice.bench import artifacts, fingerprint  # noqa: F401
+    from ondevice.converters import get_target
+
+    for target in targets:
+        get_target(target)
+
+
+@contextmanager
+def _quiet_logger(name: str, text: str) -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger(name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+@contextmanager
+def _lean_head_node() -> Iterator[None]:
+    """A one-machine Ray without three services a sweep never uses, each a Python process importing Ray (~0.5-1
+    CPU-second of start-up on a machine whose cores the driver is converting on meanwhile): the autoscaler monitor
+    (one machine: nothing to scale; it also spent 1.0 of ray.shutdown()'s 1.6 s dying), the log monitor
+    (log_to_driver is off) and the dashboard API server (include_dashboard is off; a minimal Ray install loads no
+    dashboard modules). Ray's internals (ray==2.60.*, see pyproject) are reached defensively: a missing name
+    means that service starts as usual."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        yield
+        return
+    saved = {name: Node.__dict__[name] for name in ("start_monitor", "start_log_monitor", "start_api_server")
+             if callable(Node.__dict__.get(name))}
+    for name in saved:
+        setattr(Node, name, lambda self, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 def import_ray():  # type: ignore[no-untyped-def]
@@ -314,19 +436,45 @@ def _feasible(options: dict[str, Any], nodes: list[dict[str, Any]]) -> bool:
                for node in nodes if node.get("Alive"))
 
 
-def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0) -> SweepOutcome:
-    """Every job as a Ray task (dependents wait on their convert); results recorded here as they arrive."""
+def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0, local: LocalRay | None = None
+            ) -> SweepOutcome:
+    """Every job as a Ray task (dependents wait on their convert); results recorded here as they arrive.
+
+    `local` (a Ray still starting on this machine): until it is up, this process runs the conversions itself, in
+    order, as the serial run would; then the rest go to Ray. Only conversions: a bench must not share the CPU with
+    Ray's start-up, and the eval and bench jobs of an artifact converted here find it on disk (one machine), so
+    they need no dependency. Ray becoming ready mid-conversion waits for that conversion to end, so no job ever
+    runs beside one that Ray does not know about."""
+    jobs = list(jobs)
+    machine_cpus = local.num_cpus if local is not None else None
+    finished: list[Finished] = []
+    failed_artifacts: dict[tuple[str, str, str], str] = {}
+    if local is not None:
+        try:
+            while jobs and jobs[0].kind == "convert" and not local.ready:
+                done = _run_here(jobs.pop(0), failed_artifacts)
+                record(done)
+                finished.append(done)
+            local.wait()
+        except KeyboardInterrupt:
+            return SweepOutcome(finished, True)
+        for job in [j for j in jobs if j.artifact_id in failed_artifacts]:
+            done = _run_here(job, failed_artifacts)  # its convert failed here: recorded as that, not run
+            record(done)
+            finished.append(done)
+        jobs = [j for j in jobs if j.artifact_id not in failed_artifacts]
     ray = import_ray()
     task = ray.remote(execute)
+    same_machine = {"node_fingerprint": local.fingerprint} if local is not None else {}
     convert_refs: dict[tuple[str, str, str], Any] = {}
     pending: dict[Any, SweepJob] = {}
     for job in jobs:
         after = [convert_refs[job.artifact_id]] if job.kind != "convert" and job.artifact_id in convert_refs else []
-        ref = task.options(**job.resources(), max_retries=MAX_RETRIES, retry_exceptions=False).remote(job, *after)
+        options = {**job.resources(machine_cpus), "max_retries": MAX_RETRIES, "retry_exceptions": False}
+        ref = task.options(**options).remote(job, *after, **same_machine)
         if job.kind == "convert":
             convert_refs[job.artifact_id] = ref
         pending[ref] = job
-    finished: list[Finished] = []
     next_check = time.monotonic() + poll_s
     try:
         while pending:
@@ -345,10 +493,10 @@ def run_ray(jobs: list[SweepJob], record: Record, *, poll_s: float = 2.0) -> Swe
                 next_check = time.monotonic() + poll_s
                 nodes = ray.nodes()
                 for ref, job in list(pending.items()):
-                    if not _feasible(job.resources(), nodes):
+                    if not _feasible(job.resources(machine_cpus), nodes):
                         ray.cancel(ref)  # never scheduled (nowhere to go): a plain cancel suffices
                         pending.pop(ref)
-                        done = _failed(job, f"no node in the cluster can run it (needs {job.resources()})")
+                        done = _failed(job, f"no node in the cluster can run it (needs {job.resources(machine_cpus)})")
                         record(done)
                         finished.append(done)
     except KeyboardInterrupt:

@@ -118,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
         if plan.skipped and not args.json:
             print(f"{len(plan.skipped)} job(s) already in {store.path}: skipped", file=sys.stderr)
-        if args.ray == "local":
-            sweep.connect("local", devices, num_cpus=args.num_cpus)
         device_id = store.ensure_device(fp)
         run_id = store.start_run(device_id, json.dumps({k: v for k, v in vars(args).items() if k != "handler"},
                                                        default=str))
@@ -134,11 +132,22 @@ def run(args: argparse.Namespace) -> int:
                 bar.clear()
                 print(sweep.format_finished(done), file=sys.stderr)
 
+        # Ray starts in the background while this process converts (see sweep.run_ray).
+        local = None
+        if args.ray == "local" and plan.jobs:
+            local = sweep.LocalRay(devices, args.num_cpus, targets=tuple(_names(args.to)))
         try:
-            outcome = sweep.run_ray(plan.jobs, record) if args.ray else sweep.run_serial(plan.jobs, record)
+            if not plan.jobs:  # everything already in the store: no Ray to start
+                outcome = sweep.SweepOutcome([], False)
+            elif args.ray:
+                outcome = sweep.run_ray(plan.jobs, record, local=local)
+            else:
+                outcome = sweep.run_serial(plan.jobs, record)
         finally:
             bar.close()
-            if args.ray:
+            if local is not None:
+                local.stop()
+            elif args.ray:
                 sweep.import_ray().shutdown()
         store.finish_run(run_id, "interrupted" if outcome.interrupted else "complete")
         db_path = store.path
