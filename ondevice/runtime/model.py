@@ -108,6 +108,78 @@ def _finish(stats: GenerationStats, token_filter: Any, reason: str) -> None:
     stats.finish_reason = "length" if stats.closed_at_limit else reason
 
 
+@dataclass
+class Request:
+    """A generation request, checked and tokenized (LanguageModel.prepare)."""
+
+    tokens: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stops: list[str]
+    token_filter: Any
+    speculate: str | None
+
+
+@dataclass
+class Decoding:
+    """The state of one reply being decoded: take() turns the logits of each step into the next token and text.
+    LanguageModel's loop and the batch share it, so a reply is the same whichever way it runs."""
+
+    stats: GenerationStats
+    sampler: Sampler
+    history: list[int]  # prompt + accepted tokens
+    codec: TextCodec
+    matcher: StopMatcher
+    max_tokens: int
+    token_filter: Any
+    n_ctx: int
+    start: float  # perf_counter() at the request's start (TTFT)
+    decoder: StreamDecoder = field(init=False)
+    stopped_by_string: bool = False
+
+    def __post_init__(self) -> None:
+        self.decoder = StreamDecoder(self.codec)
+        self.budget = getattr(self.token_filter, "fit_budget", None)  # structured output closing at the limit
+
+    def take(self, logits: np.ndarray) -> tuple[str, bool]:
+        """Sample the next token; (text to emit, whether the reply goes on: then history[-1] is to evaluate)."""
+        stats, token_filter = self.stats, self.token_filter
+        mask = token_filter.allowed() if token_filter is not None else None
+        token = self.sampler.sample(logits, self.history, mask)
+        if self.budget is not None:
+            token = self.budget(token)  # may swap in the first token of the shortest closing
+        if stats.generated_tokens == 0:
+            stats.first_token_at = time.perf_counter()
+            stats.ttft_s = stats.first_token_at - self.start
+        stats.generated_tokens += 1
+        stats.tokens.append(token)
+        if token in self.codec.eos_ids:
+            _finish(stats, token_filter, "stop")
+            return "", False
+        if token_filter is not None:
+            token_filter.accept(token)
+        self.history.append(token)
+        text, stopped = self.matcher.feed(self.decoder.push(token))
+        if stopped:
+            stats.finish_reason = "stop"
+            self.stopped_by_string = True
+        elif token_filter is not None and token_filter.is_finished():
+            _finish(stats, token_filter, "stop")
+        elif stats.generated_tokens >= self.max_tokens:
+            _finish(stats, token_filter, "length")
+        elif len(self.history) >= self.n_ctx:
+            stats.finish_reason = "context"
+        else:
+            return text, True
+        return text, False
+
+    def tail(self) -> str:
+        """Text held back at the end (an incomplete UTF-8 sequence, a partial stop-string match)."""
+        if self.stopped_by_string:
+            return ""
+        return self.matcher.feed(self.decoder.flush())[0] + self.matcher.flush()
+
+
 class LanguageModel:
     """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
@@ -257,7 +329,30 @@ class LanguageModel:
         return (k.nbytes + v.nbytes) // self.transformer.n_ctx
 
     # ------------------------------------------------------------------ generation
-    def generate(
+    def generate(self, prompt: str | list[dict[str, str]], *args: Any, **kwargs: Any) -> Iterator[str]:
+        """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts); the other
+        arguments are prepare()'s (sampling, stops, structured output, speculation, tools)."""
+        request = self.prepare(prompt, *args, **kwargs)
+        return self._generate(request.tokens, request.max_tokens, request.sampler, request.stops,
+                              request.token_filter, request.speculate)
+
+    def generate_many(self, prompts: list[str | list[dict[str, str]]], *, parallel: int | None = None,
+                      **kwargs: Any) -> list[str]:
+        """Whole replies to several prompts, decoded together in one batch (ondevice.runtime.batch): each step
+        evaluates one token of every unfinished reply in one pass through the weights. `parallel`: the sequences
+        held at once (default: all of them); the keyword arguments are generate()'s and apply to every prompt.
+        With temperature 0 each reply is the one generate() gives for its prompt alone."""
+        from ondevice.runtime.batch import Batch
+
+        if not prompts:
+            return []
+        batch = Batch(self, parallel or len(prompts))
+        sequences = [batch.submit(prompt, **kwargs) for prompt in prompts]
+        while batch.busy:
+            batch.step()
+        return [seq.text for seq in sequences]
+
+    def prepare(
         self,
         prompt: str | list[dict[str, str]],
         max_tokens: int = DEFAULTS.max_tokens,
@@ -277,8 +372,8 @@ class LanguageModel:
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
-    ) -> Iterator[str]:
-        """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
+    ) -> Request:
+        """A request checked and tokenized for generation (generate() streams it, a Batch decodes it with others).
 
         Structured output: `json_schema` (dict, JSON text or path), `regex` or `grammar` (Lark) constrain every
         sampled token, at any temperature, so the reply always parses (ondevice.structured, llguidance).
@@ -326,7 +421,7 @@ class LanguageModel:
         if speculate == "draft" and self.draft_model is None:
             raise OndeviceError('speculate="draft" needs a draft model: ondevice.load(MODEL, draft=SMALLER_MODEL)')
         tokens = self.prompt_tokens(prompt, **template_vars)
-        return self._generate(tokens, max_tokens, sampler, stops, token_filter, speculate)
+        return Request(tokens, max_tokens, sampler, stops, token_filter, speculate)
 
     def tool_prompt(self, prompt: Any, tools: Any, tool_choice: Any,
                      parallel: bool) -> tuple[list[dict], dict[str, Any], str | None]:
@@ -363,12 +458,10 @@ class LanguageModel:
         start = time.perf_counter()
         logits, stats.cached_tokens = self._eval(tokens)
         stats.prefill_s = time.perf_counter() - start
-        decoder = StreamDecoder(self.codec)
-        matcher = StopMatcher(stops)
-        history = list(tokens)
+        decoding = Decoding(stats, sampler, list(tokens), self.codec, StopMatcher(stops), max_tokens, token_filter,
+                            self.n_ctx, start)
         try:
-            yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
-                                         token_filter, speculate or "off")
+            yield from self._decode_loop(decoding, logits, speculate or "off")
         except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
@@ -376,59 +469,29 @@ class LanguageModel:
             if stats.first_token_at:
                 stats.decode_s = time.perf_counter() - stats.first_token_at
 
-    def _decode_loop(self, stats: GenerationStats, logits: np.ndarray, sampler: Sampler, history: list[int],
-                     decoder: StreamDecoder, matcher: StopMatcher, max_tokens: int,
-                     token_filter: Any, speculate: str = "off") -> Iterator[str]:
-        start = time.perf_counter() - stats.prefill_s
-        stopped_by_string = False
-        budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
+    def _decode_loop(self, decoding: Decoding, logits: np.ndarray, speculate: str = "off") -> Iterator[str]:
+        stats, history = decoding.stats, decoding.history
         lookup = PromptLookup() if speculate == "lookup" else None
         draft_model = self.draft_model if speculate == "draft" else None
-        forced = getattr(token_filter, "forced_tokens", None) if speculate != "off" else None
+        forced = getattr(decoding.token_filter, "forced_tokens", None) if speculate != "off" else None
         k = min(self.draft_limit, 8) if (lookup, draft_model, forced) != (None, None, None) else 0
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
         try:
             while True:
-                logits = rows.pop(0)
-                mask = token_filter.allowed() if token_filter is not None else None
-                token = sampler.sample(logits, history, mask)
-                if budget is not None:
-                    token = budget(token)  # may swap in the first token of the shortest closing
-                if stats.generated_tokens == 0:
-                    stats.first_token_at = time.perf_counter()
-                    stats.ttft_s = stats.first_token_at - start
-                stats.generated_tokens += 1
-                stats.tokens.append(token)
-                if token in self.codec.eos_ids:
-                    _finish(stats, token_filter, "stop")
-                    break
-                if token_filter is not None:
-                    token_filter.accept(token)
-                history.append(token)
-                text, stopped = matcher.feed(decoder.push(token))
+                text, more = decoding.take(rows.pop(0))
                 if text:
                     yield text
-                if stopped:
-                    stats.finish_reason = "stop"
-                    stopped_by_string = True
+                if not more:
                     break
-                if token_filter is not None and token_filter.is_finished():
-                    _finish(stats, token_filter, "stop")
-                    break
-                if stats.generated_tokens >= max_tokens:
-                    _finish(stats, token_filter, "length")
-                    break
-                if len(history) >= self.n_ctx:
-                    stats.finish_reason = "context"
-                    break
+                token = history[-1]
                 if drafts and drafts[0] == token:  # the draft guessed it: its logits are already computed
                     drafts.pop(0)
                     stats.accepted_tokens += 1
                     continue
                 self._drop_drafts(drafts)
                 # never draft past the token budget or the context window
-                room = min(k, max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
+                room = min(k, decoding.max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
                 drafts = []
                 if room > 0 and forced is not None:  # structured output: what the grammar forces comes first
                     drafts = forced(room)
@@ -441,10 +504,9 @@ class LanguageModel:
                 rows = self._verify([token, *drafts])
         finally:
             self._drop_drafts(drafts)  # the cache keeps only tokens that are in the history
-        if not stopped_by_string:
-            tail = matcher.feed(decoder.flush())[0] + matcher.flush()
-            if tail:
-                yield tail
+        tail = decoding.tail()
+        if tail:
+            yield tail
 
     def _verify(self, tokens: list[int]) -> list[np.ndarray]:
         """Evaluate tokens after the cached ones in one pass; the logits after each of them."""
