@@ -95,6 +95,15 @@ def test_prompt_cache_reuses_a_slot_prefix(tiny_gguf):
             pass
         assert again.stats.cached_tokens == again.stats.prompt_tokens and again.text == second.text
         assert second.text == "".join(model.generate(system + "Goodbye", max_tokens=8, temperature=0))
+        # two at once: the newcomer copies the shared prefix from the busy slot, and its reply is unchanged
+        batch = Batch(model, 2)
+        busy = batch.submit(system + "Hello", max_tokens=8, temperature=0)
+        batch.step()
+        newcomer = batch.submit(system + "Goodbye", max_tokens=8, temperature=0)
+        for _ in batch.run():
+            pass
+        assert busy.stats.cached_tokens == 0 and newcomer.stats.cached_tokens >= shared - 2
+        assert newcomer.text == second.text and busy.text == first.text
 
 
 def test_batch_errors(tiny_gguf):

@@ -10,7 +10,8 @@ bit-identical to a one-row pass, and a prompt is evaluated in the chunks generat
 reply is therefore the one it gets alone (exact=False packs all rows into one pass: faster, equal up to rounding).
 
 Prompt cache: a slot keeps the tokens it evaluated after its reply ends; a newcomer goes to the free slot holding
-the longest prefix of its prompt and evaluates only the rest (GenerationStats.cached_tokens).
+the longest prefix of its prompt and evaluates only the rest (GenerationStats.cached_tokens); when another slot,
+even a busy one, holds a longer prefix, its K/V rows are copied over (a memcpy, not a recomputation).
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ class Batch:
             seq.slot = slot
             self.active.append(seq)
             common = common_prefix(self.slot_tokens[slot], tokens)
+            # another slot (maybe busy: its first positions do not change) may hold more of the prompt: copy it
+            source = max(self.slots, key=lambda s: common_prefix(self.slot_tokens[s], tokens))
+            shared = common_prefix(self.slot_tokens[source], tokens)
+            if shared > common:
+                self.transformer.copy_prefix(source, slot, shared)
+                self.slot_tokens[slot] = list(tokens[:shared])
+                self._memo[slot] = self._memo[source]
+                common = shared
             memo = self._memo[slot]
             if not (common >= len(tokens) and memo is not None and memo[0] == len(tokens)):
                 common = min(common, len(tokens) - 1)  # evaluate at least one token to get logits

@@ -149,6 +149,12 @@ class Transformer:
             self.k_slots.append(lazy_zeros(kv_shape, self.kv_dtype))
             self.v_slots.append(lazy_zeros(kv_shape, self.kv_dtype))
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the K/V of positions 0..n-1 from slot src to slot dst (a shared prompt prefix: a copy, not a
+        recomputation, and the same numbers)."""
+        for caches in (self.k_slots, self.v_slots):
+            caches[dst][:, :, :n, :] = caches[src][:, :, :n, :]
+
     def forward_segments(self, segments: list[tuple[int, np.ndarray, int]], logits: bool = True) -> np.ndarray | None:
         """One pass over several sequences: segments are (slot, tokens, pos0), their rows go through the weights
         together and each attends to its own slot's cache. The logits after each segment's last token, in order
