@@ -58,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
     p.add_argument("--parallel", type=int, default=None, metavar="N",
                    help="requests decoded together (default: from cores and RAM, printed at start; 1 = one at a "
-                        "time, the only mode that uses --speculate)")
+                        "time, the only mode that uses speculation, and the default with --speculate or --draft)")
+    p.add_argument("--context-shift", action="store_true",
+                   help="a conversation that outgrows --ctx drops its oldest turns (after the system prompt) instead "
+                        "of failing; needs --parallel 1, the default with it")
     p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (default 16; then 429)")
     p.add_argument("--max-connections", type=int, default=64, help="open connections (default 64; then 503)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
@@ -120,10 +123,13 @@ def run(args: argparse.Namespace) -> int:
         model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, draft=args.draft)
     parallel = args.parallel
     if model is not None and parallel is None:
-        parallel = _auto_parallel(model)
+        # speculation runs in the one-at-a-time mode only: asking for it picks that mode unless --parallel says
+        parallel = 1 if args.speculate or args.draft or args.context_shift else _auto_parallel(model)
+    if args.context_shift and (parallel or 1) > 1:
+        raise OndeviceError("--context-shift runs requests one at a time: use it with --parallel 1 (its default)")
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body,
                     default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit),
-                    default_speculate=args.speculate)
+                    default_speculate=args.speculate, context_shift=args.context_shift)
     try:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,
@@ -143,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
               "no server-side model); Ctrl-C stops", file=sys.stderr, flush=True)
     else:
         extra = f", in-browser page at {server.url}/inbrowser.html" if onnx_dir else ""
-        how = "--parallel" if args.parallel else "default from cores and RAM; --parallel N to change"
+        how = ("--parallel" if args.parallel else "one at a time for --speculate/--draft/--context-shift"
+               if parallel == 1 and (args.speculate or args.draft or args.context_shift)
+               else "default from cores and RAM; --parallel N to change")
         print(f"serving {server.model_id} on {server.url} (OpenAI API at {server.url}/v1, chat page at "
               f"{server.url}/{extra}); {parallel} request(s) at a time ({how}); Ctrl-C stops",
               file=sys.stderr, flush=True)

@@ -97,6 +97,8 @@ class Batch:
         from ondevice.runtime.model import GenerationStats
 
         request = self.model.prepare(prompt, **kwargs)
+        if request.shift_keep is not None:
+            raise OndeviceError("context shift runs one request at a time (generate(), `serve --parallel 1`)")
         n = len(request.tokens)
         if n > self.model.n_ctx:
             raise ContextOverflowError(f"{n} tokens do not fit in the context window of {self.model.n_ctx}; "

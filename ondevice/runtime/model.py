@@ -7,6 +7,7 @@ only evaluates what is new (the common prefix is reused).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,7 @@ class Request:
     stops: list[str]
     token_filter: Any
     speculate: str | None
+    shift_keep: int | None = None  # context shift on: the first tokens always kept (the system prompt); None: off
 
 
 @dataclass
@@ -234,6 +236,10 @@ class LanguageModel:
         self.n_ctx = n_ctx
         self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        # context shift: the conversation is _cached[:k] + _dropped + _cached[k:] with k = _dropped_at (the tokens a
+        # shift dropped form one run right after the kept ones)
+        self._dropped: list[int] = []
+        self._dropped_at = 0
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (prompt length, its last logits)
         self.draft_model: LanguageModel | None = None  # drafts for speculate="draft" (set_draft)
         self.last_stats = GenerationStats()
@@ -281,7 +287,8 @@ class LanguageModel:
         if len(tokens) > self.n_ctx:
             raise ContextOverflowError(
                 f"{len(tokens)} tokens do not fit in the context window of {self.n_ctx}; shorten the prompt "
-                f"or load the model with a larger n_ctx (max {self.spec.context_length})"
+                f"or load the model with a larger n_ctx (max {self.spec.context_length}), or pass context_shift=True "
+                "(--context-shift) to drop the oldest turns"
             )
         bad = [t for t in tokens if not 0 <= t < self.spec.vocab_size]
         if bad:
@@ -318,6 +325,47 @@ class LanguageModel:
 
     def reset(self) -> None:
         self._cached = []
+        self._dropped = []
+        self._prompt_logits = None
+
+    # ------------------------------------------------------------------ context shift
+    def _shifted_prompt(self, tokens: list[int], keep: int, room: int) -> list[int]:
+        """The prompt as the (shifted) cache holds it, shifted further until `room` tokens fit after it."""
+        from ondevice.runtime.batch import common_prefix
+
+        dropped = self._dropped
+        if dropped and self._dropped_at == keep:
+            conversation = self._cached[:keep] + dropped + self._cached[keep:]
+            if common_prefix(conversation, tokens) >= keep + len(dropped):  # the same conversation, continued
+                tokens = tokens[:keep] + tokens[keep + len(dropped):]
+            else:
+                self._dropped = []
+        else:
+            self._dropped = []
+        while len(tokens) + room > self.n_ctx:
+            discard = max(1, (len(tokens) - keep) // 2)
+            common = common_prefix(self._cached, tokens)
+            if common > keep + discard:  # re-rotate what is cached rather than recompute it
+                self.transformer.shift(0, keep, discard, common)
+                self._cached = self._cached[:keep] + self._cached[keep + discard : common]
+            else:
+                del self._cached[min(common, keep):]
+            self._prompt_logits = None
+            self._dropped = self._dropped + tokens[keep : keep + discard]
+            self._dropped_at = keep
+            tokens = tokens[:keep] + tokens[keep + discard :]
+        return tokens
+
+    def _shift_cache(self, keep: int) -> None:
+        """The cache is full mid-reply: drop the oldest half after the kept tokens."""
+        used = len(self._cached)
+        discard = (used - keep) // 2
+        if discard < 1:
+            raise ContextOverflowError(f"context shift keeps {keep} tokens of {self.n_ctx}: nothing left to drop")
+        self.transformer.shift(0, keep, discard, used)
+        self._dropped = self._dropped + self._cached[keep : keep + discard]
+        self._dropped_at = keep
+        self._cached = self._cached[:keep] + self._cached[keep + discard :]
         self._prompt_logits = None
 
     @property
@@ -334,7 +382,7 @@ class LanguageModel:
         arguments are prepare()'s (sampling, stops, structured output, speculation, tools)."""
         request = self.prepare(prompt, *args, **kwargs)
         return self._generate(request.tokens, request.max_tokens, request.sampler, request.stops,
-                              request.token_filter, request.speculate)
+                              request.token_filter, request.speculate, request.shift_keep)
 
     def generate_many(self, prompts: list[str | list[dict[str, str]]], *, parallel: int | None = None,
                       **kwargs: Any) -> list[str]:
@@ -372,6 +420,7 @@ class LanguageModel:
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
+        context_shift: bool = False,
     ) -> Request:
         """A request checked and tokenized for generation (generate() streams it, a Batch decodes it with others).
 
@@ -394,6 +443,10 @@ class LanguageModel:
         `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls generated under a grammar, so the name is
         a declared one and the arguments validate (ondevice.tools; `parse_tool_calls` reads them). Messages may
         hold assistant `tool_calls` and `role: "tool"` results.
+
+        `context_shift`: when the conversation outgrows n_ctx, keep the system prompt (the first tokens) and drop
+        the oldest half of the rest, re-rotating the cached keys instead of recomputing (a follow-up turn that
+        repeats the conversation maps onto the shifted cache); the reply goes on instead of stopping. Off by default.
         """
         template_vars: dict[str, Any] = {}
         uses_tools = not isinstance(prompt, str) and any(
@@ -421,7 +474,22 @@ class LanguageModel:
         if speculate == "draft" and self.draft_model is None:
             raise OndeviceError('speculate="draft" needs a draft model: ondevice.load(MODEL, draft=SMALLER_MODEL)')
         tokens = self.prompt_tokens(prompt, **template_vars)
-        return Request(tokens, max_tokens, sampler, stops, token_filter, speculate)
+        keep = self._shift_keep(prompt, tokens, template_vars) if context_shift else None
+        return Request(tokens, max_tokens, sampler, stops, token_filter, speculate, keep)
+
+    def _shift_keep(self, prompt: Any, tokens: list[int], template_vars: dict[str, Any]) -> int:
+        """Tokens a context shift never drops: the system message as the template renders it, else the BOS."""
+        if not hasattr(self.transformer, "shift"):
+            raise OndeviceError("context_shift needs ondevice's own runtime (a GGUF model)")
+        keep = 1 if tokens and tokens[0] == self.codec.bos_id else 0
+        if not isinstance(prompt, str) and prompt and prompt[0].get("role") == "system":
+            from ondevice.runtime.batch import common_prefix
+
+            keep = max(keep, common_prefix(self.prompt_tokens(prompt[:1], **template_vars), tokens))
+        if keep >= self.n_ctx // 2:
+            raise ContextOverflowError(f"context shift keeps the first {keep} tokens (the system prompt), half the "
+                                       f"context window of {self.n_ctx} or more; shorten it or raise n_ctx")
+        return keep
 
     def tool_prompt(self, prompt: Any, tools: Any, tool_choice: Any,
                      parallel: bool) -> tuple[list[dict], dict[str, Any], str | None]:
@@ -447,7 +515,7 @@ class LanguageModel:
         return max(0, int(getattr(self.transformer, "exact_rows", 1)) - 1)
 
     def _generate(self, tokens: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
-                  token_filter: Any, speculate: str | None = None) -> Iterator[str]:
+                  token_filter: Any, speculate: str | None = None, shift_keep: int | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(tokens))
         self.last_stats = stats
         if max_tokens == 0:
@@ -456,12 +524,20 @@ class LanguageModel:
         if hasattr(token_filter, "start_budget"):  # structured output: fail now if it cannot fit, else close in time
             token_filter.start_budget(max_tokens)
         start = time.perf_counter()
+        history = list(tokens)
+        if shift_keep is not None:
+            tokens = self._shifted_prompt(tokens, shift_keep, min(max_tokens, self.n_ctx // 4))
+        elif self._dropped:
+            self._dropped = []  # this prompt is not the shifted conversation's continuation
         logits, stats.cached_tokens = self._eval(tokens)
+        if shift_keep is not None:
+            stats.cached_tokens += len(history) - len(tokens)  # the dropped tokens cost nothing either
         stats.prefill_s = time.perf_counter() - start
-        decoding = Decoding(stats, sampler, list(tokens), self.codec, StopMatcher(stops), max_tokens, token_filter,
-                            self.n_ctx, start)
+        # with context shift the reply never stops for the window: the cache shifts instead
+        decoding = Decoding(stats, sampler, history, self.codec, StopMatcher(stops), max_tokens, token_filter,
+                            self.n_ctx if shift_keep is None else sys.maxsize, start)
         try:
-            yield from self._decode_loop(decoding, logits, speculate or "off")
+            yield from self._decode_loop(decoding, logits, speculate or "off", shift_keep)
         except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
@@ -469,7 +545,8 @@ class LanguageModel:
             if stats.first_token_at:
                 stats.decode_s = time.perf_counter() - stats.first_token_at
 
-    def _decode_loop(self, decoding: Decoding, logits: np.ndarray, speculate: str = "off") -> Iterator[str]:
+    def _decode_loop(self, decoding: Decoding, logits: np.ndarray, speculate: str = "off",
+                     shift_keep: int | None = None) -> Iterator[str]:
         stats, history = decoding.stats, decoding.history
         lookup = PromptLookup() if speculate == "lookup" else None
         draft_model = self.draft_model if speculate == "draft" else None
@@ -491,7 +568,7 @@ class LanguageModel:
                     continue
                 self._drop_drafts(drafts)
                 # never draft past the token budget or the context window
-                room = min(k, decoding.max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
+                room = min(k, decoding.max_tokens - stats.generated_tokens - 1, self.n_ctx - len(self._cached) - 2)
                 drafts = []
                 if room > 0 and forced is not None:  # structured output: what the grammar forces comes first
                     drafts = forced(room)
@@ -501,6 +578,8 @@ class LanguageModel:
                     drafts = model_draft(draft_model, history, room)
                 stats.drafted_tokens += len(drafts)
                 stats.forward_passes += 1
+                if shift_keep is not None and len(self._cached) + 1 + len(drafts) > self.n_ctx:
+                    self._shift_cache(shift_keep)
                 rows = self._verify([token, *drafts])
         finally:
             self._drop_drafts(drafts)  # the cache keeps only tokens that are in the history

@@ -155,6 +155,35 @@ class Transformer:
         for caches in (self.k_slots, self.v_slots):
             caches[dst][:, :, :n, :] = caches[src][:, :, :n, :]
 
+    def shift(self, slot: int, keep: int, discard: int, used: int) -> None:
+        """Context shift: forget positions keep..keep+discard-1 of a slot that holds `used` positions, moving the
+        later ones down by `discard`. Cached keys carry their position's rotation, so each is re-rotated by
+        -discard (R(p - d) = R(-d) R(p)) instead of recomputing the tokens; values move as they are."""
+        if not (0 <= keep and discard > 0 and keep + discard <= used <= self.n_ctx):
+            raise ValueError(f"bad shift: keep {keep}, discard {discard}, used {used}")
+        spec, hd = self.spec, self.spec.head_dim
+        half = hd // 2
+        for layer in range(spec.n_layers):
+            inv_freq = float(spec.layer_rope_theta(layer)) ** (-2.0 * np.arange(half) / hd)
+            factors = self.freq_factors[layer]
+            if factors is not None:
+                inv_freq = inv_freq / factors.astype(np.float64)
+            angle = -float(discard) * inv_freq
+            cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+            k_cache, v_cache = self.k_slots[slot][layer], self.v_slots[slot][layer]
+            keys = k_cache[:, keep + discard : used, :].astype(np.float32)
+            if self.neox:  # pairs (j, j + half)
+                a, b = keys[..., :half], keys[..., half:]
+            else:  # interleaved pairs (2j, 2j + 1)
+                a, b = keys[..., 0::2], keys[..., 1::2]
+            ra, rb = a * cos - b * sin, a * sin + b * cos
+            if self.neox:
+                keys[..., :half], keys[..., half:] = ra, rb
+            else:
+                keys[..., 0::2], keys[..., 1::2] = ra, rb
+            k_cache[:, keep : used - discard, :] = keys
+            v_cache[:, keep : used - discard, :] = v_cache[:, keep + discard : used, :].copy()
+
     def forward_segments(self, segments: list[tuple[int, np.ndarray, int]], logits: bool = True) -> np.ndarray | None:
         """One pass over several sequences: segments are (slot, tokens, pos0), their rows go through the weights
         together and each attends to its own slot's cache. The logits after each segment's last token, in order

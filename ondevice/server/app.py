@@ -467,7 +467,7 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except OndeviceError as exc:
             raise RequestError(str(exc)) from None
-        if n_prompt >= model.n_ctx:
+        if n_prompt >= model.n_ctx and not self.server.limits.context_shift:
             raise RequestError(f"the prompt is {n_prompt} tokens; the context window is {model.n_ctx}",
                                param="messages" if req.kind == "chat" else "prompt",
                                code="context_length_exceeded")

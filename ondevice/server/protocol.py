@@ -34,6 +34,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
     default_speculate: str | None = None  # `ondevice serve --speculate lookup`: for requests that name none
+    context_shift: bool = False  # `ondevice serve --context-shift`: long conversations drop their oldest turns
 
 
 def default_sampling(limits: Limits) -> dict[str, Any]:
@@ -229,6 +230,8 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
         speculate=_speculate(body, limits),
         **tool_kwargs,
     )
+    if limits.context_shift:
+        kwargs["context_shift"] = True
     max_string_tokens = _integer(body, "max_string_tokens", 1, limits.max_tokens)
     if max_string_tokens is not None:
         if body.get("response_format") in (None, {"type": "text"}) and not tool_kwargs:
