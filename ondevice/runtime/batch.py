@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,7 @@ class Batch:
     """Continuous batching of generate()-style requests on one model (see the module docstring)."""
 
     def __init__(self, model: LanguageModel, slots: int, *, prefill_chunk: int | None = None,
-                 exact: bool = True) -> None:
+                 exact: bool = True, on_piece: Callable[[Sequence, str], None] | None = None) -> None:
         transformer = model.transformer
         if not hasattr(transformer, "forward_segments"):
             raise OndeviceError("batched decoding needs ondevice's own runtime (a GGUF model); this backend "
@@ -76,6 +76,7 @@ class Batch:
             raise OndeviceError(f"a batch needs at least one slot, got {slots}")
         self.model = model
         self.transformer = transformer
+        self.on_piece = on_piece  # called with each piece as soon as it exists (a step prefills several prompts)
         # slot 0 stays the single-sequence cache of model.generate(), so both can be used on one model
         transformer.ensure_slots(slots + 1)
         self.slots = list(range(1, slots + 1))
@@ -218,14 +219,14 @@ class Batch:
 
     def _take(self, seq: Sequence, logits: np.ndarray, events: list[tuple[Sequence, str]]) -> None:
         text, more = seq.decoding.take(logits)
-        if text:
-            seq.pieces.append(text)
-            events.append((seq, text))
+        pieces = [text] if more else [text, seq.decoding.tail()]
+        for piece in pieces:
+            if piece:
+                seq.pieces.append(piece)
+                events.append((seq, piece))
+                if self.on_piece is not None:
+                    self.on_piece(seq, piece)
         if not more:
-            tail = seq.decoding.tail()
-            if tail:
-                seq.pieces.append(tail)
-                events.append((seq, tail))
             self._leave(seq)
 
     def _decode(self, events: list[tuple[Sequence, str]]) -> None:

@@ -178,8 +178,15 @@ class Engine:
     def _run_batched(self) -> None:
         from ondevice.runtime.batch import Batch
 
-        batch = Batch(self.model, self.parallel)
         live: dict[Any, tuple[Job, Any, float]] = {}  # sequence -> (job, token filter, start)
+
+        def new_batch() -> Batch:
+            # pieces go to their job as soon as they exist: the first of a step's newcomers need not wait for
+            # the others' prefill
+            return Batch(self.model, self.parallel, on_piece=lambda seq, piece: live[seq][0].events.put(
+                ("delta", piece)))
+
+        batch = new_batch()
         while not self._stopping.is_set():
             while len(live) < self.parallel:  # join the batch between steps, in arrival order
                 try:
@@ -207,13 +214,12 @@ class Engine:
                     batch.cancel(seq)
             if live:
                 try:
-                    for seq, piece in batch.step():
-                        live[seq][0].events.put(("delta", piece))
+                    batch.step()
                 except Exception as exc:  # noqa: BLE001 - every running job gets the error; the server goes on
                     for job, _, start in live.values():
                         self._fail(job, exc, start)
                     live.clear()
-                    batch = Batch(self.model, self.parallel)
+                    batch = new_batch()
             for seq in [s for s in live if s.done]:
                 job, token_filter, start = live.pop(seq)
                 self._finish(job, seq.stats, token_filter, "cancelled" if job.cancelled.is_set() else "done", start)
