@@ -123,3 +123,19 @@ def test_smollm2_batch_of_4_equals_alone(smollm2):
         assert batched == alone
         # slot isolation: each reply is its own prompt's, none another's
         assert len(set(alone)) == len(alone)
+
+
+def test_smollm2_structured_replies_in_a_batch_equal_alone(smollm2):
+    """A json_schema per request in a batch: each reply parses and equals the one generate() gives (which drafts
+    the grammar's forced tokens; the batch decodes them one by one)."""
+    import json
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    with ondevice.load(smollm2, threads=2, n_ctx=1024) as model:
+        prompts = [[{"role": "user", "content": f"Invent a person called {name} as JSON."}]
+                   for name in ("Ann", "Bob", "Chen", "Dana")]
+        alone, batched = alone_and_batched(model, prompts, max_tokens=40, temperature=0, json_schema=schema)
+        assert batched == alone
+        for reply in batched:
+            assert set(json.loads(reply)) == {"name", "age"}
