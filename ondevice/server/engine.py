@@ -2,12 +2,12 @@
 
 The model is not thread-safe, so one worker thread runs it. With parallel=1 jobs run one at a time in arrival
 order (first come, first served: fair, and no request can starve). With parallel=N the worker decodes up to N
-jobs together (continuous batching, ondevice.runtime.batch): decode is memory-bound, so one pass through the
-weights serves every running job's next token; a job joins between steps when a slot is free, in arrival order,
-and leaves when it ends or is cancelled without stalling the others. The queue is bounded: when it is full, submit() raises QueueFull and the HTTP layer answers 429
-at once instead of letting latency grow without limit. A job carries its own event queue; the worker
-pushes text pieces into it and checks `cancelled` between tokens, so a client that disconnects stops its
-generation within one token.
+jobs together (continuous batching, ondevice.runtime.batch): one pass through the weights gives every running job
+its next token, cheaper than a pass each; a job joins between steps when a slot is free, in arrival order, and
+leaves when it ends or is cancelled without stalling the others. The queue is bounded: when it is full, submit()
+raises QueueFull and the HTTP layer answers 429 at once instead of letting latency grow without limit. A job
+carries its own event queue; the worker pushes text pieces into it and checks `cancelled` between tokens (between
+steps), so a client that disconnects stops its generation within one token.
 """
 
 from __future__ import annotations
