@@ -6,6 +6,7 @@ only evaluates what is new (the common prefix is reused).
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -629,3 +630,8 @@ class LanguageModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# generate() takes prepare()'s parameters: show them (and their defaults) in help() and editors
+LanguageModel.generate.__signature__ = inspect.signature(LanguageModel.prepare).replace(  # type: ignore[attr-defined]
+    return_annotation="Iterator[str]")
