@@ -125,7 +125,8 @@ def test_16_clients_on_4_slots_are_answered_or_refused(tiny_model):
         statuses = sorted(status for status, _ in results)
         assert set(statuses) <= {200, 429}, statuses
         ok = [body for status, body in results if status == 200]
-        assert len(ok) >= 8  # 4 running + 4 waiting at least
+        # at least the queue's 4 and one running: a burst can fill the queue before the worker moves jobs into slots
+        assert len(ok) >= 5
         assert all(body["error"]["code"] == "rate_limit_exceeded" for status, body in results if status == 429)
         status, _ = post(srv, {"prompt": "still up?", "max_tokens": 3})
         assert status == 200
