@@ -4,6 +4,7 @@ and the harness's own overhead. Real backends on the tiny f32 GGUF (and SmolLM2 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -483,6 +484,33 @@ def test_calibration_and_roofline_arithmetic(tmp_path):
     assert b["ram_need_bytes"] == pytest.approx(150e6 + 100 * 2**20)
     assert est.fits is True  # 255 MB of 500 MB usable
     assert "ESTIMATE" in fitmod.render_text(est)
+
+
+def test_fit_accounts_for_slots(tmp_path):
+    """--slots N: N KV caches in the RAM need; each decode step reads the weights once and every slot's cache."""
+    profile = tmp_path / "dev.json"
+    profile.write_text(json.dumps({"name": "b", "title": "B", "ram_gb": 1, "usable_ram_fraction": 0.5,
+                                   "memory_bandwidth_gbs": 40, "sustained_bandwidth_gbs": 20}))
+    board = fitmod.load_profiles([profile])["b"]
+    cal = fitmod.Calibration("llama.cpp", 0.5, 0.0, 1, True)
+    from ondevice.bench.artifacts import ModelShape
+
+    artifact = dataclasses.replace(_artifact(100_000_000, 150_000_000),
+                                   shape=ModelShape(135_000_000, 30, 3, 64, 576, 49152, 8192))
+    kv = artifact.shape.kv_bytes_per_position(2)
+    assert kv > 0
+    one, four = (fitmod.estimate(artifact, board, {"llama.cpp": cal}, ctx=1000, prompt_tokens=100, gen_tokens=0,
+                                 slots=n).per_backend[0] for n in (1, 4))
+    assert four["kv_cache_bytes"] == 4 * one["kv_cache_bytes"] == 4 * kv * 1000
+    assert four["ram_need_bytes"] - one["ram_need_bytes"] == pytest.approx(3 * kv * 1000)
+    assert four["tok_s"] == pytest.approx(0.5 * 20e9 / (100e6 + 4 * kv * 100))
+    assert four["aggregate_tok_s"] == pytest.approx(4 * four["tok_s"]) and four["aggregate_tok_s"] > one["tok_s"]
+    # a bench row that says it decoded 4 slots is calibrated with 4 caches read per step
+    row = _speed_row(_fp(), decode_tok_s=50.0, weight_bytes_per_token=100_000_000, prompt_tokens=100, gen_tokens=0,
+                     peak_rss_mib=200.0, artifact_size_bytes=100 * 2**20, environment={"mem_read_gbs": 10.0},
+                     settings={"kv_bytes_per_position": 1000, "slots": 4})
+    got = fitmod.calibrate([row], row["device_id"])["llama.cpp"].efficiency
+    assert got == pytest.approx(50.0 * (100e6 + 1000 * 100 * 4) / 10e9)
 
 
 def test_fit_and_bench_take_ondevice_kv_bytes_from_the_runtime(smollm2, tmp_path, capsys):

@@ -113,8 +113,9 @@ class Calibration:
     measured: bool  # False: defaults, nothing measured on this machine
 
 
-def _bytes_per_token(weights: int, kv_per_position: int, position: float) -> float:
-    return weights + kv_per_position * position
+def _bytes_per_token(weights: int, kv_per_position: int, position: float, slots: int = 1) -> float:
+    """Bytes a decode step reads: the weights once, and the KV cache of every sequence decoded in that step."""
+    return weights + kv_per_position * position * slots
 
 
 def calibrate(rows: list[dict[str, Any]], device_id: str) -> dict[str, Calibration]:
@@ -135,9 +136,10 @@ def calibrate(rows: list[dict[str, Any]], device_id: str) -> dict[str, Calibrati
             continue
         position = (r.get("prompt_tokens") or 0) + (r.get("gen_tokens") or 0) / 2
         kv = int(settings.get("kv_bytes_per_position") or 0)
-        per_token = _bytes_per_token(r["weight_bytes_per_token"], kv, position)
+        slots = int(settings.get("slots") or 1)  # sequences decoded together (the bench measures one)
+        per_token = _bytes_per_token(r["weight_bytes_per_token"], kv, position, slots)
         efficiency = r["decode_tok_s"] * per_token / (bandwidth * 1e9)
-        kv_total = kv * ((r.get("prompt_tokens") or 0) + (r.get("gen_tokens") or 0))
+        kv_total = kv * slots * ((r.get("prompt_tokens") or 0) + (r.get("gen_tokens") or 0))
         overhead = (r.get("peak_rss_mib") or 0) - ((r.get("artifact_size_bytes") or 0) + kv_total) / 2**20
         key = (r["backend"], r["model"], r.get("quant") or "")
         if key not in best or efficiency > best[key][0]:
@@ -160,6 +162,7 @@ class FitEstimate:
     file_bytes: int
     ctx: int
     position: float  # average KV cache fill while decoding
+    slots: int  # sequences held (each with a KV cache of ctx positions) and decoded together
     usable_ram_bytes: float
     per_backend: list[dict[str, Any]]  # backend, tok_s, ram_need_bytes, kv_bytes_per_position, efficiency, ...
     ceiling_tok_s: float  # weights + f16 KV at the published peak bandwidth, efficiency 1
@@ -174,7 +177,7 @@ class FitEstimate:
             "device_title": self.device.title, "ram_gb": self.device.ram_gb,
             "usable_ram_bytes": self.usable_ram_bytes, "fits": self.fits,
             "weights_bytes_per_token": self.weights_bytes, "file_bytes": self.file_bytes, "ctx": self.ctx,
-            "kv_fill_tokens": self.position, "memory_bandwidth_gbs": self.device.memory_bandwidth_gbs,
+            "kv_fill_tokens": self.position, "slots": self.slots, "memory_bandwidth_gbs": self.device.memory_bandwidth_gbs,
             "sustained_bandwidth_gbs": self.device.sustained_gbs, "ceiling_tok_s": self.ceiling_tok_s,
             "backends": self.per_backend, "sources": self.device.data.get("sources", []),
         }
@@ -194,23 +197,27 @@ def _uncalibrated_backends(artifact: Artifact) -> list[str]:
 
 
 def estimate(artifact: Artifact, profile: DeviceProfile, calibrations: dict[str, Calibration], *, ctx: int = 2048,
-             prompt_tokens: int = 512, gen_tokens: int = 128, backends: list[str] | None = None) -> FitEstimate:
+             prompt_tokens: int = 512, gen_tokens: int = 128, backends: list[str] | None = None,
+             slots: int = 1) -> FitEstimate:
+    """RAM need and decode speed; with slots > 1 (`serve --parallel`) the KV cache is held once per slot, and
+    tok_s is each stream's speed when all slots decode together (one weight read serves every stream)."""
     position = prompt_tokens + gen_tokens / 2  # the average cache fill while generating
     usable = profile.ram_gb * 1e9 * profile.usable_ram_fraction
     rows = []
     for name in backends or list(calibrations) or _uncalibrated_backends(artifact):
         cal = calibrations.get(name) or Calibration(name, DEFAULT_EFFICIENCY, DEFAULT_OVERHEAD_MIB, 0, False)
         kv = artifact.shape.kv_bytes_per_position(_kv_element_bytes(name)) if artifact.shape else 0
-        per_token = _bytes_per_token(artifact.weight_bytes_per_token, kv, position)
-        ram = artifact.size_bytes + kv * ctx + cal.overhead_mib * 2**20
-        rows.append({"backend": name, "tok_s": cal.efficiency * profile.sustained_gbs * 1e9 / per_token,
-                     "bytes_per_token": per_token, "kv_bytes_per_position": kv, "kv_cache_bytes": kv * ctx,
+        per_token = _bytes_per_token(artifact.weight_bytes_per_token, kv, position, slots)
+        ram = artifact.size_bytes + kv * ctx * slots + cal.overhead_mib * 2**20
+        tok_s = cal.efficiency * profile.sustained_gbs * 1e9 / per_token
+        rows.append({"backend": name, "tok_s": tok_s, "aggregate_tok_s": tok_s * slots,
+                     "bytes_per_token": per_token, "kv_bytes_per_position": kv, "kv_cache_bytes": kv * ctx * slots,
                      "overhead_bytes": cal.overhead_mib * 2**20, "ram_need_bytes": ram, "fits": ram <= usable,
                      "efficiency": cal.efficiency, "calibrated": cal.measured, "measurements": cal.measurements})
     kv_f16 = artifact.shape.kv_bytes_per_position(2) if artifact.shape else 0
     ceiling = profile.memory_bandwidth_gbs * 1e9 / _bytes_per_token(artifact.weight_bytes_per_token, kv_f16, position)
     return FitEstimate(artifact.model, artifact.quant, profile, artifact.weight_bytes_per_token, artifact.size_bytes,
-                       ctx, position, usable, rows, ceiling)
+                       ctx, position, slots, usable, rows, ceiling)
 
 
 def render_text(est: FitEstimate) -> str:
@@ -218,15 +225,18 @@ def render_text(est: FitEstimate) -> str:
     mb = 1e6
     lines = [f"{est.model} {est.quant} on {p.title}: an ESTIMATE from a roofline model, not a measurement", "",
              f"{p.ram_gb:g} GB RAM, about {est.usable_ram_bytes / 1e9:.1f} GB usable by one app; context {est.ctx} "
-             f"tokens; decode speed with the cache {est.position:.0f} tokens full (roofline ceiling at peak "
+             "tokens" + (f" x {est.slots} slots (each stream's speed while all decode together)"
+                          if est.slots > 1 else "") + "; decode speed with the cache {est.position:.0f} tokens full (roofline ceiling at peak "
              f"bandwidth: {est.ceiling_tok_s:.0f} tok/s)"]
     for b in est.per_backend:
         verdict = "fits" if b["fits"] else "does NOT fit"
         how = (f"efficiency {b['efficiency']:.2f} calibrated on {b['measurements']} measurement(s) on this machine"
                if b["calibrated"] else f"efficiency {b['efficiency']:.2f} ASSUMED: no {b['backend']} measurement of "
                "this machine in the store (run `ondevice bench` first)")
-        lines.append(f"  {b['backend']:<12} ~{b['tok_s']:.0f} tok/s; RAM ~{b['ram_need_bytes'] / 1e9:.2f} GB "
-                     f"(file {est.file_bytes / mb:.0f} MB + KV cache {b['kv_cache_bytes'] / mb:.0f} MB + runtime "
+        together = f" (~{b['aggregate_tok_s']:.0f} in all)" if est.slots > 1 else ""
+        lines.append(f"  {b['backend']:<12} ~{b['tok_s']:.0f} tok/s{together}; RAM ~{b['ram_need_bytes'] / 1e9:.2f} GB "
+                     f"(file {est.file_bytes / mb:.0f} MB + KV cache {b['kv_cache_bytes'] / mb:.0f} MB"
+                     + (f" for {est.slots} slots" if est.slots > 1 else "") + " + runtime "
                      f"{b['overhead_bytes'] / mb:.0f} MB): {verdict}; {how}")
     basis = p.data.get("bandwidth_basis", "")
     sustained = (f"{p.sustained_gbs:g} GB/s sustained" if p.sustained_bandwidth_gbs else

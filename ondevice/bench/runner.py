@@ -235,6 +235,7 @@ def measurement_row(job: Job, result: WorkerResult, environment: dict[str, Any])
         "peak_rss_mib": peak, "baseline_rss_mib": baseline,
         "rss_growth_mib": peak - baseline if peak is not None and baseline is not None else None,
         "settings": {**asdict(s), "sampling": "greedy, end-of-text ignored", "source": artifact.source,
+                     "slots": 1,  # one sequence decoded: fit scales the KV bytes per slot from this
                      "kv_bytes_per_position": artifact.shape.kv_bytes_per_position(
                          backend_class(job.backend).kv_bytes_per_element) if artifact.shape else None},
         "environment": {**environment, "backend_version": started.get("backend_version")},

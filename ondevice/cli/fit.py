@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", help="convert MODEL to this target first (e.g. gguf)")
     p.add_argument("--quant", help="scheme for --to")
     p.add_argument("--ctx", type=int, default=2048, help="context length the KV cache is sized for (default 2048)")
+    p.add_argument("--slots", type=int, default=1, help="sequences served at once (`serve --parallel N`): the KV "
+                   "cache is held once per slot and the speed is each stream's (default 1)")
     p.add_argument("--prompt", type=int, default=512, help="prompt length for the speed estimate (default 512)")
     p.add_argument("--gen", type=int, default=128, help="generated tokens for the speed estimate (default 128)")
     p.add_argument("--backend", help="comma-separated backends to estimate for (default: those measured here)")
@@ -53,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model or not args.device:
         raise OndeviceError("give MODEL and --device NAME (or --list to see the device profiles)")
-    if min(args.ctx, args.prompt, args.gen) < 1:
-        raise OndeviceError("--ctx, --prompt and --gen must be positive")
+    if min(args.ctx, args.prompt, args.gen, args.slots) < 1:
+        raise OndeviceError("--ctx, --prompt, --gen and --slots must be positive")
     profile = find_profile(profiles, args.device)
 
     from ondevice.bench.artifacts import resolve_artifacts
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         calibrations = calibrate(rows, fingerprint(measure_bandwidth=False)["device_id"])
     backends = parse_backends(args.backend) if args.backend else None
     result = estimate(artifact, profile, calibrations, ctx=args.ctx, prompt_tokens=args.prompt,
-                      gen_tokens=args.gen, backends=backends)
+                      gen_tokens=args.gen, backends=backends, slots=args.slots)
     if args.json:
         print_json(result.to_json())
     else:

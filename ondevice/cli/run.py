@@ -49,6 +49,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache precision for GGUF models: f16 (default: half the memory, llama.cpp's numerics) "
                         "or f32")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--context-shift", action="store_true",
+                   help="when the conversation outgrows --ctx, keep the system prompt and drop the oldest half of the "
+                        "rest (the cached keys are re-rotated, not recomputed) instead of stopping; off by default")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-                speculate=getattr(args, "speculate", None))
+                speculate=getattr(args, "speculate", None), context_shift=getattr(args, "context_shift", False))
 
 
 def timing_line(stats, rss_mib: float) -> str:

@@ -14,7 +14,11 @@ HELP = """\
 Serve a model over an OpenAI-compatible HTTP API: POST /v1/chat/completions (streaming SSE or not),
 POST /v1/completions, GET /v1/models, GET /health, and a chat page at / for the browser.
 
-One model instance answers one request at a time; other requests wait in a bounded first-come-first-served
+Up to --parallel requests are decoded together (continuous batching: one pass through the weights gives every
+running request its next token; a request joins between steps and a long prompt is evaluated in chunks, so the
+others' streams keep flowing; with temperature 0 a reply is the one it gets alone). A request whose prompt
+starts like an earlier one (a shared system prompt, the previous chat turn) reuses its cached tokens
+(usage.prompt_tokens_details.cached_tokens). Other requests wait in a bounded first-come-first-served
 queue (--max-queue), and get HTTP 429 when it is full. A client that disconnects stops its generation.
 Binds to 127.0.0.1 by default; use --host 0.0.0.0 to listen on the network, preferably with --api-key
 (or the ONDEVICE_API_KEY environment variable).
@@ -52,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", help="model name reported by /v1/models (default: the file name)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="requests decoded together (default: from cores and RAM, printed at start; 1 = one at a "
+                        "time, the only mode that uses speculation, and the default with --speculate or --draft)")
+    p.add_argument("--context-shift", action="store_true",
+                   help="a conversation that outgrows --ctx drops its oldest turns (after the system prompt) instead "
+                        "of failing; needs --parallel 1, the default with it")
     p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (default 16; then 429)")
     p.add_argument("--max-connections", type=int, default=64, help="open connections (default 64; then 503)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
@@ -80,6 +90,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _auto_parallel(model: object) -> int:
+    """--parallel's default: batching needs ondevice's own runtime; other backends serve one at a time."""
+    from ondevice.bench.fingerprint import total_ram_bytes
+    from ondevice.server.engine import auto_parallel
+
+    per_position = getattr(model, "kv_bytes_per_position", None)
+    if per_position is None or not hasattr(getattr(model, "transformer", None), "forward_segments"):
+        return 1
+    return auto_parallel(per_position * model.n_ctx, os.cpu_count() or 1, total_ram_bytes())
+
+
 def run(args: argparse.Namespace) -> int:
     import ondevice
     from ondevice.errors import OndeviceError
@@ -87,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     from ondevice.server import Limits, create_server
     from ondevice.server.app import DEFAULT_WEB_DIR
 
-    for name in ("max_queue", "max_connections", "max_tokens_limit", "max_body"):
-        if getattr(args, name) < 1:
+    for name in ("max_queue", "max_connections", "max_tokens_limit", "max_body", "parallel"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OndeviceError(f"--{name.replace('_', '-')} must be >= 1")
     onnx_dir = None
     if args.onnx:
@@ -100,14 +121,21 @@ def run(args: argparse.Namespace) -> int:
     model = None
     if args.model or not onnx_dir:
         model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, draft=args.draft)
+    parallel = args.parallel
+    if model is not None and parallel is None:
+        # speculation runs in the one-at-a-time mode only: asking for it picks that mode unless --parallel says
+        parallel = 1 if args.speculate or args.draft or args.context_shift else _auto_parallel(model)
+    if args.context_shift and (parallel or 1) > 1:
+        raise OndeviceError("--context-shift runs requests one at a time: use it with --parallel 1 (its default)")
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body,
                     default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit),
-                    default_speculate=args.speculate)
+                    default_speculate=args.speculate, context_shift=args.context_shift)
     try:
         server = create_server(model, args.host, args.port, model_id=args.model_id, api_key=args.api_key,
                                limits=limits, max_queue=args.max_queue, max_connections=args.max_connections,
                                queue_timeout_s=args.queue_timeout, web_dir=args.web_dir or DEFAULT_WEB_DIR,
-                               onnx_dir=onnx_dir, verbose=args.verbose, allow_hosts=tuple(args.allow_host))
+                               onnx_dir=onnx_dir, verbose=args.verbose, allow_hosts=tuple(args.allow_host),
+                               parallel=parallel or 1)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise OndeviceError(f"port {args.port} is in use; pick another with --port") from None
@@ -121,8 +149,12 @@ def run(args: argparse.Namespace) -> int:
               "no server-side model); Ctrl-C stops", file=sys.stderr, flush=True)
     else:
         extra = f", in-browser page at {server.url}/inbrowser.html" if onnx_dir else ""
+        how = ("--parallel" if args.parallel else "one at a time for --speculate/--draft/--context-shift"
+               if parallel == 1 and (args.speculate or args.draft or args.context_shift)
+               else "default from cores and RAM; --parallel N to change")
         print(f"serving {server.model_id} on {server.url} (OpenAI API at {server.url}/v1, chat page at "
-              f"{server.url}/{extra}); Ctrl-C stops", file=sys.stderr, flush=True)
+              f"{server.url}/{extra}); {parallel} request(s) at a time ({how}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -6,7 +6,9 @@ only evaluates what is new (the common prefix is reused).
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -108,6 +110,79 @@ def _finish(stats: GenerationStats, token_filter: Any, reason: str) -> None:
     stats.finish_reason = "length" if stats.closed_at_limit else reason
 
 
+@dataclass
+class Request:
+    """A generation request, checked and tokenized (LanguageModel.prepare)."""
+
+    tokens: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stops: list[str]
+    token_filter: Any
+    speculate: str | None
+    shift_keep: int | None = None  # context shift on: the first tokens always kept (the system prompt); None: off
+
+
+@dataclass
+class Decoding:
+    """The state of one reply being decoded: take() turns the logits of each step into the next token and text.
+    LanguageModel's loop and the batch share it, so a reply is the same whichever way it runs."""
+
+    stats: GenerationStats
+    sampler: Sampler
+    history: list[int]  # prompt + accepted tokens
+    codec: TextCodec
+    matcher: StopMatcher
+    max_tokens: int
+    token_filter: Any
+    n_ctx: int
+    start: float  # perf_counter() at the request's start (TTFT)
+    decoder: StreamDecoder = field(init=False)
+    stopped_by_string: bool = False
+
+    def __post_init__(self) -> None:
+        self.decoder = StreamDecoder(self.codec)
+        self.budget = getattr(self.token_filter, "fit_budget", None)  # structured output closing at the limit
+
+    def take(self, logits: np.ndarray) -> tuple[str, bool]:
+        """Sample the next token; (text to emit, whether the reply goes on: then history[-1] is to evaluate)."""
+        stats, token_filter = self.stats, self.token_filter
+        mask = token_filter.allowed() if token_filter is not None else None
+        token = self.sampler.sample(logits, self.history, mask)
+        if self.budget is not None:
+            token = self.budget(token)  # may swap in the first token of the shortest closing
+        if stats.generated_tokens == 0:
+            stats.first_token_at = time.perf_counter()
+            stats.ttft_s = stats.first_token_at - self.start
+        stats.generated_tokens += 1
+        stats.tokens.append(token)
+        if token in self.codec.eos_ids:
+            _finish(stats, token_filter, "stop")
+            return "", False
+        if token_filter is not None:
+            token_filter.accept(token)
+        self.history.append(token)
+        text, stopped = self.matcher.feed(self.decoder.push(token))
+        if stopped:
+            stats.finish_reason = "stop"
+            self.stopped_by_string = True
+        elif token_filter is not None and token_filter.is_finished():
+            _finish(stats, token_filter, "stop")
+        elif stats.generated_tokens >= self.max_tokens:
+            _finish(stats, token_filter, "length")
+        elif len(self.history) >= self.n_ctx:
+            stats.finish_reason = "context"
+        else:
+            return text, True
+        return text, False
+
+    def tail(self) -> str:
+        """Text held back at the end (an incomplete UTF-8 sequence, a partial stop-string match)."""
+        if self.stopped_by_string:
+            return ""
+        return self.matcher.feed(self.decoder.flush())[0] + self.matcher.flush()
+
+
 class LanguageModel:
     """A loaded model: text in, text out. The `transformer` does the math (C kernels for GGUF; other backends,
     such as an ExecuTorch program, plug in through `from_backend` with the same forward(tokens, pos0) contract)."""
@@ -162,6 +237,10 @@ class LanguageModel:
         self.n_ctx = n_ctx
         self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        # context shift: the conversation is _cached[:k] + _dropped + _cached[k:] with k = _dropped_at (the tokens a
+        # shift dropped form one run right after the kept ones)
+        self._dropped: list[int] = []
+        self._dropped_at = 0
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (prompt length, its last logits)
         self.draft_model: LanguageModel | None = None  # drafts for speculate="draft" (set_draft)
         self.last_stats = GenerationStats()
@@ -209,7 +288,8 @@ class LanguageModel:
         if len(tokens) > self.n_ctx:
             raise ContextOverflowError(
                 f"{len(tokens)} tokens do not fit in the context window of {self.n_ctx}; shorten the prompt "
-                f"or load the model with a larger n_ctx (max {self.spec.context_length})"
+                f"or load the model with a larger n_ctx (max {self.spec.context_length}), or pass context_shift=True "
+                "(--context-shift) to drop the oldest turns"
             )
         bad = [t for t in tokens if not 0 <= t < self.spec.vocab_size]
         if bad:
@@ -246,6 +326,47 @@ class LanguageModel:
 
     def reset(self) -> None:
         self._cached = []
+        self._dropped = []
+        self._prompt_logits = None
+
+    # ------------------------------------------------------------------ context shift
+    def _shifted_prompt(self, tokens: list[int], keep: int, room: int) -> list[int]:
+        """The prompt as the (shifted) cache holds it, shifted further until `room` tokens fit after it."""
+        from ondevice.runtime.batch import common_prefix
+
+        dropped = self._dropped
+        if dropped and self._dropped_at == keep:
+            conversation = self._cached[:keep] + dropped + self._cached[keep:]
+            if common_prefix(conversation, tokens) >= keep + len(dropped):  # the same conversation, continued
+                tokens = tokens[:keep] + tokens[keep + len(dropped):]
+            else:
+                self._dropped = []
+        else:
+            self._dropped = []
+        while len(tokens) + room > self.n_ctx:
+            discard = max(1, (len(tokens) - keep) // 2)
+            common = common_prefix(self._cached, tokens)
+            if common > keep + discard:  # re-rotate what is cached rather than recompute it
+                self.transformer.shift(0, keep, discard, common)
+                self._cached = self._cached[:keep] + self._cached[keep + discard : common]
+            else:
+                del self._cached[min(common, keep):]
+            self._prompt_logits = None
+            self._dropped = self._dropped + tokens[keep : keep + discard]
+            self._dropped_at = keep
+            tokens = tokens[:keep] + tokens[keep + discard :]
+        return tokens
+
+    def _shift_cache(self, keep: int) -> None:
+        """The cache is full mid-reply: drop the oldest half after the kept tokens."""
+        used = len(self._cached)
+        discard = (used - keep) // 2
+        if discard < 1:
+            raise ContextOverflowError(f"context shift keeps {keep} tokens of {self.n_ctx}: nothing left to drop")
+        self.transformer.shift(0, keep, discard, used)
+        self._dropped = self._dropped + self._cached[keep : keep + discard]
+        self._dropped_at = keep
+        self._cached = self._cached[:keep] + self._cached[keep + discard :]
         self._prompt_logits = None
 
     @property
@@ -257,7 +378,30 @@ class LanguageModel:
         return (k.nbytes + v.nbytes) // self.transformer.n_ctx
 
     # ------------------------------------------------------------------ generation
-    def generate(
+    def generate(self, prompt: str | list[dict[str, str]], *args: Any, **kwargs: Any) -> Iterator[str]:
+        """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts); the other
+        arguments are prepare()'s (sampling, stops, structured output, speculation, tools)."""
+        request = self.prepare(prompt, *args, **kwargs)
+        return self._generate(request.tokens, request.max_tokens, request.sampler, request.stops,
+                              request.token_filter, request.speculate, request.shift_keep)
+
+    def generate_many(self, prompts: list[str | list[dict[str, str]]], *, parallel: int | None = None,
+                      **kwargs: Any) -> list[str]:
+        """Whole replies to several prompts, decoded together in one batch (ondevice.runtime.batch): each step
+        evaluates one token of every unfinished reply in one pass through the weights. `parallel`: the sequences
+        held at once (default: all of them); the keyword arguments are generate()'s and apply to every prompt.
+        With temperature 0 each reply is the one generate() gives for its prompt alone."""
+        from ondevice.runtime.batch import Batch
+
+        if not prompts:
+            return []
+        batch = Batch(self, parallel or len(prompts))
+        sequences = [batch.submit(prompt, **kwargs) for prompt in prompts]
+        while batch.busy:
+            batch.step()
+        return [seq.text for seq in sequences]
+
+    def prepare(
         self,
         prompt: str | list[dict[str, str]],
         max_tokens: int = DEFAULTS.max_tokens,
@@ -277,8 +421,9 @@ class LanguageModel:
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
-    ) -> Iterator[str]:
-        """Stream text pieces. `prompt` is raw text or chat messages ({"role", "content"} dicts).
+        context_shift: bool = False,
+    ) -> Request:
+        """A request checked and tokenized for generation (generate() streams it, a Batch decodes it with others).
 
         Structured output: `json_schema` (dict, JSON text or path), `regex` or `grammar` (Lark) constrain every
         sampled token, at any temperature, so the reply always parses (ondevice.structured, llguidance).
@@ -299,6 +444,10 @@ class LanguageModel:
         `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls generated under a grammar, so the name is
         a declared one and the arguments validate (ondevice.tools; `parse_tool_calls` reads them). Messages may
         hold assistant `tool_calls` and `role: "tool"` results.
+
+        `context_shift`: when the conversation outgrows n_ctx, keep the system prompt (the first tokens) and drop
+        the oldest half of the rest, re-rotating the cached keys instead of recomputing (a follow-up turn that
+        repeats the conversation maps onto the shifted cache); the reply goes on instead of stopping. Off by default.
         """
         template_vars: dict[str, Any] = {}
         uses_tools = not isinstance(prompt, str) and any(
@@ -326,7 +475,22 @@ class LanguageModel:
         if speculate == "draft" and self.draft_model is None:
             raise OndeviceError('speculate="draft" needs a draft model: ondevice.load(MODEL, draft=SMALLER_MODEL)')
         tokens = self.prompt_tokens(prompt, **template_vars)
-        return self._generate(tokens, max_tokens, sampler, stops, token_filter, speculate)
+        keep = self._shift_keep(prompt, tokens, template_vars) if context_shift else None
+        return Request(tokens, max_tokens, sampler, stops, token_filter, speculate, keep)
+
+    def _shift_keep(self, prompt: Any, tokens: list[int], template_vars: dict[str, Any]) -> int:
+        """Tokens a context shift never drops: the system message as the template renders it, else the BOS."""
+        if not hasattr(self.transformer, "shift"):
+            raise OndeviceError("context_shift needs ondevice's own runtime (a GGUF model)")
+        keep = 1 if tokens and tokens[0] == self.codec.bos_id else 0
+        if not isinstance(prompt, str) and prompt and prompt[0].get("role") == "system":
+            from ondevice.runtime.batch import common_prefix
+
+            keep = max(keep, common_prefix(self.prompt_tokens(prompt[:1], **template_vars), tokens))
+        if keep >= self.n_ctx // 2:
+            raise ContextOverflowError(f"context shift keeps the first {keep} tokens (the system prompt), half the "
+                                       f"context window of {self.n_ctx} or more; shorten it or raise n_ctx")
+        return keep
 
     def tool_prompt(self, prompt: Any, tools: Any, tool_choice: Any,
                      parallel: bool) -> tuple[list[dict], dict[str, Any], str | None]:
@@ -352,7 +516,7 @@ class LanguageModel:
         return max(0, int(getattr(self.transformer, "exact_rows", 1)) - 1)
 
     def _generate(self, tokens: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
-                  token_filter: Any, speculate: str | None = None) -> Iterator[str]:
+                  token_filter: Any, speculate: str | None = None, shift_keep: int | None = None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=len(tokens))
         self.last_stats = stats
         if max_tokens == 0:
@@ -361,14 +525,20 @@ class LanguageModel:
         if hasattr(token_filter, "start_budget"):  # structured output: fail now if it cannot fit, else close in time
             token_filter.start_budget(max_tokens)
         start = time.perf_counter()
-        logits, stats.cached_tokens = self._eval(tokens)
-        stats.prefill_s = time.perf_counter() - start
-        decoder = StreamDecoder(self.codec)
-        matcher = StopMatcher(stops)
         history = list(tokens)
+        if shift_keep is not None:
+            tokens = self._shifted_prompt(tokens, shift_keep, min(max_tokens, self.n_ctx // 4))
+        elif self._dropped:
+            self._dropped = []  # this prompt is not the shifted conversation's continuation
+        logits, stats.cached_tokens = self._eval(tokens)
+        if shift_keep is not None:
+            stats.cached_tokens += len(history) - len(tokens)  # the dropped tokens cost nothing either
+        stats.prefill_s = time.perf_counter() - start
+        # with context shift the reply never stops for the window: the cache shifts instead
+        decoding = Decoding(stats, sampler, history, self.codec, StopMatcher(stops), max_tokens, token_filter,
+                            self.n_ctx if shift_keep is None else sys.maxsize, start)
         try:
-            yield from self._decode_loop(stats, logits, sampler, history, decoder, matcher, max_tokens,
-                                         token_filter, speculate or "off")
+            yield from self._decode_loop(decoding, logits, speculate or "off", shift_keep)
         except (GeneratorExit, KeyboardInterrupt):  # the caller closed the stream (a Stop button, Ctrl-C)
             stats.finish_reason = stats.finish_reason or "stopped"
             raise
@@ -376,53 +546,24 @@ class LanguageModel:
             if stats.first_token_at:
                 stats.decode_s = time.perf_counter() - stats.first_token_at
 
-    def _decode_loop(self, stats: GenerationStats, logits: np.ndarray, sampler: Sampler, history: list[int],
-                     decoder: StreamDecoder, matcher: StopMatcher, max_tokens: int,
-                     token_filter: Any, speculate: str = "off") -> Iterator[str]:
-        start = time.perf_counter() - stats.prefill_s
-        stopped_by_string = False
-        budget = getattr(token_filter, "fit_budget", None)  # structured output that closes at the token limit
+    def _decode_loop(self, decoding: Decoding, logits: np.ndarray, speculate: str = "off",
+                     shift_keep: int | None = None) -> Iterator[str]:
+        stats, history = decoding.stats, decoding.history
         lookup = PromptLookup() if speculate == "lookup" else None
         draft_model = self.draft_model if speculate == "draft" else None
-        forced = getattr(token_filter, "forced_tokens", None) if speculate != "off" else None
+        forced = getattr(decoding.token_filter, "forced_tokens", None) if speculate != "off" else None
         k = min(self.draft_limit, 8) if (lookup, draft_model, forced) != (None, None, None) else 0
         guess_length = DraftLength(k)  # how far lookup / a draft model guess: adapts to how much is accepted
         rows = [logits]  # logits to sample the next tokens from, in order
         drafts: list[int] = []  # drafts[i]: the token rows[i + 1] was computed after (in the cache, unconfirmed)
         try:
             while True:
-                logits = rows.pop(0)
-                mask = token_filter.allowed() if token_filter is not None else None
-                token = sampler.sample(logits, history, mask)
-                if budget is not None:
-                    token = budget(token)  # may swap in the first token of the shortest closing
-                if stats.generated_tokens == 0:
-                    stats.first_token_at = time.perf_counter()
-                    stats.ttft_s = stats.first_token_at - start
-                stats.generated_tokens += 1
-                stats.tokens.append(token)
-                if token in self.codec.eos_ids:
-                    _finish(stats, token_filter, "stop")
-                    break
-                if token_filter is not None:
-                    token_filter.accept(token)
-                history.append(token)
-                text, stopped = matcher.feed(decoder.push(token))
+                text, more = decoding.take(rows.pop(0))
                 if text:
                     yield text
-                if stopped:
-                    stats.finish_reason = "stop"
-                    stopped_by_string = True
+                if not more:
                     break
-                if token_filter is not None and token_filter.is_finished():
-                    _finish(stats, token_filter, "stop")
-                    break
-                if stats.generated_tokens >= max_tokens:
-                    _finish(stats, token_filter, "length")
-                    break
-                if len(history) >= self.n_ctx:
-                    stats.finish_reason = "context"
-                    break
+                token = history[-1]
                 if drafts and drafts[0] == token:  # the draft guessed it: its logits are already computed
                     drafts.pop(0)
                     stats.accepted_tokens += 1
@@ -430,7 +571,7 @@ class LanguageModel:
                     continue
                 self._drop_drafts(drafts)
                 # never draft past the token budget or the context window
-                room = min(k, max_tokens - stats.generated_tokens - 1, self.n_ctx - len(history) - 1)
+                room = min(k, decoding.max_tokens - stats.generated_tokens - 1, self.n_ctx - len(self._cached) - 2)
                 drafts = []
                 if room > 0 and forced is not None:  # structured output: what the grammar forces comes first
                     drafts = forced(room)
@@ -441,13 +582,14 @@ class LanguageModel:
                     drafts = guess_length.drafted(model_draft(draft_model, history, guesses))
                 stats.drafted_tokens += len(drafts)
                 stats.forward_passes += 1
+                if shift_keep is not None and len(self._cached) + 1 + len(drafts) > self.n_ctx:
+                    self._shift_cache(shift_keep)
                 rows = self._verify([token, *drafts])
         finally:
             self._drop_drafts(drafts)  # the cache keeps only tokens that are in the history
-        if not stopped_by_string:
-            tail = matcher.feed(decoder.flush())[0] + matcher.flush()
-            if tail:
-                yield tail
+        tail = decoding.tail()
+        if tail:
+            yield tail
 
     def _verify(self, tokens: list[int]) -> list[np.ndarray]:
         """Evaluate tokens after the cached ones in one pass; the logits after each of them."""
@@ -491,3 +633,8 @@ class LanguageModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# generate() takes prepare()'s parameters: show them (and their defaults) in help() and editors
+LanguageModel.generate.__signature__ = inspect.signature(LanguageModel.prepare).replace(  # type: ignore[attr-defined]
+    return_annotation="Iterator[str]")

@@ -125,10 +125,13 @@ class Transformer:
         self.freq_factors = [None if f is None else np.asarray(f, np.float32)
                              for f in (layer_freq_factors(spec, i) for i in range(spec.n_layers))]
         self.scale = attention_scale(spec)
-        kv_shape = (spec.n_layers, spec.n_kv_heads, n_ctx, spec.head_dim)
-        # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
-        self.k_cache = lazy_zeros(kv_shape, kv_dtype)
-        self.v_cache = lazy_zeros(kv_shape, kv_dtype)
+        self.kv_dtype = kv_dtype
+        # Slot s holds one sequence's K/V in k_slots[s] / v_slots[s], (layer, head, position, dim). Slot 0 is the
+        # single-sequence cache (k_cache); ensure_slots adds more for batched decoding (ondevice.runtime.batch).
+        self.k_slots: list[np.ndarray] = []
+        self.v_slots: list[np.ndarray] = []
+        self.ensure_slots(1)
+        self.k_cache, self.v_cache = self.k_slots[0], self.v_slots[0]
         d, f = spec.hidden_size, spec.ffn_size
         q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
         b = max_batch
@@ -142,6 +145,72 @@ class Transformer:
             self._out.update({"o": np.empty((b, d), np.float32), "down": np.empty((b, d), np.float32)})
         self._attn = np.empty((b, q), np.float32)
         self._logits = np.empty((b, spec.vocab_size), np.float32)
+
+    def ensure_slots(self, n: int) -> None:
+        """Hold at least n sequence slots. Each is a lazily committed cache: only the positions a slot uses become
+        resident, so idle slots cost address space, not memory."""
+        spec = self.spec
+        kv_shape = (spec.n_layers, spec.n_kv_heads, self.n_ctx, spec.head_dim)
+        while len(self.k_slots) < n:
+            # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
+            self.k_slots.append(lazy_zeros(kv_shape, self.kv_dtype))
+            self.v_slots.append(lazy_zeros(kv_shape, self.kv_dtype))
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the K/V of positions 0..n-1 from slot src to slot dst (a shared prompt prefix: a copy, not a
+        recomputation, and the same numbers)."""
+        for caches in (self.k_slots, self.v_slots):
+            caches[dst][:, :, :n, :] = caches[src][:, :, :n, :]
+
+    def shift(self, slot: int, keep: int, discard: int, used: int) -> None:
+        """Context shift: forget positions keep..keep+discard-1 of a slot that holds `used` positions, moving the
+        later ones down by `discard`. Cached keys carry their position's rotation, so each is re-rotated by
+        -discard (R(p - d) = R(-d) R(p)) instead of recomputing the tokens; values move as they are."""
+        if not (0 <= keep and discard > 0 and keep + discard <= used <= self.n_ctx):
+            raise ValueError(f"bad shift: keep {keep}, discard {discard}, used {used}")
+        spec, hd = self.spec, self.spec.head_dim
+        half = hd // 2
+        for layer in range(spec.n_layers):
+            inv_freq = float(spec.layer_rope_theta(layer)) ** (-2.0 * np.arange(half) / hd)
+            factors = self.freq_factors[layer]
+            if factors is not None:
+                inv_freq = inv_freq / factors.astype(np.float64)
+            angle = -float(discard) * inv_freq
+            cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+            k_cache, v_cache = self.k_slots[slot][layer], self.v_slots[slot][layer]
+            keys = k_cache[:, keep + discard : used, :].astype(np.float32)
+            if self.neox:  # pairs (j, j + half)
+                a, b = keys[..., :half], keys[..., half:]
+            else:  # interleaved pairs (2j, 2j + 1)
+                a, b = keys[..., 0::2], keys[..., 1::2]
+            ra, rb = a * cos - b * sin, a * sin + b * cos
+            if self.neox:
+                keys[..., :half], keys[..., half:] = ra, rb
+            else:
+                keys[..., 0::2], keys[..., 1::2] = ra, rb
+            k_cache[:, keep : used - discard, :] = keys
+            v_cache[:, keep : used - discard, :] = v_cache[:, keep + discard : used, :].copy()
+
+    def forward_segments(self, segments: list[tuple[int, np.ndarray, int]], logits: bool = True) -> np.ndarray | None:
+        """One pass over several sequences: segments are (slot, tokens, pos0), their rows go through the weights
+        together and each attends to its own slot's cache. The logits after each segment's last token, in order
+        (None with logits=False: a prompt chunk that needs none). At most exact_rows rows in all keep every
+        row's numbers those of a one-sequence pass."""
+        total = sum(len(tokens) for _, tokens, _ in segments)
+        if not segments or total > self.max_batch:
+            raise ValueError(f"forward_segments takes 1..{self.max_batch} rows, got {total}")
+        for slot, tokens, pos0 in segments:
+            if not 0 <= slot < len(self.k_slots):
+                raise ValueError(f"slot {slot} does not exist ({len(self.k_slots)} slots)")
+            if len(tokens) == 0:
+                raise ValueError("a segment needs at least one token")
+            if pos0 < 0 or pos0 + len(tokens) > self.n_ctx:
+                raise ContextOverflowError(f"{pos0 + len(tokens)} tokens do not fit in the context of {self.n_ctx}")
+        try:
+            return run_decoder(KernelOps(self, [(slot, np.ascontiguousarray(tokens, dtype=np.int32), pos0)
+                                                for slot, tokens, pos0 in segments], "last" if logits else "none"))
+        except _NoLogits:
+            return None
 
     def forward(self, tokens: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos0.. through the model; logits of the last (or every) token."""
@@ -163,7 +232,7 @@ class Transformer:
 
     def _forward_chunk(self, tokens: np.ndarray, pos0: int, rows: str) -> np.ndarray | None:
         try:
-            return run_decoder(KernelOps(self, tokens, pos0, rows))
+            return run_decoder(KernelOps(self, [(0, tokens, pos0)], rows))
         except _NoLogits:
             return None
 
@@ -173,13 +242,22 @@ class _NoLogits(Exception):
 
 
 class KernelOps(DecoderOps[np.ndarray]):
-    """One chunk of M tokens at positions pos0..: every op writes into the Transformer's buffers."""
+    """One pass of M rows: segments (slot, tokens, pos0) of one or more sequences, their rows stacked in order;
+    every op writes into the Transformer's buffers. `rows`: which logits ("all", "last" of each segment, "none")."""
 
-    def __init__(self, t: Transformer, tokens: np.ndarray, pos0: int, rows: str) -> None:
+    def __init__(self, t: Transformer, segments: list[tuple[int, np.ndarray, int]], rows: str) -> None:
         super().__init__(t.spec)
-        self.t, self.tokens, self.pos0, self.rows = t, tokens, pos0, rows
-        self.m = len(tokens)
-        self.positions = np.arange(pos0, pos0 + self.m, dtype=np.int32)
+        self.t, self.rows = t, rows
+        self.tokens = segments[0][1] if len(segments) == 1 else np.concatenate([seg[1] for seg in segments])
+        self.m = len(self.tokens)
+        self.positions = np.concatenate([np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
+                                         for _, tokens, pos0 in segments])
+        # (slot, first row, row count, pos0) per segment
+        self.segments: list[tuple[int, int, int, int]] = []
+        start = 0
+        for slot, tokens, pos0 in segments:
+            self.segments.append((slot, start, len(tokens), pos0))
+            start += len(tokens)
 
     def embed(self) -> np.ndarray:
         table = self.t.w.globals["embed"]
@@ -215,7 +293,7 @@ class KernelOps(DecoderOps[np.ndarray]):
         return x
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, layer: int) -> np.ndarray:
-        t, spec, m, pos0 = self.t, self.spec, self.m, self.pos0
+        t, spec, m = self.t, self.spec, self.m
         hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         q3, k3 = q.reshape(m, nh, hd), k.reshape(m, nkv, hd)
         theta, factors = spec.layer_rope_theta(layer), t.freq_factors[layer]
@@ -224,10 +302,14 @@ class KernelOps(DecoderOps[np.ndarray]):
                 K.rope(heads, self.positions, theta, t.neox)
             else:
                 K.rope(heads, self.positions, theta, t.neox, factors)
-        t.k_cache[layer, :, pos0 : pos0 + m, :] = k3.transpose(1, 0, 2)
-        t.v_cache[layer, :, pos0 : pos0 + m, :] = v.reshape(m, nkv, hd).transpose(1, 0, 2)
+        v3 = v.reshape(m, nkv, hd)
         attn = t._attn[:m]
-        K.attention(attn, q3, t.k_cache[layer], t.v_cache[layer], pos0, t.scale, spec.window(layer))
+        for slot, start, n, pos0 in self.segments:  # each sequence attends to its own cache only
+            k_cache, v_cache = t.k_slots[slot][layer], t.v_slots[slot][layer]
+            k_cache[:, pos0 : pos0 + n, :] = k3[start : start + n].transpose(1, 0, 2)
+            v_cache[:, pos0 : pos0 + n, :] = v3[start : start + n].transpose(1, 0, 2)
+            K.attention(attn[start : start + n], q3[start : start + n], k_cache, v_cache, pos0, t.scale,
+                        spec.window(layer))
         return attn
 
     def gated_act(self, gate: np.ndarray, up: np.ndarray, layer: int) -> np.ndarray:
@@ -246,7 +328,11 @@ class KernelOps(DecoderOps[np.ndarray]):
     def output_rows(self, x: np.ndarray) -> np.ndarray:
         if self.rows == "none":
             raise _NoLogits
-        return x[len(x) - 1 :] if self.rows == "last" else x  # the last row only: skip vocab-sized work for the rest
+        if self.rows == "all":
+            return x
+        if len(self.segments) == 1:  # the last row only: skip vocab-sized work for the rest
+            return x[len(x) - 1 :]
+        return x[[start + n - 1 for _, start, n, _ in self.segments]]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         out = self.t.w.globals["output"]

@@ -115,7 +115,7 @@ class OndeviceServer(ThreadingHTTPServer):
                  limits: Limits | None = None, max_queue: int = 16, max_connections: int = 64,
                  queue_timeout_s: float = 300.0, web_dir: Path | None = DEFAULT_WEB_DIR,
                  onnx_dir: Path | None = None, verbose: bool = False,
-                 allow_hosts: tuple[str, ...] = ()) -> None:
+                 allow_hosts: tuple[str, ...] = (), parallel: int = 1) -> None:
         self.model = model
         self.model_id = model_id
         self.api_key = api_key
@@ -135,7 +135,7 @@ class OndeviceServer(ThreadingHTTPServer):
         self.allowed_hosts = _allowed_hosts(address[0], self.server_address[1], allow_hosts)
         # model None: no server-side model (`ondevice serve --onnx DIR`): static files only, the page runs the
         # ONNX folder in the browser and the /v1 routes answer 404.
-        self.engine = Engine(model, max_queue=max_queue) if model is not None else None
+        self.engine = Engine(model, max_queue=max_queue, parallel=parallel) if model is not None else None
 
     @property
     def url(self) -> str:
@@ -317,7 +317,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_json(200, {"status": "ok", "model": None, "onnx_model": self._onnx_name()})
                 return
             self._send_json(200, {"status": "ok", "model": self.server.model_id, "waiting": engine.waiting(),
-                                  "busy": engine.running is not None, "served": engine.served})
+                                  "busy": engine.running is not None, "running": len(engine.running_jobs),
+                                  "parallel": engine.parallel, "served": engine.served})
         elif path == "/web-config.json":  # what the pages need to know: which modes this server offers
             self._send_json(200, {"api_model": self.server.model_id if engine else None,
                                   "onnx_model": self._onnx_name(),
@@ -466,7 +467,7 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except OndeviceError as exc:
             raise RequestError(str(exc)) from None
-        if n_prompt >= model.n_ctx:
+        if n_prompt >= model.n_ctx and not self.server.limits.context_shift:
             raise RequestError(f"the prompt is {n_prompt} tokens; the context window is {model.n_ctx}",
                                param="messages" if req.kind == "chat" else "prompt",
                                code="context_length_exceeded")
@@ -504,7 +505,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_error(self._error_event(event[1], event[2]))
                 return
             else:
-                _, finish, n_prompt, n_completion, closed = event
+                _, finish, n_prompt, n_completion, closed, n_cached = event
                 text: str | None = "".join(pieces)
                 calls = None
                 if req.tool_mode not in (None, "none"):
@@ -518,7 +519,8 @@ class Handler(BaseHTTPRequestHandler):
                         return
                     calls = openai_tool_calls(parsed) if parsed else None
                 self._send_json(200, completion_body(req, job.id, self.server.model_id, text, finish,
-                                                     n_prompt, n_completion, tool_calls=calls, closed_at_limit=closed))
+                                                     n_prompt, n_completion, tool_calls=calls, closed_at_limit=closed,
+                                                     cached_tokens=n_cached))
                 return
 
     def _respond_stream(self, req: ParsedRequest, job: Job) -> None:
@@ -551,14 +553,14 @@ class Handler(BaseHTTPRequestHandler):
                                      "invalid_request_error"))
                 break
             else:
-                _, finish, n_prompt, n_completion, closed = event
+                _, finish, n_prompt, n_completion, closed, n_cached = event
                 if calls is not None:
                     self._tool_chunks(req, job, calls.finish(), created)
                     if calls.index >= 0:
                         finish = "tool_calls"
                 self._sse(chunk_body(req, job.id, model_id, created, finish_reason=finish, closed_at_limit=closed))
                 if req.include_usage:
-                    self._sse(usage_chunk(req, job.id, model_id, created, n_prompt, n_completion))
+                    self._sse(usage_chunk(req, job.id, model_id, created, n_prompt, n_completion, n_cached))
                 break
             event = self._next_event(job)
         self._sse("[DONE]")

@@ -34,6 +34,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
     default_speculate: str | None = None  # `ondevice serve --speculate lookup`: for requests that name none
+    context_shift: bool = False  # `ondevice serve --context-shift`: long conversations drop their oldest turns
 
 
 def default_sampling(limits: Limits) -> dict[str, Any]:
@@ -229,6 +230,8 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
         speculate=_speculate(body, limits),
         **tool_kwargs,
     )
+    if limits.context_shift:
+        kwargs["context_shift"] = True
     max_string_tokens = _integer(body, "max_string_tokens", 1, limits.max_tokens)
     if max_string_tokens is not None:
         if body.get("response_format") in (None, {"type": "text"}) and not tool_kwargs:
@@ -241,9 +244,11 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
 
 
 # ---------------------------------------------------------------------- responses
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage block; cached_tokens: prompt tokens whose K/V were reused from an earlier request."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _finish(finish_reason: str) -> str:
@@ -252,7 +257,7 @@ def _finish(finish_reason: str) -> str:
 
 def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str | None, finish_reason: str,
                     prompt_tokens: int, completion_tokens: int, tool_calls: list[dict] | None = None,
-                    closed_at_limit: bool = False) -> dict[str, Any]:
+                    closed_at_limit: bool = False, cached_tokens: int = 0) -> dict[str, Any]:
     """`tool_calls` (OpenAI shape) make finish_reason "tool_calls"; `closed_at_limit` (structured output or a
     call that the token limit closed early, still complete and valid) is reported in the choice when set."""
     finish = "tool_calls" if tool_calls else _finish(finish_reason)
@@ -265,10 +270,10 @@ def completion_body(req: ParsedRequest, job_id: str, model_id: str, text: str | 
             choice["closed_at_limit"] = True
         return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_id, "system_fingerprint": None, "choices": [choice],
-                "usage": _usage(prompt_tokens, completion_tokens)}
+                "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
     return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()), "model": model_id,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(prompt_tokens, completion_tokens)}
+            "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chunk_body(req: ParsedRequest, job_id: str, model_id: str, created: int, *, text: str | None = None,
@@ -294,7 +299,7 @@ def chunk_body(req: ParsedRequest, job_id: str, model_id: str, created: int, *, 
 
 
 def usage_chunk(req: ParsedRequest, job_id: str, model_id: str, created: int, prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
+                completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     prefix, obj = ("chatcmpl", "chat.completion.chunk") if req.kind == "chat" else ("cmpl", "text_completion")
     return {"id": f"{prefix}-{job_id}", "object": obj, "created": created, "model": model_id, "choices": [],
-            "usage": _usage(prompt_tokens, completion_tokens)}
+            "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}

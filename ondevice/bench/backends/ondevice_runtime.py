@@ -12,20 +12,21 @@ from ondevice.errors import OndeviceError
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, kv_element_bytes
 
 
-class _EndOfTextBan:
+class EndOfTextBan:
     """A generate() token filter that forbids end-of-text (so exactly n tokens are generated, as llama-bench
-    does) and ticks the harness clock as each token is sampled."""
+    does) and ticks the harness clock, if given, as each token is sampled."""
 
-    def __init__(self, vocab_size: int, eos_ids: set[int], clock: TokenClock) -> None:
+    def __init__(self, vocab_size: int, eos_ids: set[int], clock: TokenClock | None = None) -> None:
         self.mask = np.ones(vocab_size, dtype=bool)
         self.mask[list(eos_ids)] = False
-        self.tick = clock.tick
+        self.tick = clock.tick if clock is not None else None
 
     def allowed(self, *_: Any) -> np.ndarray:
         return self.mask
 
     def accept(self, token: int) -> None:
-        self.tick()
+        if self.tick is not None:
+            self.tick()
 
     def is_finished(self) -> bool:
         return False
@@ -70,7 +71,7 @@ class OndeviceBackend(Backend):
 
     def generate(self, prompt: Prompt, n_gen: int, clock: TokenClock) -> None:
         model = self.model
-        ban = _EndOfTextBan(self.vocab_size, set(model.codec.eos_ids), clock)
+        ban = EndOfTextBan(self.vocab_size, set(model.codec.eos_ids), clock)
         model.reset()  # no prefix reuse between repeats: every repeat prefills the whole prompt
         clock.start()
         # Plain greedy, as every backend decodes in a bench (no repeat penalty: llama.cpp's runs without one).
