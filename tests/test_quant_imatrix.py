@@ -1,5 +1,5 @@
 """Importance-weighted quantization against ggml itself: for every type whose ggml quantizer takes an imatrix
-(Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), ondevice's bytes equal ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row,
+(Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), ondevice's bytes equal ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row,
 imatrix) from llama-cpp-python's libggml, called through ctypes; on edge-case and heavy-tailed rows and on real
 SmolLM2 tensors with the importance of a real imatrix."""
 
@@ -15,7 +15,7 @@ from test_quant import edge_case_rows
 from ondevice.errors import InvalidModelError
 from ondevice.quant import get_quant_type
 
-WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
+WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 
 
 @pytest.fixture(scope="module")
@@ -118,4 +118,4 @@ def test_real_smollm2_tensors_with_a_real_imatrix(ggml, smollm2):
             ours = get_quant_type(name).quantize(weights, importance=importance)
             assert_same_blocks(name, ours, ggml(name, weights, importance), gguf_name)
             checked += 1
-    assert checked == 3 * (6 + 4 + 4)
+    assert checked == 3 * (7 + 4 + 4)
