@@ -852,7 +852,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         const char *name;
         int value;
     } type_ids[] = {{"F32", 0}, {"F16", 1},  {"Q4_0", 2},  {"Q4_1", 3},  {"Q5_0", 6},
-                    {"Q5_1", 7}, {"Q8_0", 8}, {"Q4_K", 12}, {"Q6_K", 14}, {"BF16", 30}};
+                    {"Q5_1", 7}, {"Q8_0", 8}, {"Q4_K", 12}, {"Q5_K", 13}, {"Q6_K", 14}, {"BF16", 30}};
     PyObject *types = PyDict_New();
     if (!types) goto fail;
     for (size_t i = 0; i < sizeof(type_ids) / sizeof(type_ids[0]); i++) {

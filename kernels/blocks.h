@@ -27,6 +27,7 @@ enum od_type {
     OD_TYPE_Q5_1 = 7,
     OD_TYPE_Q8_0 = 8,
     OD_TYPE_Q4_K = 12,
+    OD_TYPE_Q5_K = 13,
     OD_TYPE_Q6_K = 14,
     OD_TYPE_BF16 = 30,
     /* Not a GGML type: Q4_0 rows repacked at load by od_repack (see below). */
@@ -114,6 +115,19 @@ typedef struct {
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K must be 144 bytes");
 
 /*
+ * As Q4_K with 5-bit codes, q in [0, 31]: the low 4 bits are laid out as Q4_K's qs, bit 4 of element l of
+ * sub-block s is bit s of qh[l].
+ */
+typedef struct {
+    od_half d;
+    od_half dmin;
+    uint8_t scales[OD_K_SCALE_SIZE];
+    uint8_t qh[OD_QK_K / 8];
+    uint8_t qs[OD_QK_K / 2];
+} block_q5_K;
+_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K must be 176 bytes");
+
+/*
  * 256 weights, 16 int8 scales (one per 16 weights); x = d * scales[i/16] * (q - 32), q in [0, 63].
  * Two halves of 128: in half h, for l < 32 the four weights l, l+32, l+64, l+96 take their low
  * 4 bits from ql[64h+l] & 15, ql[64h+l+32] & 15, ql[64h+l] >> 4, ql[64h+l+32] >> 4 and their
@@ -134,7 +148,7 @@ _Static_assert(sizeof(block_q6_K) == 210, "block_q6_K must be 210 bytes");
  *   q = round-half-even(x * id), id = 127 / absmax over the scale group, q in [-127, 127];
  *   OD_ACT_Q8_0 (Q4_0, Q5_0, Q8_0 weights): group of 32, d = fp16(absmax / 127), s = d * sum(q);
  *   OD_ACT_Q8_1 (Q4_1, Q5_1): as q8_0, but s = fp16(absmax / 127 * sum(q)) is rounded on its own;
- *   OD_ACT_Q8_K (Q4_K, Q6_K): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
+ *   OD_ACT_Q8_K (Q4_K, Q5_K, Q6_K): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
  * d and s are stored per block of 32 as f32 (the rounding is done when they are computed), s being
  * what the min/offset term of q4_1-like weights needs: one multiply per block.
  * Kept as separate arrays (structure of arrays) so SIMD code loads 32 quants with one load.

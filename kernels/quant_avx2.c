@@ -166,6 +166,20 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
         if (sub & 1) v = _mm256_srli_epi16(v, 4);
         return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
     }
+    case OD_TYPE_Q5_K: {
+        const block_q5_K *blk = (const block_q5_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        uint8_t sc, mn;
+        od_q4k_scale_min(sub, blk->scales, &sc, &mn);
+        *dw = half_to_f32(&blk->d) * (float)sc;
+        *mw = -(half_to_f32(&blk->dmin) * (float)mn);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + (sub / 2) * 32));
+        if (sub & 1) v = _mm256_srli_epi16(v, 4);
+        /* bit `sub` of each qh byte -> bit 4 (the 16-bit shift cannot carry a bit into bit 0 of a byte) */
+        const __m256i qh = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)blk->qh), _mm_cvtsi32_si128(sub));
+        return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)),
+                               _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(1)), 4));
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *blk = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8), half = sub / 4, part = sub % 4;
@@ -294,8 +308,14 @@ OD_AVX2_INLINE void load_ds8(const float *ds, __m256 *d, __m256 *s) {
     *s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
 }
 
+/* Q5_K: sub-block t's fifth bits (bit t of each qh byte) moved to bit 4; one AND and one shift. */
+OD_AVX2_INLINE __m256i q5_k_fifth_bits(__m256i qh, const int t) {
+    const __m256i bit = _mm256_and_si256(qh, _mm256_set1_epi8((char)(1 << t)));
+    return t <= 4 ? _mm256_slli_epi16(bit, 4 - t) : _mm256_srli_epi16(bit, t - 4);
+}
+
 /*
- * GEMV for Q4_K and Q6_K. Per super-block and weight row the scales are decoded once into 8-lane
+ * GEMV for Q4_K, Q5_K and Q6_K. Per super-block and weight row the scales are decoded once into 8-lane
  * float vectors (one lane per 32-weight sub-block); the 8 integer sub-block dots are reduced into
  * one vector with a hadd tree, so each super-block ends in a single convert and FMA.
  */
@@ -319,7 +339,9 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) acc[r][g] = acc_offset[r][g] = _mm256_setzero_ps();
     }
     const uint8_t *next_tile = rows[0] + (size_t)R * a->row_bytes;
-    const size_t step_bytes = (size_t)R * (type == OD_TYPE_Q4_K ? sizeof(block_q4_K) : sizeof(block_q6_K));
+    const size_t sb_bytes = type == OD_TYPE_Q4_K ? sizeof(block_q4_K) : type == OD_TYPE_Q5_K ? sizeof(block_q5_K)
+                                                                                           : sizeof(block_q6_K);
+    const size_t step_bytes = (size_t)R * sb_bytes;
     for (int64_t sb = 0; sb < nsb; sb++) {
         for (size_t off = 0; off < step_bytes + 63; off += 64)
             _mm_prefetch((const char *)next_tile + sb * step_bytes + off, _MM_HINT_T0);
@@ -328,8 +350,10 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) load_ds8(xds[g] + sb * 16, &xd[g], &xs[g]);
         OD_UNROLL
         for (int r = 0; r < R; r++) {
-            if (type == OD_TYPE_Q4_K) {
-                const block_q4_K *blk = (const block_q4_K *)rows[r] + sb;
+            if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K) {
+                /* Q5_K's d, dmin and scales are laid out as Q4_K's (its fifth bits qh come before qs) */
+                const block_q4_K *blk = (const block_q4_K *)(rows[r] + sb * sb_bytes);
+                const block_q5_K *blk5 = (const block_q5_K *)blk;
                 const uint32_t w0 = od_read_u32(blk->scales), w1 = od_read_u32(blk->scales + 4);
                 const uint32_t w2 = od_read_u32(blk->scales + 8);
                 const uint32_t sc_lo = w0 & 0x3F3F3F3Fu, sc_hi = (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u);
@@ -341,9 +365,15 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
                 __m256i codes[8];
                 OD_UNROLL
                 for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+                    const uint8_t *qs = type == OD_TYPE_Q4_K ? blk->qs : blk5->qs;
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
                     codes[2 * c] = _mm256_and_si256(v, low4);
                     codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if (type == OD_TYPE_Q5_K) {
+                        const __m256i qh = _mm256_loadu_si256((const __m256i *)blk5->qh);
+                        codes[2 * c] = _mm256_or_si256(codes[2 * c], q5_k_fifth_bits(qh, 2 * c));
+                        codes[2 * c + 1] = _mm256_or_si256(codes[2 * c + 1], q5_k_fifth_bits(qh, 2 * c + 1));
+                    }
                 }
                 OD_UNROLL
                 for (int g = 0; g < G; g++) {
@@ -402,7 +432,7 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) {
             float *dst = a->out + (j0 + g) * a->ldo + n + r;
             float v = hsum_ps(acc[r][g]);
-            if (type == OD_TYPE_Q4_K) v -= hsum_ps(acc_offset[r][g]);
+            if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K) v -= hsum_ps(acc_offset[r][g]);
             *dst = a->accumulate ? *dst + v : v;
         }
     }
@@ -411,7 +441,7 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
 OD_AVX2_INLINE void gemv_cols(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1, int64_t j0) {
     /* keep R*G at 4..6 accumulator chains */
     int64_t n = n0;
-    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) {
+    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K) {
         if (G == 1) {
             for (; n + 2 <= n1; n += 2) gemv_k_tile(type, 2, 1, a, n, j0);
         }
@@ -744,7 +774,7 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
             }
             OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_madd_epi16(s16[j], ones);
-        } else if (type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1) {
+        } else if (type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1 || type == OD_TYPE_Q5_K) {
             /* 5-bit codes: 4 steps fit in int16 */
             OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_setzero_si256();
@@ -842,6 +872,7 @@ DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
 DEFINE_QUANT_MATMUL(matmul_q4_k_avx2, OD_TYPE_Q4_K)
+DEFINE_QUANT_MATMUL(matmul_q5_k_avx2, OD_TYPE_Q5_K)
 DEFINE_QUANT_MATMUL(matmul_q6_k_avx2, OD_TYPE_Q6_K)
 
 /* ------------------------------------------------------------------ float weights */
@@ -1015,6 +1046,7 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q5_1] = matmul_q5_1_avx2,
             [OD_TYPE_Q8_0] = matmul_q8_0_avx2,
             [OD_TYPE_Q4_K] = matmul_q4_k_avx2,
+            [OD_TYPE_Q5_K] = matmul_q5_k_avx2,
             [OD_TYPE_Q6_K] = matmul_q6_k_avx2,
         },
     /* get_rows runs once per step on a handful of rows: only the common table types are vectorized */
@@ -1029,6 +1061,7 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
             [OD_TYPE_Q8_0] = dequant_q8_0_avx2,
             [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
+            [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,
             [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,
         },
     .rmsnorm_row = od_rmsnorm_row_avx2,

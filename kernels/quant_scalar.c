@@ -106,6 +106,18 @@ static void unpack_block32(int type, const uint8_t *row, int64_t b, int16_t *qv,
         *mw = -(od_fp16_to_fp32(od_read_u16(&blk->dmin)) * (float)mn);
         break;
     }
+    case OD_TYPE_Q5_K: {
+        const block_q5_K *blk = (const block_q5_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        const uint8_t *qs = blk->qs + (sub / 2) * 32;
+        const int shift = (sub % 2) * 4;
+        for (int j = 0; j < 32; j++) qv[j] = (int16_t)(((qs[j] >> shift) & 0x0F) | (((blk->qh[j] >> sub) & 1) << 4));
+        uint8_t sc, mn;
+        od_q4k_scale_min(sub, blk->scales, &sc, &mn);
+        *dw = od_fp16_to_fp32(od_read_u16(&blk->d)) * (float)sc;
+        *mw = -(od_fp16_to_fp32(od_read_u16(&blk->dmin)) * (float)mn);
+        break;
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *blk = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8);      /* 32-weight sub-block 0..7 */
@@ -165,6 +177,7 @@ DEQUANT_FN(od_dequant_q5_0_scalar, OD_TYPE_Q5_0)
 DEQUANT_FN(od_dequant_q5_1_scalar, OD_TYPE_Q5_1)
 DEQUANT_FN(od_dequant_q8_0_scalar, OD_TYPE_Q8_0)
 DEQUANT_FN(od_dequant_q4_k_scalar, OD_TYPE_Q4_K)
+DEQUANT_FN(od_dequant_q5_k_scalar, OD_TYPE_Q5_K)
 
 void od_dequant_f32_scalar(const uint8_t *row, float *out, int64_t k) { memcpy(out, row, (size_t)k * 4); }
 
@@ -318,6 +331,7 @@ const od_isa_ops od_ops_scalar = {
             [OD_TYPE_Q5_1] = matmul_quant_scalar,
             [OD_TYPE_Q8_0] = matmul_quant_scalar,
             [OD_TYPE_Q4_K] = matmul_quant_scalar,
+            [OD_TYPE_Q5_K] = matmul_quant_scalar,
             [OD_TYPE_Q6_K] = matmul_quant_scalar,
         },
     .dequant_row =
@@ -331,6 +345,7 @@ const od_isa_ops od_ops_scalar = {
             [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
             [OD_TYPE_Q8_0] = od_dequant_q8_0_scalar,
             [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
+            [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,
             [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,
         },
     .rmsnorm_row = rmsnorm_row_scalar,

@@ -226,55 +226,83 @@ static void q4_k_search_scalar(const float *x, const float *w, uint8_t *L, float
         scales[j] = search_scale_min(32, 15, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -1.0f, 0.1f, 20);
 }
 
+static void q5_k_search_scalar(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
+    for (int j = 0; j < 8; j++)
+        scales[j] = search_scale_min(32, 31, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -0.5f, 0.1f, 15);
+}
+
+typedef void (*k_min_search_fn)(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
+
+/* One Q4_K / Q5_K super-block (quantize_row_q4_K_ref / _q5_K_ref): the search, the 6-bit scales and mins packed
+ * into `scales`, the fp16 d and dmin, and the codes L in 0..nmax against the scale and min actually stored. */
+static void quantize_k_min_superblock(const float *x, int nmax, k_min_search_fn search, od_half *d_out,
+                                      od_half *dmin_out, uint8_t *packed, uint8_t *L, int *overflow) {
+    float weights[OD_QK_K], mins[8], scales[8];
+    for (int j = 0; j < 8; j++) {
+        const float *xs = x + 32 * j;
+        float sum_x2 = 0.0f;
+        for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
+        const float av_x = sqrtf(sum_x2 / 32.0f);
+        for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
+    }
+    search(x, weights, L, scales, mins);
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int j = 0; j < 8; j++) {
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    uint8_t ls[8], lm[8];
+    for (int j = 0; j < 8; j++) {
+        ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
+        lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
+        if (ls[j] > 63) ls[j] = 63;
+        if (lm[j] > 63) lm[j] = 63;
+    }
+    for (int j = 0; j < 4; j++) {
+        packed[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        packed[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        packed[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
+    }
+    const od_half d_half = scale_fp16(max_scale / 63.0f, overflow), dmin_half = scale_fp16(max_min / 63.0f, overflow);
+    memcpy(d_out, &d_half, 2);
+    memcpy(dmin_out, &dmin_half, 2);
+    /* the codes again, against the scale and min actually stored (fp16 x 6 bits) */
+    const float d_all = od_fp16_to_fp32(d_half), dmin_all = od_fp16_to_fp32(dmin_half);
+    for (int j = 0; j < 8; j++) {
+        const float d = d_all * (float)ls[j];
+        if (d == 0.0f) continue;
+        const float dm = dmin_all * (float)lm[j];
+        for (int l = 0; l < 32; l++) {
+            const int q = nearest_int((x[32 * j + l] + dm) / d);
+            L[32 * j + l] = (uint8_t)(q < 0 ? 0 : (q > nmax ? nmax : q));
+        }
+    }
+}
+
 static void quantize_q4_k(const float *x, block_q4_K *y, int64_t nb, int *overflow) {
     const od_isa_ops *ops = od_ops();
-    void (*search)(const float *, const float *, uint8_t *, float *, float *) =
-        ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
+    const k_min_search_fn search = ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
     uint8_t L[OD_QK_K];
-    float weights[OD_QK_K], mins[8], scales[8];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        for (int j = 0; j < 8; j++) {
-            const float *xs = x + 32 * j;
-            float sum_x2 = 0.0f;
-            for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
-            const float av_x = sqrtf(sum_x2 / 32.0f);
-            for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
-        }
-        search(x, weights, L, scales, mins);
-        float max_scale = 0.0f, max_min = 0.0f;
-        for (int j = 0; j < 8; j++) {
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
-        const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-        const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
-        uint8_t ls[8], lm[8];
-        for (int j = 0; j < 8; j++) {
-            ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
-            lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
-            if (ls[j] > 63) ls[j] = 63;
-            if (lm[j] > 63) lm[j] = 63;
-        }
-        for (int j = 0; j < 4; j++) {
-            y[b].scales[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
-            y[b].scales[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
-            y[b].scales[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
-        }
-        y[b].d = scale_fp16(max_scale / 63.0f, overflow);
-        y[b].dmin = scale_fp16(max_min / 63.0f, overflow);
-        /* the codes again, against the scale and min actually stored (fp16 x 6 bits) */
-        const float d_all = od_fp16_to_fp32(y[b].d), dmin_all = od_fp16_to_fp32(y[b].dmin);
-        for (int j = 0; j < 8; j++) {
-            const float d = d_all * (float)ls[j];
-            if (d == 0.0f) continue;
-            const float dm = dmin_all * (float)lm[j];
-            for (int l = 0; l < 32; l++) {
-                const int q = nearest_int((x[32 * j + l] + dm) / d);
-                L[32 * j + l] = (uint8_t)(q < 0 ? 0 : (q > 15 ? 15 : q));
-            }
-        }
+        quantize_k_min_superblock(x, 15, search, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+    }
+}
+
+static void quantize_q5_k(const float *x, block_q5_K *y, int64_t nb, int *overflow) {
+    uint8_t L[OD_QK_K];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        quantize_k_min_superblock(x, 31, q5_k_search_scalar, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
+        memset(y[b].qh, 0, sizeof(y[b].qh));
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) {
+                const uint8_t lo = L[64 * c + l], hi = L[64 * c + 32 + l];
+                y[b].qs[32 * c + l] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
+                y[b].qh[l] |= (uint8_t)(((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1)));
+            }
     }
 }
 
@@ -395,6 +423,7 @@ static void quantize_one_row(int type, const float *x, void *y, int64_t n, int *
     case OD_TYPE_Q5_0: quantize_q5_0(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q5_1: quantize_q5_1(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q4_K: quantize_q4_k(x, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_Q5_K: quantize_q5_k(x, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q6_K: quantize_q6_k(x, y, n / OD_QK_K, overflow); break;
     default: break;
     }
@@ -411,10 +440,10 @@ static void quant_task(void *ctx, int64_t t) {
 }
 
 int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n) {
-    const int64_t block = (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) ? OD_QK_K : OD_QK;
+    const int64_t block = (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K) ? OD_QK_K : OD_QK;
     switch (type) {
     case OD_TYPE_Q8_0: case OD_TYPE_Q4_0: case OD_TYPE_Q4_1: case OD_TYPE_Q5_0: case OD_TYPE_Q5_1:
-    case OD_TYPE_Q4_K: case OD_TYPE_Q6_K: break;
+    case OD_TYPE_Q4_K: case OD_TYPE_Q5_K: case OD_TYPE_Q6_K: break;
     default: return OD_ETYPE;
     }
     if (nrows < 0 || n <= 0 || n % block != 0) return OD_EINVAL;

@@ -340,7 +340,7 @@ class Q5_K(Q4_K):
     type_size = 4 + 12 + QK_K // 8 + QK_K // 2
     nmax = 31
     ref_search = (-0.5, 0.1, 15)
-    native = False
+    native = True
 
     @staticmethod
     def _pack_codes(codes: np.ndarray) -> np.ndarray:

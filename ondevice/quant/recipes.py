@@ -8,8 +8,10 @@ vendored by llama-cpp-python 0.3.36), restricted to dense models and the recipes
 - the output matrix, and token_embd when the embeddings are tied (it then serves as the output), get Q6_K
   for every quantized recipe except q8_0 (which keeps Q8_0), or Q8_0 when its width does not fit the
   recipe's block size;
-- q4_k_m gives Q6_K to attn_v (and fused attn_qkv) and ffn_down in the layers where llama.cpp's
+- q4_k_m and q5_k_m give Q6_K to attn_v (and fused attn_qkv) and ffn_down in the layers where llama.cpp's
   use_more_bits() holds: the first eighth, the last eighth and every third layer between;
+- q4_k_s gives Q5_K to attn_v in the first 4 layers and to ffn_down in the first eighth; q5_k_s is Q5_K
+  throughout;
 - with an importance matrix, q4_0 / q5_0 give Q4_1 / Q5_1 to ffn_down in the first eighth of the layers;
 - a tensor whose row width is not a multiple of the chosen type's block size falls back per tensor
   (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; a 32-block type or a fallback that still does not fit -> F16).
@@ -29,16 +31,18 @@ import numpy as np
 from ondevice.errors import UnsupportedError
 from ondevice.quant import QUANT_TYPES, QuantType, get_quant_type
 
-RECIPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q6_k")
+RECIPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q6_k",
+                            "q4_k_s", "q5_k_s", "q5_k_m")
 
 # Each recipe's default tensor type (llama_ftype_get_default_type).
 _DEFAULT_TYPE: dict[str, str] = {
     "f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1",
-    "q5_0": "q5_0", "q5_1": "q5_1", "q4_k_m": "q4_k", "q6_k": "q6_k",
+    "q5_0": "q5_0", "q5_1": "q5_1", "q4_k_m": "q4_k", "q6_k": "q6_k", "q4_k_s": "q4_k", "q5_k_s": "q5_k",
+    "q5_k_m": "q5_k",
 }
 _FLOAT_RECIPES = frozenset({"f32", "f16", "bf16"})
 
-# Block sizes of every type the rules can name, including K-quants ondevice does not implement (q5_k).
+# Block sizes of every type the rules can name.
 _BLOCK_SIZE: dict[str, int] = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q4_0": 32, "q4_1": 32,
                                "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
 # tensor_type_fallback(): what a 256-block type becomes when the row width is not a multiple of 256.
@@ -159,13 +163,16 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
         if default != "q8_0":
             return "q6_k", f"{role}; more bits than the recipe type"
         return default, f"{role}; recipe type"
-    if recipe == "q4_k_m":
-        if category in ("attn_v", "attn_qkv", "attn_kv_b"):
-            layer = _layer_index(name, n_layers)
-            if use_more_bits(layer, n_layers):
-                return "q6_k", f"{category} of layer {layer}: a use_more_bits layer"
-        elif category == "ffn_down":
-            layer = _layer_index(name, n_layers)
+    k_mix = recipe in ("q4_k_m", "q5_k_m", "q4_k_s")
+    if category in ("attn_v", "attn_qkv", "attn_kv_b") and k_mix:
+        layer = _layer_index(name, n_layers)
+        if recipe in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layers):
+            return "q6_k", f"{category} of layer {layer}: a use_more_bits layer"
+        if recipe == "q4_k_s" and layer < 4:  # llama.cpp counts attn_v tensors: in a dense model, the layer index
+            return "q5_k", f"{category} of layer {layer}: one of the first 4"
+    elif category == "ffn_down" and (k_mix or (recipe in ("q4_0", "q5_0") and has_imatrix)):
+        layer = _layer_index(name, n_layers)
+        if recipe == "q4_k_m":
             if falcon:
                 if layer < n_layers // 16:
                     return "q6_k", f"ffn_down of layer {layer}: falcon, first sixteenth"
@@ -173,10 +180,12 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
                     return "q5_k", f"ffn_down of layer {layer}: falcon, a use_more_bits layer"
             elif use_more_bits(layer, n_layers):
                 return "q6_k", f"ffn_down of layer {layer}: a use_more_bits layer"
-    elif recipe in ("q4_0", "q5_0") and has_imatrix and category == "ffn_down":
-        # llama.cpp guards the first eighth's ffn_down against Q4_0/Q5_0 going wrong even with an imatrix.
-        layer = _layer_index(name, n_layers)
-        if layer < n_layers // 8:
+        elif recipe == "q5_k_m" and use_more_bits(layer, n_layers):
+            return "q6_k", f"ffn_down of layer {layer}: a use_more_bits layer"
+        elif recipe == "q4_k_s" and not falcon and layer < n_layers // 8:
+            return "q5_k", f"ffn_down of layer {layer}: first eighth"
+        elif recipe in ("q4_0", "q5_0") and has_imatrix and layer < n_layers // 8:
+            # llama.cpp guards the first eighth's ffn_down against Q4_0/Q5_0 going wrong even with an imatrix.
             wanted = "q4_1" if recipe == "q4_0" else "q5_1"
             return wanted, f"ffn_down of layer {layer}: first eighth, with an imatrix"
     return default, "recipe type"
