@@ -77,6 +77,9 @@ int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, in
  * OD_ETYPE for other types, OD_ERANGE if a block scale overflows fp16 (dst is then partly written). Threads
  * split the rows. */
 int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n);
+/* The same with importance weights (n floats, an imatrix's per-column mean squares), as ggml_quantize_chunk(type, ...,
+ * imatrix) writes them; OD_ETYPE for the types whose weighted quantizer is only in numpy (all but IQ4_NL, IQ4_XS). */
+int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance);
 
 /* out[M][K] = rows ids[0..M) of table (n_rows rows of K elements of GGML type ttype), in f32. */
 int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,

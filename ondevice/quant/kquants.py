@@ -15,6 +15,7 @@ import numpy as np
 
 from ondevice.quant.base import (
     QuantType,
+    WeightedSearchType,
     fp16_bits,
     fp16_to_f32,
     nearest_int,
@@ -357,7 +358,7 @@ class Q5_K(Q4_K):
         return low + F32(16) * high.astype(F32)
 
 
-class Q6_K(QuantType):
+class Q6_K(WeightedSearchType):
     """210 bytes: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, fp16 d.
 
     Weight i of 16-weight sub-block j: d * scale[j] * (q - 32).
@@ -370,17 +371,8 @@ class Q6_K(QuantType):
     native = True
     chunk_blocks = 256
 
-    takes_importance = True
-
-    def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        return self._from_search(blocks, None)
-
-    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
-        """quantize_row_q6_K_impl(): the importance itself weights make_qx_quants (no sigma2 term)."""
-        qw = np.broadcast_to(importance.reshape(1, -1), rows.shape).reshape(-1, QK_K)
-        return self._from_search(rows.reshape(-1, QK_K), qw)
-
     def _from_search(self, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        """quantize_row_q6_K_impl(): with an imatrix the importance itself weights make_qx_quants (no sigma2)."""
         nb = blocks.shape[0]
         x = np.ascontiguousarray(blocks.reshape(nb * 16, 16).T)  # (16, nb*16)
         weights = None if qw is None else np.ascontiguousarray(qw.reshape(nb * 16, 16).T)
