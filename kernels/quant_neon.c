@@ -154,6 +154,24 @@ static inline __attribute__((always_inline)) neon_block neon_load_block(const in
         blk.mw = -(od_fp16_to_fp32(od_read_u16(&p->dmin)) * (float)mn);
         break;
     }
+    case OD_TYPE_IQ4_NL:
+    case OD_TYPE_IQ4_XS: {
+        const uint8_t *qs;
+        if (type == OD_TYPE_IQ4_NL) {
+            const block_iq4_nl *p = (const block_iq4_nl *)row + b;
+            qs = p->qs;
+            blk.dw = od_fp16_to_fp32(od_read_u16(&p->d));
+        } else {
+            const block_iq4_xs *p = (const block_iq4_xs *)row + b / 8;
+            qs = p->qs + 16 * (b % 8);
+            blk.dw = od_fp16_to_fp32(od_read_u16(&p->d)) * (float)od_iq4_xs_scale(p, (int)(b % 8));
+        }
+        const int8x16_t levels = vld1q_s8(od_iq4_levels);
+        const uint8x16_t v = vld1q_u8(qs);
+        blk.lo = vqtbl1q_s8(levels, vandq_u8(v, low4));
+        blk.hi = vqtbl1q_s8(levels, vshrq_n_u8(v, 4));
+        break;
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *p = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8), half = sub / 4, part = sub % 4;
@@ -305,6 +323,8 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q4_K] = matmul_q4_k_##SUFFIX,                                                         \
                 [OD_TYPE_Q5_K] = matmul_q5_k_##SUFFIX,                                                         \
                 [OD_TYPE_Q6_K] = matmul_q6_k_##SUFFIX,                                                         \
+                [OD_TYPE_IQ4_NL] = matmul_iq4_nl_##SUFFIX,                                                     \
+                [OD_TYPE_IQ4_XS] = matmul_iq4_xs_##SUFFIX,                                                     \
             },                                                                                                 \
         .dequant_row =                                                                                         \
             {                                                                                                  \
@@ -319,6 +339,8 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,                                                       \
                 [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,                                                       \
                 [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,                                                       \
+                [OD_TYPE_IQ4_NL] = od_dequant_iq4_nl_scalar,                                                   \
+                [OD_TYPE_IQ4_XS] = od_dequant_iq4_xs_scalar,                                                   \
             },                                                                                                 \
         .rmsnorm_row = od_rmsnorm_row_neon, .rope_row = od_rope_row_neon, .attention = od_attention_neon,      \
         .silu_mul = od_silu_mul_neon, .gelu_mul = od_gelu_mul_neon, .add = od_add_neon,                                                      \

@@ -336,7 +336,8 @@ def test_quantize_speed_is_reported(capsys):
 
 # llama.h's llama_ftype values for the recipes compared here.
 LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14,
-               "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+               "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30,
+               "bf16": 32}
 
 
 def write_llama_f32_gguf(path: Path, tensors: dict[str, np.ndarray], n_layers: int, width: int, ffn: int,

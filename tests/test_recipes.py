@@ -191,7 +191,7 @@ def test_types_match_llama_cpp_quantize(tmp_path, width, ffn, kv_width, n_layers
         theirs = {t.name: QUANT_TYPES_BY_ID[int(t.tensor_type)] for t in reader.tensors}
         assert set(theirs) == set(shapes)
         for name, shape in shapes.items():
-            ours = choose_tensor_type(recipe, name, shape, n_layers, tied, "llama").name
+            ours = choose_tensor_type(recipe, name, shape, n_layers, tied, "llama", n_gqa=width // kv_width).name
             if ours != theirs[name]:
                 mismatches.append(f"{recipe} {name}: ondevice {ours}, llama.cpp {theirs[name]}")
     assert not mismatches, "\n".join(mismatches[:20])

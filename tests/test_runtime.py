@@ -39,7 +39,7 @@ def to_gguf(src: Path, out: Path, quant: str, *extra: str) -> Path:
 def smol_variants(smollm2, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smol")
     out = {"q4_1": smollm2}
-    for quant in ("q8_0", "q4_0", "q4_k_m", "q5_k_m"):
+    for quant in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "iq4_xs"):
         out[quant] = to_gguf(smollm2, root / f"smol-{quant}.gguf", quant)
     return out
 
@@ -93,7 +93,7 @@ def test_tokenizer_matches_llama_cpp(smollm2):
 # from each other by about sqrt(2) x their error (0.08-0.13). Tolerance: ondevice's error at most 1.25 x
 # llama.cpp's + 0.01, worst position at most 1.5 x llama.cpp's worst + 0.05 (on Q4_0 both have one position near
 # 1.0: 1.02 and 0.85); ondevice vs llama.cpp mean < 0.2 and top-1 agreement >= 90%.
-@pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m", "q5_k_m"])
+@pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "iq4_xs"])
 def test_smollm2_logits_as_close_to_exact_as_llama_cpp(smol_variants, tmp_path, quant):
     path = smol_variants[quant]
     with ondevice.load(path, n_ctx=128) as model:
