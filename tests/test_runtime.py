@@ -130,7 +130,11 @@ def assert_as_close_to_exact_as_llama_cpp(label: str, path: Path, tokens: list[i
     assert ours_err.mean() <= 1.25 * theirs_err.mean() + 0.01
     assert ours_err.max() <= 1.5 * theirs_err.max() + 0.05
     assert between.mean() < 0.2
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    # Top-1 agreement with llama.cpp >= 90%, or, where llama.cpp's own error splits the two (SmolLM2 iq4_xs: 87.5%
+    # between the runtimes, top-1 vs exact ondevice 95%, llama.cpp 92.5%), ondevice's top-1 at least as often exact.
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    exact_top1 = exact.argmax(-1)
+    assert top1 >= 0.9 or (ours.argmax(-1) == exact_top1).mean() >= (theirs.argmax(-1) == exact_top1).mean(), top1
 
 
 GEMMA_TEXT = ("Gemma's café in 東京 sells crème brûlée 😀 for 4.50€.\n\n    def f(x):\n\treturn x ** 2  # "
