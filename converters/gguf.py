@@ -43,8 +43,8 @@ TARGET = Target(
     options=GGUFOptions,
     cli_options=(
         TargetOption("--imatrix", "imatrix", "importance matrix (from `ondevice imatrix` or llama-imatrix, GGUF or "
-                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q4_k/q6_k tensors' rounding, as llama-quantize "
-                     "--imatrix does", type=Path, metavar="FILE"),
+                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q4_k/q5_k/q6_k/iq4_nl/iq4_xs tensors' rounding, as "
+                     "llama-quantize --imatrix does", type=Path, metavar="FILE"),
         TargetOption("--calibrate", "calibrate", "compute the importance matrix on the bundled calibration text "
                      "first (`ondevice imatrix` defaults) and quantize with it", type=None, switch_value=True),
     ),
