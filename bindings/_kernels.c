@@ -265,24 +265,32 @@ done:
 /* ------------------------------------------------------------------ quantize_rows */
 
 PyDoc_STRVAR(quantize_rows_doc,
-             "quantize_rows(dst, src, wtype, K)\n--\n\n"
+             "quantize_rows(dst, src, wtype, K, importance=None)\n--\n\n"
              "Quantize float32 rows src[M*K] (finite) to GGML type wtype into dst (uint8, M * row_nbytes(wtype, K)):\n"
-             "the bytes llama.cpp's reference quantizers write without an importance matrix. Returns False if a\n"
-             "block scale overflows fp16 (dst is then incomplete), True otherwise; TypeError for types it lacks.");
+             "the bytes llama.cpp's reference quantizers write without an importance matrix, or with importance\n"
+             "(float32 K, finite, >= 0) what ggml_quantize_chunk writes with it. Returns False if a block scale\n"
+             "overflows fp16 (dst is then incomplete), True otherwise; TypeError for types it lacks (with importance:\n"
+             "all but IQ4_NL and IQ4_XS).");
 
 static PyObject *py_quantize_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (!check_nargs(nargs, 4, 4, "quantize_rows")) return NULL;
+    if (!check_nargs(nargs, 4, 5, "quantize_rows")) return NULL;
     long long wtype, k;
     if (!get_i64(args[2], &wtype, "wtype") || !get_i64(args[3], &k, "K")) return NULL;
     if (k <= 0) return PyErr_Format(PyExc_ValueError, "quantize_rows: K=%lld", k);
     const size_t row_bytes = od_row_nbytes((int)wtype, k);
     if (row_bytes == 0) return PyErr_Format(PyExc_TypeError, "quantize_rows: type %lld with K=%lld", wtype, k);
-    arg_buf b[2];
+    arg_buf b[3];
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
-    if (!get_buffer(args[0], &b[0], "dst", KIND_BYTES, 1) || !get_buffer(args[1], &b[1], "src", KIND_F32, 0))
+    const int weighted = nargs == 5 && args[4] != Py_None;
+    if (!get_buffer(args[0], &b[0], "dst", KIND_BYTES, 1) || !get_buffer(args[1], &b[1], "src", KIND_F32, 0) ||
+        (weighted && !get_buffer(args[4], &b[2], "importance", KIND_F32, 0)))
         goto done;
+    if (weighted && n_items(&b[2]) != k) {
+        PyErr_SetString(PyExc_ValueError, "quantize_rows: importance must hold K floats");
+        goto done;
+    }
     const Py_ssize_t items = n_items(&b[1]);
     const long long m = items / k;
     if (items % k != 0 || (size_t)b[0].view.len != (size_t)m * row_bytes) {
@@ -291,7 +299,7 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *const *args, Py_ssiz
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = od_quantize_rows(b[0].view.buf, b[1].view.buf, (int)wtype, m, k);
+    rc = od_quantize_rows_imatrix(b[0].view.buf, b[1].view.buf, (int)wtype, m, k, weighted ? b[2].view.buf : NULL);
     Py_END_ALLOW_THREADS
     if (rc == OD_ERANGE) {
         result = Py_NewRef(Py_False);
@@ -303,7 +311,7 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *const *args, Py_ssiz
         result = Py_NewRef(Py_True);
     }
 done:
-    release_buffers(b, 2);
+    release_buffers(b, 3);
     return result;
 }
 
@@ -852,7 +860,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         const char *name;
         int value;
     } type_ids[] = {{"F32", 0}, {"F16", 1},  {"Q4_0", 2},  {"Q4_1", 3},  {"Q5_0", 6},
-                    {"Q5_1", 7}, {"Q8_0", 8}, {"Q4_K", 12}, {"Q6_K", 14}, {"BF16", 30}};
+                    {"Q5_1", 7}, {"Q8_0", 8}, {"Q4_K", 12}, {"Q5_K", 13}, {"Q6_K", 14}, {"IQ4_NL", 20}, {"IQ4_XS", 23}, {"BF16", 30}};
     PyObject *types = PyDict_New();
     if (!types) goto fail;
     for (size_t i = 0; i < sizeof(type_ids) / sizeof(type_ids[0]); i++) {

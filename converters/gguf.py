@@ -43,8 +43,8 @@ TARGET = Target(
     options=GGUFOptions,
     cli_options=(
         TargetOption("--imatrix", "imatrix", "importance matrix (from `ondevice imatrix` or llama-imatrix, GGUF or "
-                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q4_k/q6_k tensors' rounding, as llama-quantize "
-                     "--imatrix does", type=Path, metavar="FILE"),
+                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q4_k/q5_k/q6_k/iq4_nl/iq4_xs tensors' rounding, as "
+                     "llama-quantize --imatrix does", type=Path, metavar="FILE"),
         TargetOption("--calibrate", "calibrate", "compute the importance matrix on the bundled calibration text "
                      "first (`ondevice imatrix` defaults) and quantize with it", type=None, switch_value=True),
     ),
@@ -53,7 +53,7 @@ TARGET = Target(
 # llama.cpp's llama_ftype, stored as general.file_type
 FILE_TYPES: dict[str, int] = {
     "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
-    "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32,
+    "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "bf16": 32,
 }
 
 
@@ -176,7 +176,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
 
     has_imatrix = imatrix is not None
     choices = {hf_name: choose_tensor_type(recipe, arch.gguf_name(hf_name), tensor.shape, spec.n_layers,
-                                           spec.tie_embeddings, spec.arch, has_imatrix)
+                                           spec.tie_embeddings, spec.arch, has_imatrix,
+                                           spec.n_heads // spec.n_kv_heads)
                for hf_name, tensor in model.tensors.items()}
     weighted = {arch.gguf_name(hf_name): model.tensors[hf_name].shape[-1] for hf_name, choice in choices.items()
                 if choice.takes_importance}

@@ -27,7 +27,10 @@ enum od_type {
     OD_TYPE_Q5_1 = 7,
     OD_TYPE_Q8_0 = 8,
     OD_TYPE_Q4_K = 12,
+    OD_TYPE_Q5_K = 13,
     OD_TYPE_Q6_K = 14,
+    OD_TYPE_IQ4_NL = 20,
+    OD_TYPE_IQ4_XS = 23,
     OD_TYPE_BF16 = 30,
     /* Not a GGML type: Q4_0 rows repacked at load by od_repack (see below). */
     OD_TYPE_Q4_0_X8 = 32,
@@ -127,6 +130,19 @@ typedef struct {
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K must be 144 bytes");
 
 /*
+ * As Q4_K with 5-bit codes, q in [0, 31]: the low 4 bits are laid out as Q4_K's qs, bit 4 of element l of
+ * sub-block s is bit s of qh[l].
+ */
+typedef struct {
+    od_half d;
+    od_half dmin;
+    uint8_t scales[OD_K_SCALE_SIZE];
+    uint8_t qh[OD_QK_K / 8];
+    uint8_t qs[OD_QK_K / 2];
+} block_q5_K;
+_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K must be 176 bytes");
+
+/*
  * 256 weights, 16 int8 scales (one per 16 weights); x = d * scales[i/16] * (q - 32), q in [0, 63].
  * Two halves of 128: in half h, for l < 32 the four weights l, l+32, l+64, l+96 take their low
  * 4 bits from ql[64h+l] & 15, ql[64h+l+32] & 15, ql[64h+l] >> 4, ql[64h+l+32] >> 4 and their
@@ -140,14 +156,37 @@ typedef struct {
 } block_q6_K;
 _Static_assert(sizeof(block_q6_K) == 210, "block_q6_K must be 210 bytes");
 
+/* The 16 levels of the non-linear 4-bit types (ggml's kvalues_iq4nl), indexed by the codes. */
+static const int8_t od_iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* x = d * od_iq4_levels[q]; nibble order as q4_0. */
+typedef struct {
+    od_half d;
+    uint8_t qs[OD_QK / 2];
+} block_iq4_nl;
+_Static_assert(sizeof(block_iq4_nl) == 18, "block_iq4_nl must be 18 bytes");
+
+/*
+ * 256 weights in 8 blocks of 32; block b has the 6-bit scale ls = (scales_l[b/2] >> 4*(b%2) & 15) |
+ * ((scales_h >> 2b & 3) << 4) and x = d * (ls - 32) * od_iq4_levels[q]; block b's codes are qs[16b..16b+15]
+ * in q4_0's nibble order.
+ */
+typedef struct {
+    od_half d;
+    uint16_t scales_h;
+    uint8_t scales_l[OD_QK_K / 64];
+    uint8_t qs[OD_QK_K / 2];
+} block_iq4_xs;
+_Static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs must be 136 bytes");
+
 /*
  * Activations quantized on the fly (our own layout, never stored in files), with the same values
  * llama.cpp's CPU backend computes for the weight type, so that both runtimes make the same
  * rounding decisions (token-identical greedy output, not just close logits):
  *   q = round-half-even(x * id), id = 127 / absmax over the scale group, q in [-127, 127];
- *   OD_ACT_Q8_0 (Q4_0, Q5_0, Q8_0 weights): group of 32, d = fp16(absmax / 127), s = d * sum(q);
+ *   OD_ACT_Q8_0 (Q4_0, Q5_0, Q8_0, IQ4_NL weights): group of 32, d = fp16(absmax / 127), s = d * sum(q);
  *   OD_ACT_Q8_1 (Q4_1, Q5_1): as q8_0, but s = fp16(absmax / 127 * sum(q)) is rounded on its own;
- *   OD_ACT_Q8_K (Q4_K, Q6_K): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
+ *   OD_ACT_Q8_K (Q4_K, Q5_K, Q6_K, IQ4_XS): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
  * d and s are stored per block of 32 as f32 (the rounding is done when they are computed), s being
  * what the min/offset term of q4_1-like weights needs: one multiply per block.
  * Kept as separate arrays (structure of arrays) so SIMD code loads 32 quants with one load.
@@ -234,6 +273,12 @@ static inline void od_q4k_scale_min(int j, const uint8_t *packed, uint8_t *scale
         *scale = (uint8_t)((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4));
         *min = (uint8_t)((packed[j + 4] >> 4) | ((packed[j] >> 6) << 4));
     }
+}
+
+/* IQ4_XS block b's signed scale ls - 32 (-32..31). */
+static inline int od_iq4_xs_scale(const block_iq4_xs *blk, int b) {
+    const uint16_t high = od_read_u16(&blk->scales_h);
+    return (((blk->scales_l[b / 2] >> (4 * (b % 2))) & 0x0F) | (((high >> (2 * b)) & 3) << 4)) - 32;
 }
 
 #endif /* ONDEVICE_BLOCKS_H */

@@ -195,7 +195,10 @@ static type_info get_type_info(int type) {
     case OD_TYPE_Q5_1: return (type_info){32, (int)sizeof(block_q5_1), "Q5_1"};
     case OD_TYPE_Q8_0: return (type_info){32, (int)sizeof(block_q8_0), "Q8_0"};
     case OD_TYPE_Q4_K: return (type_info){256, (int)sizeof(block_q4_K), "Q4_K"};
+    case OD_TYPE_Q5_K: return (type_info){256, (int)sizeof(block_q5_K), "Q5_K"};
     case OD_TYPE_Q6_K: return (type_info){256, (int)sizeof(block_q6_K), "Q6_K"};
+    case OD_TYPE_IQ4_NL: return (type_info){32, (int)sizeof(block_iq4_nl), "IQ4_NL"};
+    case OD_TYPE_IQ4_XS: return (type_info){256, (int)sizeof(block_iq4_xs), "IQ4_XS"};
     default: return (type_info){0, 0, NULL};
     }
 }
@@ -252,7 +255,9 @@ static int activation_scheme(int wtype) {
         return OD_ACT_Q8_1;
     case OD_TYPE_Q4_K:
     case OD_TYPE_Q4_K_X8:
+    case OD_TYPE_Q5_K:
     case OD_TYPE_Q6_K:
+    case OD_TYPE_IQ4_XS:
         return OD_ACT_Q8_K;
     default:
         return OD_ACT_Q8_0;

@@ -201,6 +201,9 @@ void od_dequant_q5_0_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q5_1_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q8_0_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q4_k_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q5_k_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_iq4_nl_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_iq4_xs_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q6_k_scalar(const uint8_t *row, float *out, int64_t k);
 int od_cpu_has_dotprod(void);
 

@@ -7,7 +7,7 @@
  *  - Weight matrices W are [N rows][K columns] in a GGML type (see enum od_type in blocks.h):
  *    each row is od_row_nbytes(type, K) bytes, rows back to back, exactly as a 2-D GGUF tensor
  *    with dims (K, N). Quantized rows need K to be a multiple of the type's block size
- *    (32, or 256 for Q4_K / Q6_K).
+ *    (32, or 256 for Q4_K / Q5_K / Q6_K).
  *  - Functions returning int return OD_OK (0) or a negative OD_E* code and never touch memory
  *    when they fail. They do not know the size of the caller's buffers beyond the dimensions
  *    passed; callers (like the Python binding) check those.
@@ -79,10 +79,13 @@ int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int un
 int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k);
 
 /* Weight quantization: src[nrows][n] f32 (finite) -> dst rows of od_row_nbytes(type, n) bytes of type Q8_0, Q4_0,
- * Q4_1, Q5_0, Q5_1, Q4_K or Q6_K, the bytes llama.cpp's reference quantizers write without an importance matrix.
+ * Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K, the bytes llama.cpp's reference quantizers write without an importance matrix.
  * OD_ETYPE for other types, OD_ERANGE if a block scale overflows fp16 (dst is then partly written). Threads
  * split the rows. */
 int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n);
+/* The same with importance weights (n floats, an imatrix's per-column mean squares), as ggml_quantize_chunk(type, ...,
+ * imatrix) writes them; OD_ETYPE for the types whose weighted quantizer is only in numpy (all but IQ4_NL, IQ4_XS). */
+int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance);
 
 /* out[M][K] = rows ids[0..M) of table (n_rows rows of K elements of GGML type ttype), in f32. */
 int od_get_rows(float *out, const void *table, int ttype, int64_t n_rows, const int32_t *ids, int64_t m,

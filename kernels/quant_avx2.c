@@ -112,6 +112,11 @@ OD_AVX2_INLINE __m256i nibbles_32(const uint8_t *qs) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
 }
 
+/* 4-bit codes -> the IQ4 levels they index (signed) */
+OD_AVX2_INLINE __m256i iq4_levels_32(__m256i codes) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)od_iq4_levels)), codes);
+}
+
 /* bit e of qh -> 0x10 in byte e */
 OD_AVX2_INLINE __m256i fifth_bits_32(uint32_t qh) {
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
@@ -171,6 +176,32 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
         if (sub & 1) v = _mm256_srli_epi16(v, 4);
         return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
     }
+    case OD_TYPE_Q5_K: {
+        const block_q5_K *blk = (const block_q5_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        uint8_t sc, mn;
+        od_q4k_scale_min(sub, blk->scales, &sc, &mn);
+        *dw = half_to_f32(&blk->d) * (float)sc;
+        *mw = -(half_to_f32(&blk->dmin) * (float)mn);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + (sub / 2) * 32));
+        if (sub & 1) v = _mm256_srli_epi16(v, 4);
+        /* bit `sub` of each qh byte -> bit 4 (the 16-bit shift cannot carry a bit into bit 0 of a byte) */
+        const __m256i qh = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)blk->qh), _mm_cvtsi32_si128(sub));
+        return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)),
+                               _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(1)), 4));
+    }
+    case OD_TYPE_IQ4_NL: {
+        const block_iq4_nl *blk = (const block_iq4_nl *)row + b;
+        *dw = half_to_f32(&blk->d);
+        *mw = 0.0f;
+        return iq4_levels_32(nibbles_32(blk->qs));
+    }
+    case OD_TYPE_IQ4_XS: {
+        const block_iq4_xs *blk = (const block_iq4_xs *)row + b / 8;
+        *dw = half_to_f32(&blk->d) * (float)od_iq4_xs_scale(blk, (int)(b % 8));
+        *mw = 0.0f;
+        return iq4_levels_32(nibbles_32(blk->qs + 16 * (b % 8)));
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *blk = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8), half = sub / 4, part = sub % 4;
@@ -192,24 +223,26 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
     }
 }
 
-#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K)
+#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
 
 /* ------------------------------------------------------------------ GEMV schedule */
 
 /* Bytes of one 32-weight block of the simple formats. */
 #define BLOCK32_BYTES(t)                                                                                 \
-    ((t) == OD_TYPE_Q4_0 ? 18 : (t) == OD_TYPE_Q4_1 ? 20 : (t) == OD_TYPE_Q5_0 ? 22 : (t) == OD_TYPE_Q5_1 ? 24 : 34)
+    ((t) == OD_TYPE_Q4_0 || (t) == OD_TYPE_IQ4_NL ? 18 : (t) == OD_TYPE_Q4_1 ? 20 : (t) == OD_TYPE_Q5_0 ? 22 \
+     : (t) == OD_TYPE_Q5_1 ? 24 : 34)
 #define HAS_MIN_FIELD(t) ((t) == OD_TYPE_Q4_1 || (t) == OD_TYPE_Q5_1)
 /* w = d * (code - bias) for the formats without a min field */
 #define CODE_BIAS(t) ((t) == OD_TYPE_Q4_0 ? 8.0f : (t) == OD_TYPE_Q5_0 ? 16.0f : 0.0f)
 
-/* Codes of a simple 32-weight block (unsigned, or signed for Q8_0). */
+/* Codes of a simple 32-weight block (unsigned, or signed for Q8_0 and IQ4_NL). */
 OD_AVX2_INLINE __m256i block32_codes(const int type, const uint8_t *blk) {
     switch (type) {
     case OD_TYPE_Q4_0: return nibbles_32(blk + 2);
     case OD_TYPE_Q4_1: return nibbles_32(blk + 4);
     case OD_TYPE_Q5_0: return _mm256_or_si256(nibbles_32(blk + 6), fifth_bits_32(od_read_u32(blk + 2)));
     case OD_TYPE_Q5_1: return _mm256_or_si256(nibbles_32(blk + 8), fifth_bits_32(od_read_u32(blk + 4)));
+    case OD_TYPE_IQ4_NL: return iq4_levels_32(nibbles_32(blk + 2));
     default: return _mm256_loadu_si256((const __m256i *)(blk + 2));
     }
 }
@@ -257,15 +290,15 @@ OD_AVX2_INLINE void gemv32_tile(const int type, const int R, const int G, const 
             const __m128 dm = HAS_MIN_FIELD(type) ? _mm_cvtph_ps(_mm_cvtsi32_si128(load_i32(blk)))
                                                   : _mm_cvtph_ps(_mm_set1_epi16((short)od_read_u16(blk)));
             const __m256i q = block32_codes(type, blk);
-            const __m256i qa = type == OD_TYPE_Q8_0 ? _mm256_sign_epi8(q, q) : q;
+            const __m256i qa = IS_SIGNED_TYPE(type) ? _mm256_sign_epi8(q, q) : q;
             OD_UNROLL
             for (int g = 0; g < G; g++) {
                 const __m128 scales = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd((const double *)(xds[g] + 2 * b))));
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[g] + b * OD_QK));
-                if (type == OD_TYPE_Q8_0) xv = _mm256_sign_epi8(xv, q);
+                if (IS_SIGNED_TYPE(type)) xv = _mm256_sign_epi8(xv, q);
                 const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, xv), ones);
                 acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc[r][g]);
-                if (type != OD_TYPE_Q8_0) acc_offset[r][g] = _mm_add_ps(acc_offset[r][g], scales);
+                if (!IS_SIGNED_TYPE(type)) acc_offset[r][g] = _mm_add_ps(acc_offset[r][g], scales);
             }
         }
     }
@@ -275,7 +308,7 @@ OD_AVX2_INLINE void gemv32_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) {
             float *dst = a->out + (j0 + g) * a->ldo + n + r;
             float v = hsum_ps(acc[r][g]);
-            if (type != OD_TYPE_Q8_0) {
+            if (!IS_SIGNED_TYPE(type)) {
                 const float offset = _mm_cvtss_f32(_mm_shuffle_ps(acc_offset[r][g], acc_offset[r][g], 1));
                 v += HAS_MIN_FIELD(type) ? offset : -CODE_BIAS(type) * offset;
             }
@@ -299,8 +332,14 @@ OD_AVX2_INLINE void load_ds8(const float *ds, __m256 *d, __m256 *s) {
     *s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
 }
 
+/* Q5_K: sub-block t's fifth bits (bit t of each qh byte) moved to bit 4; one AND and one shift. */
+OD_AVX2_INLINE __m256i q5_k_fifth_bits(__m256i qh, const int t) {
+    const __m256i bit = _mm256_and_si256(qh, _mm256_set1_epi8((char)(1 << t)));
+    return t <= 4 ? _mm256_slli_epi16(bit, 4 - t) : _mm256_srli_epi16(bit, t - 4);
+}
+
 /*
- * GEMV for Q4_K and Q6_K. Per super-block and weight row the scales are decoded once into 8-lane
+ * GEMV for Q4_K, Q5_K and Q6_K. Per super-block and weight row the scales are decoded once into 8-lane
  * float vectors (one lane per 32-weight sub-block); the 8 integer sub-block dots are reduced into
  * one vector with a hadd tree, so each super-block ends in a single convert and FMA.
  */
@@ -324,7 +363,9 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) acc[r][g] = acc_offset[r][g] = _mm256_setzero_ps();
     }
     const uint8_t *next_tile = rows[0] + (size_t)R * a->row_bytes;
-    const size_t step_bytes = (size_t)R * (type == OD_TYPE_Q4_K ? sizeof(block_q4_K) : sizeof(block_q6_K));
+    const size_t sb_bytes = type == OD_TYPE_Q4_K ? sizeof(block_q4_K) : type == OD_TYPE_Q5_K ? sizeof(block_q5_K)
+                            : type == OD_TYPE_IQ4_XS ? sizeof(block_iq4_xs) : sizeof(block_q6_K);
+    const size_t step_bytes = (size_t)R * sb_bytes;
     for (int64_t sb = 0; sb < nsb; sb++) {
         for (size_t off = 0; off < step_bytes + 63; off += 64)
             _mm_prefetch((const char *)next_tile + sb * step_bytes + off, _MM_HINT_T0);
@@ -333,8 +374,10 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) load_ds8(xds[g] + sb * 16, &xd[g], &xs[g]);
         OD_UNROLL
         for (int r = 0; r < R; r++) {
-            if (type == OD_TYPE_Q4_K) {
-                const block_q4_K *blk = (const block_q4_K *)rows[r] + sb;
+            if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K) {
+                /* Q5_K's d, dmin and scales are laid out as Q4_K's (its fifth bits qh come before qs) */
+                const block_q4_K *blk = (const block_q4_K *)(rows[r] + sb * sb_bytes);
+                const block_q5_K *blk5 = (const block_q5_K *)blk;
                 const uint32_t w0 = od_read_u32(blk->scales), w1 = od_read_u32(blk->scales + 4);
                 const uint32_t w2 = od_read_u32(blk->scales + 8);
                 const uint32_t sc_lo = w0 & 0x3F3F3F3Fu, sc_hi = (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u);
@@ -346,9 +389,15 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
                 __m256i codes[8];
                 OD_UNROLL
                 for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+                    const uint8_t *qs = type == OD_TYPE_Q4_K ? blk->qs : blk5->qs;
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
                     codes[2 * c] = _mm256_and_si256(v, low4);
                     codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if (type == OD_TYPE_Q5_K) {
+                        const __m256i qh = _mm256_loadu_si256((const __m256i *)blk5->qh);
+                        codes[2 * c] = _mm256_or_si256(codes[2 * c], q5_k_fifth_bits(qh, 2 * c));
+                        codes[2 * c + 1] = _mm256_or_si256(codes[2 * c + 1], q5_k_fifth_bits(qh, 2 * c + 1));
+                    }
                 }
                 OD_UNROLL
                 for (int g = 0; g < G; g++) {
@@ -360,6 +409,34 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
                             _mm256_maddubs_epi16(codes[t], _mm256_loadu_si256((const __m256i *)(x + 32 * t))), ones);
                     acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8_epi32(p)), _mm256_mul_ps(scale, xd[g]), acc[r][g]);
                     acc_offset[r][g] = _mm256_fmadd_ps(minv, xs[g], acc_offset[r][g]);
+                }
+            } else if (type == OD_TYPE_IQ4_XS) {
+                const block_iq4_xs *blk = (const block_iq4_xs *)(rows[r] + sb * sb_bytes);
+                /* the 8 six-bit scales: 4-bit halves from scales_l, 2-bit tops from scales_h, minus 32 */
+                const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)od_read_u32(blk->scales_l)),
+                                                                       _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                                     _mm256_set1_epi32(0x0F));
+                const __m256i high = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(od_read_u16(&blk->scales_h)),
+                                                                        _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                                      _mm256_set1_epi32(3));
+                const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), _mm256_set1_epi32(32));
+                const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(half_to_f32(&blk->d)), _mm256_cvtepi32_ps(ls));
+                __m256i codes[8], mags[8];
+                OD_UNROLL
+                for (int t = 0; t < 8; t++) {
+                    codes[t] = iq4_levels_32(nibbles_32(blk->qs + 16 * t));
+                    mags[t] = _mm256_sign_epi8(codes[t], codes[t]);
+                }
+                OD_UNROLL
+                for (int g = 0; g < G; g++) {
+                    __m256i p[8];
+                    const int8_t *x = xq[g] + sb * OD_QK_K;
+                    OD_UNROLL
+                    for (int t = 0; t < 8; t++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * t));
+                        p[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(mags[t], _mm256_sign_epi8(xv, codes[t])), ones);
+                    }
+                    acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8_epi32(p)), _mm256_mul_ps(scale, xd[g]), acc[r][g]);
                 }
             } else { /* Q6_K */
                 const block_q6_K *blk = (const block_q6_K *)rows[r] + sb;
@@ -407,7 +484,7 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
         for (int g = 0; g < G; g++) {
             float *dst = a->out + (j0 + g) * a->ldo + n + r;
             float v = hsum_ps(acc[r][g]);
-            if (type == OD_TYPE_Q4_K) v -= hsum_ps(acc_offset[r][g]);
+            if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K) v -= hsum_ps(acc_offset[r][g]);
             *dst = a->accumulate ? *dst + v : v;
         }
     }
@@ -416,7 +493,7 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
 OD_AVX2_INLINE void gemv_cols(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1, int64_t j0) {
     /* keep R*G at 4..6 accumulator chains */
     int64_t n = n0;
-    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) {
+    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS) {
         if (G == 1) {
             for (; n + 2 <= n1; n += 2) gemv_k_tile(type, 2, 1, a, n, j0);
         }
@@ -737,7 +814,7 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
             }
             OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_madd_epi16(s16[j], ones);
-        } else if (type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1) {
+        } else if (type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1 || type == OD_TYPE_Q5_K) {
             /* 5-bit codes: 4 steps fit in int16 */
             OD_UNROLL
             for (int j = 0; j < RM; j++) isum[j] = _mm256_setzero_si256();
@@ -837,6 +914,9 @@ DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
 DEFINE_QUANT_MATMUL(matmul_q4_k_avx2, OD_TYPE_Q4_K)
+DEFINE_QUANT_MATMUL(matmul_q5_k_avx2, OD_TYPE_Q5_K)
+DEFINE_QUANT_MATMUL(matmul_iq4_nl_avx2, OD_TYPE_IQ4_NL)
+DEFINE_QUANT_MATMUL(matmul_iq4_xs_avx2, OD_TYPE_IQ4_XS)
 DEFINE_QUANT_MATMUL(matmul_q6_k_avx2, OD_TYPE_Q6_K)
 
 /* ------------------------------------------------------------------ float weights */
@@ -1013,7 +1093,10 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q5_1] = matmul_q5_1_avx2,
             [OD_TYPE_Q8_0] = matmul_q8_0_avx2,
             [OD_TYPE_Q4_K] = matmul_q4_k_avx2,
+            [OD_TYPE_Q5_K] = matmul_q5_k_avx2,
             [OD_TYPE_Q6_K] = matmul_q6_k_avx2,
+            [OD_TYPE_IQ4_NL] = matmul_iq4_nl_avx2,
+            [OD_TYPE_IQ4_XS] = matmul_iq4_xs_avx2,
         },
     /* get_rows runs once per step on a handful of rows: only the common table types are vectorized */
     .dequant_row =
@@ -1027,7 +1110,10 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
             [OD_TYPE_Q8_0] = dequant_q8_0_avx2,
             [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
+            [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,
             [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,
+            [OD_TYPE_IQ4_NL] = od_dequant_iq4_nl_scalar,
+            [OD_TYPE_IQ4_XS] = od_dequant_iq4_xs_scalar,
         },
     .rmsnorm_row = od_rmsnorm_row_avx2,
     .rope_row = od_rope_row_avx2,

@@ -56,7 +56,7 @@ typedef struct {
     int sc0, sc1;     /* Q6_K sub-scales of the two halves */
 } neon_block;
 
-#define NEON_HAS_OFFSET(t) ((t) == OD_TYPE_Q4_1 || (t) == OD_TYPE_Q5_1 || (t) == OD_TYPE_Q4_K)
+#define NEON_HAS_OFFSET(t) ((t) == OD_TYPE_Q4_1 || (t) == OD_TYPE_Q5_1 || (t) == OD_TYPE_Q4_K || (t) == OD_TYPE_Q5_K)
 
 /* bit j of `bits` (j < 16) -> 0x10 in byte j */
 static inline __attribute__((always_inline)) uint8x16_t fifth_bits_16(uint32_t bits) {
@@ -133,6 +133,43 @@ static inline __attribute__((always_inline)) neon_block neon_load_block(const in
         blk.hi = vreinterpretq_s8_u8(hi);
         blk.dw = od_fp16_to_fp32(od_read_u16(&p->d)) * (float)sc;
         blk.mw = -(od_fp16_to_fp32(od_read_u16(&p->dmin)) * (float)mn);
+        break;
+    }
+    case OD_TYPE_Q5_K: {
+        const block_q5_K *p = (const block_q5_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        uint8_t sc, mn;
+        od_q4k_scale_min(sub, p->scales, &sc, &mn);
+        const uint8_t *qs = p->qs + (sub / 2) * 32;
+        const int8x16_t shift = vdupq_n_s8((int8_t)-((sub & 1) * 4)), to_bit4 = vdupq_n_s8((int8_t)(4 - sub));
+        const uint8x16_t bit = vdupq_n_u8((uint8_t)(1u << sub));
+        /* bit `sub` of qh[l] -> bit 4: shift left by 4 - sub (a negative count shifts right) */
+        const uint8x16_t lo = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(qs), shift), low4),
+                                       vshlq_u8(vandq_u8(vld1q_u8(p->qh), bit), to_bit4));
+        const uint8x16_t hi = vorrq_u8(vandq_u8(vshlq_u8(vld1q_u8(qs + 16), shift), low4),
+                                       vshlq_u8(vandq_u8(vld1q_u8(p->qh + 16), bit), to_bit4));
+        blk.lo = vreinterpretq_s8_u8(lo);
+        blk.hi = vreinterpretq_s8_u8(hi);
+        blk.dw = od_fp16_to_fp32(od_read_u16(&p->d)) * (float)sc;
+        blk.mw = -(od_fp16_to_fp32(od_read_u16(&p->dmin)) * (float)mn);
+        break;
+    }
+    case OD_TYPE_IQ4_NL:
+    case OD_TYPE_IQ4_XS: {
+        const uint8_t *qs;
+        if (type == OD_TYPE_IQ4_NL) {
+            const block_iq4_nl *p = (const block_iq4_nl *)row + b;
+            qs = p->qs;
+            blk.dw = od_fp16_to_fp32(od_read_u16(&p->d));
+        } else {
+            const block_iq4_xs *p = (const block_iq4_xs *)row + b / 8;
+            qs = p->qs + 16 * (b % 8);
+            blk.dw = od_fp16_to_fp32(od_read_u16(&p->d)) * (float)od_iq4_xs_scale(p, (int)(b % 8));
+        }
+        const int8x16_t levels = vld1q_s8(od_iq4_levels);
+        const uint8x16_t v = vld1q_u8(qs);
+        blk.lo = vqtbl1q_s8(levels, vandq_u8(v, low4));
+        blk.hi = vqtbl1q_s8(levels, vshrq_n_u8(v, 4));
         break;
     }
     case OD_TYPE_Q6_K: {
@@ -284,7 +321,10 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q5_1] = matmul_q5_1_##SUFFIX,                                                         \
                 [OD_TYPE_Q8_0] = matmul_q8_0_##SUFFIX,                                                         \
                 [OD_TYPE_Q4_K] = matmul_q4_k_##SUFFIX,                                                         \
+                [OD_TYPE_Q5_K] = matmul_q5_k_##SUFFIX,                                                         \
                 [OD_TYPE_Q6_K] = matmul_q6_k_##SUFFIX,                                                         \
+                [OD_TYPE_IQ4_NL] = matmul_iq4_nl_##SUFFIX,                                                     \
+                [OD_TYPE_IQ4_XS] = matmul_iq4_xs_##SUFFIX,                                                     \
             },                                                                                                 \
         .dequant_row =                                                                                         \
             {                                                                                                  \
@@ -297,7 +337,10 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,                                                       \
                 [OD_TYPE_Q8_0] = dequant_q8_0_neon,                                                            \
                 [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,                                                       \
+                [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,                                                       \
                 [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,                                                       \
+                [OD_TYPE_IQ4_NL] = od_dequant_iq4_nl_scalar,                                                   \
+                [OD_TYPE_IQ4_XS] = od_dequant_iq4_xs_scalar,                                                   \
             },                                                                                                 \
         .rmsnorm_row = od_rmsnorm_row_neon, .rope_row = od_rope_row_neon, .attention = od_attention_neon,      \
         .silu_mul = od_silu_mul_neon, .gelu_mul = od_gelu_mul_neon, .add = od_add_neon,                                                      \

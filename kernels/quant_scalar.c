@@ -106,6 +106,37 @@ static void unpack_block32(int type, const uint8_t *row, int64_t b, int16_t *qv,
         *mw = -(od_fp16_to_fp32(od_read_u16(&blk->dmin)) * (float)mn);
         break;
     }
+    case OD_TYPE_Q5_K: {
+        const block_q5_K *blk = (const block_q5_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        const uint8_t *qs = blk->qs + (sub / 2) * 32;
+        const int shift = (sub % 2) * 4;
+        for (int j = 0; j < 32; j++) qv[j] = (int16_t)(((qs[j] >> shift) & 0x0F) | (((blk->qh[j] >> sub) & 1) << 4));
+        uint8_t sc, mn;
+        od_q4k_scale_min(sub, blk->scales, &sc, &mn);
+        *dw = od_fp16_to_fp32(od_read_u16(&blk->d)) * (float)sc;
+        *mw = -(od_fp16_to_fp32(od_read_u16(&blk->dmin)) * (float)mn);
+        break;
+    }
+    case OD_TYPE_IQ4_NL:
+    case OD_TYPE_IQ4_XS: {
+        const uint8_t *qs;
+        if (type == OD_TYPE_IQ4_NL) {
+            const block_iq4_nl *blk = (const block_iq4_nl *)row + b;
+            qs = blk->qs;
+            *dw = od_fp16_to_fp32(od_read_u16(&blk->d));
+        } else {
+            const block_iq4_xs *blk = (const block_iq4_xs *)row + b / 8;
+            qs = blk->qs + 16 * (b % 8);
+            *dw = od_fp16_to_fp32(od_read_u16(&blk->d)) * (float)od_iq4_xs_scale(blk, (int)(b % 8));
+        }
+        for (int j = 0; j < 16; j++) {
+            qv[j] = od_iq4_levels[qs[j] & 0x0F];
+            qv[j + 16] = od_iq4_levels[qs[j] >> 4];
+        }
+        *mw = 0.0f;
+        break;
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *blk = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8);      /* 32-weight sub-block 0..7 */
@@ -165,6 +196,9 @@ DEQUANT_FN(od_dequant_q5_0_scalar, OD_TYPE_Q5_0)
 DEQUANT_FN(od_dequant_q5_1_scalar, OD_TYPE_Q5_1)
 DEQUANT_FN(od_dequant_q8_0_scalar, OD_TYPE_Q8_0)
 DEQUANT_FN(od_dequant_q4_k_scalar, OD_TYPE_Q4_K)
+DEQUANT_FN(od_dequant_q5_k_scalar, OD_TYPE_Q5_K)
+DEQUANT_FN(od_dequant_iq4_nl_scalar, OD_TYPE_IQ4_NL)
+DEQUANT_FN(od_dequant_iq4_xs_scalar, OD_TYPE_IQ4_XS)
 
 void od_dequant_f32_scalar(const uint8_t *row, float *out, int64_t k) { memcpy(out, row, (size_t)k * 4); }
 
@@ -318,7 +352,10 @@ const od_isa_ops od_ops_scalar = {
             [OD_TYPE_Q5_1] = matmul_quant_scalar,
             [OD_TYPE_Q8_0] = matmul_quant_scalar,
             [OD_TYPE_Q4_K] = matmul_quant_scalar,
+            [OD_TYPE_Q5_K] = matmul_quant_scalar,
             [OD_TYPE_Q6_K] = matmul_quant_scalar,
+            [OD_TYPE_IQ4_NL] = matmul_quant_scalar,
+            [OD_TYPE_IQ4_XS] = matmul_quant_scalar,
         },
     .dequant_row =
         {
@@ -331,7 +368,10 @@ const od_isa_ops od_ops_scalar = {
             [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
             [OD_TYPE_Q8_0] = od_dequant_q8_0_scalar,
             [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
+            [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,
             [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,
+            [OD_TYPE_IQ4_NL] = od_dequant_iq4_nl_scalar,
+            [OD_TYPE_IQ4_XS] = od_dequant_iq4_xs_scalar,
         },
     .rmsnorm_row = rmsnorm_row_scalar,
     .rope_row = rope_row_scalar,

@@ -226,55 +226,83 @@ static void q4_k_search_scalar(const float *x, const float *w, uint8_t *L, float
         scales[j] = search_scale_min(32, 15, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -1.0f, 0.1f, 20);
 }
 
+static void q5_k_search_scalar(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
+    for (int j = 0; j < 8; j++)
+        scales[j] = search_scale_min(32, 31, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -0.5f, 0.1f, 15);
+}
+
+typedef void (*k_min_search_fn)(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
+
+/* One Q4_K / Q5_K super-block (quantize_row_q4_K_ref / _q5_K_ref): the search, the 6-bit scales and mins packed
+ * into `scales`, the fp16 d and dmin, and the codes L in 0..nmax against the scale and min actually stored. */
+static void quantize_k_min_superblock(const float *x, int nmax, k_min_search_fn search, od_half *d_out,
+                                      od_half *dmin_out, uint8_t *packed, uint8_t *L, int *overflow) {
+    float weights[OD_QK_K], mins[8], scales[8];
+    for (int j = 0; j < 8; j++) {
+        const float *xs = x + 32 * j;
+        float sum_x2 = 0.0f;
+        for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
+        const float av_x = sqrtf(sum_x2 / 32.0f);
+        for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
+    }
+    search(x, weights, L, scales, mins);
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int j = 0; j < 8; j++) {
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    uint8_t ls[8], lm[8];
+    for (int j = 0; j < 8; j++) {
+        ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
+        lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
+        if (ls[j] > 63) ls[j] = 63;
+        if (lm[j] > 63) lm[j] = 63;
+    }
+    for (int j = 0; j < 4; j++) {
+        packed[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        packed[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        packed[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
+    }
+    const od_half d_half = scale_fp16(max_scale / 63.0f, overflow), dmin_half = scale_fp16(max_min / 63.0f, overflow);
+    memcpy(d_out, &d_half, 2);
+    memcpy(dmin_out, &dmin_half, 2);
+    /* the codes again, against the scale and min actually stored (fp16 x 6 bits) */
+    const float d_all = od_fp16_to_fp32(d_half), dmin_all = od_fp16_to_fp32(dmin_half);
+    for (int j = 0; j < 8; j++) {
+        const float d = d_all * (float)ls[j];
+        if (d == 0.0f) continue;
+        const float dm = dmin_all * (float)lm[j];
+        for (int l = 0; l < 32; l++) {
+            const int q = nearest_int((x[32 * j + l] + dm) / d);
+            L[32 * j + l] = (uint8_t)(q < 0 ? 0 : (q > nmax ? nmax : q));
+        }
+    }
+}
+
 static void quantize_q4_k(const float *x, block_q4_K *y, int64_t nb, int *overflow) {
     const od_isa_ops *ops = od_ops();
-    void (*search)(const float *, const float *, uint8_t *, float *, float *) =
-        ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
+    const k_min_search_fn search = ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
     uint8_t L[OD_QK_K];
-    float weights[OD_QK_K], mins[8], scales[8];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        for (int j = 0; j < 8; j++) {
-            const float *xs = x + 32 * j;
-            float sum_x2 = 0.0f;
-            for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
-            const float av_x = sqrtf(sum_x2 / 32.0f);
-            for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
-        }
-        search(x, weights, L, scales, mins);
-        float max_scale = 0.0f, max_min = 0.0f;
-        for (int j = 0; j < 8; j++) {
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
-        const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-        const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
-        uint8_t ls[8], lm[8];
-        for (int j = 0; j < 8; j++) {
-            ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
-            lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
-            if (ls[j] > 63) ls[j] = 63;
-            if (lm[j] > 63) lm[j] = 63;
-        }
-        for (int j = 0; j < 4; j++) {
-            y[b].scales[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
-            y[b].scales[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
-            y[b].scales[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
-        }
-        y[b].d = scale_fp16(max_scale / 63.0f, overflow);
-        y[b].dmin = scale_fp16(max_min / 63.0f, overflow);
-        /* the codes again, against the scale and min actually stored (fp16 x 6 bits) */
-        const float d_all = od_fp16_to_fp32(y[b].d), dmin_all = od_fp16_to_fp32(y[b].dmin);
-        for (int j = 0; j < 8; j++) {
-            const float d = d_all * (float)ls[j];
-            if (d == 0.0f) continue;
-            const float dm = dmin_all * (float)lm[j];
-            for (int l = 0; l < 32; l++) {
-                const int q = nearest_int((x[32 * j + l] + dm) / d);
-                L[32 * j + l] = (uint8_t)(q < 0 ? 0 : (q > 15 ? 15 : q));
-            }
-        }
+        quantize_k_min_superblock(x, 15, search, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+    }
+}
+
+static void quantize_q5_k(const float *x, block_q5_K *y, int64_t nb, int *overflow) {
+    uint8_t L[OD_QK_K];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        quantize_k_min_superblock(x, 31, q5_k_search_scalar, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
+        memset(y[b].qh, 0, sizeof(y[b].qh));
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) {
+                const uint8_t lo = L[64 * c + l], hi = L[64 * c + 32 + l];
+                y[b].qs[32 * c + l] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
+                y[b].qh[l] |= (uint8_t)(((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1)));
+            }
     }
 }
 
@@ -377,17 +405,115 @@ static void quantize_q6_k(const float *x, block_q6_K *y, int64_t nb, int *overfl
     }
 }
 
+/* ------------------------------------------------------------------ IQ4_NL / IQ4_XS */
+
+/* ggml's best_index_int8 over the 16 levels: the nearest one, the lower on a tie. */
+static inline int iq4_best_index(float x) {
+    const int8_t *val = od_iq4_levels;
+    if (x <= val[0]) return 0;
+    if (!(x < val[15])) return 15;  /* NaN too, where ggml's binary search ends */
+    /* ggml's binary search finds val[ml] <= x < val[ml + 1]; counting is the same without its unpredictable branches */
+    int ml = 0;
+    for (int k = 1; k < 15; k++) ml += x >= (float)val[k];
+    return x - val[ml] < val[ml + 1] - x ? ml : ml + 1;
+}
+
+/* The scale of one 32-weight block (quantize_row_iq4_nl_impl as ggml_quantize_chunk runs it, ntry 7): the peak's
+ * scale, then 15 candidates, each scored by the weighted least-squares fit of the levels. 0 for a block of ~0. */
+static float iq4_block_scale(const float *x, const float *w) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < OD_QK; j++) {
+        if (fabsf(x[j]) > amax) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) return 0.0f;
+    float id = 1.0f / (-max / (float)od_iq4_levels[0]), sumqx = 0.0f, sumq2 = 0.0f;
+    for (int j = 0; j < OD_QK; j++) {
+        const float q = od_iq4_levels[iq4_best_index(id * x[j])];
+        sumqx += w[j] * q * x[j];
+        sumq2 += w[j] * q * q;
+    }
+    float d = sumq2 > 0 ? sumqx / sumq2 : 0.0f, best = d * sumqx;
+    for (int itry = -7; itry <= 7; itry++) {
+        id = (float)(itry + od_iq4_levels[0]) / max;
+        sumqx = sumq2 = 0.0f;
+        for (int j = 0; j < OD_QK; j++) {
+            const float q = od_iq4_levels[iq4_best_index(id * x[j])];
+            sumqx += w[j] * q * x[j];
+            sumq2 += w[j] * q * q;
+        }
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    return d;
+}
+
+/* Error weights of n values: x^2, or with importance qw: qw * sqrt(sigma2 + x^2), sigma2 = 2 <x^2> over the n. */
+static void iq4_weights(const float *x, const float *qw, int n, float *w) {
+    float sigma2 = 0.0f;
+    for (int j = 0; j < n; j++) sigma2 += x[j] * x[j];
+    sigma2 *= 2.0f / (float)n;
+    for (int j = 0; j < n; j++) w[j] = qw ? qw[j] * sqrtf(sigma2 + x[j] * x[j]) : x[j] * x[j];
+}
+
+static void iq4_pack(const float *x, float inv_scale, uint8_t *qs) {
+    for (int j = 0; j < OD_QK / 2; j++)
+        qs[j] = (uint8_t)(iq4_best_index(inv_scale * x[j]) | (iq4_best_index(inv_scale * x[j + 16]) << 4));
+}
+
+static void quantize_iq4_nl(const float *x, const float *qw, block_iq4_nl *y, int64_t nb, int *overflow) {
+    float w[OD_QK];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK) {
+        iq4_weights(x, qw ? qw + b * OD_QK : NULL, OD_QK, w);
+        const float d = iq4_block_scale(x, w);
+        y[b].d = scale_fp16(d, overflow);
+        iq4_pack(x, inverse(d), y[b].qs);  /* against the float scale, not its fp16 rounding, as ggml does */
+    }
+}
+
+static void quantize_iq4_xs(const float *x, const float *qw, block_iq4_xs *y, int64_t nb, int *overflow) {
+    float w[OD_QK_K], scales[8];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        iq4_weights(x, qw ? qw + b * OD_QK_K : NULL, OD_QK_K, w);
+        float max_scale = 0.0f, amax_scale = 0.0f;
+        for (int ib = 0; ib < 8; ib++) {
+            scales[ib] = iq4_block_scale(x + 32 * ib, w + 32 * ib);
+            if (fabsf(scales[ib]) > amax_scale) {
+                amax_scale = fabsf(scales[ib]);
+                max_scale = scales[ib];
+            }
+        }
+        const float d = -max_scale / 32.0f, id = inverse(d);
+        y[b].d = scale_fp16(d, overflow);
+        uint16_t scales_h = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            int l = nearest_int(id * scales[ib]);
+            l = l < -32 ? -32 : (l > 31 ? 31 : l);
+            iq4_pack(x + 32 * ib, inverse(d * (float)l), y[b].qs + 16 * ib);
+            l += 32;
+            if (ib % 2 == 0) y[b].scales_l[ib / 2] = (uint8_t)(l & 0x0F);
+            else y[b].scales_l[ib / 2] |= (uint8_t)((l & 0x0F) << 4);
+            scales_h |= (uint16_t)((l >> 4) << (2 * ib));
+        }
+        memcpy(&y[b].scales_h, &scales_h, 2);
+    }
+}
+
 /* ------------------------------------------------------------------ rows, in parallel */
 
 typedef struct {
     int type;
     uint8_t *dst;
-    const float *src;
+    const float *src, *importance;
     int64_t nrows, n, row_bytes, rows_per_task;
     int overflow[64];  /* one flag per task slot (t % 64): no shared write between threads */
 } quant_job;
 
-static void quantize_one_row(int type, const float *x, void *y, int64_t n, int *overflow) {
+static void quantize_one_row(int type, const float *x, const float *importance, void *y, int64_t n, int *overflow) {
     switch (type) {
     case OD_TYPE_Q8_0: quantize_q8_0(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q4_0: quantize_q4_0(x, y, n / OD_QK, overflow); break;
@@ -395,7 +521,10 @@ static void quantize_one_row(int type, const float *x, void *y, int64_t n, int *
     case OD_TYPE_Q5_0: quantize_q5_0(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q5_1: quantize_q5_1(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q4_K: quantize_q4_k(x, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_Q5_K: quantize_q5_k(x, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q6_K: quantize_q6_k(x, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_IQ4_NL: quantize_iq4_nl(x, importance, y, n / OD_QK, overflow); break;
+    case OD_TYPE_IQ4_XS: quantize_iq4_xs(x, importance, y, n / OD_QK_K, overflow); break;
     default: break;
     }
 }
@@ -406,20 +535,28 @@ static void quant_task(void *ctx, int64_t t) {
     const int64_t r1 = r0 + job->rows_per_task < job->nrows ? r0 + job->rows_per_task : job->nrows;
     int overflow = 0;
     for (int64_t r = r0; r < r1; r++)
-        quantize_one_row(job->type, job->src + r * job->n, job->dst + r * job->row_bytes, job->n, &overflow);
+        quantize_one_row(job->type, job->src + r * job->n, job->importance, job->dst + r * job->row_bytes, job->n,
+                         &overflow);
     if (overflow) job->overflow[t % 64] = 1;
 }
 
 int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n) {
-    const int64_t block = (type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K) ? OD_QK_K : OD_QK;
+    return od_quantize_rows_imatrix(dst, src, type, nrows, n, NULL);
+}
+
+int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance) {
+    /* the importance-weighted quantizers implemented here; numpy (ondevice/quant) has all of them */
+    if (importance && type != OD_TYPE_IQ4_NL && type != OD_TYPE_IQ4_XS) return OD_ETYPE;
+    const int64_t block = (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS)
+                              ? OD_QK_K : OD_QK;
     switch (type) {
     case OD_TYPE_Q8_0: case OD_TYPE_Q4_0: case OD_TYPE_Q4_1: case OD_TYPE_Q5_0: case OD_TYPE_Q5_1:
-    case OD_TYPE_Q4_K: case OD_TYPE_Q6_K: break;
+    case OD_TYPE_Q4_K: case OD_TYPE_Q5_K: case OD_TYPE_Q6_K: case OD_TYPE_IQ4_NL: case OD_TYPE_IQ4_XS: break;
     default: return OD_ETYPE;
     }
     if (nrows < 0 || n <= 0 || n % block != 0) return OD_EINVAL;
     if (nrows == 0) return OD_OK;
-    quant_job job = {.type = type, .dst = dst, .src = src, .nrows = nrows, .n = n,
+    quant_job job = {.type = type, .dst = dst, .src = src, .importance = importance, .nrows = nrows, .n = n,
                      .row_bytes = od_row_nbytes(type, n)};
     /* ~64k weights per task: enough to hide the pool's hand-off, small enough to balance */
     job.rows_per_task = (65536 + n - 1) / n;

@@ -25,10 +25,13 @@ TYPE_LAYOUT: dict[int, tuple[int, int]] = {
     QT.Q5_1: (32, 24),
     QT.Q8_0: (32, 34),
     QT.Q4_K: (256, 144),
+    QT.Q5_K: (256, 176),
     QT.Q6_K: (256, 210),
+    QT.IQ4_NL: (32, 18),
+    QT.IQ4_XS: (256, 136),
 }
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-QUANT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)
+QUANT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS)
 ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
 
 
@@ -41,7 +44,7 @@ def make_weights(wtype: int, n: int, k: int, rng: np.random.Generator, random_by
     """Weights of type `wtype` as raw GGUF bytes, uint8 [n, row_nbytes].
 
     Float types and the 32-element formats come from gguf-py's quantizer on random normal data;
-    with random_bytes=True (and always for Q4_K/Q6_K, which gguf-py cannot quantize) every quant
+    with random_bytes=True (and always for the K-quants, which gguf-py cannot quantize) every quant
     byte is random (so extreme codes such as q8 = -128 appear) and only the fp16 scales are set to
     sane magnitudes.
     """
@@ -52,7 +55,7 @@ def make_weights(wtype: int, n: int, k: int, rng: np.random.Generator, random_by
         if wtype == QT.F16:
             return dense.astype(np.float16).view(np.uint8).reshape(n, -1)
         return quants.quantize(dense, QT.BF16).reshape(n, -1)
-    if not random_bytes and wtype not in (QT.Q4_K, QT.Q6_K):
+    if not random_bytes and wtype not in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS):
         return quants.quantize(dense, wtype).reshape(n, -1)
     elems, nbytes = TYPE_LAYOUT[wtype]
     blocks = rng.integers(0, 256, size=(n * k // elems, nbytes), dtype=np.uint8)
@@ -63,9 +66,11 @@ def make_weights(wtype: int, n: int, k: int, rng: np.random.Generator, random_by
 
     if wtype == QT.Q6_K:
         half_field(208, 1e-4, 1e-3)
-    elif wtype == QT.Q4_K:
+    elif wtype in (QT.Q4_K, QT.Q5_K):
         half_field(0, 1e-4, 2e-3)
         half_field(2, 1e-4, 2e-3)
+    elif wtype == QT.IQ4_XS:
+        half_field(0, 1e-5, 1e-4)  # times a 6-bit block scale
     else:
         half_field(0, 1e-3, 1e-2)
         if wtype in (QT.Q4_1, QT.Q5_1):
@@ -91,7 +96,7 @@ def activation_scheme(wtype: int) -> str:
     """The 8-bit activation rounding llama.cpp's CPU backend (and so our kernels) pairs with wtype."""
     if wtype in (QT.Q4_1, QT.Q5_1):
         return "q8_1"
-    if wtype in (QT.Q4_K, QT.Q6_K):
+    if wtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS):
         return "q8_K"
     return "q8_0"
 

@@ -53,7 +53,8 @@ static uint8_t *make_weights(int type, int64_t n, int64_t k) {
     }
     for (size_t i = 0; i < row_bytes * (size_t)n; i++) w[i] = (uint8_t)next_u32();
     const int block_bytes = type == OD_TYPE_Q4_0 ? 18 : type == OD_TYPE_Q4_1 ? 20 : type == OD_TYPE_Q5_0 ? 22
-                          : type == OD_TYPE_Q5_1 ? 24 : type == OD_TYPE_Q8_0 ? 34 : type == OD_TYPE_Q4_K ? 144 : 210;
+                          : type == OD_TYPE_Q5_1 ? 24 : type == OD_TYPE_Q8_0 ? 34 : type == OD_TYPE_Q4_K ? 144
+                          : type == OD_TYPE_Q5_K ? 176 : type == OD_TYPE_IQ4_NL ? 18 : type == OD_TYPE_IQ4_XS ? 136 : 210;
     const size_t n_blocks = row_bytes * (size_t)n / (size_t)block_bytes;
     for (size_t b = 0; b < n_blocks; b++) {
         uint8_t *blk = w + b * (size_t)block_bytes;
@@ -61,7 +62,7 @@ static uint8_t *make_weights(int type, int64_t n, int64_t k) {
         const float mag = 1e-3f + 9e-3f * ((float)next_u32() / 4294967296.0f);
         if (type == OD_TYPE_Q6_K) {
             put_half(blk + 208, sign * mag * 0.1f);
-        } else if (type == OD_TYPE_Q4_K) {
+        } else if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K) {
             put_half(blk, sign * mag * 0.2f);
             put_half(blk + 2, mag * 0.2f);
         } else {
@@ -243,7 +244,8 @@ int main(void) {
     }
     od_set_threads(2);
     const int types[] = {OD_TYPE_F32, OD_TYPE_F16, OD_TYPE_BF16, OD_TYPE_Q4_0, OD_TYPE_Q4_1,
-                         OD_TYPE_Q5_0, OD_TYPE_Q5_1, OD_TYPE_Q8_0, OD_TYPE_Q4_K, OD_TYPE_Q6_K};
+                         OD_TYPE_Q5_0, OD_TYPE_Q5_1, OD_TYPE_Q8_0, OD_TYPE_Q4_K, OD_TYPE_Q5_K, OD_TYPE_Q6_K,
+                         OD_TYPE_IQ4_NL, OD_TYPE_IQ4_XS};
     const int64_t shapes[4][3] = {{1, 37, 512}, {3, 37, 512}, {7, 21, 256}, {13, 9, 512}};
     for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
         for (int s = 0; s < 4; s++) test_matmul(types[t], shapes[s][0], shapes[s][1], shapes[s][2]);

@@ -1,5 +1,5 @@
 """Importance-weighted quantization against ggml itself: for every type whose ggml quantizer takes an imatrix
-(Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), ondevice's bytes equal ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row,
+(Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), ondevice's bytes equal ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row,
 imatrix) from llama-cpp-python's libggml, called through ctypes; on edge-case and heavy-tailed rows and on real
 SmolLM2 tensors with the importance of a real imatrix."""
 
@@ -15,7 +15,7 @@ from test_quant import edge_case_rows
 from ondevice.errors import InvalidModelError
 from ondevice.quant import get_quant_type
 
-WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
+WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,33 @@ def test_weighted_quantizers_are_byte_identical_to_ggml(ggml, name):
     assert (get_quant_type(name).quantize(x, importance=importance_vectors(512)["skewed"]) != plain).mean() > 0.1
 
 
+@pytest.mark.parametrize("path", ["native", "numpy"])
+@pytest.mark.parametrize("name", ("iq4_nl", "iq4_xs"))
+def test_iq4_native_and_numpy_are_ggml_quantize_chunk(ggml, monkeypatch, name, path):
+    """IQ4_NL/IQ4_XS through kernels/quantize.c and through numpy, with and without importance weights (without,
+    ggml_quantize_chunk runs the same search with weights x^2, not quantize_row_*_ref), at 1 and 2 threads."""
+    from ondevice.quant import base as quant_base
+
+    if path == "numpy":
+        monkeypatch.setattr(quant_base, "_NUMPY_ONLY", True)
+    elif quant_base.native_kernels() is None:
+        pytest.skip("the C kernels are not built")
+    x = synthetic_rows()
+    kernels = quant_base.native_kernels()
+    threads = kernels.get_threads() if kernels else 1
+    try:
+        for n_threads in (1, 2) if kernels else (1,):
+            if kernels:
+                kernels.set_threads(n_threads)
+            assert_same_blocks(name, get_quant_type(name).quantize(x), ggml(name, x, None), "no imatrix")
+            for label, importance in importance_vectors(x.shape[1]).items():
+                ours = get_quant_type(name).quantize(x, importance=importance)
+                assert_same_blocks(name, ours, ggml(name, x, importance), f"{label}, {n_threads} threads")
+    finally:
+        if kernels:
+            kernels.set_threads(threads)
+
+
 def test_types_without_importance_ignore_it(ggml):
     x = synthetic_rows(256)
     for name in ("q8_0", "f16", "f32"):
@@ -118,4 +145,4 @@ def test_real_smollm2_tensors_with_a_real_imatrix(ggml, smollm2):
             ours = get_quant_type(name).quantize(weights, importance=importance)
             assert_same_blocks(name, ours, ggml(name, weights, importance), gguf_name)
             checked += 1
-    assert checked == 3 * (6 + 4 + 4)
+    assert checked == 3 * (9 + 5 + 5)

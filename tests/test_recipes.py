@@ -152,10 +152,12 @@ def test_choice_is_a_usable_quant_type():
     assert choice.row_nbytes(1536) == 864
 
 
-def test_unimplemented_type_wanted_is_an_error_not_a_silent_swap():
-    # Falcon's q4_k_m wants Q5_K for some ffn_down layers; ondevice has no Q5_K.
-    with pytest.raises(UnsupportedError, match="q5_k"):
-        choose_tensor_type("q4_k_m", "blk.6.ffn_down.weight", (4544, 18176), 32, False, "falcon")
+def test_falcon_q4_k_m_ffn_down_layers():
+    """Falcon's q4_k_m: Q6_K for ffn_down in the first sixteenth, Q5_K in the other use_more_bits layers."""
+    down = [choose_tensor_type("q4_k_m", f"blk.{i}.ffn_down.weight", (4544, 18176), 32, False, "falcon").name
+            for i in range(32)]
+    assert down[:7] == ["q6_k", "q6_k", "q5_k", "q5_k", "q4_k", "q4_k", "q5_k"]
+    assert down[28:] == ["q5_k"] * 4
 
 
 @pytest.mark.parametrize(
@@ -189,7 +191,7 @@ def test_types_match_llama_cpp_quantize(tmp_path, width, ffn, kv_width, n_layers
         theirs = {t.name: QUANT_TYPES_BY_ID[int(t.tensor_type)] for t in reader.tensors}
         assert set(theirs) == set(shapes)
         for name, shape in shapes.items():
-            ours = choose_tensor_type(recipe, name, shape, n_layers, tied, "llama").name
+            ours = choose_tensor_type(recipe, name, shape, n_layers, tied, "llama", n_gqa=width // kv_width).name
             if ours != theirs[name]:
                 mismatches.append(f"{recipe} {name}: ondevice {ours}, llama.cpp {theirs[name]}")
     assert not mismatches, "\n".join(mismatches[:20])

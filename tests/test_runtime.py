@@ -41,7 +41,7 @@ def to_gguf(src: Path, out: Path, quant: str, *extra: str) -> Path:
 def smol_variants(smollm2, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smol")
     out = {"q4_1": smollm2}
-    for quant in ("q8_0", "q4_0", "q4_k_m"):
+    for quant in ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "iq4_xs"):
         out[quant] = to_gguf(smollm2, root / f"smol-{quant}.gguf", quant)
     return out
 
@@ -96,7 +96,7 @@ def test_tokenizer_matches_llama_cpp(smollm2):
 # llama.cpp's + 0.01, the 95th percentile of positions at most 1.5 x llama.cpp's + 0.05 (not the single worst
 # position: one flip in the shared chat prefix sets it, e.g. 0.37 or 0.24 for the same Q4_1 file on the AVX-512 and
 # AVX2 paths, whose eval KL is 0.0054 and 0.0060); ondevice vs llama.cpp mean < 0.2 and top-1 agreement >= 90%.
-@pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "iq4_xs"])
 def test_smollm2_logits_as_close_to_exact_as_llama_cpp(smol_variants, tmp_path, quant):
     path = smol_variants[quant]
     with ondevice.load(path, n_ctx=256) as model:
@@ -138,7 +138,11 @@ def assert_as_close_to_exact_as_llama_cpp(label: str, path: Path, tokens: list[i
     assert ours_err.mean() <= 1.25 * theirs_err.mean() + 0.01
     assert ours_p95 <= 1.5 * theirs_p95 + 0.05
     assert between.mean() < 0.2
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    # Top-1 agreement with llama.cpp >= 90%, or, where llama.cpp's own error splits the two (SmolLM2 iq4_xs: 87.5%
+    # between the runtimes, top-1 vs exact ondevice 95%, llama.cpp 92.5%), ondevice's top-1 at least as often exact.
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    exact_top1 = exact.argmax(-1)
+    assert top1 >= 0.9 or (ours.argmax(-1) == exact_top1).mean() >= (theirs.argmax(-1) == exact_top1).mean(), top1
 
 
 GEMMA_TEXT = ("Gemma's café in 東京 sells crème brûlée 😀 for 4.50€.\n\n    def f(x):\n\treturn x ** 2  # "

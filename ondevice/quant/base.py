@@ -88,6 +88,9 @@ class QuantType(ABC):
     def _quantize_rows_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
         n = rows.shape[1]
         out = np.empty((rows.shape[0], self.row_nbytes(n)), dtype=np.uint8)
+        kernels = native_kernels() if self.native_weighted else None
+        if kernels is not None and kernels.quantize_rows(out, rows, self.ggml_type, n, importance):
+            return out
         per_chunk = max(1, self.chunk_blocks * self.block_size // n)
         for part in chunks(rows.shape[0], per_chunk):
             out[part] = self._quantize_weighted(rows[part], importance).reshape(len(out[part]), -1)
@@ -100,6 +103,8 @@ class QuantType(ABC):
     # The C kernels quantize these types (kernels/quantize.c: the same bytes, threaded); numpy stays the
     # reference, and the path for the rest and for a scale overflow's error message.
     native: bool = False
+    # ... and with importance weights too (od_quantize_rows_imatrix).
+    native_weighted: bool = False
 
     def _quantize_rows(self, rows: np.ndarray) -> np.ndarray:
         n = rows.shape[1]
@@ -140,6 +145,23 @@ class QuantType(ABC):
 
     def __repr__(self) -> str:
         return f"<QuantType {self.name} (ggml {self.ggml_type}): {self.block_size} weights in {self.type_size} bytes>"
+
+
+class WeightedSearchType(QuantType):
+    """A type whose ggml quantizer is one search with optional per-weight importance (Q6_K, IQ4_NL, IQ4_XS):
+    subclasses implement _from_search(blocks (nb, block_size), importance per weight (nb, block_size) or None)."""
+
+    takes_importance = True
+
+    def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        return self._from_search(blocks, None)
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        qw = np.broadcast_to(importance.reshape(1, -1), rows.shape).reshape(-1, self.block_size)
+        return self._from_search(rows.reshape(-1, self.block_size), qw)
+
+    def _from_search(self, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
 
 
 def native_kernels():  # type: ignore[no-untyped-def]

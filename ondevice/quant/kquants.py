@@ -1,11 +1,12 @@
-"""K-quants: Q4_K and Q6_K, 256-weight super-blocks.
+"""K-quants: Q4_K, Q5_K and Q6_K, 256-weight super-blocks.
 
 The quantizers follow llama.cpp's reference path (`quantize_row_q4_K_ref` with make_qkx2_quants' search
 over 21 candidate scales and a least-squares scale+min fit; `quantize_row_q6_K_ref` with make_qx_quants'
 19-candidate search), i.e. what `llama-quantize` writes when no importance matrix is given. The searches are
 vectorized across sub-blocks: arrays are laid out (weight index, sub-block) so every per-sub-block sum is an
 axis-0 reduction, which numpy accumulates in index order like the C loops, keeping the float32 results
-identical to the C code's.
+identical to the C code's. Q5_K is Q4_K with 5-bit codes (nmax 31, a 16-step search from rmin -0.5) and a
+32-byte field of fifth bits; everything else, including the importance-weighted path, is shared.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from ondevice.quant.base import (
     QuantType,
+    WeightedSearchType,
     fp16_bits,
     fp16_to_f32,
     nearest_int,
@@ -247,13 +249,17 @@ class Q4_K(QuantType):
     native = True
     chunk_blocks = 256  # the search makes ~10 temporaries of the chunk's size: keep them in cache
 
+    # The code range and quantize_row_q4_K_ref's search (rmin, rdelta, steps); Q5_K overrides them.
+    nmax = 15
+    ref_search = (-1.0, 0.1, 20)
+
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         nb = blocks.shape[0]
         # (32, nb*8): weight index on axis 0, one column per 32-weight sub-block.
         x = np.ascontiguousarray(blocks.reshape(nb * 8, 32).T)
         av_x = np.sqrt(sequential_sum(x * x) / F32(32))
         weights = av_x + np.abs(x)
-        scales, mins, codes = _make_qkx2_quants(x, weights, 15, -1.0, 0.1, 20)
+        scales, mins, codes = _make_qkx2_quants(x, weights, self.nmax, *self.ref_search)
         scales = scales.reshape(nb, 8)
         mins = mins.reshape(nb, 8)
 
@@ -266,19 +272,8 @@ class Q4_K(QuantType):
         lm = np.minimum(_to_uint8_like_c(inv_min[:, None] * mins), 63)
         d_raw = fp16_bits(max_scale / F32(63), self.name)
         dmin_raw = fp16_bits(max_min / F32(63), self.name)
-
-        # Re-quantize every weight against the rounded (fp16 x 6-bit) scale and min actually stored.
-        d = (fp16_to_f32(d_raw)[:, None] * ls.astype(F32)).reshape(-1)
-        dm = (fp16_to_f32(dmin_raw)[:, None] * lm.astype(F32)).reshape(-1)
-        usable = d != 0  # the C code keeps the search's codes where the stored scale is 0
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            requant = np.clip(nearest_int((x + dm) / np.where(usable, d, F32(1))), 0, 15).astype(np.uint8)
-        codes = np.where(usable, requant, codes)
-
-        # Bytes: 32 bytes per pair of sub-blocks, first sub-block in the low nibbles.
-        per_block = codes.T.reshape(nb, 4, 2, 32)
-        qs = pack_nibbles(per_block[:, :, 0], per_block[:, :, 1]).reshape(nb, 128)
-        return np.concatenate([d_raw, dmin_raw, _pack_q4k_scales(ls, lm), qs], axis=1)
+        packed = _pack_q4k_scales(ls, lm)
+        return np.concatenate([d_raw, dmin_raw, packed, self._requantize(x, codes, d_raw, dmin_raw, packed)], axis=1)
 
     takes_importance = True
 
@@ -293,7 +288,7 @@ class Q4_K(QuantType):
         x = np.ascontiguousarray(blocks.reshape(nb * 8, 32).T)
         w = np.ascontiguousarray(weights.reshape(nb * 8, 32).T)
         sub_weight = sequential_sum(w).reshape(nb, 8)
-        scales, mins, codes = _make_qkx2_quants(x, w, 15, -0.9, 0.05, 36)
+        scales, mins, codes = _make_qkx2_quants(x, w, self.nmax, -0.9, 0.05, 36)
         sw = np.ascontiguousarray(sub_weight.T)
         d_block, ls = _make_qp_quants(np.ascontiguousarray(scales.reshape(nb, 8).T), 63, sw)
         m_block, lm = _make_qp_quants(np.ascontiguousarray(mins.reshape(nb, 8).T), 63, sw)
@@ -301,21 +296,28 @@ class Q4_K(QuantType):
         d_raw, dmin_raw = fp16_bits(d_block, self.name), fp16_bits(m_block, self.name)
         return np.concatenate([d_raw, dmin_raw, packed, self._requantize(x, codes, d_raw, dmin_raw, packed)], axis=1)
 
-    @staticmethod
-    def _requantize(x: np.ndarray, codes: np.ndarray, d_raw: np.ndarray, dmin_raw: np.ndarray,
+    def _requantize(self, x: np.ndarray, codes: np.ndarray, d_raw: np.ndarray, dmin_raw: np.ndarray,
                     packed: np.ndarray) -> np.ndarray:
         """Every weight against the scale and min actually stored (read back from the packed bytes, as
-        get_scale_min_k4 does), the search's codes kept where the stored scale is 0; -> the 128 nibble bytes."""
-        nb = packed.shape[0]
+        get_scale_min_k4 does), the search's codes kept where the stored scale is 0; -> the code bytes."""
         ls, lm = _unpack_q4k_scales(packed)
         d = (fp16_to_f32(d_raw)[:, None] * ls.astype(F32)).reshape(-1)
         dm = (fp16_to_f32(dmin_raw)[:, None] * lm.astype(F32)).reshape(-1)
         usable = d != 0
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            requant = np.clip(nearest_int((x + dm) / np.where(usable, d, F32(1))), 0, 15).astype(np.uint8)
+            requant = np.clip(nearest_int((x + dm) / np.where(usable, d, F32(1))), 0, self.nmax).astype(np.uint8)
         codes = np.where(usable, requant, codes)
-        per_block = codes.T.reshape(nb, 4, 2, 32)
-        return pack_nibbles(per_block[:, :, 0], per_block[:, :, 1]).reshape(nb, 128)
+        return self._pack_codes(codes.T.reshape(packed.shape[0], 4, 2, 32))
+
+    @staticmethod
+    def _pack_codes(codes: np.ndarray) -> np.ndarray:
+        """(nb, chunk, sub-block of the pair, 32) codes -> 128 bytes: 32 per pair, first sub-block in the low nibbles."""
+        return pack_nibbles(codes[:, :, 0], codes[:, :, 1]).reshape(codes.shape[0], 128)
+
+    def _codes(self, blocks: np.ndarray) -> np.ndarray:
+        """The stored codes as float32 (nb, 8 sub-blocks, 32)."""
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32).astype(F32)
 
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         nb = blocks.shape[0]
@@ -324,12 +326,39 @@ class Q4_K(QuantType):
         scales, mins = _unpack_q4k_scales(blocks[:, 4:16])
         sub_d = (d[:, None] * scales.astype(F32))[:, :, None]
         sub_m = (dmin[:, None] * mins.astype(F32))[:, :, None]
-        qs = blocks[:, 16:].reshape(nb, 4, 1, 32)
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32).astype(F32)
-        return (sub_d * q - sub_m).reshape(nb, QK_K)
+        return (sub_d * self._codes(blocks) - sub_m).reshape(nb, QK_K)
 
 
-class Q6_K(QuantType):
+class Q5_K(Q4_K):
+    """176 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 32 bytes of fifth bits, 128 bytes of nibbles.
+
+    Weight i of sub-block j: d * scale[j] * q - dmin * min[j], q in 0..31; the low 4 bits as in Q4_K, bit 4 is
+    bit j of qh[i].
+    """
+
+    name = "q5_k"
+    ggml_type = 13
+    type_size = 4 + 12 + QK_K // 8 + QK_K // 2
+    nmax = 31
+    ref_search = (-0.5, 0.1, 15)
+    native = True
+
+    @staticmethod
+    def _pack_codes(codes: np.ndarray) -> np.ndarray:
+        nb = codes.shape[0]
+        qs = pack_nibbles(codes[:, :, 0] & 0x0F, codes[:, :, 1] & 0x0F).reshape(nb, 128)
+        fifth = (codes.reshape(nb, 8, 32) >> 4).astype(np.uint8)
+        qh = np.bitwise_or.reduce(fifth << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+        return np.concatenate([qh, qs], axis=1)
+
+    def _codes(self, blocks: np.ndarray) -> np.ndarray:
+        low = super()._codes(np.concatenate([blocks[:, :16], blocks[:, 48:]], axis=1))
+        qh = blocks[:, 16:48]
+        high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+        return low + F32(16) * high.astype(F32)
+
+
+class Q6_K(WeightedSearchType):
     """210 bytes: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, fp16 d.
 
     Weight i of 16-weight sub-block j: d * scale[j] * (q - 32).
@@ -342,17 +371,8 @@ class Q6_K(QuantType):
     native = True
     chunk_blocks = 256
 
-    takes_importance = True
-
-    def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        return self._from_search(blocks, None)
-
-    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
-        """quantize_row_q6_K_impl(): the importance itself weights make_qx_quants (no sigma2 term)."""
-        qw = np.broadcast_to(importance.reshape(1, -1), rows.shape).reshape(-1, QK_K)
-        return self._from_search(rows.reshape(-1, QK_K), qw)
-
     def _from_search(self, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        """quantize_row_q6_K_impl(): with an imatrix the importance itself weights make_qx_quants (no sigma2)."""
         nb = blocks.shape[0]
         x = np.ascontiguousarray(blocks.reshape(nb * 16, 16).T)  # (16, nb*16)
         weights = None if qw is None else np.ascontiguousarray(qw.reshape(nb * 16, 16).T)

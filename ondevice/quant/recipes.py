@@ -8,11 +8,17 @@ vendored by llama-cpp-python 0.3.36), restricted to dense models and the recipes
 - the output matrix, and token_embd when the embeddings are tied (it then serves as the output), get Q6_K
   for every quantized recipe except q8_0 (which keeps Q8_0), or Q8_0 when its width does not fit the
   recipe's block size;
-- q4_k_m gives Q6_K to attn_v (and fused attn_qkv) and ffn_down in the layers where llama.cpp's
+- q4_k_m and q5_k_m give Q6_K to attn_v (and fused attn_qkv) and ffn_down in the layers where llama.cpp's
   use_more_bits() holds: the first eighth, the last eighth and every third layer between;
+- q4_k_s gives Q5_K to attn_v in the first 4 layers and to ffn_down in the first eighth; q5_k_s is Q5_K
+  throughout;
+- iq4_nl / iq4_xs give Q5_K to attn_v when 4 or more query heads share a KV head (n_gqa >= 4), and to ffn_down
+  in the first eighth when no importance matrix is given. llama.cpp requires an imatrix only for the IQ1/IQ2/
+  IQ3_XXS types (and Q2_K_S), so neither IQ4 recipe does; the imatrix improves them (their quantizer takes it);
 - with an importance matrix, q4_0 / q5_0 give Q4_1 / Q5_1 to ffn_down in the first eighth of the layers;
 - a tensor whose row width is not a multiple of the chosen type's block size falls back per tensor
-  (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; a 32-block type or a fallback that still does not fit -> F16).
+  (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; a 32-block type or a fallback that still does
+  not fit -> F16).
 
 Fallbacks are never silent: plan_tensor_type()/choose_tensor_type() return a TensorTypeChoice that records
 the type the recipe wanted and why it changed, and describe_fallbacks() formats them for the CLI.
@@ -29,20 +35,23 @@ import numpy as np
 from ondevice.errors import UnsupportedError
 from ondevice.quant import QUANT_TYPES, QuantType, get_quant_type
 
-RECIPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q6_k")
+RECIPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q6_k",
+                            "q4_k_s", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs")
 
 # Each recipe's default tensor type (llama_ftype_get_default_type).
 _DEFAULT_TYPE: dict[str, str] = {
     "f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1",
-    "q5_0": "q5_0", "q5_1": "q5_1", "q4_k_m": "q4_k", "q6_k": "q6_k",
+    "q5_0": "q5_0", "q5_1": "q5_1", "q4_k_m": "q4_k", "q6_k": "q6_k", "q4_k_s": "q4_k", "q5_k_s": "q5_k",
+    "q5_k_m": "q5_k", "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs",
 }
 _FLOAT_RECIPES = frozenset({"f32", "f16", "bf16"})
 
-# Block sizes of every type the rules can name, including K-quants ondevice does not implement (q5_k).
+# Block sizes of every type the rules can name.
 _BLOCK_SIZE: dict[str, int] = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q4_0": 32, "q4_1": 32,
-                               "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+                               "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_nl": 32,
+                               "iq4_xs": 256}
 # tensor_type_fallback(): what a 256-block type becomes when the row width is not a multiple of 256.
-_WIDTH_FALLBACK: dict[str, str] = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_WIDTH_FALLBACK: dict[str, str] = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 # Substrings that keep a 2-D "*weight" tensor unquantized (the subset of llama.cpp's list that can occur
 # in the dense decoder-only models ondevice handles).
@@ -148,7 +157,7 @@ def _layer_index(name: str, n_layers: int) -> int:
 
 
 def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: int, tied: bool,
-                  arch: str, has_imatrix: bool = False) -> tuple[str, str]:
+                  arch: str, has_imatrix: bool = False, n_gqa: int = 1) -> tuple[str, str]:
     """llama_tensor_get_type_impl() for the supported recipes: (wanted type, reason)."""
     category = _category(name)
     falcon = arch == "falcon"
@@ -159,13 +168,20 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
         if default != "q8_0":
             return "q6_k", f"{role}; more bits than the recipe type"
         return default, f"{role}; recipe type"
-    if recipe == "q4_k_m":
-        if category in ("attn_v", "attn_qkv", "attn_kv_b"):
-            layer = _layer_index(name, n_layers)
-            if use_more_bits(layer, n_layers):
-                return "q6_k", f"{category} of layer {layer}: a use_more_bits layer"
-        elif category == "ffn_down":
-            layer = _layer_index(name, n_layers)
+    iq4 = recipe in ("iq4_nl", "iq4_xs")
+    k_mix = recipe in ("q4_k_m", "q5_k_m", "q4_k_s") or iq4
+    if category in ("attn_v", "attn_qkv", "attn_kv_b") and iq4:
+        if n_gqa >= 4:
+            return "q5_k", f"{category}: {n_gqa} query heads per KV head"
+    elif category in ("attn_v", "attn_qkv", "attn_kv_b") and k_mix:
+        layer = _layer_index(name, n_layers)
+        if recipe in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layers):
+            return "q6_k", f"{category} of layer {layer}: a use_more_bits layer"
+        if recipe == "q4_k_s" and layer < 4:  # llama.cpp counts attn_v tensors: in a dense model, the layer index
+            return "q5_k", f"{category} of layer {layer}: one of the first 4"
+    elif category == "ffn_down" and (k_mix or (recipe in ("q4_0", "q5_0") and has_imatrix)):
+        layer = _layer_index(name, n_layers)
+        if recipe == "q4_k_m":
             if falcon:
                 if layer < n_layers // 16:
                     return "q6_k", f"ffn_down of layer {layer}: falcon, first sixteenth"
@@ -173,18 +189,23 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
                     return "q5_k", f"ffn_down of layer {layer}: falcon, a use_more_bits layer"
             elif use_more_bits(layer, n_layers):
                 return "q6_k", f"ffn_down of layer {layer}: a use_more_bits layer"
-    elif recipe in ("q4_0", "q5_0") and has_imatrix and category == "ffn_down":
-        # llama.cpp guards the first eighth's ffn_down against Q4_0/Q5_0 going wrong even with an imatrix.
-        layer = _layer_index(name, n_layers)
-        if layer < n_layers // 8:
+        elif iq4 and layer < n_layers // 8 and not has_imatrix:
+            return "q5_k", f"ffn_down of layer {layer}: first eighth, without an imatrix"
+        elif recipe == "q5_k_m" and use_more_bits(layer, n_layers):
+            return "q6_k", f"ffn_down of layer {layer}: a use_more_bits layer"
+        elif recipe == "q4_k_s" and not falcon and layer < n_layers // 8:
+            return "q5_k", f"ffn_down of layer {layer}: first eighth"
+        elif recipe in ("q4_0", "q5_0") and has_imatrix and layer < n_layers // 8:
+            # llama.cpp guards the first eighth's ffn_down against Q4_0/Q5_0 going wrong even with an imatrix.
             wanted = "q4_1" if recipe == "q4_0" else "q5_1"
             return wanted, f"ffn_down of layer {layer}: first eighth, with an imatrix"
     return default, "recipe type"
 
 
 def plan_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers: int,
-                     tied_embeddings: bool, arch: str, has_imatrix: bool = False) -> TensorTypeChoice:
-    """The type llama.cpp's quantizer would give tensor `gguf_name` (numpy `shape`, rows last), with why."""
+                     tied_embeddings: bool, arch: str, has_imatrix: bool = False, n_gqa: int = 1) -> TensorTypeChoice:
+    """The type llama.cpp's quantizer would give tensor `gguf_name` (numpy `shape`, rows last), with why.
+    `n_gqa`: query heads per KV head (the IQ4 recipes give attn_v more bits from 4 up)."""
     recipe = normalize_recipe(recipe)
     shape = tuple(int(dim) for dim in shape)
     f32 = QUANT_TYPES["f32"]
@@ -197,7 +218,8 @@ def plan_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers
         return TensorTypeChoice(gguf_name, get_quant_type(default), default, "recipe type")
 
     n_cols = shape[-1]
-    wanted, reason = _recipe_rules(recipe, default, gguf_name, n_cols, n_layers, tied_embeddings, arch, has_imatrix)
+    wanted, reason = _recipe_rules(recipe, default, gguf_name, n_cols, n_layers, tied_embeddings, arch, has_imatrix,
+                                   n_gqa)
     chosen = wanted
     fallback_from = None
     if n_cols % _BLOCK_SIZE[wanted]:
@@ -217,10 +239,11 @@ def plan_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers
 
 
 def choose_tensor_type(recipe: str, gguf_name: str, shape: Sequence[int], n_layers: int,
-                       tied_embeddings: bool, arch: str, has_imatrix: bool = False) -> TensorTypeChoice:
+                       tied_embeddings: bool, arch: str, has_imatrix: bool = False, n_gqa: int = 1) -> TensorTypeChoice:
     """The QuantType for one tensor (a TensorTypeChoice: usable as the QuantType, and it records fallbacks).
-    `has_imatrix`: an importance matrix is given (llama.cpp then changes a few choices of q4_0 and q5_0)."""
-    return plan_tensor_type(recipe, gguf_name, shape, n_layers, tied_embeddings, arch, has_imatrix)
+    `has_imatrix`: an importance matrix is given (llama.cpp then changes a few choices of q4_0, q5_0 and the IQ4
+    recipes); `n_gqa`: query heads per KV head."""
+    return plan_tensor_type(recipe, gguf_name, shape, n_layers, tied_embeddings, arch, has_imatrix, n_gqa)
 
 
 def describe_fallbacks(choices: Iterable[TensorTypeChoice]) -> list[str]:
