@@ -75,10 +75,16 @@ def repacked(w: Matrix) -> Matrix:
     if packed_type is None or w.rows % 8 != 0:
         return w
     packed = np.empty((w.rows, K.row_nbytes(packed_type, w.cols)), np.uint8)
-    wtype = K.repack(packed, w.data, w.ggml_type, w.cols)
-    if _maps_file_read_only(w.data):
-        _release_pages(w.data)
-    return dataclasses.replace(w, data=packed, ggml_type=wtype)
+    mapped = _maps_file_read_only(w.data)
+    # in slices of ~8 MB, each slice's file pages dropped once copied: a large matrix (a tied 262k-row embedding)
+    # never has both forms resident, so the peak RSS stays that of the weights
+    step = max(8, (8 << 20) // max(1, w.data.shape[1]) // 8 * 8)
+    for r0 in range(0, w.rows, step):
+        rows = slice(r0, min(w.rows, r0 + step))
+        K.repack(packed[rows], w.data[rows], w.ggml_type, w.cols)
+        if mapped:
+            _release_pages(w.data[rows])
+    return dataclasses.replace(w, data=packed, ggml_type=packed_type)
 
 
 def repack_layers(weights: ModelWeights) -> None:
