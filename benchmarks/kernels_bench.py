@@ -33,9 +33,9 @@ from gguf import quants
 from ondevice import _kernels as K
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (N rows, K) of W
-TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q4_0_X8", "Q4_K_X8", "Q4_1_X8", "Q8_0_X8"]
+TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q4_0_X8", "Q4_K_X8", "Q4_1_X8", "Q8_0_X8", "Q6_K_X8"]
 # the load-time repacked layouts (what the runtime multiplies Q4_0 / Q4_K with on AVX2)
-REPACKED = {"Q4_0_X8": "Q4_0", "Q4_K_X8": "Q4_K", "Q4_1_X8": "Q4_1", "Q8_0_X8": "Q8_0"}
+REPACKED = {"Q4_0_X8": "Q4_0", "Q4_K_X8": "Q4_K", "Q4_1_X8": "Q4_1", "Q8_0_X8": "Q8_0", "Q6_K_X8": "Q6_K"}
 COLD_BYTES = 96 << 20
 
 

@@ -476,8 +476,9 @@ done:
 
 PyDoc_STRVAR(attention_doc,
              "attention(out, q, k_cache, v_cache, pos0, scale, window=0)\n--\n\n"
-             "Causal GQA attention. q[M,H,D] float32; k_cache, v_cache [Hkv,C,D] float32 or float16 (same\n"
-             "dtype); query row i is at position p = pos0+i and sees cache entries 0..p (already written),\n"
+             "Causal GQA attention. q[M,H,D] float32; k_cache, v_cache [Hkv,C,D] float32 or float16, or uint8\n"
+             "[Hkv,C,D/32*34] Q8_0 rows as kv_store_q8_0 writes them (D % 32 == 0), the same for both;\n"
+             "query row i is at position p = pos0+i and sees cache entries 0..p (already written),\n"
              "or p-window+1..p with window > 0 (sliding-window attention).\n"
              "out[M, H*D] float32 (any shape with M*H*D elements). Needs H % Hkv == 0, pos0 + M <= C.");
 
@@ -493,8 +494,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     memset(b, 0, sizeof(b));
     PyObject *result = NULL;
     if (!get_buffer(args[0], &b[0], "out", KIND_F32, 1) || !get_buffer(args[1], &b[1], "q", KIND_F32, 0) ||
-        !get_buffer(args[2], &b[2], "k_cache", KIND_F32_OR_F16, 0) ||
-        !get_buffer(args[3], &b[3], "v_cache", KIND_F32_OR_F16, 0))
+        !get_buffer(args[2], &b[2], "k_cache", KIND_BYTES, 0) || !get_buffer(args[3], &b[3], "v_cache", KIND_BYTES, 0))
         goto done;
     if (b[1].view.ndim != 3 || b[2].view.ndim != 3 || b[3].view.ndim != 3) {
         PyErr_SetString(PyExc_ValueError, "attention: q must be [M,H,D] and k_cache/v_cache [Hkv,C,D] (3-D)");
@@ -502,10 +502,27 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     const long long m = b[1].view.shape[0], h = b[1].view.shape[1], d = b[1].view.shape[2];
     const long long hkv = b[2].view.shape[0], c = b[2].view.shape[1];
-    if (b[2].view.shape[2] != d || b[3].view.shape[0] != hkv || b[3].view.shape[1] != c ||
-        b[3].view.shape[2] != d || b[2].view.itemsize != b[3].view.itemsize) {
-        PyErr_SetString(PyExc_ValueError,
-                        "attention: k_cache and v_cache must have the same dtype and shape [Hkv, C, D] with q's D");
+    /* the cache's element type: float32, float16, or uint8 bytes of Q8_0 rows */
+    int kv_type = -1;
+    static const struct { char code; Py_ssize_t itemsize; int type; } kv_types[] = {
+        {'f', 4, OD_KV_F32}, {'e', 2, OD_KV_F16}, {'B', 1, OD_KV_Q8_0}};
+    for (int i = 0; i < 3; i++)
+        if (b[2].view.itemsize == kv_types[i].itemsize && format_is(b[2].view.format, kv_types[i].code) &&
+            b[3].view.itemsize == kv_types[i].itemsize && format_is(b[3].view.format, kv_types[i].code))
+            kv_type = kv_types[i].type;
+    if (kv_type < 0) {
+        PyErr_SetString(PyExc_ValueError, "attention: k_cache and v_cache must both be float32, float16 or uint8 (Q8_0)");
+        goto done;
+    }
+    const long long row = kv_type == OD_KV_Q8_0 ? d / 32 * 34 : d;
+    if (kv_type == OD_KV_Q8_0 && d % 32 != 0) {
+        PyErr_Format(PyExc_ValueError, "attention: a Q8_0 cache needs a head dim that is a multiple of 32, got %lld", d);
+        goto done;
+    }
+    if (b[2].view.shape[2] != row || b[3].view.shape[0] != hkv || b[3].view.shape[1] != c ||
+        b[3].view.shape[2] != row) {
+        PyErr_SetString(PyExc_ValueError, "attention: k_cache and v_cache must have the shape [Hkv, C, D] (Q8_0: "
+                                          "[Hkv, C, D/32*34]) with q's D");
         goto done;
     }
     if (hkv == 0 || h == 0 || d == 0 || h % hkv != 0) {
@@ -525,10 +542,9 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     if (!check_disjoint(&b[0], &b[1], "out", "q") || !check_disjoint(&b[0], &b[2], "out", "k_cache") ||
         !check_disjoint(&b[0], &b[3], "out", "v_cache"))
         goto done;
-    const int kv_f16 = b[2].view.itemsize == 2;
     int rc;
     RUN_MAYBE_NOGIL(m * h * d * (pos0 + m), rc = od_attention(b[0].view.buf, b[1].view.buf, b[2].view.buf,
-                                                              b[3].view.buf, kv_f16, m, h, hkv, c, d, pos0, scale,
+                                                              b[3].view.buf, kv_type, m, h, hkv, c, d, pos0, scale,
                                                               window));
     if (rc != OD_OK) {
         raise_code(rc, "attention");
@@ -764,7 +780,7 @@ static PyObject *py_row_nbytes(PyObject *self, PyObject *const *args, Py_ssize_t
 
 PyDoc_STRVAR(repack_doc,
              "repack(dst, src, wtype, K, unpack=False)\n--\n\n"
-             "Load-time repacking of a weight matrix of GGML type wtype (Q4_0, Q4_K, Q4_1 or Q8_0) into the interleaved form\n"
+             "Load-time repacking of a weight matrix of GGML type wtype (Q4_0, Q4_K, Q4_1, Q8_0 or Q6_K) into the interleaved form\n"
              "repacked_type(wtype) (8 rows' blocks interleaved). src: uint8 buffer of N rows of wtype; dst: writable,\n"
              "not overlapping src, of N rows of the repacked type (row_nbytes(repacked_type(wtype), K) bytes each;\n"
              "Q4_K_X8 has 4 bytes more per super-block than Q4_K, the others their type's size); N must divide by 8. unpack=True does\n"
@@ -815,6 +831,49 @@ static PyObject *py_repacked_type(PyObject *self, PyObject *arg) {
     return PyLong_FromLong(packed);
 }
 
+PyDoc_STRVAR(kv_store_q8_0_doc,
+             "kv_store_q8_0(cache, rows, pos0)\n--\n\n"
+             "Quantize rows[M,Hkv,D] float32 (D % 32 == 0) into the Q8_0 cache uint8 [Hkv,C,D/32*34] at positions\n"
+             "pos0..pos0+M-1: per 32 values the bytes of ggml's quantize_row_q8_0_ref. Needs pos0 + M <= C.");
+
+static PyObject *py_kv_store_q8_0(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!check_nargs(nargs, 3, 3, "kv_store_q8_0")) return NULL;
+    long long pos0;
+    if (!get_i64(args[2], &pos0, "pos0")) return NULL;
+    arg_buf b[2];
+    memset(b, 0, sizeof(b));
+    PyObject *result = NULL;
+    if (!get_buffer(args[0], &b[0], "cache", KIND_BYTES, 1) || !get_buffer(args[1], &b[1], "rows", KIND_F32, 0))
+        goto done;
+    if (b[0].view.ndim != 3 || b[1].view.ndim != 3 || b[0].view.itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "kv_store_q8_0: cache must be uint8 [Hkv,C,D/32*34] and rows [M,Hkv,D]");
+        goto done;
+    }
+    const long long m = b[1].view.shape[0], hkv = b[1].view.shape[1], d = b[1].view.shape[2];
+    const long long c = b[0].view.shape[1];
+    if (d % 32 != 0 || b[0].view.shape[0] != hkv || b[0].view.shape[2] != d / 32 * 34) {
+        PyErr_Format(PyExc_ValueError,
+                     "kv_store_q8_0: rows [M,Hkv,D] need D %% 32 == 0 and a cache [Hkv,C,D/32*34], got D=%lld", d);
+        goto done;
+    }
+    if (pos0 < 0 || pos0 + m > c) {
+        PyErr_Format(PyExc_ValueError, "kv_store_q8_0: positions %lld..%lld do not fit the cache of %lld", pos0,
+                     pos0 + m - 1, c);
+        goto done;
+    }
+    if (!check_disjoint(&b[0], &b[1], "cache", "rows")) goto done;
+    const int rc = od_kv_store_q8_0(b[0].view.buf, b[1].view.buf, m, hkv, c, d, pos0);
+    if (rc != OD_OK) {
+        raise_code(rc, "kv_store_q8_0");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(b, 2);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, matmul_doc},
     {"_quantize_activations", (PyCFunction)(void (*)(void))py_quantize_activations, METH_FASTCALL,
@@ -824,6 +883,7 @@ static PyMethodDef methods[] = {
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, rmsnorm_doc},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, rope_doc},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL, attention_doc},
+    {"kv_store_q8_0", (PyCFunction)(void (*)(void))py_kv_store_q8_0, METH_FASTCALL, kv_store_q8_0_doc},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, silu_mul_doc},
     {"gelu_mul", (PyCFunction)(void (*)(void))py_gelu_mul, METH_FASTCALL, gelu_mul_doc},
     {"add_inplace", (PyCFunction)(void (*)(void))py_add_inplace, METH_FASTCALL, add_inplace_doc},
@@ -860,7 +920,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         const char *name;
         int value;
     } type_ids[] = {{"F32", 0}, {"F16", 1},  {"Q4_0", 2},  {"Q4_1", 3},  {"Q5_0", 6},
-                    {"Q5_1", 7}, {"Q8_0", 8}, {"Q4_K", 12}, {"Q5_K", 13}, {"Q6_K", 14}, {"IQ4_NL", 20}, {"IQ4_XS", 23}, {"BF16", 30}};
+                    {"Q5_1", 7}, {"Q8_0", 8}, {"Q3_K", 11}, {"Q4_K", 12}, {"Q5_K", 13}, {"Q6_K", 14}, {"IQ4_NL", 20}, {"IQ4_XS", 23}, {"BF16", 30}};
     PyObject *types = PyDict_New();
     if (!types) goto fail;
     for (size_t i = 0; i < sizeof(type_ids) / sizeof(type_ids[0]); i++) {
@@ -876,6 +936,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         PyModule_AddIntConstant(mod, "Q4_K_X8", OD_REPACK_Q4_K_X8) != 0 ||
         PyModule_AddIntConstant(mod, "Q4_1_X8", OD_REPACK_Q4_1_X8) != 0 ||
         PyModule_AddIntConstant(mod, "Q8_0_X8", OD_REPACK_Q8_0_X8) != 0 ||
+        PyModule_AddIntConstant(mod, "Q6_K_X8", OD_REPACK_Q6_K_X8) != 0 ||
         PyModule_AddIntConstant(mod, "MATMUL_EXACT_ROWS", OD_MATMUL_EXACT_ROWS) != 0) {
         Py_DECREF(types);
         goto fail;

@@ -26,6 +26,7 @@ enum od_type {
     OD_TYPE_Q5_0 = 6,
     OD_TYPE_Q5_1 = 7,
     OD_TYPE_Q8_0 = 8,
+    OD_TYPE_Q3_K = 11,
     OD_TYPE_Q4_K = 12,
     OD_TYPE_Q5_K = 13,
     OD_TYPE_Q6_K = 14,
@@ -39,6 +40,8 @@ enum od_type {
     /* Not GGML types: Q4_1 and Q8_0 rows repacked at load (see below). */
     OD_TYPE_Q4_1_X8 = 34,
     OD_TYPE_Q8_0_X8 = 35,
+    /* Not a GGML type: Q6_K rows repacked at load (see below). */
+    OD_TYPE_Q6_K_X8 = 36,
 };
 
 /*
@@ -72,6 +75,23 @@ enum od_type {
 #define OD_K_X8_SC 32
 #define OD_K_X8_MN 96
 #define OD_K_X8_CODES 160
+
+/*
+ * OD_TYPE_Q6_K_X8: 8 consecutive Q6_K rows interleaved per super-block, the same 1680 bytes as Q6_K (210 per row).
+ * For each group of 8 rows and super-block: d[8] (fp16, row order), sc[16 sub-blocks of 16][8 rows] (int8), then
+ * 4 chunks of 64 elements, each 8 low steps then 4 high steps of 32 bytes, row r at bytes 4r..4r+3 of a step. The
+ * codes q (0..63, value d * sc * (q - 32)) are split: low step s of chunk c holds the low 4 bits of elements
+ * 64c+4s+j (low nibble) and 64c+32+4s+j (high nibble); high step h holds their top 2 bits, 2 bits per element:
+ * bits 0-1 element 64c+4h+j, 2-3 element 64c+32+4h+j, 4-5 element 64c+16+4h+j, 6-7 element 64c+48+4h+j
+ * (the elements of low steps h and h+4). So a step decodes to unsigned bytes of one sub-block with 2 shifts and
+ * masks, and sub-block 4c+i is covered by low nibbles of steps 0-3 (i=0), 4-7 (i=1), high nibbles 0-3 (i=2), 4-7.
+ */
+#define OD_K6_X8_SB_BYTES (OD_X8_ROWS * 210)
+#define OD_K6_X8_SC 16
+#define OD_K6_X8_CODES 144
+#define OD_K6_X8_CHUNK_BYTES (12 * 32)
+_Static_assert(OD_K6_X8_CODES + 4 * OD_K6_X8_CHUNK_BYTES == OD_K6_X8_SB_BYTES, "Q6_K_X8 super-block size");
+_Static_assert(OD_K6_X8_SC + 16 * OD_X8_ROWS == OD_K6_X8_CODES, "Q6_K_X8 scales end where the codes start");
 
 #define OD_QK 32   /* weights per block in the 32-element formats */
 #define OD_QK_K 256 /* weights per super-block in the K formats */
@@ -130,6 +150,20 @@ typedef struct {
 _Static_assert(sizeof(block_q4_K) == 144, "block_q4_K must be 144 bytes");
 
 /*
+ * 256 weights, 16 six-bit scales (one per 16 weights, stored + 32); x = d * (sc[e/16] - 32) * (q - 4), q in [0, 7].
+ * Weight e has its low 2 bits at bit 2*((e % 128) / 32) of qs[32*(e / 128) + e % 32] and its high bit (set: q >= 4)
+ * at bit e / 32 of hmask[e % 32]. Scale j: low nibble of scales[j % 8] (j < 8: bits 0-3, else bits 4-7), top 2 bits
+ * at bits 2*(j / 4) of scales[8 + j % 4].
+ */
+typedef struct {
+    uint8_t hmask[OD_QK_K / 8];
+    uint8_t qs[OD_QK_K / 4];
+    uint8_t scales[12];
+    od_half d;
+} block_q3_K;
+_Static_assert(sizeof(block_q3_K) == 110, "block_q3_K must be 110 bytes");
+
+/*
  * As Q4_K with 5-bit codes, q in [0, 31]: the low 4 bits are laid out as Q4_K's qs, bit 4 of element l of
  * sub-block s is bit s of qh[l].
  */
@@ -186,7 +220,7 @@ _Static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs must be 136 bytes");
  *   q = round-half-even(x * id), id = 127 / absmax over the scale group, q in [-127, 127];
  *   OD_ACT_Q8_0 (Q4_0, Q5_0, Q8_0, IQ4_NL weights): group of 32, d = fp16(absmax / 127), s = d * sum(q);
  *   OD_ACT_Q8_1 (Q4_1, Q5_1): as q8_0, but s = fp16(absmax / 127 * sum(q)) is rounded on its own;
- *   OD_ACT_Q8_K (Q4_K, Q5_K, Q6_K, IQ4_XS): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
+ *   OD_ACT_Q8_K (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): group of 256 (one step for 8 blocks), d = 1 / id in f32, s = d * sum(q).
  * d and s are stored per block of 32 as f32 (the rounding is done when they are computed), s being
  * what the min/offset term of q4_1-like weights needs: one multiply per block.
  * Kept as separate arrays (structure of arrays) so SIMD code loads 32 quants with one load.
@@ -273,6 +307,18 @@ static inline void od_q4k_scale_min(int j, const uint8_t *packed, uint8_t *scale
         *scale = (uint8_t)((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4));
         *min = (uint8_t)((packed[j + 4] >> 4) | ((packed[j] >> 6) << 4));
     }
+}
+
+/* Q3_K: the 16 signed sub-block scales (sc - 32, -32..31), four at a time in 32-bit words as ggml does. */
+static inline void od_q3k_scales(const uint8_t *packed, int8_t *out) {
+    const uint32_t low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
+    const uint32_t a0 = od_read_u32(packed), a1 = od_read_u32(packed + 4), tops = od_read_u32(packed + 8);
+    const uint32_t words[4] = {(a0 & low4) | ((tops & top2) << 4), (a1 & low4) | (((tops >> 2) & top2) << 4),
+                               ((a0 >> 4) & low4) | (((tops >> 4) & top2) << 4),
+                               ((a1 >> 4) & low4) | (((tops >> 6) & top2) << 4)};
+    uint8_t raw[16];
+    memcpy(raw, words, 16);
+    for (int j = 0; j < 16; j++) out[j] = (int8_t)(raw[j] - 32);
 }
 
 /* IQ4_XS block b's signed scale ls - 32 (-32..31). */

@@ -190,10 +190,12 @@ static type_info get_type_info(int type) {
     case OD_TYPE_Q4_K_X8: return (type_info){256, OD_K_X8_SB_BYTES / OD_X8_ROWS, "Q4_K_X8"};
     case OD_TYPE_Q4_1_X8: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1_X8"};
     case OD_TYPE_Q8_0_X8: return (type_info){32, (int)sizeof(block_q8_0), "Q8_0_X8"};
+    case OD_TYPE_Q6_K_X8: return (type_info){256, (int)sizeof(block_q6_K), "Q6_K_X8"};
     case OD_TYPE_Q4_1: return (type_info){32, (int)sizeof(block_q4_1), "Q4_1"};
     case OD_TYPE_Q5_0: return (type_info){32, (int)sizeof(block_q5_0), "Q5_0"};
     case OD_TYPE_Q5_1: return (type_info){32, (int)sizeof(block_q5_1), "Q5_1"};
     case OD_TYPE_Q8_0: return (type_info){32, (int)sizeof(block_q8_0), "Q8_0"};
+    case OD_TYPE_Q3_K: return (type_info){256, (int)sizeof(block_q3_K), "Q3_K"};
     case OD_TYPE_Q4_K: return (type_info){256, (int)sizeof(block_q4_K), "Q4_K"};
     case OD_TYPE_Q5_K: return (type_info){256, (int)sizeof(block_q5_K), "Q5_K"};
     case OD_TYPE_Q6_K: return (type_info){256, (int)sizeof(block_q6_K), "Q6_K"};
@@ -253,10 +255,12 @@ static int activation_scheme(int wtype) {
     case OD_TYPE_Q4_1_X8:
     case OD_TYPE_Q5_1:
         return OD_ACT_Q8_1;
+    case OD_TYPE_Q3_K:
     case OD_TYPE_Q4_K:
     case OD_TYPE_Q4_K_X8:
     case OD_TYPE_Q5_K:
     case OD_TYPE_Q6_K:
+    case OD_TYPE_Q6_K_X8:
     case OD_TYPE_IQ4_XS:
         return OD_ACT_Q8_K;
     default:
@@ -270,7 +274,8 @@ static int activation_scheme(int wtype) {
 static const struct {
     int packed, base;
 } X8_TYPES[] = {{OD_TYPE_Q4_0_X8, OD_TYPE_Q4_0}, {OD_TYPE_Q4_K_X8, OD_TYPE_Q4_K},
-                {OD_TYPE_Q4_1_X8, OD_TYPE_Q4_1}, {OD_TYPE_Q8_0_X8, OD_TYPE_Q8_0}};
+                {OD_TYPE_Q4_1_X8, OD_TYPE_Q4_1}, {OD_TYPE_Q8_0_X8, OD_TYPE_Q8_0},
+                {OD_TYPE_Q6_K_X8, OD_TYPE_Q6_K}};
 #define N_X8_TYPES ((int)(sizeof(X8_TYPES) / sizeof(X8_TYPES[0])))
 
 int od_x8_base_type(int type) {
@@ -378,19 +383,76 @@ static void repack_q4_k_block(uint8_t *packed, uint8_t *blk, int r, int unpack) 
         }
 }
 
+/* A Q6_K super-block's 256 codes (0..63) <-> its ql/qh bits (element order as od_dequant_q6_k_scalar). */
+static void q6_k_codes(block_q6_K *q, uint8_t *codes, int unpack) {
+    if (unpack) {
+        memset(q->ql, 0, sizeof q->ql);
+        memset(q->qh, 0, sizeof q->qh);
+    }
+    for (int e = 0; e < OD_QK_K; e++) {
+        const int half = e / 128, part = (e % 128) / 32, j = e % 32;
+        uint8_t *ql = &q->ql[64 * half + (part & 1) * 32 + j], *qh = &q->qh[32 * half + j];
+        const int ql_shift = (part >> 1) * 4, qh_shift = 2 * part;
+        if (unpack) {
+            *ql |= (uint8_t)((codes[e] & 0x0F) << ql_shift);
+            *qh |= (uint8_t)((codes[e] >> 4) << qh_shift);
+        } else {
+            codes[e] = (uint8_t)(((*ql >> ql_shift) & 0x0F) | (((*qh >> qh_shift) & 3) << 4));
+        }
+    }
+}
+
+/* One Q6_K super-block of row r <-> its place in an 8-row group's interleaved super-block (layout in blocks.h). */
+static void repack_q6_k_block(uint8_t *packed, uint8_t *blk, int r, int unpack) {
+    block_q6_K *q = (block_q6_K *)blk;
+    uint8_t codes[OD_QK_K];
+    if (unpack) memcpy(&q->d, packed + 2 * r, 2);
+    else memcpy(packed + 2 * r, &q->d, 2);
+    for (int sub = 0; sub < OD_QK_K / 16; sub++) {
+        int8_t *sc = (int8_t *)packed + OD_K6_X8_SC + OD_X8_ROWS * sub + r;
+        if (unpack) q->scales[sub] = *sc;
+        else *sc = q->scales[sub];
+    }
+    if (!unpack) q6_k_codes(q, codes, 0);
+    for (int c = 0; c < 4; c++) {
+        uint8_t *chunk = packed + OD_K6_X8_CODES + c * OD_K6_X8_CHUNK_BYTES + 4 * r;
+        uint8_t *lo = codes + 64 * c, *hi = lo + 32;  /* the chunk's elements 0-31 and 32-63 */
+        for (int s = 0; s < 8; s++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t *low = chunk + 32 * s + j, *top = chunk + 32 * (8 + s % 4) + j;
+                const int i = 4 * s + j, top_shift = 4 * (s / 4);
+                if (unpack) {
+                    lo[i] = (uint8_t)((*low & 0x0F) | (((*top >> top_shift) & 3) << 4));
+                    hi[i] = (uint8_t)((*low >> 4) | (((*top >> (top_shift + 2)) & 3) << 4));
+                } else {
+                    *low = (uint8_t)((lo[i] & 0x0F) | ((hi[i] & 0x0F) << 4));
+                    if (s < 4) *top = 0;
+                    *top |= (uint8_t)(((lo[i] >> 4) << top_shift) | ((hi[i] >> 4) << (top_shift + 2)));
+                }
+            }
+    }
+    if (unpack) q6_k_codes(q, codes, 1);
+}
+
 /* Block b of row r of an 8-row group <-> its place in the group's interleaved form. */
 static void x8_block(int type, uint8_t *packed, uint8_t *blk, int r, int unpack) {
     if (type == OD_TYPE_Q4_0) repack_q4_0_block(packed, blk, r, unpack);
     else if (type == OD_TYPE_Q4_1) repack_q4_1_block(packed, blk, r, unpack);
     else if (type == OD_TYPE_Q8_0) repack_q8_0_block(packed, blk, r, unpack);
+    else if (type == OD_TYPE_Q6_K) repack_q6_k_block(packed, blk, r, unpack);
     else repack_q4_k_block(packed, blk, r, unpack);
+}
+
+/* Blocks per row of k weights of a repackable GGML type. */
+static int64_t x8_blocks_per_row(int type, int64_t k) {
+    return type == OD_TYPE_Q4_K || type == OD_TYPE_Q6_K ? k / OD_QK_K : k / OD_QK;
 }
 
 /* Row `row` of a repacked table of the GGML type `type`, in that type's layout (row_bytes into dst). */
 static void x8_extract_row(uint8_t *dst, const uint8_t *table, int type, int64_t row, int64_t k) {
     const int packed_type = od_repack_layout(type);
     const size_t row_bytes = od_row_nbytes(type, k), packed_row_bytes = od_row_nbytes(packed_type, k);
-    const int64_t nblocks = type == OD_TYPE_Q4_K ? k / OD_QK_K : k / OD_QK;
+    const int64_t nblocks = x8_blocks_per_row(type, k);
     const size_t block_bytes = row_bytes / (size_t)nblocks, packed_block_bytes = packed_row_bytes / (size_t)nblocks;
     uint8_t *group = (uint8_t *)table + (size_t)(row / OD_X8_ROWS) * OD_X8_ROWS * packed_row_bytes;
     for (int64_t b = 0; b < nblocks; b++)
@@ -402,7 +464,7 @@ int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int un
     if (!packed_type) return OD_ETYPE;
     const size_t row_bytes = od_row_nbytes(type, k), packed_row_bytes = od_row_nbytes(packed_type, k);
     if (n <= 0 || n % OD_X8_ROWS != 0 || row_bytes == 0) return OD_EINVAL;
-    const int64_t nblocks = type == OD_TYPE_Q4_K ? k / OD_QK_K : k / OD_QK;
+    const int64_t nblocks = x8_blocks_per_row(type, k);
     const size_t block_bytes = row_bytes / (size_t)nblocks, packed_block_bytes = packed_row_bytes / (size_t)nblocks;
     for (int64_t g = 0; g < n / OD_X8_ROWS; g++) {
         uint8_t *rows = (uint8_t *)(unpack ? dst : src) + (size_t)g * OD_X8_ROWS * row_bytes;
@@ -717,11 +779,13 @@ static void attn_task(void *ctx, int64_t t) {
     job->fn(&job->args, head, r0, r1, scratch);
 }
 
-int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_f16, int64_t m,
+int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_type, int64_t m,
                  int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale, int64_t window) {
     if (m < 0 || h <= 0 || hkv <= 0 || h % hkv != 0 || d <= 0 || c <= 0 || pos0 < 0 || pos0 + m > c ||
-        !isfinite(scale) || window < 0)
+        !isfinite(scale) || window < 0 || kv_type < OD_KV_F32 || kv_type > OD_KV_Q8_0 ||
+        (kv_type == OD_KV_Q8_0 && d % OD_QK != 0))
         return OD_EINVAL;
+    const int kv_f16 = kv_type == OD_KV_F16;
     if (m == 0) return OD_OK;
     if (window > 0 && pos0 + m > window) {
         /* Rows that see all their predecessors go as one block; a row at position p >= window sees keys
@@ -729,17 +793,24 @@ int od_attention(float *out, const float *q, const void *k_cache, const void *v_
          * unchanged), as a row at position window-1. */
         const int64_t whole = window > pos0 ? window - pos0 : 0;
         if (whole > 0) {
-            const int rc = od_attention(out, q, k_cache, v_cache, kv_f16, whole, h, hkv, c, d, pos0, scale, 0);
+            const int rc = od_attention(out, q, k_cache, v_cache, kv_type, whole, h, hkv, c, d, pos0, scale, 0);
             if (rc != OD_OK) return rc;
         }
-        const size_t item = kv_f16 ? 2 : 4;
+        const size_t row_bytes = kv_type == OD_KV_Q8_0 ? (size_t)(d / OD_QK) * sizeof(block_q8_0)
+                                                       : (size_t)d * (kv_f16 ? 2 : 4);
         for (int64_t r = whole; r < m; r++) {
-            const size_t skip = (size_t)(pos0 + r - window + 1) * (size_t)d * item;
+            const size_t skip = (size_t)(pos0 + r - window + 1) * row_bytes;
             const int rc = od_attention(out + r * h * d, q + r * h * d, (const char *)k_cache + skip,
-                                        (const char *)v_cache + skip, kv_f16, 1, h, hkv, c, d, window - 1, scale, 0);
+                                        (const char *)v_cache + skip, kv_type, 1, h, hkv, c, d, window - 1, scale, 0);
             if (rc != OD_OK) return rc;
         }
         return OD_OK;
+    }
+    if (kv_type == OD_KV_Q8_0) {
+        /* the query stays f32 (llama.cpp rounds it to Q8_0 for its integer dot; dequantizing K keeps q exact) */
+        const od_attn_args args = {.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .kv_f16 = 0, .m = m,
+                                   .h = h, .hkv = hkv, .c = c, .d = d, .pos0 = pos0, .scale = scale};
+        return od_attention_q8(&args);
     }
     if (kv_f16) {
         /* llama.cpp multiplies an fp16 copy of the query with the fp16 keys (see od_attn_probabilities) */

@@ -5,15 +5,17 @@
 #ifndef ONDEVICE_INTERNAL_H
 #define ONDEVICE_INTERNAL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "blocks.h"
 #include "ondevice_kernels.h"
 
-#define OD_MAX_TYPE_ID 36
+#define OD_MAX_TYPE_ID 37
 _Static_assert(OD_X8_ROWS == OD_REPACK_ROWS && OD_TYPE_Q4_0_X8 == OD_REPACK_Q4_0_X8 && OD_TYPE_Q4_K_X8 == OD_REPACK_Q4_K_X8 &&
-                   OD_TYPE_Q4_1_X8 == OD_REPACK_Q4_1_X8 && OD_TYPE_Q8_0_X8 == OD_REPACK_Q8_0_X8,
+                   OD_TYPE_Q4_1_X8 == OD_REPACK_Q4_1_X8 && OD_TYPE_Q8_0_X8 == OD_REPACK_Q8_0_X8 &&
+                   OD_TYPE_Q6_K_X8 == OD_REPACK_Q6_K_X8,
                "repack ids agree");
 
 #if defined(__GNUC__)
@@ -73,6 +75,19 @@ static inline float od_attn_probabilities(float *scores, int64_t n, float total,
     return 1.0f;
 }
 
+/* scores[0..n) = exp(scores - max) in place; returns their sum (the scalar softmax numerators), and the max in
+ * *max_out when not NULL */
+static inline float od_softmax_numerators_scalar(float *scores, int64_t n, float *max_out) {
+    float maxv = -INFINITY, total = 0.0f;
+    for (int64_t t = 0; t < n; t++) maxv = scores[t] > maxv ? scores[t] : maxv;
+    for (int64_t t = 0; t < n; t++) {
+        scores[t] = expf(scores[t] - maxv);
+        total += scores[t];
+    }
+    if (max_out) *max_out = maxv;
+    return total;
+}
+
 /* The row loop shared by every ISA's activation quantizer; block_amax and quantize_block are the ISA's
  * vector code (inlined: they are constants at every call site). quantize_block returns the codes' sum. */
 OD_INLINE void od_quantize_act_rows(const float *x, od_q8_act *act, int64_t m0, int64_t m1,
@@ -111,16 +126,39 @@ typedef void (*od_dequant_row_fn)(const uint8_t *row, float *out, int64_t k);
 typedef struct {
     float *out;            /* [m][h*d] */
     const float *q;        /* [m][h][d] */
-    const void *k_cache;   /* [hkv][c][d] f32 or f16 */
+    const void *k_cache;   /* [hkv][c][d] f32, f16 or rows of d/32 block_q8_0 */
     const void *v_cache;
     int kv_f16;
     int64_t m, h, hkv, c, d, pos0;
     float scale;
+    /* Q8_0 kernels, when not NULL: lse[(row * h + head) * 2] = the row's score maximum, [.. + 1] = its sum of
+     * exp(score - maximum), so outputs over disjoint key ranges can be combined (od_attention_q8's split). */
+    float *lse;
 } od_attn_args;
 
 /* Computes the output of query head `head` for query rows [r0, r1). scratch holds at least
  * od_attn_scratch_floats(args, r1 - r0) floats, 64-byte aligned. */
 typedef void (*od_attn_fn)(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
+
+/* Attention on a Q8_0 cache (attention_q8.c drives it). A task computes query heads kvh*group + g, g in [g0, g1),
+ * for query rows [r0, r1): at most OD_ATTN_Q8_ROWS (head, row) pairs, which share every K/V row they dequantize.
+ * scratch holds od_attn_q8_scratch_floats(args, (g1 - g0) * (r1 - r0)) floats, 64-byte aligned. */
+#define OD_ATTN_Q8_ROWS 8
+typedef void (*od_attn_q8_fn)(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                              float *scratch);
+size_t od_attn_q8_scratch_floats(const od_attn_args *args, int64_t pairs);
+/* Pair v of such a task: its query row, output row, number of keys and lse entry (pairs run head-fastest). */
+static inline void od_attn_q8_pair(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t v,
+                                   const float **q, float **out, int64_t *n_keys, float **lse) {
+    const int64_t ng = g1 - g0, row = r0 + v / ng, head = kvh * (a->h / a->hkv) + g0 + v % ng;
+    *q = a->q + (row * a->h + head) * a->d;
+    *out = a->out + row * a->h * a->d + head * a->d;
+    *n_keys = a->pos0 + row + 1;
+    *lse = a->lse ? a->lse + (row * a->h + head) * 2 : NULL;
+}
+int od_attention_q8(const od_attn_args *args);
+void od_attention_q8_scalar(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                            float *scratch);
 
 /* ---------------------------------------------------------------- the per-ISA table */
 
@@ -149,6 +187,8 @@ extern const od_isa_ops od_ops_avx2;
 void od_rmsnorm_row_avx2(float *out, const float *x, const float *weight, int64_t k, float eps);
 void od_rope_row_avx2(float *x, int64_t h, int64_t d, const float *cs, int neox);
 void od_attention_avx2(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
+void od_attention_q8_avx2(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                          float *scratch);
 void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_add_avx2(float *x, const float *y, int64_t n);
@@ -161,6 +201,8 @@ extern const od_isa_ops od_ops_neon_dotprod; /* with the dot-product extension *
 void od_rmsnorm_row_neon(float *out, const float *x, const float *weight, int64_t k, float eps);
 void od_rope_row_neon(float *x, int64_t h, int64_t d, const float *cs, int neox);
 void od_attention_neon(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
+void od_attention_q8_neon(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                          float *scratch);
 void od_silu_mul_neon(float *out, const float *gate, const float *up, int64_t n);
 void od_gelu_mul_neon(float *out, const float *gate, const float *up, int64_t n);
 void od_add_neon(float *x, const float *y, int64_t n);
@@ -168,9 +210,8 @@ void od_add_neon(float *x, const float *y, int64_t n);
 
 #if defined(__x86_64__) || defined(_M_X64)
 /* The AVX-512 VNNI table (quant_avx512.c): od_ops_avx2 with the repacked types' kernels on the dot-product
- * instructions. The AVX2 GEMM it keeps for larger M: */
+ * instructions. */
 const od_isa_ops *od_ops_avx512(void);
-void od_matmul_q4_0_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1);
 #endif
 /* A repacked type multiplied by unpacking each group of 8 rows and running the current table's kernel for its
  * GGML type (a code path without a kernel for the repacked type, or one that has only the matrix-vector one). */
@@ -202,6 +243,7 @@ void od_dequant_q5_1_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q8_0_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q4_k_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q5_k_scalar(const uint8_t *row, float *out, int64_t k);
+void od_dequant_q3_k_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_iq4_nl_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_iq4_xs_scalar(const uint8_t *row, float *out, int64_t k);
 void od_dequant_q6_k_scalar(const uint8_t *row, float *out, int64_t k);

@@ -7,7 +7,7 @@
  *  - Weight matrices W are [N rows][K columns] in a GGML type (see enum od_type in blocks.h):
  *    each row is od_row_nbytes(type, K) bytes, rows back to back, exactly as a 2-D GGUF tensor
  *    with dims (K, N). Quantized rows need K to be a multiple of the type's block size
- *    (32, or 256 for Q4_K / Q5_K / Q6_K).
+ *    (32, or 256 for Q3_K / Q4_K / Q5_K / Q6_K / IQ4_XS).
  *  - Functions returning int return OD_OK (0) or a negative OD_E* code and never touch memory
  *    when they fail. They do not know the size of the caller's buffers beyond the dimensions
  *    passed; callers (like the Python binding) check those.
@@ -61,7 +61,7 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
               int accumulate);
 
 /* Load-time repacking into interleaved layouts (blocks.h: Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8, Q4_1 -> Q4_1_X8,
- * Q8_0 -> Q8_0_X8) the current code path multiplies faster. od_repack_layout: the repacked type id of `type`, or 0
+ * Q8_0 -> Q8_0_X8, Q6_K -> Q6_K_X8) the current code path multiplies faster. od_repack_layout: the repacked type id of `type`, or 0
  * if it has none; od_repacked_type: the same when the current code path has a kernel for it, else 0. od_repack:
  * src [n][k] of `type` -> dst in its repacked form (of od_row_nbytes(repacked type, k) bytes a row), or back to
  * `type` when unpack != 0; dst and src must not overlap; n must divide by 8. */
@@ -70,6 +70,7 @@ int od_matmul(float *out, const void *w, int wtype, const float *x, int64_t m, i
 #define OD_REPACK_Q4_K_X8 33
 #define OD_REPACK_Q4_1_X8 34
 #define OD_REPACK_Q8_0_X8 35
+#define OD_REPACK_Q6_K_X8 36
 int od_repack_layout(int type);
 int od_repacked_type(int type);
 int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int unpack);
@@ -79,12 +80,12 @@ int od_repack(void *dst, const void *src, int type, int64_t n, int64_t k, int un
 int od_quantize_activations(int8_t *qs, float *ds, const float *x, int wtype, int64_t m, int64_t k);
 
 /* Weight quantization: src[nrows][n] f32 (finite) -> dst rows of od_row_nbytes(type, n) bytes of type Q8_0, Q4_0,
- * Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K, the bytes llama.cpp's reference quantizers write without an importance matrix.
+ * Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL or IQ4_XS, the bytes llama.cpp's reference quantizers write without an importance matrix.
  * OD_ETYPE for other types, OD_ERANGE if a block scale overflows fp16 (dst is then partly written). Threads
  * split the rows. */
 int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64_t n);
 /* The same with importance weights (n floats, an imatrix's per-column mean squares), as ggml_quantize_chunk(type, ...,
- * imatrix) writes them; OD_ETYPE for the types whose weighted quantizer is only in numpy (all but IQ4_NL, IQ4_XS). */
+ * imatrix) writes them; OD_ETYPE for the types whose weighted quantizer is only in numpy (all but IQ4_NL, IQ4_XS, Q3_K). */
 int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance);
 
 /* out[M][K] = rows ids[0..M) of table (n_rows rows of K elements of GGML type ttype), in f32. */
@@ -104,16 +105,26 @@ int od_rmsnorm(float *out, const float *x, const float *weight, int64_t m, int64
 int od_rope(float *x, int64_t m, int64_t h, int64_t d, const int32_t *positions, float theta, int neox,
             const float *freq_factors);
 
+/* KV cache element types of od_attention (kv_type). OD_KV_Q8_0: each cached row of D values is D/32 ggml Q8_0
+ * blocks (fp16 scale + 32 int8, 34 bytes), as od_kv_store_q8_0 writes them; needs D % 32 == 0. */
+#define OD_KV_F32 0
+#define OD_KV_F16 1
+#define OD_KV_Q8_0 2
+
 /*
  * Causal multi-head attention with grouped KV heads.
- * q[M][H][D]; k_cache, v_cache: [Hkv][C][D] in f32 (kv_f16 == 0) or IEEE fp16 (kv_f16 != 0);
+ * q[M][H][D]; k_cache, v_cache: [Hkv][C][D] of kv_type (OD_KV_F32, OD_KV_F16 IEEE fp16, OD_KV_Q8_0 rows of blocks);
  * query row i sits at position p = pos0 + i and attends to cache entries 0..p, which the
  * caller has already written; with window > 0 (sliding-window attention) to p-window+1..p only.
  * Query head h uses KV head h / (H / Hkv). out[M][H*D].
  * Requires H % Hkv == 0 and pos0 + M <= C. Threads split heads x query rows.
  */
-int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_f16, int64_t m,
+int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_type, int64_t m,
                  int64_t h, int64_t hkv, int64_t c, int64_t d, int64_t pos0, float scale, int64_t window);
+
+/* Writes rows[M][Hkv][D] (f32, finite) into a Q8_0 cache [Hkv][C][D/32 blocks] at positions pos0..pos0+M-1, each
+ * block the bytes ggml's reference quantize_row_q8_0 writes. Needs D % 32 == 0 and pos0 + M <= C. */
+int od_kv_store_q8_0(void *cache, const float *rows, int64_t m, int64_t hkv, int64_t c, int64_t d, int64_t pos0);
 
 /* out[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up. out may equal gate or up. */
 void od_silu_mul(float *out, const float *gate, const float *up, int64_t n);

@@ -124,8 +124,14 @@ OD_AVX2 void od_rope_row_avx2(float *x, int64_t h, int64_t d, const float *cs, i
 
 /* ------------------------------------------------------------------ attention */
 
-OD_AVX2_INLINE __m256 load_kv8(const void *cache, int kv_f16, size_t index) {
-    if (kv_f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + index)));
+/* kind: 0 f32, 1 f16, 2 Q8_0 (rows of whole blocks, so flat element `index` is in block index / 32; index % 8 == 0) */
+OD_AVX2_INLINE __m256 load_kv8(const void *cache, int kind, size_t index) {
+    if (kind == 2) {
+        const block_q8_0 *blk = (const block_q8_0 *)cache + (index >> 5);
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk->qs + (index & 31))));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(_cvtsh_ss(blk->d)));
+    }
+    if (kind == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + index)));
     return _mm256_loadu_ps((const float *)cache + index);
 }
 
@@ -273,6 +279,58 @@ OD_AVX2_INLINE void attention_pv(const int R, const od_attn_args *a, const float
     for (; c < a->d; c += 8) attention_pv_chunks(R, 1, a, scores, stride, outacc, kv_base, n_max, c, f16);
 }
 
+/* scale * q . k for 8 keys at element offsets key_at[] of `keys` (kind as load_kv8), one hadd-tree reduction */
+OD_AVX2_INLINE __m256 scores8(const float *qr, int64_t d, const void *keys, const int kind, const size_t key_at[8],
+                              __m256 vscale) {
+    __m256 acc[8];
+    OD_UNROLL_ATTN
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + c);
+        OD_UNROLL_ATTN
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, load_kv8(keys, kind, key_at[j] + c), acc[j]);
+    }
+    return _mm256_mul_ps(reduce8_ps(acc), vscale);
+}
+
+/* srow[0..stride) = exp(srow - max) in place (masked entries are -inf: 0); returns their sum, the max in *max_out */
+OD_AVX2_INLINE float softmax_numerators(float *srow, int64_t stride, float *max_out) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < stride; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(srow + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    *max_out = _mm_cvtss_f32(m4);
+    const __m256 vm = _mm256_set1_ps(*max_out);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < stride; t += 8) {
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), vm));
+        _mm256_storeu_ps(srow + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    return hsum_ps(vsum);
+}
+
+/* attention_pv for a run-time R <= 8 (each case compiled with its register blocking) */
+OD_AVX2_INLINE void attention_pv_rows(int R, const od_attn_args *a, const float *scores, int64_t stride,
+                                      float *outacc, size_t kv_base, int64_t n_max, const int kind) {
+    switch (R) {
+    case 1: attention_pv(1, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    case 2: attention_pv(2, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    case 3: attention_pv(3, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    case 4: attention_pv(4, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    case 5: attention_pv(5, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    case 6: attention_pv(6, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    case 7: attention_pv(7, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    default: attention_pv(8, a, scores, stride, outacc, kv_base, n_max, kind); break;
+    }
+}
+
+OD_AVX2_INLINE void store_scaled(float *o, const float *acc, float inv, int64_t d) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), vinv));
+}
+
 /*
  * Query rows [r0, r1) of one head, processed together so every K and V row is loaded once per row
  * block instead of once per query row:
@@ -300,58 +358,24 @@ OD_AVX2_INLINE void attention_block(const od_attn_args *a, int64_t head, int64_t
         size_t key_at[8];
         OD_UNROLL_ATTN
         for (int j = 0; j < 8; j++) key_at[j] = kv_base + (size_t)(j < nk ? t + j : t) * d; /* pad: repeat a valid key */
-        for (int r = 0; r < R; r++) {
-            const float *qr = a->q + ((r0 + r) * a->h + head) * d;
-            __m256 acc[8];
-            OD_UNROLL_ATTN
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t c = 0; c < d; c += 8) {
-                const __m256 qv = _mm256_loadu_ps(qr + c);
-                OD_UNROLL_ATTN
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, load_kv8(a->k_cache, f16, key_at[j] + c), acc[j]);
-            }
-            _mm256_storeu_ps(scores + r * stride + t, _mm256_mul_ps(reduce8_ps(acc), vscale));
-        }
+        for (int r = 0; r < R; r++)
+            _mm256_storeu_ps(scores + r * stride + t,
+                             scores8(a->q + ((r0 + r) * a->h + head) * d, d, a->k_cache, f16, key_at, vscale));
     }
     /* causal mask (and the padding up to the stride) */
     for (int r = 0; r < R; r++)
         for (int64_t t = a->pos0 + r0 + r + 1; t < stride; t++) scores[r * stride + t] = -INFINITY;
 
     /* 2. softmax numerators; remember 1/sum per row */
-    float inv_sum[8];
+    float inv_sum[8], maxv;
     for (int r = 0; r < R; r++) {
         float *srow = scores + r * stride;
-        __m256 vmax = _mm256_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < stride; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(srow + t));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const __m256 vm = _mm256_set1_ps(_mm_cvtss_f32(m4));
-        __m256 vsum = _mm256_setzero_ps();
-        for (int64_t t = 0; t < stride; t += 8) {
-            const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + t), vm));
-            _mm256_storeu_ps(srow + t, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        inv_sum[r] = od_attn_probabilities(srow, n_max, hsum_ps(vsum), f16);
+        inv_sum[r] = od_attn_probabilities(srow, n_max, softmax_numerators(srow, stride, &maxv), f16);
     }
 
     /* 3. O = P V */
-    switch (R) {
-    case 1: attention_pv(1, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    case 2: attention_pv(2, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    case 3: attention_pv(3, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    case 4: attention_pv(4, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    case 5: attention_pv(5, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    case 6: attention_pv(6, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    case 7: attention_pv(7, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    default: attention_pv(8, a, scores, stride, outacc, kv_base, n_max, f16); break;
-    }
-    for (int r = 0; r < R; r++) {
-        float *o = a->out + (r0 + r) * a->h * d + head * d;
-        const __m256 vinv = _mm256_set1_ps(inv_sum[r]);
-        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(outacc + r * d + c), vinv));
-    }
+    attention_pv_rows(R, a, scores, stride, outacc, kv_base, n_max, f16);
+    for (int r = 0; r < R; r++) store_scaled(a->out + (r0 + r) * a->h * d + head * d, outacc + r * d, inv_sum[r], d);
 }
 
 OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch) {
@@ -364,6 +388,59 @@ OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, 
         if (a->kv_f16) attention_block(a, head, r, end, scratch, 1);
         else attention_block(a, head, r, end, scratch, 0);
     }
+}
+
+/* ------------------------------------------------------------------ attention on a Q8_0 cache */
+
+/*
+ * R = (g1-g0) * (r1-r0) <= 8 (head, row) pairs of KV head kvh, attention_block's scheme on a Q8_0 cache:
+ *   1. 8 keys at a time are dequantized to f32 (scratch, L1) once, then dotted with every pair's query;
+ *   2. softmax numerators per pair;
+ *   3. O = P V with each V chunk dequantized once for all pairs (load_kv8 kind 2).
+ * d % 32 == 0 (checked by od_attention).
+ */
+OD_AVX2 void od_attention_q8_avx2(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                                  float *scratch) {
+    const int64_t d = a->d;
+    const int R = (int)((r1 - r0) * (g1 - g0));
+    const size_t kv_base = (size_t)kvh * a->c * d; /* element index of the KV head's first row */
+    const int64_t n_max = a->pos0 + r1;              /* keys seen by the last row */
+    const int64_t stride = (n_max + 7) & ~(int64_t)7;
+    float *scores = scratch;             /* [R][stride] */
+    float *outacc = scores + R * stride; /* [R][d] */
+    float *keys = outacc + R * d;        /* [8][d] */
+    const float *qrow[OD_ATTN_Q8_ROWS];
+    float *orow[OD_ATTN_Q8_ROWS], *lse[OD_ATTN_Q8_ROWS];
+    int64_t n_keys[OD_ATTN_Q8_ROWS];
+    for (int v = 0; v < R; v++) od_attn_q8_pair(a, kvh, g0, g1, r0, v, &qrow[v], &orow[v], &n_keys[v], &lse[v]);
+    const __m256 vscale = _mm256_set1_ps(a->scale);
+    size_t key_at[8];
+    for (int j = 0; j < 8; j++) key_at[j] = (size_t)j * d;
+
+    /* 1. scores */
+    for (int64_t t = 0; t < n_max; t += 8) {
+        for (int j = 0; j < 8; j++) {
+            const size_t from = kv_base + (size_t)(t + j < n_max ? t + j : t) * d; /* pad: repeat a valid key */
+            for (int64_t c = 0; c < d; c += 8) _mm256_store_ps(keys + j * d + c, load_kv8(a->k_cache, 2, from + c));
+        }
+        for (int v = 0; v < R; v++) _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, keys, 0, key_at, vscale));
+    }
+    /* causal mask (and the padding up to the stride) */
+    for (int v = 0; v < R; v++)
+        for (int64_t t = n_keys[v]; t < stride; t++) scores[v * stride + t] = -INFINITY;
+
+    /* 2. softmax numerators; remember 1/sum per pair */
+    float inv_sum[OD_ATTN_Q8_ROWS];
+    for (int v = 0; v < R; v++) {
+        float maxv;
+        const float total = softmax_numerators(scores + v * stride, stride, &maxv);
+        inv_sum[v] = 1.0f / total;
+        if (lse[v]) lse[v][0] = maxv, lse[v][1] = total;
+    }
+
+    /* 3. O = P V */
+    attention_pv_rows(R, a, scores, stride, outacc, kv_base, n_max, 2);
+    for (int v = 0; v < R; v++) store_scaled(orow[v], outacc + v * d, inv_sum[v], d);
 }
 
 /* ------------------------------------------------------------------ silu * up, add */

@@ -6,6 +6,7 @@
 
 #include <arm_neon.h>
 #include <math.h>
+#include <string.h>
 
 #include "od_internal.h"
 
@@ -81,69 +82,100 @@ void od_rope_row_neon(float *x, int64_t h, int64_t d, const float *cs, int neox)
     }
 }
 
-static inline __attribute__((always_inline)) float32x4_t load_kv4(const void *cache, int kv_f16, size_t index) {
-    if (kv_f16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)cache + index)));
+/* kind: 0 f32, 1 f16, 2 Q8_0 (rows of whole blocks: flat element `index` is in block index / 32; index % 4 == 0) */
+static inline __attribute__((always_inline)) float32x4_t load_kv4(const void *cache, int kind, size_t index) {
+    if (kind == 2) {
+        const block_q8_0 *blk = (const block_q8_0 *)cache + (index >> 5);
+        int32_t four; /* 4 codes: an 8-byte load could run past the cache's last block */
+        memcpy(&four, blk->qs + (index & 31), 4);
+        const int8x8_t q = vreinterpret_s8_s32(vdup_n_s32(four));
+        return vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(q)))), od_fp16_to_fp32(blk->d));
+    }
+    if (kind == 1) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)cache + index)));
     return vld1q_f32((const float *)cache + index);
 }
 
-static inline __attribute__((always_inline)) float load_kv1(const void *cache, int kv_f16, size_t index) {
-    return kv_f16 ? od_fp16_to_fp32(((const uint16_t *)cache)[index]) : ((const float *)cache)[index];
+static inline __attribute__((always_inline)) float load_kv1(const void *cache, int kind, size_t index) {
+    if (kind == 2) {
+        const block_q8_0 *blk = (const block_q8_0 *)cache + (index >> 5);
+        return (float)blk->qs[index & 31] * od_fp16_to_fp32(blk->d);
+    }
+    return kind ? od_fp16_to_fp32(((const uint16_t *)cache)[index]) : ((const float *)cache)[index];
+}
+
+/* One query row qr of a head whose KV head starts at element kv_base; o = its output row. */
+static inline __attribute__((always_inline)) void attention_row(const od_attn_args *a, const float *qr, float *o,
+                                                                int64_t n_keys, size_t kv_base, float *scores,
+                                                                const int kind, float *lse) {
+    const int64_t d = a->d, d4 = d & ~(int64_t)3;
+    float maxv = -INFINITY;
+    for (int64_t t = 0; t < n_keys; t++) {
+        const size_t base = kv_base + (size_t)t * d;
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        for (int64_t i = 0; i < d4; i += 4) acc = vfmaq_f32(acc, vld1q_f32(qr + i), load_kv4(a->k_cache, kind, base + i));
+        float dot = vaddvq_f32(acc);
+        for (int64_t i = d4; i < d; i++) dot += qr[i] * load_kv1(a->k_cache, kind, base + i);
+        scores[t] = dot * a->scale;
+        maxv = scores[t] > maxv ? scores[t] : maxv;
+    }
+    float32x4_t vsum = vdupq_n_f32(0.0f);
+    int64_t t = 0;
+    for (; t + 4 <= n_keys; t += 4) {
+        const float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(scores + t), vdupq_n_f32(maxv)));
+        vst1q_f32(scores + t, e);
+        vsum = vaddq_f32(vsum, e);
+    }
+    float total = vaddvq_f32(vsum);
+    for (; t < n_keys; t++) {
+        scores[t] = expf(scores[t] - maxv);
+        total += scores[t];
+    }
+    const float inv = od_attn_probabilities(scores, n_keys, total, kind == 1);
+    if (lse) lse[0] = maxv, lse[1] = total;
+    /* 16 output dims (4 registers) per pass over the keys */
+    int64_t c = 0;
+    for (; c + 16 <= d4; c += 16) {
+        float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        for (t = 0; t < n_keys; t++) {
+            const size_t base = kv_base + (size_t)t * d + c;
+            const float p = scores[t];
+            acc0 = vfmaq_n_f32(acc0, load_kv4(a->v_cache, kind, base), p);
+            acc1 = vfmaq_n_f32(acc1, load_kv4(a->v_cache, kind, base + 4), p);
+            acc2 = vfmaq_n_f32(acc2, load_kv4(a->v_cache, kind, base + 8), p);
+            acc3 = vfmaq_n_f32(acc3, load_kv4(a->v_cache, kind, base + 12), p);
+        }
+        vst1q_f32(o + c, vmulq_n_f32(acc0, inv));
+        vst1q_f32(o + c + 4, vmulq_n_f32(acc1, inv));
+        vst1q_f32(o + c + 8, vmulq_n_f32(acc2, inv));
+        vst1q_f32(o + c + 12, vmulq_n_f32(acc3, inv));
+    }
+    for (; c < d; c++) {
+        float acc = 0.0f;
+        for (t = 0; t < n_keys; t++) acc += scores[t] * load_kv1(a->v_cache, kind, kv_base + (size_t)t * d + c);
+        o[c] = acc * inv;
+    }
 }
 
 void od_attention_neon(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch) {
-    const int64_t d = a->d, d4 = d & ~(int64_t)3, group = a->h / a->hkv, kvh = head / group;
-    const size_t kv_base = (size_t)kvh * a->c * d;
-    const int f16 = a->kv_f16;
-    float *scores = scratch;
+    const int64_t d = a->d, kvh = head / (a->h / a->hkv);
     for (int64_t r = r0; r < r1; r++) {
         const float *qr = a->q + (r * a->h + head) * d;
-        const int64_t n_keys = a->pos0 + r + 1;
-        float maxv = -INFINITY;
-        for (int64_t t = 0; t < n_keys; t++) {
-            const size_t base = kv_base + (size_t)t * d;
-            float32x4_t acc = vdupq_n_f32(0.0f);
-            for (int64_t i = 0; i < d4; i += 4) acc = vfmaq_f32(acc, vld1q_f32(qr + i), load_kv4(a->k_cache, f16, base + i));
-            float dot = vaddvq_f32(acc);
-            for (int64_t i = d4; i < d; i++) dot += qr[i] * load_kv1(a->k_cache, f16, base + i);
-            scores[t] = dot * a->scale;
-            maxv = scores[t] > maxv ? scores[t] : maxv;
-        }
-        float32x4_t vsum = vdupq_n_f32(0.0f);
-        int64_t t = 0;
-        for (; t + 4 <= n_keys; t += 4) {
-            const float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(scores + t), vdupq_n_f32(maxv)));
-            vst1q_f32(scores + t, e);
-            vsum = vaddq_f32(vsum, e);
-        }
-        float total = vaddvq_f32(vsum);
-        for (; t < n_keys; t++) {
-            scores[t] = expf(scores[t] - maxv);
-            total += scores[t];
-        }
-        const float inv = od_attn_probabilities(scores, n_keys, total, f16);
         float *o = a->out + r * a->h * d + head * d;
-        /* 16 output dims (4 registers) per pass over the keys */
-        int64_t c = 0;
-        for (; c + 16 <= d4; c += 16) {
-            float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-            for (t = 0; t < n_keys; t++) {
-                const size_t base = kv_base + (size_t)t * d + c;
-                const float p = scores[t];
-                acc0 = vfmaq_n_f32(acc0, load_kv4(a->v_cache, f16, base), p);
-                acc1 = vfmaq_n_f32(acc1, load_kv4(a->v_cache, f16, base + 4), p);
-                acc2 = vfmaq_n_f32(acc2, load_kv4(a->v_cache, f16, base + 8), p);
-                acc3 = vfmaq_n_f32(acc3, load_kv4(a->v_cache, f16, base + 12), p);
-            }
-            vst1q_f32(o + c, vmulq_n_f32(acc0, inv));
-            vst1q_f32(o + c + 4, vmulq_n_f32(acc1, inv));
-            vst1q_f32(o + c + 8, vmulq_n_f32(acc2, inv));
-            vst1q_f32(o + c + 12, vmulq_n_f32(acc3, inv));
-        }
-        for (; c < d; c++) {
-            float acc = 0.0f;
-            for (t = 0; t < n_keys; t++) acc += scores[t] * load_kv1(a->v_cache, f16, kv_base + (size_t)t * d + c);
-            o[c] = acc * inv;
-        }
+        if (a->kv_f16) attention_row(a, qr, o, a->pos0 + r + 1, (size_t)kvh * a->c * d, scratch, 1, NULL);
+        else attention_row(a, qr, o, a->pos0 + r + 1, (size_t)kvh * a->c * d, scratch, 0, NULL);
+    }
+}
+
+/* Attention on a Q8_0 cache, one (head, row) pair at a time (K/V dequantized 4 values at a time as they are read;
+ * d % 32 == 0, checked by od_attention). */
+void od_attention_q8_neon(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                          float *scratch) {
+    for (int64_t v = 0; v < (g1 - g0) * (r1 - r0); v++) {
+        const float *qr;
+        float *o, *lse;
+        int64_t n_keys;
+        od_attn_q8_pair(a, kvh, g0, g1, r0, v, &qr, &o, &n_keys, &lse);
+        attention_row(a, qr, o, n_keys, (size_t)kvh * a->c * a->d, scratch, 2, lse);
     }
 }
 

@@ -25,10 +25,34 @@
 #include <string.h>
 
 #include "od_internal.h"
-#include "x86_x8.h"
 
 #define OD_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define OD_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+/* Start of a repacked-type tile: activation rows j0..j0+G, zeroed accumulators. */
+OD_AVX2_INLINE void x8_tile_start(const int G, const od_q8_act *act, int64_t j0, const int8_t **xq, const float **xds,
+                                  __m256 *acc, __m256 *acc_offset) {
+    for (int g = 0; g < G; g++) {
+        xq[g] = act->qs + (j0 + g) * act->k;
+        xds[g] = act->ds + (j0 + g) * act->nb * 2;
+        acc[g] = acc_offset[g] = _mm256_setzero_ps();
+    }
+}
+
+/* Sub-block `sub` of a Q4_K_X8 super-block: the 8 rows' 6-bit scales (int32 lanes) and mins (floats). */
+OD_AVX2_INLINE void x8_k_sub_scales(const uint8_t *blk, int sub, __m256i *sc, __m256 *mn) {
+    *sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_SC + 8 * sub)));
+    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_MN + 8 * sub))));
+}
+
+/* End of super-block sb for activation row g: acc += isum * d * d_x, offset += dmin * (sum of mn * s_x). */
+OD_AVX2_INLINE void x8_k_finish(const uint8_t *blk, int64_t sb, const float *xds, __m256i isum, __m256 mins,
+                                __m256 *acc, __m256 *offset) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(xds[2 * sb * 8])), *acc);
+    *offset = _mm256_fmadd_ps(dmin, mins, *offset);
+}
 
 /* Small fixed-count loops over registers must be unrolled early so the accumulator arrays live in
  * registers (otherwise GCC mirrors them on the stack every iteration). */
@@ -127,6 +151,15 @@ OD_AVX2_INLINE __m256i fifth_bits_32(uint32_t qh) {
     return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+/* Q3_K sub-block t (0..7) of a super-block: its signed codes q - 4 from the 32 qs bytes of its half (bits 2*(t%4))
+ * and the hmask (bit t; the 16-bit shift cannot carry a bit into bit 0 of a byte). */
+OD_AVX2_INLINE __m256i q3_k_codes(__m256i qs_half, __m256i hmask, const int t) {
+    const __m128i low_shift = _mm_cvtsi32_si128(2 * (t % 4)), high_shift = _mm_cvtsi32_si128(t);
+    const __m256i low = _mm256_and_si256(_mm256_srl_epi16(qs_half, low_shift), _mm256_set1_epi8(3));
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hmask, high_shift), _mm256_set1_epi8(1));
+    return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 2)), _mm256_set1_epi8(4));
+}
+
 /*
  * Block b (32 weights) of a row: returns the codes (unsigned for the offset formats, signed for
  * Q8_0/Q6_K), the scale dw and offset mw with w = dw * code + mw, and for Q6_K the two integer
@@ -202,6 +235,18 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
         *mw = 0.0f;
         return iq4_levels_32(nibbles_32(blk->qs + 16 * (b % 8)));
     }
+    case OD_TYPE_Q3_K: {
+        const block_q3_K *blk = (const block_q3_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        int8_t sc[16];
+        od_q3k_scales(blk->scales, sc);
+        *dw = half_to_f32(&blk->d);
+        *mw = 0.0f;
+        *sc_lo = sc[sub * 2];
+        *sc_hi = sc[sub * 2 + 1];
+        return q3_k_codes(_mm256_loadu_si256((const __m256i *)(blk->qs + 32 * (sub / 4))),
+                          _mm256_loadu_si256((const __m256i *)blk->hmask), sub);
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *blk = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8), half = sub / 4, part = sub % 4;
@@ -223,7 +268,7 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
     }
 }
 
-#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
+#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_Q3_K || (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
 
 /* ------------------------------------------------------------------ GEMV schedule */
 
@@ -364,7 +409,8 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
     }
     const uint8_t *next_tile = rows[0] + (size_t)R * a->row_bytes;
     const size_t sb_bytes = type == OD_TYPE_Q4_K ? sizeof(block_q4_K) : type == OD_TYPE_Q5_K ? sizeof(block_q5_K)
-                            : type == OD_TYPE_IQ4_XS ? sizeof(block_iq4_xs) : sizeof(block_q6_K);
+                            : type == OD_TYPE_IQ4_XS ? sizeof(block_iq4_xs) : type == OD_TYPE_Q3_K ? sizeof(block_q3_K)
+                            : sizeof(block_q6_K);
     const size_t step_bytes = (size_t)R * sb_bytes;
     for (int64_t sb = 0; sb < nsb; sb++) {
         for (size_t off = 0; off < step_bytes + 63; off += 64)
@@ -438,29 +484,39 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
                     }
                     acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8_epi32(p)), _mm256_mul_ps(scale, xd[g]), acc[r][g]);
                 }
-            } else { /* Q6_K */
-                const block_q6_K *blk = (const block_q6_K *)rows[r] + sb;
+            } else { /* Q3_K and Q6_K: signed codes, 16 int8 sub-scales */
                 /* int16 scales: even ones in the low lane, odd ones in the high lane, so one vpshufb
                  * per sub-block spreads (scale[2t], scale[2t+1]) over the two 16-weight halves */
-                const __m128i sc8 = _mm_loadu_si128((const __m128i *)blk->scales);
+                int8_t q3_scales[16];
+                const block_q3_K *blk3 = (const block_q3_K *)(rows[r] + sb * sb_bytes);
+                const block_q6_K *blk = (const block_q6_K *)(rows[r] + sb * sb_bytes);
+                if (type == OD_TYPE_Q3_K) od_q3k_scales(blk3->scales, q3_scales);
+                const __m128i sc8 = _mm_loadu_si128((const __m128i *)(type == OD_TYPE_Q3_K ? q3_scales : blk->scales));
                 const __m128i even_odd = _mm_shuffle_epi8(sc8, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
                 const __m256i sc16 = _mm256_set_m128i(_mm_cvtepi8_epi16(_mm_srli_si128(even_odd, 8)), _mm_cvtepi8_epi16(even_odd));
-                const __m256 d = _mm256_set1_ps(half_to_f32(&blk->d));
+                const __m256 d = _mm256_set1_ps(half_to_f32(type == OD_TYPE_Q3_K ? &blk3->d : &blk->d));
                 __m256i codes[8];
-                OD_UNROLL
-                for (int h = 0; h < 2; h++) {
-                    const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h));
-                    const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h + 32));
-                    const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
-                    const __m256i two = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
-                    codes[4 * h + 0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql0, low4),
-                                                                       _mm256_slli_epi16(_mm256_and_si256(qh, two), 4)), bias);
-                    codes[4 * h + 1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql1, low4),
-                                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4)), bias);
-                    codes[4 * h + 2] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-                                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4)), bias);
-                    codes[4 * h + 3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-                                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4)), bias);
+                if (type == OD_TYPE_Q3_K) {
+                    const __m256i hm = _mm256_loadu_si256((const __m256i *)blk3->hmask);
+                    OD_UNROLL
+                    for (int t = 0; t < 8; t++)
+                        codes[t] = q3_k_codes(_mm256_loadu_si256((const __m256i *)(blk3->qs + 32 * (t / 4))), hm, t);
+                } else {
+                    OD_UNROLL
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h));
+                        const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h + 32));
+                        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
+                        const __m256i two = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+                        codes[4 * h + 0] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql0, low4),
+                                                                           _mm256_slli_epi16(_mm256_and_si256(qh, two), 4)), bias);
+                        codes[4 * h + 1] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql1, low4),
+                                                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4)), bias);
+                        codes[4 * h + 2] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4)), bias);
+                        codes[4 * h + 3] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                                                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4)), bias);
+                    }
                 }
                 OD_UNROLL
                 for (int g = 0; g < G; g++) {
@@ -493,7 +549,8 @@ OD_AVX2_INLINE void gemv_k_tile(const int type, const int R, const int G, const 
 OD_AVX2_INLINE void gemv_cols(const int type, const int G, const od_mm_args *a, int64_t n0, int64_t n1, int64_t j0) {
     /* keep R*G at 4..6 accumulator chains */
     int64_t n = n0;
-    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS) {
+    if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS ||
+        type == OD_TYPE_Q3_K) {
         if (G == 1) {
             for (; n + 2 <= n1; n += 2) gemv_k_tile(type, 2, 1, a, n, j0);
         }
@@ -570,7 +627,7 @@ OD_AVX2_INLINE void pack_panel(const int type, const od_mm_args *a, int64_t n, i
             }
             p->dw[b * 8 + i] = dw;
             p->mw[b * 8 + i] = mw;
-            if (type == OD_TYPE_Q6_K) {
+            if (type == OD_TYPE_Q6_K || type == OD_TYPE_Q3_K) {
                 int16_t *s = p->scales + b * 32;
                 s[2 * i] = s[2 * i + 1] = (int16_t)sc_lo;
                 s[16 + 2 * i] = s[16 + 2 * i + 1] = (int16_t)sc_hi;
@@ -845,7 +902,7 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
             for (int s = 0; s < 8; s++) {
                 const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
                 const __m256i sg = _mm256_load_si256((const __m256i *)(signs + s * 32));
-                const __m256i mul16 = type == OD_TYPE_Q6_K
+                const __m256i mul16 = type == OD_TYPE_Q6_K || type == OD_TYPE_Q3_K
                                           ? _mm256_loadu_si256((const __m256i *)(p->scales + b * 32 + (s / 4) * 16))
                                           : ones;
                 OD_UNROLL
@@ -908,8 +965,6 @@ DEFINE_QUANT_MATMUL(matmul_q4_1_avx2, OD_TYPE_Q4_1)
 
 DEFINE_QUANT_MATMUL(matmul_q4_0_x8_avx2, OD_TYPE_Q4_0_X8)
 DEFINE_QUANT_MATMUL(matmul_q4_k_x8_avx2, OD_TYPE_Q4_K_X8)
-/* for the AVX-512 table's larger M */
-void od_matmul_q4_0_x8_avx2(const od_mm_args *a, int64_t n0, int64_t n1) { matmul_q4_0_x8_avx2(a, n0, n1); }
 DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
@@ -918,6 +973,7 @@ DEFINE_QUANT_MATMUL(matmul_q5_k_avx2, OD_TYPE_Q5_K)
 DEFINE_QUANT_MATMUL(matmul_iq4_nl_avx2, OD_TYPE_IQ4_NL)
 DEFINE_QUANT_MATMUL(matmul_iq4_xs_avx2, OD_TYPE_IQ4_XS)
 DEFINE_QUANT_MATMUL(matmul_q6_k_avx2, OD_TYPE_Q6_K)
+DEFINE_QUANT_MATMUL(matmul_q3_k_avx2, OD_TYPE_Q3_K)
 
 /* ------------------------------------------------------------------ float weights */
 
@@ -1093,6 +1149,7 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q5_1] = matmul_q5_1_avx2,
             [OD_TYPE_Q8_0] = matmul_q8_0_avx2,
             [OD_TYPE_Q4_K] = matmul_q4_k_avx2,
+            [OD_TYPE_Q3_K] = matmul_q3_k_avx2,
             [OD_TYPE_Q5_K] = matmul_q5_k_avx2,
             [OD_TYPE_Q6_K] = matmul_q6_k_avx2,
             [OD_TYPE_IQ4_NL] = matmul_iq4_nl_avx2,
@@ -1110,6 +1167,7 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
             [OD_TYPE_Q8_0] = dequant_q8_0_avx2,
             [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
+            [OD_TYPE_Q3_K] = od_dequant_q3_k_scalar,
             [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,
             [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,
             [OD_TYPE_IQ4_NL] = od_dequant_iq4_nl_scalar,

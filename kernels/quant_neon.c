@@ -53,7 +53,7 @@ static void quantize_act_neon(const float *x, od_q8_act *act, int64_t m0, int64_
 typedef struct {
     int8x16_t lo, hi; /* codes of elements 0..15 and 16..31 */
     float dw, mw;     /* w = dw * code (* sub-scale for Q6_K) + mw */
-    int sc0, sc1;     /* Q6_K sub-scales of the two halves */
+    int sc0, sc1;     /* Q6_K / Q3_K sub-scales of the two halves */
 } neon_block;
 
 #define NEON_HAS_OFFSET(t) ((t) == OD_TYPE_Q4_1 || (t) == OD_TYPE_Q5_1 || (t) == OD_TYPE_Q4_K || (t) == OD_TYPE_Q5_K)
@@ -170,6 +170,25 @@ static inline __attribute__((always_inline)) neon_block neon_load_block(const in
         const uint8x16_t v = vld1q_u8(qs);
         blk.lo = vqtbl1q_s8(levels, vandq_u8(v, low4));
         blk.hi = vqtbl1q_s8(levels, vshrq_n_u8(v, 4));
+        break;
+    }
+    case OD_TYPE_Q3_K: {
+        const block_q3_K *p = (const block_q3_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        const uint8_t *qs = p->qs + 32 * (sub / 4);
+        const int8x16_t shift_low = vdupq_n_s8((int8_t)-(2 * (sub % 4))), shift_high = vdupq_n_s8((int8_t)-sub);
+        for (int h = 0; h < 2; h++) {
+            const uint8x16_t l = vandq_u8(vshlq_u8(vld1q_u8(qs + 16 * h), shift_low), vdupq_n_u8(3));
+            const uint8x16_t hb = vandq_u8(vshlq_u8(vld1q_u8(p->hmask + 16 * h), shift_high), vdupq_n_u8(1));
+            const int8x16_t q = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l, vshlq_n_u8(hb, 2))), vdupq_n_s8(4));
+            if (h == 0) blk.lo = q;
+            else blk.hi = q;
+        }
+        int8_t sc[16];
+        od_q3k_scales(p->scales, sc);
+        blk.dw = od_fp16_to_fp32(od_read_u16(&p->d));
+        blk.sc0 = sc[sub * 2];
+        blk.sc1 = sc[sub * 2 + 1];
         break;
     }
     case OD_TYPE_Q6_K: {
@@ -320,6 +339,7 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q5_0] = matmul_q5_0_##SUFFIX,                                                         \
                 [OD_TYPE_Q5_1] = matmul_q5_1_##SUFFIX,                                                         \
                 [OD_TYPE_Q8_0] = matmul_q8_0_##SUFFIX,                                                         \
+                [OD_TYPE_Q3_K] = matmul_q3_k_##SUFFIX,                                                         \
                 [OD_TYPE_Q4_K] = matmul_q4_k_##SUFFIX,                                                         \
                 [OD_TYPE_Q5_K] = matmul_q5_k_##SUFFIX,                                                         \
                 [OD_TYPE_Q6_K] = matmul_q6_k_##SUFFIX,                                                         \
@@ -336,6 +356,7 @@ static void dequant_f16_neon(const uint8_t *row, float *out, int64_t k) {
                 [OD_TYPE_Q5_0] = od_dequant_q5_0_scalar,                                                       \
                 [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,                                                       \
                 [OD_TYPE_Q8_0] = dequant_q8_0_neon,                                                            \
+                [OD_TYPE_Q3_K] = od_dequant_q3_k_scalar,                                                       \
                 [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,                                                       \
                 [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,                                                       \
                 [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,                                                       \

@@ -46,7 +46,7 @@ static inline __attribute__((always_inline)) NB_ATTR void NB(tile)(const int typ
             for (int g = 0; g < G; g++) {
                 const int8_t *x = xq[g] + b * OD_QK;
                 int32x4_t p;
-                if (type == OD_TYPE_Q6_K)
+                if (type == OD_TYPE_Q6_K || type == OD_TYPE_Q3_K)
                     p = vmlaq_n_s32(vmulq_n_s32(NB(dot16)(blk.lo, x), blk.sc0), NB(dot16)(blk.hi, x + 16), blk.sc1);
                 else
                     p = NB(dot32)(blk.lo, blk.hi, x);
@@ -95,6 +95,7 @@ NB_DEFINE(q8_0, OD_TYPE_Q8_0)
 NB_DEFINE(q4_k, OD_TYPE_Q4_K)
 NB_DEFINE(q5_k, OD_TYPE_Q5_K)
 NB_DEFINE(q6_k, OD_TYPE_Q6_K)
+NB_DEFINE(q3_k, OD_TYPE_Q3_K)
 NB_DEFINE(iq4_nl, OD_TYPE_IQ4_NL)
 NB_DEFINE(iq4_xs, OD_TYPE_IQ4_XS)
 #undef NB_DEFINE

@@ -137,6 +137,21 @@ static void unpack_block32(int type, const uint8_t *row, int64_t b, int16_t *qv,
         *mw = 0.0f;
         break;
     }
+    case OD_TYPE_Q3_K: {
+        const block_q3_K *blk = (const block_q3_K *)row + b / 8;
+        const int sub = (int)(b % 8);
+        const uint8_t *qs = blk->qs + 32 * (sub / 4);
+        const int shift = 2 * (sub % 4);
+        int8_t sc[16];
+        od_q3k_scales(blk->scales, sc);
+        for (int j = 0; j < 32; j++) {
+            const int q = (((qs[j] >> shift) & 3) | (((blk->hmask[j] >> sub) & 1) << 2)) - 4;
+            qv[j] = (int16_t)(q * sc[sub * 2 + j / 16]);
+        }
+        *dw = od_fp16_to_fp32(od_read_u16(&blk->d));
+        *mw = 0.0f;
+        break;
+    }
     case OD_TYPE_Q6_K: {
         const block_q6_K *blk = (const block_q6_K *)row + b / 8;
         const int sub = (int)(b % 8);      /* 32-weight sub-block 0..7 */
@@ -184,6 +199,21 @@ void od_dequant_q6_k_scalar(const uint8_t *row, float *out, int64_t k) {
                 const int q = ((ql[j] >> low_shift) & 0x0F) | (((qh[j] >> high_shift) & 3) << 4);
                 out[sb * OD_QK_K + sub * 32 + j] = (d * (float)blk->scales[sub * 2 + j / 16]) * (float)(q - 32);
             }
+        }
+    }
+}
+
+/* Q3_K likewise: (d * (scale - 32)) * (q - 4), as dequantize_row_q3_K. */
+void od_dequant_q3_k_scalar(const uint8_t *row, float *out, int64_t k) {
+    for (int64_t sb = 0; sb < k / OD_QK_K; sb++) {
+        const block_q3_K *blk = (const block_q3_K *)row + sb;
+        const float d = od_fp16_to_fp32(od_read_u16(&blk->d));
+        int8_t sc[16];
+        od_q3k_scales(blk->scales, sc);
+        for (int e = 0; e < OD_QK_K; e++) {
+            const int q = (((blk->qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3) |
+                           (((blk->hmask[e % 32] >> (e / 32)) & 1) << 2)) - 4;
+            out[sb * OD_QK_K + e] = (d * (float)sc[e / 16]) * (float)q;
         }
     }
 }
@@ -297,19 +327,12 @@ static void attention_scalar(const od_attn_args *a, int64_t head, int64_t r0, in
     for (int64_t r = r0; r < r1; r++) {
         const float *qr = a->q + (r * a->h + head) * d;
         const int64_t n_keys = a->pos0 + r + 1;
-        float maxv = -INFINITY;
         for (int64_t t = 0; t < n_keys; t++) {
             float dot = 0.0f;
             for (int64_t i = 0; i < d; i++) dot += qr[i] * kv_value(a->k_cache, a->kv_f16, kv_base + t * d + i);
             scores[t] = dot * a->scale;
-            maxv = scores[t] > maxv ? scores[t] : maxv;
         }
-        float total = 0.0f;
-        for (int64_t t = 0; t < n_keys; t++) {
-            scores[t] = expf(scores[t] - maxv);
-            total += scores[t];
-        }
-        const float inv = od_attn_probabilities(scores, n_keys, total, a->kv_f16);
+        const float inv = od_attn_probabilities(scores, n_keys, od_softmax_numerators_scalar(scores, n_keys, NULL), a->kv_f16);
         float *o = a->out + r * a->h * d + head * d;
         for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
         for (int64_t t = 0; t < n_keys; t++) {
@@ -351,6 +374,7 @@ const od_isa_ops od_ops_scalar = {
             [OD_TYPE_Q5_0] = matmul_quant_scalar,
             [OD_TYPE_Q5_1] = matmul_quant_scalar,
             [OD_TYPE_Q8_0] = matmul_quant_scalar,
+            [OD_TYPE_Q3_K] = matmul_quant_scalar,
             [OD_TYPE_Q4_K] = matmul_quant_scalar,
             [OD_TYPE_Q5_K] = matmul_quant_scalar,
             [OD_TYPE_Q6_K] = matmul_quant_scalar,
@@ -367,6 +391,7 @@ const od_isa_ops od_ops_scalar = {
             [OD_TYPE_Q5_0] = od_dequant_q5_0_scalar,
             [OD_TYPE_Q5_1] = od_dequant_q5_1_scalar,
             [OD_TYPE_Q8_0] = od_dequant_q8_0_scalar,
+            [OD_TYPE_Q3_K] = od_dequant_q3_k_scalar,
             [OD_TYPE_Q4_K] = od_dequant_q4_k_scalar,
             [OD_TYPE_Q5_K] = od_dequant_q5_k_scalar,
             [OD_TYPE_Q6_K] = od_dequant_q6_k_scalar,

@@ -306,9 +306,9 @@ static void quantize_q5_k(const float *x, block_q5_K *y, int64_t nb, int *overfl
     }
 }
 
-/* Symmetric scale search of one sub-block (llama.cpp's make_qx_quants, rmse_type 1: weights x^2): codes L in
- * 0..2*nmax-1 with x ~ scale * (L - nmax). */
-static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L) {
+/* Symmetric scale search of one sub-block (llama.cpp's make_qx_quants, rmse_type 1: weights qw, or x^2 without):
+ * codes L in 0..2*nmax-1 with x ~ scale * (L - nmax). */
+static float search_scale_weighted(int n, int nmax, const float *x, const float *qw, uint8_t *L) {
     float amax = 0.0f, max = 0.0f;
     for (int i = 0; i < n; i++) {
         if (fabsf(x[i]) > amax) {
@@ -325,7 +325,7 @@ static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L)
         int l = nearest_int(iscale * x[i]);
         l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
         L[i] = (uint8_t)(l + nmax);
-        const float w = x[i] * x[i];
+        const float w = qw ? qw[i] : x[i] * x[i];
         sumlx += w * x[i] * (float)l;
         suml2 += w * (float)l * (float)l;
     }
@@ -337,7 +337,7 @@ static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L)
         for (int i = 0; i < n; i++) {
             int l = nearest_int(iscale * x[i]);
             l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
-            const float w = x[i] * x[i];
+            const float w = qw ? qw[i] : x[i] * x[i];
             sumlx += w * x[i] * (float)l;
             suml2 += w * (float)l * (float)l;
         }
@@ -352,6 +352,10 @@ static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L)
         }
     }
     return scale;
+}
+
+static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L) {
+    return search_scale_weighted(n, nmax, x, NULL, L);
 }
 
 static void q6_k_search_scalar(const float *x, uint8_t *L, float *scales) {
@@ -402,6 +406,125 @@ static void quantize_q6_k(const float *x, block_q6_K *y, int64_t nb, int *overfl
                                   ((Lh[l + 96] >> 4) << 6));
             }
         }
+    }
+}
+
+/* ------------------------------------------------------------------ Q3_K */
+
+/* make_q3_quants(do_rmse) on 16 weights, nmax 4: levels from the peak, then up to 5 passes of coordinate descent
+ * weighted x^2; codes L in 0..7 with x ~ scale * (L - 4). */
+static float q3_k_sub_block(const float *x, uint8_t *L) {
+    const int nmax = 4;
+    const float max = signed_absmax(x, 16);
+    if (fabsf(max) < GROUP_MAX_EPS) {
+        memset(L, 0, 16);
+        return 0.0f;
+    }
+    const float iscale = (float)-nmax / max;
+    int lv[16];
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < 16; i++) {
+        int l = nearest_int(iscale * x[i]);
+        lv[i] = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)lv[i];
+        suml2 += w * (float)lv[i] * (float)lv[i];
+    }
+    for (int itry = 0; itry < 5; itry++) {
+        int changed = 0;
+        for (int i = 0; i < 16; i++) {
+            const float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * (float)lv[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * (float)lv[i] * (float)lv[i];
+                int nl = nearest_int(x[i] * sl2 / slx);
+                nl = nl < -nmax ? -nmax : (nl > nmax - 1 ? nmax - 1 : nl);
+                if (nl != lv[i]) {
+                    slx += w * x[i] * (float)nl;
+                    sl2 += w * (float)nl * (float)nl;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        lv[i] = nl;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed++;
+                    }
+                }
+            }
+        }
+        if (!changed) break;
+    }
+    for (int i = 0; i < 16; i++) L[i] = (uint8_t)(lv[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* Scale j (stored 0..63) into the 12-byte field (see block_q3_K); the field starts zeroed. */
+static inline void q3_k_put_scale(uint8_t *packed, int j, int l) {
+    packed[j % 8] |= (uint8_t)((l & 0x0F) << (4 * (j / 8)));
+    packed[8 + j % 4] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+}
+
+/* quantize_row_q3_K_ref (qw NULL) / quantize_row_q3_K_impl (importance qw per weight of the row). */
+static void quantize_q3_k(const float *x, const float *qw, block_q3_K *y, int64_t nb, int *overflow) {
+    uint8_t L[OD_QK_K];
+    float scales[16], weight[OD_QK_K], sw[16];
+    for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
+        memset(y[b].scales, 0, 12);
+        if (!qw) {
+            for (int j = 0; j < 16; j++) scales[j] = q3_k_sub_block(x + 16 * j, L + 16 * j);
+            const float max_scale = signed_absmax(scales, 16);
+            if (max_scale != 0.0f) {
+                const float iscale = -32.0f / max_scale;
+                for (int j = 0; j < 16; j++) {
+                    int l = (int8_t)nearest_int(iscale * scales[j]);  /* C stores it in an int8_t first */
+                    l = (l < -32 ? -32 : (l > 31 ? 31 : l)) + 32;
+                    q3_k_put_scale(y[b].scales, j, l);
+                }
+                y[b].d = scale_fp16(1.0f / iscale, overflow);
+            } else {
+                y[b].d = 0;
+            }
+        } else {
+            const float *qwb = qw + b * OD_QK_K;
+            float sumx2 = 0.0f;
+            for (int j = 0; j < OD_QK_K; j++) sumx2 += x[j] * x[j];
+            const float sigma2 = 2.0f * sumx2 / (float)OD_QK_K;
+            for (int j = 0; j < 16; j++) {
+                float sumw = 0.0f;
+                for (int l = 0; l < 16; l++) {
+                    weight[16 * j + l] = qwb[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+                    sumw += weight[16 * j + l];
+                }
+                sw[j] = sumw;
+                scales[j] = search_scale_weighted(16, 4, x + 16 * j, weight + 16 * j, L + 16 * j);
+            }
+            uint8_t Ls[16];
+            const float d_block = search_scale_weighted(16, 32, scales, sw, Ls);
+            for (int j = 0; j < 16; j++) q3_k_put_scale(y[b].scales, j, Ls[j]);
+            y[b].d = scale_fp16(d_block, overflow);
+        }
+        int8_t sc[16];
+        od_q3k_scales(y[b].scales, sc);
+        const float d_all = od_fp16_to_fp32(y[b].d);
+        for (int j = 0; j < 16; j++) {
+            const float d = d_all * (float)sc[j];
+            if (d == 0.0f) continue;
+            for (int l = 0; l < 16; l++) {
+                int q = nearest_int(x[16 * j + l] / d);
+                q = q < -4 ? -4 : (q > 3 ? 3 : q);
+                L[16 * j + l] = (uint8_t)(q + 4);
+            }
+        }
+        memset(y[b].hmask, 0, sizeof(y[b].hmask));
+        for (int e = 0; e < OD_QK_K; e++)
+            if (L[e] > 3) {
+                y[b].hmask[e % 32] |= (uint8_t)(1u << (e / 32));
+                L[e] -= 4;
+            }
+        for (int h = 0; h < 2; h++)
+            for (int l = 0; l < 32; l++) {
+                const uint8_t *Lh = L + 128 * h;
+                y[b].qs[32 * h + l] = (uint8_t)(Lh[l] | (Lh[l + 32] << 2) | (Lh[l + 64] << 4) | (Lh[l + 96] << 6));
+            }
     }
 }
 
@@ -520,6 +643,7 @@ static void quantize_one_row(int type, const float *x, const float *importance, 
     case OD_TYPE_Q4_1: quantize_q4_1(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q5_0: quantize_q5_0(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q5_1: quantize_q5_1(x, y, n / OD_QK, overflow); break;
+    case OD_TYPE_Q3_K: quantize_q3_k(x, importance, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q4_K: quantize_q4_k(x, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q5_K: quantize_q5_k(x, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q6_K: quantize_q6_k(x, y, n / OD_QK_K, overflow); break;
@@ -546,12 +670,13 @@ int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64
 
 int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance) {
     /* the importance-weighted quantizers implemented here; numpy (ondevice/quant) has all of them */
-    if (importance && type != OD_TYPE_IQ4_NL && type != OD_TYPE_IQ4_XS) return OD_ETYPE;
-    const int64_t block = (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS)
+    if (importance && type != OD_TYPE_IQ4_NL && type != OD_TYPE_IQ4_XS && type != OD_TYPE_Q3_K) return OD_ETYPE;
+    const int64_t block = (type == OD_TYPE_Q3_K || type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS)
                               ? OD_QK_K : OD_QK;
     switch (type) {
     case OD_TYPE_Q8_0: case OD_TYPE_Q4_0: case OD_TYPE_Q4_1: case OD_TYPE_Q5_0: case OD_TYPE_Q5_1:
-    case OD_TYPE_Q4_K: case OD_TYPE_Q5_K: case OD_TYPE_Q6_K: case OD_TYPE_IQ4_NL: case OD_TYPE_IQ4_XS: break;
+    case OD_TYPE_Q3_K: case OD_TYPE_Q4_K: case OD_TYPE_Q5_K: case OD_TYPE_Q6_K: case OD_TYPE_IQ4_NL:
+    case OD_TYPE_IQ4_XS: break;
     default: return OD_ETYPE;
     }
     if (nrows < 0 || n <= 0 || n % block != 0) return OD_EINVAL;

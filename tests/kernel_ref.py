@@ -8,6 +8,9 @@ against the unquantized product.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
@@ -24,6 +27,7 @@ TYPE_LAYOUT: dict[int, tuple[int, int]] = {
     QT.Q5_0: (32, 22),
     QT.Q5_1: (32, 24),
     QT.Q8_0: (32, 34),
+    QT.Q3_K: (256, 110),
     QT.Q4_K: (256, 144),
     QT.Q5_K: (256, 176),
     QT.Q6_K: (256, 210),
@@ -31,7 +35,7 @@ TYPE_LAYOUT: dict[int, tuple[int, int]] = {
     QT.IQ4_XS: (256, 136),
 }
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-QUANT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS)
+QUANT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS)
 ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
 
 
@@ -55,7 +59,7 @@ def make_weights(wtype: int, n: int, k: int, rng: np.random.Generator, random_by
         if wtype == QT.F16:
             return dense.astype(np.float16).view(np.uint8).reshape(n, -1)
         return quants.quantize(dense, QT.BF16).reshape(n, -1)
-    if not random_bytes and wtype not in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS):
+    if not random_bytes and wtype not in (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS):
         return quants.quantize(dense, wtype).reshape(n, -1)
     elems, nbytes = TYPE_LAYOUT[wtype]
     blocks = rng.integers(0, 256, size=(n * k // elems, nbytes), dtype=np.uint8)
@@ -66,6 +70,8 @@ def make_weights(wtype: int, n: int, k: int, rng: np.random.Generator, random_by
 
     if wtype == QT.Q6_K:
         half_field(208, 1e-4, 1e-3)
+    elif wtype == QT.Q3_K:
+        half_field(108, 1e-4, 1e-3)  # times a 6-bit scale - 32
     elif wtype in (QT.Q4_K, QT.Q5_K):
         half_field(0, 1e-4, 2e-3)
         half_field(2, 1e-4, 2e-3)
@@ -96,7 +102,7 @@ def activation_scheme(wtype: int) -> str:
     """The 8-bit activation rounding llama.cpp's CPU backend (and so our kernels) pairs with wtype."""
     if wtype in (QT.Q4_1, QT.Q5_1):
         return "q8_1"
-    if wtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS):
+    if wtype in (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS):
         return "q8_K"
     return "q8_0"
 
@@ -243,3 +249,27 @@ def gelu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (transformers' gelu_pytorch_tanh), times up."""
     g = gate.astype(np.float64)
     return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3))) * up
+
+
+def available_isas(kernels) -> list[str]:
+    """The code paths this machine can run, "scalar" first (the kernels' ISA is left as it was)."""
+    current, found = kernels.isa(), []
+    for name in ("scalar", "avx2", "avx512", "neon"):
+        try:
+            kernels._set_isa(name)
+            found.append(name)
+        except ValueError:
+            pass
+    kernels._set_isa(current)
+    return found
+
+
+@contextlib.contextmanager
+def forced_isa(kernels, name: str) -> Iterator[None]:
+    """Run the block on one code path, then restore the previous one."""
+    previous = kernels.isa()
+    kernels._set_isa(name)
+    try:
+        yield
+    finally:
+        kernels._set_isa(previous)

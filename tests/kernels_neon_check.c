@@ -54,7 +54,8 @@ static uint8_t *make_weights(int type, int64_t n, int64_t k) {
     for (size_t i = 0; i < row_bytes * (size_t)n; i++) w[i] = (uint8_t)next_u32();
     const int block_bytes = type == OD_TYPE_Q4_0 ? 18 : type == OD_TYPE_Q4_1 ? 20 : type == OD_TYPE_Q5_0 ? 22
                           : type == OD_TYPE_Q5_1 ? 24 : type == OD_TYPE_Q8_0 ? 34 : type == OD_TYPE_Q4_K ? 144
-                          : type == OD_TYPE_Q5_K ? 176 : type == OD_TYPE_IQ4_NL ? 18 : type == OD_TYPE_IQ4_XS ? 136 : 210;
+                          : type == OD_TYPE_Q5_K ? 176 : type == OD_TYPE_IQ4_NL ? 18 : type == OD_TYPE_IQ4_XS ? 136
+                          : type == OD_TYPE_Q3_K ? 110 : 210;
     const size_t n_blocks = row_bytes * (size_t)n / (size_t)block_bytes;
     for (size_t b = 0; b < n_blocks; b++) {
         uint8_t *blk = w + b * (size_t)block_bytes;
@@ -62,6 +63,8 @@ static uint8_t *make_weights(int type, int64_t n, int64_t k) {
         const float mag = 1e-3f + 9e-3f * ((float)next_u32() / 4294967296.0f);
         if (type == OD_TYPE_Q6_K) {
             put_half(blk + 208, sign * mag * 0.1f);
+        } else if (type == OD_TYPE_Q3_K) {
+            put_half(blk + 108, sign * mag * 0.1f);
         } else if (type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K) {
             put_half(blk, sign * mag * 0.2f);
             put_half(blk + 2, mag * 0.2f);
@@ -199,12 +202,15 @@ static void test_elementwise(void) {
     free(x), free(weight), free(want), free(got), free(up);
 }
 
-static void test_attention(int kv_f16) {
-    const int64_t h = 6, hkv = 2, c = 70, d = 64;
+/* kv_type OD_KV_F32 / F16 / Q8_0; the Q8_0 cache is written by od_kv_store_q8_0 (scalar on aarch64). */
+static void test_attention(int kv_type) {
+    static const char *const kv_names[] = {"f32", "f16", "q8_0"};
+    const int64_t h = 6, hkv = 2, c = 600, d = 64, q8_row = d / 32 * 34;
     float *kf = random_floats(hkv * c * d, 1.0f), *vf = random_floats(hkv * c * d, 1.0f);
     void *k_cache = kf, *v_cache = vf;
     uint16_t *kh = NULL, *vh = NULL;
-    if (kv_f16) {
+    uint8_t *kq = NULL, *vq = NULL;
+    if (kv_type == OD_KV_F16) {
         kh = malloc(2 * (size_t)(hkv * c * d));
         vh = malloc(2 * (size_t)(hkv * c * d));
         for (int64_t i = 0; i < hkv * c * d; i++) {
@@ -213,27 +219,37 @@ static void test_attention(int kv_f16) {
         }
         k_cache = kh;
         v_cache = vh;
+    } else if (kv_type == OD_KV_Q8_0) {
+        kq = calloc((size_t)(hkv * c * q8_row), 1);
+        vq = calloc((size_t)(hkv * c * q8_row), 1);
+        if (od_kv_store_q8_0(kq, kf, c, hkv, c, d, 0) != OD_OK || od_kv_store_q8_0(vq, vf, c, hkv, c, d, 0) != OD_OK) {
+            printf("FAIL kv_store_q8_0\n");
+            failures++;
+        }
+        k_cache = kq;
+        v_cache = vq;
     }
-    const int64_t cases[3][2] = {{1, 0}, {1, 40}, {9, 50}};
-    for (int cs = 0; cs < 3; cs++) {
+    /* M = 1 at position 550: a Q8_0 decode step split over key ranges (2 threads) */
+    const int64_t cases[4][2] = {{1, 0}, {1, 40}, {9, 50}, {1, 550}};
+    for (int cs = 0; cs < 4; cs++) {
         const int64_t m = cases[cs][0], pos0 = cases[cs][1];
         float *q = random_floats(m * h * d, 2.0f);
         float *want = malloc(sizeof(float) * (size_t)(m * h * d)), *got = malloc(sizeof(float) * (size_t)(m * h * d));
         float *scale = malloc(sizeof(float) * (size_t)(m * h * d));
         for (int64_t i = 0; i < m * h * d; i++) scale[i] = 1.0f;
         od_set_isa("scalar");
-        od_attention(want, q, k_cache, v_cache, kv_f16, m, h, hkv, c, d, pos0, 0.125f, 0);
+        od_attention(want, q, k_cache, v_cache, kv_type, m, h, hkv, c, d, pos0, 0.125f, 0);
         char what[64];
-        snprintf(what, sizeof(what), "attention %s M=%lld pos0=%lld", kv_f16 ? "f16" : "f32", (long long)m,
+        snprintf(what, sizeof(what), "attention %s M=%lld pos0=%lld", kv_names[kv_type], (long long)m,
                  (long long)pos0);
         for (int v = 0; v < 2; v++) {
             if (od_set_isa(simd_isas[v]) != OD_OK) continue;
-            od_attention(got, q, k_cache, v_cache, kv_f16, m, h, hkv, c, d, pos0, 0.125f, 0);
+            od_attention(got, q, k_cache, v_cache, kv_type, m, h, hkv, c, d, pos0, 0.125f, 0);
             check(what, simd_isas[v], got, want, scale, m * h * d, 2e-5f);
         }
         free(q), free(want), free(got), free(scale);
     }
-    free(kf), free(vf), free(kh), free(vh);
+    free(kf), free(vf), free(kh), free(vh), free(kq), free(vq);
 }
 
 int main(void) {
@@ -253,8 +269,13 @@ int main(void) {
         test_get_rows(types[t]);
     }
     test_elementwise();
-    test_attention(0);
-    test_attention(1);
+    test_attention(OD_KV_F32);
+    test_attention(OD_KV_F16);
+    test_attention(OD_KV_Q8_0);
+    /* types added later run last, so the random data of the tests above stays what it was (attention f16's
+     * tolerance was set on that data) */
+    for (int s = 0; s < 4; s++) test_matmul(OD_TYPE_Q3_K, shapes[s][0], shapes[s][1], shapes[s][2]);
+    test_get_rows(OD_TYPE_Q3_K);
     printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
     return failures ? 1 : 0;
 }

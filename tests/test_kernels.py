@@ -29,19 +29,7 @@ K = pytest.importorskip("ondevice._kernels")
 DEFAULT_ISA = K.isa()
 
 
-def _available_isas() -> list[str]:
-    found = []
-    for name in ("scalar", "avx2", "avx512", "neon"):
-        try:
-            K._set_isa(name)
-            found.append(name)
-        except ValueError:
-            pass
-    K._set_isa(DEFAULT_ISA)
-    return found
-
-
-ISAS = _available_isas()
+ISAS = ref.available_isas(K)
 SIMD_ISAS = [name for name in ISAS if name != "scalar"]
 
 
@@ -150,7 +138,7 @@ def test_matmul_simd_matches_scalar(simd, wtype):
 
 # ------------------------------------------------------------------ load-time repacking (Q4_0 -> Q4_0_X8 etc.)
 
-REPACK_TYPES = {QT.Q4_0: K.Q4_0_X8, QT.Q4_K: K.Q4_K_X8, QT.Q4_1: K.Q4_1_X8, QT.Q8_0: K.Q8_0_X8}
+REPACK_TYPES = {QT.Q4_0: K.Q4_0_X8, QT.Q4_K: K.Q4_K_X8, QT.Q4_1: K.Q4_1_X8, QT.Q8_0: K.Q8_0_X8, QT.Q6_K: K.Q6_K_X8}
 X8_NAMES = {packed: f"{QT(base).name}_X8" for base, packed in REPACK_TYPES.items()}
 # the repacked layouts each code path has kernels for (elsewhere od_repacked_type says None)
 ISA_REPACKS = {"avx2": {QT.Q4_0, QT.Q4_K}, "avx512": set(REPACK_TYPES)}

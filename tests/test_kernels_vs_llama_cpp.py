@@ -22,7 +22,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 # activation type per weight type, as in ggml-cpu's type traits (vec_dot_type)
 VEC_DOT_TYPE = {QT.Q4_0: "q8_0", QT.Q5_0: "q8_0", QT.Q8_0: "q8_0", QT.Q4_1: "q8_1", QT.Q5_1: "q8_1",
-                QT.Q4_K: "q8_K", QT.Q5_K: "q8_K", QT.Q6_K: "q8_K",
+                QT.Q3_K: "q8_K", QT.Q4_K: "q8_K", QT.Q5_K: "q8_K", QT.Q6_K: "q8_K",
                 QT.IQ4_NL: "q8_0", QT.IQ4_XS: "q8_K"}
 # bytes per block of the activation types: (elements, bytes)
 ACT_LAYOUT = {"q8_0": (32, 34), "q8_1": (32, 36), "q8_K": (256, 292)}
