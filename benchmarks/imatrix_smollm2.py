@@ -1,4 +1,5 @@
-"""Issue 14, first half: SmolLM2-135M-Instruct at q4_k_m and q4_0, with and without an importance matrix, quantized
+"""Issue 14, first half: SmolLM2-135M-Instruct at q4_k_m and q4_0 (and with --recipes any other recipe, e.g.
+q5_k_m,iq4_xs,q3_k_m for docs/BENCHMARKS.md 3.1.1), with and without an importance matrix, quantized
 by ondevice and by llama.cpp (llama_model_quantize given the same importance vectors); size, KL, top-1 and perplexity
 against the f32 reference on the held-out text (docs/BENCHMARKS.md, "Calibrated quantization").
 

@@ -30,6 +30,14 @@ from ondevice.quant.recipes import RECIPES, choose_tensor_type
 class GGUFOptions(ConvertOptions):
     imatrix: Path | None = None  # an importance matrix file (llama.cpp's GGUF or .dat form)
     calibrate: bool = False  # compute one on the bundled calibration text first
+    method: str | None = None  # "imatrix" or "gptq" (the default with --calibrate); see METHODS
+    calibration_chunks: int | None = None  # chunks of 512 tokens of the calibration text (default: all, 24)
+
+
+# How the calibration statistics are used. imatrix: llama-quantize --imatrix's importance-weighted rounding (same
+# bytes). gptq: the same scales, codes chosen by GPTQ on each layer's inputs in the model as quantized so far
+# (ondevice.quant.calibrated); computes its own statistics, so it takes no --imatrix file. The default stays imatrix.
+METHODS = ("imatrix", "gptq")
 
 
 TARGET = Target(
@@ -43,16 +51,22 @@ TARGET = Target(
     options=GGUFOptions,
     cli_options=(
         TargetOption("--imatrix", "imatrix", "importance matrix (from `ondevice imatrix` or llama-imatrix, GGUF or "
-                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q4_k/q5_k/q6_k/iq4_nl/iq4_xs tensors' rounding, as "
+                     ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q3_k/q4_k/q5_k/q6_k/iq4_nl/iq4_xs tensors' rounding, as "
                      "llama-quantize --imatrix does", type=Path, metavar="FILE"),
         TargetOption("--calibrate", "calibrate", "compute the importance matrix on the bundled calibration text "
-                     "first (`ondevice imatrix` defaults) and quantize with it", type=None, switch_value=True),
+                     "first (`ondevice imatrix` defaults) and quantize with it (--method imatrix unless told)", type=None,
+                     switch_value=True),
+        TargetOption("--method", "method", "how calibration is used: imatrix (llama-quantize --imatrix's rounding) "
+                     "(the default) or gptq (the same scales, codes chosen by GPTQ layer by layer on the calibration "
+                     "text: lower KL, higher perplexity on SmolLM2)", type=str, metavar="{" + ",".join(METHODS) + "}"),
+        TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
+                     "bundled calibration text (default: all 24)", type=int),
     ),
 )
 
 # llama.cpp's llama_ftype, stored as general.file_type
 FILE_TYPES: dict[str, int] = {
-    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13,
     "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "bf16": 32,
 }
 
@@ -131,18 +145,62 @@ def _producer(tensor: LazyTensor, qtype: QuantType, heads: int | None, shift: fl
     return produce
 
 
-def _importance_matrix(model: CanonicalModel, options: GGUFOptions):
-    """(imatrix or None, its description for the metadata and notes)."""
+def calibration_method(options: GGUFOptions) -> str | None:
+    """The method the options ask for (None: no calibration); bad combinations are one-line errors."""
     from ondevice.errors import UnsupportedError
-    from ondevice.quant.imatrix import Imatrix, calibrate
 
+    method = options.method
+    if method is not None and method not in METHODS:
+        raise UnsupportedError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if options.imatrix is not None and options.calibrate:
         raise UnsupportedError("--imatrix and --calibrate exclude each other: --calibrate computes the imatrix")
+    if options.calibration_chunks is not None and not (options.calibrate or method == "gptq"):
+        raise UnsupportedError("--calib-chunks needs --calibrate or --method gptq (a given --imatrix is used as is)")
+    if options.calibration_chunks is not None and options.calibration_chunks < 1:
+        raise UnsupportedError(f"--calib-chunks {options.calibration_chunks}: give at least 1 chunk")
+    if method == "gptq" and options.imatrix is not None:
+        raise UnsupportedError("--method gptq collects its own statistics on the calibration text (the inputs of "
+                               "the model as quantized so far); drop --imatrix, or use --method imatrix")
+    if method == "imatrix" and options.imatrix is None and not options.calibrate:
+        raise UnsupportedError("--method imatrix needs --imatrix FILE or --calibrate")
+    if method is None:
+        # imatrix stays the default: gptq lowers the KL but raises the held-out perplexity (docs/BENCHMARKS.md 3.1.2)
+        method = "imatrix" if options.calibrate or options.imatrix is not None else None
+    if method is not None and options.quant in ("f32", "f16", "bf16"):
+        raise UnsupportedError(f"--quant {options.quant} keeps the weights in float: there is nothing to calibrate "
+                               f"(--method {method}, --imatrix, --calibrate apply to the quantized recipes)")
+    return method
+
+
+def _stored(data: np.ndarray):
+    return lambda: data
+
+
+def _importance_matrix(model: CanonicalModel, options: GGUFOptions, method: str | None):
+    """(imatrix or None, its description for the metadata and notes)."""
+    from ondevice.quant.imatrix import Imatrix, calibrate
+
+    if method != "imatrix":
+        return None, ""
     if options.imatrix is not None:
         return Imatrix.load(options.imatrix), str(options.imatrix)
-    if options.calibrate:
-        return calibrate(model, progress=options.progress), "calibrate"
-    return None, ""
+    return calibrate(model, chunks=options.calibration_chunks, progress=options.progress), "calibrate"
+
+
+def _gptq_tensors(model: CanonicalModel, choices: dict, options: GGUFOptions, notes: list[str]) -> dict:
+    from ondevice.quant.calibrated import DAMP, DAMP_DOWN, GptqReport, gptq_tensors
+    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
+
+    chunks = chunk_tokens(model, bundled_calibration_text(), 512, options.calibration_chunks)
+    report = GptqReport()
+    with progress_bar(model.spec.n_layers, f"gptq {len(chunks)}x512 tokens", options.progress) as bar:
+        bar.unit = "layer"
+        tensors = gptq_tensors(model, {name: choice.qtype for name, choice in choices.items()}, chunks,
+                               report=report, on_layer=lambda _layer: bar.update(1))
+    notes.append(f"gptq: {len(tensors)} tensors, {len(chunks)}x512 calibration tokens, damp {DAMP} "
+                 f"({DAMP_DOWN} for ffn_down); output error "
+                 f"on the calibration inputs {report.mean_ratio():.2f}x the importance-weighted rounding's (mean)")
+    return tensors
 
 
 def _imatrix_fields(imatrix, source: str) -> dict[str, TypedValue]:
@@ -162,7 +220,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     spec = model.spec
     arch = get_architecture(spec.arch)
     recipe = options.quant
-    imatrix, imatrix_source = _importance_matrix(model, options)
+    method = calibration_method(options)
+    imatrix, imatrix_source = _importance_matrix(model, options, method)
     notes: list[str] = []
     fields: dict[str, TypedValue] = {
         "general.architecture": TypedValue(ValueType.STRING, spec.arch),
@@ -174,7 +233,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     fields.update(arch.gguf_fields(spec))
     fields.update(tokenizer_fields(model, options.pre_tokenizer))
 
-    has_imatrix = imatrix is not None
+    has_imatrix = method is not None  # GPTQ's diag(H) is an importance matrix: llama.cpp's imatrix recipe choices
     choices = {hf_name: choose_tensor_type(recipe, arch.gguf_name(hf_name), tensor.shape, spec.n_layers,
                                            spec.tie_embeddings, spec.arch, has_imatrix,
                                            spec.n_heads // spec.n_kv_heads)
@@ -193,6 +252,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         notes.append(f"imatrix: {len(weighted) - len(missing)} tensors quantized with importance weights "
                      f"({imatrix_source})")
 
+    calibrated = _gptq_tensors(model, choices, options, notes) if method == "gptq" else {}
+    if method == "gptq":
+        fields["quantize.ondevice.method"] = TypedValue(ValueType.STRING, "gptq")
     planned, types, fallbacks = [], [], []
     for hf_name, tensor in model.tensors.items():
         gguf_name = arch.gguf_name(hf_name)
@@ -202,6 +264,10 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
             fallbacks.append(f"{gguf_name}: {choice.fallback_from} -> {qtype.name} ({choice.reason})")
         types.append(qtype.name)
         importance = imatrix.importance(gguf_name) if imatrix is not None and gguf_name in weighted else None
+        if gguf_name in calibrated:
+            planned.append(PlannedTensor(gguf_name, tensor.shape, qtype.ggml_type,
+                                         _stored(calibrated.pop(gguf_name))))
+            continue
         planned.append(PlannedTensor(gguf_name, tensor.shape, qtype.ggml_type,
                                      _producer(tensor, qtype, arch.qk_heads(spec, hf_name),
                                                arch.gguf_norm_shift(spec, hf_name), importance)))

@@ -3,7 +3,7 @@
 - Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, f16, bf16: byte-identical to gguf-py's reference ports of ggml-quants.c on
   random data and edge cases, and to the bytes in the real SmolLM2 Q4_1 file (re-quantizing its
   dequantized tensors reproduces the file).
-- Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS: dequantization identical to gguf-py; quantization compared with llama.cpp itself
+- Q3_K/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS: dequantization identical to gguf-py; quantization compared with llama.cpp itself
   (llama-cpp-python's llama_model_quantize on an f32 GGUF of real SmolLM2 tensors): bytes and RMSE.
 """
 
@@ -81,8 +81,8 @@ def edge_case_rows(n: int = 256) -> np.ndarray:
 
 
 def test_registry_matches_ggml_sizes_and_ids():
-    assert set(QUANT_TYPES) == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
-                                "iq4_nl", "iq4_xs"}
+    assert set(QUANT_TYPES) == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k",
+                                "q6_k", "iq4_nl", "iq4_xs"}
     for name, qtype in QUANT_TYPES.items():
         assert isinstance(qtype, QuantType)
         assert qtype.name == name
@@ -90,14 +90,14 @@ def test_registry_matches_ggml_sizes_and_ids():
         assert quant_type_for_ggml(qtype.ggml_type) is qtype
         assert get_quant_type(name.upper()) is qtype
     assert {q.name: q.ggml_type for q in QUANT_TYPES.values()} == {
-        "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+        "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14,
         "iq4_nl": 20, "iq4_xs": 23, "bf16": 30,
     }
 
 
 def test_bad_names_widths_and_sizes():
     with pytest.raises(UnsupportedError, match="q4_k") as err:
-        get_quant_type("q3_k")
+        get_quant_type("q2_k")
     assert "q8_0" in str(err.value)  # the message lists the valid names
     with pytest.raises(UnsupportedError, match="19"):
         quant_type_for_ggml(19)  # IQ1_S
@@ -125,7 +125,8 @@ def test_non_finite_weights_are_refused_with_their_row():
 
 def test_values_too_large_for_fp16_scales_are_refused(quantizer):
     big = np.full((1, 256), 2.0**30, np.float32)
-    for name in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"):
+    for name in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl",
+                 "iq4_xs"):
         with pytest.raises(UnsupportedError, match="f32"):
             get_quant_type(name).quantize(big)
     assert get_quant_type("bf16").dequantize(get_quant_type("bf16").quantize(big), 256)[0, 0] == 2.0**30
@@ -194,7 +195,7 @@ def test_dequantize_matches_gguf_py_on_arbitrary_bytes(name: str):
     assert np.array_equal(ours, gguf.quants.dequantize(raw, GGUF_ID[name]).reshape(ours.shape))
 
 
-@pytest.mark.parametrize("name", ("q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"))
+@pytest.mark.parametrize("name", ("q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"))
 def test_kquant_dequantize_matches_gguf_py(name: str):
     qtype = get_quant_type(name)
     rng = np.random.default_rng(9)
@@ -207,6 +208,8 @@ def test_kquant_dequantize_matches_gguf_py(name: str):
         blocks[:, 0:4] = scales
     elif name.startswith("iq4"):
         blocks[:, 0:2] = scales[:, :2]
+    elif name == "q3_k":
+        blocks[:, 108:110] = scales[:, :2]
     else:
         blocks[:, 208:210] = scales[:, :2]
     for raw in (ours_raw, random_raw):
@@ -214,7 +217,7 @@ def test_kquant_dequantize_matches_gguf_py(name: str):
         assert np.array_equal(ours, gguf.quants.dequantize(raw, GGUF_ID[name]).reshape(ours.shape))
 
 
-@pytest.mark.parametrize("name,max_rel_rmse", [("q4_k", 0.12), ("q5_k", 0.06), ("q6_k", 0.03), ("iq4_nl", 0.11), ("iq4_xs", 0.11), ("q8_0", 0.008),
+@pytest.mark.parametrize("name,max_rel_rmse", [("q3_k", 0.25), ("q4_k", 0.12), ("q5_k", 0.06), ("q6_k", 0.03), ("iq4_nl", 0.11), ("iq4_xs", 0.11), ("q8_0", 0.008),
                                                ("q4_0", 0.15), ("q5_1", 0.06)])
 def test_round_trip_error_on_gaussian_rows(name: str, max_rel_rmse: float):
     x = np.random.default_rng(2).standard_normal((64, 1024)).astype(np.float32)
@@ -225,7 +228,7 @@ def test_round_trip_error_on_gaussian_rows(name: str, max_rel_rmse: float):
 
 
 def test_kquants_keep_constant_and_zero_blocks_exact(quantizer):
-    for name in ("q4_k", "q5_k", "q6_k"):
+    for name in ("q3_k", "q4_k", "q5_k", "q6_k"):
         qtype = get_quant_type(name)
         zeros = np.zeros((2, 256), np.float32)
         assert not qtype.quantize(zeros).any()
@@ -335,7 +338,8 @@ def test_quantize_speed_is_reported(capsys):
 # ----------------------------------------------------------------------------- llama.cpp as the oracle
 
 # llama.h's llama_ftype values for the recipes compared here.
-LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14,
+LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q3_k_s": 11,
+               "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14,
                "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30,
                "bf16": 32}
 
@@ -382,7 +386,8 @@ def smollm2_tensor(reader, name: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,recipe", [("q4_k", "q4_k_m"), ("q5_k", "q5_k_m"), ("q6_k", "q6_k")])
+@pytest.mark.parametrize("name,recipe", [("q3_k", "q3_k_m"), ("q4_k", "q4_k_m"), ("q5_k", "q5_k_m"),
+                                         ("q6_k", "q6_k")])
 def test_kquants_match_llama_cpp_on_real_tensors(smollm2_reader, tmp_path, capsys, name: str, recipe: str):
     """Real SmolLM2 weights (the 30 ffn_down matrices, 576 x 1536, and attn_q matrices re-rowed to width 2304)
     and heavy-tailed random rows.

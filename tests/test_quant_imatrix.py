@@ -1,5 +1,5 @@
 """Importance-weighted quantization against ggml itself: for every type whose ggml quantizer takes an imatrix
-(Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), ondevice's bytes equal ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row,
+(Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), ondevice's bytes equal ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row,
 imatrix) from llama-cpp-python's libggml, called through ctypes; on edge-case and heavy-tailed rows and on real
 SmolLM2 tensors with the importance of a real imatrix."""
 
@@ -15,7 +15,7 @@ from test_quant import edge_case_rows
 from ondevice.errors import InvalidModelError
 from ondevice.quant import get_quant_type
 
-WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
+WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def test_weighted_quantizers_are_byte_identical_to_ggml(ggml, name):
 
 
 @pytest.mark.parametrize("path", ["native", "numpy"])
-@pytest.mark.parametrize("name", ("iq4_nl", "iq4_xs"))
+@pytest.mark.parametrize("name", ("iq4_nl", "iq4_xs", "q3_k"))
 def test_iq4_native_and_numpy_are_ggml_quantize_chunk(ggml, monkeypatch, name, path):
-    """IQ4_NL/IQ4_XS through kernels/quantize.c and through numpy, with and without importance weights (without,
+    """IQ4_NL/IQ4_XS/Q3_K through kernels/quantize.c and through numpy, with and without importance weights (without,
     ggml_quantize_chunk runs the same search with weights x^2, not quantize_row_*_ref), at 1 and 2 threads."""
     from ondevice.quant import base as quant_base
 
@@ -145,4 +145,4 @@ def test_real_smollm2_tensors_with_a_real_imatrix(ggml, smollm2):
             ours = get_quant_type(name).quantize(weights, importance=importance)
             assert_same_blocks(name, ours, ggml(name, weights, importance), gguf_name)
             checked += 1
-    assert checked == 3 * (9 + 5 + 5)
+    assert checked == 3 * (10 + 5 + 5)

@@ -53,7 +53,7 @@ def plan(recipe: str, shapes: dict[str, tuple[int, ...]], n_layers: int, tied: b
 def test_recipe_names_and_bad_input():
     assert RECIPES[:9] == ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m")
     with pytest.raises(UnsupportedError, match="q4_k_m") as err:
-        choose_tensor_type("q3_k_m", "blk.0.attn_q.weight", (576, 576), 30, True, "llama")
+        choose_tensor_type("q2_k", "blk.0.attn_q.weight", (576, 576), 30, True, "llama")
     assert "q8_0" in str(err.value)
     assert choose_tensor_type("Q4_K_M", "blk.0.ffn_down.weight", (576, 1536), 30, True, "llama").name == "q6_k"
     with pytest.raises(UnsupportedError, match="layer"):
@@ -150,6 +150,34 @@ def test_choice_is_a_usable_quant_type():
     x = np.random.default_rng(0).standard_normal((4, 1536)).astype(np.float32)
     assert np.array_equal(choice.quantize(x), QUANT_TYPES["q4_k"].quantize(x))
     assert choice.row_nbytes(1536) == 864
+
+
+def test_q3_k_recipes_on_smollm2_and_a_wide_model():
+    """q3_k_m: attn_v Q5_K in layers 0-1 then Q4_K, attn_output Q4_K, ffn_down Q5_K in the first sixteenth then Q4_K;
+    SmolLM2's 576-wide matrices fall back (Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1), so only ffn_down keeps a
+    K-quant there and no tensor is Q3_K; a 2048-wide model has Q3_K for attn_q/k, ffn_gate/up."""
+    choices = plan("q3_k_m", SMOLLM2, 30, True)
+    assert Counter(c.name for c in choices.values()) == {"f32": 61, "q8_0": 1, "q4_0": 120, "q5_1": 2, "q5_0": 58,
+                                                         "q5_k": 1, "q4_k": 29}
+    assert (choices["blk.0.attn_v.weight"].name, choices["blk.0.attn_v.weight"].fallback_from) == ("q5_1", "q5_k")
+    assert "blk.0.attn_q.weight: q3_k -> q4_0 (row width 576 is not a multiple of 256)" in describe_fallbacks(
+        choices.values())
+    wide = plan("q3_k_m", dense_model(2048, 8192, 512, 16, 128256, tied=True), 16, True)
+    assert not describe_fallbacks(wide.values())
+    assert [wide[f"blk.{i}.attn_v.weight"].name for i in range(3)] == ["q5_k", "q5_k", "q4_k"]
+    assert [wide[f"blk.{i}.ffn_down.weight"].name for i in range(2)] == ["q5_k", "q4_k"]
+    assert {wide[f"blk.{i}.{t}.weight"].name for i in range(16) for t in ("attn_q", "attn_k", "ffn_gate", "ffn_up")} \
+        == {"q3_k"}
+    assert wide["blk.3.attn_output.weight"].name == "q4_k" and wide["token_embd.weight"].name == "q6_k"
+    large = plan("q3_k_l", dense_model(2048, 8192, 512, 16, 128256, tied=True), 16, True)
+    assert {large[f"blk.{i}.{t}.weight"].name for i in range(16) for t in ("attn_v", "ffn_down", "attn_output")} \
+        == {"q5_k"}
+    small = plan("q3_k_s", dense_model(2048, 8192, 512, 16, 128256, tied=True), 16, True)
+    assert Counter(c.name for c in small.values()) == {"q3_k": 16 * 7, "q6_k": 1, "f32": 2 * 16 + 1}
+    falcon = [choose_tensor_type("q3_k_m", f"blk.{i}.ffn_down.weight", (4544, 18176), 32, False, "falcon").wanted
+              for i in range(7)]
+    assert falcon == ["q5_k", "q5_k", "q4_k", "q4_k", "q3_k", "q3_k", "q4_k"]  # use_more_bits: 0-3, 6, 9, ...
+    assert choose_tensor_type("q3_k_m", "blk.5.attn_output.weight", (4544, 4544), 32, False, "falcon").wanted == "q3_k"
 
 
 def test_falcon_q4_k_m_ffn_down_layers():
@@ -251,3 +279,12 @@ def test_smollm2_is_byte_identical_to_llama_cpp(smollm2_f32, tmp_path, capsys, r
         mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         print(f"\nSmolLM2-135M {recipe}: 272 tensors identical to llama.cpp ({mix}); ondevice quantized "
               f"{n / 1e6:.0f}M weights in {seconds:.1f} s")
+
+
+def test_every_recipe_has_llama_cpps_file_type():
+    """general.file_type (converters/gguf.py) and the llama_ftype the benchmarks ask llama.cpp for agree per recipe."""
+    from ondevice.converters.gguf import FILE_TYPES
+
+    from ondevice.bench.llama_cpp_tools import LLAMA_FTYPE
+
+    assert set(FILE_TYPES) == set(RECIPES) and FILE_TYPES == {r: LLAMA_FTYPE[r] for r in RECIPES}

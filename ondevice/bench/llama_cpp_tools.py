@@ -21,8 +21,8 @@ from ondevice.errors import MissingExtraError, OndeviceError
 from ondevice.quant.imatrix import Imatrix
 
 # llama.h's llama_ftype values of the recipes ondevice writes.
-LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14,
-               "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "bf16": 32}
+LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q3_k_s": 11,
+               "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "bf16": 32}
 
 
 def llama_cpp_quantize(src: str | Path, dst: str | Path, recipe: str, *, imatrix: Imatrix | None = None,

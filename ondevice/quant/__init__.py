@@ -16,12 +16,12 @@ from ondevice.errors import UnsupportedError
 from ondevice.quant.base import QuantType, shape_elements
 from ondevice.quant.floats import BF16, F16, F32
 from ondevice.quant.iquants import IQ4_NL, IQ4_XS
-from ondevice.quant.kquants import Q4_K, Q5_K, Q6_K
+from ondevice.quant.kquants import Q3_K, Q4_K, Q5_K, Q6_K
 from ondevice.quant.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 QUANT_TYPES: dict[str, QuantType] = {
     qtype.name: qtype
-    for qtype in (F32(), F16(), BF16(), Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q4_K(), Q5_K(), Q6_K(),
+    for qtype in (F32(), F16(), BF16(), Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q3_K(), Q4_K(), Q5_K(), Q6_K(),
                   IQ4_NL(), IQ4_XS())
 }
 _BY_GGML_ID: dict[int, QuantType] = {qtype.ggml_type: qtype for qtype in QUANT_TYPES.values()}

@@ -12,9 +12,12 @@ stay contiguous runs of the input, as the targets' blockwise formats need.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ondevice.quant.affine import affine_block_params, affine_round
+from ondevice.quant.affine import LEVELS, affine_block_params
+from ondevice.quant.grids import Grid
 
 LAZY_COLUMNS = 64  # columns updated together before the rest of the matrix is touched (one matmul per batch)
 
@@ -29,29 +32,61 @@ def gptq_affine_4bit(weight: np.ndarray, hessian: np.ndarray, block: int = 32, d
     if cols % block or hessian.shape != (cols, cols):
         raise ValueError(f"gptq: weight {weight.shape}, block {block}, hessian {hessian.shape} do not fit")
     scale, bias = params if params is not None else affine_block_params(weight, block)
+    grid = Grid(scale, bias, block, np.arange(LEVELS + 1, dtype=np.float32))
+    return gptq_codes(weight, prepare_hessian(hessian, damp), grid), scale, bias
+
+
+@dataclass
+class PreparedHessian:
+    """H damped, its column order (largest diagonal first, "act-order") and the upper Cholesky factor of H^-1 in
+    that order: row j holds how column j's rounding error spreads onto the later columns. One per layer input,
+    shared by the matrices that read it (q/k/v, gate/up)."""
+
+    order: np.ndarray
+    inverse_factor: np.ndarray
+
+
+def prepare_hessian(hessian: np.ndarray, damp: float, act_order: bool = True, shrink: float = 0.0) -> PreparedHessian:
+    """`shrink`: weight of diag(H) in (1 - shrink) H + shrink diag(H), pulling the estimate toward the diagonal
+    objective of importance-weighted rounding (what an imatrix minimizes) rather than toward plain rounding: a
+    calibration text of a few thousand tokens estimates H's off-diagonal part poorly, and GPTQ then overfits it."""
     h = np.array(hessian, dtype=np.float64)
+    cols = len(h)
     dead = np.diag(h) == 0  # inputs that never fire: their weights do not matter, round them plainly
     h[dead, dead] = 1.0
+    if shrink:
+        h = (1.0 - shrink) * h + shrink * np.diag(np.diag(h))
     h += damp * np.mean(np.diag(h)) * np.eye(cols)
-    order = np.argsort(-np.diag(h), kind="stable")
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
     h = h[np.ix_(order, order)]
-    # Upper Cholesky factor of H^-1: row j holds how column j's error spreads onto the later columns.
-    inverse_factor = np.linalg.cholesky(np.linalg.inv(h)).T
+    return PreparedHessian(order, np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32))
+
+
+def gptq_codes(weight: np.ndarray, hessian: PreparedHessian, grid: Grid) -> np.ndarray:
+    """uint8 codes (N, K) on `grid` (its block parameters fixed: "static groups", so blocks stay contiguous runs of
+    the input whatever the column order) minimizing tr((W - Q) H (W - Q)^T)."""
+    rows, cols = weight.shape
+    if grid.scale.shape[0] != rows or grid.scale.shape[1] * grid.group != cols or \
+            hessian.inverse_factor.shape != (cols, cols):
+        raise ValueError(f"gptq: weight {weight.shape}, grid {grid.scale.shape} x {grid.group}, hessian "
+                         f"{hessian.inverse_factor.shape} do not fit")
+    order, inverse_factor = hessian.order, hessian.inverse_factor
     work = weight[:, order].astype(np.float32)
     codes = np.empty((rows, cols), np.uint8)
-    col_block = order // block
+    col_group = order // grid.group
+    scale, bias = np.ascontiguousarray(grid.scale.T), np.ascontiguousarray(grid.bias.T)  # a column's row at a time
     for start in range(0, cols, LAZY_COLUMNS):
         stop = min(start + LAZY_COLUMNS, cols)
         batch = work[:, start:stop].copy()
         errors = np.empty_like(batch)
-        factor = inverse_factor[start:stop, start:stop].astype(np.float32)
+        factor = inverse_factor[start:stop, start:stop]
         for j in range(stop - start):
-            s, b = scale[:, col_block[start + j]], bias[:, col_block[start + j]]
+            g = col_group[start + j]
             column = batch[:, j]
-            code = affine_round(column, s, b)
+            code, value = grid.round(column, scale[g], bias[g])
             codes[:, order[start + j]] = code
-            error = (column - (code * s + b)) / factor[j, j]
+            error = (column - value) / factor[j, j]
             batch[:, j:] -= np.outer(error, factor[j, j:])
             errors[:, j] = error
-        work[:, stop:] -= errors @ inverse_factor[start:stop, stop:].astype(np.float32)
-    return codes, scale, bias
+        work[:, stop:] -= errors @ inverse_factor[start:stop, stop:]
+    return codes

@@ -144,10 +144,16 @@ class IQ4_XS(WeightedSearchType):
 
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         nb = blocks.shape[0]
+        dl = self.block_scales(blocks).reshape(-1, 1)
+        return (dl * _unpack_levels(blocks[:, 8:].reshape(nb * 8, 16))).reshape(nb, QK_K)
+
+    @staticmethod
+    def block_scales(blocks: np.ndarray) -> np.ndarray:
+        """The stored scale of each 32-weight block: float32 (nb, 8), d * (ls - 32)."""
+        nb = blocks.shape[0]
         d = fp16_to_f32(blocks[:, 0:2])
         scales_h = blocks[:, 2:4].copy().view("<u2")[:, 0].astype(np.int32)
         low = blocks[:, 4:8]
         ls = np.concatenate([low[:, :, None] & 0x0F, low[:, :, None] >> 4], axis=2).reshape(nb, 8).astype(np.int32)
         ls |= ((scales_h[:, None] >> (2 * np.arange(8))) & 3) << 4
-        dl = (d[:, None] * (ls - 32).astype(F32)).reshape(-1, 1)
-        return (dl * _unpack_levels(blocks[:, 8:].reshape(nb * 8, 16))).reshape(nb, QK_K)
+        return d[:, None] * (ls - 32).astype(F32)

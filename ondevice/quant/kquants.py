@@ -1,4 +1,4 @@
-"""K-quants: Q4_K, Q5_K and Q6_K, 256-weight super-blocks.
+"""K-quants: Q3_K, Q4_K, Q5_K and Q6_K, 256-weight super-blocks.
 
 The quantizers follow llama.cpp's reference path (`quantize_row_q4_K_ref` with make_qkx2_quants' search
 over 21 candidate scales and a least-squares scale+min fit; `quantize_row_q6_K_ref` with make_qx_quants'
@@ -6,7 +6,9 @@ over 21 candidate scales and a least-squares scale+min fit; `quantize_row_q6_K_r
 vectorized across sub-blocks: arrays are laid out (weight index, sub-block) so every per-sub-block sum is an
 axis-0 reduction, which numpy accumulates in index order like the C loops, keeping the float32 results
 identical to the C code's. Q5_K is Q4_K with 5-bit codes (nmax 31, a 16-step search from rmin -0.5) and a
-32-byte field of fifth bits; everything else, including the importance-weighted path, is shared.
+32-byte field of fifth bits; everything else, including the importance-weighted path, is shared. Q3_K
+(`quantize_row_q3_K_ref`: make_q3_quants' coordinate descent per 16 weights; with an imatrix make_qx_quants
+for the codes and again for the 16 six-bit sub-block scales) is symmetric like Q6_K.
 """
 
 from __future__ import annotations
@@ -163,6 +165,43 @@ def _make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None)
     codes[:, tiny] = 0  # C: all-zero sub-block -> codes 0 (not nmax), scale 0
     scale = np.where(tiny, F32(0), scale)
     return scale, codes
+
+
+def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(do_rmse): levels from -nmax/peak, then up to 5 passes of coordinate descent weighted x^2.
+
+    x: float32 (n, S). Returns (scale (S,), codes uint8 (n, S) in 0..2*nmax-1) with x ~ scale * (code - nmax).
+    """
+    idx = np.argmax(np.abs(x), axis=0)
+    peak = np.take_along_axis(x, idx[None, :], axis=0)[0]
+    tiny = np.abs(peak) < GROUP_MAX_EPS
+    peak = np.where(tiny, F32(1), peak)
+    w = x * x
+    wx = w * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        levels = np.clip(nearest_int((F32(-nmax) / peak) * x), -nmax, nmax - 1)
+        lf = levels.astype(F32)
+        sumlx = sequential_sum(wx * lf)
+        suml2 = sequential_sum(w * lf * lf)
+        for _ in range(5):  # a block whose pass changed nothing stays unchanged: no per-block early exit needed
+            for i in range(x.shape[0]):
+                li = levels[i].astype(F32)
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w[i] * li * li
+                usable = slx > 0
+                new = np.clip(nearest_int(np.where(usable, x[i] * sl2 / np.where(usable, slx, F32(1)), F32(0))),
+                              -nmax, nmax - 1)
+                nf = new.astype(F32)
+                slx_new = slx + wx[i] * nf
+                sl2_new = sl2 + w[i] * nf * nf
+                accept = usable & (new != levels[i]) & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+                levels[i] = np.where(accept, new, levels[i])
+                sumlx = np.where(accept, slx_new, sumlx).astype(F32)
+                suml2 = np.where(accept, sl2_new, suml2).astype(F32)
+        scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0)).astype(F32)
+    codes = (levels + nmax).astype(np.uint8)
+    codes[:, tiny] = 0
+    return np.where(tiny, F32(0), scale), codes
 
 
 def _make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -358,6 +397,95 @@ class Q5_K(Q4_K):
         return low + F32(16) * high.astype(F32)
 
 
+def _pack_q3k_scales(ls: np.ndarray) -> np.ndarray:
+    """16 six-bit sub-block scales (0..63, stored +32) per super-block -> the 12-byte field: low nibbles of 0-7 in
+    bytes 0-7's low halves, of 8-15 in their high halves; the top 2 bits of scale j at bits 2*(j//4) of byte 8+j%4."""
+    ls = ls.astype(np.uint8)
+    packed = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    packed[:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
+    top = (ls >> 4).reshape(-1, 4, 4)  # (block, j // 4, j % 4)
+    packed[:, 8:12] = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    return packed
+
+
+def _unpack_q3k_scales(packed: np.ndarray) -> np.ndarray:
+    """The 12-byte field -> the 16 signed sub-block scales (stored value - 32) as int (nb, 16)."""
+    low = np.concatenate([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], axis=1)
+    top = (packed[:, None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[None, :, None]) & 3  # (block, j//4, j%4)
+    return (low | (top.reshape(-1, 16) << 4)).astype(np.int32) - 32
+
+
+class Q3_K(WeightedSearchType):
+    """110 bytes: 32 bytes of high bits (hmask), 64 bytes of 2-bit low parts, 12 bytes of 6-bit scales, fp16 d.
+
+    Weight e of the super-block: d * (scale[e // 16] - 32) * (low2 + 4 * high - 4), the low 2 bits at bit 2*((e % 128)
+    // 32) of qs[32 * (e // 128) + e % 32], the high bit at bit e // 32 of hmask[e % 32].
+    """
+
+    name = "q3_k"
+    ggml_type = 11
+    block_size = QK_K
+    type_size = QK_K // 8 + QK_K // 4 + 12 + 2
+    native = True
+    native_weighted = True
+    chunk_blocks = 256
+
+    def _from_search(self, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        nb = blocks.shape[0]
+        x = np.ascontiguousarray(blocks.reshape(nb * 16, 16).T)  # (16, nb*16)
+        if qw is None:
+            # quantize_row_q3_K_ref: the scales quantized against the largest in magnitude.
+            scales, codes = _make_q3_quants(x, 4)
+            scales = scales.reshape(nb, 16)
+            idx = np.argmax(np.abs(scales), axis=1)
+            max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+            empty = max_scale == 0
+            with np.errstate(divide="ignore"):
+                iscale = (F32(-32) / np.where(empty, F32(1), max_scale)).astype(F32)
+                d_raw = fp16_bits(np.where(empty, F32(0), F32(1) / iscale), self.name)
+            # C: int8_t l = nearest_int(...) (|value| <= 32 here), clamped to -32..31, stored +32.
+            ls = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
+            ls[empty] = 0  # C leaves the whole scale field zero
+        else:
+            # quantize_row_q3_K_impl: weights qw * sqrt(sigma2 + x^2), the scales by make_qx_quants(nmax 32)
+            # weighted by each sub-block's weight sum.
+            sigma2 = row_sigma2(blocks, 2)
+            weights = qw * np.sqrt(sigma2[:, None] + blocks * blocks)
+            w = np.ascontiguousarray(weights.reshape(nb * 16, 16).T)
+            scales, codes = _make_qx_quants(x, 4, w)
+            sw = sequential_sum(w).reshape(nb, 16)
+            d_block, ls = _make_qx_quants(np.ascontiguousarray(scales.reshape(nb, 16).T), 32,
+                                          np.ascontiguousarray(sw.T))
+            ls = np.ascontiguousarray(ls.T)
+            d_raw = fp16_bits(d_block, self.name)
+        packed = _pack_q3k_scales(ls)
+
+        # Every weight against the scale actually stored; the search's codes kept where it is 0.
+        d = (fp16_to_f32(d_raw)[:, None] * _unpack_q3k_scales(packed).astype(F32)).reshape(-1)
+        usable = d != 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            levels = np.clip(nearest_int(x / np.where(usable, d, F32(1))), -4, 3)
+        codes = np.where(usable, (levels + 4).astype(np.uint8), codes)
+        codes = codes.T.reshape(nb, 2, 4, 32)  # (block, half of 128, group of 32, weight)
+
+        high = (codes > 3).astype(np.uint8)
+        hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+        low = codes & 3
+        qs = (low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)).reshape(nb, 64)
+        return np.concatenate([hmask, qs, packed, d_raw], axis=1)
+
+    def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        nb = blocks.shape[0]
+        hmask = blocks[:, 0:32]
+        qs = blocks[:, 32:96].reshape(nb, 2, 1, 32)
+        scales = _unpack_q3k_scales(blocks[:, 96:108]).astype(F32)
+        d = fp16_to_f32(blocks[:, 108:110])
+        low = (qs >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+        high = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+        q = (low.reshape(nb, 8, 32).astype(np.int8) + 4 * high.astype(np.int8) - 4).reshape(nb, 16, 16).astype(F32)
+        return ((d[:, None] * scales)[:, :, None] * q).reshape(nb, QK_K)
+
+
 class Q6_K(WeightedSearchType):
     """210 bytes: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, fp16 d.
 
@@ -393,16 +521,22 @@ class Q6_K(WeightedSearchType):
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             levels = np.clip(nearest_int(x / np.where(usable, d, F32(1))), -32, 31)
         codes = np.where(usable, (levels + 32).astype(np.uint8), codes)
-        codes = codes.T.reshape(nb, 2, 4, 32)  # (block, half of 128, quarter of 32, weight)
+        codes = codes.T.reshape(nb, 256)
         codes[empty] = 0
+        return np.concatenate([self.pack_codes(codes), sub_scales.view(np.uint8), d_raw], axis=1)
 
+    @staticmethod
+    def pack_codes(codes: np.ndarray) -> np.ndarray:
+        """(nb, 256) 6-bit codes in weight order -> the 192 bytes of ql and qh."""
+        nb = codes.shape[0]
+        codes = codes.reshape(nb, 2, 4, 32)  # (block, half of 128, quarter of 32, weight)
         low = codes & 0x0F
         ql = np.concatenate(
             [pack_nibbles(low[:, :, 0], low[:, :, 2]), pack_nibbles(low[:, :, 1], low[:, :, 3])], axis=2
         ).reshape(nb, 128)
         high = codes >> 4
         qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(nb, 64)
-        return np.concatenate([ql, qh.astype(np.uint8), sub_scales.view(np.uint8), d_raw], axis=1)
+        return np.concatenate([ql, qh.astype(np.uint8)], axis=1)
 
     def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         nb = blocks.shape[0]

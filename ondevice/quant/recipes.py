@@ -15,9 +15,13 @@ vendored by llama-cpp-python 0.3.36), restricted to dense models and the recipes
 - iq4_nl / iq4_xs give Q5_K to attn_v when 4 or more query heads share a KV head (n_gqa >= 4), and to ffn_down
   in the first eighth when no importance matrix is given. llama.cpp requires an imatrix only for the IQ1/IQ2/
   IQ3_XXS types (and Q2_K_S), so neither IQ4 recipe does; the imatrix improves them (their quantizer takes it);
+- q3_k_m gives Q5_K to attn_v (and attn_qkv) in the first 2 layers and Q4_K after, Q4_K to attn_output, and to
+  ffn_down Q5_K in the first sixteenth and Q4_K after (falcon: Q4_K only in the use_more_bits layers, else Q3_K;
+  and its attn_output stays Q3_K); q3_k_l gives Q5_K to attn_v, ffn_down and attn_output (falcon: Q4_K for
+  ffn_down and attn_output); q3_k_s is Q3_K throughout;
 - with an importance matrix, q4_0 / q5_0 give Q4_1 / Q5_1 to ffn_down in the first eighth of the layers;
 - a tensor whose row width is not a multiple of the chosen type's block size falls back per tensor
-  (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; a 32-block type or a fallback that still does
+  (Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; a 32-block type or a fallback that still does
   not fit -> F16).
 
 Fallbacks are never silent: plan_tensor_type()/choose_tensor_type() return a TensorTypeChoice that records
@@ -36,22 +40,22 @@ from ondevice.errors import UnsupportedError
 from ondevice.quant import QUANT_TYPES, QuantType, get_quant_type
 
 RECIPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q6_k",
-                            "q4_k_s", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs")
+                            "q4_k_s", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs", "q3_k_s", "q3_k_m", "q3_k_l")
 
 # Each recipe's default tensor type (llama_ftype_get_default_type).
 _DEFAULT_TYPE: dict[str, str] = {
     "f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1",
     "q5_0": "q5_0", "q5_1": "q5_1", "q4_k_m": "q4_k", "q6_k": "q6_k", "q4_k_s": "q4_k", "q5_k_s": "q5_k",
-    "q5_k_m": "q5_k", "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs",
+    "q5_k_m": "q5_k", "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k",
 }
 _FLOAT_RECIPES = frozenset({"f32", "f16", "bf16"})
 
 # Block sizes of every type the rules can name.
 _BLOCK_SIZE: dict[str, int] = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q4_0": 32, "q4_1": 32,
-                               "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_nl": 32,
+                               "q5_0": 32, "q5_1": 32, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_nl": 32,
                                "iq4_xs": 256}
 # tensor_type_fallback(): what a 256-block type becomes when the row width is not a multiple of 256.
-_WIDTH_FALLBACK: dict[str, str] = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+_WIDTH_FALLBACK: dict[str, str] = {"q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 # Substrings that keep a 2-D "*weight" tensor unquantized (the subset of llama.cpp's list that can occur
 # in the dense decoder-only models ondevice handles).
@@ -168,6 +172,8 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
         if default != "q8_0":
             return "q6_k", f"{role}; more bits than the recipe type"
         return default, f"{role}; recipe type"
+    if recipe in ("q3_k_m", "q3_k_l"):
+        return _q3_k_rules(recipe, default, name, category, n_layers, falcon)
     iq4 = recipe in ("iq4_nl", "iq4_xs")
     k_mix = recipe in ("q4_k_m", "q5_k_m", "q4_k_s") or iq4
     if category in ("attn_v", "attn_qkv", "attn_kv_b") and iq4:
@@ -199,6 +205,31 @@ def _recipe_rules(recipe: str, default: str, name: str, n_cols: int, n_layers: i
             # llama.cpp guards the first eighth's ffn_down against Q4_0/Q5_0 going wrong even with an imatrix.
             wanted = "q4_1" if recipe == "q4_0" else "q5_1"
             return wanted, f"ffn_down of layer {layer}: first eighth, with an imatrix"
+    return default, "recipe type"
+
+
+def _q3_k_rules(recipe: str, default: str, name: str, category: str, n_layers: int, falcon: bool) -> tuple[str, str]:
+    """llama_tensor_get_type_impl()'s Q3_K_M / Q3_K_L branches (output and tied embeddings handled before)."""
+    if category in ("attn_v", "attn_qkv", "attn_kv_b"):
+        if recipe == "q3_k_l":
+            return "q5_k", f"{category}: q3_k_l"
+        layer = _layer_index(name, n_layers)  # llama.cpp counts attn_v tensors: in a dense model, the layer index
+        if layer < 2:
+            return "q5_k", f"{category} of layer {layer}: one of the first 2"
+        return "q4_k", f"{category} of layer {layer}: after the first 2"
+    if category == "ffn_down":
+        layer = _layer_index(name, n_layers)
+        if recipe == "q3_k_l":
+            return ("q4_k", "ffn_down: falcon, q3_k_l") if falcon else ("q5_k", "ffn_down: q3_k_l")
+        if layer < n_layers // 16:
+            return "q5_k", f"ffn_down of layer {layer}: first sixteenth"
+        if not falcon or use_more_bits(layer, n_layers):
+            return "q4_k", f"ffn_down of layer {layer}: after the first sixteenth"
+        return default, "recipe type"
+    if category == "attn_output":
+        if falcon:
+            return ("q4_k", "attn_output: falcon, q3_k_l") if recipe == "q3_k_l" else (default, "recipe type")
+        return ("q5_k" if recipe == "q3_k_l" else "q4_k"), f"attn_output: {recipe}"
     return default, "recipe type"
 
 

@@ -13,7 +13,7 @@ from ondevice.model import ModelSpec
 from ondevice.quant import quant_type_for_ggml
 
 # Weight types the C matmul kernels take directly.
-MATMUL_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"}
+MATMUL_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""GPTQ on the GGUF types' own grids (ondevice.quant.grids, .gptq, .calibrated) and `convert --to gguf --method`:
+the grids reproduce each type's bytes, GPTQ lowers a layer's output error against importance-weighted rounding
+on inputs it did not see, and the converted file is a GGUF llama.cpp runs like ondevice's runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ondevice.quant import get_quant_type
+from ondevice.quant.calibrated import gptq_matrix, output_error
+from ondevice.quant.grids import GRID_TYPES, stored_grid, with_codes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ondevice(*args: str) -> subprocess.CompletedProcess:
+    if args[0] == "convert" and "gguf" in args and "--pre" not in args:
+        args = (*args, "--pre", "gpt-2")  # the tiny models' tokenizer is no known family's
+    return subprocess.run([sys.executable, "-m", "ondevice", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", sorted(GRID_TYPES))
+def test_grid_reads_and_rewrites_each_types_bytes(name):
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((6, 512)).astype(np.float32) * np.float32(0.02)
+    importance = (rng.random(512) + 0.1).astype(np.float32)
+    qtype = get_quant_type(name)
+    for imp in (None, importance):
+        data = qtype.quantize(weight, importance=imp)
+        grid = stored_grid(qtype, data, 512)
+        codes = grid.nearest_codes(qtype.dequantize(data, 512))
+        assert np.array_equal(with_codes(qtype, data, codes), data)  # the grid is what the bytes decode to
+        other = rng.integers(0, len(grid.levels), codes.shape).astype(np.uint8)
+        rewritten = with_codes(qtype, data, other)
+        assert rewritten.shape == data.shape
+        np.testing.assert_array_equal(qtype.dequantize(rewritten, 512), grid.decode(other))
+
+
+def correlated_inputs(rng: np.random.Generator, tokens: int, cols: int) -> np.ndarray:
+    mix = rng.standard_normal((cols, cols)) / np.sqrt(cols) + np.eye(cols)
+    scale = np.exp(rng.standard_normal(cols))  # a few loud channels, as in LLM activations
+    return (rng.standard_normal((tokens, cols)) @ mix * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "iq4_nl", "iq4_xs"])
+def test_gptq_lowers_the_output_error_on_unseen_inputs(name):
+    rng = np.random.default_rng(5)
+    cols = 256
+    weight = rng.standard_normal((48, cols)).astype(np.float32)
+    x = correlated_inputs(rng, 8192, cols)
+    fit, held_out = x[:4096], x[4096:]
+    h_fit = (fit.T @ fit).astype(np.float64) / len(fit)
+    h_new = (held_out.T @ held_out).astype(np.float64) / len(held_out)
+    qtype = get_quant_type(name)
+    gptq, rounded = gptq_matrix(qtype, weight, h_fit, damp=0.1)
+    assert gptq.shape == rounded.shape and not np.array_equal(gptq, rounded)
+    # the scales are the importance-weighted quantizer's; only codes moved
+    grid_a, grid_b = stored_grid(qtype, gptq, cols), stored_grid(qtype, rounded, cols)
+    assert np.array_equal(grid_a.scale, grid_b.scale) and np.array_equal(grid_a.bias, grid_b.bias)
+    ours, theirs = qtype.dequantize(gptq, cols), qtype.dequantize(rounded, cols)
+    ratio = output_error(weight, ours, h_new) / output_error(weight, theirs, h_new)
+    assert ratio < 0.9, ratio
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:  # a tiny llama of width 256: its rows take K-quants
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("gptq") / "llama", "llama", seed=13, hidden=256, ffn=512)
+
+
+def test_gptq_quantizes_q_and_k_in_llama_cpp_row_order(tiny):
+    from ondevice.architectures import get_architecture
+    from ondevice.architectures.base import unpermute_from_gguf
+    from ondevice.quant.calibrated import gptq_tensors
+    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
+    from ondevice.sources import open_source
+
+    model = open_source(tiny)
+    arch = get_architecture(model.spec.arch)
+    q4 = get_quant_type("q4_k")
+    names = [n for n in model.tensors if n.endswith("_proj.weight")]
+    tensors = gptq_tensors(model, {n: q4 for n in names}, chunk_tokens(model, bundled_calibration_text(), 128, 2))
+    assert sorted(tensors) == sorted(arch.gguf_name(n) for n in names)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        weight = model.tensors[name].load()
+        back = unpermute_from_gguf(q4.dequantize(tensors[arch.gguf_name(name)], weight.shape[1]),
+                                   arch.qk_heads(model.spec, name))
+        assert np.abs(back - weight).mean() < 0.2 * np.abs(weight).mean()
+
+
+def test_convert_method_gptq_loads_in_llama_cpp(tiny, tmp_path):
+    from test_convert_gguf import TOKENS, llama_cpp_logits
+
+    from ondevice import load
+    from ondevice.formats.gguf import GGUFFile
+
+    out, base = tmp_path / "gptq.gguf", tmp_path / "imatrix.gguf"
+    run = ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_k_m", "--method", "gptq", "--calib-chunks", "2",
+                   "-o", str(out), "--json")
+    assert run.returncode == 0, run.stderr
+    assert any(note.startswith("gptq: 14 tensors, 2x512") for note in json.loads(run.stdout)["notes"])
+    assert ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_k_m", "--calibrate", "--calib-chunks", "2",
+                    "-o", str(base)).returncode == 0  # --calibrate's default method: imatrix
+    with GGUFFile(out) as a, GGUFFile(base) as b:
+        assert a.get("quantize.ondevice.method") == "gptq" and b.get("quantize.imatrix.file") == "calibrate"
+        assert {n: (t.ggml_type, t.shape) for n, t in a.tensors.items()} == \
+            {n: (t.ggml_type, t.shape) for n, t in b.tensors.items()}
+        assert sum(bytes(a.tensor_data(n)) != bytes(b.tensor_data(n)) for n in a.tensors) >= 14
+    theirs = llama_cpp_logits(out, TOKENS)
+    with load(out, n_ctx=64, kv_cache="f32") as model:
+        ours = model.logits(TOKENS)
+    assert np.abs(ours - theirs).max() < 1e-2 * np.abs(theirs).max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--method", "gptq", "--imatrix", "x.imatrix.gguf"), "--method gptq collects its own statistics"),
+    (("--method", "imatrix"), "--method imatrix needs --imatrix FILE or --calibrate"),
+    (("--method", "awq", "--calibrate"), "--method 'awq': choose one of imatrix, gptq"),
+    (("--calib-chunks", "2"), "--calib-chunks needs --calibrate or --method gptq"),
+    (("--calibrate", "--calib-chunks", "0"), "give at least 1 chunk"),
+    (("--method", "gptq", "--quant", "f16"), "--quant f16 keeps the weights in float"),
+])
+def test_bad_method_combinations_are_one_line_errors(tiny, tmp_path, flags, message):
+    args = ["convert", str(tiny), "--to", "gguf", "-o", str(tmp_path / "x.gguf"), *flags]
+    if "--quant" not in flags:
+        args += ["--quant", "q4_0"]
+    run = ondevice(*args)
+    assert run.returncode == 1 and message in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_method_is_a_gguf_flag_only(tiny, tmp_path):
+    run = ondevice("convert", str(tiny), "--to", "mlx", "--method", "gptq", "-o", str(tmp_path / "m"))
+    assert run.returncode == 1 and "--method does not apply to --to mlx" in run.stderr
