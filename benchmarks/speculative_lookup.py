@@ -76,7 +76,7 @@ def pass_cost(model, rounds: int = 15, reps: int = 10) -> int:
 
     t = model.transformer
     t.forward(np.arange(100, 400, dtype=np.int32), 0)
-    times: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    times: dict[int, list[float]] = {rows: [] for rows in (1, 2, 3, 5, 9)}
     for _ in range(rounds):
         for rows in times:
             tokens = np.arange(500, 500 + rows, dtype=np.int32)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--pass-cost", action="store_true",
-                    help="only time forward passes of 1, 2 and 3 tokens at position 300 (interleaved, median)")
+                    help="only time forward passes of 1, 2, 3, 5 and 9 tokens at position 300 (interleaved, median)")
     args = ap.parse_args(argv)
 
     model = ondevice.load(args.model, threads=args.threads)

@@ -41,21 +41,25 @@ def test_tiny_batch_of_4_equals_alone(tiny_gguf):
         assert batched == alone
 
 
+def assert_segments_equal_single_passes(model) -> None:
+    """Rows of slots 1..3 in one pass: each row's logits equal its sequence's one-row pass, bit for bit."""
+    t = model.transformer
+    t.ensure_slots(4)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.spec.vocab_size, 5 + 3 * s).astype(np.int32) for s in range(3)]
+    for slot, tokens in enumerate(prompts, start=1):
+        t.forward_segments([(slot, tokens[:-1], 0)], logits=False)
+    together = t.forward_segments([(s, tokens[-1:], len(tokens) - 1) for s, tokens in enumerate(prompts, 1)])
+    for slot, tokens in enumerate(prompts, start=1):
+        single = t.forward_segments([(slot, tokens[-1:], len(tokens) - 1)])[0]
+        np.testing.assert_array_equal(together[slot - 1], single)
+        # and the same as the slot-0 path generate() uses
+        np.testing.assert_array_equal(t.forward(tokens, 0), single)
+
+
 def test_forward_segments_rows_equal_single_passes(tiny_gguf):
-    """Rows of several slots in one pass: each row's logits equal its sequence's one-row pass, bit for bit."""
     with ondevice.load(tiny_gguf, threads=2, n_ctx=128) as model:
-        t = model.transformer
-        t.ensure_slots(4)
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(0, model.spec.vocab_size, 5 + 3 * s).astype(np.int32) for s in range(3)]
-        for slot, tokens in enumerate(prompts, start=1):
-            t.forward_segments([(slot, tokens[:-1], 0)], logits=False)
-        together = t.forward_segments([(s, tokens[-1:], len(tokens) - 1) for s, tokens in enumerate(prompts, 1)])
-        for slot, tokens in enumerate(prompts, start=1):
-            single = t.forward_segments([(slot, tokens[-1:], len(tokens) - 1)])[0]
-            np.testing.assert_array_equal(together[slot - 1], single)
-            # and the same as the slot-0 path generate() uses
-            np.testing.assert_array_equal(t.forward(tokens, 0), single)
+        assert_segments_equal_single_passes(model)
 
 
 def test_cancel_mid_batch_and_slot_reuse(tiny_gguf):

@@ -27,6 +27,18 @@ def NoEndOfText(model) -> EndOfTextBan:  # noqa: N802 - reads as the filter it m
     return EndOfTextBan(model.spec.vocab_size, set(model.codec.eos_ids))
 
 
+def shift_checking_moves(t, tokens: np.ndarray, keep: int, discard: int) -> np.ndarray:
+    """Evaluate tokens in slot 0 and shift: the kept keys stay and the later values move, byte for byte. Returns
+    the keys from before the shift."""
+    n = len(tokens)
+    t.forward(tokens, 0)
+    before_k, before_v = t.k_cache[:, :, :n].copy(), t.v_cache[:, :, :n].copy()
+    t.shift(0, keep, discard, n)
+    np.testing.assert_array_equal(t.k_cache[:, :, :keep], before_k[:, :, :keep])
+    np.testing.assert_array_equal(t.v_cache[:, :, keep : n - discard], before_v[:, :, keep + discard : n])
+    return before_k
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3"])  # interleaved, NEOX, and frequency factors
 def test_shift_rerotates_keys_and_moves_values(tiny_models, tmp_path, arch):
     out = tmp_path / f"{arch}.gguf"
@@ -35,12 +47,8 @@ def test_shift_rerotates_keys_and_moves_values(tiny_models, tmp_path, arch):
     with ondevice.load(out, threads=2, n_ctx=128, kv_cache="f32") as model:
         t = model.transformer
         tokens = np.random.default_rng(1).integers(0, model.spec.vocab_size, 60).astype(np.int32)
-        t.forward(tokens, 0)
-        before_k, before_v = t.k_cache[:, :, :60].copy(), t.v_cache[:, :, :60].copy()
         keep, discard = 8, 20
-        t.shift(0, keep, discard, 60)
-        np.testing.assert_array_equal(t.k_cache[:, :, :keep], before_k[:, :, :keep])
-        np.testing.assert_array_equal(t.v_cache[:, :, keep:40], before_v[:, :, keep + discard : 60])
+        before_k = shift_checking_moves(t, tokens, keep, discard)
         # rotating a shifted key forward by `discard` with the kernels' own RoPE gives back the original key
         K = kernels()
         for layer in range(model.spec.n_layers):
@@ -116,7 +124,7 @@ def test_smollm2_50_turn_chat_at_512(smollm2):
               f"last 10 {np.median(seconds[-10:]):.3f}; evaluated tokens/turn {evaluated}")
 
 
-def test_server_context_shift(tiny_gguf, capsys):
+def test_server_context_shift(tiny_gguf):
     import http.client
     import json
     import threading
@@ -125,8 +133,9 @@ def test_server_context_shift(tiny_gguf, capsys):
 
     long_prompt = "word " * 200  # past the window of 128
     with ondevice.load(tiny_gguf, threads=2, n_ctx=128) as model:
-        for shift, expected in ((False, 400), (True, 200)):
-            srv = create_server(model, "127.0.0.1", 0, limits=Limits(max_tokens=16, context_shift=shift))
+        for shift, expected, parallel in ((False, 400, 1), (True, 200, 1), (True, 200, 2)):
+            srv = create_server(model, "127.0.0.1", 0, limits=Limits(max_tokens=16, context_shift=shift),
+                                parallel=parallel)
             thread = threading.Thread(target=srv.serve_forever, daemon=True)
             thread.start()
             try:
@@ -143,5 +152,41 @@ def test_server_context_shift(tiny_gguf, capsys):
             finally:
                 srv.close()
                 thread.join(5)
-    assert cli(["serve", str(tiny_gguf), "--ctx", "128", "--context-shift", "--parallel", "2", "--port", "0"]) != 0
-    assert "--parallel 1" in capsys.readouterr().err
+
+
+def _batch_chats(model, ids: list[int], turns: int, slots: int) -> tuple[list[list[str]], list]:
+    """Conversations (one per id) each grow by one user turn and its reply per round, all of them in one Batch."""
+    from ondevice.runtime.batch import Batch
+
+    batch = Batch(model, slots)
+    conversations = [[{"role": "system", "content": f"You are terse, number {c}."}] for c in ids]
+    replies: list[list[str]] = [[] for _ in ids]
+    stats = []
+    for turn in range(turns):
+        seqs = []
+        for c, messages in zip(ids, conversations, strict=True):
+            messages.append({"role": "user", "content": f"Conversation {c}, question {turn}: tell me more"})
+            seqs.append(batch.submit(messages, max_tokens=20 + 7 * c, temperature=0, context_shift=True,
+                                     token_filter=NoEndOfText(model)))
+        for _ in batch.run():
+            pass
+        for i, (c, messages, seq) in enumerate(zip(ids, conversations, seqs, strict=True)):
+            assert seq.stats.generated_tokens == 20 + 7 * c and seq.text, (turn, c)
+            messages.append({"role": "assistant", "content": seq.text})
+            replies[i].append(seq.text)
+            stats.append(seq.stats)
+    return replies, stats
+
+
+def test_context_shift_in_a_batch_keeps_answering_and_each_slot_its_own(tiny_gguf):
+    """Two conversations far past the window in one batch: every turn answers, each slot's shifts (of the prompt
+    and mid-reply, keys re-rotated) leave the other's reply unchanged: the same as in a batch of its own."""
+    with ondevice.load(tiny_gguf, threads=2, n_ctx=96) as model:
+        together, stats = _batch_chats(model, [0, 1], 14, slots=2)
+        alone, _ = _batch_chats(model, [1], 14, slots=1)
+        assert together[1] == alone[0]
+        assert max(s.prompt_tokens for s in stats) > 3 * model.n_ctx  # far past the window
+        # the later turns reuse the shifted cache: they evaluate about their new tokens, not the conversation
+        evaluated = [s.prompt_tokens - s.cached_tokens for s in stats]
+        assert max(evaluated[-8:]) <= max(evaluated[:8]) + 40, evaluated
+        print("evaluated per turn (2 conversations)", evaluated)

@@ -27,9 +27,10 @@ class ModelShape:
     vocab_size: int
     context_length: int
 
-    def kv_bytes_per_position(self, bytes_per_element: int = 2) -> int:
-        """K and V of one token across all layers (f16 cache by default, as llama.cpp keeps it)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element
+    def kv_bytes_per_position(self, bytes_per_element: float = 2) -> int:
+        """K and V of one token across all layers (f16 cache by default, as llama.cpp keeps it; q8_0's 34/32 bytes
+        a value are exact for the head sizes it accepts)."""
+        return round(2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element)
 
 
 @dataclass(frozen=True)

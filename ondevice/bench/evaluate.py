@@ -18,6 +18,7 @@ from ondevice.bench.backends import BACKEND_MODULES, Backend, backend_class
 from ondevice.bench.prompt import bundled_text
 from ondevice.bench.quality import QualityTotals
 from ondevice.errors import OndeviceError, UnsupportedError
+from ondevice.runtime.kv import kv_quant_label
 
 
 def pick_logits_backend(kind: str, wanted: str | None = None, prefer: str | None = None) -> str:
@@ -109,8 +110,10 @@ def windows(backend: Backend, text: str, setup: EvalWindowing) -> list[list[int]
     return [w for w in out if len(w) >= 2]
 
 
-def _load(name: str, artifact: Artifact, threads: int, n_ctx: int) -> Backend:
+def _load(name: str, artifact: Artifact, threads: int, n_ctx: int, kv_cache: str | None = None) -> Backend:
     backend = backend_class(name)()
+    backend.check_kv_cache(kv_cache)
+    backend.kv_cache = kv_cache
     backend.import_runtime()
     backend.load(artifact.path, threads=threads, n_ctx=n_ctx, logits=True)
     return backend
@@ -118,7 +121,9 @@ def _load(name: str, artifact: Artifact, threads: int, n_ctx: int) -> Backend:
 
 def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = None, ref_backend: str | None = None,
              threads: int = 2, setup: EvalWindowing | None = None, progress: bool = True,
-             text: EvalText | None = None) -> dict[str, Any]:
+             text: EvalText | None = None, kv_cache: str | None = None,
+             ref_kv_cache: str | None = None) -> dict[str, Any]:
+    """kv_cache / ref_kv_cache: the KV cache type asked of each side's backend (None: its default)."""
     from tqdm import tqdm
 
     setup = setup or EvalWindowing()
@@ -126,9 +131,9 @@ def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = N
     name = pick_logits_backend(artifact.kind, backend)
     ref_name = pick_logits_backend(reference.kind, ref_backend, prefer=name if reference.kind == artifact.kind
                                    else None)
-    test = _load(name, artifact, threads, setup.ctx)
+    test = _load(name, artifact, threads, setup.ctx, kv_cache)
     try:
-        ref = _load(ref_name, reference, threads, setup.ctx)
+        ref = _load(ref_name, reference, threads, setup.ctx, ref_kv_cache)
         try:
             if test.vocab_size != ref.vocab_size:
                 raise OndeviceError(f"the artifact's vocabulary ({test.vocab_size}) differs from the reference's "
@@ -149,17 +154,19 @@ def evaluate(artifact: Artifact, reference: Artifact, *, backend: str | None = N
     result = totals.result()
     return {**result, "backend": name, "ref_backend": ref_name, "backend_version": backend_class(name).version(),
             "ctx": setup.ctx, "max_tokens": setup.max_tokens, "windows": len(chunks),
-            "tokenizers_agree": same_tokens, "text": text.label, "text_sha256": text.sha256}
+            "tokenizers_agree": same_tokens, "text": text.label, "text_sha256": text.sha256, "kv_cache": kv_cache,
+            "ref_kv_cache": ref_kv_cache}
 
 
 def quality_row(artifact: Artifact, reference: Artifact, result: dict[str, Any],
                 environment: dict[str, Any]) -> dict[str, Any]:
     return {
         "kind": "quality", "status": "ok", "backend": result["backend"], "backend_version": result["backend_version"],
-        "model": artifact.model, "quant": artifact.quant, "artifact": str(artifact.path),
-        "artifact_kind": artifact.kind, "artifact_size_bytes": artifact.size_bytes,
+        "model": artifact.model, "quant": kv_quant_label(artifact.quant, result.get("kv_cache")),
+        "artifact": str(artifact.path), "artifact_kind": artifact.kind, "artifact_size_bytes": artifact.size_bytes,
         "weight_bytes_per_token": artifact.weight_bytes_per_token,
-        "reference": f"{reference.path} ({result['ref_backend']}, {reference.quant})",
+        "reference": f"{reference.path} ({result['ref_backend']}, "
+                     f"{kv_quant_label(reference.quant, result.get('ref_kv_cache'))})",
         "eval_tokens": result["tokens"], "perplexity": result["perplexity"],
         "ref_perplexity": result["ref_perplexity"], "kl_mean": result["kl_mean"], "kl_max": result["kl_max"],
         "top1_agreement": result["top1_agreement"],
@@ -167,6 +174,7 @@ def quality_row(artifact: Artifact, reference: Artifact, result: dict[str, Any],
                      "ref_backend": result["ref_backend"], "text": result.get("text", "ondevice/data/eval_text.txt"),
                      "text_sha256": result.get("text_sha256"),
                      "kl_p99": result["kl_p99"], "tokenizers_agree": result["tokenizers_agree"],
+                     "kv_cache": result.get("kv_cache"), "ref_kv_cache": result.get("ref_kv_cache"),
                      "source": artifact.source},
         "environment": environment,
     }

@@ -183,10 +183,21 @@ class FitEstimate:
         }
 
 
-def _kv_element_bytes(backend: str) -> int:
+def _kv_element_bytes(backend: str, kv_cache: str | None = None) -> float:
+    """Bytes of a cached K/V value in `backend` asked for kv_cache (a backend that keeps its own cache: its own)."""
+    from ondevice.bench.backends import BACKEND_MODULES, backend_class
+    from ondevice.runtime.kv import kv_element_bytes
+
+    if backend not in BACKEND_MODULES:
+        return kv_element_bytes(kv_cache) if kv_cache else 2
+    cls = backend_class(backend)
+    return cls.kv_bytes_for(kv_cache if kv_cache in cls.kv_cache_types else None)
+
+
+def _takes_kv_cache(backend: str, kv_cache: str) -> bool:
     from ondevice.bench.backends import BACKEND_MODULES, backend_class
 
-    return backend_class(backend).kv_bytes_per_element if backend in BACKEND_MODULES else 2
+    return backend in BACKEND_MODULES and kv_cache in backend_class(backend).kv_cache_types
 
 
 def _uncalibrated_backends(artifact: Artifact) -> list[str]:
@@ -198,24 +209,26 @@ def _uncalibrated_backends(artifact: Artifact) -> list[str]:
 
 def estimate(artifact: Artifact, profile: DeviceProfile, calibrations: dict[str, Calibration], *, ctx: int = 2048,
              prompt_tokens: int = 512, gen_tokens: int = 128, backends: list[str] | None = None,
-             slots: int = 1) -> FitEstimate:
+             slots: int = 1, kv_cache: str | None = None) -> FitEstimate:
     """RAM need and decode speed; with slots > 1 (`serve --parallel`) the KV cache is held once per slot, and
-    tok_s is each stream's speed when all slots decode together (one weight read serves every stream)."""
+    tok_s is each stream's speed when all slots decode together (one weight read serves every stream). kv_cache:
+    the cache type asked of the backends that take one (None: their default, f16)."""
     position = prompt_tokens + gen_tokens / 2  # the average cache fill while generating
     usable = profile.ram_gb * 1e9 * profile.usable_ram_fraction
     rows = []
     for name in backends or list(calibrations) or _uncalibrated_backends(artifact):
         cal = calibrations.get(name) or Calibration(name, DEFAULT_EFFICIENCY, DEFAULT_OVERHEAD_MIB, 0, False)
-        kv = artifact.shape.kv_bytes_per_position(_kv_element_bytes(name)) if artifact.shape else 0
+        kv = artifact.shape.kv_bytes_per_position(_kv_element_bytes(name, kv_cache)) if artifact.shape else 0
         per_token = _bytes_per_token(artifact.weight_bytes_per_token, kv, position, slots)
         ram = artifact.size_bytes + kv * ctx * slots + cal.overhead_mib * 2**20
         tok_s = cal.efficiency * profile.sustained_gbs * 1e9 / per_token
         rows.append({"backend": name, "tok_s": tok_s, "aggregate_tok_s": tok_s * slots,
                      "bytes_per_token": per_token, "kv_bytes_per_position": kv, "kv_cache_bytes": kv * ctx * slots,
+                     "kv_cache": kv_cache if kv_cache and _takes_kv_cache(name, kv_cache) else None,
                      "overhead_bytes": cal.overhead_mib * 2**20, "ram_need_bytes": ram, "fits": ram <= usable,
                      "efficiency": cal.efficiency, "calibrated": cal.measured, "measurements": cal.measurements})
-    kv_f16 = artifact.shape.kv_bytes_per_position(2) if artifact.shape else 0
-    ceiling = profile.memory_bandwidth_gbs * 1e9 / _bytes_per_token(artifact.weight_bytes_per_token, kv_f16, position)
+    kv_bytes = artifact.shape.kv_bytes_per_position(_kv_element_bytes("", kv_cache)) if artifact.shape else 0
+    ceiling = profile.memory_bandwidth_gbs * 1e9 / _bytes_per_token(artifact.weight_bytes_per_token, kv_bytes, position)
     return FitEstimate(artifact.model, artifact.quant, profile, artifact.weight_bytes_per_token, artifact.size_bytes,
                        ctx, position, slots, usable, rows, ceiling)
 
@@ -226,7 +239,7 @@ def render_text(est: FitEstimate) -> str:
     lines = [f"{est.model} {est.quant} on {p.title}: an ESTIMATE from a roofline model, not a measurement", "",
              f"{p.ram_gb:g} GB RAM, about {est.usable_ram_bytes / 1e9:.1f} GB usable by one app; context {est.ctx} "
              "tokens" + (f" x {est.slots} slots (each stream's speed while all decode together)"
-                          if est.slots > 1 else "") + "; decode speed with the cache {est.position:.0f} tokens full (roofline ceiling at peak "
+                          if est.slots > 1 else "") + f"; decode speed with the cache {est.position:.0f} tokens full (roofline ceiling at peak "
              f"bandwidth: {est.ceiling_tok_s:.0f} tok/s)"]
     for b in est.per_backend:
         verdict = "fits" if b["fits"] else "does NOT fit"
@@ -234,8 +247,9 @@ def render_text(est: FitEstimate) -> str:
                if b["calibrated"] else f"efficiency {b['efficiency']:.2f} ASSUMED: no {b['backend']} measurement of "
                "this machine in the store (run `ondevice bench` first)")
         together = f" (~{b['aggregate_tok_s']:.0f} in all)" if est.slots > 1 else ""
+        cache = f"{b['kv_cache']} KV cache" if b.get("kv_cache") else "KV cache"
         lines.append(f"  {b['backend']:<12} ~{b['tok_s']:.0f} tok/s{together}; RAM ~{b['ram_need_bytes'] / 1e9:.2f} GB "
-                     f"(file {est.file_bytes / mb:.0f} MB + KV cache {b['kv_cache_bytes'] / mb:.0f} MB"
+                     f"(file {est.file_bytes / mb:.0f} MB + {cache} {b['kv_cache_bytes'] / mb:.0f} MB"
                      + (f" for {est.slots} slots" if est.slots > 1 else "") + " + runtime "
                      f"{b['overhead_bytes'] / mb:.0f} MB): {verdict}; {how}")
     basis = p.data.get("bandwidth_basis", "")

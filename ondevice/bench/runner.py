@@ -21,6 +21,7 @@ from typing import Any
 from ondevice.bench.artifacts import Artifact
 from ondevice.bench.backends import backend_class
 from ondevice.bench.worker import PARENT_PID_ENV
+from ondevice.runtime.kv import kv_quant_label
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Settings:
     gen_tokens: int
     repeat: int
     warmup: int
+    kv_cache: str | None = None  # --kv-cache; None: the backend's default cache
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class Job:
 
     def describe(self) -> str:
         s = self.settings
-        return (f"{self.backend} {self.artifact.model} {self.artifact.quant} threads={s.threads} "
-                f"prompt={s.prompt_tokens} gen={s.gen_tokens}")
+        return (f"{self.backend} {self.artifact.model} {kv_quant_label(self.artifact.quant, s.kv_cache)} "
+                f"threads={s.threads} prompt={s.prompt_tokens} gen={s.gen_tokens}")
 
     def worker_job(self) -> dict[str, Any]:
         return {"backend": self.backend, "artifact": str(self.artifact.path), **asdict(self.settings)}
@@ -60,7 +62,8 @@ class WorkerResult:
 
 
 def plan_jobs(artifacts: Iterable[Artifact], backends: list[str], *, threads: list[int], prompts: list[int],
-              gen_tokens: int, repeat: int, warmup: int) -> tuple[list[Job], list[str]]:
+              gen_tokens: int, repeat: int, warmup: int,
+              kv_caches: list[str | None] | None = None) -> tuple[list[Job], list[str]]:
     """Every (backend, artifact, setting) a backend can run, and notes on the pairs it cannot."""
     jobs: list[Job] = []
     notes: list[str] = []
@@ -73,9 +76,13 @@ def plan_jobs(artifacts: Iterable[Artifact], backends: list[str], *, threads: li
             if not cls.timed:
                 notes.append(f"{name} is for quality (ondevice eval), not speed: skipped {artifact.path.name}")
                 continue
-            for n_threads in threads:
-                for n_prompt in prompts:
-                    jobs.append(Job(name, artifact, Settings(n_threads, n_prompt, gen_tokens, repeat, warmup)))
+            for kv in kv_caches or [None]:
+                if kv is not None and kv not in cls.kv_cache_types:
+                    notes.append(f"{name} cannot be given a {kv} KV cache: skipped {artifact.path.name} kv-{kv}")
+                    continue
+                for n_threads in threads:
+                    for n_prompt in prompts:
+                        jobs.append(Job(name, artifact, Settings(n_threads, n_prompt, gen_tokens, repeat, warmup, kv)))
     return jobs, notes
 
 
@@ -223,7 +230,7 @@ def measurement_row(job: Job, result: WorkerResult, environment: dict[str, Any])
     return {
         "kind": "speed", "status": status, "error": error,
         "backend": job.backend, "backend_version": started.get("backend_version") or backend_class(job.backend).version(),
-        "model": artifact.model, "quant": artifact.quant, "artifact": str(artifact.path),
+        "model": artifact.model, "quant": kv_quant_label(artifact.quant, s.kv_cache), "artifact": str(artifact.path),
         "artifact_kind": artifact.kind, "artifact_size_bytes": artifact.size_bytes,
         "weight_bytes_per_token": artifact.weight_bytes_per_token,
         "threads": s.threads, "prompt_tokens": prompt_event.get("prompt_tokens", s.prompt_tokens),
@@ -237,7 +244,7 @@ def measurement_row(job: Job, result: WorkerResult, environment: dict[str, Any])
         "settings": {**asdict(s), "sampling": "greedy, end-of-text ignored", "source": artifact.source,
                      "slots": 1,  # one sequence decoded: fit scales the KV bytes per slot from this
                      "kv_bytes_per_position": artifact.shape.kv_bytes_per_position(
-                         backend_class(job.backend).kv_bytes_per_element) if artifact.shape else None},
+                         backend_class(job.backend).kv_bytes_for(s.kv_cache)) if artifact.shape else None},
         "environment": {**environment, "backend_version": started.get("backend_version")},
         "samples": [{k: e[k] for k in ("ttft_s", "prefill_tok_s", "decode_s", "decode_tok_s")} for e in repeats],
     }

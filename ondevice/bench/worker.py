@@ -103,6 +103,7 @@ def run_job(job: dict[str, Any], out: TextIO) -> int:
         prompt_tokens, gen_tokens = int(job["prompt_tokens"]), int(job["gen_tokens"])
         n_ctx = int(job.get("n_ctx") or prompt_tokens + gen_tokens + 8)
         start = perf_counter()
+        backend.kv_cache = job.get("kv_cache")
         backend.load(Path(job["artifact"]), threads=int(job["threads"]), n_ctx=n_ctx)
         emit("loaded", load_s=perf_counter() - start, rss_mib=current_rss_mib())
 

@@ -93,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--prompt", type=_int_list, default=[128], help="prompt length(s) in tokens (default 128)")
     r.add_argument("--gen", type=_positive, default=128, help="tokens to generate (default 128)")
     r.add_argument("--threads", type=_int_list, help="thread count(s) (default: physical cores)")
+    r.add_argument("--kv-cache", metavar="TYPES", help="KV cache type(s), comma-separated (f16, q8_0, f32), for the "
+                   "backends that take one (ondevice, llama.cpp); default: each backend's own (f16)")
     r.add_argument("--repeat", type=_positive, default=5, help="measured repeats per setting (default 5)")
     r.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     r.add_argument("--timeout", type=float, default=1800, help="seconds allowed per job (default 1800)")
@@ -144,10 +146,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from ondevice.bench.store import Store
     from ondevice.cli import print_json
     from ondevice.errors import OndeviceError
+    from ondevice.runtime.kv import check_kv_cache
 
     if args.warmup < 0:
         raise OndeviceError(f"--warmup must be >= 0, got {args.warmup}")
     backends = parse_backends(args.backend)
+    kv_caches = [check_kv_cache(kv.strip()) for kv in args.kv_cache.split(",") if kv.strip()] if args.kv_cache else None
     progress = not (args.no_progress or args.json)
     with Store(args.db) as store:  # opened first: a bad --db fails before any conversion
         quants = [q.strip() for q in args.quant.split(",") if q.strip()] if args.quant else None
@@ -155,7 +159,7 @@ def run_bench(args: argparse.Namespace) -> int:
         fp = fingerprint()
         threads = args.threads or [fp["hardware"]["cores_physical"]]
         jobs, notes = plan_jobs(artifacts, backends, threads=threads, prompts=args.prompt, gen_tokens=args.gen,
-                                repeat=args.repeat, warmup=args.warmup)
+                                repeat=args.repeat, warmup=args.warmup, kv_caches=kv_caches)
         for note in notes if args.backend else []:  # default set: each artifact simply goes to the backends that run it
             print(f"note: {note}", file=sys.stderr)
         if not jobs:

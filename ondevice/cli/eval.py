@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="backend for the artifact (default: the first available that returns logits)")
     p.add_argument("--ref-backend", help="backend for the reference (default: transformers for a Hugging Face "
                                          "folder, else the artifact's backend)")
+    p.add_argument("--kv-cache", metavar="TYPE", help="KV cache type of the artifact's backend (f16, q8_0, f32; "
+                   "ondevice and llama.cpp): `eval X --ref X --kv-cache q8_0` measures what a q8_0 cache costs")
+    p.add_argument("--ref-kv-cache", metavar="TYPE", help="KV cache type of the reference's backend (default: its own)")
     p.add_argument("--text", metavar="FILE", help="evaluate on this UTF-8 text file, or - for standard input "
                                                    "(default: the bundled public-domain text)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
@@ -60,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from ondevice.cli import print_json
     from ondevice.errors import OndeviceError
     from ondevice.hub import resolve_model
+    from ondevice.runtime.kv import check_kv_cache, kv_quant_label
 
     if args.ctx < 8 or args.max_tokens < 8:
         raise OndeviceError("--ctx and --max-tokens must be at least 8")
+    kv_cache = check_kv_cache(args.kv_cache) if args.kv_cache else None
+    ref_kv_cache = check_kv_cache(args.ref_kv_cache) if args.ref_kv_cache else None
     # The text is read first: a wrong --text fails before anything is converted or loaded.
     text = EvalText.read(args.text) if args.text else EvalText.bundled()
     progress = not (args.no_progress or args.json)
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         device_id = store.ensure_device(fp) if store else None
         for artifact in artifacts:
             result = evaluate(artifact, reference, backend=args.backend, ref_backend=args.ref_backend,
-                              threads=threads, setup=setup, progress=progress, text=text)
+                              threads=threads, setup=setup, progress=progress, text=text, kv_cache=kv_cache,
+                              ref_kv_cache=ref_kv_cache)
             result.update(model=artifact.model, quant=artifact.quant, artifact=str(artifact.path),
                           reference=str(reference.path), threads=threads)
             results.append(result)
@@ -88,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
                 row = quality_row(artifact, reference, result, environment)
                 store.add_measurement({**row, "device_id": device_id, "threads": threads})
             if not args.json:
-                print(f"{artifact.model} {artifact.quant} ({result['backend']}) vs {reference.path.name} "
-                      f"({result['ref_backend']}): PPL {result['perplexity']:.3f} (reference "
+                print(f"{artifact.model} {kv_quant_label(artifact.quant, kv_cache)} ({result['backend']}) vs "
+                      f"{reference.path.name} ({result['ref_backend']}"
+                      f"{', kv-' + ref_kv_cache if ref_kv_cache else ''}): PPL {result['perplexity']:.3f} (reference "
                       f"{result['ref_perplexity']:.3f}), KL {result['kl_mean']:.5f} nats/token "
                       f"(p99 {result['kl_p99']:.4f}, max {result['kl_max']:.4f}), top-1 agreement "
                       f"{result['top1_agreement']:.1%} over {result['tokens']} tokens of {text.label}")

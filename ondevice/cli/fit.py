@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=2048, help="context length the KV cache is sized for (default 2048)")
     p.add_argument("--slots", type=int, default=1, help="sequences served at once (`serve --parallel N`): the KV "
                    "cache is held once per slot and the speed is each stream's (default 1)")
+    p.add_argument("--kv-cache", metavar="TYPE", help="KV cache type the backends are sized for: f16 (default), "
+                   "q8_0 or f32 (for those that take one; the others keep their own)")
     p.add_argument("--prompt", type=int, default=512, help="prompt length for the speed estimate (default 512)")
     p.add_argument("--gen", type=int, default=128, help="generated tokens for the speed estimate (default 128)")
     p.add_argument("--backend", help="comma-separated backends to estimate for (default: those measured here)")
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ondevice.bench.fit import calibrate, estimate, find_profile, load_profiles, render_text
     from ondevice.cli import print_json
     from ondevice.errors import OndeviceError
+    from ondevice.runtime.kv import check_kv_cache
 
     profiles = load_profiles(args.profile)
     if args.list:
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         calibrations = calibrate(rows, fingerprint(measure_bandwidth=False)["device_id"])
     backends = parse_backends(args.backend) if args.backend else None
     result = estimate(artifact, profile, calibrations, ctx=args.ctx, prompt_tokens=args.prompt,
-                      gen_tokens=args.gen, backends=backends, slots=args.slots)
+                      gen_tokens=args.gen, backends=backends, slots=args.slots,
+                      kv_cache=check_kv_cache(args.kv_cache) if args.kv_cache else None)
     if args.json:
         print_json(result.to_json())
     else:

@@ -25,6 +25,14 @@ def sampling_summary() -> str:
             f"--repeat-penalty {D.repeat_penalty}")
 
 
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    """--kv-cache, checked by load() (a bad value is a one-line error, as for every other input)."""
+    p.add_argument("--kv-cache", metavar="TYPE",
+                   help="KV cache type for GGUF models: f16 (default: half the memory of f32, llama.cpp's numerics), "
+                        "q8_0 (Q8_0 blocks, 53%% of f16's memory, as llama.cpp's --cache-type-k/-v q8_0; needs a "
+                        "head size that is a multiple of 32) or f32")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     # The defaults are ondevice's one set (SamplingDefaults), the same the server, web pages and bundles use.
     from ondevice.runtime.sampling import DEFAULTS as D
@@ -45,9 +53,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", metavar="MODEL", help="a model with the same vocabulary that drafts for --speculate draft")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
-    p.add_argument("--kv-cache", choices=("f16", "f32"),
-                   help="KV cache precision for GGUF models: f16 (default: half the memory, llama.cpp's numerics) "
-                        "or f32")
+    add_kv_cache_arg(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--context-shift", action="store_true",
                    help="when the conversation outgrows --ctx, keep the system prompt and drop the oldest half of the "

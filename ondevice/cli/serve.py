@@ -43,6 +43,8 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ondevice.cli.run import add_kv_cache_arg
+
     p = sub.add_parser("serve", help="OpenAI-compatible local server + browser chat page", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
@@ -56,12 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", help="model name reported by /v1/models (default: the file name)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default 2048)")
+    add_kv_cache_arg(p)
     p.add_argument("--parallel", type=int, default=None, metavar="N",
                    help="requests decoded together (default: from cores and RAM, printed at start; 1 = one at a "
                         "time, the only mode that uses speculation, and the default with --speculate or --draft)")
     p.add_argument("--context-shift", action="store_true",
                    help="a conversation that outgrows --ctx drops its oldest turns (after the system prompt) instead "
-                        "of failing; needs --parallel 1, the default with it")
+                        "of failing (with --parallel 1 the dropped part is re-rotated in the cache rather than "
+                        "evaluated again on the next turn)")
     p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (default 16; then 429)")
     p.add_argument("--max-connections", type=int, default=64, help="open connections (default 64; then 503)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
@@ -120,13 +124,12 @@ def run(args: argparse.Namespace) -> int:
     # --onnx alone: nothing runs server-side, the page runs the ONNX folder in the browser.
     model = None
     if args.model or not onnx_dir:
-        model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, draft=args.draft)
+        model = ondevice.load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=args.kv_cache,
+                              draft=args.draft)
     parallel = args.parallel
     if model is not None and parallel is None:
         # speculation runs in the one-at-a-time mode only: asking for it picks that mode unless --parallel says
-        parallel = 1 if args.speculate or args.draft or args.context_shift else _auto_parallel(model)
-    if args.context_shift and (parallel or 1) > 1:
-        raise OndeviceError("--context-shift runs requests one at a time: use it with --parallel 1 (its default)")
+        parallel = 1 if args.speculate or args.draft else _auto_parallel(model)
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body,
                     default_max_tokens=min(DEFAULTS.max_tokens, args.max_tokens_limit),
                     default_speculate=args.speculate, context_shift=args.context_shift)
@@ -149,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
               "no server-side model); Ctrl-C stops", file=sys.stderr, flush=True)
     else:
         extra = f", in-browser page at {server.url}/inbrowser.html" if onnx_dir else ""
-        how = ("--parallel" if args.parallel else "one at a time for --speculate/--draft/--context-shift"
-               if parallel == 1 and (args.speculate or args.draft or args.context_shift)
+        how = ("--parallel" if args.parallel else "one at a time for --speculate/--draft"
+               if parallel == 1 and (args.speculate or args.draft)
                else "default from cores and RAM; --parallel N to change")
         print(f"serving {server.model_id} on {server.url} (OpenAI API at {server.url}/v1, chat page at "
               f"{server.url}/{extra}); {parallel} request(s) at a time ({how}); Ctrl-C stops",

@@ -12,10 +12,16 @@ reply is therefore the one it gets alone (exact=False packs all rows into one pa
 Prompt cache: a slot keeps the tokens it evaluated after its reply ends; a newcomer goes to the free slot holding
 the longest prefix of its prompt and evaluates only the rest (GenerationStats.cached_tokens); when another slot,
 even a busy one, holds a longer prefix, its K/V rows are copied over (a memcpy, not a recomputation).
+
+Context shift (a request with shift_keep, `context_shift=True`): a prompt that leaves too little room is shortened
+as generate() shortens it (the oldest tokens after the kept ones go, half at a time), and a slot that fills up
+mid-reply drops the older half of its tokens after the kept ones, its keys re-rotated (Transformer.shift), so a
+long conversation keeps answering in every slot.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,19 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ondevice.errors import OndeviceError
+from ondevice.runtime.shift import Dropped, common_prefix, shift_full_slot, shorten_prompt
 from ondevice.runtime.transformer import ContextOverflowError
 
 if TYPE_CHECKING:
     from ondevice.runtime.model import Decoding, GenerationStats, LanguageModel, Request
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(eq=False)
@@ -53,6 +51,7 @@ class Sequence:
     evaluated: int = 0  # prompt tokens whose K/V are in the slot (prefill progress)
     decoding: Decoding | None = None  # set when the prompt is evaluated and the first token sampled
     prefill_started: float = 0.0
+    dropped: int = 0  # prompt tokens a context shift left out (they cost nothing: counted as cached)
 
     @property
     def text(self) -> str:
@@ -84,6 +83,8 @@ class Batch:
         # (prompt length, logits after it) of a slot's last prompt: the same prompt again needs no evaluation
         self._memo: dict[int, tuple[int, np.ndarray] | None] = {s: None for s in self.slots}
         self._last_used: dict[int, int] = {s: 0 for s in self.slots}
+        # context shift: what each slot's conversation left out (ondevice.runtime.shift)
+        self._dropped: dict[int, Dropped] = {s: Dropped() for s in self.slots}
         self._free = set(self.slots)
         self._waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # in admission order
@@ -98,10 +99,8 @@ class Batch:
         from ondevice.runtime.model import GenerationStats
 
         request = self.model.prepare(prompt, **kwargs)
-        if request.shift_keep is not None:
-            raise OndeviceError("context shift runs one request at a time (generate(), `serve --parallel 1`)")
         n = len(request.tokens)
-        if n > self.model.n_ctx:
+        if n > self.model.n_ctx and request.shift_keep is None:
             raise ContextOverflowError(f"{n} tokens do not fit in the context window of {self.model.n_ctx}; "
                                        "shorten the prompt or load the model with a larger n_ctx")
         if hasattr(request.token_filter, "start_budget"):
@@ -151,15 +150,32 @@ class Batch:
         self._decode(events)
         return events
 
+    def _shortened(self, seq: Sequence) -> list[int]:
+        """A context-shift prompt as its slot will hold it (ondevice.runtime.shift.shorten_prompt)."""
+        slot, request = seq.slot, seq.request
+        tokens, held = shorten_prompt(self.transformer, slot, self.slot_tokens[slot], self._dropped[slot],
+                                      request.tokens, request.shift_keep, min(request.max_tokens, self.model.n_ctx // 4),
+                                      self.model.n_ctx)
+        if held is not self.slot_tokens[slot]:  # a new list: the prompt was shortened further, so the cache changed
+            self.slot_tokens[slot] = held
+            self._memo[slot] = None
+        seq.dropped = len(request.tokens) - len(tokens)
+        return tokens
+
     def _admit(self) -> None:
         while self._waiting and self._free:
             seq = self._waiting.popleft()
             tokens = seq.request.tokens
             # the free slot holding the longest prefix of the prompt; else the one idle longest
-            slot = max(self._free, key=lambda s: (common_prefix(self.slot_tokens[s], tokens), -self._last_used[s]))
+            slot = max(self._free, key=lambda s: (common_prefix(self._dropped[s].conversation(self.slot_tokens[s]), tokens),
+                                                  -self._last_used[s]))
             self._free.remove(slot)
             seq.slot = slot
             self.active.append(seq)
+            if seq.request.shift_keep is not None:
+                tokens = seq.request.tokens = self._shortened(seq)
+            else:
+                self._dropped[slot] = Dropped()
             common = common_prefix(self.slot_tokens[slot], tokens)
             # another slot (maybe busy: its first positions do not change) may hold more of the prompt: copy it
             source = max(self.slots, key=lambda s: common_prefix(self.slot_tokens[s], tokens))
@@ -174,7 +190,8 @@ class Batch:
                 common = min(common, len(tokens) - 1)  # evaluate at least one token to get logits
                 self._memo[slot] = None
             del self.slot_tokens[slot][common:]
-            seq.evaluated = seq.stats.cached_tokens = common
+            seq.evaluated = common
+            seq.stats.cached_tokens = common + seq.dropped
 
     def _prefill(self, events: list[tuple[Sequence, str]]) -> None:
         """Whole prompt chunks of newcomers, up to prefill_chunk rows (always at least one chunk)."""
@@ -212,8 +229,10 @@ class Batch:
 
         request, model = seq.request, self.model
         seq.stats.prefill_s = time.perf_counter() - seq.prefill_started
+        # with context shift the reply never stops for the window: the slot shifts instead
+        n_ctx = model.n_ctx if request.shift_keep is None else sys.maxsize
         seq.decoding = Decoding(seq.stats, request.sampler, list(request.tokens), model.codec,
-                                StopMatcher(request.stops), request.max_tokens, request.token_filter, model.n_ctx,
+                                StopMatcher(request.stops), request.max_tokens, request.token_filter, n_ctx,
                                 seq.submitted_at)
         self._take(seq, logits, events)
 
@@ -235,6 +254,8 @@ class Batch:
             group = ready[first : first + self.rows_per_pass]
             segments = []
             for seq in group:
+                if seq.request.shift_keep is not None and len(self.slot_tokens[seq.slot]) + 1 > self.model.n_ctx:
+                    self._shift(seq)
                 token = seq.decoding.history[-1]
                 segments.append((seq.slot, np.asarray([token], np.int32), len(self.slot_tokens[seq.slot])))
             logits = self.transformer.forward_segments(segments)
@@ -242,6 +263,13 @@ class Batch:
                 self.slot_tokens[seq.slot].append(seq.decoding.history[-1])
                 seq.stats.forward_passes += 1
                 self._take(seq, row, events)
+
+    def _shift(self, seq: Sequence) -> None:
+        """The slot is full mid-reply: drop the older half of its tokens after the kept ones."""
+        slot = seq.slot
+        self.slot_tokens[slot] = shift_full_slot(self.transformer, slot, self.slot_tokens[slot], self._dropped[slot],
+                                                 seq.request.shift_keep, self.model.n_ctx)
+        self._memo[slot] = None
 
     def _leave(self, seq: Sequence) -> None:
         stats = seq.stats

@@ -20,8 +20,9 @@ import numpy as np
 from ondevice.errors import InvalidMessagesError, OndeviceError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
-from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES
+from ondevice.runtime.kv import DEFAULT_KV_CACHE, check_kv_cache
 from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
+from ondevice.runtime.shift import Dropped, common_prefix, shift_full_slot, shorten_prompt
 from ondevice.runtime.speculative import DraftLength, PromptLookup, check_speculate, model_draft
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
 from ondevice.runtime.transformer import ContextOverflowError, Transformer, kernels
@@ -189,8 +190,7 @@ class LanguageModel:
 
     def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int | None = None,
                  kv_cache: str = DEFAULT_KV_CACHE) -> None:
-        if kv_cache not in KV_CACHE_DTYPES:
-            raise OndeviceError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
+        check_kv_cache(kv_cache)  # before the file is read; the head size is checked once it is known
         gguf = GGUFFile(path)
         try:
             # The tokenizer first: its build's transient heap is returned before the weights become resident,
@@ -200,6 +200,7 @@ class LanguageModel:
             gguf.drop_fields("tokenizer.ggml.")
             _return_free_heap()
             weights = load_weights(gguf)
+            check_kv_cache(kv_cache, weights.spec.head_dim)
         except BaseException:
             gguf.close()
             raise
@@ -211,7 +212,7 @@ class LanguageModel:
             k.set_threads(threads)
         n_ctx = _context_size(n_ctx, weights.spec.context_length)
         self._setup(str(path), weights.spec, codec, str(template) if template is not None else None,
-                    Transformer(weights, n_ctx, kv_dtype=KV_CACHE_DTYPES[kv_cache]), n_ctx, k.get_threads())
+                    Transformer(weights, n_ctx, kv_cache=kv_cache), n_ctx, k.get_threads())
         self.weights = weights
         self._gguf: GGUFFile | None = gguf
 
@@ -237,10 +238,7 @@ class LanguageModel:
         self.n_ctx = n_ctx
         self.threads = threads
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
-        # context shift: the conversation is _cached[:k] + _dropped + _cached[k:] with k = _dropped_at (the tokens a
-        # shift dropped form one run right after the kept ones)
-        self._dropped: list[int] = []
-        self._dropped_at = 0
+        self._dropped = Dropped()  # context shift: what the cache's conversation left out (ondevice.runtime.shift)
         self._prompt_logits: tuple[int, np.ndarray] | None = None  # (prompt length, its last logits)
         self.draft_model: LanguageModel | None = None  # drafts for speculate="draft" (set_draft)
         self.last_stats = GenerationStats()
@@ -326,47 +324,22 @@ class LanguageModel:
 
     def reset(self) -> None:
         self._cached = []
-        self._dropped = []
+        self._dropped = Dropped()
         self._prompt_logits = None
 
     # ------------------------------------------------------------------ context shift
     def _shifted_prompt(self, tokens: list[int], keep: int, room: int) -> list[int]:
         """The prompt as the (shifted) cache holds it, shifted further until `room` tokens fit after it."""
-        from ondevice.runtime.batch import common_prefix
-
-        dropped = self._dropped
-        if dropped and self._dropped_at == keep:
-            conversation = self._cached[:keep] + dropped + self._cached[keep:]
-            if common_prefix(conversation, tokens) >= keep + len(dropped):  # the same conversation, continued
-                tokens = tokens[:keep] + tokens[keep + len(dropped):]
-            else:
-                self._dropped = []
-        else:
-            self._dropped = []
-        while len(tokens) + room > self.n_ctx:
-            discard = max(1, (len(tokens) - keep) // 2)
-            common = common_prefix(self._cached, tokens)
-            if common > keep + discard:  # re-rotate what is cached rather than recompute it
-                self.transformer.shift(0, keep, discard, common)
-                self._cached = self._cached[:keep] + self._cached[keep + discard : common]
-            else:
-                del self._cached[min(common, keep):]
+        shortened, held = shorten_prompt(self.transformer, 0, self._cached, self._dropped, tokens, keep, room,
+                                         self.n_ctx)
+        if held is not self._cached:  # a new list: the prompt was shortened further, so the cache changed
+            self._cached = held
             self._prompt_logits = None
-            self._dropped = self._dropped + tokens[keep : keep + discard]
-            self._dropped_at = keep
-            tokens = tokens[:keep] + tokens[keep + discard :]
-        return tokens
+        return shortened
 
     def _shift_cache(self, keep: int) -> None:
         """The cache is full mid-reply: drop the oldest half after the kept tokens."""
-        used = len(self._cached)
-        discard = (used - keep) // 2
-        if discard < 1:
-            raise ContextOverflowError(f"context shift keeps {keep} tokens of {self.n_ctx}: nothing left to drop")
-        self.transformer.shift(0, keep, discard, used)
-        self._dropped = self._dropped + self._cached[keep : keep + discard]
-        self._dropped_at = keep
-        self._cached = self._cached[:keep] + self._cached[keep + discard :]
+        self._cached = shift_full_slot(self.transformer, 0, self._cached, self._dropped, keep, self.n_ctx)
         self._prompt_logits = None
 
     @property
@@ -484,8 +457,6 @@ class LanguageModel:
             raise OndeviceError("context_shift needs ondevice's own runtime (a GGUF model)")
         keep = 1 if tokens and tokens[0] == self.codec.bos_id else 0
         if not isinstance(prompt, str) and prompt and prompt[0].get("role") == "system":
-            from ondevice.runtime.batch import common_prefix
-
             keep = max(keep, common_prefix(self.prompt_tokens(prompt[:1], **template_vars), tokens))
         if keep >= self.n_ctx // 2:
             raise ContextOverflowError(f"context shift keeps the first {keep} tokens (the system prompt), half the "
@@ -528,8 +499,8 @@ class LanguageModel:
         history = list(tokens)
         if shift_keep is not None:
             tokens = self._shifted_prompt(tokens, shift_keep, min(max_tokens, self.n_ctx // 4))
-        elif self._dropped:
-            self._dropped = []  # this prompt is not the shifted conversation's continuation
+        elif self._dropped.tokens:
+            self._dropped = Dropped()  # this prompt is not the shifted conversation's continuation
         logits, stats.cached_tokens = self._eval(tokens)
         if shift_keep is not None:
             stats.cached_tokens += len(history) - len(tokens)  # the dropped tokens cost nothing either

@@ -9,9 +9,9 @@ the sampled token equals the drafted one, and rolls the KV cache back over the r
 
 Why the output is the same as plain decoding, at every temperature: each emitted token is sampled once, in order,
 from logits that are bit-identical to a single-token step (the runtime verifies at most `exact_rows` tokens per
-pass: its C kernels compute up to 3 rows with the single-row matrix-vector path, while 4+ rows take the tiled
-matrix-matrix path whose float sums round differently), with the same history and the same random stream. A draft
-only decides how many of those logits one pass computes.
+pass: up to that many rows, the C kernels give every row the bits of a one-row call, the OD_MATMUL_EXACT_ROWS
+contract), with the same history and the same random stream. A draft only decides how many of those logits one
+pass computes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ import numpy as np
 from ondevice.architectures import get_architecture
 from ondevice.decoder import DecoderOps, attention_scale, require_features, run_decoder
 from ondevice.errors import OndeviceError
+from ondevice.quant.legacy import Q8_0
 from ondevice.rope import layer_freq_factors
+from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES, check_kv_cache, kv_row_items
 from ondevice.runtime.weights import Matrix, ModelWeights
 
 try:
@@ -68,6 +70,22 @@ def _release_pages(view: np.ndarray) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
+def block_hadamard(dim: int, block: int = 32) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard matrix of each `block` values of a `dim`-vector (block-diagonal, symmetric)."""
+    h = np.ones((1, 1))
+    while len(h) < block:
+        h = np.block([[h, h], [h, -h]])
+    return np.kron(np.eye(dim // block), h / np.sqrt(block)).astype(np.float32)
+
+
+def rotate_heads(heads: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """(rows, heads, dim) -> each head vector times the symmetric `rotation`, through the kernels' f32 matmul."""
+    rows = heads.reshape(-1, rotation.shape[0])
+    out = np.empty_like(rows)
+    K.matmul(out, rotation, 0, rows, rotation.shape[0])  # type 0: F32 weights, out = rows @ rotation.T
+    return out.reshape(heads.shape)
+
+
 def repacked(w: Matrix) -> Matrix:
     """`w` in the interleaved layout the kernels multiply fastest on this CPU (Q4_0 -> Q4_0_X8, Q4_K -> Q4_K_X8:
     8 rows' blocks interleaved; Q4_K_X8 is 2.8% larger), or `w` itself when there is none. Done once at load."""
@@ -118,7 +136,7 @@ class Transformer:
     # verifies at most this many tokens per pass, so its output equals plain decoding (tests/test_speculative.py).
     exact_rows = K.MATMUL_EXACT_ROWS if K is not None else 1
 
-    def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256, kv_dtype: type = np.float16) -> None:
+    def __init__(self, weights: ModelWeights, n_ctx: int, max_batch: int = 256, kv_cache: str = DEFAULT_KV_CACHE) -> None:
         kernels()
         spec = weights.spec
         require_features(spec, "runtime", SUPPORTED_FEATURES)
@@ -131,8 +149,15 @@ class Transformer:
         self.freq_factors = [None if f is None else np.asarray(f, np.float32)
                              for f in (layer_freq_factors(spec, i) for i in range(spec.n_layers))]
         self.scale = attention_scale(spec)
-        self.kv_dtype = kv_dtype
-        # Slot s holds one sequence's K/V in k_slots[s] / v_slots[s], (layer, head, position, dim). Slot 0 is the
+        self.kv_cache_type = check_kv_cache(kv_cache, spec.head_dim)
+        self.kv_dtype = KV_CACHE_DTYPES[kv_cache]
+        self.kv_q8_0 = kv_cache == "q8_0"
+        # q8_0 keys are stored rotated by an orthonormal Hadamard transform per 32-value block, and queries get the
+        # same rotation, so q.k is unchanged while a key's outlier channels spread over its block instead of setting
+        # the block's scale alone (most of a Q8_0 cache's error is in K). Symmetric: its own inverse.
+        self.key_rotation = block_hadamard(spec.head_dim) if self.kv_q8_0 else None
+        # Slot s holds one sequence's K/V in k_slots[s] / v_slots[s], (layer, head, position, dim); a q8_0 cache
+        # keeps each (layer, head, position) row as its Q8_0 blocks' bytes instead of dims. Slot 0 is the
         # single-sequence cache (k_cache); ensure_slots adds more for batched decoding (ondevice.runtime.batch).
         self.k_slots: list[np.ndarray] = []
         self.v_slots: list[np.ndarray] = []
@@ -156,9 +181,10 @@ class Transformer:
         """Hold at least n sequence slots. Each is a lazily committed cache: only the positions a slot uses become
         resident, so idle slots cost address space, not memory."""
         spec = self.spec
-        kv_shape = (spec.n_layers, spec.n_kv_heads, self.n_ctx, spec.head_dim)
+        kv_shape = (spec.n_layers, spec.n_kv_heads, self.n_ctx, kv_row_items(self.kv_cache_type, spec.head_dim))
         while len(self.k_slots) < n:
-            # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics
+            # f16 (the default) halves the cache and, with the kernels' f16 attention, matches llama.cpp's numerics;
+            # q8_0 halves it again
             self.k_slots.append(lazy_zeros(kv_shape, self.kv_dtype))
             self.v_slots.append(lazy_zeros(kv_shape, self.kv_dtype))
 
@@ -171,7 +197,9 @@ class Transformer:
     def shift(self, slot: int, keep: int, discard: int, used: int) -> None:
         """Context shift: forget positions keep..keep+discard-1 of a slot that holds `used` positions, moving the
         later ones down by `discard`. Cached keys carry their position's rotation, so each is re-rotated by
-        -discard (R(p - d) = R(-d) R(p)) instead of recomputing the tokens; values move as they are."""
+        -discard (R(p - d) = R(-d) R(p)) instead of recomputing the tokens; values move as they are. A q8_0 cache's
+        keys are dequantized, rotated and quantized again (each block gets a fresh scale: the rotation mixes pairs
+        across the block, so the old codes do not carry over); its values move as bytes, unchanged."""
         if not (0 <= keep and discard > 0 and keep + discard <= used <= self.n_ctx):
             raise ValueError(f"bad shift: keep {keep}, discard {discard}, used {used}")
         spec, hd = self.spec, self.spec.head_dim
@@ -184,7 +212,8 @@ class Transformer:
             angle = -float(discard) * inv_freq
             cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
             k_cache, v_cache = self.k_slots[slot][layer], self.v_slots[slot][layer]
-            keys = k_cache[:, keep + discard : used, :].astype(np.float32)
+            moved = k_cache[:, keep + discard : used, :]
+            keys = Q8_0().dequantize(moved, hd) @ self.key_rotation if self.kv_q8_0 else moved.astype(np.float32)
             if self.neox:  # pairs (j, j + half)
                 a, b = keys[..., :half], keys[..., half:]
             else:  # interleaved pairs (2j, 2j + 1)
@@ -194,7 +223,11 @@ class Transformer:
                 keys[..., :half], keys[..., half:] = ra, rb
             else:
                 keys[..., 0::2], keys[..., 1::2] = ra, rb
-            k_cache[:, keep : used - discard, :] = keys
+            if self.kv_q8_0:
+                rotated = np.ascontiguousarray((keys @ self.key_rotation).transpose(1, 0, 2), np.float32)
+                K.kv_store_q8_0(k_cache, rotated, keep)
+            else:
+                k_cache[:, keep : used - discard, :] = keys
             v_cache[:, keep : used - discard, :] = v_cache[:, keep + discard : used, :].copy()
 
     def forward_segments(self, segments: list[tuple[int, np.ndarray, int]], logits: bool = True) -> np.ndarray | None:
@@ -310,10 +343,16 @@ class KernelOps(DecoderOps[np.ndarray]):
                 K.rope(heads, self.positions, theta, t.neox, factors)
         v3 = v.reshape(m, nkv, hd)
         attn = t._attn[:m]
+        if t.kv_q8_0:
+            q3, rotated_k = rotate_heads(q3, t.key_rotation), rotate_heads(k3, t.key_rotation)
         for slot, start, n, pos0 in self.segments:  # each sequence attends to its own cache only
             k_cache, v_cache = t.k_slots[slot][layer], t.v_slots[slot][layer]
-            k_cache[:, pos0 : pos0 + n, :] = k3[start : start + n].transpose(1, 0, 2)
-            v_cache[:, pos0 : pos0 + n, :] = v3[start : start + n].transpose(1, 0, 2)
+            if t.kv_q8_0:  # quantized on write, in C
+                K.kv_store_q8_0(k_cache, rotated_k[start : start + n], pos0)
+                K.kv_store_q8_0(v_cache, v3[start : start + n], pos0)
+            else:
+                k_cache[:, pos0 : pos0 + n, :] = k3[start : start + n].transpose(1, 0, 2)
+                v_cache[:, pos0 : pos0 + n, :] = v3[start : start + n].transpose(1, 0, 2)
             K.attention(attn[start : start + n], q3[start : start + n], k_cache, v_cache, pos0, t.scale,
                         spec.window(layer))
         return attn

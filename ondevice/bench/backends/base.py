@@ -18,9 +18,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from ondevice.errors import UnsupportedError
+from ondevice.errors import OndeviceError, UnsupportedError
 from ondevice.inspectors.kinds import ARTIFACT_KINDS, COREML, GGUF, HF, MLX, ONNX, PTE  # noqa: F401 (the backends' kinds)
 from ondevice.runners import ArtifactRunner
+from ondevice.runtime.kv import kv_element_bytes
 
 
 class TokenClock:
@@ -55,7 +56,24 @@ class Backend(ABC):
     install_hint: ClassVar[str] = ""
     listed: ClassVar[bool] = True  # part of the default `--backend` set (the null backend is not)
     timed: ClassVar[bool] = True  # False: its speed means nothing (an interpreter used for quality only)
-    kv_bytes_per_element: ClassVar[int] = 2  # KV cache precision (f16 in llama.cpp), for memory estimates
+    kv_bytes_per_element: ClassVar[float] = 2  # KV cache precision (f16 in llama.cpp), for memory estimates
+    kv_cache_types: ClassVar[tuple[str, ...]] = ()  # what bench/eval --kv-cache may ask for; (): not settable
+    kv_cache: str | None = None  # set before load() by --kv-cache; None: the backend's default cache
+
+    @classmethod
+    def kv_bytes_for(cls, kv_cache: str | None) -> float:
+        """Bytes of one cached K or V value with the cache type kv_cache (None: the backend's default)."""
+        if kv_cache is None:
+            return cls.kv_bytes_per_element
+        cls.check_kv_cache(kv_cache)
+        return kv_element_bytes(kv_cache)
+
+    @classmethod
+    def check_kv_cache(cls, kv_cache: str | None) -> None:
+        """A one-line error unless kv_cache is None or a cache type this backend can be asked for."""
+        if kv_cache is not None and kv_cache not in cls.kv_cache_types:
+            offered = f"offers {', '.join(cls.kv_cache_types)}" if cls.kv_cache_types else "keeps its own cache"
+            raise OndeviceError(f"--kv-cache {kv_cache}: the {cls.name} backend {offered}")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -18,6 +18,8 @@ class LlamaCppBackend(Backend):
     module = "llama_cpp"
     distribution = "llama-cpp-python"
     install_hint = "pip install llama-cpp-python"
+    kv_cache_types = ("f16", "f32", "q8_0")
+    GGML_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml type ids for type_k / type_v
 
     def __init__(self) -> None:
         self.llm: Any = None
@@ -25,9 +27,13 @@ class LlamaCppBackend(Backend):
     def load(self, artifact: Path, *, threads: int, n_ctx: int, logits: bool = False) -> None:
         import llama_cpp
 
+        cache: dict[str, Any] = {}
+        if self.kv_cache is not None:  # a quantized V cache needs flash attention in llama.cpp
+            ggml_type = self.GGML_KV_TYPES[self.kv_cache]
+            cache = {"type_k": ggml_type, "type_v": ggml_type, "flash_attn": self.kv_cache == "q8_0"}
         try:
             self.llm = llama_cpp.Llama(model_path=str(artifact), n_ctx=n_ctx, n_threads=threads,
-                                       n_threads_batch=threads, logits_all=logits, verbose=False)
+                                       n_threads_batch=threads, logits_all=logits, verbose=False, **cache)
         except (ValueError, RuntimeError) as exc:
             raise OndeviceError(f"llama.cpp could not load {artifact}: {exc}") from None
 

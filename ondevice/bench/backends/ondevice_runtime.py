@@ -9,7 +9,7 @@ import numpy as np
 
 from ondevice.bench.backends.base import GGUF, Backend, Prompt, TokenClock
 from ondevice.errors import OndeviceError
-from ondevice.runtime.kv import DEFAULT_KV_CACHE, kv_element_bytes
+from ondevice.runtime.kv import DEFAULT_KV_CACHE, KV_CACHE_DTYPES, kv_element_bytes
 
 
 class EndOfTextBan:
@@ -40,6 +40,7 @@ class OndeviceBackend(Backend):
     distribution = "ondevice"
     install_hint = "the C extension is built by `pip install -e .`"
     kv_bytes_per_element = kv_element_bytes(DEFAULT_KV_CACHE)  # what load() keeps by default (f16)
+    kv_cache_types = tuple(KV_CACHE_DTYPES)
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -57,7 +58,7 @@ class OndeviceBackend(Backend):
     def load(self, artifact: Path, *, threads: int, n_ctx: int, logits: bool = False) -> None:
         import ondevice
 
-        self.model = ondevice.load(artifact, threads=threads, n_ctx=n_ctx)
+        self.model = ondevice.load(artifact, threads=threads, n_ctx=n_ctx, kv_cache=self.kv_cache)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text)
