@@ -268,7 +268,9 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
     }
 }
 
-#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_Q3_K || (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
+#define IS_SIGNED_TYPE(t)                                                                                   \
+    ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_Q6_K_X8 || (t) == OD_TYPE_Q3_K ||               \
+     (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
 
 /* ------------------------------------------------------------------ GEMV schedule */
 
@@ -665,9 +667,12 @@ OD_AVX2_INLINE void store_tile_row(float *dst, __m256 v, int nvalid, int accumul
  * vector of 8 consecutive outputs.
  */
 
-OD_AVX2_INLINE void gemv_x8_tile(const int G, const od_mm_args *a, int64_t n, int64_t j0) {
+OD_AVX2_INLINE void gemv_x8_tile(const int type, const int G, const od_mm_args *a, int64_t n, int64_t j0) {
     const od_q8_act *act = a->act;
     const int64_t nb = act->nb;
+    /* Q4_1_X8: d[8], m[8], codes; Q4_0_X8: d[8], codes */
+    const int has_min = type == OD_TYPE_Q4_1_X8;
+    const size_t block_bytes = has_min ? OD_X8_Q4_1_BLOCK_BYTES : OD_X8_BLOCK_BYTES, codes_at = has_min ? 32 : 16;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
     const int8_t *xq[3];
     const float *xds[3];
@@ -675,17 +680,19 @@ OD_AVX2_INLINE void gemv_x8_tile(const int G, const od_mm_args *a, int64_t n, in
     x8_tile_start(G, act, j0, xq, xds, acc, acc_offset);
     const uint8_t *group = a->w + (size_t)n * a->row_bytes;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = group + b * OD_X8_BLOCK_BYTES;
-        _mm_prefetch((const char *)blk + 8 * OD_X8_BLOCK_BYTES, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + 8 * OD_X8_BLOCK_BYTES + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + 8 * OD_X8_BLOCK_BYTES + 128, _MM_HINT_T0);
+        const uint8_t *blk = group + b * block_bytes;
+        OD_UNROLL
+        for (size_t off = 0; off < block_bytes; off += 64)
+            _mm_prefetch((const char *)blk + 8 * block_bytes + off, _MM_HINT_T0);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        /* the offset term per block: -8 d s_x (accumulated as d s_x) or m s_x */
+        const __m256 ow = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : dw;
         __m256i s16[3];
         OD_UNROLL
         for (int g = 0; g < G; g++) s16[g] = _mm256_setzero_si256();
         OD_UNROLL
         for (int c = 0; c < 4; c++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + codes_at + 32 * c));
             const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             OD_UNROLL
             for (int g = 0; g < G; g++) {
@@ -698,30 +705,35 @@ OD_AVX2_INLINE void gemv_x8_tile(const int G, const od_mm_args *a, int64_t n, in
         for (int g = 0; g < G; g++) {
             const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[g], ones));
             acc[g] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(xds[g][2 * b])), acc[g]);
-            acc_offset[g] = _mm256_fmadd_ps(dw, _mm256_set1_ps(xds[g][2 * b + 1]), acc_offset[g]);
+            acc_offset[g] = _mm256_fmadd_ps(ow, _mm256_set1_ps(xds[g][2 * b + 1]), acc_offset[g]);
         }
     }
     OD_UNROLL
     for (int g = 0; g < G; g++) {
-        const __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), acc_offset[g], acc[g]);
+        const __m256 v = has_min ? _mm256_add_ps(acc[g], acc_offset[g])
+                                 : _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), acc_offset[g], acc[g]);
         store_tile_row(a->out + (j0 + g) * a->ldo + n, v, OD_X8_ROWS, a->accumulate);
     }
 }
 
 
-/* The GEMM panel of 8 Q4_0_X8 rows: the interleaved chunks already are its layout, nibbles not yet split. */
-OD_AVX2_INLINE void pack_panel_x8(const od_mm_args *a, int64_t n, const panel_t *p) {
+/* The GEMM panel of 8 Q4_0_X8 or Q4_1_X8 rows: the interleaved chunks already are its layout, nibbles not yet
+ * split; mw is Q4_0's -8 d or Q4_1's m. */
+OD_AVX2_INLINE void pack_panel_x8(const int type, const od_mm_args *a, int64_t n, const panel_t *p) {
     const int64_t nb = a->k / OD_QK;
+    const int has_min = type == OD_TYPE_Q4_1_X8;
+    const size_t block_bytes = has_min ? OD_X8_Q4_1_BLOCK_BYTES : OD_X8_BLOCK_BYTES, codes_at = has_min ? 32 : 16;
     const uint8_t *group = a->w + (size_t)n * a->row_bytes;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = group + b * OD_X8_BLOCK_BYTES;
+        const uint8_t *blk = group + b * block_bytes;
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         _mm256_storeu_ps(p->dw + b * 8, dw);
-        _mm256_storeu_ps(p->mw + b * 8, _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f)));
+        _mm256_storeu_ps(p->mw + b * 8, has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
+                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f)));
         OD_UNROLL
         for (int c = 0; c < 4; c++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + codes_at + 32 * c));
             _mm256_store_si256((__m256i *)(p->codes + b * 256 + c * 32), _mm256_and_si256(v, low4));
             _mm256_store_si256((__m256i *)(p->codes + b * 256 + (c + 4) * 32),
                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
@@ -795,19 +807,111 @@ OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, 
         store_tile_row(a->out + (j0 + g) * a->ldo + n, _mm256_sub_ps(acc[g], acc_offset[g]), OD_X8_ROWS, a->accumulate);
 }
 
+/*
+ * GEMV over Q6_K_X8 (layout in blocks.h): a step's codes q = low 4 bits | top 2 bits << 4 (0..63) go unsigned
+ * into vpmaddubsw (pair sums <= 2 * 63 * 127, no saturation), each product at once into vpmaddwd with its
+ * sub-block's int8 scale for the 8 rows (duplicated into both int16 halves of a lane), summed in int32 over the
+ * super-block. The codes' -32 is subtracted once per super-block: 32 * sum over sub-blocks of scale times the
+ * activation's code sum over those 16 elements (xsum, |.| <= 2032, kept in the low int16 half of a lane so that
+ * vpmaddwd with the duplicated scales gives scale * xsum).
+ */
+OD_AVX2_INLINE void gemv_k6_x8_tile(const int G, const od_mm_args *a, int64_t n, int64_t j0, const int32_t *xsum) {
+    const od_q8_act *act = a->act;
+    const int64_t nsb = a->k / OD_QK_K, nsub = a->k / 16;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+    const int8_t *xq[3];
+    const float *xds[3];
+    __m256 acc[3], unused[3];
+    x8_tile_start(G, act, j0, xq, xds, acc, unused);
+    const uint8_t *group = a->w + (size_t)n * a->row_bytes;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = group + sb * OD_K6_X8_SB_BYTES;
+        __m256i isum[3], off[3];
+        OD_UNROLL
+        for (int g = 0; g < G; g++) isum[g] = off[g] = _mm256_setzero_si256();
+        OD_UNROLL
+        for (int c = 0; c < 4; c++) {
+            const uint8_t *chunk = blk + OD_K6_X8_CODES + c * OD_K6_X8_CHUNK_BYTES;
+            for (size_t o = 0; o < OD_K6_X8_CHUNK_BYTES; o += 64)
+                _mm_prefetch((const char *)chunk + 2 * OD_K6_X8_SB_BYTES + o, _MM_HINT_T0);
+            /* sub-blocks 4c..4c+3's scales, each row's duplicated into both int16 halves of its lane */
+            __m256i sc16[4];
+            OD_UNROLL
+            for (int i = 0; i < 4; i += 2) {
+                const __m256i two = _mm256_cvtepi8_epi16(
+                    _mm_loadu_si128((const __m128i *)(blk + OD_K6_X8_SC + OD_X8_ROWS * (4 * c + i))));
+                const __m256i lo = _mm256_unpacklo_epi16(two, two), hi = _mm256_unpackhi_epi16(two, two);
+                sc16[i] = _mm256_permute2x128_si256(lo, hi, 0x20);
+                sc16[i + 1] = _mm256_permute2x128_si256(lo, hi, 0x31);
+            }
+            OD_UNROLL
+            for (int g = 0; g < G; g++) {
+                const int32_t *xs = xsum + (j0 + g) * nsub + sb * 16 + 4 * c;
+                OD_UNROLL
+                for (int i = 0; i < 4; i++) off[g] = _mm256_add_epi32(off[g], _mm256_madd_epi16(sc16[i], _mm256_set1_epi32(xs[i])));
+            }
+            OD_UNROLL
+            for (int h = 0; h < 4; h++) {
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(chunk + 32 * (8 + h)));
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(chunk + 32 * h));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(chunk + 32 * (h + 4)));
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(v0, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), top2));
+                q[1] = _mm256_or_si256(_mm256_and_si256(v1, low4), _mm256_and_si256(hb, top2));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4),
+                                       _mm256_and_si256(_mm256_slli_epi16(hb, 2), top2));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4),
+                                       _mm256_and_si256(_mm256_srli_epi16(hb, 2), top2));
+                OD_UNROLL
+                for (int g = 0; g < G; g++) {
+                    const int8_t *x = xq[g] + sb * OD_QK_K + 64 * c + 4 * h;
+                    OD_UNROLL
+                    for (int i = 0; i < 4; i++) {
+                        const __m256i prod = _mm256_maddubs_epi16(q[i], _mm256_set1_epi32(load_i32(x + 16 * i)));
+                        isum[g] = _mm256_add_epi32(isum[g], _mm256_madd_epi16(prod, sc16[i]));
+                    }
+                }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        OD_UNROLL
+        for (int g = 0; g < G; g++) {
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[g], _mm256_slli_epi32(off[g], 5)));
+            acc[g] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xds[g][2 * sb * 8])), acc[g]);
+        }
+    }
+    OD_UNROLL
+    for (int g = 0; g < G; g++) store_tile_row(a->out + (j0 + g) * a->ldo + n, acc[g], OD_X8_ROWS, a->accumulate);
+}
+
 /* GEMV over a repacked type, 8 rows x up to 3 activation rows a tile. */
+OD_AVX2_INLINE void gemv_x8_tiles(const int type, const int G, const od_mm_args *a, int64_t n, int64_t j,
+                                  const int32_t *xsum) {
+    if (type == OD_TYPE_Q4_K_X8) gemv_k_x8_tile(G, a, n, j);
+    else if (type == OD_TYPE_Q6_K_X8) gemv_k6_x8_tile(G, a, n, j, xsum);
+    else gemv_x8_tile(type, G, a, n, j);
+}
+
 OD_AVX2_INLINE void gemv_x8(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
+    /* Q6_K_X8: the activation rows' code sums per 16 elements */
+    int32_t *xsum = NULL;
+    if (type == OD_TYPE_Q6_K_X8) {
+        const int64_t sums = a->m * (a->k / 16);
+        xsum = od_scratch(1, (size_t)sums * sizeof(int32_t));
+        if (!xsum) return;
+        for (int64_t i = 0; i < sums; i++) {
+            int32_t sum = 0;
+            for (int e = 0; e < 16; e++) sum += a->act->qs[i * 16 + e];
+            xsum[i] = (int32_t)(uint16_t)(int16_t)sum;
+        }
+    }
     /* W groups outer: every activation row passes over a group while it is in cache */
     for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
         int64_t j = 0;
-        for (; j + 3 <= a->m; j += 3) {
-            if (type == OD_TYPE_Q4_0_X8) gemv_x8_tile(3, a, n, j);
-            else gemv_k_x8_tile(3, a, n, j);
-        }
+        for (; j + 3 <= a->m; j += 3) gemv_x8_tiles(type, 3, a, n, j, xsum);
         const int rest = (int)(a->m - j);
-        if (!rest) continue;
-        if (type == OD_TYPE_Q4_0_X8) rest == 2 ? gemv_x8_tile(2, a, n, j) : gemv_x8_tile(1, a, n, j);
-        else rest == 2 ? gemv_k_x8_tile(2, a, n, j) : gemv_k_x8_tile(1, a, n, j);
+        if (rest == 2) gemv_x8_tiles(type, 2, a, n, j, xsum);
+        else if (rest == 1) gemv_x8_tiles(type, 1, a, n, j, xsum);
     }
 }
 
@@ -835,6 +939,38 @@ OD_AVX2_INLINE void pack_panel_k_x8(const od_mm_args *a, int64_t n, const panel_
     }
 }
 
+/* The GEMM panel of 8 Q6_K_X8 rows, in the Q6_K panel's form: signed codes q - 32 (|.| and sign), d, and each
+ * 32-weight block's two sub-block scales. Block b of super-block sb is elements 64c + 32o .. +31 (c = b / 2,
+ * o = b % 2); its step s comes from low step s of chunk c (low or high nibble by o) and high step s % 4. */
+OD_AVX2_INLINE void pack_panel_k6_x8(const od_mm_args *a, int64_t n, const panel_t *p) {
+    const int64_t nb = a->k / OD_QK;
+    const uint8_t *group = a->w + (size_t)n * a->row_bytes;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = group + (b / 8) * OD_K6_X8_SB_BYTES;
+        const int bi = (int)(b % 8), c = bi / 2, o = bi % 2;
+        const uint8_t *chunk = blk + OD_K6_X8_CODES + c * OD_K6_X8_CHUNK_BYTES;
+        _mm256_storeu_ps(p->dw + b * 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
+        OD_UNROLL
+        for (int s = 0; s < 8; s++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(chunk + 32 * s));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(chunk + 32 * (8 + s % 4)));
+            /* top bits of form i = 2o + (s >= 4) sit at bits 0-1, 4-5, 2-3, 6-7 of the high step */
+            const int form = 2 * o + (s >= 4), top_shift = form == 0 ? 0 : form == 1 ? 4 : form == 2 ? 2 : 6;
+            const __m256i lo = _mm256_and_si256(o ? _mm256_srli_epi16(v, 4) : v, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(top_shift)), top2);
+            const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
+            _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32), _mm256_sign_epi8(q, q));
+            _mm256_store_si256((__m256i *)(p->signs + b * 256 + s * 32), q);
+        }
+        int16_t *sc = p->scales + b * 32;
+        for (int half = 0; half < 2; half++) {
+            const int8_t *sub = (const int8_t *)blk + OD_K6_X8_SC + OD_X8_ROWS * (4 * c + 2 * o + half);
+            for (int r = 0; r < OD_X8_ROWS; r++) sc[16 * half + 2 * r] = sc[16 * half + 2 * r + 1] = sub[r];
+        }
+    }
+}
+
 /* 8 panel rows x RM activation rows starting at j0. */
 OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, const od_mm_args *a, int64_t j0,
                               int64_t n, int nvalid) {
@@ -853,8 +989,8 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *codes = p->codes + b * 256;
         __m256i isum[4];
-        if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_0_X8 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q4_K ||
-            type == OD_TYPE_Q4_K_X8) {
+        if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_0_X8 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q4_1_X8 ||
+            type == OD_TYPE_Q4_K || type == OD_TYPE_Q4_K_X8) {
             /* 4-bit codes: |pair sum| <= 2*15*127, so all 8 steps fit in int16 */
             __m256i s16[4];
             OD_UNROLL
@@ -902,7 +1038,7 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
             for (int s = 0; s < 8; s++) {
                 const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
                 const __m256i sg = _mm256_load_si256((const __m256i *)(signs + s * 32));
-                const __m256i mul16 = type == OD_TYPE_Q6_K || type == OD_TYPE_Q3_K
+                const __m256i mul16 = type == OD_TYPE_Q6_K || type == OD_TYPE_Q6_K_X8 || type == OD_TYPE_Q3_K
                                           ? _mm256_loadu_si256((const __m256i *)(p->scales + b * 32 + (s / 4) * 16))
                                           : ones;
                 OD_UNROLL
@@ -939,8 +1075,9 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
     p.scales = (int16_t *)(p.mw + nb * 8);
     for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
         const int rows = (int)(n1 - n < PANEL_ROWS ? n1 - n : PANEL_ROWS);
-        if (type == OD_TYPE_Q4_0_X8) pack_panel_x8(a, n, &p);
+        if (type == OD_TYPE_Q4_0_X8 || type == OD_TYPE_Q4_1_X8) pack_panel_x8(type, a, n, &p);
         else if (type == OD_TYPE_Q4_K_X8) pack_panel_k_x8(a, n, &p);
+        else if (type == OD_TYPE_Q6_K_X8) pack_panel_k6_x8(a, n, &p);
         else pack_panel(type, a, n, rows, &p);
         int64_t j = 0;
         for (; j + 4 <= a->m; j += 4) gemm_tile(type, 4, &p, a, j, n, rows);
@@ -953,10 +1090,12 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
     }
 }
 
+#define IS_X8_TYPE(t) \
+    ((t) == OD_TYPE_Q4_0_X8 || (t) == OD_TYPE_Q4_1_X8 || (t) == OD_TYPE_Q4_K_X8 || (t) == OD_TYPE_Q6_K_X8)
 #define DEFINE_QUANT_MATMUL(NAME, TYPE)                                          \
     OD_AVX2 static void NAME(const od_mm_args *a, int64_t n0, int64_t n1) {     \
         if (a->m >= GEMM_MIN_M) gemm_quant(TYPE, a, n0, n1);                     \
-        else if (TYPE == OD_TYPE_Q4_0_X8 || TYPE == OD_TYPE_Q4_K_X8) gemv_x8(TYPE, a, n0, n1); \
+        else if (IS_X8_TYPE(TYPE)) gemv_x8(TYPE, a, n0, n1);                  \
         else gemv_quant(TYPE, a, n0, n1);                                        \
     }
 
@@ -965,6 +1104,8 @@ DEFINE_QUANT_MATMUL(matmul_q4_1_avx2, OD_TYPE_Q4_1)
 
 DEFINE_QUANT_MATMUL(matmul_q4_0_x8_avx2, OD_TYPE_Q4_0_X8)
 DEFINE_QUANT_MATMUL(matmul_q4_k_x8_avx2, OD_TYPE_Q4_K_X8)
+DEFINE_QUANT_MATMUL(matmul_q4_1_x8_avx2, OD_TYPE_Q4_1_X8)
+DEFINE_QUANT_MATMUL(matmul_q6_k_x8_avx2, OD_TYPE_Q6_K_X8)
 DEFINE_QUANT_MATMUL(matmul_q5_0_avx2, OD_TYPE_Q5_0)
 DEFINE_QUANT_MATMUL(matmul_q5_1_avx2, OD_TYPE_Q5_1)
 DEFINE_QUANT_MATMUL(matmul_q8_0_avx2, OD_TYPE_Q8_0)
@@ -1144,6 +1285,8 @@ const od_isa_ops od_ops_avx2 = {
             [OD_TYPE_Q4_0] = matmul_q4_0_avx2,
             [OD_TYPE_Q4_0_X8] = matmul_q4_0_x8_avx2,
             [OD_TYPE_Q4_K_X8] = matmul_q4_k_x8_avx2,
+            [OD_TYPE_Q4_1_X8] = matmul_q4_1_x8_avx2,
+            [OD_TYPE_Q6_K_X8] = matmul_q6_k_x8_avx2,
             [OD_TYPE_Q4_1] = matmul_q4_1_avx2,
             [OD_TYPE_Q5_0] = matmul_q5_0_avx2,
             [OD_TYPE_Q5_1] = matmul_q5_1_avx2,

@@ -141,7 +141,7 @@ def test_matmul_simd_matches_scalar(simd, wtype):
 REPACK_TYPES = {QT.Q4_0: K.Q4_0_X8, QT.Q4_K: K.Q4_K_X8, QT.Q4_1: K.Q4_1_X8, QT.Q8_0: K.Q8_0_X8, QT.Q6_K: K.Q6_K_X8}
 X8_NAMES = {packed: f"{QT(base).name}_X8" for base, packed in REPACK_TYPES.items()}
 # the repacked layouts each code path has kernels for (elsewhere od_repacked_type says None)
-ISA_REPACKS = {"avx2": {QT.Q4_0, QT.Q4_K}, "avx512": set(REPACK_TYPES)}
+ISA_REPACKS = {"avx2": {QT.Q4_0, QT.Q4_K, QT.Q4_1, QT.Q6_K}, "avx512": set(REPACK_TYPES)}
 REPACK_SHAPES = [(1, 64, 256), (2, 24, 512), (3, 40, 1536), (4, 16, 256), (9, 48, 512), (16, 24, 512), (17, 16, 256),
                  (64, 32, 256)]
 
