@@ -718,7 +718,8 @@ OD_AVX2_INLINE void gemv_x8_tile(const int type, const int G, const od_mm_args *
 
 
 /* The GEMM panel of 8 Q4_0_X8 or Q4_1_X8 rows: the interleaved chunks already are its layout, nibbles not yet
- * split; mw is Q4_0's -8 d or Q4_1's m. */
+ * split; mw is the offset term's weight as gemv_x8_tile takes it (Q4_0's d, to be scaled by -8 at the end, or
+ * Q4_1's m). */
 OD_AVX2_INLINE void pack_panel_x8(const int type, const od_mm_args *a, int64_t n, const panel_t *p) {
     const int64_t nb = a->k / OD_QK;
     const int has_min = type == OD_TYPE_Q4_1_X8;
@@ -729,8 +730,7 @@ OD_AVX2_INLINE void pack_panel_x8(const int type, const od_mm_args *a, int64_t n
         const uint8_t *blk = group + b * block_bytes;
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         _mm256_storeu_ps(p->dw + b * 8, dw);
-        _mm256_storeu_ps(p->mw + b * 8, has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
-                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f)));
+        _mm256_storeu_ps(p->mw + b * 8, has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : dw);
         OD_UNROLL
         for (int c = 0; c < 4; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + codes_at + 32 * c));
@@ -979,12 +979,15 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *xq[4];
     const float *xds[4];
-    __m256 acc[4];
+    /* Q4_0_X8 / Q4_1_X8 keep the offset term apart and combine it at the end as gemv_x8_tile does, so that every
+     * row has the bits of a one-row call whatever M (the ordering of the int16 sums does not matter: exact) */
+    const int x8_offset = type == OD_TYPE_Q4_0_X8 || type == OD_TYPE_Q4_1_X8;
+    __m256 acc[4], off[4];
     OD_UNROLL
     for (int j = 0; j < RM; j++) {
         xq[j] = act->qs + (j0 + j) * k;
         xds[j] = act->ds + (j0 + j) * nb * 2;
-        acc[j] = _mm256_setzero_ps();
+        acc[j] = off[j] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *codes = p->codes + b * 256;
@@ -1054,11 +1057,21 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
         OD_UNROLL
         for (int j = 0; j < RM; j++)
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xds[j][2 * b])), acc[j]);
-        if (!IS_SIGNED_TYPE(type)) {
+        if (x8_offset) {
+            const __m256 mw = _mm256_load_ps(p->mw + b * 8);
+            OD_UNROLL
+            for (int j = 0; j < RM; j++) off[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xds[j][2 * b + 1]), off[j]);
+        } else if (!IS_SIGNED_TYPE(type)) {
             const __m256 mw = _mm256_load_ps(p->mw + b * 8);
             OD_UNROLL
             for (int j = 0; j < RM; j++) acc[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xds[j][2 * b + 1]), acc[j]);
         }
+    }
+    if (x8_offset) {
+        OD_UNROLL
+        for (int j = 0; j < RM; j++)
+            acc[j] = type == OD_TYPE_Q4_1_X8 ? _mm256_add_ps(acc[j], off[j])
+                                             : _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), off[j], acc[j]);
     }
     OD_UNROLL
     for (int j = 0; j < RM; j++) store_tile_row(a->out + (j0 + j) * a->ldo + n, acc[j], nvalid, a->accumulate);

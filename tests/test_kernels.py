@@ -250,6 +250,24 @@ def test_matmul_rows_up_to_exact_rows_equal_single_rows(isa, wtype):
         K.set_threads(threads)
 
 
+# the repacked layouts whose rows keep their one-row bits for every M on a path (prefill included), so that a
+# prompt evaluated in pieces (the prompt cache, chunked prefill in a batch) gets the K/V of one whole pass
+ISA_ALL_M_EXACT = {"avx2": {QT.Q4_0, QT.Q4_1}, "avx512": set(REPACK_TYPES)}
+
+
+@pytest.mark.parametrize("wtype", list(REPACK_TYPES), ids=lambda t: QT(t).name)
+def test_repacked_rows_keep_one_row_bits_for_every_m(isa, wtype):
+    if wtype not in ISA_ALL_M_EXACT.get(isa, ()):
+        pytest.skip(f"{isa}: the {QT(wtype).name} GEMM rounds differently from its one-row schedule")
+    n, k = 40, 512
+    rng = np.random.default_rng(int(wtype) + 91)
+    w = _repack(ref.make_weights(wtype, n, k, rng), wtype, k)
+    x = _activations(rng, 67, k)
+    singles = np.concatenate([_run_matmul(w, REPACK_TYPES[wtype], x[i:i + 1], n) for i in range(len(x))])
+    for m in (K.MATMUL_EXACT_ROWS + 1, 33, 67):
+        np.testing.assert_array_equal(_run_matmul(w, REPACK_TYPES[wtype], x[:m], n), singles[:m], err_msg=f"M={m}")
+
+
 def test_repack_bad_arguments():
     rng = np.random.default_rng(44)
     w = ref.make_weights(QT.Q4_0, 12, 256, rng)
