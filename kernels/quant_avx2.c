@@ -268,9 +268,7 @@ OD_AVX2_INLINE __m256i load_block(const int type, const uint8_t *row, int64_t b,
     }
 }
 
-#define IS_SIGNED_TYPE(t)                                                                                   \
-    ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_Q6_K_X8 || (t) == OD_TYPE_Q3_K ||               \
-     (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
+#define IS_SIGNED_TYPE(t) ((t) == OD_TYPE_Q8_0 || (t) == OD_TYPE_Q6_K || (t) == OD_TYPE_Q3_K || (t) == OD_TYPE_IQ4_NL || (t) == OD_TYPE_IQ4_XS)
 
 /* ------------------------------------------------------------------ GEMV schedule */
 
@@ -884,6 +882,17 @@ OD_AVX2_INLINE void gemv_k6_x8_tile(const int G, const od_mm_args *a, int64_t n,
     for (int g = 0; g < G; g++) store_tile_row(a->out + (j0 + g) * a->ldo + n, acc[g], OD_X8_ROWS, a->accumulate);
 }
 
+/* Q6_K_X8: the activation rows' code sums per 16 elements (|.| <= 2032), each in the low int16 half of its lane so
+ * that vpmaddwd with a duplicated scale gives scale * sum. */
+OD_AVX2_INLINE void k6_code_sums(const od_mm_args *a, int32_t *xsum) {
+    const int64_t sums = a->m * (a->k / 16);
+    for (int64_t i = 0; i < sums; i++) {
+        int32_t sum = 0;
+        for (int e = 0; e < 16; e++) sum += a->act->qs[i * 16 + e];
+        xsum[i] = (int32_t)(uint16_t)(int16_t)sum;
+    }
+}
+
 /* GEMV over a repacked type, 8 rows x up to 3 activation rows a tile. */
 OD_AVX2_INLINE void gemv_x8_tiles(const int type, const int G, const od_mm_args *a, int64_t n, int64_t j,
                                   const int32_t *xsum) {
@@ -896,14 +905,9 @@ OD_AVX2_INLINE void gemv_x8(const int type, const od_mm_args *a, int64_t n0, int
     /* Q6_K_X8: the activation rows' code sums per 16 elements */
     int32_t *xsum = NULL;
     if (type == OD_TYPE_Q6_K_X8) {
-        const int64_t sums = a->m * (a->k / 16);
-        xsum = od_scratch(1, (size_t)sums * sizeof(int32_t));
+        xsum = od_scratch(1, (size_t)a->m * (a->k / 16) * sizeof(int32_t));
         if (!xsum) return;
-        for (int64_t i = 0; i < sums; i++) {
-            int32_t sum = 0;
-            for (int e = 0; e < 16; e++) sum += a->act->qs[i * 16 + e];
-            xsum[i] = (int32_t)(uint16_t)(int16_t)sum;
-        }
+        k6_code_sums(a, xsum);
     }
     /* W groups outer: every activation row passes over a group while it is in cache */
     for (int64_t n = n0; n < n1; n += OD_X8_ROWS) {
@@ -915,42 +919,101 @@ OD_AVX2_INLINE void gemv_x8(const int type, const od_mm_args *a, int64_t n0, int
     }
 }
 
-/* The GEMM panel of 8 Q4_K_X8 rows: 32-weight block b is sub-block b % 8, whose 8 steps are one nibble of the
- * chunk's steps; dw = d * sc and mw = -(dmin * mn) as the Q4_K panel computes them. */
+/* The GEMM panel of 8 Q4_K_X8 rows, for gemm_k_x8_tile: per super-block sb, sub-block u, the 8 steps' nibbles
+ * split (codes, as the other panels: 32-weight block sb * 8 + u); the rows' sub-block scales duplicated into both
+ * int16 halves of a lane (scales[sb][u][8 rows][2]); the mins as floats (dw[sb][u][8]); d and dmin (mw[sb][16]). */
 OD_AVX2_INLINE void pack_panel_k_x8(const od_mm_args *a, int64_t n, const panel_t *p) {
-    const int64_t nb = a->k / OD_QK;
+    const int64_t nsb = a->k / OD_QK_K;
     const uint8_t *group = a->w + (size_t)n * a->row_bytes;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = group + (b / 8) * OD_K_X8_SB_BYTES;
-        const int sub = (int)(b % 8), c = sub / 2, shift = (sub & 1) * 4;
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_SC + 8 * sub))));
-        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_MN + 8 * sub))));
-        _mm256_storeu_ps(p->dw + b * 8, _mm256_mul_ps(d, sc));
-        _mm256_storeu_ps(p->mw + b * 8, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, mn)));
-        OD_UNROLL
-        for (int s = 0; s < 8; s++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + OD_K_X8_CODES + (c * 8 + s) * 32));
-            _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32),
-                               _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), low4));
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = group + sb * OD_K_X8_SB_BYTES;
+        _mm256_storeu_ps(p->mw + sb * 16, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
+        _mm256_storeu_ps(p->mw + sb * 16 + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))));
+        for (int u = 0; u < 8; u++) {
+            __m256i sc32;
+            __m256 mn;
+            x8_k_sub_scales(blk, u, &sc32, &mn);
+            _mm256_storeu_si256((__m256i *)(p->scales + (sb * 8 + u) * 16), _mm256_or_si256(sc32, _mm256_slli_epi32(sc32, 16)));
+            _mm256_storeu_ps(p->dw + (sb * 8 + u) * 8, mn);
+            const int c = u / 2, shift = (u & 1) * 4;
+            OD_UNROLL
+            for (int s = 0; s < 8; s++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + OD_K_X8_CODES + (c * 8 + s) * 32));
+                _mm256_store_si256((__m256i *)(p->codes + (sb * 8 + u) * 256 + s * 32),
+                                   _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), low4));
+            }
         }
     }
 }
 
-/* The GEMM panel of 8 Q6_K_X8 rows, in the Q6_K panel's form: signed codes q - 32 (|.| and sign), d, and each
- * 32-weight block's two sub-block scales. Block b of super-block sb is elements 64c + 32o .. +31 (c = b / 2,
- * o = b % 2); its step s comes from low step s of chunk c (low or high nibble by o) and high step s % 4. */
+/* 8 Q4_K_X8 panel rows x RM activation rows: gemv_k_x8_tile's arithmetic (integer sums per super-block, one
+ * float step per super-block, mins apart), so every row has its one-row bits whatever M. */
+OD_AVX2_INLINE void gemm_k_x8_tile(const int RM, const panel_t *p, const od_mm_args *a, int64_t j0, int64_t n,
+                                   int nvalid) {
+    const od_q8_act *act = a->act;
+    const int64_t nsb = a->k / OD_QK_K;
+    const int8_t *xq[4];
+    const float *xds[4];
+    __m256 acc[4], offset[4];
+    x8_tile_start(RM, act, j0, xq, xds, acc, offset);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256i isum[4];
+        __m256 mins[4];
+        OD_UNROLL
+        for (int j = 0; j < RM; j++) {
+            isum[j] = _mm256_setzero_si256();
+            mins[j] = _mm256_setzero_ps();
+        }
+        for (int u = 0; u < 8; u++) {
+            const uint8_t *codes = p->codes + (sb * 8 + u) * 256;
+            __m256i s16[4];
+            OD_UNROLL
+            for (int j = 0; j < RM; j++) s16[j] = _mm256_setzero_si256();
+            OD_UNROLL
+            for (int s = 0; s < 8; s++) {
+                const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
+                OD_UNROLL
+                for (int j = 0; j < RM; j++) {
+                    const __m256i xb = _mm256_set1_epi32(load_i32(xq[j] + sb * OD_QK_K + 32 * u + 4 * s));
+                    s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(w, xb));
+                    OD_KEEP(s16[j]);
+                }
+            }
+            const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(p->scales + (sb * 8 + u) * 16));
+            const __m256 mn = _mm256_loadu_ps(p->dw + (sb * 8 + u) * 8);
+            OD_UNROLL
+            for (int j = 0; j < RM; j++) {
+                isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(s16[j], sc16));
+                mins[j] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xds[j][2 * (sb * 8 + u) + 1]), mins[j]);
+            }
+        }
+        const __m256 d = _mm256_loadu_ps(p->mw + sb * 16), dmin = _mm256_loadu_ps(p->mw + sb * 16 + 8);
+        OD_UNROLL
+        for (int j = 0; j < RM; j++) {
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(d, _mm256_set1_ps(xds[j][2 * sb * 8])),
+                                     acc[j]);
+            offset[j] = _mm256_fmadd_ps(dmin, mins[j], offset[j]);
+        }
+    }
+    OD_UNROLL
+    for (int j = 0; j < RM; j++)
+        store_tile_row(a->out + (j0 + j) * a->ldo + n, _mm256_sub_ps(acc[j], offset[j]), nvalid, a->accumulate);
+}
+
+/* The GEMM panel of 8 Q6_K_X8 rows, for gemm_k6_x8_tile: codes q (0..63, unsigned) of 32-weight block b of
+ * super-block sb (elements 64c + 32o .. +31, c = b / 2, o = b % 2) in its 8 steps, step s from low step s of chunk
+ * c (low or high nibble by o) and high step s % 4; each 16-weight sub-block's scales duplicated into both int16
+ * halves of a lane (scales[sb][16][8 rows][2]); d (mw[sb][8]). */
 OD_AVX2_INLINE void pack_panel_k6_x8(const od_mm_args *a, int64_t n, const panel_t *p) {
     const int64_t nb = a->k / OD_QK;
     const uint8_t *group = a->w + (size_t)n * a->row_bytes;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x03);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = group + (b / 8) * OD_K6_X8_SB_BYTES;
         const int bi = (int)(b % 8), c = bi / 2, o = bi % 2;
         const uint8_t *chunk = blk + OD_K6_X8_CODES + c * OD_K6_X8_CHUNK_BYTES;
-        _mm256_storeu_ps(p->dw + b * 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
+        if (bi == 0) _mm256_storeu_ps(p->mw + (b / 8) * 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
         OD_UNROLL
         for (int s = 0; s < 8; s++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(chunk + 32 * s));
@@ -959,16 +1022,60 @@ OD_AVX2_INLINE void pack_panel_k6_x8(const od_mm_args *a, int64_t n, const panel
             const int form = 2 * o + (s >= 4), top_shift = form == 0 ? 0 : form == 1 ? 4 : form == 2 ? 2 : 6;
             const __m256i lo = _mm256_and_si256(o ? _mm256_srli_epi16(v, 4) : v, low4);
             const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(top_shift)), top2);
-            const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
-            _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32), _mm256_sign_epi8(q, q));
-            _mm256_store_si256((__m256i *)(p->signs + b * 256 + s * 32), q);
+            _mm256_store_si256((__m256i *)(p->codes + b * 256 + s * 32), _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)));
         }
-        int16_t *sc = p->scales + b * 32;
         for (int half = 0; half < 2; half++) {
             const int8_t *sub = (const int8_t *)blk + OD_K6_X8_SC + OD_X8_ROWS * (4 * c + 2 * o + half);
-            for (int r = 0; r < OD_X8_ROWS; r++) sc[16 * half + 2 * r] = sc[16 * half + 2 * r + 1] = sub[r];
+            int16_t *sc = p->scales + (b * 2 + half) * 16;
+            for (int r = 0; r < OD_X8_ROWS; r++) sc[2 * r] = sc[2 * r + 1] = sub[r];
         }
     }
+}
+
+/* 8 Q6_K_X8 panel rows x RM activation rows: the integer sum of gemv_k6_x8_tile (codes times sub-block scales,
+ * minus 32 * scales times xsum) in another order, the same float step per super-block, so every row has its
+ * one-row bits whatever M. Two steps' vpmaddubsw pairs add in int16 first (<= 4 * 63 * 127 < 32768). */
+OD_AVX2_INLINE void gemm_k6_x8_tile(const int RM, const panel_t *p, const od_mm_args *a, int64_t j0, int64_t n,
+                                    int nvalid, const int32_t *xsum) {
+    const od_q8_act *act = a->act;
+    const int64_t nsb = a->k / OD_QK_K, nsub = a->k / 16;
+    const int8_t *xq[4];
+    const float *xds[4];
+    __m256 acc[4], unused[4];
+    x8_tile_start(RM, act, j0, xq, xds, acc, unused);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256i isum[4], off[4];
+        OD_UNROLL
+        for (int j = 0; j < RM; j++) isum[j] = off[j] = _mm256_setzero_si256();
+        for (int u = 0; u < 16; u++) {
+            const uint8_t *codes = p->codes + (sb * 8 + u / 2) * 256 + (u % 2) * 128;
+            const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(p->scales + (sb * 16 + u) * 16));
+            OD_UNROLL
+            for (int t = 0; t < 2; t++) {
+                const __m256i w0 = _mm256_load_si256((const __m256i *)(codes + 64 * t));
+                const __m256i w1 = _mm256_load_si256((const __m256i *)(codes + 64 * t + 32));
+                OD_UNROLL
+                for (int j = 0; j < RM; j++) {
+                    const int8_t *x = xq[j] + sb * OD_QK_K + 16 * u + 8 * t;
+                    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(load_i32(x))),
+                                                         _mm256_maddubs_epi16(w1, _mm256_set1_epi32(load_i32(x + 4))));
+                    isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(s16, sc16));
+                    OD_KEEP(isum[j]);
+                }
+            }
+            OD_UNROLL
+            for (int j = 0; j < RM; j++)
+                off[j] = _mm256_add_epi32(off[j], _mm256_madd_epi16(sc16, _mm256_set1_epi32(xsum[(j0 + j) * nsub + sb * 16 + u])));
+        }
+        const __m256 d = _mm256_loadu_ps(p->mw + sb * 8);
+        OD_UNROLL
+        for (int j = 0; j < RM; j++) {
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[j], _mm256_slli_epi32(off[j], 5)));
+            acc[j] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xds[j][2 * sb * 8])), acc[j]);
+        }
+    }
+    OD_UNROLL
+    for (int j = 0; j < RM; j++) store_tile_row(a->out + (j0 + j) * a->ldo + n, acc[j], nvalid, a->accumulate);
 }
 
 /* 8 panel rows x RM activation rows starting at j0. */
@@ -1041,7 +1148,7 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
             for (int s = 0; s < 8; s++) {
                 const __m256i w = _mm256_load_si256((const __m256i *)(codes + s * 32));
                 const __m256i sg = _mm256_load_si256((const __m256i *)(signs + s * 32));
-                const __m256i mul16 = type == OD_TYPE_Q6_K || type == OD_TYPE_Q6_K_X8 || type == OD_TYPE_Q3_K
+                const __m256i mul16 = type == OD_TYPE_Q6_K || type == OD_TYPE_Q3_K
                                           ? _mm256_loadu_si256((const __m256i *)(p->scales + b * 32 + (s / 4) * 16))
                                           : ones;
                 OD_UNROLL
@@ -1081,8 +1188,11 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
     const int64_t nb = a->k / OD_QK;
     const size_t code_bytes = (size_t)nb * 256;
     const size_t bytes = code_bytes * 2 + (size_t)nb * 8 * sizeof(float) * 2 + (size_t)nb * 32 * sizeof(int16_t);
-    uint8_t *buf = od_scratch(1, bytes);
+    const size_t xsum_bytes = type == OD_TYPE_Q6_K_X8 ? (size_t)a->m * (a->k / 16) * sizeof(int32_t) : 0;
+    uint8_t *buf = od_scratch(1, bytes + xsum_bytes);
     if (!buf) return;
+    int32_t *xsum = (int32_t *)(buf + bytes);
+    if (xsum_bytes) k6_code_sums(a, xsum);
     panel_t p = {.codes = buf, .signs = buf + code_bytes, .dw = (float *)(buf + 2 * code_bytes)};
     p.mw = p.dw + nb * 8;
     p.scales = (int16_t *)(p.mw + nb * 8);
@@ -1093,6 +1203,26 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
         else if (type == OD_TYPE_Q6_K_X8) pack_panel_k6_x8(a, n, &p);
         else pack_panel(type, a, n, rows, &p);
         int64_t j = 0;
+        if (type == OD_TYPE_Q6_K_X8) {
+            for (; j + 4 <= a->m; j += 4) gemm_k6_x8_tile(4, &p, a, j, n, rows, xsum);
+            switch (a->m - j) {
+            case 3: gemm_k6_x8_tile(3, &p, a, j, n, rows, xsum); break;
+            case 2: gemm_k6_x8_tile(2, &p, a, j, n, rows, xsum); break;
+            case 1: gemm_k6_x8_tile(1, &p, a, j, n, rows, xsum); break;
+            default: break;
+            }
+            continue;
+        }
+        if (type == OD_TYPE_Q4_K_X8) {
+            for (; j + 4 <= a->m; j += 4) gemm_k_x8_tile(4, &p, a, j, n, rows);
+            switch (a->m - j) {
+            case 3: gemm_k_x8_tile(3, &p, a, j, n, rows); break;
+            case 2: gemm_k_x8_tile(2, &p, a, j, n, rows); break;
+            case 1: gemm_k_x8_tile(1, &p, a, j, n, rows); break;
+            default: break;
+            }
+            continue;
+        }
         for (; j + 4 <= a->m; j += 4) gemm_tile(type, 4, &p, a, j, n, rows);
         switch (a->m - j) {
         case 3: gemm_tile(type, 3, &p, a, j, n, rows); break;

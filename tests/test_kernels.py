@@ -252,7 +252,7 @@ def test_matmul_rows_up_to_exact_rows_equal_single_rows(isa, wtype):
 
 # the repacked layouts whose rows keep their one-row bits for every M on a path (prefill included), so that a
 # prompt evaluated in pieces (the prompt cache, chunked prefill in a batch) gets the K/V of one whole pass
-ISA_ALL_M_EXACT = {"avx2": {QT.Q4_0, QT.Q4_1}, "avx512": set(REPACK_TYPES)}
+ISA_ALL_M_EXACT = {"avx2": {QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K}, "avx512": set(REPACK_TYPES)}
 
 
 @pytest.mark.parametrize("wtype", list(REPACK_TYPES), ids=lambda t: QT(t).name)
