@@ -1184,6 +1184,14 @@ OD_AVX2_INLINE void gemm_tile(const int type, const int RM, const panel_t *p, co
     for (int j = 0; j < RM; j++) store_tile_row(a->out + (j0 + j) * a->ldo + n, acc[j], nvalid, a->accumulate);
 }
 
+/* One panel x RM activation rows, by the type's tile. */
+OD_AVX2_INLINE void gemm_rows(const int type, const int RM, const panel_t *p, const od_mm_args *a, int64_t j0,
+                              int64_t n, int nvalid, const int32_t *xsum) {
+    if (type == OD_TYPE_Q6_K_X8) gemm_k6_x8_tile(RM, p, a, j0, n, nvalid, xsum);
+    else if (type == OD_TYPE_Q4_K_X8) gemm_k_x8_tile(RM, p, a, j0, n, nvalid);
+    else gemm_tile(type, RM, p, a, j0, n, nvalid);
+}
+
 OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, int64_t n1) {
     const int64_t nb = a->k / OD_QK;
     const size_t code_bytes = (size_t)nb * 256;
@@ -1203,31 +1211,11 @@ OD_AVX2_INLINE void gemm_quant(const int type, const od_mm_args *a, int64_t n0, 
         else if (type == OD_TYPE_Q6_K_X8) pack_panel_k6_x8(a, n, &p);
         else pack_panel(type, a, n, rows, &p);
         int64_t j = 0;
-        if (type == OD_TYPE_Q6_K_X8) {
-            for (; j + 4 <= a->m; j += 4) gemm_k6_x8_tile(4, &p, a, j, n, rows, xsum);
-            switch (a->m - j) {
-            case 3: gemm_k6_x8_tile(3, &p, a, j, n, rows, xsum); break;
-            case 2: gemm_k6_x8_tile(2, &p, a, j, n, rows, xsum); break;
-            case 1: gemm_k6_x8_tile(1, &p, a, j, n, rows, xsum); break;
-            default: break;
-            }
-            continue;
-        }
-        if (type == OD_TYPE_Q4_K_X8) {
-            for (; j + 4 <= a->m; j += 4) gemm_k_x8_tile(4, &p, a, j, n, rows);
-            switch (a->m - j) {
-            case 3: gemm_k_x8_tile(3, &p, a, j, n, rows); break;
-            case 2: gemm_k_x8_tile(2, &p, a, j, n, rows); break;
-            case 1: gemm_k_x8_tile(1, &p, a, j, n, rows); break;
-            default: break;
-            }
-            continue;
-        }
-        for (; j + 4 <= a->m; j += 4) gemm_tile(type, 4, &p, a, j, n, rows);
+        for (; j + 4 <= a->m; j += 4) gemm_rows(type, 4, &p, a, j, n, rows, xsum);
         switch (a->m - j) {
-        case 3: gemm_tile(type, 3, &p, a, j, n, rows); break;
-        case 2: gemm_tile(type, 2, &p, a, j, n, rows); break;
-        case 1: gemm_tile(type, 1, &p, a, j, n, rows); break;
+        case 3: gemm_rows(type, 3, &p, a, j, n, rows, xsum); break;
+        case 2: gemm_rows(type, 2, &p, a, j, n, rows, xsum); break;
+        case 1: gemm_rows(type, 1, &p, a, j, n, rows, xsum); break;
         default: break;
         }
     }
