@@ -103,8 +103,10 @@ def test_cancel_mid_batch_leaves_the_others_unchanged(tiny_model):
     short = [{"prompt": p, "max_tokens": 30, "temperature": 0} for p in PROMPTS[:3]]
     # long enough to still be decoding when the short ones are answered: the tiny model decodes ~2,500 tok/s here,
     # so 128 tokens could end before the cancel and the test raced
+    # and its end tokens banned: whether a sampled reply of a random model ends early depends on the CPU's kernels
     long_tokens = 1800
-    long_kwargs = {"max_tokens": long_tokens, "temperature": 0.8, "seed": 3, "min_p": 0.0, "stop": []}
+    long_kwargs = {"max_tokens": long_tokens, "temperature": 0.8, "seed": 3, "min_p": 0.0, "stop": [],
+                   "logit_bias": {eos: -100 for eos in tiny_model.codec.eos_ids}}
     with running(tiny_model, parallel=4) as srv:
         alone = [post(srv, body)[1]["choices"][0]["text"] for body in short]
         engine = srv.engine
@@ -119,6 +121,22 @@ def test_cancel_mid_batch_leaves_the_others_unchanged(tiny_model):
         assert [body["choices"][0]["text"] for _, body in results] == alone
         record = engine.record(long_job.id)
         assert record.status == "cancelled" and record.completion_tokens < long_tokens, record
+
+
+def test_logit_bias_forces_a_token_and_bad_ones_are_400(tiny_model):
+    forced = tiny_model.tokenize(" the", add_bos=False)[0]
+    with running(tiny_model) as srv:
+        body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        status, plain = post(srv, body)
+        status, biased = post(srv, {**body, "logit_bias": {str(forced): 100}})
+        assert status == 200 and biased["choices"][0]["text"] == tiny_model.detokenize([forced] * 8)
+        assert plain["choices"][0]["text"] != biased["choices"][0]["text"]
+        for bad, fragment in [({"x": 1}, "not a token id"), ({"5": 101}, "between -100 and 100"),
+                              ({"5": True}, "between -100 and 100"), ([1, 2], "object"),
+                              ({"400000": -100}, "not a token id of this model")]:
+            status, reply = post(srv, {**body, "logit_bias": bad})
+            assert status == 400 and fragment in reply["error"]["message"], reply
+            assert reply["error"]["param"] == "logit_bias"
 
 
 def test_16_clients_on_4_slots_are_answered_or_refused(tiny_model):

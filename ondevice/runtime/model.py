@@ -21,7 +21,7 @@ from ondevice.errors import InvalidMessagesError, OndeviceError
 from ondevice.formats.gguf import GGUFFile
 from ondevice.model import ModelSpec
 from ondevice.runtime.kv import DEFAULT_KV_CACHE, check_kv_cache
-from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams
+from ondevice.runtime.sampling import DEFAULTS, Sampler, SamplingParams, logit_bias_pairs
 from ondevice.runtime.shift import Dropped, common_prefix, shift_full_slot, shorten_prompt
 from ondevice.runtime.speculative import DraftLength, PromptLookup, check_speculate, model_draft
 from ondevice.runtime.text import StopMatcher, StreamDecoder, TextCodec
@@ -395,6 +395,7 @@ class LanguageModel:
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
         context_shift: bool = False,
+        logit_bias: dict[int, float] | None = None,
     ) -> Request:
         """A request checked and tokenized for generation (generate() streams it, a Batch decodes it with others).
 
@@ -421,6 +422,9 @@ class LanguageModel:
         `context_shift`: when the conversation outgrows n_ctx, keep the system prompt (the first tokens) and drop
         the oldest half of the rest, re-rotating the cached keys instead of recomputing (a follow-up turn that
         repeats the conversation maps onto the shifted cache); the reply goes on instead of stopping. Off by default.
+
+        `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's): added to those logits before sampling; -100 bans
+        the token (e.g. the end tokens, `model.codec.eos_ids`, for a reply that runs to max_tokens).
         """
         template_vars: dict[str, Any] = {}
         uses_tools = not isinstance(prompt, str) and any(
@@ -442,7 +446,8 @@ class LanguageModel:
             raise OndeviceError("max_string_tokens needs json_schema, regex, grammar or tools")
         if max_tokens < 0:
             raise OndeviceError(f"max_tokens must be >= 0, got {max_tokens}")
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed,
+                                         logit_bias=logit_bias_pairs(logit_bias, self.spec.vocab_size)))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         speculate = check_speculate(speculate)
         if speculate == "draft" and self.draft_model is None:

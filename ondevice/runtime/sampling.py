@@ -1,4 +1,5 @@
-"""Token sampling: repetition penalty, temperature, top-k, top-p, min-p (llama.cpp's order), greedy at temp 0."""
+"""Token sampling: logit bias, repetition penalty, temperature, top-k, top-p, min-p (llama.cpp's order), greedy at
+temp 0."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class SamplingParams:
     repeat_penalty: float = DEFAULTS.repeat_penalty
     repeat_last_n: int = 64
     seed: int | None = None
+    # (token id, bias) pairs added to the logits first, OpenAI's logit_bias: -100 bans a token, +100 all but forces it
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -54,6 +57,29 @@ class SamplingParams:
             raise OndeviceError(f"min_p must be in [0, 1), got {self.min_p}")
         if not self.repeat_penalty > 0:
             raise OndeviceError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise OndeviceError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+            if isinstance(bias, bool) or not (isinstance(bias, (int, float)) and -100 <= bias <= 100):
+                raise OndeviceError(f"logit_bias: a bias must be a number in [-100, 100], got {bias!r} for {token}")
+
+
+BAN = -100.0  # OpenAI's "ban": the token is never sampled, not merely unlikely
+
+
+def logit_bias_pairs(logit_bias: dict | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{token id (int or its decimal string): bias} as SamplingParams holds it, ids checked against the vocabulary."""
+    if not logit_bias:
+        return ()
+    if not isinstance(logit_bias, dict):
+        raise OndeviceError("logit_bias must be a mapping of token id to bias")
+    pairs = []
+    for key, bias in logit_bias.items():
+        token = int(key) if isinstance(key, str) and key.isdecimal() else key
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise OndeviceError(f"logit_bias: {str(key)[:40]!r} is not a token id of this model (0..{vocab_size - 1})")
+        pairs.append((token, bias))
+    return tuple(pairs)
 
 
 class Sampler:
@@ -66,6 +92,8 @@ class Sampler:
         """Pick the next token. `allowed` is an optional boolean mask (structured output)."""
         p = self.params
         logits = logits.astype(np.float32, copy=True)
+        for token, bias in p.logit_bias:
+            logits[token] = -np.inf if bias <= BAN else logits[token] + bias
         if allowed is not None:
             logits[~allowed] = -np.inf
         if p.repeat_penalty != 1.0 and history:

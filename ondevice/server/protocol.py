@@ -33,6 +33,7 @@ class Limits:
     default_max_tokens: int = DEFAULTS.max_tokens
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
+    max_logit_bias: int = 1024  # entries of one request's logit_bias
     default_speculate: str | None = None  # `ondevice serve --speculate lookup`: for requests that name none
     context_shift: bool = False  # `ondevice serve --context-shift`: long conversations drop their oldest turns
 
@@ -56,7 +57,7 @@ class ParsedRequest:
 
 # Parameters we accept but that only have one meaningful value here.
 _ONLY_DEFAULT = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False,
-                 "best_of": 1, "suffix": None, "logit_bias": None, "functions": None, "function_call": None}
+                 "best_of": 1, "suffix": None, "functions": None, "function_call": None}
 
 
 def _number(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
@@ -79,6 +80,24 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
     if not lo <= value <= hi:
         raise RequestError(f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
     return value
+
+
+def _logit_bias(body: dict, limits: Limits) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias}; the ids are checked against the model's vocabulary when the request is prepared."""
+    raw = body.get("logit_bias")
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict) or len(raw) > limits.max_logit_bias:
+        raise RequestError(f"'logit_bias' must be an object of up to {limits.max_logit_bias} token ids",
+                           param="logit_bias")
+    out: dict[int, float] = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.isdecimal() and len(key) < 10):
+            raise RequestError(f"logit_bias: {key[:40]!r} is not a token id", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise RequestError(f"logit_bias[{key!r}] must be a number between -100 and 100", param="logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def _text_content(content: Any, i: int) -> Any:
@@ -232,6 +251,9 @@ def parse_request(body: Any, kind: str, limits: Limits) -> ParsedRequest:
     )
     if limits.context_shift:
         kwargs["context_shift"] = True
+    logit_bias = _logit_bias(body, limits)
+    if logit_bias:
+        kwargs["logit_bias"] = logit_bias
     max_string_tokens = _integer(body, "max_string_tokens", 1, limits.max_tokens)
     if max_string_tokens is not None:
         if body.get("response_format") in (None, {"type": "text"}) and not tool_kwargs:
