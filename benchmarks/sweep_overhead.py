@@ -3,6 +3,8 @@
 1. Overhead: the same convert -> bench sweep (2 schemes x 2 backends) serially and with `--ray local`. Bench jobs
    hold the `device:local` resource, so they run one at a time either way; the difference is Ray's start-up and
    scheduling (plus whatever the two conversions gain by running side by side).
+   `--case default` runs the same matrix at the bench's default settings (prompt 128, gen 128, 5 repeats, threads =
+   physical cores): the sweep a user gets, against which Ray's fixed cost (start-up, shutdown) is weighed.
 2. Speed-up: a 4-job CPU-bound sweep (4 conversions, each followed by its 1-thread eval) serially and on 2 local
    workers.
 
@@ -10,7 +12,7 @@ Every run uses a fresh artifact folder and database, so nothing is skipped or ta
 Ray runs of each case are interleaved (their order alternating from round to round), so load from other work on
 the machine falls on both; each round's ratio is printed, then the medians.
 
-    PYTHONPATH=. python benchmarks/sweep_overhead.py [--model smollm2-135m-instruct] [--rounds 3] [--case overhead]
+    PYTHONPATH=. python benchmarks/sweep_overhead.py [--model smollm2-135m-instruct] [--rounds 3] [--case overhead|default|cpu]
 """
 
 from __future__ import annotations
@@ -67,17 +69,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rounds", type=int, default=3, help="serial/Ray pairs per case (medians reported)")
-    parser.add_argument("--case", choices=("overhead", "cpu", "both"), default="both")
+    parser.add_argument("--case", choices=("overhead", "default", "cpu", "both"), default="both",
+                        help="both = overhead and cpu")
     opts = parser.parse_args()
     bench = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0", "--backend", "ondevice,llama.cpp", "--bench",
              "--prompt", "64", "--gen", "32", "--repeat", "3", "--threads", "2"]
     cpu = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0,q4_1,q5_0", "--backend", "ondevice", "--eval",
            "--ctx", "256", "--max-tokens", "768", "--threads", "1"]
-    cases = [("overhead: 2x2 bench sweep", bench, ["--ray", "local"], {}),
-             ("4-job CPU-bound sweep (convert + 1-thread eval), 2 workers", cpu, ["--ray", "local", "--num-cpus", "2"],
-              ONE_THREAD)]
-    if opts.case != "both":
-        cases = [cases[0 if opts.case == "overhead" else 1]]
+    default = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0", "--backend", "ondevice,llama.cpp", "--bench"]
+    named = {"overhead": ("overhead: 2x2 bench sweep, shortened bench", bench, ["--ray", "local"], {}),
+             "default": ("overhead: 2x2 bench sweep, default bench settings", default, ["--ray", "local"], {}),
+             "cpu": ("4-job CPU-bound sweep (convert + 1-thread eval), 2 workers", cpu,
+                     ["--ray", "local", "--num-cpus", "2"], ONE_THREAD)}
+    cases = [named["overhead"], named["cpu"]] if opts.case == "both" else [named[opts.case]]
     summary = []
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         work = Path(tmp)

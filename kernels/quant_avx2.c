@@ -39,6 +39,16 @@ OD_AVX2_INLINE void x8_tile_start(const int G, const od_q8_act *act, int64_t j0,
     }
 }
 
+/* How far ahead the K-quant tiles prefetch, in super-blocks. */
+#define PREFETCH_SUPERBLOCKS 4
+
+/* Every line of the super-block PREFETCH_SUPERBLOCKS past `blk` (sb_bytes each), scales included, in one burst:
+ * prefetching only the codes, a quarter per chunk, left one core well short of DRAM's rate (BENCHMARKS 4.1.4). */
+OD_AVX2_INLINE void prefetch_superblock(const uint8_t *blk, size_t sb_bytes) {
+    const char *next = (const char *)blk + PREFETCH_SUPERBLOCKS * sb_bytes;
+    for (size_t off = 0; off < sb_bytes + 64; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+}
+
 /* Sub-block `sub` of a Q4_K_X8 super-block: the 8 rows' 6-bit scales (int32 lanes) and mins (floats). */
 OD_AVX2_INLINE void x8_k_sub_scales(const uint8_t *blk, int sub, __m256i *sc, __m256 *mn) {
     *sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + OD_K_X8_SC + 8 * sub)));
@@ -757,6 +767,7 @@ OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, 
     const uint8_t *group = a->w + (size_t)n * a->row_bytes;
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = group + sb * OD_K_X8_SB_BYTES;
+        prefetch_superblock(blk, OD_K_X8_SB_BYTES);
         __m256i isum[3];
         __m256 mins[3];
         OD_UNROLL
@@ -767,8 +778,6 @@ OD_AVX2_INLINE void gemv_k_x8_tile(const int G, const od_mm_args *a, int64_t n, 
         OD_UNROLL
         for (int c = 0; c < 4; c++) {
             const uint8_t *steps = blk + OD_K_X8_CODES + c * 8 * 32;
-            for (size_t off = 0; off < 256; off += 64)
-                _mm_prefetch((const char *)steps + 2 * OD_K_X8_SB_BYTES + off, _MM_HINT_T0);
             __m256i s_lo[3], s_hi[3];
             OD_UNROLL
             for (int g = 0; g < G; g++) s_lo[g] = s_hi[g] = _mm256_setzero_si256();
@@ -824,14 +833,13 @@ OD_AVX2_INLINE void gemv_k6_x8_tile(const int G, const od_mm_args *a, int64_t n,
     const uint8_t *group = a->w + (size_t)n * a->row_bytes;
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = group + sb * OD_K6_X8_SB_BYTES;
+        prefetch_superblock(blk, OD_K6_X8_SB_BYTES);
         __m256i isum[3], off[3];
         OD_UNROLL
         for (int g = 0; g < G; g++) isum[g] = off[g] = _mm256_setzero_si256();
         OD_UNROLL
         for (int c = 0; c < 4; c++) {
             const uint8_t *chunk = blk + OD_K6_X8_CODES + c * OD_K6_X8_CHUNK_BYTES;
-            for (size_t o = 0; o < OD_K6_X8_CHUNK_BYTES; o += 64)
-                _mm_prefetch((const char *)chunk + 2 * OD_K6_X8_SB_BYTES + o, _MM_HINT_T0);
             /* sub-blocks 4c..4c+3's scales, each row's duplicated into both int16 halves of its lane */
             __m256i sc16[4];
             OD_UNROLL
