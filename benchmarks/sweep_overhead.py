@@ -72,11 +72,10 @@ def main() -> None:
     parser.add_argument("--case", choices=("overhead", "default", "cpu", "both"), default="both",
                         help="both = overhead and cpu")
     opts = parser.parse_args()
-    bench = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0", "--backend", "ondevice,llama.cpp", "--bench",
-             "--prompt", "64", "--gen", "32", "--repeat", "3", "--threads", "2"]
+    default = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0", "--backend", "ondevice,llama.cpp", "--bench"]
+    bench = default + ["--prompt", "64", "--gen", "32", "--repeat", "3", "--threads", "2"]
     cpu = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0,q4_1,q5_0", "--backend", "ondevice", "--eval",
            "--ctx", "256", "--max-tokens", "768", "--threads", "1"]
-    default = [opts.model, "--to", "gguf", "--quant", "q8_0,q4_0", "--backend", "ondevice,llama.cpp", "--bench"]
     named = {"overhead": ("overhead: 2x2 bench sweep, shortened bench", bench, ["--ray", "local"], {}),
              "default": ("overhead: 2x2 bench sweep, default bench settings", default, ["--ray", "local"], {}),
              "cpu": ("4-job CPU-bound sweep (convert + 1-thread eval), 2 workers", cpu,

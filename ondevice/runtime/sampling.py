@@ -87,13 +87,18 @@ class Sampler:
         params.validate()
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        # logit_bias as arrays once, not a Python loop per sampled token
+        self._bias_ids = np.array([t for t, b in params.logit_bias if b > BAN], dtype=np.int64)
+        self._bias_values = np.array([b for _, b in params.logit_bias if b > BAN], dtype=np.float32)
+        self._banned = np.array([t for t, b in params.logit_bias if b <= BAN], dtype=np.int64)
 
     def sample(self, logits: np.ndarray, history: list[int], allowed: np.ndarray | None = None) -> int:
         """Pick the next token. `allowed` is an optional boolean mask (structured output)."""
         p = self.params
         logits = logits.astype(np.float32, copy=True)
-        for token, bias in p.logit_bias:
-            logits[token] = -np.inf if bias <= BAN else logits[token] + bias
+        if p.logit_bias:
+            np.add.at(logits, self._bias_ids, self._bias_values)  # add.at: an id given twice gets both biases
+            logits[self._banned] = -np.inf
         if allowed is not None:
             logits[~allowed] = -np.inf
         if p.repeat_penalty != 1.0 and history:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ondevice.errors import OndeviceError
+from ondevice.runtime.sampling import logit_bias_pairs
 from ondevice.server.engine import Engine, EngineStopped, Job, QueueFull
 from ondevice.server.protocol import (
     Limits,
@@ -440,11 +441,10 @@ class Handler(BaseHTTPRequestHandler):
     def _precheck(self, req: ParsedRequest) -> None:
         """Errors we can find before queueing: prompt too long, bad schema, no chat template."""
         model = self.server.model
-        bias = req.generate_kwargs.get("logit_bias") or {}
-        outside = [token for token in bias if token >= model.spec.vocab_size]
-        if outside:
-            raise RequestError(f"logit_bias: {outside[0]} is not a token id of this model "
-                               f"(0..{model.spec.vocab_size - 1})", param="logit_bias")
+        try:  # the ids against this model's vocabulary, as prepare() will check them
+            logit_bias_pairs(req.generate_kwargs.get("logit_bias"), model.spec.vocab_size)
+        except OndeviceError as exc:
+            raise RequestError(str(exc), param="logit_bias") from None
         try:
             if req.kind == "chat" and (req.tool_mode is not None or any(
                     m.get("tool_calls") or m["role"] == "tool" for m in req.prompt)):
