@@ -754,29 +754,9 @@ int od_rope(float *x, int64_t m, int64_t h, int64_t d, const int32_t *positions,
 
 /* ------------------------------------------------------------------ attention */
 
-#define ATTN_ROW_BLOCK 16
-
 size_t od_attn_scratch_floats(const od_attn_args *args, int64_t rows) {
     /* scores for each row plus one output accumulator per row, padded for SIMD */
     return (size_t)rows * (size_t)(args->c + args->d + 16) + 64;
-}
-
-typedef struct {
-    od_attn_args args;
-    od_attn_fn fn;
-    int64_t row_block, n_blocks;
-} attn_job;
-
-static void attn_task(void *ctx, int64_t t) {
-    const attn_job *job = ctx;
-    const int64_t head = t % job->args.h;
-    /* later rows attend to more keys: hand them out first for better balance */
-    const int64_t block = job->n_blocks - 1 - t / job->args.h;
-    const int64_t r0 = block * job->row_block;
-    const int64_t r1 = r0 + job->row_block < job->args.m ? r0 + job->row_block : job->args.m;
-    float *scratch = od_scratch(1, od_attn_scratch_floats(&job->args, r1 - r0) * sizeof(float));
-    if (!scratch) return;
-    job->fn(&job->args, head, r0, r1, scratch);
 }
 
 int od_attention(float *out, const float *q, const void *k_cache, const void *v_cache, int kv_type, int64_t m,
@@ -806,12 +786,8 @@ int od_attention(float *out, const float *q, const void *k_cache, const void *v_
         }
         return OD_OK;
     }
-    if (kv_type == OD_KV_Q8_0) {
-        /* the query stays f32 (llama.cpp rounds it to Q8_0 for its integer dot; dequantizing K keeps q exact) */
-        const od_attn_args args = {.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .kv_f16 = 0, .m = m,
-                                   .h = h, .hkv = hkv, .c = c, .d = d, .pos0 = pos0, .scale = scale};
-        return od_attention_q8(&args);
-    }
+    /* A Q8_0 cache keeps the query f32 (llama.cpp rounds it to Q8_0 for its integer dot; dequantizing K keeps q
+     * exact). */
     if (kv_f16) {
         /* llama.cpp multiplies an fp16 copy of the query with the fp16 keys (see od_attn_probabilities) */
         const size_t n = (size_t)(m * h * d);
@@ -820,19 +796,9 @@ int od_attention(float *out, const float *q, const void *k_cache, const void *v_
         for (size_t i = 0; i < n; i++) q16[i] = od_fp16_to_fp32(od_fp32_to_fp16(q[i]));
         q = q16;
     }
-    attn_job job = {.fn = od_ops()->attention};
-    job.args = (od_attn_args){.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .kv_f16 = kv_f16,
-                              .m = m, .h = h, .hkv = hkv, .c = c, .d = d, .pos0 = pos0, .scale = scale};
-    job.row_block = m < ATTN_ROW_BLOCK ? m : ATTN_ROW_BLOCK;
-    job.n_blocks = ceil_div(m, job.row_block);
-    const int64_t n_tasks = job.n_blocks * h;
-    const int64_t work = h * d * (pos0 + m) * m;
-    if (od_pool_threads() > 1 && work >= OD_MIN_PARALLEL_MACS) {
-        od_pool_run(attn_task, &job, n_tasks);
-    } else {
-        for (int64_t t = 0; t < n_tasks; t++) attn_task(&job, t);
-    }
-    return OD_OK;
+    const od_attn_args args = {.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .kv_f16 = kv_f16, .m = m,
+                               .h = h, .hkv = hkv, .c = c, .d = d, .pos0 = pos0, .scale = scale};
+    return od_attention_grouped(&args, kv_type);
 }
 
 /* ------------------------------------------------------------------ element-wise */

@@ -132,7 +132,7 @@ typedef struct {
     int64_t m, h, hkv, c, d, pos0;
     float scale;
     /* Q8_0 kernels, when not NULL: lse[(row * h + head) * 2] = the row's score maximum, [.. + 1] = its sum of
-     * exp(score - maximum), so outputs over disjoint key ranges can be combined (od_attention_q8's split). */
+     * exp(score - maximum), so outputs over disjoint key ranges can be combined (od_attention_grouped's split). */
     float *lse;
 } od_attn_args;
 
@@ -140,15 +140,16 @@ typedef struct {
  * od_attn_scratch_floats(args, r1 - r0) floats, 64-byte aligned. */
 typedef void (*od_attn_fn)(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
 
-/* Attention on a Q8_0 cache (attention_q8.c drives it). A task computes query heads kvh*group + g, g in [g0, g1),
- * for query rows [r0, r1): at most OD_ATTN_Q8_ROWS (head, row) pairs, which share every K/V row they dequantize.
- * scratch holds od_attn_q8_scratch_floats(args, (g1 - g0) * (r1 - r0)) floats, 64-byte aligned. */
-#define OD_ATTN_Q8_ROWS 8
-typedef void (*od_attn_q8_fn)(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+/* Attention by KV head (attention.c drives it; every Q8_0 cache, and f16/f32 where the ISA table has
+ * attention_group). A task computes query heads kvh*group + g, g in [g0, g1), for query rows [r0, r1): at most
+ * OD_ATTN_GROUP_ROWS (head, row) pairs, which share every K/V row they load (dequantize).
+ * scratch holds od_attn_group_scratch_floats(args, (g1 - g0) * (r1 - r0)) floats, 64-byte aligned. */
+#define OD_ATTN_GROUP_ROWS 8
+typedef void (*od_attn_group_fn)(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
                               float *scratch);
-size_t od_attn_q8_scratch_floats(const od_attn_args *args, int64_t pairs);
+size_t od_attn_group_scratch_floats(const od_attn_args *args, int64_t pairs);
 /* Pair v of such a task: its query row, output row, number of keys and lse entry (pairs run head-fastest). */
-static inline void od_attn_q8_pair(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t v,
+static inline void od_attn_group_pair(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t v,
                                    const float **q, float **out, int64_t *n_keys, float **lse) {
     const int64_t ng = g1 - g0, row = r0 + v / ng, head = kvh * (a->h / a->hkv) + g0 + v % ng;
     *q = a->q + (row * a->h + head) * a->d;
@@ -156,7 +157,8 @@ static inline void od_attn_q8_pair(const od_attn_args *a, int64_t kvh, int64_t g
     *n_keys = a->pos0 + row + 1;
     *lse = a->lse ? a->lse + (row * a->h + head) * 2 : NULL;
 }
-int od_attention_q8(const od_attn_args *args);
+/* kv_type: OD_KV_*; f16/f32 caches without a grouped kernel in the ISA table run `attention` head by head. */
+int od_attention_grouped(const od_attn_args *args, int kv_type);
 void od_attention_q8_scalar(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
                             float *scratch);
 
@@ -171,6 +173,7 @@ typedef struct {
     /* Rotates one row of h heads of d dims; cs holds d/2 cosines then d/2 sines. */
     void (*rope_row)(float *x, int64_t h, int64_t d, const float *cs, int neox);
     od_attn_fn attention;
+    od_attn_group_fn attention_group; /* f16/f32 caches by KV head; NULL: `attention` per head */
     void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
     void (*gelu_mul)(float *out, const float *gate, const float *up, int64_t n);
     void (*add)(float *x, const float *y, int64_t n);
@@ -189,6 +192,8 @@ void od_rope_row_avx2(float *x, int64_t h, int64_t d, const float *cs, int neox)
 void od_attention_avx2(const od_attn_args *args, int64_t head, int64_t r0, int64_t r1, float *scratch);
 void od_attention_q8_avx2(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
                           float *scratch);
+void od_attention_group_avx2(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                             float *scratch);
 void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_add_avx2(float *x, const float *y, int64_t n);

@@ -326,6 +326,20 @@ OD_AVX2_INLINE void attention_pv_rows(int R, const od_attn_args *a, const float 
     }
 }
 
+/* od_attn_probabilities with F16C: vcvtps2ph rounds to nearest even, as od_fp32_to_fp16 does. */
+OD_AVX2_INLINE float attn_probabilities(float *scores, int64_t n, float total, const int kind) {
+    if (kind != 1) return od_attn_probabilities(scores, n, total, 0);
+    const float inv = 1.0f / total;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(scores + t), vinv), _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(scores + t, _mm256_cvtph_ps(h));
+    }
+    od_attn_probabilities(scores + t, n - t, total, 1);
+    return 1.0f;
+}
+
 OD_AVX2_INLINE void store_scaled(float *o, const float *acc, float inv, int64_t d) {
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), vinv));
@@ -370,7 +384,7 @@ OD_AVX2_INLINE void attention_block(const od_attn_args *a, int64_t head, int64_t
     float inv_sum[8], maxv;
     for (int r = 0; r < R; r++) {
         float *srow = scores + r * stride;
-        inv_sum[r] = od_attn_probabilities(srow, n_max, softmax_numerators(srow, stride, &maxv), f16);
+        inv_sum[r] = attn_probabilities(srow, n_max, softmax_numerators(srow, stride, &maxv), f16);
     }
 
     /* 3. O = P V */
@@ -390,17 +404,19 @@ OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, 
     }
 }
 
-/* ------------------------------------------------------------------ attention on a Q8_0 cache */
+/* ------------------------------------------------------------------ attention by KV head */
 
 /*
- * R = (g1-g0) * (r1-r0) <= 8 (head, row) pairs of KV head kvh, attention_block's scheme on a Q8_0 cache:
- *   1. 8 keys at a time are dequantized to f32 (scratch, L1) once, then dotted with every pair's query;
- *   2. softmax numerators per pair;
- *   3. O = P V with each V chunk dequantized once for all pairs (load_kv8 kind 2).
- * d % 32 == 0 (checked by od_attention).
+ * R = (g1-g0) * (r1-r0) <= 8 (head, row) pairs of KV head kvh: attention_block's arithmetic per pair, with every
+ * K/V row loaded once for all the query heads that read it (the GQA group) instead of once per head.
+ *   1. scores, 8 keys at a time: a Q8_0 cache (kind 2) dequantizes them to f32 (scratch, L1) first, f16/f32 read
+ *      straight from the cache;
+ *   2. softmax numerators per pair (f16: the probabilities rounded as od_attn_probabilities does);
+ *   3. O = P V with each V chunk loaded (dequantized) once for all pairs.
+ * d % 8 == 0 (Q8_0: d % 32 == 0; checked by the driver).
  */
-OD_AVX2 void od_attention_q8_avx2(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
-                                  float *scratch) {
+OD_AVX2_INLINE void attention_group(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                                    float *scratch, const int kind) {
     const int64_t d = a->d;
     const int R = (int)((r1 - r0) * (g1 - g0));
     const size_t kv_base = (size_t)kvh * a->c * d; /* element index of the KV head's first row */
@@ -408,39 +424,57 @@ OD_AVX2 void od_attention_q8_avx2(const od_attn_args *a, int64_t kvh, int64_t g0
     const int64_t stride = (n_max + 7) & ~(int64_t)7;
     float *scores = scratch;             /* [R][stride] */
     float *outacc = scores + R * stride; /* [R][d] */
-    float *keys = outacc + R * d;        /* [8][d] */
-    const float *qrow[OD_ATTN_Q8_ROWS];
-    float *orow[OD_ATTN_Q8_ROWS], *lse[OD_ATTN_Q8_ROWS];
-    int64_t n_keys[OD_ATTN_Q8_ROWS];
-    for (int v = 0; v < R; v++) od_attn_q8_pair(a, kvh, g0, g1, r0, v, &qrow[v], &orow[v], &n_keys[v], &lse[v]);
+    float *keys = outacc + R * d;        /* [8][d], Q8_0 only */
+    const float *qrow[OD_ATTN_GROUP_ROWS];
+    float *orow[OD_ATTN_GROUP_ROWS], *lse[OD_ATTN_GROUP_ROWS];
+    int64_t n_keys[OD_ATTN_GROUP_ROWS];
+    for (int v = 0; v < R; v++) od_attn_group_pair(a, kvh, g0, g1, r0, v, &qrow[v], &orow[v], &n_keys[v], &lse[v]);
     const __m256 vscale = _mm256_set1_ps(a->scale);
     size_t key_at[8];
     for (int j = 0; j < 8; j++) key_at[j] = (size_t)j * d;
 
     /* 1. scores */
     for (int64_t t = 0; t < n_max; t += 8) {
-        for (int j = 0; j < 8; j++) {
-            const size_t from = kv_base + (size_t)(t + j < n_max ? t + j : t) * d; /* pad: repeat a valid key */
-            for (int64_t c = 0; c < d; c += 8) _mm256_store_ps(keys + j * d + c, load_kv8(a->k_cache, 2, from + c));
+        if (kind == 2) {
+            for (int j = 0; j < 8; j++) {
+                const size_t from = kv_base + (size_t)(t + j < n_max ? t + j : t) * d; /* pad: repeat a valid key */
+                for (int64_t c = 0; c < d; c += 8) _mm256_store_ps(keys + j * d + c, load_kv8(a->k_cache, 2, from + c));
+            }
+            for (int v = 0; v < R; v++)
+                _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, keys, 0, key_at, vscale));
+        } else {
+            for (int j = 0; j < 8; j++) key_at[j] = kv_base + (size_t)(t + j < n_max ? t + j : t) * d;
+            for (int v = 0; v < R; v++)
+                _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, a->k_cache, kind, key_at, vscale));
         }
-        for (int v = 0; v < R; v++) _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, keys, 0, key_at, vscale));
     }
     /* causal mask (and the padding up to the stride) */
     for (int v = 0; v < R; v++)
         for (int64_t t = n_keys[v]; t < stride; t++) scores[v * stride + t] = -INFINITY;
 
-    /* 2. softmax numerators; remember 1/sum per pair */
-    float inv_sum[OD_ATTN_Q8_ROWS];
+    /* 2. softmax numerators; remember the factor each pair's P V still needs */
+    float inv_sum[OD_ATTN_GROUP_ROWS];
     for (int v = 0; v < R; v++) {
         float maxv;
         const float total = softmax_numerators(scores + v * stride, stride, &maxv);
-        inv_sum[v] = 1.0f / total;
+        inv_sum[v] = kind == 2 ? 1.0f / total : attn_probabilities(scores + v * stride, n_max, total, kind);
         if (lse[v]) lse[v][0] = maxv, lse[v][1] = total;
     }
 
     /* 3. O = P V */
-    attention_pv_rows(R, a, scores, stride, outacc, kv_base, n_max, 2);
+    attention_pv_rows(R, a, scores, stride, outacc, kv_base, n_max, kind);
     for (int v = 0; v < R; v++) store_scaled(orow[v], outacc + v * d, inv_sum[v], d);
+}
+
+OD_AVX2 void od_attention_q8_avx2(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                                  float *scratch) {
+    attention_group(a, kvh, g0, g1, r0, r1, scratch, 2);
+}
+
+OD_AVX2 void od_attention_group_avx2(const od_attn_args *a, int64_t kvh, int64_t g0, int64_t g1, int64_t r0,
+                                     int64_t r1, float *scratch) {
+    if (a->kv_f16) attention_group(a, kvh, g0, g1, r0, r1, scratch, 1);
+    else attention_group(a, kvh, g0, g1, r0, r1, scratch, 0);
 }
 
 /* ------------------------------------------------------------------ silu * up, add */

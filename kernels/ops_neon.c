@@ -174,7 +174,7 @@ void od_attention_q8_neon(const od_attn_args *a, int64_t kvh, int64_t g0, int64_
         const float *qr;
         float *o, *lse;
         int64_t n_keys;
-        od_attn_q8_pair(a, kvh, g0, g1, r0, v, &qr, &o, &n_keys, &lse);
+        od_attn_group_pair(a, kvh, g0, g1, r0, v, &qr, &o, &n_keys, &lse);
         attention_row(a, qr, o, n_keys, (size_t)kvh * a->c * a->d, scratch, 2, lse);
     }
 }

@@ -1458,6 +1458,7 @@ const od_isa_ops od_ops_avx2 = {
     .rmsnorm_row = od_rmsnorm_row_avx2,
     .rope_row = od_rope_row_avx2,
     .attention = od_attention_avx2,
+    .attention_group = od_attention_group_avx2,
     .silu_mul = od_silu_mul_avx2,
     .gelu_mul = od_gelu_mul_avx2,
     .add = od_add_avx2,

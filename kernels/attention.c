@@ -1,11 +1,11 @@
 /*
- * The Q8_0 KV cache: quantization on write (od_kv_store_q8_0) and the attention driver with its scalar
- * reference kernel. The SIMD kernels are in ops_avx2.c / ops_neon.c beside the f16 ones (they share the
- * vector exp). Each cached row of D values is D/32 ggml Q8_0 blocks, so a position costs 34/32 bytes a value
- * against 2 for f16, and a block is what llama.cpp's `--cache-type-k q8_0` keeps.
+ * Attention's driver, and the Q8_0 KV cache: quantization on write (od_kv_store_q8_0) and the scalar reference
+ * kernel on it. The SIMD kernels are in ops_avx2.c / ops_neon.c (they share the vector exp). Each cached Q8_0 row
+ * of D values is D/32 ggml Q8_0 blocks, so a position costs 34/32 bytes a value against 2 for f16, and a block is
+ * what llama.cpp's `--cache-type-k q8_0` keeps.
  *
- * Unlike the f16 path, whose tasks are one query head each, a task here takes all the query heads that read
- * one KV head (the GQA group): every K/V row is dequantized once and used by the whole group.
+ * A task takes the query heads that read one KV head (the GQA group): every K/V row is loaded (dequantized) once
+ * for the whole group. ISAs without a grouped f16/f32 kernel run their per-head one over the group.
  */
 #if defined(__linux__)
 #define _GNU_SOURCE
@@ -82,7 +82,7 @@ int od_kv_store_q8_0(void *cache, const float *rows, int64_t m, int64_t hkv, int
 
 /* ------------------------------------------------------------------ attention: scalar reference */
 
-size_t od_attn_q8_scratch_floats(const od_attn_args *a, int64_t pairs) {
+size_t od_attn_group_scratch_floats(const od_attn_args *a, int64_t pairs) {
     /* scores and an output accumulator per (head, row) pair, plus 8 dequantized keys; padded for SIMD */
     return (size_t)pairs * (size_t)(a->c + a->d + 16) + 8 * (size_t)a->d + 64;
 }
@@ -98,7 +98,7 @@ void od_attention_q8_scalar(const od_attn_args *a, int64_t kvh, int64_t g0, int6
         const float *qr;
         float *o, *lse;
         int64_t n_keys;
-        od_attn_q8_pair(a, kvh, g0, g1, r0, v, &qr, &o, &n_keys, &lse);
+        od_attn_group_pair(a, kvh, g0, g1, r0, v, &qr, &o, &n_keys, &lse);
         for (int64_t t = 0; t < n_keys; t++) {
             float dot = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
@@ -125,7 +125,7 @@ void od_attention_q8_scalar(const od_attn_args *a, int64_t kvh, int64_t g0, int6
 
 /* ------------------------------------------------------------------ attention: driver */
 
-static od_attn_q8_fn q8_kernel(void) {
+static od_attn_group_fn q8_kernel(void) {
     const char *isa = od_ops()->name;
     if (strcmp(isa, "scalar") == 0) return od_attention_q8_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -137,6 +137,20 @@ static od_attn_q8_fn q8_kernel(void) {
 #endif
 }
 
+/* f16/f32 caches on an ISA without a grouped kernel: the table's per-head one, head by head (its scratch,
+ * od_attn_scratch_floats(args, r1 - r0), is no larger than the grouped one's). */
+static void heads_one_by_one(const od_attn_args *args, int64_t kvh, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                             float *scratch) {
+    const int64_t group = args->h / args->hkv;
+    for (int64_t g = g0; g < g1; g++) od_ops()->attention(args, kvh * group + g, r0, r1, scratch);
+}
+
+static od_attn_group_fn group_kernel(const od_attn_args *args, int kv_type) {
+    if (kv_type == OD_KV_Q8_0) return q8_kernel();
+    if (od_ops()->attention_group && args->d % 8 == 0) return od_ops()->attention_group;
+    return heads_one_by_one;
+}
+
 /* A decode step (one query row) with many keys is split into key ranges, each a task per KV head, combined by
  * their score maxima and sums: with few KV heads (SmolLM2: 3 on 2 threads) whole heads would leave threads idle,
  * and splitting a head's query group instead would dequantize its K/V once per part. */
@@ -145,12 +159,12 @@ static od_attn_q8_fn q8_kernel(void) {
 
 typedef struct {
     od_attn_args split[Q8_MAX_SPLITS]; /* the arguments of each key range (all of them when not split) */
-    od_attn_q8_fn fn;
+    od_attn_group_fn fn;
     int64_t n_splits, group, head_chunk, n_head_chunks, row_block, n_row_blocks;
-} q8_job;
+} attn_job;
 
-static void q8_task(void *ctx, int64_t t) {
-    const q8_job *job = ctx;
+static void attn_task(void *ctx, int64_t t) {
+    const attn_job *job = ctx;
     const od_attn_args *args = &job->split[t % job->n_splits];
     t /= job->n_splits;
     const int64_t kvh = t % args->hkv, rest = t / args->hkv;
@@ -159,19 +173,21 @@ static void q8_task(void *ctx, int64_t t) {
     /* later rows attend to more keys: hand them out first for better balance */
     const int64_t r0 = (job->n_row_blocks - 1 - rest / job->n_head_chunks) * job->row_block;
     const int64_t r1 = r0 + job->row_block < args->m ? r0 + job->row_block : args->m;
-    float *scratch = od_scratch(1, od_attn_q8_scratch_floats(args, (g1 - g0) * (r1 - r0)) * sizeof(float));
+    float *scratch = od_scratch(1, od_attn_group_scratch_floats(args, (g1 - g0) * (r1 - r0)) * sizeof(float));
     if (!scratch) return;
     job->fn(args, kvh, g0, g1, r0, r1, scratch);
 }
 
-#define Q8_MIN_PARALLEL_MACS (1 << 16)
+#define ATTN_MIN_PARALLEL_MACS (1 << 16)
 
-int od_attention_q8(const od_attn_args *args) {
-    q8_job job = {.fn = q8_kernel(), .group = args->h / args->hkv, .n_splits = 1};
+int od_attention_grouped(const od_attn_args *args, int kv_type) {
+    attn_job job = {.fn = group_kernel(args, kv_type), .group = args->h / args->hkv, .n_splits = 1};
     const int threads = od_pool_threads();
     const int64_t h = args->h, d = args->d, n_keys = args->pos0 + 1;
     float *parts = NULL;
-    if (args->m == 1 && threads > 1 && n_keys >= 2 * Q8_SPLIT_MIN_KEYS && args->hkv < 2 * threads) {
+    /* (f16/f32 caches are not split: their outputs keep the bits of llama.cpp's order of operations) */
+    if (kv_type == OD_KV_Q8_0 && args->m == 1 && threads > 1 && n_keys >= 2 * Q8_SPLIT_MIN_KEYS &&
+        args->hkv < 2 * threads) {
         job.n_splits = (2 * threads + args->hkv - 1) / args->hkv;
         if (job.n_splits > n_keys / Q8_SPLIT_MIN_KEYS) job.n_splits = n_keys / Q8_SPLIT_MIN_KEYS;
         if (job.n_splits > Q8_MAX_SPLITS) job.n_splits = Q8_MAX_SPLITS;
@@ -197,20 +213,26 @@ int od_attention_q8(const od_attn_args *args) {
         job.split[0] = *args;
     }
     /* heads of a group per task: all of them (up to 8); with one row, fewer if that leaves threads idle */
-    int64_t chunks = (job.group + OD_ATTN_Q8_ROWS - 1) / OD_ATTN_Q8_ROWS;
+    int64_t chunks = (job.group + OD_ATTN_GROUP_ROWS - 1) / OD_ATTN_GROUP_ROWS;
     while (args->m == 1 && threads > 1 && args->hkv * job.n_splits * chunks < 2 * threads && chunks < job.group)
         chunks++;
     job.head_chunk = (job.group + chunks - 1) / chunks;
     job.n_head_chunks = (job.group + job.head_chunk - 1) / job.head_chunk;
-    job.row_block = OD_ATTN_Q8_ROWS / job.head_chunk;
+    job.row_block = OD_ATTN_GROUP_ROWS / job.head_chunk;
+    if (job.fn == heads_one_by_one) {
+        /* the per-head kernels share K/V across the rows of a head instead */
+        job.head_chunk = 1;
+        job.n_head_chunks = job.group;
+        job.row_block = 16;
+    }
     if (job.row_block > args->m) job.row_block = args->m;
     job.n_row_blocks = (args->m + job.row_block - 1) / job.row_block;
     const int64_t n_tasks = job.n_splits * args->hkv * job.n_head_chunks * job.n_row_blocks;
     const int64_t work = h * d * (args->pos0 + args->m) * args->m;
-    if (threads > 1 && work >= Q8_MIN_PARALLEL_MACS) {
-        od_pool_run(q8_task, &job, n_tasks);
+    if (threads > 1 && work >= ATTN_MIN_PARALLEL_MACS) {
+        od_pool_run(attn_task, &job, n_tasks);
     } else {
-        for (int64_t t = 0; t < n_tasks; t++) q8_task(&job, t);
+        for (int64_t t = 0; t < n_tasks; t++) attn_task(&job, t);
     }
     if (job.n_splits > 1) {
         /* out = sum_s w_s o_s, w_s = exp(max_s - max) sum_s / sum over s of the same */
