@@ -14,7 +14,8 @@ import pytest
 
 from ondevice.quant import get_quant_type
 from ondevice.quant.calibrated import gptq_matrix, output_error
-from ondevice.quant.grids import GRID_TYPES, stored_grid, with_codes
+from ondevice.quant.gptq import damped_hessian, gptq_codes, prepare_hessian, refit_scales
+from ondevice.quant.grids import GRID_TYPES, SCALE_RATIOS, stored_grid, with_codes, with_scales
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,15 +49,20 @@ def correlated_inputs(rng: np.random.Generator, tokens: int, cols: int) -> np.nd
     return (rng.standard_normal((tokens, cols)) @ mix * scale).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "iq4_nl", "iq4_xs"])
-def test_gptq_lowers_the_output_error_on_unseen_inputs(name):
+def fit_and_held_out() -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """A weight and the second moments of two disjoint halves of correlated inputs (fit, held out)."""
     rng = np.random.default_rng(5)
     cols = 256
     weight = rng.standard_normal((48, cols)).astype(np.float32)
     x = correlated_inputs(rng, 8192, cols)
     fit, held_out = x[:4096], x[4096:]
-    h_fit = (fit.T @ fit).astype(np.float64) / len(fit)
-    h_new = (held_out.T @ held_out).astype(np.float64) / len(held_out)
+    return cols, weight, (fit.T @ fit).astype(np.float64) / len(fit), \
+        (held_out.T @ held_out).astype(np.float64) / len(held_out)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "iq4_nl", "iq4_xs"])
+def test_gptq_lowers_the_output_error_on_unseen_inputs(name):
+    cols, weight, h_fit, h_new = fit_and_held_out()
     qtype = get_quant_type(name)
     gptq, rounded = gptq_matrix(qtype, weight, h_fit, damp=0.1)
     assert gptq.shape == rounded.shape and not np.array_equal(gptq, rounded)
@@ -66,6 +72,50 @@ def test_gptq_lowers_the_output_error_on_unseen_inputs(name):
     ours, theirs = qtype.dequantize(gptq, cols), qtype.dequantize(rounded, cols)
     ratio = output_error(weight, ours, h_new) / output_error(weight, theirs, h_new)
     assert ratio < 0.9, ratio
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_RATIOS))
+def test_refit_scales_solve_the_least_squares_of_the_fixed_codes(name):
+    """refit_scales against a direct least-squares solve of each row's scales (one column per block of the
+    design matrix) under the damped H, and with_scales writes them as the block's fp16."""
+    rng = np.random.default_rng(8)
+    cols = 128
+    weight = rng.standard_normal((5, cols)).astype(np.float32) * np.float32(0.03)
+    x = correlated_inputs(rng, 2048, cols)
+    hessian = damped_hessian((x.T @ x).astype(np.float64) / len(x), 0.1)
+    qtype = get_quant_type(name)
+    data = qtype.quantize(weight, importance=np.diag(hessian).astype(np.float32))
+    grid = stored_grid(qtype, data, cols)
+    codes = gptq_codes(weight, prepare_hessian(hessian, 0.0), grid)
+    scale = refit_scales(weight, hessian, grid, codes, SCALE_RATIOS[name])
+    root = np.linalg.cholesky(hessian)  # ||(w - q) L||^2 = (w - q) H (w - q)^T
+    unit = grid.levels[codes] + SCALE_RATIOS[name]
+    for r in range(len(weight)):
+        design = np.zeros((cols, cols // 32))
+        for b in range(cols // 32):
+            design[32 * b:32 * b + 32, b] = unit[r, 32 * b:32 * b + 32]
+        expected = np.linalg.lstsq(root.T @ design, root.T @ weight[r].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(scale[r], expected, rtol=1e-4, atol=1e-9)
+    refitted = with_scales(qtype, data, scale)
+    assert refitted.shape == data.shape
+    np.testing.assert_array_equal(stored_grid(qtype, refitted, cols).scale,
+                                  scale.astype(np.float16).astype(np.float32))
+
+    def error(values):  # the objective the refit minimizes
+        diff = weight.astype(np.float64) - values
+        return float(((diff @ hessian) * diff).sum())
+
+    assert error(qtype.dequantize(with_codes(qtype, refitted, codes), cols)) < \
+        error(qtype.dequantize(with_codes(qtype, data, codes), cols))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "iq4_nl"])
+def test_gptq_refits_lower_the_output_error_further(name):
+    cols, weight, h_fit, h_new = fit_and_held_out()
+    qtype = get_quant_type(name)
+    errors = [output_error(weight, qtype.dequantize(gptq_matrix(qtype, weight, h_fit, 0.1, refits=refits)[0], cols),
+                           h_new) for refits in (0, 2)]
+    assert errors[1] < errors[0], errors
 
 
 @pytest.fixture(scope="module")

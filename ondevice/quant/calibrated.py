@@ -23,8 +23,8 @@ from ondevice.architectures import get_architecture
 from ondevice.architectures.base import permute_for_gguf, unpermute_from_gguf
 from ondevice.model import CanonicalModel
 from ondevice.quant.base import QuantType
-from ondevice.quant.gptq import gptq_codes, prepare_hessian
-from ondevice.quant.grids import has_grid, stored_grid, with_codes
+from ondevice.quant.gptq import damped_hessian, gptq_codes, prepare_hessian, refit_scales
+from ondevice.quant.grids import SCALE_RATIOS, has_grid, stored_grid, with_codes, with_scales
 
 # Fraction of H's mean diagonal added to it, per input. Chosen on a split of the calibration text (H from chunks
 # 0-15, output error measured on chunks 16-23; SmolLM2 q4_0, layers 3/15/27): less damping overfits the few
@@ -58,18 +58,31 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
 
 
 def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp: float = DAMP,
-                prepared=None) -> tuple[np.ndarray, np.ndarray]:
+                prepared=None, refits: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(GPTQ's bytes, the importance-weighted rounding's bytes) of `weight` (float32 (N, K)) as `qtype`, on
-    inputs of second moment `hessian` (K, K). Both have the same scales; only the codes differ."""
+    inputs of second moment `hessian` (K, K). With refits = 0 both have the same scales and only the codes differ;
+    each refit (types with one fp16 scale per block, grids.SCALE_RATIOS) then re-fits the scales to the codes
+    under the damped H and runs GPTQ again on them."""
     importance = np.diag(hessian).astype(np.float32)
     base = qtype.quantize(weight, importance=importance)
+    prepared = prepared or prepare_hessian(hessian, damp)
     grid = stored_grid(qtype, base, weight.shape[1])
-    codes = gptq_codes(weight, prepared or prepare_hessian(hessian, damp), grid)
-    return with_codes(qtype, base, codes), base
+    codes = gptq_codes(weight, prepared, grid)
+    ratio = SCALE_RATIOS.get(qtype.name)
+    data = base
+    if ratio is not None and refits > 0:
+        damped = damped_hessian(hessian, damp)
+        for _ in range(refits):
+            scale = refit_scales(weight, damped, grid, codes, ratio)
+            scale = np.where(np.isfinite(scale) & (np.abs(scale) < 6e4), scale, grid.scale)  # fp16's range
+            data = with_scales(qtype, base, scale)
+            grid = stored_grid(qtype, data, weight.shape[1])
+            codes = gptq_codes(weight, prepared, grid)
+    return with_codes(qtype, data, codes), base
 
 
 def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
-                 damp: float = DAMP, damp_down: float = DAMP_DOWN, skip_first: bool = False,
+                 damp: float = DAMP, damp_down: float = DAMP_DOWN, skip_first: bool = False, refits: int = 0,
                  report: GptqReport | None = None,
                  on_layer: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """GPTQ'd bytes of every block matrix whose type (`types`: HF name -> QuantType) has a grid, keyed by GGUF
@@ -102,7 +115,7 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
                 heads = arch.qk_heads(spec, name)
                 if heads:
                     weight = permute_for_gguf(weight, heads)
-                data, base = gptq_matrix(qtype, weight, hessian, damping, prepared)
+                data, base = gptq_matrix(qtype, weight, hessian, damping, prepared, refits)
                 gguf_name = arch.gguf_name(name)
                 out[gguf_name] = data
                 quantized = qtype.dequantize(data, weight.shape[1])

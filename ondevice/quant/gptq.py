@@ -50,16 +50,46 @@ def prepare_hessian(hessian: np.ndarray, damp: float, act_order: bool = True, sh
     """`shrink`: weight of diag(H) in (1 - shrink) H + shrink diag(H), pulling the estimate toward the diagonal
     objective of importance-weighted rounding (what an imatrix minimizes) rather than toward plain rounding: a
     calibration text of a few thousand tokens estimates H's off-diagonal part poorly, and GPTQ then overfits it."""
-    h = np.array(hessian, dtype=np.float64)
+    h = damped_hessian(hessian, damp, shrink)
     cols = len(h)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    h = h[np.ix_(order, order)]
+    return PreparedHessian(order, np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32))
+
+
+def damped_hessian(hessian: np.ndarray, damp: float, shrink: float = 0.0) -> np.ndarray:
+    """float64 H as GPTQ minimizes against it (prepare_hessian's `damp` and `shrink`)."""
+    h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0  # inputs that never fire: their weights do not matter, round them plainly
     h[dead, dead] = 1.0
     if shrink:
         h = (1.0 - shrink) * h + shrink * np.diag(np.diag(h))
-    h += damp * np.mean(np.diag(h)) * np.eye(cols)
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
-    h = h[np.ix_(order, order)]
-    return PreparedHessian(order, np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32))
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    return h
+
+
+def refit_scales(weight: np.ndarray, hessian: np.ndarray, grid: Grid, codes: np.ndarray,
+                 bias_ratio: float) -> np.ndarray:
+    """float32 block scales (N, K / group) minimizing tr((W - Q) H (W - Q)^T) with the codes fixed, on a grid
+    whose bias is `bias_ratio` times its scale (Q = scale * (levels[code] + bias_ratio): Q4_0, Q5_0, Q8_0,
+    IQ4_NL). GPTQ chose the codes for the scales plain quantization picked; with the codes known, each row's
+    scales are the solution of a small linear system (one unknown per block) under the layer's full H."""
+    rows, cols = weight.shape
+    g = grid.group
+    nb = cols // g
+    unit = (grid.levels[codes] + np.float32(bias_ratio)).astype(np.float64)  # Q / scale, per weight
+    rhs = (unit * (weight.astype(np.float64) @ hessian)).reshape(rows, nb, g).sum(-1)
+    system = np.empty((rows, nb, nb))
+    for c in range(nb):
+        # column c of each row's system: sum over block c's weights j of H[i, j] * unit[j], block-summed over i
+        spread = unit[:, c * g:(c + 1) * g] @ hessian[:, c * g:(c + 1) * g].T
+        system[:, :, c] = (unit * spread).reshape(rows, nb, g).sum(-1)
+    # a block whose codes all decode to 0 leaves its scale free: a tiny pull toward the old scale keeps it
+    diag = np.einsum("rbb->rb", system)
+    ridge = 1e-9 * (diag.mean(axis=1, keepdims=True) + 1e-30)
+    system[:, np.arange(nb), np.arange(nb)] += ridge
+    rhs += ridge * grid.scale
+    return np.linalg.solve(system, rhs[..., None])[..., 0].astype(np.float32)
 
 
 def gptq_codes(weight: np.ndarray, hessian: PreparedHessian, grid: Grid) -> np.ndarray:

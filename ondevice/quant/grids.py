@@ -142,6 +142,11 @@ GRID_TYPES: dict[str, tuple[_Reader, _Packer]] = {
 assert isinstance(Q4_K.nmax, int) and Q5_K.nmax == 31  # _grid_k's level counts
 
 
+# Types whose block is (fp16 scale d at byte 0, codes) with weight = d * (levels[code] + ratio): their scales can be
+# re-fitted to given codes (ondevice.quant.gptq.refit_scales) and written back (with_scales).
+SCALE_RATIOS = {"q4_0": -8.0, "q5_0": -16.0, "q8_0": -128.0, "iq4_nl": 0.0}
+
+
 def has_grid(qtype: QuantType) -> bool:
     return qtype.name in GRID_TYPES
 
@@ -160,3 +165,14 @@ def with_codes(qtype: QuantType, data: np.ndarray, codes: np.ndarray) -> np.ndar
     out = qtype.checked_rows(data, n).copy()
     GRID_TYPES[qtype.name][1](out.reshape(-1, qtype.type_size), codes.astype(np.uint8), qtype)
     return out.reshape(np.shape(data))
+
+
+def with_scales(qtype: QuantType, data: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """A copy of `data` (a SCALE_RATIOS type) with its blocks' scales replaced by `scale` (float32 (rows, n / 32)),
+    rounded to the fp16 the block stores."""
+    if qtype.name not in SCALE_RATIOS:
+        raise UnsupportedError(f"{qtype.name} does not store one fp16 scale per block")
+    out = np.array(data, dtype=np.uint8, copy=True)
+    blocks = out.reshape(-1, qtype.type_size)
+    blocks[:, 0:2] = scale.astype(np.float16).reshape(-1, 1).view(np.uint8)
+    return out
