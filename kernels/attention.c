@@ -179,6 +179,8 @@ static void attn_task(void *ctx, int64_t t) {
 }
 
 #define ATTN_MIN_PARALLEL_MACS (1 << 16)
+/* query rows of one head per task when the ISA runs attention head by head */
+#define PER_HEAD_ROW_BLOCK 16
 
 int od_attention_grouped(const od_attn_args *args, int kv_type) {
     attn_job job = {.fn = group_kernel(args, kv_type), .group = args->h / args->hkv, .n_splits = 1};
@@ -216,15 +218,15 @@ int od_attention_grouped(const od_attn_args *args, int kv_type) {
     int64_t chunks = (job.group + OD_ATTN_GROUP_ROWS - 1) / OD_ATTN_GROUP_ROWS;
     while (args->m == 1 && threads > 1 && args->hkv * job.n_splits * chunks < 2 * threads && chunks < job.group)
         chunks++;
-    job.head_chunk = (job.group + chunks - 1) / chunks;
-    job.n_head_chunks = (job.group + job.head_chunk - 1) / job.head_chunk;
-    job.row_block = OD_ATTN_GROUP_ROWS / job.head_chunk;
     if (job.fn == heads_one_by_one) {
         /* the per-head kernels share K/V across the rows of a head instead */
         job.head_chunk = 1;
-        job.n_head_chunks = job.group;
-        job.row_block = 16;
+        job.row_block = PER_HEAD_ROW_BLOCK;
+    } else {
+        job.head_chunk = (job.group + chunks - 1) / chunks;
+        job.row_block = OD_ATTN_GROUP_ROWS / job.head_chunk;
     }
+    job.n_head_chunks = (job.group + job.head_chunk - 1) / job.head_chunk;
     if (job.row_block > args->m) job.row_block = args->m;
     job.n_row_blocks = (args->m + job.row_block - 1) / job.row_block;
     const int64_t n_tasks = job.n_splits * args->hkv * job.n_head_chunks * job.n_row_blocks;

@@ -345,72 +345,20 @@ OD_AVX2_INLINE void store_scaled(float *o, const float *acc, float inv, int64_t 
     for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), vinv));
 }
 
-/*
- * Query rows [r0, r1) of one head, processed together so every K and V row is loaded once per row
- * block instead of once per query row:
- *   1. scores S[r][t] = scale * q_r . k_t for t < n_max, 8 keys at a time (8 register accumulators,
- *      one hadd-tree reduction), then the causal mask (-inf) for keys a row may not see;
- *   2. per row: max, exp, sum (vectorized over keys);
- *   3. O = P V by 8 output dims at a time, R accumulators in registers (V rows come from L1/L2;
- *      K/V of one head are read once per row block instead of once per row).
- * Needs d % 8 == 0 and r1 - r0 <= 8 (8 accumulators in registers).
- */
-OD_AVX2_INLINE void attention_block(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch,
-                                    const int f16) {
-    const int64_t d = a->d, group = a->h / a->hkv, kvh = head / group;
-    const int R = (int)(r1 - r0);
-    const size_t kv_base = (size_t)kvh * a->c * d;
-    const int64_t n_max = a->pos0 + r1; /* keys seen by the last row */
-    const int64_t stride = (n_max + 7) & ~(int64_t)7;
-    float *scores = scratch;            /* [R][stride] */
-    float *outacc = scratch + R * stride; /* [R][d] */
-    const __m256 vscale = _mm256_set1_ps(a->scale);
-
-    /* 1. scores: key blocks outer so the 8 keys stay in L1 across the rows */
-    for (int64_t t = 0; t < n_max; t += 8) {
-        const int nk = (int)(n_max - t < 8 ? n_max - t : 8);
-        size_t key_at[8];
-        OD_UNROLL_ATTN
-        for (int j = 0; j < 8; j++) key_at[j] = kv_base + (size_t)(j < nk ? t + j : t) * d; /* pad: repeat a valid key */
-        for (int r = 0; r < R; r++)
-            _mm256_storeu_ps(scores + r * stride + t,
-                             scores8(a->q + ((r0 + r) * a->h + head) * d, d, a->k_cache, f16, key_at, vscale));
-    }
-    /* causal mask (and the padding up to the stride) */
-    for (int r = 0; r < R; r++)
-        for (int64_t t = a->pos0 + r0 + r + 1; t < stride; t++) scores[r * stride + t] = -INFINITY;
-
-    /* 2. softmax numerators; remember 1/sum per row */
-    float inv_sum[8], maxv;
-    for (int r = 0; r < R; r++) {
-        float *srow = scores + r * stride;
-        inv_sum[r] = attn_probabilities(srow, n_max, softmax_numerators(srow, stride, &maxv), f16);
-    }
-
-    /* 3. O = P V */
-    attention_pv_rows(R, a, scores, stride, outacc, kv_base, n_max, f16);
-    for (int r = 0; r < R; r++) store_scaled(a->out + (r0 + r) * a->h * d + head * d, outacc + r * d, inv_sum[r], d);
-}
-
+/* The table's per-head kernel: the driver (attention.c) calls it only for head sizes that are not a multiple of 8;
+ * every other f16/f32 cache goes through od_attention_group_avx2. */
 OD_AVX2 void od_attention_avx2(const od_attn_args *a, int64_t head, int64_t r0, int64_t r1, float *scratch) {
-    if (a->d % 8 != 0) {
-        attention_rows_avx2(a, head, r0, r1, scratch);
-        return;
-    }
-    for (int64_t r = r0; r < r1; r += 8) {
-        const int64_t end = r + 8 < r1 ? r + 8 : r1;
-        if (a->kv_f16) attention_block(a, head, r, end, scratch, 1);
-        else attention_block(a, head, r, end, scratch, 0);
-    }
+    attention_rows_avx2(a, head, r0, r1, scratch);
 }
 
 /* ------------------------------------------------------------------ attention by KV head */
 
 /*
- * R = (g1-g0) * (r1-r0) <= 8 (head, row) pairs of KV head kvh: attention_block's arithmetic per pair, with every
- * K/V row loaded once for all the query heads that read it (the GQA group) instead of once per head.
- *   1. scores, 8 keys at a time: a Q8_0 cache (kind 2) dequantizes them to f32 (scratch, L1) first, f16/f32 read
- *      straight from the cache;
+ * R = (g1-g0) * (r1-r0) <= 8 (head, row) pairs of KV head kvh, every K/V row loaded once for all the query heads
+ * that read it (the GQA group):
+ *   1. scores S[v][t] = scale * q_v . k_t, 8 keys at a time (8 register accumulators, one hadd-tree reduction): a
+ *      Q8_0 cache (kind 2) dequantizes them to f32 (scratch, L1) first, f16/f32 read straight from the cache; then
+ *      the causal mask (-inf) for keys a row may not see;
  *   2. softmax numerators per pair (f16: the probabilities rounded as od_attn_probabilities does);
  *   3. O = P V with each V chunk loaded (dequantized) once for all pairs.
  * d % 8 == 0 (Q8_0: d % 32 == 0; checked by the driver).
@@ -435,18 +383,16 @@ OD_AVX2_INLINE void attention_group(const od_attn_args *a, int64_t kvh, int64_t 
 
     /* 1. scores */
     for (int64_t t = 0; t < n_max; t += 8) {
-        if (kind == 2) {
-            for (int j = 0; j < 8; j++) {
-                const size_t from = kv_base + (size_t)(t + j < n_max ? t + j : t) * d; /* pad: repeat a valid key */
+        for (int j = 0; j < 8; j++) {
+            const size_t from = kv_base + (size_t)(t + j < n_max ? t + j : t) * d; /* pad: repeat a valid key */
+            if (kind != 2) key_at[j] = from;
+            else
                 for (int64_t c = 0; c < d; c += 8) _mm256_store_ps(keys + j * d + c, load_kv8(a->k_cache, 2, from + c));
-            }
-            for (int v = 0; v < R; v++)
-                _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, keys, 0, key_at, vscale));
-        } else {
-            for (int j = 0; j < 8; j++) key_at[j] = kv_base + (size_t)(t + j < n_max ? t + j : t) * d;
-            for (int v = 0; v < R; v++)
-                _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, a->k_cache, kind, key_at, vscale));
         }
+        const void *key_rows = kind == 2 ? (const void *)keys : a->k_cache;
+        const int key_kind = kind == 2 ? 0 : kind;
+        for (int v = 0; v < R; v++)
+            _mm256_storeu_ps(scores + v * stride + t, scores8(qrow[v], d, key_rows, key_kind, key_at, vscale));
     }
     /* causal mask (and the padding up to the stride) */
     for (int v = 0; v < R; v++)
@@ -457,7 +403,7 @@ OD_AVX2_INLINE void attention_group(const od_attn_args *a, int64_t kvh, int64_t 
     for (int v = 0; v < R; v++) {
         float maxv;
         const float total = softmax_numerators(scores + v * stride, stride, &maxv);
-        inv_sum[v] = kind == 2 ? 1.0f / total : attn_probabilities(scores + v * stride, n_max, total, kind);
+        inv_sum[v] = attn_probabilities(scores + v * stride, n_max, total, kind);
         if (lse[v]) lse[v][0] = maxv, lse[v][1] = total;
     }
 
