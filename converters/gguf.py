@@ -30,14 +30,17 @@ from ondevice.quant.recipes import RECIPES, choose_tensor_type
 class GGUFOptions(ConvertOptions):
     imatrix: Path | None = None  # an importance matrix file (llama.cpp's GGUF or .dat form)
     calibrate: bool = False  # compute one on the bundled calibration text first
-    method: str | None = None  # "imatrix" or "gptq" (the default with --calibrate); see METHODS
+    method: str | None = None  # "imatrix" (the default with --calibrate), "gptq" or "awq"; see METHODS
     calibration_chunks: int | None = None  # chunks of 512 tokens of the calibration text (default: all, 24)
 
 
 # How the calibration statistics are used. imatrix: llama-quantize --imatrix's importance-weighted rounding (same
 # bytes). gptq: the same scales, codes chosen by GPTQ on each layer's inputs in the model as quantized so far
-# (ondevice.quant.calibrated); computes its own statistics, so it takes no --imatrix file. The default stays imatrix.
-METHODS = ("imatrix", "gptq")
+# (ondevice.quant.calibrated). awq: per-channel scales folded into the RMSNorms and the v / up rows, then the
+# importance-weighted rounding, on those inputs too. gptq and awq compute their own statistics, so they take no
+# --imatrix file.
+METHODS = ("imatrix", "gptq", "awq")
+LAYERWISE_METHODS = {"gptq": {"gptq": True}, "awq": {"gptq": False, "awq": True, "awq_pairs": True}}
 
 
 TARGET = Target(
@@ -57,8 +60,10 @@ TARGET = Target(
                      "first (`ondevice imatrix` defaults) and quantize with it (--method imatrix unless told)", type=None,
                      switch_value=True),
         TargetOption("--method", "method", "how calibration is used: imatrix (llama-quantize --imatrix's rounding) "
-                     "(the default) or gptq (the same scales, codes chosen by GPTQ layer by layer on the calibration "
-                     "text: lower KL, higher perplexity on SmolLM2)", type=str, metavar="{" + ",".join(METHODS) + "}"),
+                     "(the default), gptq (the same scales, codes chosen by GPTQ layer by layer on the calibration "
+                     "text: lower KL, higher perplexity on SmolLM2) or awq (per-channel scales folded into the "
+                     "norms and the v/up rows, then the importance-weighted rounding: the lowest KL on SmolLM2)",
+                     type=str, metavar="{" + ",".join(METHODS) + "}"),
         TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
                      "bundled calibration text (default: all 24)", type=int),
     ),
@@ -154,13 +159,14 @@ def calibration_method(options: GGUFOptions) -> str | None:
         raise UnsupportedError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if options.imatrix is not None and options.calibrate:
         raise UnsupportedError("--imatrix and --calibrate exclude each other: --calibrate computes the imatrix")
-    if options.calibration_chunks is not None and not (options.calibrate or method == "gptq"):
-        raise UnsupportedError("--calib-chunks needs --calibrate or --method gptq (a given --imatrix is used as is)")
+    if options.calibration_chunks is not None and not (options.calibrate or method in LAYERWISE_METHODS):
+        raise UnsupportedError("--calib-chunks needs --calibrate or --method gptq/awq (a given --imatrix is used as "
+                               "is)")
     if options.calibration_chunks is not None and options.calibration_chunks < 1:
         raise UnsupportedError(f"--calib-chunks {options.calibration_chunks}: give at least 1 chunk")
-    if method == "gptq" and options.imatrix is not None:
-        raise UnsupportedError("--method gptq collects its own statistics on the calibration text (the inputs of "
-                               "the model as quantized so far); drop --imatrix, or use --method imatrix")
+    if method in LAYERWISE_METHODS and options.imatrix is not None:
+        raise UnsupportedError(f"--method {method} collects its own statistics on the calibration text (the inputs "
+                               "of the model as quantized so far); drop --imatrix, or use --method imatrix")
     if method == "imatrix" and options.imatrix is None and not options.calibrate:
         raise UnsupportedError("--method imatrix needs --imatrix FILE or --calibrate")
     if method is None:
@@ -187,19 +193,24 @@ def _importance_matrix(model: CanonicalModel, options: GGUFOptions, method: str 
     return calibrate(model, chunks=options.calibration_chunks, progress=options.progress), "calibrate"
 
 
-def _gptq_tensors(model: CanonicalModel, choices: dict, options: GGUFOptions, notes: list[str]) -> dict:
+def _layerwise_tensors(model: CanonicalModel, choices: dict, method: str, options: GGUFOptions,
+                       notes: list[str]) -> dict:
+    """The tensors --method gptq / awq quantize layer by layer on the calibration text (GGUF name -> bytes)."""
     from ondevice.quant.calibrated import DAMP, DAMP_DOWN, GptqReport, gptq_tensors
     from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
 
     chunks = chunk_tokens(model, bundled_calibration_text(), 512, options.calibration_chunks)
     report = GptqReport()
-    with progress_bar(model.spec.n_layers, f"gptq {len(chunks)}x512 tokens", options.progress) as bar:
+    with progress_bar(model.spec.n_layers, f"{method} {len(chunks)}x512 tokens", options.progress) as bar:
         bar.unit = "layer"
         tensors = gptq_tensors(model, {name: choice.qtype for name, choice in choices.items()}, chunks,
-                               report=report, on_layer=lambda _layer: bar.update(1))
-    notes.append(f"gptq: {len(tensors)} tensors, {len(chunks)}x512 calibration tokens, damp {DAMP} "
-                 f"({DAMP_DOWN} for ffn_down); output error "
-                 f"on the calibration inputs {report.mean_ratio():.2f}x the importance-weighted rounding's (mean)")
+                               report=report, on_layer=lambda _layer: bar.update(1), **LAYERWISE_METHODS[method])
+    if method == "gptq":
+        notes.append(f"gptq: {len(tensors)} tensors, {len(chunks)}x512 calibration tokens, damp {DAMP} "
+                     f"({DAMP_DOWN} for ffn_down); output error on the calibration inputs "
+                     f"{report.mean_ratio():.2f}x the importance-weighted rounding's (mean)")
+    else:
+        notes.append(f"awq: {len(tensors)} tensors (norms included), {len(chunks)}x512 calibration tokens")
     return tensors
 
 
@@ -252,9 +263,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         notes.append(f"imatrix: {len(weighted) - len(missing)} tensors quantized with importance weights "
                      f"({imatrix_source})")
 
-    calibrated = _gptq_tensors(model, choices, options, notes) if method == "gptq" else {}
-    if method == "gptq":
-        fields["quantize.ondevice.method"] = TypedValue(ValueType.STRING, "gptq")
+    calibrated = _layerwise_tensors(model, choices, method, options, notes) if method in LAYERWISE_METHODS else {}
+    if method in LAYERWISE_METHODS:
+        fields["quantize.ondevice.method"] = TypedValue(ValueType.STRING, method)
     planned, types, fallbacks = [], [], []
     for hf_name, tensor in model.tensors.items():
         gguf_name = arch.gguf_name(hf_name)

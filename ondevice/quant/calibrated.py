@@ -34,6 +34,12 @@ from ondevice.quant.grids import SCALE_RATIOS, has_grid, stored_grid, with_codes
 DAMP = 0.1
 DAMP_DOWN = 1.0
 
+# The matrices that read one RMSNorm's output, and that norm: an input-channel scale s folds exactly into them
+# (W diag(s), the norm's weight / s), which is how AWQ's scales reach a GGUF without a new tensor.
+NORM_BEFORE = {("q", "k", "v"): "attn_norm", ("gate", "up"): "ffn_norm"}
+# AWQ's exponents tried: s = (mean |x| per channel)^alpha.
+AWQ_ALPHAS = tuple(np.round(np.arange(0.0, 1.01, 0.1), 2))
+
 
 @dataclass
 class GptqReport:
@@ -55,6 +61,29 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
     diff = wide - approx
     base = float(((wide @ hessian) * wide).sum())
     return float(((diff @ hessian) * diff).sum()) / base if base > 0 else 0.0
+
+
+def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.ndarray, hessian: np.ndarray,
+              alphas: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
+    """(per-input-channel scale s, its alpha) for matrices that read the same input x: of s = magnitude^alpha
+    (magnitude: mean |x| per channel), normalized to a geometric mean of 1, the one whose importance-weighted
+    rounding of W diag(s) (then divided by s) has the least summed output error under H = E[x x^T] (AWQ, Lin et
+    al. 2023, on each type's own quantizer). alpha = 0 is s = 1, the plain imatrix rounding, so the search never
+    does worse on these inputs. Channels of equal magnitude get equal scales (how a shared scale is asked for)."""
+    magnitude = np.maximum(np.asarray(magnitude, np.float64), 1e-8)
+    importance = np.diag(hessian)
+    best, best_alpha, best_error = np.ones(len(magnitude)), 0.0, np.inf
+    for alpha in AWQ_ALPHAS if alphas is None else alphas:
+        scale = magnitude ** alpha
+        scale /= np.exp(np.log(scale).mean())
+        error = 0.0
+        for qtype, weight in zip(qtypes, weights, strict=True):
+            scaled = (weight * scale).astype(np.float32)
+            data = qtype.quantize(scaled, importance=(importance / scale**2).astype(np.float32))
+            error += output_error(weight, qtype.dequantize(data, weight.shape[1]) / scale, hessian)
+        if error < best_error:
+            best, best_alpha, best_error = scale, float(alpha), error
+    return best.astype(np.float32), best_alpha
 
 
 def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp: float = DAMP,
@@ -83,10 +112,12 @@ def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp:
 
 def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
                  damp: float = DAMP, damp_down: float = DAMP_DOWN, skip_first: bool = False, refits: int = 0,
-                 report: GptqReport | None = None,
+                 awq: bool = False, awq_pairs: bool = False, gptq: bool = True, report: GptqReport | None = None,
                  on_layer: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """GPTQ'd bytes of every block matrix whose type (`types`: HF name -> QuantType) has a grid, keyed by GGUF
-    name (rows in GGUF order: q/k permuted as llama.cpp stores them)."""
+    name (rows in GGUF order: q/k permuted as llama.cpp stores them). awq: first scale the input channels of the
+    matrices behind each RMSNorm by awq_scale (the norm's weight divided by it, returned too); gptq = False: the
+    importance-weighted rounding instead of GPTQ's codes. awq_pairs: also scale v -> o and up -> down (pair_scales)."""
     from ondevice.decoder import run_decoder
     from ondevice.reference import FinalHiddenOps
 
@@ -95,6 +126,8 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
     out: dict[str, np.ndarray] = {}
 
     class Sequential(FinalHiddenOps):
+        pending: dict[tuple[str, int], np.ndarray] = {}  # (role, layer) -> AWQ scale of its input columns
+
         def project(self, x: np.ndarray, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[np.ndarray]:
             if on_layer is not None and "down" in roles:
                 on_layer(layer)
@@ -104,30 +137,95 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
             fit = np.delete(x, self.bounds[:-1], axis=0) if skip_first else x  # without each chunk's BOS
             hessian = (fit.T @ fit).astype(np.float64) / len(fit)
             damping = damp_down if "down" in roles else damp
-            prepared = prepare_hessian(hessian, damping)
+            columns = {role: self.pending.pop((role, layer)) for role in roles if (role, layer) in self.pending}
+            rows = self.pair_scales(x, roles, layer, bias) if awq_pairs else {}
+            if awq and roles in NORM_BEFORE:
+                scale, x, hessian = self.fold_awq_scale(x, hessian, roles, names, layer)
+                columns = {role: scale for role in roles}
+            prepared = prepare_hessian(hessian, damping) if gptq else None
             results = []
             for role, name in zip(roles, names, strict=True):
                 qtype = types.get(name)
-                if qtype is None or not has_grid(qtype):
+                if qtype is None or (not has_grid(qtype) and not columns and not rows):
                     results.append(super().project(x, (role,), layer, bias)[0])
                     continue
                 weight = model.tensors[name].load().astype(np.float32)
+                if role in columns:
+                    weight = weight * columns[role]
+                if role in rows:
+                    weight = weight / rows[role][:, None]
                 heads = arch.qk_heads(spec, name)
                 if heads:
                     weight = permute_for_gguf(weight, heads)
-                data, base = gptq_matrix(qtype, weight, hessian, damping, prepared, refits)
+                if gptq and has_grid(qtype):
+                    data, base = gptq_matrix(qtype, weight, hessian, damping, prepared, refits)
+                else:  # the importance-weighted rounding (types without importance weights ignore it)
+                    data = base = qtype.quantize(weight, importance=np.diag(hessian).astype(np.float32))
                 gguf_name = arch.gguf_name(name)
                 out[gguf_name] = data
                 quantized = qtype.dequantize(data, weight.shape[1])
-                if report is not None:
+                if report is not None and has_grid(qtype):
                     report.rounding_error[gguf_name] = output_error(weight, qtype.dequantize(base, weight.shape[1]),
                                                                     hessian)
                     report.gptq_error[gguf_name] = output_error(weight, quantized, hessian)
                 if heads:
                     quantized = unpermute_from_gguf(quantized, heads)
                 y = x @ quantized.T
-                results.append(y + self.load(f"{role}_bias", layer) if bias else y)
+                results.append(y + self.scaled_bias(role, layer, rows.get(role)) if bias else y)
             return results
+
+        def scaled_bias(self, role: str, layer: int, divisor: np.ndarray | None) -> np.ndarray:
+            b = self.load(f"{role}_bias", layer)
+            if divisor is None:
+                return b
+            b = (b / divisor).astype(np.float32)
+            name = self.tensor_name(f"{role}_bias", layer)
+            out[arch.gguf_name(name)] = types[name].quantize(b)
+            return b
+
+        def fold_awq_scale(self, x: np.ndarray, hessian: np.ndarray, roles: tuple[str, ...], names: list[str],
+                           layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """AWQ's scale s for the matrices `names` behind one norm; records that norm's weight / s in `out` and
+            returns (s, x / s, H of x / s): the matrices then quantize W diag(s) on that input."""
+            weights = [model.tensors[name].load().astype(np.float32) for name in names]
+            scale, _alpha = awq_scale([types[name] for name in names], weights, np.abs(x).mean(axis=0), hessian)
+            norm_name = self.tensor_name(NORM_BEFORE[roles], layer)
+            norm = (self.norm_weight(NORM_BEFORE[roles], layer) / scale).astype(np.float32)  # the effective weight
+            out[arch.gguf_name(norm_name)] = types[norm_name].quantize(norm)
+            inverse = (1.0 / scale).astype(np.float64)
+            return scale, (x / scale).astype(np.float32), hessian * np.outer(inverse, inverse)
+
+        def pair_scales(self, x: np.ndarray, roles: tuple[str, ...], layer: int, bias: bool) -> dict[str, np.ndarray]:
+            """AWQ scales of the matrices whose input is another matrix's output up to a per-channel product:
+            o reads v through attention, down reads up through the gated activation. From this call's float
+            outputs, s for the reader's input columns; returns the producer's row divisor, the reader's columns
+            wait in `pending`."""
+            pairs = {("q", "k", "v"): ("v", "o"), ("gate", "up"): ("up", "down")}
+            if roles not in pairs:
+                return {}
+            producer, reader = pairs[roles]
+            outputs = dict(zip(roles, super().project(x, roles, layer, bias), strict=True))
+            if roles == ("q", "k", "v"):
+                q, k = outputs["q"], outputs["k"]
+                if spec.qk_norm:
+                    q = self.head_norm(q, "q_norm", layer, spec.n_heads)
+                    k = self.head_norm(k, "k_norm", layer, spec.n_kv_heads)
+                inputs = self.attention(q, k, outputs["v"], layer)
+                # one scale per channel of a KV head, shared by the query heads that read it
+                group = spec.n_heads // spec.n_kv_heads
+                magnitude = np.abs(inputs).mean(axis=0).reshape(spec.n_kv_heads, group, spec.head_dim).mean(axis=1)
+                magnitude = np.repeat(magnitude, group, axis=0).reshape(-1)
+            else:
+                inputs = self.gated_act(outputs["gate"], outputs["up"], layer)
+                magnitude = np.abs(inputs).mean(axis=0)
+            reader_name = self.tensor_name(reader, layer)
+            hessian = (inputs.T @ inputs).astype(np.float64) / len(inputs)
+            weight = model.tensors[reader_name].load().astype(np.float32)
+            scale, _alpha = awq_scale([types[reader_name]], [weight], magnitude, hessian)
+            self.pending[(reader, layer)] = scale
+            if roles == ("q", "k", "v"):
+                return {producer: scale.reshape(spec.n_kv_heads, group, spec.head_dim)[:, 0].reshape(-1)}
+            return {producer: scale}
 
     run_decoder(Sequential(model, chunks))
     return out
