@@ -46,6 +46,11 @@ from ondevice.quant.affine import source_affine_grid
 @dataclass
 class MLXOptions(ConvertOptions):
     group_size: int | None = None  # affine group; None = 64 where every width allows, else 32
+    method: str | None = None  # "awq": scales searched on the calibration text, folded in before mlx's rounding
+    calibration_chunks: int | None = None  # chunks of 512 tokens of the calibration text (default: all, 24)
+
+
+METHODS = ("awq",)
 
 
 TARGET = Target(
@@ -57,8 +62,15 @@ TARGET = Target(
     suffix="",
     description="an MLX folder (safetensors + config) that mlx_lm.load runs; int4/int8 in mlx's affine groups",
     options=MLXOptions,
-    cli_options=(TargetOption("--group-size", "group_size", "affine group: 32, 64 or 128 (default 64 where every "
-                              "width allows it)"),),
+    cli_options=(
+        TargetOption("--group-size", "group_size", "affine group: 32, 64 or 128 (default 64 where every "
+                     "width allows it)"),
+        TargetOption("--method", "method", "awq: per-channel scales chosen on the bundled calibration text (each "
+                     "layer's output error under mlx's own rounding), folded into the norms and the v/up rows, so "
+                     "mlx-lm loads the folder unchanged", type=str, metavar="{awq}"),
+        TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
+                     "bundled calibration text (default: all 24)", type=int),
+    ),
 )
 
 GROUP_SIZES = (32, 64, 128)
@@ -162,6 +174,41 @@ def check_group_size(group_size: int | None, quant: str, plans: list[LayerPlan])
                                f"({', '.join(map(str, widths))}); choose a group size that does, e.g. 32")
 
 
+# ---------------------------------------------------------------------------------------------------- calibration
+class _MlxRounding:
+    """mlx's affine rounding of one layer as ondevice.quant.calibrated's pass uses a quantizer: quantize() returns
+    the rounded float32 weights (mlx_lm.convert's cast to float16, then mx.quantize), dequantize() them as they are;
+    mx.quantize takes no importance weights."""
+
+    def __init__(self, group_size: int, bits: int) -> None:
+        self.name, self.group_size, self.bits = f"mlx_int{bits}_g{group_size}", group_size, bits
+
+    def quantize(self, x: np.ndarray, *, name: str | None = None, importance: np.ndarray | None = None) -> np.ndarray:
+        return affine_dequantize(*_quantize_rows(x.astype(np.float16), self.group_size, self.bits), self.bits)
+
+    def dequantize(self, data: np.ndarray, n: int) -> np.ndarray:
+        return data
+
+
+def awq_folded(model: CanonicalModel, plans: list[LayerPlan], bits: int, options: MLXOptions) -> dict[str, LazyTensor]:
+    """The tensors AWQ's scales change (norms, matrices, biases), as float tensors to quantize in their place."""
+    from ondevice.quant import get_quant_type
+    from ondevice.quant.calibrated import gptq_tensors
+    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
+
+    f32 = get_quant_type("f32")
+    types = {name: f32 for name in model.tensors}
+    types.update({p.tensor.name: _MlxRounding(p.group_size, bits) for p in plans if p.group_size is not None})
+    chunks = chunk_tokens(model, bundled_calibration_text(), 512, options.calibration_chunks)
+    folded: dict[str, np.ndarray] = {}
+    with progress_bar(model.spec.n_layers, f"awq {len(chunks)}x512 tokens", options.progress) as bar:
+        bar.unit = "layer"
+        gptq_tensors(model, types, chunks, awq=True, awq_pairs=True, gptq=False, folded=folded,
+                     on_layer=lambda _layer: bar.update(1))
+    return {name: LazyTensor(name, model.tensors[name].shape, "F32", lambda data=data: data)
+            for name, data in folded.items()}
+
+
 # ---------------------------------------------------------------------------------------------------- writing
 def _float_tensor(name: str, tensor: LazyTensor, dtype: str) -> PlannedSafeTensor:
     if dtype == "BF16":
@@ -227,6 +274,16 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     plans = plan_layers(model, requested if quant in QUANT_BITS else None)
     check_group_size(requested, quant, plans)
     bits = QUANT_BITS.get(quant)
+    if options.method is not None and options.method not in METHODS:
+        raise UnsupportedError(f"--method {options.method!r}: choose one of {', '.join(METHODS)} for --to mlx")
+    if options.method is not None and bits is None:
+        raise UnsupportedError(f"--quant {quant} keeps the weights in float: there is nothing to calibrate "
+                               f"(--method {options.method} applies to int4/int8)")
+    if options.calibration_chunks is not None and options.method is None:
+        raise UnsupportedError("--calib-chunks needs --method awq")
+    if options.calibration_chunks is not None and options.calibration_chunks < 1:
+        raise UnsupportedError(f"--calib-chunks {options.calibration_chunks}: give at least 1 chunk")
+    folded = awq_folded(model, plans, bits, options) if options.method == "awq" else {}
 
     planned: list[PlannedSafeTensor] = []
     types: list[str] = []
@@ -236,8 +293,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     plan_by_tensor = {id(p.tensor): p for p in plans}
     group_counts: dict[int, int] = {}
     offered_grid = 0  # layers stored as Q4_0/Q4_1 that --group-size 32 would copy instead of re-quantize
-    for name, tensor in model.tensors.items():
-        plan = plan_by_tensor.get(id(tensor))
+    for name, source in model.tensors.items():
+        plan = plan_by_tensor.get(id(source))
+        tensor = folded.get(name, source)
         if bits is None or plan is None:
             planned.append(_float_tensor(name, tensor, "BF16" if quant == "bf16" else "F16"))
             types.append(quant if bits is None else "f16")

@@ -338,3 +338,46 @@ def test_int4_g32_from_a_4bit_gguf_copies_the_grid(tiny_models, tmp_path, source
     reference = hf_model(exact)
     load_dequantized_into(reference, out)  # the one 8-bit tensor of the GGUF is re-quantized by mlx's rule
     assert np.abs(runner(out).logits(TOKENS) - hf_logits(reference, TOKENS)).max() <= F16_TOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_awq_folds_exactly_and_runs_in_mlx(tiny_models, tmp_path, monkeypatch, arch):
+    """--method awq: the scales are folded into both sides (norms and matrices, v rows and biases with o columns,
+    up rows with down columns), so at int8 mlx's logits stay as near the float model's as plain int8's; alpha 1
+    is forced (the strongest scales) so that an unfolded side would show."""
+    import ondevice.quant.calibrated as calibrated
+
+    monkeypatch.setattr(calibrated, "AWQ_ALPHAS", (1.0,))
+    src = tiny_models[arch]
+    model = open_source(src)
+    try:
+        options = mlx_target.MLXOptions(quant="int8", progress=False, method="awq", calibration_chunks=2)
+        mlx_target.convert(model, tmp_path / "awq", options)
+    finally:
+        model.close()
+    convert(src, tmp_path / "plain", "int8")
+    ref = hf_logits(hf_model(src), TOKENS)
+    rms = {name: float(np.sqrt(((runner(tmp_path / name).logits(TOKENS) - ref) ** 2).mean()))
+           for name in ("awq", "plain")}
+    assert rms["awq"] < 1.5 * rms["plain"], rms
+    a, b = (SafetensorsFile(tmp_path / name / "model.safetensors") for name in ("awq", "plain"))
+    try:
+        norm = "model.layers.0.input_layernorm.weight"
+        assert not np.array_equal(a.load_f32(norm), b.load_f32(norm))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_method_errors_are_one_line(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    model = open_source(src)
+    try:
+        for options, message in ((mlx_target.MLXOptions(quant="int4", method="gptq"), "choose one of awq"),
+                                 (mlx_target.MLXOptions(quant="f16", method="awq"), "nothing to calibrate"),
+                                 (mlx_target.MLXOptions(quant="int4", calibration_chunks=2), "needs --method awq")):
+            with pytest.raises(UnsupportedError, match=message):
+                mlx_target.convert(model, tmp_path / "x", options)
+            assert not (tmp_path / "x").exists()
+    finally:
+        model.close()

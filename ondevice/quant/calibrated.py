@@ -39,6 +39,7 @@ DAMP_DOWN = 1.0
 NORM_BEFORE = {("q", "k", "v"): "attn_norm", ("gate", "up"): "ffn_norm"}
 # AWQ's exponents tried: s = (mean |x| per channel)^alpha.
 AWQ_ALPHAS = tuple(np.round(np.arange(0.0, 1.01, 0.1), 2))
+FLOAT_TYPES = ("f32", "f16", "bf16")
 
 
 @dataclass
@@ -113,17 +114,27 @@ def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp:
 def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
                  damp: float = DAMP, damp_down: float = DAMP_DOWN, skip_first: bool = False, refits: int = 0,
                  awq: bool = False, awq_pairs: bool = False, gptq: bool = True, report: GptqReport | None = None,
+                 folded: dict[str, np.ndarray] | None = None,
                  on_layer: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """GPTQ'd bytes of every block matrix whose type (`types`: HF name -> QuantType) has a grid, keyed by GGUF
     name (rows in GGUF order: q/k permuted as llama.cpp stores them). awq: first scale the input channels of the
     matrices behind each RMSNorm by awq_scale (the norm's weight divided by it, returned too); gptq = False: the
-    importance-weighted rounding instead of GPTQ's codes. awq_pairs: also scale v -> o and up -> down (pair_scales)."""
+    importance-weighted rounding instead of GPTQ's codes. awq_pairs: also scale v -> o and up -> down (pair_scales).
+    folded: filled with the float tensors the scales changed, by HF name in the source's form (what a target
+    without a GGUF grid quantizes itself: `types` then holds its quantizer, quantize() returning the rounded floats)."""
     from ondevice.decoder import run_decoder
     from ondevice.reference import FinalHiddenOps
 
     arch = get_architecture(model.spec.arch)
     spec = model.spec
     out: dict[str, np.ndarray] = {}
+
+    def rounds(qtype: QuantType | None) -> bool:
+        """Whether this pass quantizes a matrix of this type (GPTQ: the types with a grid; AWQ: every non-float
+        one, so that later layers see it rounded); the others compute in float here."""
+        if qtype is None or qtype.name in FLOAT_TYPES:
+            return False
+        return has_grid(qtype) or awq or awq_pairs
 
     class Sequential(FinalHiddenOps):
         pending: dict[tuple[str, int], np.ndarray] = {}  # (role, layer) -> AWQ scale of its input columns
@@ -132,7 +143,7 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
             if on_layer is not None and "down" in roles:
                 on_layer(layer)
             names = [self.tensor_name(role, layer) for role in roles]
-            if not any(has_grid(types[name]) for name in names if name in types):
+            if not any(rounds(types.get(name)) for name in names):
                 return super().project(x, roles, layer, bias)
             fit = np.delete(x, self.bounds[:-1], axis=0) if skip_first else x  # without each chunk's BOS
             hessian = (fit.T @ fit).astype(np.float64) / len(fit)
@@ -146,7 +157,7 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
             results = []
             for role, name in zip(roles, names, strict=True):
                 qtype = types.get(name)
-                if qtype is None or (not has_grid(qtype) and not columns and not rows):
+                if not rounds(qtype):
                     results.append(super().project(x, (role,), layer, bias)[0])
                     continue
                 weight = model.tensors[name].load().astype(np.float32)
@@ -154,6 +165,8 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
                     weight = weight * columns[role]
                 if role in rows:
                     weight = weight / rows[role][:, None]
+                if folded is not None and (role in columns or role in rows):
+                    folded[name] = weight
                 heads = arch.qk_heads(spec, name)
                 if heads:
                     weight = permute_for_gguf(weight, heads)
@@ -181,6 +194,8 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
             b = (b / divisor).astype(np.float32)
             name = self.tensor_name(f"{role}_bias", layer)
             out[arch.gguf_name(name)] = types[name].quantize(b)
+            if folded is not None:
+                folded[name] = b
             return b
 
         def fold_awq_scale(self, x: np.ndarray, hessian: np.ndarray, roles: tuple[str, ...], names: list[str],
@@ -192,6 +207,8 @@ def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: 
             norm_name = self.tensor_name(NORM_BEFORE[roles], layer)
             norm = (self.norm_weight(NORM_BEFORE[roles], layer) / scale).astype(np.float32)  # the effective weight
             out[arch.gguf_name(norm_name)] = types[norm_name].quantize(norm)
+            if folded is not None:
+                folded[norm_name] = norm - np.float32(spec.norm_offset)
             inverse = (1.0 / scale).astype(np.float64)
             return scale, (x / scale).astype(np.float32), hessian * np.outer(inverse, inverse)
 
