@@ -180,7 +180,7 @@ typedef struct {
     /* Scale searches of the weight quantizers (quantize.c), NULL: the scalar ones. Q4_K: the 8 sub-blocks of a
      * super-block, x and w [256], codes L [256], scales and negated mins [8]; Q6_K: x [256], L [256], scales [16]. */
     void (*q4_k_search)(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
-    void (*q6_k_search)(const float *x, uint8_t *L, float *scales);
+    void (*q6_k_search)(const float *x, const float *qw, uint8_t *L, float *scales);
 } od_isa_ops;
 
 extern const od_isa_ops od_ops_scalar;
@@ -198,7 +198,7 @@ void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n)
 void od_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_add_avx2(float *x, const float *y, int64_t n);
 void od_q4_k_search_avx2(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
-void od_q6_k_search_avx2(const float *x, uint8_t *L, float *scales);
+void od_q6_k_search_avx2(const float *x, const float *qw, uint8_t *L, float *scales);
 #endif
 #if defined(__aarch64__)
 extern const od_isa_ops od_ops_neon;         /* plain ARMv8 NEON */

@@ -354,21 +354,20 @@ static float search_scale_weighted(int n, int nmax, const float *x, const float 
     return scale;
 }
 
-static float search_scale_symmetric(int n, int nmax, const float *x, uint8_t *L) {
-    return search_scale_weighted(n, nmax, x, NULL, L);
+static void q6_k_search_scalar(const float *x, const float *qw, uint8_t *L, float *scales) {
+    for (int j = 0; j < 16; j++) scales[j] = search_scale_weighted(16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, L + 16 * j);
 }
 
-static void q6_k_search_scalar(const float *x, uint8_t *L, float *scales) {
-    for (int j = 0; j < 16; j++) scales[j] = search_scale_symmetric(16, 32, x + 16 * j, L + 16 * j);
-}
-
-static void quantize_q6_k(const float *x, block_q6_K *y, int64_t nb, int *overflow) {
+/* quantize_row_q6_K_ref, or with importance qw (per weight of the row) quantize_row_q6_K_impl: the same but for
+ * the sub-block search, weighted by qw itself (no sigma2 term). */
+static void quantize_q6_k(const float *x, const float *qw, block_q6_K *y, int64_t nb, int *overflow) {
     const od_isa_ops *ops = od_ops();
-    void (*search)(const float *, uint8_t *, float *) = ops->q6_k_search ? ops->q6_k_search : q6_k_search_scalar;
+    void (*search)(const float *, const float *, uint8_t *, float *) =
+        ops->q6_k_search ? ops->q6_k_search : q6_k_search_scalar;
     uint8_t L[OD_QK_K];
     float scales[16];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        search(x, L, scales);
+        search(x, qw ? qw + b * OD_QK_K : NULL, L, scales);
         float max_scale = 0.0f, max_abs_scale = 0.0f;
         for (int j = 0; j < 16; j++) {
             if (fabsf(scales[j]) > max_abs_scale) {
@@ -404,6 +403,67 @@ static void quantize_q6_k(const float *x, block_q6_K *y, int64_t nb, int *overfl
                 ql[l + 32] = (uint8_t)((Lh[l + 32] & 0x0F) | ((Lh[l + 96] & 0x0F) << 4));
                 qh[l] = (uint8_t)((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
                                   ((Lh[l + 96] >> 4) << 6));
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ legacy types with importance */
+
+/* llama.cpp's quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl: each weight's error counts qw * sqrt(sigma2 + x^2), sigma2
+ * the row's mean square (n weights), then make_qx_quants (symmetric) or make_qkx3_quants (affine, no MAD). */
+static void legacy_error_weights(const float *x, const float *qw, float sigma2, float *w) {
+    for (int j = 0; j < OD_QK; j++) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+}
+
+static float row_mean_square(const float *x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
+    return sum / (float)n;
+}
+
+/* Codes L of one block into qs (low nibbles: weights 0-15, high: 16-31) and, for 5 bits, the fifth bits. */
+static void pack_legacy_codes(const uint8_t *L, uint8_t *qs, uint8_t *qh) {
+    uint32_t high = 0;
+    for (int j = 0; j < OD_QK / 2; j++) {
+        qs[j] = (uint8_t)((L[j] & 0x0F) | ((L[j + OD_QK / 2] & 0x0F) << 4));
+        high |= ((uint32_t)(L[j] >> 4) & 1u) << j;
+        high |= ((uint32_t)(L[j + OD_QK / 2] >> 4) & 1u) << (j + OD_QK / 2);
+    }
+    if (qh) memcpy(qh, &high, 4);
+}
+
+static void quantize_legacy_weighted(int type, const float *x, const float *qw, void *y, int64_t n, int *overflow) {
+    const float sigma2 = row_mean_square(x, n);
+    float w[OD_QK];
+    uint8_t L[OD_QK];
+    for (int64_t b = 0; b < n / OD_QK; b++) {
+        const float *xb = x + b * OD_QK;
+        legacy_error_weights(xb, qw + b * OD_QK, sigma2, w);
+        if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q5_0) {
+            const float d = search_scale_weighted(OD_QK, type == OD_TYPE_Q4_0 ? 8 : 16, xb, w, L);
+            if (type == OD_TYPE_Q4_0) {
+                block_q4_0 *blk = (block_q4_0 *)y + b;
+                blk->d = scale_fp16(d, overflow);
+                pack_legacy_codes(L, blk->qs, NULL);
+            } else {
+                block_q5_0 *blk = (block_q5_0 *)y + b;
+                blk->d = scale_fp16(d, overflow);
+                pack_legacy_codes(L, blk->qs, blk->qh);
+            }
+        } else {
+            float the_min;
+            const float d = search_scale_min(OD_QK, type == OD_TYPE_Q4_1 ? 15 : 31, xb, w, L, &the_min, -0.9f, 0.05f, 36);
+            if (type == OD_TYPE_Q4_1) {
+                block_q4_1 *blk = (block_q4_1 *)y + b;
+                blk->d = scale_fp16(d, overflow);
+                blk->m = scale_fp16(-the_min, overflow);
+                pack_legacy_codes(L, blk->qs, NULL);
+            } else {
+                block_q5_1 *blk = (block_q5_1 *)y + b;
+                blk->d = scale_fp16(d, overflow);
+                blk->m = scale_fp16(-the_min, overflow);
+                pack_legacy_codes(L, blk->qs, blk->qh);
             }
         }
     }
@@ -637,6 +697,10 @@ typedef struct {
 } quant_job;
 
 static void quantize_one_row(int type, const float *x, const float *importance, void *y, int64_t n, int *overflow) {
+    if (importance && (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q4_1 || type == OD_TYPE_Q5_0 || type == OD_TYPE_Q5_1)) {
+        quantize_legacy_weighted(type, x, importance, y, n, overflow);
+        return;
+    }
     switch (type) {
     case OD_TYPE_Q8_0: quantize_q8_0(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q4_0: quantize_q4_0(x, y, n / OD_QK, overflow); break;
@@ -646,7 +710,7 @@ static void quantize_one_row(int type, const float *x, const float *importance, 
     case OD_TYPE_Q3_K: quantize_q3_k(x, importance, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q4_K: quantize_q4_k(x, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q5_K: quantize_q5_k(x, y, n / OD_QK_K, overflow); break;
-    case OD_TYPE_Q6_K: quantize_q6_k(x, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_Q6_K: quantize_q6_k(x, importance, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_IQ4_NL: quantize_iq4_nl(x, importance, y, n / OD_QK, overflow); break;
     case OD_TYPE_IQ4_XS: quantize_iq4_xs(x, importance, y, n / OD_QK_K, overflow); break;
     default: break;
@@ -670,7 +734,7 @@ int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64
 
 int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance) {
     /* the importance-weighted quantizers implemented here; numpy (ondevice/quant) has all of them */
-    if (importance && type != OD_TYPE_IQ4_NL && type != OD_TYPE_IQ4_XS && type != OD_TYPE_Q3_K) return OD_ETYPE;
+    if (importance && (type == OD_TYPE_Q8_0 || type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K)) return OD_ETYPE;
     const int64_t block = (type == OD_TYPE_Q3_K || type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS)
                               ? OD_QK_K : OD_QK;
     switch (type) {

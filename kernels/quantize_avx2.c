@@ -87,12 +87,16 @@ OD_AVX2 void od_q4_k_search_avx2(const float *x, const float *w, uint8_t *L, flo
     }
 }
 
-/* 8 of the 16 sub-blocks of 16 of a Q6_K super-block (search_scale_symmetric with nmax 32): sub-block j of x is
- * x[16 j .. 16 j + 16); L [128] codes out, scales [8] out. */
-OD_AVX2 static void q6_k_search8(const float *x, uint8_t *L, float *scales) {
-    __m256 xt[16], codes[16], trial[16];
-    for (int i = 0; i < 16; i++)
+/* 8 of the 16 sub-blocks of 16 of a Q6_K super-block (search_scale_weighted with nmax 32, weights qw or x^2 when
+ * qw is NULL): sub-block j of x is x[16 j .. 16 j + 16); L [128] codes out, scales [8] out. */
+OD_AVX2 static void q6_k_search8(const float *x, const float *qw, uint8_t *L, float *scales) {
+    __m256 xt[16], wts[16], codes[16], trial[16];
+    for (int i = 0; i < 16; i++) {
         xt[i] = _mm256_setr_ps(x[i], x[16 + i], x[32 + i], x[48 + i], x[64 + i], x[80 + i], x[96 + i], x[112 + i]);
+        wts[i] = qw ? _mm256_setr_ps(qw[i], qw[16 + i], qw[32 + i], qw[48 + i], qw[64 + i], qw[80 + i], qw[96 + i],
+                                     qw[112 + i])
+                    : _mm256_mul_ps(xt[i], xt[i]);
+    }
     const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
     const __m256 lo = _mm256_set1_ps(-32.0f), hi = _mm256_set1_ps(31.0f), offset = _mm256_set1_ps(32.0f);
     __m256 amax = zero, max = zero;
@@ -107,7 +111,7 @@ OD_AVX2 static void q6_k_search8(const float *x, uint8_t *L, float *scales) {
     for (int i = 0; i < 16; i++) {
         const __m256 l = clamp(round_even(_mm256_mul_ps(iscale, xt[i])), lo, hi);
         codes[i] = l;
-        const __m256 wt = _mm256_mul_ps(xt[i], xt[i]);
+        const __m256 wt = wts[i];
         sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(_mm256_mul_ps(wt, xt[i]), l));
         suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(wt, l), l));
     }
@@ -119,7 +123,7 @@ OD_AVX2 static void q6_k_search8(const float *x, uint8_t *L, float *scales) {
         sumlx = suml2 = zero;
         for (int i = 0; i < 16; i++) {
             trial[i] = clamp(round_even(_mm256_mul_ps(iscale, xt[i])), lo, hi);
-            const __m256 wt = _mm256_mul_ps(xt[i], xt[i]);
+            const __m256 wt = wts[i];
             sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(_mm256_mul_ps(wt, xt[i]), trial[i]));
             suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(wt, trial[i]), trial[i]));
         }
@@ -139,9 +143,9 @@ OD_AVX2 static void q6_k_search8(const float *x, uint8_t *L, float *scales) {
     }
 }
 
-OD_AVX2 void od_q6_k_search_avx2(const float *x, uint8_t *L, float *scales) {
-    q6_k_search8(x, L, scales);
-    q6_k_search8(x + 128, L + 128, scales + 8);
+OD_AVX2 void od_q6_k_search_avx2(const float *x, const float *qw, uint8_t *L, float *scales) {
+    q6_k_search8(x, qw, L, scales);
+    q6_k_search8(x + 128, qw ? qw + 128 : NULL, L + 128, scales + 8);
 }
 
 #endif /* x86-64 */

@@ -497,6 +497,7 @@ class Q6_K(WeightedSearchType):
     block_size = QK_K
     type_size = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
     native = True
+    native_weighted = True
     chunk_blocks = 256
 
     def _from_search(self, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:

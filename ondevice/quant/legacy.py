@@ -123,6 +123,7 @@ class Q4_0(QuantType):
     block_size = QK
     type_size = 2 + QK // 2
     native = True
+    native_weighted = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = _signed_absmax(blocks) / F32(-8)
@@ -154,6 +155,7 @@ class Q4_1(QuantType):
     block_size = QK
     type_size = 4 + QK // 2
     native = True
+    native_weighted = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         lo, hi = _first_extremes(blocks)
@@ -189,6 +191,7 @@ class Q5_0(QuantType):
     block_size = QK
     type_size = 2 + 4 + QK // 2
     native = True
+    native_weighted = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         d = _signed_absmax(blocks) / F32(-16)
@@ -216,6 +219,7 @@ class Q5_1(QuantType):
     block_size = QK
     type_size = 4 + 4 + QK // 2
     native = True
+    native_weighted = True
 
     def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         lo, hi = _first_extremes(blocks)
