@@ -233,39 +233,124 @@ static void q5_k_search_scalar(const float *x, const float *w, uint8_t *L, float
 
 typedef void (*k_min_search_fn)(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
 
-/* One Q4_K / Q5_K super-block (quantize_row_q4_K_ref / _q5_K_ref): the search, the 6-bit scales and mins packed
- * into `scales`, the fp16 d and dmin, and the codes L in 0..nmax against the scale and min actually stored. */
-static void quantize_k_min_superblock(const float *x, int nmax, k_min_search_fn search, od_half *d_out,
-                                      od_half *dmin_out, uint8_t *packed, uint8_t *L, int *overflow) {
+/* make_qp_quants: a positive scale for the n non-negative x (a super-block's sub-block scales or mins) under
+ * weights w, 9 candidates then up to 5 passes of coordinate descent; codes L in 0..nmax. */
+static float search_positive_scale(int n, int nmax, const float *x, uint8_t *L, const float *w) {
+    float max = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (x[i] > max) max = x[i];
+    if (max < GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.0f;
+    }
+    float iscale = (float)nmax / max, best_mse = 0.0f;
+    for (int i = 0; i < n; i++) L[i] = (uint8_t)nearest_int(iscale * x[i]);
+    const float first = 1.0f / iscale;
+    for (int i = 0; i < n; i++) {
+        const float diff = x[i] - first * (float)L[i];
+        best_mse += w[i] * diff * diff;
+    }
+    for (int step = -4; step <= 4; step++) {
+        if (step == 0) continue;
+        const float trial = (0.1f * (float)step + (float)nmax) / max, scale = 1.0f / trial;
+        float mse = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = nearest_int(trial * x[i]);
+            l = l < nmax ? l : nmax;
+            const float diff = x[i] - scale * (float)l;
+            mse += w[i] * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = trial;
+        }
+    }
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * x[i]);
+        l = l < nmax ? l : nmax;
+        L[i] = (uint8_t)l;
+        sumlx += w[i] * x[i] * (float)l;
+        suml2 += w[i] * (float)l * (float)l;
+    }
+    for (int pass = 0; pass < 5; pass++) {
+        int changed = 0;
+        for (int i = 0; i < n; i++) {
+            float slx = sumlx - w[i] * x[i] * (float)L[i], sl2 = suml2 - w[i] * (float)L[i] * (float)L[i];
+            if (!(slx > 0.0f && sl2 > 0.0f)) continue;
+            int l = nearest_int(x[i] * sl2 / slx);
+            l = l < nmax ? l : nmax;
+            if (l == L[i]) continue;
+            slx += w[i] * x[i] * (float)l;
+            sl2 += w[i] * (float)l * (float)l;
+            if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                L[i] = (uint8_t)l;
+                sumlx = slx;
+                suml2 = sl2;
+                changed++;
+            }
+        }
+        if (!changed) break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* One Q4_K / Q5_K super-block: quantize_row_q4_K_ref / _q5_K_ref, or with importance qw (this super-block's 256)
+ * quantize_row_q4_K_impl / _q5_K_impl (error weights qw * sqrt(sigma2 + x^2), make_qkx3_quants, the 6-bit scales
+ * and mins by make_qp_quants weighted by the sub-blocks' weight sums). Out: the scales and mins packed into
+ * `packed`, the fp16 d and dmin, and the codes L in 0..nmax against the scale and min actually stored. */
+static void quantize_k_min_superblock(const float *x, const float *qw, int nmax, k_min_search_fn search,
+                                      od_half *d_out, od_half *dmin_out, uint8_t *packed, uint8_t *L, int *overflow) {
     float weights[OD_QK_K], mins[8], scales[8];
-    for (int j = 0; j < 8; j++) {
-        const float *xs = x + 32 * j;
-        float sum_x2 = 0.0f;
-        for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
-        const float av_x = sqrtf(sum_x2 / 32.0f);
-        for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
-    }
-    search(x, weights, L, scales, mins);
-    float max_scale = 0.0f, max_min = 0.0f;
-    for (int j = 0; j < 8; j++) {
-        if (scales[j] > max_scale) max_scale = scales[j];
-        if (mins[j] > max_min) max_min = mins[j];
-    }
-    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
     uint8_t ls[8], lm[8];
-    for (int j = 0; j < 8; j++) {
-        ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
-        lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
-        if (ls[j] > 63) ls[j] = 63;
-        if (lm[j] > 63) lm[j] = 63;
+    float d_block, m_block;
+    if (qw) {
+        float sum_x2 = 0.0f, sub_weights[8];
+        for (int l = 0; l < OD_QK_K; l++) sum_x2 += x[l] * x[l];
+        const float sigma2 = 2.0f * sum_x2 / (float)OD_QK_K;
+        for (int j = 0; j < 8; j++) {
+            float sum_w = 0.0f;
+            for (int l = 32 * j; l < 32 * j + 32; l++) {
+                weights[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
+                sum_w += weights[l];
+            }
+            sub_weights[j] = sum_w;
+            scales[j] = search_scale_min(32, nmax, x + 32 * j, weights + 32 * j, L + 32 * j, &mins[j], -0.9f, 0.05f,
+                                         36);
+        }
+        d_block = search_positive_scale(8, 63, scales, ls, sub_weights);
+        m_block = search_positive_scale(8, 63, mins, lm, sub_weights);
+    } else {
+        for (int j = 0; j < 8; j++) {
+            const float *xs = x + 32 * j;
+            float sum_x2 = 0.0f;
+            for (int l = 0; l < 32; l++) sum_x2 += xs[l] * xs[l];
+            const float av_x = sqrtf(sum_x2 / 32.0f);
+            for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
+        }
+        search(x, weights, L, scales, mins);
+        float max_scale = 0.0f, max_min = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+        const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+        for (int j = 0; j < 8; j++) {
+            ls[j] = (uint8_t)nearest_int(inv_scale * scales[j]);
+            lm[j] = (uint8_t)nearest_int(inv_min * mins[j]);
+            if (ls[j] > 63) ls[j] = 63;
+            if (lm[j] > 63) lm[j] = 63;
+        }
+        d_block = max_scale / 63.0f;
+        m_block = max_min / 63.0f;
     }
     for (int j = 0; j < 4; j++) {
         packed[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
         packed[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
         packed[j + 8] = (uint8_t)((ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4));
     }
-    const od_half d_half = scale_fp16(max_scale / 63.0f, overflow), dmin_half = scale_fp16(max_min / 63.0f, overflow);
+    const od_half d_half = scale_fp16(d_block, overflow), dmin_half = scale_fp16(m_block, overflow);
     memcpy(d_out, &d_half, 2);
     memcpy(dmin_out, &dmin_half, 2);
     /* the codes again, against the scale and min actually stored (fp16 x 6 bits) */
@@ -281,21 +366,23 @@ static void quantize_k_min_superblock(const float *x, int nmax, k_min_search_fn 
     }
 }
 
-static void quantize_q4_k(const float *x, block_q4_K *y, int64_t nb, int *overflow) {
+static void quantize_q4_k(const float *x, const float *qw, block_q4_K *y, int64_t nb, int *overflow) {
     const od_isa_ops *ops = od_ops();
     const k_min_search_fn search = ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
     uint8_t L[OD_QK_K];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        quantize_k_min_superblock(x, 15, search, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
+        quantize_k_min_superblock(x, qw ? qw + b * OD_QK_K : NULL, 15, search, &y[b].d, &y[b].dmin, y[b].scales, L,
+                                  overflow);
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
     }
 }
 
-static void quantize_q5_k(const float *x, block_q5_K *y, int64_t nb, int *overflow) {
+static void quantize_q5_k(const float *x, const float *qw, block_q5_K *y, int64_t nb, int *overflow) {
     uint8_t L[OD_QK_K];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        quantize_k_min_superblock(x, 31, q5_k_search_scalar, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
+        quantize_k_min_superblock(x, qw ? qw + b * OD_QK_K : NULL, 31, q5_k_search_scalar, &y[b].d, &y[b].dmin,
+                                  y[b].scales, L, overflow);
         memset(y[b].qh, 0, sizeof(y[b].qh));
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) {
@@ -708,8 +795,8 @@ static void quantize_one_row(int type, const float *x, const float *importance, 
     case OD_TYPE_Q5_0: quantize_q5_0(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q5_1: quantize_q5_1(x, y, n / OD_QK, overflow); break;
     case OD_TYPE_Q3_K: quantize_q3_k(x, importance, y, n / OD_QK_K, overflow); break;
-    case OD_TYPE_Q4_K: quantize_q4_k(x, y, n / OD_QK_K, overflow); break;
-    case OD_TYPE_Q5_K: quantize_q5_k(x, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_Q4_K: quantize_q4_k(x, importance, y, n / OD_QK_K, overflow); break;
+    case OD_TYPE_Q5_K: quantize_q5_k(x, importance, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_Q6_K: quantize_q6_k(x, importance, y, n / OD_QK_K, overflow); break;
     case OD_TYPE_IQ4_NL: quantize_iq4_nl(x, importance, y, n / OD_QK, overflow); break;
     case OD_TYPE_IQ4_XS: quantize_iq4_xs(x, importance, y, n / OD_QK_K, overflow); break;
@@ -734,7 +821,7 @@ int od_quantize_rows(void *dst, const float *src, int type, int64_t nrows, int64
 
 int od_quantize_rows_imatrix(void *dst, const float *src, int type, int64_t nrows, int64_t n, const float *importance) {
     /* the importance-weighted quantizers implemented here; numpy (ondevice/quant) has all of them */
-    if (importance && (type == OD_TYPE_Q8_0 || type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K)) return OD_ETYPE;
+    if (importance && type == OD_TYPE_Q8_0) return OD_ETYPE; /* ggml weights no Q8_0 rounding */
     const int64_t block = (type == OD_TYPE_Q3_K || type == OD_TYPE_Q4_K || type == OD_TYPE_Q5_K || type == OD_TYPE_Q6_K || type == OD_TYPE_IQ4_XS)
                               ? OD_QK_K : OD_QK;
     switch (type) {

@@ -76,7 +76,7 @@ def test_weighted_quantizers_are_byte_identical_to_ggml(ggml, name):
 
 
 @pytest.mark.parametrize("path", ["native", "numpy"])
-@pytest.mark.parametrize("name", ("iq4_nl", "iq4_xs", "q3_k", "q4_0", "q4_1", "q5_0", "q5_1", "q6_k"))
+@pytest.mark.parametrize("name", ("iq4_nl", "iq4_xs", "q3_k", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"))
 def test_native_and_numpy_are_ggml_quantize_chunk(ggml, monkeypatch, name, path):
     """The types kernels/quantize.c quantizes with importance weights, through it and through numpy, with and
     without them (IQ4 without: ggml_quantize_chunk runs the same search with weights x^2, not quantize_row_*_ref),

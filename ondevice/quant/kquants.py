@@ -286,6 +286,7 @@ class Q4_K(QuantType):
     block_size = QK_K
     type_size = 4 + 12 + QK_K // 2
     native = True
+    native_weighted = True
     chunk_blocks = 256  # the search makes ~10 temporaries of the chunk's size: keep them in cache
 
     # The code range and quantize_row_q4_K_ref's search (rmin, rdelta, steps); Q5_K overrides them.
