@@ -164,6 +164,14 @@ void od_attention_q8_scalar(const od_attn_args *args, int64_t kvh, int64_t g0, i
 
 /* ---------------------------------------------------------------- the per-ISA table */
 
+/* An asymmetric scale search of llama.cpp's make_qkx2/qkx3_quants (no MAD): codes 0..nmax, the candidate
+ * iscale (rmin + rdelta * step + nmax) / (max - min) for step 0..nstep. */
+typedef struct {
+    int nmax;
+    float rmin, rdelta;
+    int nstep;
+} od_k_search;
+
 typedef struct {
     const char *name;
     od_quantize_act_fn quantize_act;
@@ -177,9 +185,11 @@ typedef struct {
     void (*silu_mul)(float *out, const float *gate, const float *up, int64_t n);
     void (*gelu_mul)(float *out, const float *gate, const float *up, int64_t n);
     void (*add)(float *x, const float *y, int64_t n);
-    /* Scale searches of the weight quantizers (quantize.c), NULL: the scalar ones. Q4_K: the 8 sub-blocks of a
-     * super-block, x and w [256], codes L [256], scales and negated mins [8]; Q6_K: x [256], L [256], scales [16]. */
-    void (*q4_k_search)(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
+    /* Scale searches of the weight quantizers (quantize.c), NULL: the scalar ones. Q4_K/Q5_K: the 8 sub-blocks of
+     * a super-block under search p, x and w [256], codes L [256], scales and negated mins [8]; Q6_K: x [256], error
+     * weights qw [256] or NULL (x^2), L [256], scales [16]. */
+    void (*k_min_search)(const float *x, const float *w, const od_k_search *p, uint8_t *L, float *scales,
+                         float *neg_mins);
     void (*q6_k_search)(const float *x, const float *qw, uint8_t *L, float *scales);
 } od_isa_ops;
 
@@ -197,7 +207,8 @@ void od_attention_group_avx2(const od_attn_args *args, int64_t kvh, int64_t g0, 
 void od_silu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_gelu_mul_avx2(float *out, const float *gate, const float *up, int64_t n);
 void od_add_avx2(float *x, const float *y, int64_t n);
-void od_q4_k_search_avx2(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
+void od_k_min_search_avx2(const float *x, const float *w, const od_k_search *p, uint8_t *L, float *scales,
+                          float *neg_mins);
 void od_q6_k_search_avx2(const float *x, const float *qw, uint8_t *L, float *scales);
 #endif
 #if defined(__aarch64__)

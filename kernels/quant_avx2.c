@@ -1462,7 +1462,7 @@ const od_isa_ops od_ops_avx2 = {
     .silu_mul = od_silu_mul_avx2,
     .gelu_mul = od_gelu_mul_avx2,
     .add = od_add_avx2,
-    .q4_k_search = od_q4_k_search_avx2,
+    .k_min_search = od_k_min_search_avx2,
     .q6_k_search = od_q6_k_search_avx2,
 };
 

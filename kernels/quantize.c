@@ -221,17 +221,16 @@ static float search_scale_min(int n, int nmax, const float *x, const float *w, u
     return scale;
 }
 
-static void q4_k_search_scalar(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
+static void k_min_search_scalar(const float *x, const float *w, const od_k_search *p, uint8_t *L, float *scales,
+                                float *neg_mins) {
     for (int j = 0; j < 8; j++)
-        scales[j] = search_scale_min(32, 15, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -1.0f, 0.1f, 20);
+        scales[j] = search_scale_min(32, p->nmax, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], p->rmin, p->rdelta,
+                                     p->nstep);
 }
 
-static void q5_k_search_scalar(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
-    for (int j = 0; j < 8; j++)
-        scales[j] = search_scale_min(32, 31, x + 32 * j, w + 32 * j, L + 32 * j, &neg_mins[j], -0.5f, 0.1f, 15);
-}
-
-typedef void (*k_min_search_fn)(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins);
+/* quantize_row_q4_K_ref's / _q5_K_ref's searches, and make_qkx3_quants' of their _impl forms */
+static const od_k_search Q4_K_REF = {15, -1.0f, 0.1f, 20}, Q5_K_REF = {31, -0.5f, 0.1f, 15};
+static const od_k_search Q4_K_WEIGHTED = {15, -0.9f, 0.05f, 36}, Q5_K_WEIGHTED = {31, -0.9f, 0.05f, 36};
 
 /* make_qp_quants: a positive scale for the n non-negative x (a super-block's sub-block scales or mins) under
  * weights w, 9 candidates then up to 5 passes of coordinate descent; codes L in 0..nmax. */
@@ -299,8 +298,11 @@ static float search_positive_scale(int n, int nmax, const float *x, uint8_t *L, 
  * quantize_row_q4_K_impl / _q5_K_impl (error weights qw * sqrt(sigma2 + x^2), make_qkx3_quants, the 6-bit scales
  * and mins by make_qp_quants weighted by the sub-blocks' weight sums). Out: the scales and mins packed into
  * `packed`, the fp16 d and dmin, and the codes L in 0..nmax against the scale and min actually stored. */
-static void quantize_k_min_superblock(const float *x, const float *qw, int nmax, k_min_search_fn search,
-                                      od_half *d_out, od_half *dmin_out, uint8_t *packed, uint8_t *L, int *overflow) {
+static void quantize_k_min_superblock(const float *x, const float *qw, int nmax, od_half *d_out, od_half *dmin_out,
+                                      uint8_t *packed, uint8_t *L, int *overflow) {
+    const od_isa_ops *ops = od_ops();
+    void (*search)(const float *, const float *, const od_k_search *, uint8_t *, float *, float *) =
+        ops->k_min_search ? ops->k_min_search : k_min_search_scalar;
     float weights[OD_QK_K], mins[8], scales[8];
     uint8_t ls[8], lm[8];
     float d_block, m_block;
@@ -315,9 +317,8 @@ static void quantize_k_min_superblock(const float *x, const float *qw, int nmax,
                 sum_w += weights[l];
             }
             sub_weights[j] = sum_w;
-            scales[j] = search_scale_min(32, nmax, x + 32 * j, weights + 32 * j, L + 32 * j, &mins[j], -0.9f, 0.05f,
-                                         36);
         }
+        search(x, weights, nmax == 15 ? &Q4_K_WEIGHTED : &Q5_K_WEIGHTED, L, scales, mins);
         d_block = search_positive_scale(8, 63, scales, ls, sub_weights);
         m_block = search_positive_scale(8, 63, mins, lm, sub_weights);
     } else {
@@ -328,7 +329,7 @@ static void quantize_k_min_superblock(const float *x, const float *qw, int nmax,
             const float av_x = sqrtf(sum_x2 / 32.0f);
             for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(xs[l]);
         }
-        search(x, weights, L, scales, mins);
+        search(x, weights, nmax == 15 ? &Q4_K_REF : &Q5_K_REF, L, scales, mins);
         float max_scale = 0.0f, max_min = 0.0f;
         for (int j = 0; j < 8; j++) {
             if (scales[j] > max_scale) max_scale = scales[j];
@@ -367,12 +368,9 @@ static void quantize_k_min_superblock(const float *x, const float *qw, int nmax,
 }
 
 static void quantize_q4_k(const float *x, const float *qw, block_q4_K *y, int64_t nb, int *overflow) {
-    const od_isa_ops *ops = od_ops();
-    const k_min_search_fn search = ops->q4_k_search ? ops->q4_k_search : q4_k_search_scalar;
     uint8_t L[OD_QK_K];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        quantize_k_min_superblock(x, qw ? qw + b * OD_QK_K : NULL, 15, search, &y[b].d, &y[b].dmin, y[b].scales, L,
-                                  overflow);
+        quantize_k_min_superblock(x, qw ? qw + b * OD_QK_K : NULL, 15, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
     }
@@ -381,8 +379,7 @@ static void quantize_q4_k(const float *x, const float *qw, block_q4_K *y, int64_
 static void quantize_q5_k(const float *x, const float *qw, block_q5_K *y, int64_t nb, int *overflow) {
     uint8_t L[OD_QK_K];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        quantize_k_min_superblock(x, qw ? qw + b * OD_QK_K : NULL, 31, q5_k_search_scalar, &y[b].d, &y[b].dmin,
-                                  y[b].scales, L, overflow);
+        quantize_k_min_superblock(x, qw ? qw + b * OD_QK_K : NULL, 31, &y[b].d, &y[b].dmin, y[b].scales, L, overflow);
         memset(y[b].qh, 0, sizeof(y[b].qh));
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) {

@@ -20,15 +20,16 @@ OD_AVX2_INLINE __m256 clamp(__m256 v, __m256 lo, __m256 hi) { return _mm256_min_
 
 OD_AVX2_INLINE __m256 blend(__m256 a, __m256 b, __m256 take_b) { return _mm256_blendv_ps(a, b, take_b); }
 
-/* The 8 sub-blocks of 32 of a Q4_K super-block (search_scale_min with nmax 15, rmin -1, rdelta 0.1, 20 steps):
- * x and w [256] as in memory, L [256] codes out, scales/neg_mins [8] out. */
-OD_AVX2 void od_q4_k_search_avx2(const float *x, const float *w, uint8_t *L, float *scales, float *neg_mins) {
+/* The 8 sub-blocks of 32 of a Q4_K / Q5_K super-block (search_scale_min under p): x and w [256] as in memory,
+ * L [256] codes out, scales/neg_mins [8] out. */
+OD_AVX2 void od_k_min_search_avx2(const float *x, const float *w, const od_k_search *p, uint8_t *L, float *scales,
+                                  float *neg_mins) {
     __m256 xt[32], wt[32], codes[32], trial[32];
     for (int i = 0; i < 32; i++) {
         xt[i] = _mm256_setr_ps(x[i], x[32 + i], x[64 + i], x[96 + i], x[128 + i], x[160 + i], x[192 + i], x[224 + i]);
         wt[i] = _mm256_setr_ps(w[i], w[32 + i], w[64 + i], w[96 + i], w[128 + i], w[160 + i], w[192 + i], w[224 + i]);
     }
-    const __m256 zero = _mm256_setzero_ps(), nmax = _mm256_set1_ps(15.0f);
+    const __m256 zero = _mm256_setzero_ps(), nmax = _mm256_set1_ps((float)p->nmax);
     /* compare-and-blend, not vminps/vmaxps: the scalar code keeps the first of equal values (-0.0 vs 0.0) */
     __m256 mn = xt[0], mx = xt[0], sum_w = wt[0], sum_x = _mm256_mul_ps(wt[0], xt[0]);
     for (int i = 1; i < 32; i++) {
@@ -46,8 +47,8 @@ OD_AVX2 void od_q4_k_search_avx2(const float *x, const float *w, uint8_t *L, flo
         const __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, codes[i]), mn), xt[i]);
         best_error = _mm256_add_ps(best_error, _mm256_mul_ps(wt[i], _mm256_mul_ps(diff, diff)));
     }
-    for (int step = 0; step <= 20; step++) {
-        const float numerator = -1.0f + 0.1f * (float)step + 15.0f;
+    for (int step = 0; step <= p->nstep; step++) {
+        const float numerator = p->rmin + p->rdelta * (float)step + (float)p->nmax;
         iscale = _mm256_div_ps(_mm256_set1_ps(numerator), _mm256_sub_ps(mx, mn));
         __m256 sum_l = zero, sum_l2 = zero, sum_xl = zero;
         for (int i = 0; i < 32; i++) {

@@ -256,6 +256,8 @@ def test_native_quantizers_write_the_numpy_bytes(monkeypatch):
             qtype = get_quant_type(name)
             monkeypatch.setattr(quant_base, "_NUMPY_ONLY", True)
             reference = qtype.quantize(rows)
+            importance = (rng.random(512) ** 3 * 10).astype(np.float32)
+            weighted = qtype.quantize(rows, importance=importance) if qtype.takes_importance else None
             monkeypatch.setattr(quant_base, "_NUMPY_ONLY", False)
             for path in sorted({"scalar", isa}):
                 kernels._set_isa(path)
@@ -265,6 +267,11 @@ def test_native_quantizers_write_the_numpy_bytes(monkeypatch):
                     assert kernels.quantize_rows(out, rows, qtype.ggml_type, rows.shape[1]) is True
                     bad = np.flatnonzero((out != reference).any(axis=1))
                     assert bad.size == 0, f"{name}, {path}, {n_threads} threads: rows {bad[:10].tolist()} differ"
+                    if weighted is None:
+                        continue
+                    assert kernels.quantize_rows(out, rows, qtype.ggml_type, rows.shape[1], importance) is True
+                    bad = np.flatnonzero((out != weighted).any(axis=1))
+                    assert bad.size == 0, f"{name} weighted, {path}, {n_threads} threads: rows {bad[:10].tolist()}"
     finally:
         kernels._set_isa(isa)
         kernels.set_threads(threads)

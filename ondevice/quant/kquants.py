@@ -47,6 +47,9 @@ def _make_qkx2_quants(
     sum_w = sequential_sum(weights)
     sum_x = sequential_sum(weights * x)
     flat = hi == lo  # includes all-zero sub-blocks: codes 0, scale 0
+    # C keeps the first of equal values as the minimum: a constant sub-block's min is its first weight, whose sign
+    # of zero Q4_1/Q5_1 store (numpy's min over signed zeros may return either)
+    lo = np.where(flat, x[0], lo)
     # Scratch arrays reused by every step: the search is bound by memory traffic, and fresh arrays of this
     # size would cost page faults on every allocation.
     work = np.empty_like(x)
