@@ -29,18 +29,19 @@ from ondevice.quant.recipes import RECIPES, choose_tensor_type
 @dataclass
 class GGUFOptions(ConvertOptions):
     imatrix: Path | None = None  # an importance matrix file (llama.cpp's GGUF or .dat form)
-    calibrate: bool = False  # compute one on the bundled calibration text first
-    method: str | None = None  # "imatrix" (the default with --calibrate), "gptq" or "awq"; see METHODS
+    calibrate: bool = False  # calibrate on the bundled text (METHODS; --method awq unless told)
+    method: str | None = None  # see METHODS
     calibration_chunks: int | None = None  # chunks of 512 tokens of the calibration text (default: all, 24)
 
 
 # How the calibration statistics are used. imatrix: llama-quantize --imatrix's importance-weighted rounding (same
 # bytes). gptq: the same scales, codes chosen by GPTQ on each layer's inputs in the model as quantized so far
-# (ondevice.quant.calibrated). awq: per-channel scales folded into the RMSNorms and the v / up rows, then the
-# importance-weighted rounding, on those inputs too. gptq and awq compute their own statistics, so they take no
-# --imatrix file.
-METHODS = ("imatrix", "gptq", "awq")
-LAYERWISE_METHODS = {"gptq": {"gptq": True}, "awq": {"gptq": False, "awq": True, "awq_pairs": True}}
+# (ondevice.quant.calibrated). awq (--calibrate's default): per-channel scales folded into the RMSNorms and the
+# v / up rows, then the importance-weighted rounding, on those inputs too; awq+gptq: those scales, then GPTQ's
+# codes. The layer-by-layer methods compute their own statistics, so they take no --imatrix file.
+METHODS = ("imatrix", "gptq", "awq", "awq+gptq")
+LAYERWISE_METHODS = {"gptq": {"gptq": True}, "awq": {"gptq": False, "awq": True, "awq_pairs": True},
+                     "awq+gptq": {"gptq": True, "awq": True, "awq_pairs": True}}
 
 
 TARGET = Target(
@@ -56,13 +57,14 @@ TARGET = Target(
         TargetOption("--imatrix", "imatrix", "importance matrix (from `ondevice imatrix` or llama-imatrix, GGUF or "
                      ".dat) weighting the q4_0/q4_1/q5_0/q5_1/q3_k/q4_k/q5_k/q6_k/iq4_nl/iq4_xs tensors' rounding, as "
                      "llama-quantize --imatrix does", type=Path, metavar="FILE"),
-        TargetOption("--calibrate", "calibrate", "compute the importance matrix on the bundled calibration text "
-                     "first (`ondevice imatrix` defaults) and quantize with it (--method imatrix unless told)", type=None,
-                     switch_value=True),
+        TargetOption("--calibrate", "calibrate", "calibrate on the bundled calibration text: --method awq unless "
+                     "told (with --method imatrix: compute the importance matrix first, `ondevice imatrix` defaults, "
+                     "and quantize with it as llama-quantize does)", type=None, switch_value=True),
         TargetOption("--method", "method", "how calibration is used: imatrix (llama-quantize --imatrix's rounding) "
                      "(the default), gptq (the same scales, codes chosen by GPTQ layer by layer on the calibration "
-                     "text: lower KL, higher perplexity on SmolLM2) or awq (per-channel scales folded into the "
-                     "norms and the v/up rows, then the importance-weighted rounding: the lowest KL on SmolLM2)",
+                     "text: lower KL, higher perplexity on SmolLM2), awq (--calibrate's default: per-channel scales "
+                     "folded into the norms and the v/up rows, then the importance-weighted rounding) or awq+gptq "
+                     "(those scales, then GPTQ's codes: the lowest KL at q4_k_m/q4_0)",
                      type=str, metavar="{" + ",".join(METHODS) + "}"),
         TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
                      "bundled calibration text (default: all 24)", type=int),
@@ -158,10 +160,11 @@ def calibration_method(options: GGUFOptions) -> str | None:
     if method is not None and method not in METHODS:
         raise UnsupportedError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if options.imatrix is not None and options.calibrate:
-        raise UnsupportedError("--imatrix and --calibrate exclude each other: --calibrate computes the imatrix")
+        raise UnsupportedError("--imatrix and --calibrate exclude each other: --calibrate computes its own "
+                               "statistics on the bundled calibration text")
     if options.calibration_chunks is not None and not (options.calibrate or method in LAYERWISE_METHODS):
-        raise UnsupportedError("--calib-chunks needs --calibrate or --method gptq/awq (a given --imatrix is used as "
-                               "is)")
+        raise UnsupportedError("--calib-chunks needs --calibrate or --method gptq/awq/awq+gptq (a given --imatrix is "
+                               "used as is)")
     if options.calibration_chunks is not None and options.calibration_chunks < 1:
         raise UnsupportedError(f"--calib-chunks {options.calibration_chunks}: give at least 1 chunk")
     if method in LAYERWISE_METHODS and options.imatrix is not None:
@@ -170,8 +173,8 @@ def calibration_method(options: GGUFOptions) -> str | None:
     if method == "imatrix" and options.imatrix is None and not options.calibrate:
         raise UnsupportedError("--method imatrix needs --imatrix FILE or --calibrate")
     if method is None:
-        # imatrix stays the default: gptq lowers the KL but raises the held-out perplexity (docs/BENCHMARKS.md 3.1.2)
-        method = "imatrix" if options.calibrate or options.imatrix is not None else None
+        # --calibrate: awq, the lowest KL to the float model without gptq's perplexity cost (docs/BENCHMARKS.md 3.1.3)
+        method = "awq" if options.calibrate else "imatrix" if options.imatrix is not None else None
     if method is not None and options.quant in ("f32", "f16", "bf16"):
         raise UnsupportedError(f"--quant {options.quant} keeps the weights in float: there is nothing to calibrate "
                                f"(--method {method}, --imatrix, --calibrate apply to the quantized recipes)")
@@ -210,7 +213,7 @@ def _layerwise_tensors(model: CanonicalModel, choices: dict, method: str, option
                      f"({DAMP_DOWN} for ffn_down); output error on the calibration inputs "
                      f"{report.mean_ratio():.2f}x the importance-weighted rounding's (mean)")
     else:
-        notes.append(f"awq: {len(tensors)} tensors (norms included), {len(chunks)}x512 calibration tokens")
+        notes.append(f"{method}: {len(tensors)} tensors (norms included), {len(chunks)}x512 calibration tokens")
     return tensors
 
 

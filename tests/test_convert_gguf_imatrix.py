@@ -46,7 +46,8 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_calibrate_and_imatrix_flags(tiny, tmp_path):
     out = tmp_path / "cal.gguf"
-    run = ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_0", "--calibrate", "-o", str(out), "--json")
+    run = ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_0", "--calibrate", "--method", "imatrix",
+                   "-o", str(out), "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert any("importance weights" in note for note in result["notes"])

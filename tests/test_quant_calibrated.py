@@ -177,8 +177,8 @@ def test_convert_method_gptq_loads_in_llama_cpp(tiny, tmp_path):
                    "-o", str(out), "--json")
     assert run.returncode == 0, run.stderr
     assert any(note.startswith("gptq: 14 tensors, 2x512") for note in json.loads(run.stdout)["notes"])
-    assert ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_k_m", "--calibrate", "--calib-chunks", "2",
-                    "-o", str(base)).returncode == 0  # --calibrate's default method: imatrix
+    assert ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_k_m", "--calibrate", "--method", "imatrix",
+                    "--calib-chunks", "2", "-o", str(base)).returncode == 0
     with GGUFFile(out) as a, GGUFFile(base) as b:
         assert a.get("quantize.ondevice.method") == "gptq" and b.get("quantize.imatrix.file") == "calibrate"
         assert {n: (t.ggml_type, t.shape) for n, t in a.tensors.items()} == \
@@ -189,6 +189,23 @@ def test_convert_method_gptq_loads_in_llama_cpp(tiny, tmp_path):
         ours = model.logits(TOKENS)
     assert np.abs(ours - theirs).max() < 1e-2 * np.abs(theirs).max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_calibrate_defaults_to_awq_and_awq_gptq_differs(tiny, tmp_path):
+    from ondevice.formats.gguf import GGUFFile
+
+    paths = {}
+    for flags in ((), ("--method", "awq+gptq")):
+        out = paths[flags] = tmp_path / f"{len(flags)}.gguf"
+        run = ondevice("convert", str(tiny), "--to", "gguf", "--quant", "q4_k_m", "--calibrate", *flags,
+                       "--calib-chunks", "2", "-o", str(out))
+        assert run.returncode == 0, run.stderr
+    with GGUFFile(paths[()]) as a, GGUFFile(paths[("--method", "awq+gptq")]) as b:
+        assert a.get("quantize.ondevice.method") == "awq" and b.get("quantize.ondevice.method") == "awq+gptq"
+        assert a.get("quantize.imatrix.file") is None
+        # the same scales (norms equal), different codes
+        assert bytes(a.tensor_data("blk.0.attn_norm.weight")) == bytes(b.tensor_data("blk.0.attn_norm.weight"))
+        assert bytes(a.tensor_data("blk.0.attn_q.weight")) != bytes(b.tensor_data("blk.0.attn_q.weight"))
 
 
 def test_convert_method_awq_folds_exactly_and_loads_in_llama_cpp(tiny, tmp_path, monkeypatch):

@@ -21,8 +21,12 @@ width a K-quant cannot take (not a multiple of 256) fall back per tensor as llam
 fallbacks are printed. --imatrix FILE (from `ondevice imatrix` or llama-imatrix, GGUF or .dat) weights the
 q4_0/q4_1/q5_0/q5_1/q3_k/q4_k/q5_k/q6_k/iq4_nl/iq4_xs tensors by the importance of their input columns, as
 llama-quantize --imatrix does (same bytes); --calibrate computes that imatrix on the bundled calibration text first (SmolLM2-135M: ~2-4 min).
---method gptq keeps those scales and chooses the codes by GPTQ, layer by layer on the calibration text
-(SmolLM2-135M: ~8-13 min; lower KL to the float model, but a higher held-out perplexity: not the default).
+--method awq computes its own statistics layer by layer on the calibration text (the inputs of the model as
+quantized so far) and scales each input channel before rounding (AWQ on each type's own quantizer): the scales
+fold exactly into the RMSNorm weights and the v / up rows, so the file is an ordinary GGUF of the same size
+(SmolLM2-135M: ~4 min; the lowest KL to the float model and a lower perplexity, docs/BENCHMARKS.md 3.1.3).
+--method gptq keeps the imatrix rounding's scales and chooses the codes by GPTQ instead (lower KL, but a higher
+held-out perplexity). --to mlx takes --method awq too (with mlx's own rounding in the search).
 
 Core ML int4: blocks of 32 in Q4_1's asymmetric form (int4 codes, fp16 scales, int8 block offsets: 4.75 bits per
 weight); a Q4_0/Q4_1 source's grids are copied, and the output layer is quantized by GPTQ on a bundled
