@@ -2,7 +2,8 @@
 
     python benchmarks/issue6_smollm2.py replies ARTIFACT [--ref HF_F32_FOLDER] [--n 64]
         greedy replies to 5 chat prompts through the artifact's runner (a .pte through executorch.runtime, an
-        .mlpackage through the numpy interpreter of the saved program), beside the f32 reference's replies
+        .mlpackage through the numpy interpreter of the saved program, an mlx folder through mlx-lm), beside the
+        f32 reference's replies
     python benchmarks/issue6_smollm2.py layers ARTIFACT
         the per-layer schemes of the manifest: every linear of the model listed with its scheme
     python benchmarks/issue6_smollm2.py phases SOURCE [--quant 8da4w]
@@ -34,6 +35,10 @@ PROMPTS = [  # the first five of tests/test_runtime.py's PROMPTS
 
 
 def runner_for(path: Path):  # noqa: ANN201
+    if path.is_dir() and (path / "model.safetensors").exists():  # an mlx folder (`--to mlx`)
+        from ondevice.runners.mlx_runner import MLXRunner
+
+        return MLXRunner(path)
     if path.suffix == ".pte":
         from ondevice.runners.executorch_runner import ExecuTorchRunner
 
@@ -66,7 +71,7 @@ def replies(path: Path, ref: Path | None, n: int) -> None:
     identical = 0
     for prompt, mine, other in zip(PROMPTS, ours, theirs, strict=True):
         mine = [t for t in mine if t not in eos]
-        print(f"## {prompt}\n{path.suffix}: {runner.decode(mine)!r}")
+        print(f"## {prompt}\n{path.suffix or path.name}: {runner.decode(mine)!r}")
         if other is not None:
             other = [t for t in other if t not in eos]
             same = len(mine) if mine == other else next(
