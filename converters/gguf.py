@@ -199,14 +199,14 @@ def _importance_matrix(model: CanonicalModel, options: GGUFOptions, method: str 
 def _layerwise_tensors(model: CanonicalModel, choices: dict, method: str, options: GGUFOptions,
                        notes: list[str]) -> dict:
     """The tensors --method gptq / awq quantize layer by layer on the calibration text (GGUF name -> bytes)."""
-    from ondevice.quant.calibrated import DAMP, DAMP_DOWN, GptqReport, gptq_tensors
+    from ondevice.quant.calibrated import DAMP, DAMP_DOWN, GptqReport, calibrated_tensors
     from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
 
     chunks = chunk_tokens(model, bundled_calibration_text(), 512, options.calibration_chunks)
     report = GptqReport()
     with progress_bar(model.spec.n_layers, f"{method} {len(chunks)}x512 tokens", options.progress) as bar:
         bar.unit = "layer"
-        tensors = gptq_tensors(model, {name: choice.qtype for name, choice in choices.items()}, chunks,
+        tensors = calibrated_tensors(model, {name: choice.qtype for name, choice in choices.items()}, chunks,
                                report=report, on_layer=lambda _layer: bar.update(1), **LAYERWISE_METHODS[method])
     if method == "gptq":
         notes.append(f"gptq: {len(tensors)} tensors, {len(chunks)}x512 calibration tokens, damp {DAMP} "

@@ -193,7 +193,7 @@ class _MlxRounding:
 def awq_folded(model: CanonicalModel, plans: list[LayerPlan], bits: int, options: MLXOptions) -> dict[str, LazyTensor]:
     """The tensors AWQ's scales change (norms, matrices, biases), as float tensors to quantize in their place."""
     from ondevice.quant import get_quant_type
-    from ondevice.quant.calibrated import gptq_tensors
+    from ondevice.quant.calibrated import calibrated_tensors
     from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
 
     f32 = get_quant_type("f32")
@@ -203,7 +203,7 @@ def awq_folded(model: CanonicalModel, plans: list[LayerPlan], bits: int, options
     folded: dict[str, np.ndarray] = {}
     with progress_bar(model.spec.n_layers, f"awq {len(chunks)}x512 tokens", options.progress) as bar:
         bar.unit = "layer"
-        gptq_tensors(model, types, chunks, awq=True, awq_pairs=True, gptq=False, folded=folded,
+        calibrated_tensors(model, types, chunks, awq=True, awq_pairs=True, gptq=False, folded=folded,
                      on_layer=lambda _layer: bar.update(1))
     return {name: LazyTensor(name, model.tensors[name].shape, "F32", lambda data=data: data)
             for name, data in folded.items()}

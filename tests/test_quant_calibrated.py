@@ -149,7 +149,7 @@ def tiny(tmp_path_factory) -> Path:  # a tiny llama of width 256: its rows take 
 def test_gptq_quantizes_q_and_k_in_llama_cpp_row_order(tiny):
     from ondevice.architectures import get_architecture
     from ondevice.architectures.base import unpermute_from_gguf
-    from ondevice.quant.calibrated import gptq_tensors
+    from ondevice.quant.calibrated import calibrated_tensors
     from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
     from ondevice.sources import open_source
 
@@ -157,7 +157,7 @@ def test_gptq_quantizes_q_and_k_in_llama_cpp_row_order(tiny):
     arch = get_architecture(model.spec.arch)
     q4 = get_quant_type("q4_k")
     names = [n for n in model.tensors if n.endswith("_proj.weight")]
-    tensors = gptq_tensors(model, {n: q4 for n in names}, chunk_tokens(model, bundled_calibration_text(), 128, 2))
+    tensors = calibrated_tensors(model, {n: q4 for n in names}, chunk_tokens(model, bundled_calibration_text(), 128, 2))
     assert sorted(tensors) == sorted(arch.gguf_name(n) for n in names)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
         weight = model.tensors[name].load()

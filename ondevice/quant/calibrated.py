@@ -1,15 +1,18 @@
-"""Calibrated GGUF quantization beyond the imatrix: GPTQ on each tensor's own GGUF grid, layer by layer.
+"""Calibrated quantization beyond the imatrix, layer by layer: AWQ's channel scales and GPTQ's codes on each
+tensor's own grid.
 
 For every block matrix, in the order the forward pass reaches it:
 1. H = E[x x^T] of its input over the calibration chunks, x computed by the model *as quantized so far* (the
    earlier matrices already replaced by their quantized values), so later layers correct what earlier ones broke;
-2. the type's own quantizer with importance diag(H) (what `--imatrix` does, with these inputs) fixes every block's
-   scales and mins: the bytes' layout, the scales, the file size are exactly `--imatrix`'s;
-3. GPTQ re-chooses the codes on those fixed grids (ondevice.quant.grids), minimizing tr((W - Q) H (W - Q)^T),
+2. with awq, a per-input-channel scale (awq_scale) folded exactly into the norm before the matrix, or into the rows
+   of the matrix that produces its input (v for o, up for down);
+3. the type's own quantizer with importance diag(H) (what `--imatrix` does, with these inputs) fixes every block's
+   scales and mins: the bytes' layout and the file size are exactly `--imatrix`'s;
+4. with gptq, GPTQ re-chooses the codes on those fixed grids (ondevice.quant.grids), minimizing tr((W - Q) H (W - Q)^T),
    the layer's output error, instead of each weight's own error.
 The quantized matrix then computes the layer's output for the next layers.
 
-    tensors = gptq_tensors(model, types, chunks)   # GGUF name -> uint8 rows, for the tensors it quantized
+    tensors = calibrated_tensors(model, types, chunks, awq=True)   # GGUF name -> bytes, for the tensors it changed
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp:
     return with_codes(qtype, data, codes), base
 
 
-def gptq_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
+def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
                  damp: float = DAMP, damp_down: float = DAMP_DOWN, skip_first: bool = False, refits: int = 0,
                  awq: bool = False, awq_pairs: bool = False, gptq: bool = True, report: GptqReport | None = None,
                  folded: dict[str, np.ndarray] | None = None,
