@@ -156,6 +156,19 @@ static void quantize_q5_1(const float *x, block_q5_1 *y, int64_t nb, int *overfl
 
 /* ------------------------------------------------------------------ K-quants */
 
+/* The error weights of llama.cpp's importance-weighted quantizers for n values: qw * sqrt(sigma2 + x^2), or x^2
+ * without importance (qw NULL); sigma2 is the caller's (a multiple of some span's mean square). */
+static void error_weights(const float *x, const float *qw, int n, float sigma2, float *w) {
+    for (int j = 0; j < n; j++) w[j] = qw ? qw[j] * sqrtf(sigma2 + x[j] * x[j]) : x[j] * x[j];
+}
+
+/* sum of x^2 in index order (each caller forms its sigma2 from it in ggml's own order of operations) */
+static float sum_squares(const float *x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
+    return sum;
+}
+
 /*
  * Asymmetric scale/min search of one sub-block (llama.cpp's make_qkx2_quants, no MAD): codes L in 0..nmax with
  * x ~ scale * L - *neg_min. Candidate scales are tried in order, each over the best min found so far.
@@ -307,16 +320,11 @@ static void quantize_k_min_superblock(const float *x, const float *qw, int nmax,
     uint8_t ls[8], lm[8];
     float d_block, m_block;
     if (qw) {
-        float sum_x2 = 0.0f, sub_weights[8];
-        for (int l = 0; l < OD_QK_K; l++) sum_x2 += x[l] * x[l];
-        const float sigma2 = 2.0f * sum_x2 / (float)OD_QK_K;
+        float sub_weights[8];
+        error_weights(x, qw, OD_QK_K, 2.0f * sum_squares(x, OD_QK_K) / (float)OD_QK_K, weights);
         for (int j = 0; j < 8; j++) {
-            float sum_w = 0.0f;
-            for (int l = 32 * j; l < 32 * j + 32; l++) {
-                weights[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
-                sum_w += weights[l];
-            }
-            sub_weights[j] = sum_w;
+            sub_weights[j] = 0.0f;
+            for (int l = 32 * j; l < 32 * j + 32; l++) sub_weights[j] += weights[l];
         }
         search(x, weights, nmax == 15 ? &Q4_K_WEIGHTED : &Q5_K_WEIGHTED, L, scales, mins);
         d_block = search_positive_scale(8, 63, scales, ls, sub_weights);
@@ -494,18 +502,8 @@ static void quantize_q6_k(const float *x, const float *qw, block_q6_K *y, int64_
 
 /* ------------------------------------------------------------------ legacy types with importance */
 
-/* llama.cpp's quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl: each weight's error counts qw * sqrt(sigma2 + x^2), sigma2
- * the row's mean square (n weights), then make_qx_quants (symmetric) or make_qkx3_quants (affine, no MAD). */
-static void legacy_error_weights(const float *x, const float *qw, float sigma2, float *w) {
-    for (int j = 0; j < OD_QK; j++) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
-}
-
-static float row_mean_square(const float *x, int64_t n) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
-    return sum / (float)n;
-}
-
+/* llama.cpp's quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl: error weights with sigma2 the whole row's mean square (n
+ * weights), then make_qx_quants (symmetric) or make_qkx3_quants (affine, no MAD) per block. */
 /* Codes L of one block into qs (low nibbles: weights 0-15, high: 16-31) and, for 5 bits, the fifth bits. */
 static void pack_legacy_codes(const uint8_t *L, uint8_t *qs, uint8_t *qh) {
     uint32_t high = 0;
@@ -518,12 +516,12 @@ static void pack_legacy_codes(const uint8_t *L, uint8_t *qs, uint8_t *qh) {
 }
 
 static void quantize_legacy_weighted(int type, const float *x, const float *qw, void *y, int64_t n, int *overflow) {
-    const float sigma2 = row_mean_square(x, n);
+    const float sigma2 = sum_squares(x, n) / (float)n;
     float w[OD_QK];
     uint8_t L[OD_QK];
     for (int64_t b = 0; b < n / OD_QK; b++) {
         const float *xb = x + b * OD_QK;
-        legacy_error_weights(xb, qw + b * OD_QK, sigma2, w);
+        error_weights(xb, qw + b * OD_QK, OD_QK, sigma2, w);
         if (type == OD_TYPE_Q4_0 || type == OD_TYPE_Q5_0) {
             const float d = search_scale_weighted(OD_QK, type == OD_TYPE_Q4_0 ? 8 : 16, xb, w, L);
             if (type == OD_TYPE_Q4_0) {
@@ -628,17 +626,10 @@ static void quantize_q3_k(const float *x, const float *qw, block_q3_K *y, int64_
                 y[b].d = 0;
             }
         } else {
-            const float *qwb = qw + b * OD_QK_K;
-            float sumx2 = 0.0f;
-            for (int j = 0; j < OD_QK_K; j++) sumx2 += x[j] * x[j];
-            const float sigma2 = 2.0f * sumx2 / (float)OD_QK_K;
+            error_weights(x, qw + b * OD_QK_K, OD_QK_K, 2.0f * sum_squares(x, OD_QK_K) / (float)OD_QK_K, weight);
             for (int j = 0; j < 16; j++) {
-                float sumw = 0.0f;
-                for (int l = 0; l < 16; l++) {
-                    weight[16 * j + l] = qwb[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
-                    sumw += weight[16 * j + l];
-                }
-                sw[j] = sumw;
+                sw[j] = 0.0f;
+                for (int l = 16 * j; l < 16 * j + 16; l++) sw[j] += weight[l];
                 scales[j] = search_scale_weighted(16, 4, x + 16 * j, weight + 16 * j, L + 16 * j);
             }
             uint8_t Ls[16];
@@ -719,14 +710,6 @@ static float iq4_block_scale(const float *x, const float *w) {
     return d;
 }
 
-/* Error weights of n values: x^2, or with importance qw: qw * sqrt(sigma2 + x^2), sigma2 = 2 <x^2> over the n. */
-static void iq4_weights(const float *x, const float *qw, int n, float *w) {
-    float sigma2 = 0.0f;
-    for (int j = 0; j < n; j++) sigma2 += x[j] * x[j];
-    sigma2 *= 2.0f / (float)n;
-    for (int j = 0; j < n; j++) w[j] = qw ? qw[j] * sqrtf(sigma2 + x[j] * x[j]) : x[j] * x[j];
-}
-
 static void iq4_pack(const float *x, float inv_scale, uint8_t *qs) {
     for (int j = 0; j < OD_QK / 2; j++)
         qs[j] = (uint8_t)(iq4_best_index(inv_scale * x[j]) | (iq4_best_index(inv_scale * x[j + 16]) << 4));
@@ -735,7 +718,7 @@ static void iq4_pack(const float *x, float inv_scale, uint8_t *qs) {
 static void quantize_iq4_nl(const float *x, const float *qw, block_iq4_nl *y, int64_t nb, int *overflow) {
     float w[OD_QK];
     for (int64_t b = 0; b < nb; b++, x += OD_QK) {
-        iq4_weights(x, qw ? qw + b * OD_QK : NULL, OD_QK, w);
+        error_weights(x, qw ? qw + b * OD_QK : NULL, OD_QK, sum_squares(x, OD_QK) * (2.0f / (float)OD_QK), w);
         const float d = iq4_block_scale(x, w);
         y[b].d = scale_fp16(d, overflow);
         iq4_pack(x, inverse(d), y[b].qs);  /* against the float scale, not its fp16 rounding, as ggml does */
@@ -745,7 +728,7 @@ static void quantize_iq4_nl(const float *x, const float *qw, block_iq4_nl *y, in
 static void quantize_iq4_xs(const float *x, const float *qw, block_iq4_xs *y, int64_t nb, int *overflow) {
     float w[OD_QK_K], scales[8];
     for (int64_t b = 0; b < nb; b++, x += OD_QK_K) {
-        iq4_weights(x, qw ? qw + b * OD_QK_K : NULL, OD_QK_K, w);
+        error_weights(x, qw ? qw + b * OD_QK_K : NULL, OD_QK_K, sum_squares(x, OD_QK_K) * (2.0f / (float)OD_QK_K), w);
         float max_scale = 0.0f, amax_scale = 0.0f;
         for (int ib = 0; ib < 8; ib++) {
             scales[ib] = iq4_block_scale(x + 32 * ib, w + 32 * ib);
