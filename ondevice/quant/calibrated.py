@@ -67,8 +67,8 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
     return float(((diff @ hessian) * diff).sum()) / base if base > 0 else 0.0
 
 
-def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.ndarray, hessian: np.ndarray,
-              alphas: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
+def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.ndarray,
+              hessian: np.ndarray) -> tuple[np.ndarray, float]:
     """(per-input-channel scale s, its alpha) for matrices that read the same input x: of s = magnitude^alpha
     (magnitude: mean |x| per channel), normalized to a geometric mean of 1, the one whose importance-weighted
     rounding of W diag(s) (then divided by s) has the least summed output error under H = E[x x^T] (AWQ, Lin et
@@ -79,7 +79,7 @@ def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.
     h32 = hessian.astype(np.float32)  # only compares candidates: float32 halves the cost of the N x K x K products
     bases = [float(((weight @ h32) * weight).sum()) for weight in weights]
     best, best_alpha, best_error = np.ones(len(magnitude)), 0.0, np.inf
-    for alpha in AWQ_ALPHAS if alphas is None else alphas:
+    for alpha in AWQ_ALPHAS:
         scale = magnitude ** alpha
         scale /= np.exp(np.log(scale).mean())
         error = 0.0
@@ -142,9 +142,10 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
             return False
         return has_grid(qtype) or awq or awq_pairs
 
-    class Sequential(FinalHiddenOps):
-        pending: dict[tuple[str, int], np.ndarray] = {}  # (role, layer) -> AWQ scale of its input columns
+    # (role, layer) -> (AWQ scale of its input columns, its float weight already loaded by pair_scales)
+    pending: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
+    class Sequential(FinalHiddenOps):
         def project(self, x: np.ndarray, roles: tuple[str, ...], layer: int, bias: bool = False) -> list[np.ndarray]:
             if on_layer is not None and "down" in roles:
                 on_layer(layer)
@@ -154,10 +155,14 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
             fit = np.delete(x, self.bounds[:-1], axis=0) if skip_first else x  # without each chunk's BOS
             hessian = (fit.T @ fit).astype(np.float64) / len(fit)
             damping = damp_down if "down" in roles else damp
-            columns = {role: self.pending.pop((role, layer)) for role in roles if (role, layer) in self.pending}
+            columns, loaded = {}, {}
+            for role, name in zip(roles, names, strict=True):
+                if (role, layer) in pending:
+                    columns[role], loaded[name] = pending.pop((role, layer))
             rows = self.pair_scales(x, roles, layer, bias) if awq_pairs else {}
             if awq and roles in NORM_BEFORE:
-                scale, x, hessian = self.fold_awq_scale(x, hessian, roles, names, layer)
+                loaded = {name: model.tensors[name].load().astype(np.float32) for name in names}
+                scale, x, hessian = self.fold_awq_scale(x, hessian, roles, names, loaded, layer)
                 columns = {role: scale for role in roles}
             prepared = prepare_hessian(hessian, damping) if gptq else None
             results = []
@@ -166,7 +171,7 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
                 if not rounds(qtype):
                     results.append(super().project(x, (role,), layer, bias)[0])
                     continue
-                weight = model.tensors[name].load().astype(np.float32)
+                weight = loaded[name] if name in loaded else model.tensors[name].load().astype(np.float32)
                 if role in columns:
                     weight = weight * columns[role]
                 if role in rows:
@@ -205,11 +210,12 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
             return b
 
         def fold_awq_scale(self, x: np.ndarray, hessian: np.ndarray, roles: tuple[str, ...], names: list[str],
-                           layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            """AWQ's scale s for the matrices `names` behind one norm; records that norm's weight / s in `out` and
-            returns (s, x / s, H of x / s): the matrices then quantize W diag(s) on that input."""
-            weights = [model.tensors[name].load().astype(np.float32) for name in names]
-            scale, _alpha = awq_scale([types[name] for name in names], weights, np.abs(x).mean(axis=0), hessian)
+                           weights: dict[str, np.ndarray], layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """AWQ's scale s for the matrices `names` (float `weights`) behind one norm; records that norm's
+            weight / s in `out` and returns (s, x / s, H of x / s): the matrices then quantize W diag(s) on that
+            input."""
+            scale, _alpha = awq_scale([types[name] for name in names], [weights[name] for name in names],
+                                      np.abs(x).mean(axis=0), hessian)
             norm_name = self.tensor_name(NORM_BEFORE[roles], layer)
             norm = (self.norm_weight(NORM_BEFORE[roles], layer) / scale).astype(np.float32)  # the effective weight
             out[arch.gguf_name(norm_name)] = types[norm_name].quantize(norm)
@@ -221,8 +227,8 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
         def pair_scales(self, x: np.ndarray, roles: tuple[str, ...], layer: int, bias: bool) -> dict[str, np.ndarray]:
             """AWQ scales of the matrices whose input is another matrix's output up to a per-channel product:
             o reads v through attention, down reads up through the gated activation. From this call's float
-            outputs, s for the reader's input columns; returns the producer's row divisor, the reader's columns
-            wait in `pending`."""
+            outputs, s for the reader's input columns; returns the producer's row divisor, the reader's scale and
+            weight wait in `pending`."""
             pairs = {("q", "k", "v"): ("v", "o"), ("gate", "up"): ("up", "down")}
             if roles not in pairs:
                 return {}
@@ -245,7 +251,7 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
             hessian = (inputs.T @ inputs).astype(np.float64) / len(inputs)
             weight = model.tensors[reader_name].load().astype(np.float32)
             scale, _alpha = awq_scale([types[reader_name]], [weight], magnitude, hessian)
-            self.pending[(reader, layer)] = scale
+            pending[(reader, layer)] = scale, weight
             if roles == ("q", "k", "v"):
                 return {producer: scale.reshape(spec.n_kv_heads, group, spec.head_dim)[:, 0].reshape(-1)}
             return {producer: scale}
