@@ -2,7 +2,7 @@
 
     python benchmarks/gptq_q4_0_probe.py BASE.gguf OUT.gguf [--chunks 8] [--damp 0.1] [--ref /tmp/ondevice-imatrix/smol-f32]
 
-BASE is ondevice's q4_0 file quantized with an imatrix (benchmarks/imatrix_smollm2.py makes
+BASE is ondevice's q4_0 file quantized with an imatrix (benchmarks/calibrated_vs_llama_cpp.py makes
 /tmp/ondevice-imatrix/ondevice-q4_0-imatrix.gguf). Every Q4_0/Q4_1 tensor keeps BASE's block scales (and Q4_1's
 mins) and gets new codes from ondevice.quant.gptq on E[x x^T] of its float inputs (the numpy reference over `--chunks`
 chunks of 512 tokens of the bundled calibration text); the rest is copied. Then evaluate OUT as the benchmark does:

@@ -108,6 +108,33 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
                 leave=False, dynamic_ncols=True)
 
 
+CALIBRATION_CTX = 512  # tokens per calibration chunk, llama-imatrix's default
+
+
+def check_calibration_chunks(chunks: int | None, calibrating: bool, needs: str) -> None:
+    """--calib-chunks comes with a calibration (`needs` says which options make one) and asks for >= 1 chunk."""
+    if chunks is None:
+        return
+    if not calibrating:
+        raise UnsupportedError(f"--calib-chunks needs {needs}")
+    if chunks < 1:
+        raise UnsupportedError(f"--calib-chunks {chunks}: give at least 1 chunk")
+
+
+def layerwise_pass(model: CanonicalModel, types: dict, chunks: int | None, label: str, progress: bool,
+                   **flags: Any) -> tuple[dict, int]:
+    """ondevice.quant.calibrated's layer-by-layer pass over the bundled calibration text, a progress bar per layer:
+    (its tensors, the number of chunks used). `flags` are calibrated_tensors' (awq, gptq, folded=, report=...)."""
+    from ondevice.quant.calibrated import calibrated_tensors
+    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
+
+    token_chunks = chunk_tokens(model, bundled_calibration_text(), CALIBRATION_CTX, chunks)
+    with progress_bar(model.spec.n_layers, f"{label} {len(token_chunks)}x{CALIBRATION_CTX} tokens", progress) as bar:
+        bar.unit = "layer"
+        tensors = calibrated_tensors(model, types, token_chunks, on_layer=lambda _layer: bar.update(1), **flags)
+    return tensors, len(token_chunks)
+
+
 def count_types(types: list[str]) -> dict[str, int]:
     return dict(Counter(types).most_common())
 

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 from ondevice.converters.base import (
+    CALIBRATION_CTX,
     ConvertOptions,
     ConvertResult,
     Target,
     TargetOption,
+    check_calibration_chunks,
     count_types,
+    layerwise_pass,
     options_as,
     peak_rss_mib,
     progress_bar,
@@ -162,11 +165,8 @@ def calibration_method(options: GGUFOptions) -> str | None:
     if options.imatrix is not None and options.calibrate:
         raise UnsupportedError("--imatrix and --calibrate exclude each other: --calibrate computes its own "
                                "statistics on the bundled calibration text")
-    if options.calibration_chunks is not None and not (options.calibrate or method in LAYERWISE_METHODS):
-        raise UnsupportedError("--calib-chunks needs --calibrate or --method gptq/awq/awq+gptq (a given --imatrix is "
-                               "used as is)")
-    if options.calibration_chunks is not None and options.calibration_chunks < 1:
-        raise UnsupportedError(f"--calib-chunks {options.calibration_chunks}: give at least 1 chunk")
+    check_calibration_chunks(options.calibration_chunks, options.calibrate or method in LAYERWISE_METHODS,
+                             "--calibrate or --method gptq/awq/awq+gptq (a given --imatrix is used as is)")
     if method in LAYERWISE_METHODS and options.imatrix is not None:
         raise UnsupportedError(f"--method {method} collects its own statistics on the calibration text (the inputs "
                                "of the model as quantized so far); drop --imatrix, or use --method imatrix")
@@ -199,21 +199,19 @@ def _importance_matrix(model: CanonicalModel, options: GGUFOptions, method: str 
 def _layerwise_tensors(model: CanonicalModel, choices: dict, method: str, options: GGUFOptions,
                        notes: list[str]) -> dict:
     """The tensors --method gptq / awq quantize layer by layer on the calibration text (GGUF name -> bytes)."""
-    from ondevice.quant.calibrated import DAMP, DAMP_DOWN, GptqReport, calibrated_tensors
-    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
+    from ondevice.quant.calibrated import DAMP, DAMP_DOWN, GptqReport
 
-    chunks = chunk_tokens(model, bundled_calibration_text(), 512, options.calibration_chunks)
     report = GptqReport()
-    with progress_bar(model.spec.n_layers, f"{method} {len(chunks)}x512 tokens", options.progress) as bar:
-        bar.unit = "layer"
-        tensors = calibrated_tensors(model, {name: choice.qtype for name, choice in choices.items()}, chunks,
-                               report=report, on_layer=lambda _layer: bar.update(1), **LAYERWISE_METHODS[method])
+    tensors, n_chunks = layerwise_pass(model, {name: choice.qtype for name, choice in choices.items()},
+                                       options.calibration_chunks, method, options.progress, report=report,
+                                       **LAYERWISE_METHODS[method])
     if method == "gptq":
-        notes.append(f"gptq: {len(tensors)} tensors, {len(chunks)}x512 calibration tokens, damp {DAMP} "
+        notes.append(f"gptq: {len(tensors)} tensors, {n_chunks}x{CALIBRATION_CTX} calibration tokens, damp {DAMP} "
                      f"({DAMP_DOWN} for ffn_down); output error on the calibration inputs "
                      f"{report.mean_ratio():.2f}x the importance-weighted rounding's (mean)")
     else:
-        notes.append(f"{method}: {len(tensors)} tensors (norms included), {len(chunks)}x512 calibration tokens")
+        notes.append(f"{method}: {len(tensors)} tensors (norms included), {n_chunks}x{CALIBRATION_CTX} calibration "
+                     "tokens")
     return tensors
 
 

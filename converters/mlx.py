@@ -25,8 +25,10 @@ from ondevice.converters.base import (
     ConvertResult,
     Target,
     TargetOption,
+    check_calibration_chunks,
     count_types,
     hf_model_config,
+    layerwise_pass,
     options_as,
     peak_rss_mib,
     progress_bar,
@@ -193,18 +195,13 @@ class _MlxRounding:
 def awq_folded(model: CanonicalModel, plans: list[LayerPlan], bits: int, options: MLXOptions) -> dict[str, LazyTensor]:
     """The tensors AWQ's scales change (norms, matrices, biases), as float tensors to quantize in their place."""
     from ondevice.quant import get_quant_type
-    from ondevice.quant.calibrated import calibrated_tensors
-    from ondevice.quant.imatrix import bundled_calibration_text, chunk_tokens
 
     f32 = get_quant_type("f32")
     types = {name: f32 for name in model.tensors}
     types.update({p.tensor.name: _MlxRounding(p.group_size, bits) for p in plans if p.group_size is not None})
-    chunks = chunk_tokens(model, bundled_calibration_text(), 512, options.calibration_chunks)
     folded: dict[str, np.ndarray] = {}
-    with progress_bar(model.spec.n_layers, f"awq {len(chunks)}x512 tokens", options.progress) as bar:
-        bar.unit = "layer"
-        calibrated_tensors(model, types, chunks, awq=True, awq_pairs=True, gptq=False, folded=folded,
-                     on_layer=lambda _layer: bar.update(1))
+    layerwise_pass(model, types, options.calibration_chunks, "awq", options.progress, awq=True, awq_pairs=True,
+                   gptq=False, folded=folded)
     return {name: LazyTensor(name, model.tensors[name].shape, "F32", lambda data=data: data)
             for name, data in folded.items()}
 
@@ -279,10 +276,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     if options.method is not None and bits is None:
         raise UnsupportedError(f"--quant {quant} keeps the weights in float: there is nothing to calibrate "
                                f"(--method {options.method} applies to int4/int8)")
-    if options.calibration_chunks is not None and options.method is None:
-        raise UnsupportedError("--calib-chunks needs --method awq")
-    if options.calibration_chunks is not None and options.calibration_chunks < 1:
-        raise UnsupportedError(f"--calib-chunks {options.calibration_chunks}: give at least 1 chunk")
+    check_calibration_chunks(options.calibration_chunks, options.method is not None, "--method awq")
     folded = awq_folded(model, plans, bits, options) if options.method == "awq" else {}
 
     planned: list[PlannedSafeTensor] = []

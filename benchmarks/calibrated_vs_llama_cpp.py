@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# --model: (bundled model, file prefix under --work); the f32 reference is the bundled weights dequantized
+MODELS = {"smollm2": ("smollm2-135m-instruct", "smol"), "gemma3": ("gemma3-270m", "gemma")}
 HELD_OUT = ROOT / "ondevice" / "data" / "eval_text.txt"
 
 
@@ -69,22 +71,38 @@ def same_tensors(a: Path, b: Path) -> bool:
             for n in fa.tensors)
 
 
+def evaluate(path: Path, ref: Path, work: Path, threads: int) -> dict:
+    """`ondevice eval` of one artifact against the f32 reference on the held-out text, cached beside it."""
+    cache = work / f"eval-{path.stem}.json"
+    if not cache.exists():
+        cache.write_text(ondevice("eval", path, "--ref", ref, "--text", HELD_OUT, "--max-tokens", "4096",
+                                  "--threads", threads, "--no-store", "--json", capture=True))
+    result = json.loads(cache.read_text())[0]
+    return {"size_bytes": path.stat().st_size, **{k: result[k] for k in (
+        "kl_mean", "kl_p99", "top1_agreement", "perplexity", "ref_perplexity", "tokens", "backend", "ref_backend")}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ondevice-imatrix"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--recipes", default="q4_k_m,q4_0")
+    parser.add_argument("--methods", default="", help="ondevice --method rows beyond --imatrix, e.g. awq,awq+gptq")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    ref, f32, imatrix = work / "smol-f32", work / "smol-f32.gguf", work / "smol.imatrix.gguf"
+    bundled, prefix = MODELS[args.model]
+    ref, f32, imatrix = work / f"{prefix}-f32", work / f"{prefix}-f32.gguf", work / f"{prefix}.imatrix.gguf"
     if not ref.exists():
-        ondevice("convert", "smollm2-135m-instruct", "--to", "hf", "--quant", "f32", "-o", ref, "--no-progress")
+        ondevice("convert", bundled, "--to", "hf", "--quant", "f32", "-o", ref, "--no-progress")
     if not f32.exists():  # llama.cpp's quantizer reads a GGUF
         ondevice("convert", ref, "--to", "gguf", "--quant", "f32", "-o", f32, "--no-progress")
     if not imatrix.exists():
         ondevice("imatrix", ref, "-o", imatrix, "--no-progress")
-    theirs_imatrix = work / "llama.cpp-collected.imatrix.gguf"
+    theirs_imatrix = work / ("llama.cpp-collected.imatrix.gguf" if prefix == "smol" else
+                             f"{prefix}.llama.cpp-collected.imatrix.gguf")
+    stem = "" if prefix == "smol" else f"{prefix}-"  # SmolLM2's files keep their earlier names
     if not theirs_imatrix.exists():
         llama_cpp_collect(ref, f32, theirs_imatrix)
 
@@ -92,7 +110,7 @@ def main() -> int:
     for recipe in args.recipes.split(","):
         for kind, matrix in (("none", None), ("ondevice's", imatrix), ("llama.cpp's", theirs_imatrix)):
             tag = recipe + {"none": "", "ondevice's": "-imatrix", "llama.cpp's": "-llama-imatrix"}[kind]
-            ours, theirs = work / f"ondevice-{tag}.gguf", work / f"llama.cpp-{tag}.gguf"
+            ours, theirs = work / f"ondevice-{stem}{tag}.gguf", work / f"llama.cpp-{stem}{tag}.gguf"
             if not ours.exists():
                 ondevice("convert", ref, "--to", "gguf", "--quant", recipe, *(["--imatrix", matrix] if matrix
                                                                                else []), "-o", ours, "--no-progress")
@@ -101,26 +119,29 @@ def main() -> int:
             identical = same_tensors(ours, theirs)
             # llama.cpp's own imatrix row: its quantizer only (ondevice's with that file writes the same bytes)
             for quantizer, path in (("llama.cpp", theirs), ("ondevice", ours))[: 1 if kind == "llama.cpp's" else 2]:
-                cache = work / f"eval-{path.stem}.json"
-                if not cache.exists():
-                    cache.write_text(ondevice("eval", path, "--ref", ref, "--text", HELD_OUT, "--max-tokens", "4096",
-                                              "--threads", args.threads, "--no-store", "--json", capture=True))
-                result = json.loads(cache.read_text())[0]
-                rows.append({"recipe": recipe, "quantizer": quantizer, "imatrix": kind,
-                             "size_bytes": path.stat().st_size, "identical_tensors": identical, **{
-                                 k: result[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "perplexity",
-                                                        "ref_perplexity", "tokens", "backend", "ref_backend")}})
+                rows.append({"recipe": recipe, "quantizer": quantizer, "imatrix": kind, "method": "-",
+                             "identical_tensors": identical, **evaluate(path, ref, work, args.threads)})
                 print(json.dumps(rows[-1]), flush=True)
-    print("\n| recipe | quantizer | imatrix | size (bytes) | KL nats/token (p99) | top-1 | PPL | "
-          "ondevice's tensors = llama.cpp's |")
-    print("|---|---|---|---|---|---|---|---|")
+        for method in filter(None, args.methods.split(",")):
+            ours = work / f"ondevice-{stem}{recipe}-{method.replace('+', '')}.gguf"
+            if not ours.exists():
+                ondevice("convert", ref, "--to", "gguf", "--quant", recipe, "--method", method, "-o", ours,
+                         "--no-progress")
+            rows.append({"recipe": recipe, "quantizer": "ondevice", "imatrix": "(its pass)", "method": method,
+                         "identical_tensors": None, **evaluate(ours, ref, work, args.threads)})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| recipe | quantizer | imatrix | method | size (bytes) | KL nats/token (p99) | KL vs llama.cpp+imatrix | "
+          "top-1 | PPL | ondevice's tensors = llama.cpp's |")
+    print("|---|---|---|---|---|---|---:|---|---|---|")
+    bar = {r["recipe"]: r["kl_mean"] for r in rows if r["quantizer"] == "llama.cpp" and r["imatrix"] == "ondevice's"}
     for r in rows:
-        print(f"| {r['recipe']} | {r['quantizer']} | {r['imatrix']} | {r['size_bytes']:,} | "
-              f"{r['kl_mean']:.4f} ({r['kl_p99']:.3f}) | {r['top1_agreement']:.1%} | {r['perplexity']:.3f} | "
-              f"{'yes' if r['identical_tensors'] else 'NO'} |")
+        same = {None: "", True: "yes", False: "NO"}[r["identical_tensors"]]
+        print(f"| {r['recipe']} | {r['quantizer']} | {r['imatrix']} | {r['method']} | {r['size_bytes']:,} | "
+              f"{r['kl_mean']:.4f} ({r['kl_p99']:.3f}) | {r['kl_mean'] / bar[r['recipe']]:.3f}x | "
+              f"{r['top1_agreement']:.1%} | {r['perplexity']:.3f} | {same} |")
     print(f"\nreference perplexity {rows[0]['ref_perplexity']:.3f} over {rows[0]['tokens']} tokens; artifact backend "
           f"{rows[0]['backend']}, reference {rows[0]['ref_backend']}")
-    (work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (work / f"{stem}results.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
