@@ -2,8 +2,8 @@
 
     python benchmarks/issue6_smollm2.py replies ARTIFACT [--ref HF_F32_FOLDER] [--n 64]
         greedy replies to 5 chat prompts through the artifact's runner (a .pte through executorch.runtime, an
-        .mlpackage through the numpy interpreter of the saved program, an mlx folder through mlx-lm), beside the
-        f32 reference's replies
+        .mlpackage through the numpy interpreter of the saved program, an mlx folder through mlx-lm, in float32
+        off Apple silicon as `ondevice eval --backend mlx` does), beside the f32 reference's replies
     python benchmarks/issue6_smollm2.py layers ARTIFACT
         the per-layer schemes of the manifest: every linear of the model listed with its scheme
     python benchmarks/issue6_smollm2.py phases SOURCE [--quant 8da4w]
@@ -36,9 +36,10 @@ PROMPTS = [  # the first five of tests/test_runtime.py's PROMPTS
 
 def runner_for(path: Path):  # noqa: ANN201
     if path.is_dir() and (path / "model.safetensors").exists():  # an mlx folder (`--to mlx`)
+        from ondevice.bench.backends.mlx import cpu_compute_dtype
         from ondevice.runners.mlx_runner import MLXRunner
 
-        return MLXRunner(path)
+        return MLXRunner(path, compute_dtype=cpu_compute_dtype())  # as `ondevice eval --backend mlx` runs it
     if path.suffix == ".pte":
         from ondevice.runners.executorch_runner import ExecuTorchRunner
 
