@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from ondevice.errors import UnsupportedError
-from ondevice.model import CanonicalModel
+from ondevice.model import CanonicalModel, LazyTensor
 
 
 @dataclass
@@ -133,6 +134,17 @@ def layerwise_pass(model: CanonicalModel, types: dict, chunks: int | None, label
         bar.unit = "layer"
         tensors = calibrated_tensors(model, types, token_chunks, on_layer=lambda _layer: bar.update(1), **flags)
     return tensors, len(token_chunks)
+
+
+def awq_folded(model: CanonicalModel, types: dict, chunks: int | None, progress: bool) -> dict[str, LazyTensor]:
+    """AWQ for a target that quantizes by itself (MLX, ONNX): the scales are searched under the target's own
+    rounding (`types`: HF name -> an object with name/quantize/dequantize whose quantize() returns the rounded
+    floats, or a float QuantType for what it keeps in float), and the tensors they change (norms, matrices, biases)
+    come back as float tensors, by HF name in the source's form, for the target to quantize in their place."""
+    folded: dict[str, np.ndarray] = {}
+    layerwise_pass(model, types, chunks, "awq", progress, awq=True, awq_pairs=True, gptq=False, folded=folded)
+    return {name: LazyTensor(name, model.tensors[name].shape, "F32", lambda data=data: data)
+            for name, data in folded.items()}
 
 
 def count_types(types: list[str]) -> dict[str, int]:

@@ -25,10 +25,10 @@ from ondevice.converters.base import (
     ConvertResult,
     Target,
     TargetOption,
+    awq_folded,
     check_calibration_chunks,
     count_types,
     hf_model_config,
-    layerwise_pass,
     options_as,
     peak_rss_mib,
     progress_bar,
@@ -192,18 +192,14 @@ class _MlxRounding:
         return data
 
 
-def awq_folded(model: CanonicalModel, plans: list[LayerPlan], bits: int, options: MLXOptions) -> dict[str, LazyTensor]:
-    """The tensors AWQ's scales change (norms, matrices, biases), as float tensors to quantize in their place."""
+def awq_types(model: CanonicalModel, plans: list[LayerPlan], bits: int) -> dict:
+    """What AWQ's search rounds each tensor with: mlx's rounding for the quantized layers, float for the rest."""
     from ondevice.quant import get_quant_type
 
     f32 = get_quant_type("f32")
     types = {name: f32 for name in model.tensors}
     types.update({p.tensor.name: _MlxRounding(p.group_size, bits) for p in plans if p.group_size is not None})
-    folded: dict[str, np.ndarray] = {}
-    layerwise_pass(model, types, options.calibration_chunks, "awq", options.progress, awq=True, awq_pairs=True,
-                   gptq=False, folded=folded)
-    return {name: LazyTensor(name, model.tensors[name].shape, "F32", lambda data=data: data)
-            for name, data in folded.items()}
+    return types
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -277,7 +273,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         raise UnsupportedError(f"--quant {quant} keeps the weights in float: there is nothing to calibrate "
                                f"(--method {options.method} applies to int4/int8)")
     check_calibration_chunks(options.calibration_chunks, options.method is not None, "--method awq")
-    folded = awq_folded(model, plans, bits, options) if options.method == "awq" else {}
+    folded = awq_folded(model, awq_types(model, plans, bits), options.calibration_chunks,
+                        options.progress) if options.method == "awq" else {}
 
     planned: list[PlannedSafeTensor] = []
     types: list[str] = []

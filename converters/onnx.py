@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from ondevice.converters.base import (
     ConvertResult,
     Target,
     TargetOption,
+    awq_folded,
+    check_calibration_chunks,
     count_types,
     options_as,
     peak_rss_mib,
@@ -40,6 +42,7 @@ from ondevice.converters.base import (
     write_tokenizer_files,
 )
 
+from ondevice.architectures import get_architecture
 from ondevice.decoder import DecoderOps, attention_scale, check_consumed, require_features, run_decoder
 from ondevice.errors import MissingExtraError, OndeviceError, UnsupportedError
 from ondevice.formats.atomic import atomic_output
@@ -53,6 +56,11 @@ class ONNXOptions(ConvertOptions):
     symmetric: bool | None = None  # None = the scheme's default
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations inside the kernel (fast on CPU; the builder's default)
     float_layers: bool = True  # keep the layers FLOAT_LAYERS names for this quant in f16 (False: quantize all)
+    method: str | None = None  # "awq": scales searched on the calibration text, folded in before the rounding
+    calibration_chunks: int | None = None  # chunks of 512 tokens of the calibration text (default: all, 24)
+
+
+METHODS = ("awq",)
 
 TARGET = Target(
     name="onnx",
@@ -63,8 +71,15 @@ TARGET = Target(
     suffix="",
     description="an ONNX Runtime folder (model.onnx + genai_config.json) for onnxruntime and onnxruntime-genai",
     options=ONNXOptions,
-    cli_options=(TargetOption("--block-size", "block_size", "MatMulNBits block: 16, 32, 64, 128 or 256 (default: int4 32, "
-                              "int8 16)"),),
+    cli_options=(
+        TargetOption("--block-size", "block_size", "MatMulNBits block: 16, 32, 64, 128 or 256 (default: int4 32, "
+                     "int8 16)"),
+        TargetOption("--method", "method", "awq: per-channel scales chosen on the bundled calibration text (each "
+                     "layer's output error under MatMulNBits' own rounding), folded into the norms and the v/up "
+                     "rows, so onnxruntime runs the graph unchanged", type=str, metavar="{awq}"),
+        TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
+                     "bundled calibration text (default: all 24)", type=int),
+    ),
 )
 
 OPSET = 17
@@ -358,6 +373,39 @@ class _OnnxOps(DecoderOps[Any]):
         return self.weights.lm_head(x, None, table, spec.vocab_size, spec.hidden_size)
 
 
+class _BlockRounding:
+    """MatMulNBits' rounding as AWQ's search sees a quantizer: quantize() returns the rounded float32 weights
+    (quantize_blocks, then (code - zero point) * scale), dequantize() hands them back as they are."""
+
+    def __init__(self, block: int, bits: int, symmetric: bool) -> None:
+        self.name, self.block, self.bits, self.symmetric = f"onnx_int{bits}_b{block}", block, bits, symmetric
+
+    def quantize(self, x: np.ndarray, *, name: str | None = None, importance: np.ndarray | None = None) -> np.ndarray:
+        from ondevice.converters.onnx_graph import dequantize_blocks, quantize_blocks
+
+        return dequantize_blocks(*quantize_blocks(x, self.block, self.bits, self.symmetric), self.bits, x.shape[1])
+
+    def dequantize(self, data: np.ndarray, n: int) -> np.ndarray:
+        return data
+
+
+def awq_types(model: CanonicalModel, weights: _Weights) -> dict:
+    """What AWQ's search rounds each tensor with: MatMulNBits' rounding for the linear layers the graph quantizes,
+    float for the rest (the embedding and output layer are quantized by the graph but not scaled by AWQ)."""
+    from ondevice.quant import get_quant_type
+
+    f32 = get_quant_type("f32")
+    rounding = _BlockRounding(weights.block, weights.bits, weights.symmetric)
+    arch = get_architecture(model.spec.arch)
+    types = {name: f32 for name in model.tensors}
+    for layer in range(model.spec.n_layers):
+        for fused, roles in (("qkv_proj", ("q", "k", "v")), ("o_proj", ("o",)), ("gate_up_proj", ("gate", "up")),
+                             ("down_proj", ("down",))):
+            if not weights.keeps_float(fused, layer):
+                types.update({arch.hf_tensor(role, layer): rounding for role in roles})
+    return types
+
+
 def _fused_name(names: list[str]) -> str:
     """...self_attn.q_proj + k_proj + v_proj -> ...self_attn.qkv_proj; ...mlp.gate_proj + up_proj ->
     ...mlp.gate_up_proj (the names FLOAT_LAYERS and earlier artifacts use)."""
@@ -460,6 +508,10 @@ def _check_options(options: ONNXOptions) -> tuple[int, bool, int]:
     if options.quant not in DEFAULTS:
         if block is not None:
             raise UnsupportedError(f"--block-size applies to --quant int4/int8 only, not {options.quant}")
+        if options.method is not None:
+            raise UnsupportedError(f"--quant {options.quant} keeps the weights in float: there is nothing to "
+                                   f"calibrate (--method {options.method} applies to int4/int8)")
+        check_calibration_chunks(options.calibration_chunks, False, "--method awq")
         return 0, True, 0
     default_block, default_symmetric = DEFAULTS[options.quant]
     block = default_block if block is None else block
@@ -468,6 +520,9 @@ def _check_options(options: ONNXOptions) -> tuple[int, bool, int]:
     accuracy = int(options.accuracy_level)
     if accuracy not in (0, 1, 2, 3, 4):
         raise UnsupportedError(f"accuracy level {accuracy} is not one of 0-4")
+    if options.method is not None and options.method not in METHODS:
+        raise UnsupportedError(f"--method {options.method!r}: choose one of {', '.join(METHODS)} for --to onnx")
+    check_calibration_chunks(options.calibration_chunks, options.method is not None, "--method awq")
     return block, default_symmetric if symmetric is None else bool(symmetric), accuracy
 
 
@@ -486,12 +541,17 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     if spec.head_dim % 16:
         raise UnsupportedError(f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's "
                                "GroupQueryAttention needs")
+    keep = FLOAT_LAYERS.get(options.quant, ((), 0)) if options.float_layers else ((), 0)
+    if options.method is not None:
+        # the scales change the tensors the graph reads: the same graph builder over the folded model
+        model = replace(model, tensors={**model.tensors, **awq_folded(
+            model, awq_types(model, _Weights(None, options.quant, block, symmetric, accuracy, keep, spec.n_layers)),
+            options.calibration_chunks, options.progress)})
 
     with atomic_output(out, force=options.force, directory=True) as tmp:
         data = ExternalData(tmp / DATA_FILE)
         try:
             g = GraphBuilder(data)
-            keep = FLOAT_LAYERS.get(options.quant, ((), 0)) if options.float_layers else ((), 0)
             weights = _Weights(g, options.quant, block, symmetric, accuracy, keep, spec.n_layers)
             with progress_bar(len(model.tensors), f"onnx {options.quant}", options.progress) as bar:
                 inputs, outputs = _build_graph(model, g, weights, bar)
@@ -519,7 +579,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     notes = []
     if weights.bits:
         kind = "symmetric" if symmetric else "asymmetric"
-        notes.append(f"onnx {options.quant}: MatMulNBits, block {block}, {kind}, accuracy_level {accuracy}")
+        notes.append(f"onnx {options.quant}: MatMulNBits, block {block}, {kind}, accuracy_level {accuracy}"
+                     + (f", {options.method} scales folded in" if options.method else ""))
         if weights.kept_float:
             kinds = "/".join(weights.float_kinds) or "none"
             notes.append(f"onnx {options.quant}: {len(weights.kept_float)} sensitive linear layers kept in f16 "

@@ -313,6 +313,41 @@ def test_bad_input_fails_cleanly(tiny_models, tmp_path):
     assert (existing / "model.onnx").exists() and not (existing / "keep.txt").exists()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_awq_folds_exactly_and_runs_in_onnxruntime(tiny_models, tmp_path, monkeypatch, arch):
+    """--method awq: the scales are folded into both sides (norms, matrices, v rows and biases with o columns, up
+    rows with down columns; gemma3's 1 + w norms too), so with every layer at int8 and float activations
+    onnxruntime's logits stay near the float model's; alpha 1 is forced (the strongest scales, which cost int8 up
+    to ~1.7x plain's error here) so that an unfolded side (~9x) would show. The folding itself is exact in float:
+    tests/test_quant_calibrated.py."""
+    import ondevice.quant.calibrated as calibrated
+
+    monkeypatch.setattr(calibrated, "AWQ_ALPHAS", (1.0,))
+    src = tiny_models[arch]
+    for name, method in (("awq", "awq"), ("plain", None)):
+        convert(src, tmp_path / name, "int8", accuracy_level=0, float_layers=False, method=method,
+                calibration_chunks=2 if method else None)
+    ref = hf_logits(hf_model(src), TOKENS)
+    rms = {name: float(np.sqrt(((runner(tmp_path / name).logits(TOKENS) - ref) ** 2).mean()))
+           for name in ("awq", "plain")}
+    assert rms["awq"] < 2.5 * rms["plain"], rms
+    awq, plain = (initializers(tmp_path / name) for name in ("awq", "plain"))
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not np.array_equal(awq[norm], plain[norm])
+
+
+def test_awq_errors_are_one_line(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    for options, message in (({"quant": "int4", "method": "gptq"}, "choose one of awq"),
+                             ({"quant": "f16", "method": "awq"}, "nothing to calibrate"),
+                             ({"quant": "int4", "calibration_chunks": 2}, "needs --method awq"),
+                             ({"quant": "int4", "method": "awq", "calibration_chunks": 0}, "at least 1 chunk")):
+        quant = options.pop("quant")
+        with pytest.raises(UnsupportedError, match=message):
+            convert(src, tmp_path / "x", quant, **options)
+        assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.parametrize("quant,bits", [("int4", 4), ("int8", 8)])
 def test_smollm2_runs_in_onnxruntime_and_answers(smollm2, tmp_path, quant, bits):

@@ -255,5 +255,41 @@ def test_bad_method_combinations_are_one_line_errors(tiny, tmp_path, flags, mess
 
 
 def test_method_is_a_flag_of_the_targets_that_take_it(tiny, tmp_path):
-    run = ondevice("convert", str(tiny), "--to", "onnx", "--method", "gptq", "-o", str(tmp_path / "m"))
-    assert run.returncode == 1 and "--method does not apply to --to onnx (it is for --to gguf, mlx)" in run.stderr
+    run = ondevice("convert", str(tiny), "--to", "executorch", "--method", "awq", "-o", str(tmp_path / "m.pte"))
+    assert run.returncode == 1 and "--method does not apply to --to executorch (it is for --to gguf, mlx, onnx)" \
+        in run.stderr
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_awq_folded_tensors_leave_the_float_model_unchanged(tiny_models, arch, monkeypatch):
+    """converters.base.awq_folded (what MLX and ONNX quantize in place of the source's tensors): the float model
+    with the folded norms, matrices and biases computes the same logits as the source (biases: qwen2; q/k norms:
+    qwen3; 1 + w norms: gemma3), to float32 rounding; alpha 1 forced (the strongest scales)."""
+    import torch
+    from ondevice.converters.base import awq_folded
+    from transformers import AutoModelForCausalLM
+
+    import ondevice.quant.calibrated as calibrated
+    from ondevice.sources import open_source
+
+    monkeypatch.setattr(calibrated, "AWQ_ALPHAS", (1.0,))
+    src = tiny_models[arch]
+    model = open_source(src)
+    try:
+        rounding = get_quant_type("q8_0")  # any rounding: the search needs one; the folded floats are exact
+        types = {name: rounding if len(t.shape) == 2 and "layers." in name else get_quant_type("f32")
+                 for name, t in model.tensors.items()}
+        folded = awq_folded(model, types, 2, progress=False)
+    finally:
+        model.close()
+    assert any("layernorm" in name for name in folded) and any("o_proj" in name for name in folded)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]])
+    with torch.no_grad():
+        before = hf(tokens).logits[0].numpy()
+        state = hf.state_dict()
+        for name, tensor in folded.items():
+            state[name].copy_(torch.from_numpy(tensor.load()))
+        after = hf(tokens).logits[0].numpy()
+    assert np.abs(after - before).max() <= 1e-4 * max(1.0, float(np.abs(before).max())), arch
+
