@@ -136,6 +136,16 @@ def layerwise_pass(model: CanonicalModel, types: dict, chunks: int | None, label
     return tensors, len(token_chunks)
 
 
+def awq_target_options(rounding: str, runtime: str) -> tuple[TargetOption, TargetOption]:
+    """--method awq and --calib-chunks for a target that quantizes by itself (`rounding`: whose rounding the
+    search uses; `runtime`: what loads the folded artifact unchanged)."""
+    return (TargetOption("--method", "method", f"awq: per-channel scales chosen on the bundled calibration text "
+                         f"(each layer's output error under {rounding}), folded into the norms and the v/up rows, so "
+                         f"{runtime} loads the artifact unchanged", type=str, metavar="{awq}"),
+            TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of "
+                         "the bundled calibration text (default: all 24)", type=int))
+
+
 def awq_folded(model: CanonicalModel, types: dict, chunks: int | None, progress: bool) -> dict[str, LazyTensor]:
     """AWQ for a target that quantizes by itself (MLX, ONNX): the scales are searched under the target's own
     rounding (`types`: HF name -> an object with name/quantize/dequantize whose quantize() returns the rounded

@@ -26,6 +26,7 @@ from ondevice.converters.base import (
     Target,
     TargetOption,
     awq_folded,
+    awq_target_options,
     check_calibration_chunks,
     count_types,
     hf_model_config,
@@ -67,11 +68,7 @@ TARGET = Target(
     cli_options=(
         TargetOption("--group-size", "group_size", "affine group: 32, 64 or 128 (default 64 where every "
                      "width allows it)"),
-        TargetOption("--method", "method", "awq: per-channel scales chosen on the bundled calibration text (each "
-                     "layer's output error under mlx's own rounding), folded into the norms and the v/up rows, so "
-                     "mlx-lm loads the folder unchanged", type=str, metavar="{awq}"),
-        TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
-                     "bundled calibration text (default: all 24)", type=int),
+        *awq_target_options("mlx's own rounding", "mlx-lm"),
     ),
 )
 

@@ -34,6 +34,7 @@ from ondevice.converters.base import (
     Target,
     TargetOption,
     awq_folded,
+    awq_target_options,
     check_calibration_chunks,
     count_types,
     options_as,
@@ -74,11 +75,7 @@ TARGET = Target(
     cli_options=(
         TargetOption("--block-size", "block_size", "MatMulNBits block: 16, 32, 64, 128 or 256 (default: int4 32, "
                      "int8 16)"),
-        TargetOption("--method", "method", "awq: per-channel scales chosen on the bundled calibration text (each "
-                     "layer's output error under MatMulNBits' own rounding), folded into the norms and the v/up "
-                     "rows, so onnxruntime runs the graph unchanged", type=str, metavar="{awq}"),
-        TargetOption("--calib-chunks", "calibration_chunks", "calibrate on the first N chunks of 512 tokens of the "
-                     "bundled calibration text (default: all 24)", type=int),
+        *awq_target_options("MatMulNBits' own rounding", "onnxruntime"),
     ),
 )
 
