@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ from ondevice.converters.base import (
     ConvertResult,
     Target,
     TargetOption,
+    awq_folded,
+    awq_target_options,
+    check_calibration_chunks,
     count_types,
     options_as,
     peak_rss_mib,
@@ -53,6 +56,11 @@ from ondevice.rope import rope_kind, rope_tables
 class ExecuTorchOptions(ConvertOptions):
     group_size: int | None = None  # 8da4w weight group; None = 32
     max_seq_len: int | None = None  # KV cache positions; None = min(context length, 2048)
+    method: str | None = None  # "awq": scales searched on the calibration text, folded in before the rounding
+    calibration_chunks: int | None = None  # chunks of 512 tokens of the calibration text (default: all, 24)
+
+
+METHODS = ("awq",)
 
 TARGET = Target(
     name="executorch",
@@ -64,7 +72,8 @@ TARGET = Target(
     description="an ExecuTorch .pte program (XNNPACK) with a static KV cache, manifest and tokenizer beside it",
     options=ExecuTorchOptions,
     cli_options=(TargetOption("--group-size", "group_size", "8da4w weight group: 32 or 64 (default 32); must divide every width"),
-                 TargetOption("--max-seq-len", "max_seq_len", "static KV cache length (default: min(context, 2048))")),
+                 TargetOption("--max-seq-len", "max_seq_len", "static KV cache length (default: min(context, 2048))"),
+                 *awq_target_options("8da4w's Q4_1 grid in groups of 32", "executorch")),
 )
 
 MANIFEST_FORMAT = "ondevice-executorch/1"
@@ -448,6 +457,36 @@ def make_manifest(model: CanonicalModel, quant: str, group: int | None, max_seq:
     }
 
 
+class _Unweighted:
+    """A quantizer as AWQ's search sees it, without importance weights: AsymmetricInt4.split rounds each linear by
+    Q4_1's plain rule, so the search must too."""
+
+    def __init__(self, name: str) -> None:
+        from ondevice.quant import get_quant_type
+
+        self.qtype = get_quant_type(name)
+        self.name = f"{name}_unweighted"
+
+    def quantize(self, x: np.ndarray, *, name: str | None = None, importance: np.ndarray | None = None) -> np.ndarray:
+        return self.qtype.quantize(x)
+
+    def dequantize(self, data: np.ndarray, n: int) -> np.ndarray:
+        return self.qtype.dequantize(data, n)
+
+
+def awq_types(model: CanonicalModel) -> dict:
+    """What AWQ's search rounds each tensor with: Q4_1's rule for the block linears (8da4w in groups of 32 holds
+    that grid exactly), float for the rest (the int8 embedding and the output layer are not scaled by AWQ)."""
+    from ondevice.quant import get_quant_type
+
+    f32, q4_1 = get_quant_type("f32"), _Unweighted("q4_1")
+    arch = get_architecture(model.spec.arch)
+    types = {name: f32 for name in model.tensors}
+    for layer in range(model.spec.n_layers):
+        types.update({arch.hf_tensor(role, layer): q4_1 for role in ("q", "k", "v", "o", "gate", "up", "down")})
+    return types
+
+
 def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> ConvertResult:
     options = options_as(ExecuTorchOptions, options)
     require_torch_stack()
@@ -461,6 +500,12 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         group = DEFAULT_GROUP if group is None else group
         if group not in GROUP_SIZES:
             raise UnsupportedError(f"--group-size {group} is not supported; choose 32, 64, 128 or 256")
+    if options.method is not None and options.method not in METHODS:
+        raise UnsupportedError(f"--method {options.method!r}: choose one of {', '.join(METHODS)} for --to executorch")
+    if options.method is not None and (quant != "8da4w" or group != DEFAULT_GROUP):
+        raise UnsupportedError(f"--method {options.method} applies to --quant 8da4w in groups of {DEFAULT_GROUP} "
+                               "(Q4_1's grid, which the search rounds with)")
+    check_calibration_chunks(options.calibration_chunks, options.method is not None, "--method awq")
     max_seq = options.max_seq_len or min(spec.context_length, DEFAULT_MAX_SEQ)
     if max_seq < 2:
         raise UnsupportedError(f"max_seq_len {max_seq} is too small")
@@ -470,6 +515,9 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     for path in [out, *sidecars]:
         check_output_path(path, options.force)  # fail before minutes of export
 
+    if options.method is not None:  # the module is built from the folded tensors in the source's place
+        model = replace(model, tensors={**model.tensors, **awq_folded(model, awq_types(model),
+                                                                       options.calibration_chunks, options.progress)})
     with progress_bar(len(model.tensors), f"executorch {quant}", options.progress) as bar:
         module = build_module(model, max_seq, bar)
     if quant == "fp32":
@@ -490,6 +538,8 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     types = [s for name, s in schemes.items() if name != "embed_tokens"]
     notes = [f"executorch {quant}: XNNPACK, static KV cache of {max_seq} positions, prefill chunks of "
              f"{max_chunk}; manifest {manifest_path(out).name}, tokenizer {tokenizer_path(out).name}"]
+    if options.method is not None:
+        notes.append(f"{options.method}: scales folded into the norms and the v/up rows before the rounding")
     if quant != "fp32":
         notes.append("embedding: int8 per row" + (" (own copy; the output layer is quantized separately)"
                                                  if spec.tie_embeddings else ""))

@@ -131,6 +131,33 @@ def test_8da4w_every_linear_quantized_and_close(tiny_models, qwen2_8da4w):
     assert result["size_bytes"] == out.stat().st_size
 
 
+@pytest.mark.slow  # a torch.export + XNNPACK lowering of its own: 20-50 s here
+def test_8da4w_awq_runs_in_executorch(tiny_models, qwen2_8da4w, tmp_path):
+    """--method awq: the module is built from the folded norms, matrices and v biases (the folding is exact in float:
+    tests/test_quant_calibrated.py), rounded on the same Q4_1 grid; executorch runs it as close to the float model as
+    plain 8da4w (random weights have no outlier channels for the scales to win on)."""
+    from ondevice.runners.executorch_runner import ExecuTorchRunner
+
+    out = tmp_path / "awq.pte"
+    result = export(tiny_models["qwen2"], out, "8da4w", method="awq", calibration_chunks=1)
+    assert any(note.startswith("awq: scales folded") for note in result["notes"])
+    ref = transformers_logits(tiny_models["qwen2"], TOKENS)
+    rms = {name: float(np.sqrt(np.mean((ExecuTorchRunner(path).logits(TOKENS) - ref) ** 2)))
+           for name, path in (("awq", out), ("plain", qwen2_8da4w[0]))}
+    assert rms["awq"] < 1.25 * rms["plain"], rms
+
+
+def test_awq_options_are_one_line_errors(tiny_models, tmp_path):
+    for extra, message in (({"method": "gptq"}, "choose one of awq"),
+                           ({"method": "awq", "group_size": 64}, "8da4w in groups of 32"),
+                           ({"calibration_chunks": 2}, "needs --method awq")):
+        with pytest.raises(UnsupportedError, match=message):
+            export(tiny_models["llama"], tmp_path / "x.pte", "8da4w", **extra)
+    with pytest.raises(UnsupportedError, match="8da4w in groups of 32"):
+        export(tiny_models["llama"], tmp_path / "x.pte", "int8", method="awq")
+    assert not list(tmp_path.iterdir())
+
+
 def test_group_size_that_does_not_divide_is_refused(tiny_models, tmp_path):
     with pytest.raises(UnsupportedError, match="does not divide"):
         export(tiny_models["llama"], tmp_path / "x.pte", "8da4w", group_size=128)
