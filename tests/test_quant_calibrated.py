@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ondevice.quant import get_quant_type
-from ondevice.quant.calibrated import awq_scale, gptq_matrix, output_error
+from ondevice.quant.calibrated import awq_scale, gptq_dynamic_matrix, gptq_matrix, output_error
 from ondevice.quant.gptq import damped_hessian, gptq_codes, prepare_hessian, refit_scales
 from ondevice.quant.grids import GRID_TYPES, SCALE_RATIOS, stored_grid, with_codes, with_scales
 
@@ -70,6 +70,22 @@ def test_gptq_lowers_the_output_error_on_unseen_inputs(name):
     grid_a, grid_b = stored_grid(qtype, gptq, cols), stored_grid(qtype, rounded, cols)
     assert np.array_equal(grid_a.scale, grid_b.scale) and np.array_equal(grid_a.bias, grid_b.bias)
     ours, theirs = qtype.dequantize(gptq, cols), qtype.dequantize(rounded, cols)
+    ratio = output_error(weight, ours, h_new) / output_error(weight, theirs, h_new)
+    assert ratio < 0.9, ratio
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "iq4_nl"])  # blocks of 32: 8 of them in a 256-wide row
+def test_gptq_with_dynamic_blocks_lowers_the_output_error_on_unseen_inputs(name):
+    """gptq_dynamic_matrix: each block's parameters chosen from the error-fed weights; its bytes are a valid file
+    of the type (the codes are those the grid rounds to, as with_codes writes them) and beat plain rounding."""
+    cols, weight, h_fit, h_new = fit_and_held_out()
+    qtype = get_quant_type(name)
+    dynamic = gptq_dynamic_matrix(qtype, weight, h_fit, damp=0.1)
+    rounded = qtype.quantize(weight, importance=np.diag(h_fit).astype(np.float32))
+    assert dynamic.shape == rounded.shape
+    grid = stored_grid(qtype, dynamic, cols)
+    assert not np.array_equal(grid.scale, stored_grid(qtype, rounded, cols).scale)  # the blocks were re-chosen
+    ours, theirs = qtype.dequantize(dynamic, cols), qtype.dequantize(rounded, cols)
     ratio = output_error(weight, ours, h_new) / output_error(weight, theirs, h_new)
     assert ratio < 0.9, ratio
 

@@ -26,7 +26,7 @@ from ondevice.architectures import get_architecture
 from ondevice.architectures.base import permute_for_gguf, unpermute_from_gguf
 from ondevice.model import CanonicalModel
 from ondevice.quant.base import QuantType
-from ondevice.quant.gptq import damped_hessian, gptq_codes, prepare_hessian, refit_scales
+from ondevice.quant.gptq import LAZY_COLUMNS, damped_hessian, gptq_codes, prepare_hessian, refit_scales
 from ondevice.quant.grids import SCALE_RATIOS, has_grid, stored_grid, with_codes, with_scales
 
 # Fraction of H's mean diagonal added to it, per input. Chosen on a split of the calibration text (H from chunks
@@ -117,8 +117,69 @@ def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp:
     return with_codes(qtype, data, codes), base
 
 
+def gptq_dynamic_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp: float = DAMP,
+                        prepared=None) -> np.ndarray:
+    """GPTQ's bytes of `weight` (float32 (N, K)) as `qtype` with "dynamic groups": columns in act-order as in
+    gptq_matrix, but each stored block's parameters are chosen when GPTQ first reaches one of its columns, by the
+    type's own importance-weighted quantizer on the block's weights as the error feedback has left them so far
+    (gptq_matrix fixes them from the original weights). None of a block's columns is rounded before it opens, so
+    the blocks stay contiguous runs of the input, as the format needs."""
+    rows, cols = weight.shape
+    unit = qtype.block_size  # the weights one stored block's parameters cover (32, or 256 for K-quants/IQ4_XS)
+    if cols % unit or hessian.shape != (cols, cols):
+        raise ValueError(f"gptq: weight {weight.shape}, {qtype.name} blocks of {unit}, hessian {hessian.shape}")
+    prepared = prepared or prepare_hessian(hessian, damp)
+    order, inverse_factor = prepared.order, prepared.inverse_factor
+    position = np.empty(cols, np.int64)
+    position[order] = np.arange(cols)
+    importance = np.diag(hessian).astype(np.float32)
+    work = weight[:, order].astype(np.float32)
+    codes = np.empty((rows, cols), np.uint8)
+    data = np.empty((rows, cols // unit, qtype.type_size), np.uint8)
+    groups = unit // qtype_group(qtype)
+    scale = np.empty((cols // qtype_group(qtype), rows), np.float32)  # a column's block row at a time
+    bias = np.empty_like(scale)
+    grid = None
+    opened = np.zeros(cols // unit, bool)
+    for start in range(0, cols, LAZY_COLUMNS):
+        stop = min(start + LAZY_COLUMNS, cols)
+        batch = work[:, start:stop].copy()
+        errors = np.empty_like(batch)
+        factor = inverse_factor[start:stop, start:stop]
+        for j in range(stop - start):
+            column = order[start + j]
+            u = column // unit
+            if not opened[u]:  # the block's weights now: in the batch as updated, beyond it less this batch's errors
+                at = position[u * unit:(u + 1) * unit] - start
+                current = np.empty((rows, unit), np.float32)
+                inside = at < stop - start
+                current[:, inside] = batch[:, at[inside]]
+                later = position[u * unit:(u + 1) * unit][~inside]
+                current[:, ~inside] = work[:, later] - errors[:, :j] @ inverse_factor[start:start + j, later]
+                part = qtype.quantize(current, importance=importance[u * unit:(u + 1) * unit])
+                data[:, u] = part.reshape(rows, qtype.type_size)
+                grid = stored_grid(qtype, part, unit)
+                scale[u * groups:(u + 1) * groups] = grid.scale.T
+                bias[u * groups:(u + 1) * groups] = grid.bias.T
+                opened[u] = True
+            g = column // (unit // groups)
+            code, value = grid.round(batch[:, j], scale[g], bias[g])
+            codes[:, column] = code
+            error = (batch[:, j] - value) / factor[j, j]
+            batch[:, j:] -= np.outer(error, factor[j, j:])
+            errors[:, j] = error
+        work[:, stop:] -= errors @ inverse_factor[start:stop, stop:]
+    return with_codes(qtype, data.reshape(rows, -1), codes)
+
+
+def qtype_group(qtype: QuantType) -> int:
+    """The weights one (scale, bias) of the type's grid covers (grids.Grid.group)."""
+    return stored_grid(qtype, qtype.quantize(np.ones((1, qtype.block_size), np.float32)), qtype.block_size).group
+
+
 def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
                  damp: float = DAMP, damp_down: float = DAMP_DOWN, skip_first: bool = False, refits: int = 0,
+                 dynamic: bool = False,
                  awq: bool = False, awq_pairs: bool = False, gptq: bool = True, report: GptqReport | None = None,
                  folded: dict[str, np.ndarray] | None = None,
                  on_layer: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
@@ -181,7 +242,10 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
                 heads = arch.qk_heads(spec, name)
                 if heads:
                     weight = permute_for_gguf(weight, heads)
-                if gptq and has_grid(qtype):
+                if gptq and has_grid(qtype) and dynamic:
+                    data = gptq_dynamic_matrix(qtype, weight, hessian, damping, prepared)
+                    base = qtype.quantize(weight, importance=np.diag(hessian).astype(np.float32))
+                elif gptq and has_grid(qtype):
                     data, base = gptq_matrix(qtype, weight, hessian, damping, prepared, refits)
                 else:  # the importance-weighted rounding (types without importance weights ignore it)
                     data = base = qtype.quantize(weight, importance=np.diag(hessian).astype(np.float32))
