@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
+import tempfile
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -146,15 +149,32 @@ def awq_target_options(rounding: str, runtime: str) -> tuple[TargetOption, Targe
                          "the bundled calibration text (default: all 24)", type=int))
 
 
+class _SpilledArrays(dict):
+    """name -> .npy path: each float32 array set is written at once to a temporary folder, so a pass that produces
+    every folded tensor of a model holds none of them in memory. The folder goes when this object does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = Path(tempfile.mkdtemp(prefix="ondevice-awq-"))
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        path = self.folder / f"{len(self)}.npy"
+        np.save(path, np.ascontiguousarray(array, dtype=np.float32))
+        super().__setitem__(name, path)
+
+
 def awq_folded(model: CanonicalModel, types: dict, chunks: int | None, progress: bool) -> dict[str, LazyTensor]:
-    """AWQ for a target that quantizes by itself (MLX, ONNX): the scales are searched under the target's own
-    rounding (`types`: HF name -> an object with name/quantize/dequantize whose quantize() returns the rounded
-    floats, or a float QuantType for what it keeps in float), and the tensors they change (norms, matrices, biases)
-    come back as float tensors, by HF name in the source's form, for the target to quantize in their place."""
-    folded: dict[str, np.ndarray] = {}
+    """AWQ for a target that quantizes by itself (MLX, ONNX, ExecuTorch): the scales are searched under the
+    target's own rounding (`types`: HF name -> an object with name/quantize/dequantize whose quantize() returns the
+    rounded floats, or a float QuantType for what it keeps in float), and the tensors they change (norms, matrices,
+    biases) come back as float tensors, by HF name in the source's form, for the target to quantize in their place.
+    They wait on disk (memory-mapped when loaded) in a temporary folder that goes when the last of them does."""
+    folded = _SpilledArrays()
     layerwise_pass(model, types, chunks, "awq", progress, awq=True, awq_pairs=True, gptq=False, folded=folded)
-    return {name: LazyTensor(name, model.tensors[name].shape, "F32", lambda data=data: data)
-            for name, data in folded.items()}
+    return {name: LazyTensor(name, model.tensors[name].shape, "F32",
+                             lambda path=path, keep=folded: np.load(path, mmap_mode="r"))
+            for name, path in dict.items(folded)}
 
 
 def count_types(types: list[str]) -> dict[str, int]:
