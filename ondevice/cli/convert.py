@@ -26,7 +26,7 @@ quantized so far) and scales each input channel before rounding (AWQ on each typ
 fold exactly into the RMSNorm weights and the v / up rows, so the file is an ordinary GGUF of the same size
 (SmolLM2-135M: ~4 min; the lowest KL to the float model and a lower perplexity, docs/BENCHMARKS.md 3.1.3).
 --method gptq keeps the imatrix rounding's scales and chooses the codes by GPTQ instead (lower KL, but a higher
-held-out perplexity). --to mlx and --to onnx take --method awq too (each with its own rounding in the search).
+held-out perplexity). --to mlx, onnx and executorch take --method awq too (each with its own rounding in the search).
 
 Core ML int4: blocks of 32 in Q4_1's asymmetric form (int4 codes, fp16 scales, int8 block offsets: 4.75 bits per
 weight); a Q4_0/Q4_1 source's grids are copied, and the output layer is quantized by GPTQ on a bundled
