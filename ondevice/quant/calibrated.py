@@ -58,13 +58,17 @@ class GptqReport:
         return float(np.mean(ratios)) if ratios else 1.0
 
 
+def output_energy(m: np.ndarray, hessian: np.ndarray) -> float:
+    """tr(M H M^T): the summed squared output of M on inputs with second moment H (in H's dtype)."""
+    return float(((m @ hessian) * m).sum())
+
+
 def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
     """tr((W - Q) H (W - Q)^T) / tr(W H W^T): the relative squared error of the layer's output on inputs with
     second moment H."""
     wide = weight.astype(np.float64)
-    diff = wide - approx
-    base = float(((wide @ hessian) * wide).sum())
-    return float(((diff @ hessian) * diff).sum()) / base if base > 0 else 0.0
+    base = output_energy(wide, hessian)
+    return output_energy(wide - approx, hessian) / base if base > 0 else 0.0
 
 
 def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.ndarray,
@@ -77,7 +81,7 @@ def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.
     magnitude = np.maximum(np.asarray(magnitude, np.float64), 1e-8)
     importance = np.diag(hessian)
     h32 = hessian.astype(np.float32)  # only compares candidates: float32 halves the cost of the N x K x K products
-    bases = [float(((weight @ h32) * weight).sum()) for weight in weights]
+    bases = [output_energy(weight, h32) for weight in weights]
     best, best_alpha, best_error = np.ones(len(magnitude)), 0.0, np.inf
     for alpha in AWQ_ALPHAS:
         scale = magnitude ** alpha
@@ -87,7 +91,7 @@ def awq_scale(qtypes: list[QuantType], weights: list[np.ndarray], magnitude: np.
             scaled = (weight * scale).astype(np.float32)
             data = qtype.quantize(scaled, importance=(importance / scale**2).astype(np.float32))
             diff = weight - qtype.dequantize(data, weight.shape[1]) / scale.astype(np.float32)
-            error += float(((diff @ h32) * diff).sum()) / base if base > 0 else 0.0
+            error += output_energy(diff, h32) / base if base > 0 else 0.0
         if error < best_error:
             best, best_alpha, best_error = scale, float(alpha), error
     return best.astype(np.float32), best_alpha
