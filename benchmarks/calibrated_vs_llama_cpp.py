@@ -117,10 +117,13 @@ def main() -> int:
             if not theirs.exists():
                 llama_cpp(f32, theirs, recipe, matrix)
             identical = same_tensors(ours, theirs)
-            # llama.cpp's own imatrix row: its quantizer only (ondevice's with that file writes the same bytes)
+            # llama.cpp's own imatrix row: its quantizer only (ondevice's with that file writes the same bytes);
+            # where ondevice's tensors equal llama.cpp's, the evaluation of llama.cpp's file serves both rows
+            measured = evaluate(theirs, ref, work, args.threads)
             for quantizer, path in (("llama.cpp", theirs), ("ondevice", ours))[: 1 if kind == "llama.cpp's" else 2]:
+                result = measured if path == theirs or identical else evaluate(path, ref, work, args.threads)
                 rows.append({"recipe": recipe, "quantizer": quantizer, "imatrix": kind, "method": "-",
-                             "identical_tensors": identical, **evaluate(path, ref, work, args.threads)})
+                             "identical_tensors": identical, **result, "size_bytes": path.stat().st_size})
                 print(json.dumps(rows[-1]), flush=True)
         for method in filter(None, args.methods.split(",")):
             ours = work / f"ondevice-{stem}{recipe}-{method.replace('+', '')}.gguf"
