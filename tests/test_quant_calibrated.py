@@ -271,8 +271,8 @@ def test_bad_method_combinations_are_one_line_errors(tiny, tmp_path, flags, mess
 
 
 def test_method_is_a_flag_of_the_targets_that_take_it(tiny, tmp_path):
-    run = ondevice("convert", str(tiny), "--to", "executorch", "--method", "awq", "-o", str(tmp_path / "m.pte"))
-    assert run.returncode == 1 and "--method does not apply to --to executorch (it is for --to gguf, mlx, onnx)" \
+    run = ondevice("convert", str(tiny), "--to", "hf", "--method", "awq", "-o", str(tmp_path / "m"))
+    assert run.returncode == 1 and "--method does not apply to --to hf (it is for --to gguf, mlx, onnx, executorch)" \
         in run.stderr
 
 
