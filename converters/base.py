@@ -169,11 +169,12 @@ def awq_folded(model: CanonicalModel, types: dict, chunks: int | None, progress:
     target's own rounding (`types`: HF name -> an object with name/quantize/dequantize whose quantize() returns the
     rounded floats, or a float QuantType for what it keeps in float), and the tensors they change (norms, matrices,
     biases) come back as float tensors, by HF name in the source's form, for the target to quantize in their place.
-    They wait on disk (memory-mapped when loaded) in a temporary folder that goes when the last of them does."""
+    They wait on disk (memory-mapped copy-on-write when loaded) in a temporary folder that goes when the last of
+    them does."""
     folded = _SpilledArrays()
     layerwise_pass(model, types, chunks, "awq", progress, awq=True, awq_pairs=True, gptq=False, folded=folded)
     return {name: LazyTensor(name, model.tensors[name].shape, "F32",
-                             lambda path=path, keep=folded: np.load(path, mmap_mode="r"))
+                             lambda path=path, keep=folded: np.load(path, mmap_mode="c"))
             for name, path in dict.items(folded)}
 
 
