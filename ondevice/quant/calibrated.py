@@ -26,7 +26,7 @@ from ondevice.architectures import get_architecture
 from ondevice.architectures.base import permute_for_gguf, unpermute_from_gguf
 from ondevice.model import CanonicalModel
 from ondevice.quant.base import QuantType
-from ondevice.quant.gptq import LAZY_COLUMNS, damped_hessian, gptq_codes, prepare_hessian, refit_scales
+from ondevice.quant.gptq import BlockOpener, damped_hessian, gptq_codes, prepare_hessian, refit_scales
 from ondevice.quant.grids import SCALE_RATIOS, has_grid, stored_grid, with_codes, with_scales
 
 # Fraction of H's mean diagonal added to it, per input. Chosen on a split of the calibration text (H from chunks
@@ -123,62 +123,27 @@ def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp:
 
 def gptq_dynamic_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp: float = DAMP,
                         prepared=None) -> np.ndarray:
-    """GPTQ's bytes of `weight` (float32 (N, K)) as `qtype` with "dynamic groups": columns in act-order as in
-    gptq_matrix, but each stored block's parameters are chosen when GPTQ first reaches one of its columns, by the
-    type's own importance-weighted quantizer on the block's weights as the error feedback has left them so far
-    (gptq_matrix fixes them from the original weights). None of a block's columns is rounded before it opens, so
-    the blocks stay contiguous runs of the input, as the format needs."""
+    """GPTQ's bytes of `weight` (float32 (N, K)) as `qtype` with "dynamic groups" (gptq.BlockOpener): columns in
+    act-order as in gptq_matrix, but each stored block's parameters are chosen when GPTQ first reaches one of its
+    columns, by the type's own importance-weighted quantizer on the block's weights as the error feedback has left
+    them so far (gptq_matrix fixes them from the original weights)."""
     rows, cols = weight.shape
     unit = qtype.block_size  # the weights one stored block's parameters cover (32, or 256 for K-quants/IQ4_XS)
     if cols % unit or hessian.shape != (cols, cols):
         raise ValueError(f"gptq: weight {weight.shape}, {qtype.name} blocks of {unit}, hessian {hessian.shape}")
-    prepared = prepared or prepare_hessian(hessian, damp)
-    order, inverse_factor = prepared.order, prepared.inverse_factor
-    position = np.empty(cols, np.int64)
-    position[order] = np.arange(cols)
     importance = np.diag(hessian).astype(np.float32)
-    work = weight[:, order].astype(np.float32)
-    codes = np.empty((rows, cols), np.uint8)
-    data = np.empty((rows, cols // unit, qtype.type_size), np.uint8)
-    groups = unit // qtype_group(qtype)
-    scale = np.empty((cols // qtype_group(qtype), rows), np.float32)  # a column's block row at a time
-    bias = np.empty_like(scale)
-    grid = None
-    opened = np.zeros(cols // unit, bool)
-    for start in range(0, cols, LAZY_COLUMNS):
-        stop = min(start + LAZY_COLUMNS, cols)
-        batch = work[:, start:stop].copy()
-        errors = np.empty_like(batch)
-        factor = inverse_factor[start:stop, start:stop]
-        for j in range(stop - start):
-            column = order[start + j]
-            u = column // unit
-            if not opened[u]:  # the block's weights now: in the batch as updated, beyond it less this batch's errors
-                at = position[u * unit:(u + 1) * unit] - start
-                current = np.empty((rows, unit), np.float32)
-                inside = at < stop - start
-                current[:, inside] = batch[:, at[inside]]
-                later = position[u * unit:(u + 1) * unit][~inside]
-                current[:, ~inside] = work[:, later] - errors[:, :j] @ inverse_factor[start:start + j, later]
-                part = qtype.quantize(current, importance=importance[u * unit:(u + 1) * unit])
-                data[:, u] = part.reshape(rows, qtype.type_size)
-                grid = stored_grid(qtype, part, unit)
-                scale[u * groups:(u + 1) * groups] = grid.scale.T
-                bias[u * groups:(u + 1) * groups] = grid.bias.T
-                opened[u] = True
-            g = column // (unit // groups)
-            code, value = grid.round(batch[:, j], scale[g], bias[g])
-            codes[:, column] = code
-            error = (batch[:, j] - value) / factor[j, j]
-            batch[:, j:] -= np.outer(error, factor[j, j:])
-            errors[:, j] = error
-        work[:, stop:] -= errors @ inverse_factor[start:stop, stop:]
+    data = qtype.quantize(weight, importance=importance).reshape(rows, cols // unit, qtype.type_size)
+
+    def choose(block: int, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        part = qtype.quantize(current, importance=importance[block * unit:(block + 1) * unit])
+        data[:, block] = part.reshape(rows, qtype.type_size)
+        grid = stored_grid(qtype, part, unit)
+        return grid.scale, grid.bias
+
+    # every block's parameters are replaced by choose() before use; the static grid gives the shapes and levels
+    grid = stored_grid(qtype, data.reshape(rows, -1), cols)
+    codes = gptq_codes(weight, prepared or prepare_hessian(hessian, damp), grid, BlockOpener(unit, choose))
     return with_codes(qtype, data.reshape(rows, -1), codes)
-
-
-def qtype_group(qtype: QuantType) -> int:
-    """The weights one (scale, bias) of the type's grid covers (grids.Grid.group)."""
-    return stored_grid(qtype, qtype.quantize(np.ones((1, qtype.block_size), np.float32)), qtype.block_size).group
 
 
 def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,

@@ -12,6 +12,7 @@ stay contiguous runs of the input, as the targets' blockwise formats need.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,9 +93,20 @@ def refit_scales(weight: np.ndarray, hessian: np.ndarray, grid: Grid, codes: np.
     return np.linalg.solve(system, rhs[..., None])[..., 0].astype(np.float32)
 
 
-def gptq_codes(weight: np.ndarray, hessian: PreparedHessian, grid: Grid) -> np.ndarray:
+@dataclass
+class BlockOpener:
+    """"Dynamic groups" for gptq_codes: a block's grid parameters are chosen when GPTQ first reaches one of its
+    `unit` columns, from the block's weights as the error feedback has left them (none of its columns is rounded
+    before), instead of being fixed up front. choose(block, current (N, unit)) -> (scale, bias), (N, unit / group)."""
+
+    unit: int
+    choose: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def gptq_codes(weight: np.ndarray, hessian: PreparedHessian, grid: Grid, opener: BlockOpener | None = None) -> np.ndarray:
     """uint8 codes (N, K) on `grid` (its block parameters fixed: "static groups", so blocks stay contiguous runs of
-    the input whatever the column order) minimizing tr((W - Q) H (W - Q)^T)."""
+    the input whatever the column order; with `opener`, each block's are chosen when it is first reached)
+    minimizing tr((W - Q) H (W - Q)^T)."""
     rows, cols = weight.shape
     if grid.scale.shape[0] != rows or grid.scale.shape[1] * grid.group != cols or \
             hessian.inverse_factor.shape != (cols, cols):
@@ -105,12 +117,29 @@ def gptq_codes(weight: np.ndarray, hessian: PreparedHessian, grid: Grid) -> np.n
     codes = np.empty((rows, cols), np.uint8)
     col_group = order // grid.group
     scale, bias = np.ascontiguousarray(grid.scale.T), np.ascontiguousarray(grid.bias.T)  # a column's row at a time
+    if opener is not None:
+        position = np.empty(cols, np.int64)
+        position[order] = np.arange(cols)
+        opened = np.zeros(cols // opener.unit, bool)
+        per_block = opener.unit // grid.group
     for start in range(0, cols, LAZY_COLUMNS):
         stop = min(start + LAZY_COLUMNS, cols)
         batch = work[:, start:stop].copy()
         errors = np.empty_like(batch)
         factor = inverse_factor[start:stop, start:stop]
         for j in range(stop - start):
+            if opener is not None and not opened[u := order[start + j] // opener.unit]:
+                # the block's weights now: in the batch as updated, beyond it less this batch's errors so far
+                at = position[u * opener.unit:(u + 1) * opener.unit]
+                inside = at < stop
+                current = np.empty((rows, opener.unit), np.float32)
+                current[:, inside] = batch[:, at[inside] - start]
+                later = at[~inside]
+                current[:, ~inside] = work[:, later] - errors[:, :j] @ inverse_factor[start:start + j, later]
+                block_scale, block_bias = opener.choose(int(u), current)
+                scale[u * per_block:(u + 1) * per_block] = block_scale.T
+                bias[u * per_block:(u + 1) * per_block] = block_bias.T
+                opened[u] = True
             g = col_group[start + j]
             column = batch[:, j]
             code, value = grid.round(column, scale[g], bias[g])
