@@ -115,6 +115,12 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 CALIBRATION_CTX = 512  # tokens per calibration chunk, llama-imatrix's default
 
 
+def check_method(method: str | None, methods: tuple[str, ...], target: str) -> None:
+    """--method names one of the target's calibration methods."""
+    if method is not None and method not in methods:
+        raise UnsupportedError(f"--method {method!r}: choose one of {', '.join(methods)} for --to {target}")
+
+
 def check_calibration_chunks(chunks: int | None, calibrating: bool, needs: str) -> None:
     """--calib-chunks comes with a calibration (`needs` says which options make one) and asks for >= 1 chunk."""
     if chunks is None:

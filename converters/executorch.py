@@ -38,6 +38,7 @@ from ondevice.converters.base import (
     awq_folded,
     awq_target_options,
     check_calibration_chunks,
+    check_method,
     count_types,
     options_as,
     peak_rss_mib,
@@ -500,8 +501,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
         group = DEFAULT_GROUP if group is None else group
         if group not in GROUP_SIZES:
             raise UnsupportedError(f"--group-size {group} is not supported; choose 32, 64, 128 or 256")
-    if options.method is not None and options.method not in METHODS:
-        raise UnsupportedError(f"--method {options.method!r}: choose one of {', '.join(METHODS)} for --to executorch")
+    check_method(options.method, METHODS, "executorch")
     if options.method is not None and (quant != "8da4w" or group != DEFAULT_GROUP):
         raise UnsupportedError(f"--method {options.method} applies to --quant 8da4w in groups of {DEFAULT_GROUP} "
                                "(Q4_1's grid, which the search rounds with)")

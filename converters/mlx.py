@@ -28,6 +28,7 @@ from ondevice.converters.base import (
     awq_folded,
     awq_target_options,
     check_calibration_chunks,
+    check_method,
     count_types,
     hf_model_config,
     options_as,
@@ -264,8 +265,7 @@ def convert(model: CanonicalModel, out: Path, options: ConvertOptions) -> Conver
     plans = plan_layers(model, requested if quant in QUANT_BITS else None)
     check_group_size(requested, quant, plans)
     bits = QUANT_BITS.get(quant)
-    if options.method is not None and options.method not in METHODS:
-        raise UnsupportedError(f"--method {options.method!r}: choose one of {', '.join(METHODS)} for --to mlx")
+    check_method(options.method, METHODS, "mlx")
     if options.method is not None and bits is None:
         raise UnsupportedError(f"--quant {quant} keeps the weights in float: there is nothing to calibrate "
                                f"(--method {options.method} applies to int4/int8)")

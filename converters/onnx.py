@@ -36,6 +36,7 @@ from ondevice.converters.base import (
     awq_folded,
     awq_target_options,
     check_calibration_chunks,
+    check_method,
     count_types,
     options_as,
     peak_rss_mib,
@@ -517,8 +518,7 @@ def _check_options(options: ONNXOptions) -> tuple[int, bool, int]:
     accuracy = int(options.accuracy_level)
     if accuracy not in (0, 1, 2, 3, 4):
         raise UnsupportedError(f"accuracy level {accuracy} is not one of 0-4")
-    if options.method is not None and options.method not in METHODS:
-        raise UnsupportedError(f"--method {options.method!r}: choose one of {', '.join(METHODS)} for --to onnx")
+    check_method(options.method, METHODS, "onnx")
     check_calibration_chunks(options.calibration_chunks, options.method is not None, "--method awq")
     return block, default_symmetric if symmetric is None else bool(symmetric), accuracy
 
