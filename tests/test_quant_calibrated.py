@@ -80,8 +80,8 @@ def test_gptq_with_dynamic_blocks_lowers_the_output_error_on_unseen_inputs(name)
     of the type (the codes are those the grid rounds to, as with_codes writes them) and beat plain rounding."""
     cols, weight, h_fit, h_new = fit_and_held_out()
     qtype = get_quant_type(name)
-    dynamic = gptq_dynamic_matrix(qtype, weight, h_fit, damp=0.1)
-    rounded = qtype.quantize(weight, importance=np.diag(h_fit).astype(np.float32))
+    dynamic, rounded = gptq_dynamic_matrix(qtype, weight, h_fit, damp=0.1)
+    assert np.array_equal(rounded, qtype.quantize(weight, importance=np.diag(h_fit).astype(np.float32)))
     assert dynamic.shape == rounded.shape
     grid = stored_grid(qtype, dynamic, cols)
     assert not np.array_equal(grid.scale, stored_grid(qtype, rounded, cols).scale)  # the blocks were re-chosen

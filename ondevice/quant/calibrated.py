@@ -122,8 +122,9 @@ def gptq_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp:
 
 
 def gptq_dynamic_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarray, damp: float = DAMP,
-                        prepared=None) -> np.ndarray:
-    """GPTQ's bytes of `weight` (float32 (N, K)) as `qtype` with "dynamic groups" (gptq.BlockOpener): columns in
+                        prepared=None) -> tuple[np.ndarray, np.ndarray]:
+    """(GPTQ's bytes, the importance-weighted rounding's bytes) of `weight` (float32 (N, K)) as `qtype`, as
+    gptq_matrix, with "dynamic groups" (gptq.BlockOpener): columns in
     act-order as in gptq_matrix, but each stored block's parameters are chosen when GPTQ first reaches one of its
     columns, by the type's own importance-weighted quantizer on the block's weights as the error feedback has left
     them so far (gptq_matrix fixes them from the original weights)."""
@@ -132,7 +133,8 @@ def gptq_dynamic_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarra
     if cols % unit or hessian.shape != (cols, cols):
         raise ValueError(f"gptq: weight {weight.shape}, {qtype.name} blocks of {unit}, hessian {hessian.shape}")
     importance = np.diag(hessian).astype(np.float32)
-    data = qtype.quantize(weight, importance=importance).reshape(rows, cols // unit, qtype.type_size)
+    base = qtype.quantize(weight, importance=importance)
+    data = base.reshape(rows, cols // unit, qtype.type_size).copy()
 
     def choose(block: int, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         part = qtype.quantize(current, importance=importance[block * unit:(block + 1) * unit])
@@ -143,7 +145,7 @@ def gptq_dynamic_matrix(qtype: QuantType, weight: np.ndarray, hessian: np.ndarra
     # every block's parameters are replaced by choose() before use; the static grid gives the shapes and levels
     grid = stored_grid(qtype, data.reshape(rows, -1), cols)
     codes = gptq_codes(weight, prepared or prepare_hessian(hessian, damp), grid, BlockOpener(unit, choose))
-    return with_codes(qtype, data.reshape(rows, -1), codes)
+    return with_codes(qtype, data.reshape(rows, -1), codes), base
 
 
 def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], chunks: list[list[int]], *,
@@ -212,8 +214,7 @@ def calibrated_tensors(model: CanonicalModel, types: Mapping[str, QuantType], ch
                 if heads:
                     weight = permute_for_gguf(weight, heads)
                 if gptq and has_grid(qtype) and dynamic:
-                    data = gptq_dynamic_matrix(qtype, weight, hessian, damping, prepared)
-                    base = qtype.quantize(weight, importance=np.diag(hessian).astype(np.float32))
+                    data, base = gptq_dynamic_matrix(qtype, weight, hessian, damping, prepared)
                 elif gptq and has_grid(qtype):
                     data, base = gptq_matrix(qtype, weight, hessian, damping, prepared, refits)
                 else:  # the importance-weighted rounding (types without importance weights ignore it)
